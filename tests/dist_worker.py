@@ -1,0 +1,23 @@
+"""Run a few optimizer steps under the current (torchrun) world and dump losses + weights.
+
+usage: [torchrun --nproc_per_node=N] python tests/dist_worker.py OUT.pt   (config from env)
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt  # noqa: E402
+
+hp = train_gpt.Hyperparameters()
+dctx = train_gpt.setup_distributed(hp)
+torch.manual_seed(hp.seed)
+model = train_gpt.GPT(train_gpt.ModelConfig.from_hparams(hp))
+trainer = train_gpt.Trainer(hp, dctx, model, log=None)
+trainer.reset_stream(train_gpt.shard_files(hp.data_path, "train"))
+losses = [trainer.step(s, 1.0) for s in range(hp.iterations)]
+if dctx.is_main:
+    torch.save(dict(losses=losses, accum=trainer.accum, state=model.state_dict()), sys.argv[1])
+if dctx.enabled:
+    torch.distributed.destroy_process_group()

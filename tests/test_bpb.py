@@ -1,0 +1,100 @@
+"""Exact byte accounting: the LUT charges each document exactly the UTF-8 bytes of its decoded text."""
+import math
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+import train_gpt
+from conftest import bench_docs, bench_tokenizer
+
+EXOTIC = [
+    "naïve café — Ωmega ∑ résumé",
+    "你好，世界。東京タワー 🚀🌍 emoji and CJK fall back to bytes",
+    "tabs\tand  double  spaces\n\nnew lines   collapse",
+    "ǅ ﬁ ½ ＡＢＣ full-width and ligatures are NFKC-normalized",
+    "\u2581 a literal lower-one-eighth block",
+    "   leading spaces and trailing   ",
+]
+
+
+def doc_bytes(lut: train_gpt.ByteLUT, ids: list[int]) -> int:
+    stream = torch.tensor([1] + ids)
+    return int(lut.target_bytes(stream[:-1], stream[1:]).sum())
+
+
+@pytest.mark.parametrize("vocab", [1024, 8192])
+def test_bench_docs_byte_exact(vocab):
+    path = bench_tokenizer(vocab)
+    sp = train_gpt.load_tokenizer(str(path), vocab)
+    lut = train_gpt.build_byte_lut(sp, vocab)
+    docs = bench_docs(200) + EXOTIC
+    n_byte_tokens = 0
+    for text in docs:
+        ids = sp.encode(text)
+        n_byte_tokens += sum(sp.is_byte(i) for i in ids)
+        assert doc_bytes(lut, ids) == len(sp.decode(ids).encode("utf-8")), text[:60]
+    assert n_byte_tokens > 0  # the byte-fallback path was exercised
+
+
+def test_lut_rules():
+    sp = train_gpt.load_tokenizer(str(bench_tokenizer(1024)), 1024)
+    lut = train_gpt.build_byte_lut(sp, 1024)
+    space = sp.piece_to_id("\u2581")
+    assert lut.base_bytes[space] == 0 and lut.has_leading_space[space]
+    for i in (0, 1, 2, 3):  # pad, bos, eos, unk: control/unknown pieces carry no bytes
+        assert lut.base_bytes[i] == 0 and lut.is_boundary[i]
+    byte_ids = [i for i in range(1024) if sp.is_byte(i)]
+    assert len(byte_ids) == 256 and all(lut.base_bytes[i] == 1 for i in byte_ids)
+    # A space-led piece is charged its space except right after BOS.
+    a = torch.tensor([1, space]), torch.tensor([5, space])
+    assert lut.target_bytes(a[0][:1], a[0][1:]).item() == 0
+    assert lut.target_bytes(torch.tensor([200]), torch.tensor([space])).item() == 1
+
+
+def test_bpb_formula_matches_eval(tiny_data):
+    """eval_val's bpb equals sum(NLL)/ln2/sum(bytes) computed by hand from per-token losses."""
+    data, tok = tiny_data
+    sp = train_gpt.load_tokenizer(str(tok), 1024)
+    lut = train_gpt.build_byte_lut(sp, 1024)
+    val = train_gpt.load_val_tokens(str(data), 1024, 2048)
+    torch.manual_seed(0)
+    logits_table = torch.randn(1024, 1024)
+
+    def forward(x, y):  # a bigram "model": enough to check the accounting
+        return torch.nn.functional.cross_entropy(logits_table[x].view(-1, 1024), y.reshape(-1),
+                                                 reduction="none").view_as(y)
+
+    loss, bpb = train_gpt.eval_val(forward, val, 64, 640, lut, train_gpt.Dist())
+    n = (len(val) - 1) // 64 * 64
+    x, y = torch.from_numpy(val[:n].astype(np.int64)), torch.from_numpy(val[1:n + 1].astype(np.int64))
+    nll = forward(x[None], y[None]).double().sum().item()
+    total_bytes = lut.target_bytes(x, y).sum().item()
+    assert math.isclose(loss, nll / n, rel_tol=1e-12)
+    assert math.isclose(bpb, nll / math.log(2) / total_bytes, rel_tol=1e-12)
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(train_gpt.UserError, match="vocab 1024 != VOCAB_SIZE=8192"):
+        train_gpt.load_tokenizer(str(bench_tokenizer(1024)), 8192)
+    bogus = tmp_path / "x.model"
+    bogus.write_bytes(b"not a model")
+    with pytest.raises(train_gpt.UserError, match="not a SentencePiece model"):
+        train_gpt.load_tokenizer(str(bogus), 1024)
+    with pytest.raises(train_gpt.UserError, match="file not found"):
+        train_gpt.load_tokenizer(str(tmp_path / "missing.model"), 1024)
+
+
+def test_tokenizer_without_space_piece_rejected(tmp_path):
+    """A model whose '▁' is not a standalone piece would overcharge spaces (issue #897)."""
+    blob = bench_tokenizer(1024).read_bytes()
+    # Rename the piece '▁' (protobuf: tag 0x0a, length 3, UTF-8 e2 96 81, then the score tag)
+    # to '▂' of the same length, so the model stays valid but has no standalone space.
+    needle = b"\x0a\x03\xe2\x96\x81\x15"
+    assert blob.count(needle) == 1
+    bad = tmp_path / "nospace.model"
+    bad.write_bytes(blob.replace(needle, b"\x0a\x03\xe2\x96\x82\x15"))
+    assert spm.SentencePieceProcessor(model_file=str(bad)).get_piece_size() == 1024
+    with pytest.raises(train_gpt.UserError, match="no standalone"):
+        train_gpt.load_tokenizer(str(bad), 1024)

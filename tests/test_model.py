@@ -1,0 +1,101 @@
+"""Model invariants: causality with every feature on, the loop order, XSA, Newton-Schulz."""
+import dataclasses
+
+import pytest
+import torch
+
+import train_gpt
+
+
+def small_cfg(**kw) -> train_gpt.ModelConfig:
+    base = dict(vocab_size=64, num_layers=6, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                mlp_leaky_slope=0.5, rope_base=10000.0, rope_dims=4, logit_softcap=30.0, qk_gain_init=5.0,
+                tied_embed_init_std=0.5, ln_scale=True, skip_gates=True, xsa_last_n=6, num_loops=2,
+                loop_start=2, loop_end=3, parallel_residual_start=4)
+    return train_gpt.ModelConfig(**base | kw)
+
+
+def randomized(cfg) -> train_gpt.GPT:
+    """A model with every parameter random (zero-init projections would hide leaks)."""
+    torch.manual_seed(0)
+    model = train_gpt.GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("looped", [False, True])
+@pytest.mark.parametrize("features", [{}, dict(xsa_last_n=0, num_loops=0, parallel_residual_start=-1,
+                                               skip_gates=False, ln_scale=False, rope_dims=0)])
+def test_causal(looped, features):
+    model = randomized(small_cfg(**features))
+    model.looped = looped
+    x = torch.randint(0, 64, (2, 24))
+    t = 11
+    y = x.clone()
+    y[:, t + 1:] = torch.randint(0, 64, (2, 24 - t - 1))
+    with torch.no_grad():
+        hx, hy = model.hidden(x), model.hidden(y)
+    assert torch.equal(hx[:, :t + 1], hy[:, :t + 1])
+    assert not torch.allclose(hx[:, t + 1:], hy[:, t + 1:])  # the change is visible downstream
+
+
+def test_layer_order():
+    cfg = small_cfg(num_layers=11, loop_start=3, loop_end=5, num_loops=2)
+    assert cfg.layer_order(False) == list(range(11))
+    assert cfg.layer_order(True) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert cfg.num_skips() == 8  # 17 virtual layers: 8 encoder slots
+    assert small_cfg(num_layers=9, num_loops=0).num_skips() == 4  # the baseline's 4 skips
+
+
+def test_xsa_removes_own_value_component():
+    """With XSA every head output is orthogonal to its token's own (normalized) value vector."""
+    cfg = small_cfg(xsa_last_n=6, num_loops=0)
+    model = randomized(cfg)
+    captured = {}
+    real_linear = torch.nn.functional.linear
+
+    def spy(x, w, *a):
+        if w.data_ptr() == model.qo_bank[cfg.num_layers + 5].data_ptr():
+            captured["y"] = x
+        if w.data_ptr() == model.kv_bank[cfg.num_layers + 5].data_ptr():
+            captured["v"] = real_linear(x, w, *a)
+        return real_linear(x, w, *a)
+
+    torch.nn.functional.linear = spy
+    try:
+        with torch.no_grad():
+            model.hidden(torch.randint(0, 64, (2, 16)))
+    finally:
+        torch.nn.functional.linear = real_linear
+    B, T = 2, 16
+    y = captured["y"].view(B, T, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+    v = captured["v"].view(B, T, cfg.num_kv_heads, 1, cfg.head_dim)
+    along_v = (y * v).sum(-1) / v.norm(dim=-1)  # component of each head output along its own value
+    assert along_v.abs().max() < 1e-5 * y.norm(dim=-1).max()
+    assert y[:, 1:].norm(dim=-1).min() > 1e-3  # (token 0 sees only itself, so XSA zeroes it)
+
+
+def test_newton_schulz_near_orthogonal():
+    torch.manual_seed(0)
+    G = torch.randn(3, 32, 96)
+    X = train_gpt.newton_schulz(G, steps=5)
+    sv = torch.linalg.svdvals(X)
+    assert sv.min() > 0.5 and sv.max() < 1.3  # quintic NS lands singular values in ~[0.7, 1.2]
+    Xt = train_gpt.newton_schulz(G.mT, steps=5)
+    assert torch.allclose(Xt, X.mT, atol=1e-5)
+
+
+def test_forward_returns_per_token_nll():
+    model = randomized(small_cfg())
+    x = torch.randint(0, 64, (2, 8))
+    nll = model(x, x)
+    logits = 30 * torch.tanh(torch.nn.functional.linear(model.hidden(x), model.tok_emb.weight) / 30)
+    ref = torch.nn.functional.cross_entropy(logits.view(-1, 64), x.view(-1), reduction="none").view(2, 8)
+    assert nll.shape == (2, 8) and torch.allclose(nll, ref, atol=1e-5)
+
+
+def test_config_roundtrips_through_dict():
+    cfg = small_cfg()
+    assert train_gpt.ModelConfig(**dataclasses.asdict(cfg)) == cfg

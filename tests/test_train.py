@@ -1,0 +1,196 @@
+"""Data loading, distributed equivalence, the end-to-end run and its artifact, and bad input."""
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from conftest import parse_log, run_script, tiny_env
+
+
+# --- shards and the train stream -------------------------------------------------------------
+
+def test_shard_roundtrip(tmp_path):
+    toks = np.random.default_rng(0).integers(0, 65535, size=1000).astype(np.uint16)
+    train_gpt.write_shard(tmp_path / "s.bin", toks)
+    assert (tmp_path / "s.bin").stat().st_size == 1024 + 2000
+    assert np.array_equal(train_gpt.open_shard(tmp_path / "s.bin"), toks)
+
+
+@pytest.mark.parametrize("corrupt,msg", [
+    (lambda b: b[:100], "shorter than"),
+    (lambda b: b"\x00\x00\x00\x00" + b[4:], "bad magic"),
+    (lambda b: b[:4] + (2).to_bytes(4, "little") + b[8:], "unsupported version 2"),
+    (lambda b: b[:-2], "size 2022 != 1024"),
+])
+def test_shard_header_errors(tmp_path, corrupt, msg):
+    good = tmp_path / "good.bin"
+    train_gpt.write_shard(good, np.arange(500, dtype=np.uint16))
+    bad = tmp_path / "fineweb_val_000000.bin"
+    bad.write_bytes(corrupt(good.read_bytes()))
+    with pytest.raises(train_gpt.UserError, match=msg) as e:
+        train_gpt.open_shard(bad)
+    assert str(bad) in str(e.value)
+
+
+def test_token_out_of_vocab(tmp_path):
+    train_gpt.write_shard(tmp_path / "fineweb_val_000000.bin", np.array([1, 5, 9, 2000, 3], dtype=np.uint16))
+    with pytest.raises(train_gpt.UserError, match="token 2000 at offset 3 >= VOCAB_SIZE=1024"):
+        train_gpt.load_val_tokens(str(tmp_path), 1024, 0)
+
+
+def test_stream_deterministic_and_rank_sliced(tmp_path):
+    for i in range(2):
+        train_gpt.write_shard(tmp_path / f"fineweb_train_00000{i}.bin", np.arange(i * 5000, i * 5000 + 4000) % 60000)
+    files = train_gpt.shard_files(str(tmp_path), "train")
+    a, b, c = (train_gpt.TrainStream(files, 32, seed) for seed in (7, 7, 8))
+    batches_a = [a.next_batch(16, slice(None)) for _ in range(40)]  # > 1 epoch (248 windows)
+    assert all(np.array_equal(x, b.next_batch(16, slice(None))) for x in batches_a)
+    assert not np.array_equal(batches_a[0], c.next_batch(16, slice(None)))
+    # windows are contiguous token runs of one shard
+    assert all((np.diff(w) == 1).all() for bt in batches_a for w in bt)
+    # rank r of a 4-way world gets exactly rows [4r, 4r+4) of the global batch
+    d = train_gpt.TrainStream(files, 32, 7)
+    ranks = [train_gpt.TrainStream(files, 32, 7).next_batch(16, slice(4 * r, 4 * r + 4)) for r in range(4)]
+    assert np.array_equal(np.concatenate(ranks), d.next_batch(16, slice(None)))
+
+
+def test_plan_batches():
+    hp = train_gpt.Hyperparameters(dict(TRAIN_BATCH_TOKENS="786432", TRAIN_SEQ_LEN="2048"))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert train_gpt.plan_batches(hp, 8, cuda) == (48, 1)
+    assert train_gpt.plan_batches(hp, 1, cuda) == (48, 8)  # 1 GPU: same global batch, 8 micro-batches
+    small = train_gpt.Hyperparameters(dict(TRAIN_BATCH_TOKENS="65536", TRAIN_SEQ_LEN="1024"))
+    assert train_gpt.plan_batches(small, 1, cuda) == (64, 1)  # not chopped into 8 tiny micro-batches
+    with pytest.raises(train_gpt.UserError, match="TRAIN_BATCH_TOKENS=1000"):
+        train_gpt.plan_batches(train_gpt.Hyperparameters(dict(TRAIN_BATCH_TOKENS="1000")), 1, cpu)
+
+
+def test_lr_schedule():
+    assert train_gpt.lr_multiplier(0.0, 0.5, 0.0) == 1.0
+    assert train_gpt.lr_multiplier(0.5, 0.5, 0.0) == 1.0
+    assert math.isclose(train_gpt.lr_multiplier(0.75, 0.5, 0.0), 0.5)
+    assert train_gpt.lr_multiplier(1.0, 0.5, 0.1) == 0.1
+
+
+# --- distributed: 2 gloo processes == 1 process with accumulation ----------------------------
+
+def test_two_process_gloo_matches_accumulation(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=3, MICRO_BATCH_TOKENS=512, EMA_DECAY="0.9")
+    one = run_script(["tests/dist_worker.py", str(tmp_path / "one.pt")], env)
+    assert one.returncode == 0, one.stderr
+    two = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      "tests/dist_worker.py", str(tmp_path / "two.pt")], env)
+    assert two.returncode == 0, two.stderr
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (a["accum"], b["accum"]) == (2, 1)
+    assert np.allclose(a["losses"], b["losses"], rtol=0, atol=1e-5), (a["losses"], b["losses"])
+    for k in a["state"]:
+        assert torch.allclose(a["state"][k], b["state"][k], atol=1e-5), k
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+def test_end_to_end_run(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="e2e", VAL_LOSS_EVERY=3)
+    res = run_script(["train_gpt.py"], env)
+    assert res.returncode == 0, res.stderr
+    log = tmp_path / "logs" / "e2e.txt"
+    text = log.read_text()
+    for key in ("hyperparameters:", "train_shards:1", "model_params:", "step:6/6 train_loss:",
+                "step:3/6 val_loss:", "layer_loop:enabled", "roundtrip val_loss:"):
+        assert key in text, key
+    summary = parse_log(log)
+    artifact = tmp_path / "art" / "final_model_e2e.int8.br"
+    assert artifact.exists() and int(summary["model_bytes"]) == artifact.stat().st_size
+    assert int(summary["artifact_bytes"]) == artifact.stat().st_size + (train_gpt.Path(train_gpt.__file__).stat().st_size)
+    assert int(summary["artifact_bytes"]) <= train_gpt.ARTIFACT_LIMIT_BYTES
+    assert 0 < float(summary["final_val_bpb"]) < 12 and summary["steps"] == "6"
+    assert abs(float(summary["quant_gap_bpb"])) < 0.05
+    # A second launch with the same RUN_ID must not overwrite the first log.
+    again = run_script(["train_gpt.py"], env)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert log.read_text() == text
+
+
+def test_reloaded_artifact_scores_like_in_memory_quantized_model(tiny_data, tmp_path):
+    data, tok = tiny_data
+    from conftest import TINY_ENV
+    hp = train_gpt.Hyperparameters(TINY_ENV)
+    cfg = train_gpt.ModelConfig.from_hparams(hp)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sp = train_gpt.load_tokenizer(str(tok), 1024)
+    lut = train_gpt.build_byte_lut(sp, 1024)
+    val = train_gpt.load_val_tokens(str(data), 1024, 4096)
+    qstate = train_gpt.quantize_state(model.state_dict())
+    in_memory = train_gpt.GPT(cfg)
+    in_memory.load_state_dict(train_gpt.dequantize_state(qstate))
+    path = tmp_path / "a.br"
+    train_gpt.write_atomic(path, train_gpt.pack_artifact(qstate, train_gpt.dataclasses.asdict(cfg)))
+    reloaded = train_gpt.load_artifact_model(path, torch.device("cpu"))
+    dctx = train_gpt.Dist()
+    a = train_gpt.val_eval_model(in_memory, val, hp, lut, dctx)
+    b = train_gpt.val_eval_model(reloaded, val, hp, lut, dctx)
+    assert a == b
+    for k, v in in_memory.state_dict().items():
+        assert torch.equal(v, reloaded.state_dict()[k]), k
+
+
+def test_artifact_corruption_is_a_clear_error(tmp_path):
+    qstate = train_gpt.quantize_state({"w": torch.randn(300, 300), "g": torch.randn(8)})
+    blob = train_gpt.pack_artifact(qstate, {"x": 1})
+    back, cfg = train_gpt.unpack_artifact(blob)
+    assert cfg == {"x": 1} and torch.equal(back["w"]["q"], qstate["w"]["q"])
+    assert torch.equal(back["g"]["w"], qstate["g"]["w"])
+    for bad, msg in [(b"PK\x03\x04" + blob[4:], "bad magic"), (blob[:len(blob) // 2], "corrupted or truncated"),
+                     (blob[:8] + (9).to_bytes(4, "little") + blob[12:], "version 9")]:
+        with pytest.raises(train_gpt.UserError, match=msg):
+            train_gpt.unpack_artifact(bad)
+
+
+def test_int8_quantization_error_bound():
+    w = torch.randn(64, 256)
+    q, s = train_gpt.quantize_int8_rows(w)
+    err = (train_gpt.dequantize_int8_rows(q, s) - w).abs()
+    assert (err <= s.float()[:, None] / 2 + 1e-6).all()
+
+
+# --- bad input: one line on stderr, exit 2 -------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,msg", [
+    (dict(DATA_PATH="/nonexistent/dir"), "no train shards match /nonexistent/dir"),
+    (dict(ITERATIONS="ten"), "env ITERATIONS='ten': expected int"),
+    (dict(MATRIX_LR="nan"), "env MATRIX_LR='nan': expected a finite number"),
+    (dict(DEVICE="tpu"), "env DEVICE='tpu': expected one of auto|cuda|cpu"),
+    (dict(VOCAB_SIZE="8192"), "vocab 1024 != VOCAB_SIZE=8192"),
+    (dict(WORLD_SIZE="3"), "WORLD_SIZE=3: must divide 8"),
+    (dict(DEVICE="cuda"), "env DEVICE=cuda: no CUDA device"),
+    (dict(WARMDOWN_ITERS="1200"), "env WARMDOWN_ITERS is not supported"),
+    (dict(NUM_KV_HEADS="3"), "NUM_KV_HEADS=3: must divide NUM_HEADS=4"),
+    (dict(TRAIN_BATCH_TOKENS="1000"), "TRAIN_BATCH_TOKENS=1000: must be a positive multiple"),
+])
+def test_bad_input(tiny_data, tmp_path, overrides, msg):
+    if overrides.get("DEVICE") == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    res = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, **overrides), timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], res.stderr
+    assert not (tmp_path / "art").exists() or not any((tmp_path / "art").iterdir())
+
+
+def test_unknown_knob_warns():
+    hp = train_gpt.Hyperparameters({"MUON_MOMENTUN": "0.9", "NUM_LAYERS": "9"})
+    assert hp.num_layers == 9 and hp.warnings == ["env MUON_MOMENTUN is set but no knob reads it (typo?)"]
+
+
+def test_help_env_lists_every_knob():
+    res = run_script(["train_gpt.py", "--help-env"], env=None)
+    assert res.returncode == 0
+    assert all(f"`{k.name}`" in res.stdout for k in train_gpt.KNOBS)

@@ -1,0 +1,1109 @@
+"""Parameter golf: train the best language model whose artifact fits in 16,000,000 bytes.
+
+One file: hyperparameters, data, model, optimizer, quantization + packing, evaluation,
+training loop, main. Every knob is an environment variable (see `Hyperparameters` below, or
+`python train_gpt.py --help-env`); the defaults are the configuration we submit.
+
+  8 GPUs:   torchrun --standalone --nproc_per_node=8 train_gpt.py
+  1 GPU:    torchrun --standalone --nproc_per_node=1 train_gpt.py   (same global batch,
+            more gradient accumulation)
+  CPU:      python train_gpt.py   (float32, no compile; for tests and tiny configs)
+
+The score is the exact tokenizer-agnostic val_bpb of the model reloaded from the artifact
+(compressed weights); artifact bytes = model file bytes + the bytes of this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import platform
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import brotli
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: compressed model + this file
+
+
+class UserError(Exception):
+    """Bad input or configuration: reported as one line on stderr, exit code 2."""
+
+
+# -----------------------------------------------------------------------------------------
+# Hyperparameters
+# Every environment knob is declared once here, with its type, default and meaning. Nothing
+# else in the file reads os.environ for configuration (torchrun's RANK/WORLD_SIZE aside).
+# -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    name: str
+    default: object
+    doc: str
+    lo: float | None = None  # inclusive numeric bounds
+    hi: float | None = None
+    choices: tuple | None = None
+
+
+KNOBS = [
+    # --- data and run ---
+    Knob("DATA_PATH", "./data/datasets/fineweb10B_sp8192", "folder with fineweb_{train,val}_*.bin shards"),
+    Knob("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece .model used for byte accounting"),
+    Knob("VOCAB_SIZE", 8192, "vocabulary size; must equal the tokenizer's", 2, 65536),
+    Knob("RUN_ID", "", "log/artifact name; empty = <UTC time>_seed<SEED>"),
+    Knob("SEED", 1337, "seeds init, data order and everything random", 0, 2**31 - 1),
+    Knob("LOG_DIR", "logs", "where <RUN_ID>.txt is written"),
+    Knob("ARTIFACT_DIR", ".", "where final_model_<RUN_ID>.int8.br is written"),
+    Knob("DEVICE", "auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu")),
+    Knob("COMPILE", 1, "torch.compile the model on CUDA (0 for debugging; never on CPU)", 0, 1),
+    # --- schedule and batch ---
+    Knob("ITERATIONS", 20000, "max optimizer steps", 1),
+    Knob("MAX_WALLCLOCK_SECONDS", 600.0, "training clock cap (compile warm-up and val excluded); 0 = none", 0),
+    Knob("WARMUP_STEPS", 20, "compile-priming steps, undone afterwards (not an LR warmup)", 0),
+    Knob("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, identical for any world size", 1),
+    Knob("TRAIN_SEQ_LEN", 2048, "training sequence length", 8),
+    Knob("MICRO_BATCH_TOKENS", 0, "max tokens per forward/backward per GPU; 0 = auto (98304 CUDA, 16384 CPU)", 0),
+    Knob("VAL_BATCH_SIZE", 524288, "global tokens per validation forward batch", 1),
+    Knob("VAL_LOSS_EVERY", 1000, "validate every N steps (and at the end); 0 = only at the end", 0),
+    Knob("VAL_MAX_TOKENS", 0, "score only the first N val tokens (quick runs; not a valid score); 0 = all", 0),
+    Knob("TRAIN_LOG_EVERY", 200, "log a train line every N steps (and steps 1-5)", 1),
+    # --- model ---
+    Knob("NUM_LAYERS", 11, "physical transformer blocks", 1),
+    Knob("MODEL_DIM", 512, "residual width", 8),
+    Knob("NUM_HEADS", 8, "query heads", 1),
+    Knob("NUM_KV_HEADS", 4, "key/value heads (GQA); must divide NUM_HEADS", 1),
+    Knob("MLP_MULT", 4, "MLP hidden = MLP_MULT * MODEL_DIM", 1),
+    Knob("MLP_LEAKY_SLOPE", 0.5, "MLP activation leaky_relu(x, slope)^2; 0 = relu^2", 0, 1),
+    Knob("ROPE_BASE", 10000.0, "RoPE base frequency", 1),
+    Knob("ROPE_DIMS", 16, "head dims rotated by RoPE (even); 0 = all", 0),
+    Knob("LOGIT_SOFTCAP", 30.0, "logits = c*tanh(z/c)", 1),
+    Knob("QK_GAIN_INIT", 5.0, "initial per-head gain on RMS-normed queries", 0),
+    Knob("TIED_EMBED_INIT_STD", 0.005, "init std of the tied embedding", 0),
+    Knob("LN_SCALE", 1, "scale block i's normed inputs by 1/sqrt(i+1)", 0, 1),
+    Knob("SKIP_GATES", 1, "sigmoid-gated U-Net skips (0 = plain weighted add)", 0, 1),
+    Knob("XSA_LAST_N", 11, "exclusive self-attention on the last N physical layers", 0),
+    Knob("NUM_LOOPS", 2, "extra passes over layers LOOP_START..LOOP_END (depth recurrence); 0 = off", 0),
+    Knob("LOOP_START", 3, "first looped physical layer", 0),
+    Knob("LOOP_END", 5, "last looped physical layer (inclusive)", 0),
+    Knob("ENABLE_LOOPING_AT", 0.35, "training progress fraction at which looping turns on", 0, 1),
+    Knob("PARALLEL_RESIDUAL_START", 7, "layers >= this run attention and MLP in parallel; -1 = never", -1),
+    # --- optimizer ---
+    Knob("MATRIX_LR", 0.022, "Muon learning rate (block matrices)", 0),
+    Knob("SCALAR_LR", 0.02, "Adam learning rate (gains, mixes, skip weights)", 0),
+    Knob("TIED_EMBED_LR", 0.03, "Adam learning rate (tied embedding)", 0),
+    Knob("MUON_MOMENTUM", 0.99, "Muon Nesterov momentum", 0, 1),
+    Knob("MUON_MOMENTUM_WARMUP_START", 0.92, "Muon momentum at step 0", 0, 1),
+    Knob("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps to warm momentum up linearly", 0),
+    Knob("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations", 1),
+    Knob("MUON_ROW_NORMALIZE", 1, "MuonEq-R: normalize update rows before Newton-Schulz", 0, 1),
+    Knob("MUON_WD", 0.095, "decoupled weight decay on Muon matrices", 0),
+    Knob("EMBED_WD", 0.085, "AdamW weight decay on the embedding", 0),
+    Knob("ADAM_WD", 0.02, "AdamW weight decay on scalars", 0),
+    Knob("BETA1", 0.9, "Adam beta1", 0, 1),
+    Knob("BETA2", 0.95, "Adam beta2", 0, 1),
+    Knob("ADAM_EPS", 1e-8, "Adam epsilon", 0),
+    Knob("GRAD_CLIP_NORM", 0.3, "global gradient norm clip; 0 = off", 0),
+    Knob("EMA_DECAY", 0.997, "EMA of weights used for export; 0 = off", 0, 1),
+    Knob("WARMDOWN_FRAC", 0.72, "LR decays linearly to MIN_LR over the last fraction of the clock", 0, 1),
+    Knob("MIN_LR", 0.0, "LR multiplier floor at the end of warmdown", 0, 1),
+]
+
+# Baseline-era names we deliberately do not read: fail loudly instead of silently ignoring.
+RETIRED_KNOBS = {
+    "WARMDOWN_ITERS": "use WARMDOWN_FRAC (fraction of the wall clock)",
+    "TIE_EMBEDDINGS": "embeddings are always tied",
+    "EMBED_LR": "embeddings are always tied; use TIED_EMBED_LR",
+    "HEAD_LR": "embeddings are always tied; use TIED_EMBED_LR",
+}
+# Env vars starting with these look like ours; an unknown one is probably a typo.
+KNOB_PREFIXES = ("DATA_", "TOKENIZER", "VOCAB", "TRAIN_", "VAL_", "MUON_", "ADAM_", "EMBED_", "TIED_",
+                 "NUM_", "MODEL_", "MLP_", "ROPE_", "LOOP_", "QK_", "XSA_", "EMA_", "WARMDOWN", "MATRIX_",
+                 "SCALAR_", "MICRO_", "ARTIFACT", "LOG_DIR", "SKIP_", "PARALLEL_", "LN_", "LOGIT_")
+
+
+def _parse(knob: Knob, raw: str):
+    kind = type(knob.default)
+    try:
+        value = kind(raw) if kind is not int else int(raw.strip())
+    except ValueError:
+        raise UserError(f"env {knob.name}={raw!r}: expected {kind.__name__} ({knob.doc})") from None
+    if kind is float and not math.isfinite(value):
+        raise UserError(f"env {knob.name}={raw!r}: expected a finite number")
+    if knob.lo is not None and value < knob.lo or knob.hi is not None and value > knob.hi:
+        raise UserError(f"env {knob.name}={raw!r}: expected a value in [{knob.lo}, {knob.hi}]")
+    if knob.choices and value not in knob.choices:
+        raise UserError(f"env {knob.name}={raw!r}: expected one of {'|'.join(knob.choices)}")
+    return value
+
+
+class Hyperparameters:
+    """All knobs as lower-case attributes, plus derived fields (world size, accumulation)."""
+
+    def __init__(self, env=None):
+        env = os.environ if env is None else env
+        for name, why in RETIRED_KNOBS.items():
+            if name in env:
+                raise UserError(f"env {name} is not supported: {why}")
+        self.warnings = [f"env {k} is set but no knob reads it (typo?)" for k in sorted(env)
+                         if k.startswith(KNOB_PREFIXES) and k not in {kn.name for kn in KNOBS}]
+        for knob in KNOBS:
+            value = _parse(knob, env[knob.name]) if knob.name in env else knob.default
+            setattr(self, knob.name.lower(), value)
+        self._validate()
+
+    def _validate(self):
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"env NUM_KV_HEADS={self.num_kv_heads}: must divide NUM_HEADS={self.num_heads}")
+        if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
+            raise UserError(f"env MODEL_DIM={self.model_dim}: must give an even head dim with NUM_HEADS={self.num_heads}")
+        head_dim = self.model_dim // self.num_heads
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise UserError(f"env ROPE_DIMS={self.rope_dims}: expected an even number <= head dim {head_dim}")
+        if self.num_loops and not (0 <= self.loop_start <= self.loop_end < self.num_layers):
+            raise UserError(f"env LOOP_START={self.loop_start} LOOP_END={self.loop_end}: expected "
+                            f"0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
+
+    def items(self):
+        return sorted((k, v) for k, v in vars(self).items() if k != "warnings")
+
+
+def knob_reference() -> str:
+    """Markdown table of every knob (README's env reference is generated from this)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{k.name}` | `{k.default}` | {k.doc} |" for k in KNOBS]
+    return "\n".join(rows)
+
+
+# -----------------------------------------------------------------------------------------
+# Distributed context and logging
+# -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def all_reduce_max(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
+    def broadcast_object(self, obj):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def setup_distributed(hp: Hyperparameters) -> Dist:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if 8 % world_size:
+        raise UserError(f"WORLD_SIZE={world_size}: must divide 8 (the global batch is split 8 ways)")
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda_ok = torch.cuda.is_available()
+    if hp.device == "cuda" and not cuda_ok:
+        raise UserError("env DEVICE=cuda: no CUDA device is available (use DEVICE=cpu or auto)")
+    use_cuda = cuda_ok and hp.device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return Dist(rank, world_size, local_rank, device)
+
+
+class RunLog:
+    """Rank 0 writes `key:value` lines to LOG_DIR/RUN_ID.txt and the console; never overwrites."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.file = path, None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.file = open(path, "x", encoding="utf-8")
+            except FileExistsError:
+                raise UserError(f"log {path} already exists: RUN_ID is taken, choose another") from None
+            except OSError as e:
+                raise UserError(f"log {path}: cannot create ({e.strerror})") from None
+
+    def __call__(self, msg: str, console: bool = True):
+        if self.file is None:
+            return
+        if console:
+            print(msg, flush=True)
+        self.file.write(msg + "\n")
+        self.file.flush()
+
+
+# -----------------------------------------------------------------------------------------
+# Data: shards, the training stream, validation tokens
+# Shard = 256 little-endian int32 header words (magic, version, token count) + uint16 tokens.
+# -----------------------------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
+HEADER_BYTES = HEADER_WORDS * 4
+
+
+def open_shard(path: str | Path) -> np.ndarray:
+    """Memory-map a shard's tokens after checking its header and exact file size."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise UserError(f"shard {path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_WORDS)
+    if header[0] != SHARD_MAGIC:
+        raise UserError(f"shard {path}: bad magic {header[0]} (expected {SHARD_MAGIC})")
+    if header[1] != SHARD_VERSION:
+        raise UserError(f"shard {path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
+    n = int(header[2])
+    if size != HEADER_BYTES + 2 * n:
+        raise UserError(f"shard {path}: size {size} != {HEADER_BYTES} + 2*{n} tokens from its header")
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def write_shard(path: str | Path, tokens: np.ndarray):
+    """Write a shard atomically (used by tests and data tools)."""
+    path = Path(path)
+    header = np.zeros(HEADER_WORDS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def shard_files(data_path: str, split: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    files = [f for f in files if "_bytes_" not in os.path.basename(f)]
+    if not files:
+        raise UserError(
+            f"no {split} shards match {os.path.join(data_path, f'fineweb_{split}_*.bin')}: download them "
+            f"(python3 data/cached_challenge_fineweb.py --variant sp8192) or tokenize a corpus "
+            f"(python3 data/tokenize_jsonl.py DOCS.jsonl --out-dir data)")
+    return files
+
+
+def check_token_range(tokens: np.ndarray, vocab_size: int, name: str):
+    if len(tokens) and int(tokens.max()) >= vocab_size:
+        bad = int(np.argmax(tokens >= vocab_size))
+        raise UserError(f"shard {name}: token {int(tokens[bad])} at offset {bad} >= VOCAB_SIZE={vocab_size}")
+
+
+class TrainStream:
+    """Deterministic stream of (seq_len+1)-token windows from the train shards.
+
+    Each epoch draws (from SEED and the epoch number) a random phase per shard and a random
+    permutation of all windows, so data order depends only on SEED. Every rank computes the
+    same global batch and reads only its own rows: the global batch is identical for any
+    world size, which is what makes 1 GPU + accumulation equal 8 GPUs.
+    """
+
+    def __init__(self, files: list[str], seq_len: int, seed: int):
+        self.shards = [open_shard(f) for f in files]
+        self.seq_len, self.seed = seq_len, seed
+        self.epoch, self.order, self.pos = -1, np.empty(0, dtype=np.int64), 0
+        if sum(len(s) for s in self.shards) < 2 * (seq_len + 1):
+            raise UserError(f"train shards hold too few tokens for TRAIN_SEQ_LEN={seq_len}")
+
+    def _new_epoch(self):
+        self.epoch += 1
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.phase = [int(rng.integers(0, self.seq_len)) if len(s) > 2 * self.seq_len + 1 else 0 for s in self.shards]
+        counts = [max(0, (len(s) - 1 - p) // self.seq_len) for s, p in zip(self.shards, self.phase)]
+        self.offsets = np.cumsum([0] + counts)
+        self.order, self.pos = rng.permutation(int(self.offsets[-1])), 0
+
+    def next_batch(self, n_seqs: int, rows: slice) -> np.ndarray:
+        """Draw the next global batch of n_seqs windows; return rows[...] of it as int64."""
+        ids = []
+        while len(ids) < n_seqs:
+            if self.pos >= len(self.order):
+                self._new_epoch()
+            take = min(n_seqs - len(ids), len(self.order) - self.pos)
+            ids.extend(self.order[self.pos:self.pos + take].tolist())
+            self.pos += take
+        out = []
+        for w in ids[rows]:
+            s = int(np.searchsorted(self.offsets, w, side="right")) - 1
+            start = self.phase[s] + (w - int(self.offsets[s])) * self.seq_len
+            out.append(np.asarray(self.shards[s][start:start + self.seq_len + 1], dtype=np.int64))
+        return np.stack(out)
+
+
+def load_val_tokens(data_path: str, vocab_size: int, max_tokens: int) -> np.ndarray:
+    files = shard_files(data_path, "val")
+    parts = []
+    for f in files:
+        toks = open_shard(f)
+        check_token_range(toks, vocab_size, f)
+        parts.append(np.asarray(toks))
+    tokens = np.concatenate(parts)
+    return tokens[:max_tokens + 1] if max_tokens else tokens
+
+
+# -----------------------------------------------------------------------------------------
+# Tokenizer-agnostic bits per byte
+# val_bpb = sum of NLL in bits / sum of UTF-8 bytes of the text. A target token y after x
+# carries the bytes of its piece: '▁' is one space byte, byte-fallback pieces exactly one
+# byte, control/unknown pieces none; a leading '▁' right after a boundary (BOS) is not
+# charged, because SentencePiece drops that space when decoding a document.
+# -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ByteLUT:
+    base_bytes: torch.Tensor         # int32 [vocab]
+    has_leading_space: torch.Tensor  # bool  [vocab]
+    is_boundary: torch.Tensor        # bool  [vocab]
+
+    def to(self, device):
+        return ByteLUT(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+
+    def target_bytes(self, prev: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        space = self.has_leading_space[tgt] & ~self.is_boundary[prev]
+        return self.base_bytes[tgt] + space.to(torch.int32)
+
+
+def load_tokenizer(path: str, vocab_size: int):
+    if not os.path.isfile(path):
+        raise UserError(f"tokenizer {path}: file not found (env TOKENIZER_PATH)")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(path)
+    except Exception:
+        raise UserError(f"tokenizer {path}: not a SentencePiece model") from None
+    if sp.get_piece_size() != vocab_size:
+        raise UserError(f"tokenizer {path}: vocab {sp.get_piece_size()} != VOCAB_SIZE={vocab_size}")
+    if sp.piece_to_id("\u2581") == sp.unk_id():
+        # Without a standalone '▁' a space is byte-encoded as 3 tokens (issue #897): bpb breaks.
+        raise UserError(f"tokenizer {path}: no standalone '\u2581' piece, byte accounting would be wrong")
+    return sp
+
+
+def build_byte_lut(sp, vocab_size: int) -> ByteLUT:
+    base = np.zeros(vocab_size, dtype=np.int32)
+    space = np.zeros(vocab_size, dtype=bool)
+    boundary = np.ones(vocab_size, dtype=bool)
+    for i in range(sp.get_piece_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i], piece = True, piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return ByteLUT(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+# -----------------------------------------------------------------------------------------
+# Model
+# A U-Net-shaped GPT: the first half of the (virtual) layers push their outputs, the second
+# half pops them back in through (gated) skip weights. All block matrices live in four
+# parameter banks (one slice per layer), which lets Muon orthogonalize a whole bank at once.
+# Features of the record stack (XSA, QK-gain, partial RoPE, LN scale, depth recurrence,
+# parallel residuals, skip gates) are each switched by one knob.
+# -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ModelConfig:
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_mult: int
+    mlp_leaky_slope: float
+    rope_base: float
+    rope_dims: int
+    logit_softcap: float
+    qk_gain_init: float
+    tied_embed_init_std: float
+    ln_scale: bool
+    skip_gates: bool
+    xsa_last_n: int
+    num_loops: int
+    loop_start: int
+    loop_end: int
+    parallel_residual_start: int
+
+    @classmethod
+    def from_hparams(cls, hp: Hyperparameters):
+        values = {f.name: getattr(hp, f.name) for f in dataclasses.fields(cls)}
+        return cls(**values | dict(ln_scale=bool(hp.ln_scale), skip_gates=bool(hp.skip_gates)))
+
+    @property
+    def head_dim(self):
+        return self.model_dim // self.num_heads
+
+    def layer_order(self, looped: bool) -> list[int]:
+        """Physical layer index of each virtual layer; the looped span repeats NUM_LOOPS times."""
+        if not (looped and self.num_loops):
+            return list(range(self.num_layers))
+        span = list(range(self.loop_start, self.loop_end + 1))
+        return list(range(self.loop_start)) + span * (self.num_loops + 1) + list(range(self.loop_end + 1, self.num_layers))
+
+    def num_skips(self) -> int:
+        return max(min(len(o) // 2, len(o) - len(o) // 2) for o in (self.layer_order(False), self.layer_order(True)))
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims: int) -> torch.Tensor:
+    """Rotate the first rope_dims of the head dim (half-split pairs); pass the rest through."""
+    rot, rest = x[..., :rope_dims], x[..., rope_dims:]
+    a, b = rot.chunk(2, dim=-1)
+    rot = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    return torch.cat((rot, rest), dim=-1) if rest.numel() else rot
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        L, d, hd = cfg.num_layers, cfg.model_dim, cfg.head_dim
+        kv, hidden = cfg.num_kv_heads * hd, cfg.mlp_mult * cfg.model_dim
+        self.rope_dims = cfg.rope_dims or hd
+        self.looped = False  # depth recurrence off until ENABLE_LOOPING_AT; eval turns it on
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))        # Q of layer i, out-proj at L+i
+        self.kv_bank = nn.Parameter(torch.empty(2 * L, kv, d))       # K of layer i, V at L+i
+        self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, d))
+        self.mlp_down_bank = nn.Parameter(torch.empty(L, d, hidden))
+        self.attn_scale = nn.Parameter(torch.ones(L, d))
+        self.mlp_scale = nn.Parameter(torch.ones(L, d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(L, d), torch.zeros(L, d)), dim=1))
+        self.q_gain = nn.Parameter(torch.full((L, cfg.num_heads), cfg.qk_gain_init))
+        n_skip = cfg.num_skips()
+        self.skip_weights = nn.Parameter(torch.ones(n_skip, d))
+        self.skip_gates = nn.Parameter(torch.zeros(n_skip, d)) if cfg.skip_gates else None
+        inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.ln_scales = [1.0 / math.sqrt(i + 1) if cfg.ln_scale else 1.0 for i in range(L)]
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        L = self.cfg.num_layers
+        nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
+        for bank in (self.qo_bank[:L], self.kv_bank, self.mlp_up_bank):
+            for w in bank:
+                nn.init.orthogonal_(w)
+        self.qo_bank[L:].zero_()  # output projections start at zero: each block starts as identity
+        self.mlp_down_bank.zero_()
+
+    def _attention(self, i: int, x: torch.Tensor, cos, sin) -> torch.Tensor:
+        cfg, L = self.cfg, self.cfg.num_layers
+        B, T, _ = x.shape
+        H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = F.linear(x, self.qo_bank[i]).view(B, T, H, hd)
+        k = F.linear(x, self.kv_bank[i]).view(B, T, Hkv, hd)
+        v = F.linear(x, self.kv_bank[L + i]).view(B, T, Hkv, hd)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        q = apply_rope(rms_norm(q), cos, sin, self.rope_dims) * self.q_gain[i].to(q.dtype)[:, None]
+        k = apply_rope(rms_norm(k), cos, sin, self.rope_dims)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=Hkv != H).transpose(1, 2)
+        if i >= L - cfg.xsa_last_n:
+            # XSA: drop the component of each head's output along the token's own value vector
+            # (GQA-grouped view, so K/V are never repeated).
+            y = y.reshape(B, T, Hkv, H // Hkv, hd)
+            vn = F.normalize(v, dim=-1).unsqueeze(3)
+            y = y - (y * vn).sum(-1, keepdim=True) * vn
+        return F.linear(y.reshape(B, T, H * hd), self.qo_bank[L + i])
+
+    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.mlp_up_bank[i])
+        h = F.leaky_relu(h, self.cfg.mlp_leaky_slope) if self.cfg.mlp_leaky_slope else F.relu(h)
+        return F.linear(h.square(), self.mlp_down_bank[i])
+
+    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin) -> torch.Tensor:
+        # The residual stream stays float32; autocast runs the matmuls in bf16.
+        mix = self.resid_mix[i]
+        x = mix[0] * x + mix[1] * x0
+        s = self.ln_scales[i]
+        attn_in = rms_norm(x) * s
+        attn = self.attn_scale[i] * self._attention(i, attn_in, cos, sin)
+        if 0 <= self.cfg.parallel_residual_start <= i:  # GPT-J style: both read the same input
+            return x + attn + self.mlp_scale[i] * self._mlp(i, attn_in)
+        x = x + attn
+        return x + self.mlp_scale[i] * self._mlp(i, rms_norm(x) * s)
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        freqs = torch.outer(torch.arange(T, device=idx.device, dtype=torch.float32), self.inv_freq)
+        cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        x = x0 = rms_norm(self.tok_emb(idx))
+        order = self.cfg.layer_order(self.looped)
+        n_enc = len(order) // 2
+        skips = []
+        for j, i in enumerate(order):
+            if j >= n_enc and skips:
+                k = j - n_enc
+                w = self.skip_weights[k] * skips.pop()
+                if self.skip_gates is not None:
+                    g = torch.sigmoid(self.skip_gates[k])
+                    x = g * x + (1 - g) * w
+                else:
+                    x = x + w
+            x = self._block(i, x, x0, cos, sin)
+            if j < n_enc:
+                skips.append(x)
+        return rms_norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token NLL in nats, float32, shape like targets."""
+        logits = F.linear(self.hidden(idx), self.tok_emb.weight)  # tied head
+        c = self.cfg.logit_softcap
+        logits = c * torch.tanh(logits.float() / c)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               reduction="none").view_as(targets)
+
+
+# -----------------------------------------------------------------------------------------
+# Optimizer: Muon for the matrix banks, Adam for the embedding and the scalars
+# Muon = momentum SGD whose update is replaced by its nearest semi-orthogonal matrix
+# (quintic Newton-Schulz), scaled so every matrix moves by a comparable RMS.
+# -----------------------------------------------------------------------------------------
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate U V^T of each matrix in a batch [..., rows, cols] (bf16 on CUDA)."""
+    a, b, c = NS_COEFFS
+    X = G.bfloat16() if G.is_cuda else G.float()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if tall else X).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr, momentum, backend_steps, row_normalize, weight_decay, orthogonalize):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.backend_steps, self.row_normalize, self.orthogonalize = backend_steps, row_normalize, orthogonalize
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(mom).add_(p.grad)
+                update = p.grad.add(buf, alpha=mom)  # Nesterov
+                if self.row_normalize:  # MuonEq-R
+                    update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                update = self.orthogonalize(update, self.backend_steps)
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
+
+
+def build_optimizers(model: GPT, hp: Hyperparameters, fused: bool, orthogonalize):
+    banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank]
+    scalars = [p for n, p in model.named_parameters() if p.ndim < 3 and n != "tok_emb.weight"]
+    adam = torch.optim.AdamW(
+        [dict(params=[model.tok_emb.weight], lr=hp.tied_embed_lr, weight_decay=hp.embed_wd),
+         dict(params=scalars, lr=hp.scalar_lr, weight_decay=hp.adam_wd)],
+        betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
+    muon = Muon(banks, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
+                row_normalize=bool(hp.muon_row_normalize), weight_decay=hp.muon_wd, orthogonalize=orthogonalize)
+    for opt in (adam, muon):
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return [adam, muon]
+
+
+def lr_multiplier(progress: float, warmdown_frac: float, min_lr: float) -> float:
+    """1 until the last warmdown_frac of training, then linear down to min_lr."""
+    if warmdown_frac <= 0 or progress < 1 - warmdown_frac:
+        return 1.0
+    return max((1 - progress) / warmdown_frac, min_lr)
+
+
+def muon_momentum(step: int, hp: Hyperparameters) -> float:
+    if hp.muon_momentum_warmup_steps <= 0:
+        return hp.muon_momentum
+    t = min(step / hp.muon_momentum_warmup_steps, 1.0)
+    return (1 - t) * hp.muon_momentum_warmup_start + t * hp.muon_momentum
+
+
+# -----------------------------------------------------------------------------------------
+# Quantization and packing
+# v0: large float tensors -> int8 with one scale per row (rows = all but the last dim);
+# small tensors -> fp16. The artifact is a self-describing binary (magic, version, JSON
+# tensor table, raw little-endian data), byte-shuffled per element size and brotli-compressed.
+# Nothing in it is executed or unpickled on load.
+# -----------------------------------------------------------------------------------------
+
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFART", 1
+PASSTHROUGH_MAX_NUMEL = 65536
+
+
+def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = w.float().reshape(-1, w.size(-1))
+    scale = (rows.abs().amax(dim=1) / 127).clamp_min(1e-12).half()
+    q = torch.clamp(torch.round(rows / scale.float()[:, None]), -127, 127).to(torch.int8)
+    return q.reshape(w.shape), scale
+
+
+def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (q.float().reshape(-1, q.size(-1)) * scale.float()[:, None]).reshape(q.shape)
+
+
+def quantize_state(state: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """name -> {kind, tensors}: the quantizer's whole interface (GPTQ replaces this)."""
+    out = {}
+    for name, t in state.items():
+        if t.is_floating_point() and t.numel() > PASSTHROUGH_MAX_NUMEL:
+            q, s = quantize_int8_rows(t.detach().cpu())
+            out[name] = {"kind": "int8_rows", "q": q, "scale": s}
+        else:
+            out[name] = {"kind": "fp16", "w": t.detach().cpu().half()}
+    return out
+
+
+def dequantize_state(qstate: dict[str, dict]) -> dict[str, torch.Tensor]:
+    return {name: dequantize_int8_rows(e["q"], e["scale"]) if e["kind"] == "int8_rows" else e["w"].float()
+            for name, e in qstate.items()}
+
+
+def byte_shuffle(buf: bytes, itemsize: int) -> bytes:
+    """Group byte k of every element together: exponents and mantissas compress separately."""
+    if itemsize == 1:
+        return buf
+    return np.frombuffer(buf, np.uint8).reshape(-1, itemsize).T.tobytes()
+
+
+def byte_unshuffle(buf: bytes, itemsize: int) -> bytes:
+    if itemsize == 1:
+        return buf
+    return np.frombuffer(buf, np.uint8).reshape(itemsize, -1).T.tobytes()
+
+
+_DTYPES = {"int8": (torch.int8, np.int8), "float16": (torch.float16, np.float16)}
+
+
+def pack_artifact(qstate: dict[str, dict], config: dict) -> bytes:
+    table, chunks, offset = [], [], 0
+    for name, entry in qstate.items():
+        for field, t in entry.items():
+            if field == "kind":
+                continue
+            dtype = str(t.dtype).removeprefix("torch.")
+            raw = byte_shuffle(t.contiguous().numpy().astype(_DTYPES[dtype][1].__name__).tobytes(), t.element_size())
+            table.append(dict(name=name, kind=entry["kind"], field=field, dtype=dtype,
+                              shape=list(t.shape), offset=offset, nbytes=len(raw)))
+            chunks.append(raw)
+            offset += len(raw)
+    header = json.dumps(dict(config=config, tensors=table), sort_keys=True).encode()
+    body = struct.pack("<I", len(header)) + header + b"".join(chunks)
+    return ARTIFACT_MAGIC + struct.pack("<I", ARTIFACT_VERSION) + brotli.compress(body, quality=11)
+
+
+def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, dict], dict]:
+    head = len(ARTIFACT_MAGIC) + 4
+    if len(blob) < head or blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
+        raise UserError(f"{source}: not a parameter-golf artifact (bad magic)")
+    (version,) = struct.unpack("<I", blob[len(ARTIFACT_MAGIC):head])
+    if version != ARTIFACT_VERSION:
+        raise UserError(f"{source}: artifact version {version}, this code reads {ARTIFACT_VERSION}")
+    try:
+        body = brotli.decompress(blob[head:])
+        (hlen,) = struct.unpack("<I", body[:4])
+        meta = json.loads(body[4:4 + hlen])
+    except Exception:
+        raise UserError(f"{source}: corrupted or truncated artifact") from None
+    data, qstate = body[4 + hlen:], {}
+    for e in meta["tensors"]:
+        if e["dtype"] not in _DTYPES or e["offset"] + e["nbytes"] > len(data):
+            raise UserError(f"{source}: corrupted tensor table entry {e.get('name')}")
+        tdtype, ndtype = _DTYPES[e["dtype"]]
+        raw = byte_unshuffle(data[e["offset"]:e["offset"] + e["nbytes"]], np.dtype(ndtype).itemsize)
+        arr = np.frombuffer(raw, dtype=ndtype).reshape(e["shape"]).copy()
+        qstate.setdefault(e["name"], {"kind": e["kind"]})[e["field"]] = torch.from_numpy(arr)
+    return qstate, meta["config"]
+
+
+def write_atomic(path: Path, data: bytes):
+    """temp file + fsync + rename: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_artifact_model(path: Path, device: torch.device) -> GPT:
+    qstate, config = unpack_artifact(path.read_bytes(), str(path))
+    model = GPT(ModelConfig(**config)).to(device)
+    model.load_state_dict({k: v.to(device) for k, v in dequantize_state(qstate).items()})
+    return model
+
+
+# -----------------------------------------------------------------------------------------
+# Evaluation
+# -----------------------------------------------------------------------------------------
+
+def autocast_ctx(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def eval_val(forward, val_tokens: np.ndarray, seq_len: int, batch_tokens: int, lut: ByteLUT,
+             dctx: Dist) -> tuple[float, float]:
+    """Non-overlapping seq_len windows; returns (mean NLL in nats, bits per byte)."""
+    n_windows = (len(val_tokens) - 1) // seq_len
+    lo, hi = n_windows * dctx.rank // dctx.world_size, n_windows * (dctx.rank + 1) // dctx.world_size
+    per_batch = max(1, batch_tokens // (seq_len * dctx.world_size))
+    sums = torch.zeros(3, dtype=torch.float64, device=dctx.device)  # nll, tokens, bytes
+    for w in range(lo, hi, per_batch):
+        w_end = min(w + per_batch, hi)
+        chunk = torch.from_numpy(val_tokens[w * seq_len:w_end * seq_len + 1].astype(np.int64)).to(dctx.device)
+        x = chunk[:-1].view(-1, seq_len)
+        y = chunk[1:].view(-1, seq_len)
+        with autocast_ctx(dctx.device):
+            nll = forward(x, y)
+        sums[0] += nll.double().sum()
+        sums[1] += y.numel()
+        sums[2] += lut.target_bytes(x, y).double().sum()
+    dctx.all_reduce_sum(sums)
+    val_loss = (sums[0] / sums[1]).item()
+    return val_loss, (sums[0] / (math.log(2) * sums[2])).item()
+
+
+# -----------------------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------------------
+
+def plan_batches(hp: Hyperparameters, world_size: int, device: torch.device) -> tuple[int, int]:
+    """(sequences per micro-batch, accumulation steps) for one rank's share of the global batch.
+
+    The global batch is fixed; each rank's share is split into the fewest equal micro-batches
+    that fit MICRO_BATCH_TOKENS, so a small batch is not needlessly chopped up."""
+    seqs, rem = divmod(hp.train_batch_tokens, hp.train_seq_len * world_size)
+    if rem or not seqs:
+        raise UserError(f"env TRAIN_BATCH_TOKENS={hp.train_batch_tokens}: must be a positive multiple of "
+                        f"TRAIN_SEQ_LEN*WORLD_SIZE={hp.train_seq_len * world_size}")
+    cap = hp.micro_batch_tokens or (98304 if device.type == "cuda" else 16384)
+    cap_seqs = max(1, cap // hp.train_seq_len)
+    accum = next(k for k in range(1, seqs + 1) if seqs % k == 0 and seqs // k <= cap_seqs)
+    return seqs // accum, accum
+
+
+class Trainer:
+    def __init__(self, hp, dctx, model, log):
+        self.hp, self.dctx, self.model, self.log = hp, dctx, model, log
+        cuda = dctx.device.type == "cuda"
+        self.compiled = bool(hp.compile) and cuda
+        ortho = torch.compile(newton_schulz, dynamic=False) if self.compiled else newton_schulz
+        self.optimizers = build_optimizers(model, hp, fused=cuda, orthogonalize=ortho)
+        self.forward = torch.compile(model, fullgraph=True) if self.compiled else model
+        self.micro_seqs, self.accum = plan_batches(hp, dctx.world_size, dctx.device)
+        self.local_seqs = self.micro_seqs * self.accum
+        self.global_seqs = self.local_seqs * dctx.world_size
+        self.ema = [p.detach().float().clone() for p in model.parameters()] if hp.ema_decay else None
+        self.stream = None
+
+    def reset_stream(self, files):
+        self.stream = TrainStream(files, self.hp.train_seq_len, self.hp.seed)
+
+    def _sync_grads(self):
+        grads = [p.grad for p in self.model.parameters()]
+        if self.dctx.enabled:  # one flat all-reduce; gloo has no AVG, so SUM then divide
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            self.dctx.all_reduce_sum(flat).div_(self.dctx.world_size)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        if self.hp.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hp.grad_clip_norm)
+
+    def step(self, step: int, lr_mul: float) -> float:
+        """One optimizer step on the next global batch; returns the global mean train loss."""
+        rows = slice(self.dctx.rank * self.local_seqs, (self.dctx.rank + 1) * self.local_seqs)
+        batch = torch.from_numpy(self.stream.next_batch(self.global_seqs, rows))
+        if self.dctx.device.type == "cuda":
+            batch = batch.pin_memory().to(self.dctx.device, non_blocking=True)
+        loss_sum = torch.zeros((), device=self.dctx.device)
+        for m in range(self.accum):
+            mb = batch[m * self.micro_seqs:(m + 1) * self.micro_seqs]
+            with autocast_ctx(self.dctx.device):
+                loss = self.forward(mb[:, :-1], mb[:, 1:]).mean()
+            (loss / self.accum).backward()
+            loss_sum += loss.detach()
+        self._sync_grads()
+        mom = muon_momentum(step, self.hp)
+        for opt in self.optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_mul
+                if "momentum" in g:
+                    g["momentum"] = mom
+            opt.step()
+        self.model.zero_grad(set_to_none=False)
+        if self.ema is not None:
+            torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.model.parameters()], 1 - self.hp.ema_decay)
+        loss_sum /= self.accum
+        return self.dctx.all_reduce_sum(loss_sum).item() / self.dctx.world_size
+
+    def snapshot(self):
+        return ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                [json_safe_clone(opt.state_dict()) for opt in self.optimizers])
+
+    def restore(self, snap):
+        model_state, opt_states = snap
+        self.model.load_state_dict(model_state)
+        for opt, st in zip(self.optimizers, opt_states):
+            opt.load_state_dict(st)
+        if self.ema is not None:
+            self.ema = [p.detach().float().clone() for p in self.model.parameters()]
+
+    def apply_ema(self):
+        if self.ema is not None:
+            with torch.no_grad():
+                for p, e in zip(self.model.parameters(), self.ema):
+                    p.copy_(e)
+
+
+def json_safe_clone(state):
+    """Deep-copy an optimizer state_dict (tensors cloned) so warm-up can be undone."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: json_safe_clone(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [json_safe_clone(v) for v in state]
+    return state
+
+
+def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_eval, log) -> dict:
+    model = trainer.model
+    # Compile priming: run real steps (plain and looped graphs), then undo them all.
+    if hp.warmup_steps:
+        snap = trainer.snapshot()
+        trainer.reset_stream(train_files)
+        phases = [False, True] if hp.num_loops else [False]
+        for k in range(hp.warmup_steps):
+            model.looped = phases[k * len(phases) // hp.warmup_steps]
+            trainer.step(0, 1.0)
+            if k + 1 == hp.warmup_steps or (k + 1) % 10 == 0:
+                log(f"warmup_step:{k + 1}/{hp.warmup_steps} looped:{int(model.looped)}")
+        trainer.restore(snap)
+        model.looped = False
+    trainer.reset_stream(train_files)
+
+    cap_ms = 1000 * hp.max_wallclock_seconds
+    train_ms, step, stop_reason = 0.0, 0, "iterations"
+    tokens_per_step = hp.train_batch_tokens
+    last_val = None
+    while True:
+        progress = train_ms / cap_ms if cap_ms else step / hp.iterations
+        if hp.num_loops and not model.looped and progress >= hp.enable_looping_at:
+            model.looped = True
+            log(f"layer_loop:enabled step:{step} progress:{progress:.3f} order:{model.cfg.layer_order(True)}")
+        done = step >= hp.iterations or (cap_ms and train_ms >= cap_ms)
+        if done or (hp.val_loss_every and step and step % hp.val_loss_every == 0):
+            last_val = val_eval()
+            log(f"step:{step}/{hp.iterations} val_loss:{last_val[0]:.4f} val_bpb:{last_val[1]:.4f} "
+                f"train_time:{train_ms / 1000:.1f}s step_avg:{train_ms / max(step, 1):.2f}ms")
+        if done:
+            stop_reason = "wallclock_cap" if step < hp.iterations else "iterations"
+            break
+        synchronize(dctx.device)
+        t0 = time.perf_counter()
+        loss = trainer.step(step, lr_multiplier(progress, hp.warmdown_frac, hp.min_lr))
+        if not math.isfinite(loss):
+            raise UserError(f"train_loss became {loss} at step {step + 1}: stopping (lower MATRIX_LR?)")
+        synchronize(dctx.device)
+        step_ms = 1000 * (time.perf_counter() - t0)
+        # Every rank must stop on the same step: agree on the slowest rank's clock.
+        train_ms = dctx.all_reduce_max(train_ms + step_ms)
+        step += 1
+        if step <= 5 or step % hp.train_log_every == 0:
+            avg = train_ms / step
+            eta = (cap_ms - train_ms) / 1000 if cap_ms else (hp.iterations - step) * avg / 1000
+            log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} train_time:{train_ms / 1000:.1f}s "
+                f"step_avg:{avg:.2f}ms tok_s:{tokens_per_step / avg * 1000:.0f} eta:{max(eta, 0):.0f}s")
+    log(f"stopping:{stop_reason} step:{step} train_time:{train_ms / 1000:.3f}s")
+    return dict(steps=step, train_ms=train_ms, stop_reason=stop_reason, val=last_val)
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -----------------------------------------------------------------------------------------
+# Main
+# -----------------------------------------------------------------------------------------
+
+def describe_environment(hp: Hyperparameters, dctx: Dist, code: bytes) -> list[str]:
+    lines = ["hyperparameters:"] + [f"  {k}: {v}" for k, v in hp.items()]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or "none"
+    except (OSError, subprocess.SubprocessError):
+        commit = "none"
+    lines.append(f"code_sha256:{hashlib.sha256(code).hexdigest()[:16]} git_commit:{commit}")
+    lines.append(f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+                 f"sentencepiece:{spm.__version__} brotli:{brotli.__version__}")
+    name = torch.cuda.get_device_name(dctx.device) if dctx.device.type == "cuda" else platform.processor() or "cpu"
+    lines.append(f"device:{dctx.device.type} device_name:{name.replace(' ', '_')} world_size:{dctx.world_size}")
+    return lines
+
+
+def run(hp: Hyperparameters) -> dict:
+    t_start = time.perf_counter()
+    dctx = setup_distributed(hp)
+    torch.manual_seed(hp.seed)
+    np.random.seed(hp.seed)
+    code = Path(__file__).read_bytes()
+    run_id = dctx.broadcast_object(hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}_seed{hp.seed}")
+    log = RunLog(Path(hp.log_dir) / f"{run_id}.txt" if dctx.is_main else None)
+    for line in describe_environment(hp, dctx, code):
+        log(line)
+    for w in hp.warnings:
+        log(f"warning:{w}")
+    try:
+        return train_and_export(hp, dctx, log, code, run_id, t_start)
+    except UserError as e:
+        log(f"error:{e}")  # the log keeps what happened; main() prints it and exits non-zero
+        raise
+
+
+def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, run_id: str, t_start: float) -> dict:
+    # Data and tokenizer are checked before any compute is spent.
+    sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+    lut = build_byte_lut(sp, hp.vocab_size).to(dctx.device)
+    train_files = shard_files(hp.data_path, "train")
+    val_tokens = load_val_tokens(hp.data_path, hp.vocab_size, hp.val_max_tokens)
+    if len(val_tokens) <= hp.train_seq_len:
+        raise UserError(f"val shards in {hp.data_path}: {len(val_tokens)} tokens, need > TRAIN_SEQ_LEN={hp.train_seq_len}")
+    log(f"data:{hp.data_path} train_shards:{len(train_files)} val_tokens:{len(val_tokens) - 1}")
+
+    cfg = ModelConfig.from_hparams(hp)
+    model = GPT(cfg).to(dctx.device)
+    trainer = Trainer(hp, dctx, model, log)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} layer_order_looped:{cfg.layer_order(True)}")
+    log(f"batch:global_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
+        f"compile:{int(trainer.compiled)} attention:sdpa")
+
+    def val_eval(forward=None):
+        looped, model.looped = model.looped, True  # eval always runs the looped model
+        model.eval()
+        try:
+            return eval_val(forward or trainer.forward, val_tokens, hp.train_seq_len, hp.val_batch_size, lut, dctx)
+        finally:
+            model.train()
+            model.looped = looped
+
+    result = train(hp, dctx, trainer, train_files, val_eval, log)
+    if dctx.device.type == "cuda":
+        mib = 2 ** 20
+        log(f"peak_mem_allocated_mib:{torch.cuda.max_memory_allocated() // mib} "
+            f"peak_mem_reserved_mib:{torch.cuda.max_memory_reserved() // mib}")
+
+    # Export: EMA weights -> quantize -> artifact file; the score comes from reloading that file.
+    trainer.apply_ema()
+    prequant = val_eval(model) if hp.ema_decay else result["val"]
+    log(f"prequant val_loss:{prequant[0]:.8f} val_bpb:{prequant[1]:.8f}")
+    t0 = time.perf_counter()
+    blob = pack_artifact(quantize_state(model.state_dict()), dataclasses.asdict(cfg))
+    artifact = Path(hp.artifact_dir) / f"final_model_{run_id}.int8.br"
+    if dctx.is_main:
+        artifact.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(artifact, blob)
+    if dctx.enabled:
+        dist.barrier()
+    total = len(blob) + len(code)
+    log(f"artifact:{artifact} model_bytes:{len(blob)} code_bytes:{len(code)} artifact_bytes:{total} "
+        f"limit:{ARTIFACT_LIMIT_BYTES} pack_time:{time.perf_counter() - t0:.1f}s")
+    if total > ARTIFACT_LIMIT_BYTES:
+        log(f"warning:artifact_over_limit artifact_bytes:{total} limit:{ARTIFACT_LIMIT_BYTES}")
+    reloaded = load_artifact_model(artifact, dctx.device)
+    t0 = time.perf_counter()
+    val_loss, val_bpb = val_eval_model(reloaded, val_tokens, hp, lut, dctx)
+    eval_s = time.perf_counter() - t0
+    log(f"roundtrip val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{eval_s:.1f}s")
+    summary = dict(final_val_loss=val_loss, final_val_bpb=val_bpb, prequant_val_bpb=prequant[1],
+                   quant_gap_bpb=val_bpb - prequant[1], artifact_bytes=total, model_bytes=len(blob),
+                   code_bytes=len(code), steps=result["steps"], train_seconds=result["train_ms"] / 1000,
+                   stop_reason=result["stop_reason"], total_seconds=time.perf_counter() - t_start)
+    for k, v in summary.items():
+        log(f"{k}:{v:.8f}" if isinstance(v, float) else f"{k}:{v}")
+    if dctx.enabled:
+        dist.destroy_process_group()
+    return summary
+
+
+def val_eval_model(model: GPT, val_tokens, hp: Hyperparameters, lut: ByteLUT, dctx: Dist):
+    model.looped = True
+    model.eval()
+    return eval_val(model, val_tokens, hp.train_seq_len, hp.val_batch_size, lut, dctx)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--help-env"]:
+        print(knob_reference())
+        return 0
+    try:
+        run(Hyperparameters())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
