@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import brotli
@@ -621,36 +622,83 @@ def newton_schulz(G: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tenso
     return (X.mT if tall else X).to(G.dtype)
 
 
-class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr, momentum, backend_steps, row_normalize, weight_decay, orthogonalize):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+class ParallelMuon(torch.optim.Optimizer):
+    """Muon over parameter banks [B, rows, cols], with the work sharded across ranks.
+
+    reduce_scatter() starts, right after backward, one reduce-scatter per bank (its gradient padded
+    along B to a multiple of the world size), so each rank receives the summed gradient of its own
+    B_pad/world matrices. step() then runs momentum, Nesterov, MuonEq-R and Newton-Schulz on that
+    shard only and all-gathers the updates. No DDP; world size 1 is the same path without
+    communication. Momentum buffers are per-shard."""
+
+    def __init__(self, banks, lr, momentum, backend_steps, row_normalize, weight_decay, orthogonalize, dctx):
+        super().__init__(banks, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.backend_steps, self.row_normalize, self.orthogonalize = backend_steps, row_normalize, orthogonalize
+        self.dctx, self.pending = dctx, []
+
+    def _shard_size(self, p):
+        return -(-p.size(0) // self.dctx.world_size)
+
+    @torch.no_grad()
+    def reduce_scatter(self):
+        """Launch the gradient reduce-scatters (largest bank first); returns nothing, step() waits."""
+        banks = sorted(self.param_groups[0]["params"], key=lambda p: -p.numel())
+        self.pending = []
+        for p in banks:
+            n, world = self._shard_size(p), self.dctx.world_size
+            if world == 1:
+                self.pending.append((p, p.grad, None))
+                continue
+            full = p.grad.new_zeros((n * world, *p.shape[1:]))
+            full[:p.size(0)] = p.grad
+            shard = p.grad.new_empty((n, *p.shape[1:]))
+            self.pending.append((p, shard, dist.reduce_scatter_tensor(shard, full, async_op=True)))
+
+    @torch.no_grad()
+    def shard_grads(self) -> list[torch.Tensor]:
+        """Wait for the reduce-scatters; the mean gradient shards (for clipping)."""
+        for p, shard, work in self.pending:
+            if work is not None:
+                work.wait()
+                shard.div_(self.dctx.world_size)
+        return [shard for _, shard, _ in self.pending]
 
     @torch.no_grad()
     def step(self):
-        for group in self.param_groups:
-            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.mul_(mom).add_(p.grad)
-                update = p.grad.add(buf, alpha=mom)  # Nesterov
-                if self.row_normalize:  # MuonEq-R
-                    update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-                update = self.orthogonalize(update, self.backend_steps)
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
+        group = self.param_groups[0]
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        gathers = []
+        for p, grad, _ in self.pending:
+            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(grad))
+            buf.mul_(mom).add_(grad)
+            update = grad.add(buf, alpha=mom)  # Nesterov
+            if self.row_normalize:  # MuonEq-R
+                update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            update = self.orthogonalize(update, self.backend_steps).to(p.dtype)
+            if self.dctx.enabled:
+                full = update.new_empty((update.size(0) * self.dctx.world_size, *update.shape[1:]))
+                gathers.append((p, full, dist.all_gather_into_tensor(full, update.contiguous(), async_op=True)))
+            else:
+                gathers.append((p, update, None))
+        for p, full, work in gathers:  # the next bank's Newton-Schulz overlapped this gather
+            if work is not None:
+                work.wait()
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(full[:p.size(0)], alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
+        self.pending = []
 
 
-def build_optimizers(model: GPT, hp: Hyperparameters, fused: bool, orthogonalize):
+def build_optimizers(model: GPT, hp: Hyperparameters, dctx: Dist, orthogonalize):
     banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank]
     scalars = [p for n, p in model.named_parameters() if p.ndim < 3 and n != "tok_emb.weight"]
     adam = torch.optim.AdamW(
         [dict(params=[model.tok_emb.weight], lr=hp.tied_embed_lr, weight_decay=hp.embed_wd),
          dict(params=scalars, lr=hp.scalar_lr, weight_decay=hp.adam_wd)],
-        betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=fused)
-    muon = Muon(banks, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
-                row_normalize=bool(hp.muon_row_normalize), weight_decay=hp.muon_wd, orthogonalize=orthogonalize)
+        betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=dctx.device.type == "cuda")
+    muon = ParallelMuon(banks, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
+                        row_normalize=bool(hp.muon_row_normalize), weight_decay=hp.muon_wd,
+                        orthogonalize=orthogonalize, dctx=dctx)
     for opt in (adam, muon):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
@@ -681,6 +729,7 @@ def muon_momentum(step: int, hp: Hyperparameters) -> float:
 
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFART", 1
 PASSTHROUGH_MAX_NUMEL = 65536
+COMPRESS_CHUNK_BYTES = 4 << 20  # independent brotli streams, compressed in parallel threads
 
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -741,18 +790,26 @@ def pack_artifact(qstate: dict[str, dict], config: dict) -> bytes:
             offset += len(raw)
     header = json.dumps(dict(config=config, tensors=table), sort_keys=True).encode()
     body = struct.pack("<I", len(header)) + header + b"".join(chunks)
-    return ARTIFACT_MAGIC + struct.pack("<I", ARTIFACT_VERSION) + brotli.compress(body, quality=11)
+    pieces = [body[i:i + COMPRESS_CHUNK_BYTES] for i in range(0, len(body), COMPRESS_CHUNK_BYTES)]
+    with ThreadPoolExecutor(max_workers=min(len(pieces), os.cpu_count() or 1)) as pool:
+        streams = list(pool.map(lambda b: brotli.compress(b, quality=11), pieces))  # brotli drops the GIL
+    return (ARTIFACT_MAGIC + struct.pack("<II", ARTIFACT_VERSION, len(streams))
+            + struct.pack(f"<{len(streams)}I", *map(len, streams)) + b"".join(streams))
 
 
 def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, dict], dict]:
-    head = len(ARTIFACT_MAGIC) + 4
+    head = len(ARTIFACT_MAGIC) + 8
     if len(blob) < head or blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
         raise UserError(f"{source}: not a parameter-golf artifact (bad magic)")
-    (version,) = struct.unpack("<I", blob[len(ARTIFACT_MAGIC):head])
+    version, n_streams = struct.unpack("<II", blob[len(ARTIFACT_MAGIC):head])
     if version != ARTIFACT_VERSION:
         raise UserError(f"{source}: artifact version {version}, this code reads {ARTIFACT_VERSION}")
     try:
-        body = brotli.decompress(blob[head:])
+        sizes = struct.unpack(f"<{n_streams}I", blob[head:head + 4 * n_streams])
+        ends = np.cumsum((head + 4 * n_streams,) + sizes)
+        if ends[-1] != len(blob):
+            raise ValueError("stream sizes do not add up to the file size")
+        body = b"".join(brotli.decompress(blob[a:b]) for a, b in zip(ends[:-1], ends[1:]))
         (hlen,) = struct.unpack("<I", body[:4])
         meta = json.loads(body[4:4 + hlen])
     except Exception:
@@ -846,7 +903,9 @@ class Trainer:
         cuda = dctx.device.type == "cuda"
         self.compiled = bool(hp.compile) and cuda
         ortho = torch.compile(newton_schulz, dynamic=False) if self.compiled else newton_schulz
-        self.optimizers = build_optimizers(model, hp, fused=cuda, orthogonalize=ortho)
+        self.optimizers = build_optimizers(model, hp, dctx, orthogonalize=ortho)
+        self.adam, self.muon = self.optimizers
+        self.replicated = [p for p in model.parameters() if p.ndim < 3]  # Adam's: all-reduced whole
         self.forward = torch.compile(model, fullgraph=True) if self.compiled else model
         self.micro_seqs, self.accum = plan_batches(hp, dctx.world_size, dctx.device)
         self.local_seqs = self.micro_seqs * self.accum
@@ -858,16 +917,24 @@ class Trainer:
         self.stream = TrainStream(files, self.hp.train_seq_len, self.hp.seed)
 
     def _sync_grads(self):
-        grads = [p.grad for p in self.model.parameters()]
-        if self.dctx.enabled:  # one flat all-reduce; gloo has no AVG, so SUM then divide
+        """Bank grads: reduce-scattered for Parallel Muon. Other grads: one flat all-reduce
+        (gloo has no AVG, so SUM then divide). Clipping uses the true global norm of the mean
+        gradient, so the update is the same for any world size."""
+        self.muon.reduce_scatter()
+        grads = [p.grad for p in self.replicated]
+        if self.dctx.enabled:
             flat = torch.cat([g.reshape(-1) for g in grads])
             self.dctx.all_reduce_sum(flat).div_(self.dctx.world_size)
             offset = 0
             for g in grads:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
+        shards = self.muon.shard_grads()
         if self.hp.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hp.grad_clip_norm)
+            bank_sq = self.dctx.all_reduce_sum(sum(s.float().square().sum() for s in shards))
+            norm = (bank_sq + sum(g.float().square().sum() for g in grads)).sqrt()
+            scale = (self.hp.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads + shards, scale)
 
     def step(self, step: int, lr_mul: float) -> float:
         """One optimizer step on the next global batch; returns the global mean train loss."""
@@ -950,7 +1017,7 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_ev
         progress = train_ms / cap_ms if cap_ms else step / hp.iterations
         if hp.num_loops and not model.looped and progress >= hp.enable_looping_at:
             model.looped = True
-            log(f"layer_loop:enabled step:{step} progress:{progress:.3f} order:{model.cfg.layer_order(True)}")
+            log(f"layer_loop:enabled step:{step} progress:{progress:.3f}")
         done = step >= hp.iterations or (cap_ms and train_ms >= cap_ms)
         if done or (hp.val_loss_every and step and step % hp.val_loss_every == 0):
             last_val = val_eval()
@@ -1012,12 +1079,13 @@ def run(hp: Hyperparameters) -> dict:
     log = RunLog(Path(hp.log_dir) / f"{run_id}.txt" if dctx.is_main else None)
     for line in describe_environment(hp, dctx, code):
         log(line)
+    log(f"run_id:{run_id}")
     for w in hp.warnings:
         log(f"warning:{w}")
     try:
         return train_and_export(hp, dctx, log, code, run_id, t_start)
-    except UserError as e:
-        log(f"error:{e}")  # the log keeps what happened; main() prints it and exits non-zero
+    except BaseException as e:  # the log keeps what happened; main() prints it and exits non-zero
+        log(f"error:{e}" if isinstance(e, UserError) else f"error:{type(e).__name__}: {e}")
         raise
 
 
@@ -1034,8 +1102,14 @@ def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, 
     cfg = ModelConfig.from_hparams(hp)
     model = GPT(cfg).to(dctx.device)
     trainer = Trainer(hp, dctx, model, log)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())} layer_order_looped:{cfg.layer_order(True)}")
-    log(f"batch:global_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} "
+        f"layer_order_looped:{','.join(map(str, cfg.layer_order(True)))}")
+    log(f"features: xsa_last_n:{cfg.xsa_last_n} qk_gain_init:{cfg.qk_gain_init} num_loops:{cfg.num_loops} "
+        f"loop:{cfg.loop_start}-{cfg.loop_end}@{hp.enable_looping_at} parallel_residual_start:{cfg.parallel_residual_start} "
+        f"rope_dims:{model.rope_dims} ln_scale:{int(cfg.ln_scale)} skip_gates:{int(cfg.skip_gates)} "
+        f"mlp_leaky_slope:{cfg.mlp_leaky_slope} muon_row_normalize:{hp.muon_row_normalize} ema_decay:{hp.ema_decay} "
+        f"parallel_muon_world:{dctx.world_size}")
+    log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
         f"compile:{int(trainer.compiled)} attention:sdpa")
 
     def val_eval(forward=None):

@@ -16,8 +16,19 @@ torch.manual_seed(hp.seed)
 model = train_gpt.GPT(train_gpt.ModelConfig.from_hparams(hp))
 trainer = train_gpt.Trainer(hp, dctx, model, log=None)
 trainer.reset_stream(train_gpt.shard_files(hp.data_path, "train"))
+clipped = []
+real_mul = torch._foreach_mul_
+
+
+def spy_mul(tensors, scale):  # record whether gradient clipping actually scaled anything
+    clipped.append(float(scale) < 1.0)
+    return real_mul(tensors, scale)
+
+
+torch._foreach_mul_ = spy_mul
 losses = [trainer.step(s, 1.0) for s in range(hp.iterations)]
 if dctx.is_main:
-    torch.save(dict(losses=losses, accum=trainer.accum, state=model.state_dict()), sys.argv[1])
+    torch.save(dict(losses=losses, accum=trainer.accum, state=model.state_dict(), clipped=any(clipped)),
+               sys.argv[1])
 if dctx.enabled:
     torch.distributed.destroy_process_group()

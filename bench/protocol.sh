@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Bench protocol v1 (../shared/bench/README.md): one GPU, 240 s of training, sp8192 bench shards,
+# TRAIN_BATCH_TOKENS = one GPU's share of the configuration's 8-GPU batch.
+#
+#   bench/protocol.sh CONFIG [VAR=value ...]      CONFIG: default | baseline
+#
+# baseline = the public naive baseline's shape and optimizer (9x512, MLP 2x, relu^2, seq 1024,
+# QK gain 1.5, no XSA/loops/parallel/gates/EMA/WD) on vocab 8192.
+# BENCH_DIR (default ../shared/bench) holds make_shards.py; BENCH_DATA (default /tmp/benchdata)
+# receives the shards. Extra VAR=value pairs override anything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+config=${1:?usage: bench/protocol.sh default|baseline [VAR=value ...]}
+shift
+bench_dir=${BENCH_DIR:-../shared/bench}
+data=${BENCH_DATA:-/tmp/benchdata}
+if [ ! -f "$data/datasets/bench_sp8192/fineweb_val_000000.bin" ]; then
+  python3 "$bench_dir/make_shards.py" "$data" 8192
+fi
+common=(DATA_PATH="$data/datasets/bench_sp8192" TOKENIZER_PATH="$data/tokenizers/bench_8192_bpe.model"
+        VOCAB_SIZE=8192 MAX_WALLCLOCK_SECONDS=240 SEED=1337)
+case "$config" in
+  default) cfg=(TRAIN_BATCH_TOKENS=98304) ;;
+  baseline) cfg=(TRAIN_BATCH_TOKENS=65536 NUM_LAYERS=9 MLP_MULT=2 TRAIN_SEQ_LEN=1024 MLP_LEAKY_SLOPE=0
+                 QK_GAIN_INIT=1.5 XSA_LAST_N=0 NUM_LOOPS=0 PARALLEL_RESIDUAL_START=-1 ROPE_DIMS=0 LN_SCALE=0
+                 SKIP_GATES=0 MATRIX_LR=0.04 SCALAR_LR=0.04 TIED_EMBED_LR=0.05 MUON_MOMENTUM=0.95
+                 MUON_MOMENTUM_WARMUP_START=0.85 MUON_MOMENTUM_WARMUP_STEPS=500 MUON_ROW_NORMALIZE=0
+                 MUON_WD=0 EMBED_WD=0 ADAM_WD=0 GRAD_CLIP_NORM=0 EMA_DECAY=0 WARMDOWN_FRAC=0.72) ;;
+  *) echo "error: unknown CONFIG '$config' (expected default or baseline)" >&2; exit 2 ;;
+esac
+exec env "${common[@]}" "${cfg[@]}" "$@" torchrun --standalone --nproc_per_node=1 train_gpt.py

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Plot train_gpt.py training curves: one line per log, 2x2 panels.
+
+usage: scripts/plot.py LOG... [-o curves.png]
+
+Panels: train loss vs step, train loss vs train time, val bpb vs step, val bpb vs train time.
+Train time is the training clock the log reports (compile warm-up and validation excluded). The
+final quantized (roundtrip) score, when the log has one, is drawn as a star at the last step.
+"""
+import argparse
+import re
+import sys
+from pathlib import Path
+
+# train_time has 0.1 s resolution; step_avg (= train_time / step, in ms) gives a finer clock.
+TRAIN = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:[\d.]+s step_avg:([\d.]+)ms")
+VAL = re.compile(r"^step:(\d+)/\d+ val_loss:\S+ val_bpb:(\S+) train_time:[\d.]+s step_avg:([\d.]+)ms")
+FINAL = re.compile(r"^final_val_bpb:(\S+)$")
+STEPS = re.compile(r"^steps:(\d+)$")
+TRAIN_S = re.compile(r"^train_seconds:(\S+)$")
+
+
+def read_curves(path: Path) -> dict:
+    c = {"train": [], "val": [], "final": None}
+    last = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if m := TRAIN.match(line):
+            c["train"].append((int(m[1]), float(m[2]), int(m[1]) * float(m[3]) / 1000))
+        elif m := VAL.match(line):
+            c["val"].append((int(m[1]), float(m[2]), int(m[1]) * float(m[3]) / 1000))
+        else:
+            for key, rx in (("final", FINAL), ("steps", STEPS), ("train_s", TRAIN_S)):
+                if m := rx.match(line):
+                    last[key] = float(m[1])
+    if not c["train"] and not c["val"]:
+        raise ValueError(f"{path}: no step lines (not a train_gpt.py log, or the run failed before training)")
+    if len(last) == 3:  # share the last val point's x (both clocks are rounded differently)
+        secs = c["val"][-1][2] if c["val"] and c["val"][-1][0] == last["steps"] else last["train_s"]
+        c["final"] = (last["steps"], last["final"], secs)
+    return c
+
+
+def robust_top(steps, ys):
+    """Upper y limit ignoring the first 5% of steps, whose loss spikes would flatten the rest."""
+    rest = [y for s, y in zip(steps, ys) if s > 0.05 * max(steps) and y == y] or [y for y in ys if y == y]
+    return max(rest) * 1.05 if rest else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("logs", nargs="+", metavar="LOG")
+    ap.add_argument("-o", "--out", default="curves.png", help="output image (default curves.png)")
+    args = ap.parse_args(argv)
+    paths = [Path(p) for p in args.logs if not p.endswith(".console.txt")]
+    if len(paths) < len(args.logs):
+        print(f"note: ignoring {len(args.logs) - len(paths)} run_seeds.sh *.console.txt file(s)", file=sys.stderr)
+    try:
+        curves = {p.stem: read_curves(p) for p in paths}
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not curves:
+        print("error: no logs to plot", file=sys.stderr)
+        return 1
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    tops = []
+    for i, (label, c) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        if c["train"]:
+            step, loss, secs = zip(*c["train"])
+            axes[0, 0].plot(step, loss, color=color, label=label, lw=1.2)
+            axes[0, 1].plot(secs, loss, color=color, label=label, lw=1.2)
+            tops.append(robust_top(step, loss))
+        if c["val"]:
+            step, bpb, secs = zip(*c["val"])
+            axes[1, 0].plot(step, bpb, color=color, label=label, marker="o", ms=3, lw=1.2)
+            axes[1, 1].plot(secs, bpb, color=color, label=label, marker="o", ms=3, lw=1.2)
+        if c["final"]:
+            step, bpb, secs = c["final"]
+            axes[1, 0].plot([step], [bpb], color=color, marker="*", ms=12, ls="none")
+            axes[1, 1].plot([secs], [bpb], color=color, marker="*", ms=12, ls="none")
+    if tops := [t for t in tops if t is not None]:
+        for ax in axes[0]:
+            ax.set_ylim(top=max(tops))
+    titles = [["train loss vs step", "train loss vs train time"],
+              ["val bpb vs step (* = final quantized)", "val bpb vs train time (* = final quantized)"]]
+    for r, ylabel in enumerate(["train loss (nats/token)", "val bpb"]):
+        for col, xlabel in enumerate(["step", "train time (s)"]):
+            ax = axes[r, col]
+            ax.set(title=titles[r][col], xlabel=xlabel, ylabel=ylabel)
+            ax.grid(True, alpha=0.3)
+            ax.ticklabel_format(useOffset=False)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""scripts/: run_seeds.sh, summarize.py and plot.py on real tiny CPU runs of train_gpt.py."""
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, parse_log, run_script, tiny_env
+
+SCRIPTS = ROOT / "scripts"
+H100_LOG = Path(__file__).parent / "fixtures" / "baseline_shape_log.txt"
+SEEDS = (1, 2, 3)
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+summarize = load_script("summarize")
+
+
+def run_seeds(name: str, seeds: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPTS / "run_seeds.sh"), name, seeds], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def summ(capsys, *argv):
+    """summarize.main in-process (train_gpt is already imported here): (rc, stdout, stderr)."""
+    rc = summarize.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture(scope="session")
+def seed_run(tiny_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("seeds")
+    env = tiny_env(tiny_data, tmp, LAUNCH=sys.executable, VAL_LOSS_EVERY=3)
+    res = run_seeds("tiny", " ".join(map(str, SEEDS)), env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return env, [tmp / "logs" / f"tiny_seed{s}.txt" for s in SEEDS]
+
+
+def write_lines(path: Path, lines) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_scripts_are_executable_and_documented():
+    for name in ("run_seeds.sh", "summarize.py", "plot.py"):
+        path = SCRIPTS / name
+        assert os.access(path, os.X_OK), name
+        assert "usage:" in path.read_text()[:1500], name
+
+
+def test_run_seeds_writes_one_log_and_console_per_seed(seed_run):
+    env, logs = seed_run
+    for seed, log in zip(SEEDS, logs):
+        text = log.read_text()
+        assert f"  seed: {seed}\n" in text and f"  run_id: tiny_seed{seed}\n" in text
+        assert parse_log(log)["stop_reason"] == "iterations"
+        console = log.with_name(f"tiny_seed{seed}.console.txt").read_text()
+        assert "final_val_bpb:" in console and "hyperparameters:" in console
+    # Different seeds really are different runs.
+    assert len({parse_log(log)["final_val_bpb"] for log in logs}) == len(SEEDS)
+    # Re-using a NAME is refused before anything runs (no log or console is touched).
+    before = logs[0].with_name("tiny_seed1.console.txt").read_text()
+    res = run_seeds("tiny", "4 1", env)
+    assert res.returncode != 0 and "already exists" in res.stderr
+    assert not logs[0].with_name("tiny_seed4.txt").exists()
+    assert logs[0].with_name("tiny_seed1.console.txt").read_text() == before
+
+
+def test_run_seeds_stops_at_first_failure(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, LAUNCH=sys.executable)
+    res = run_seeds("bad", "1 -5 3", env)  # SEED=-5 is out of range: train_gpt.py exits 2
+    assert res.returncode == 2, res.stderr
+    assert "FAILED: bad seed -5" in res.stderr
+    assert "last 20 lines of" in res.stderr and "SEED='-5'" in res.stderr.split("last 20 lines of")[1]
+    logs = tmp_path / "logs"
+    assert (logs / "bad_seed1.txt").exists() and (logs / "bad_seed-5.console.txt").exists()
+    assert not (logs / "bad_seed3.txt").exists() and not (logs / "bad_seed3.console.txt").exists()
+    assert "=== bad seed 3" not in res.stderr
+
+
+def test_summarize_cli_table_stats_and_submission(seed_run, tmp_path):
+    env, logs = seed_run
+    out_json = tmp_path / "submission.json"
+    res = run_script([str(SCRIPTS / "summarize.py"), *map(str, logs), "--json", str(out_json),
+                      "--name", "tiny test", "--blurb", "three tiny seeds"], env)
+    assert res.returncode == 0, res.stderr
+    summaries = [parse_log(log) for log in logs]
+    bpb = [float(s["final_val_bpb"]) for s in summaries]
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["log", "seed", "steps", "train_s", "eval_s", "artifact_bytes", "prequant_bpb",
+                                "final_bpb"]
+    for seed, s, row in zip(SEEDS, summaries, lines[1:4]):
+        cells = row.split()
+        assert cells[:3] == [f"tiny_seed{seed}", str(seed), s["steps"]]
+        assert cells[5] == s["artifact_bytes"] and float(cells[7]) == pytest.approx(float(s["final_val_bpb"]), abs=1e-5)
+    assert f"mean:{statistics.fmean(bpb):.6f} std:{statistics.stdev(bpb):.6f} n:3" in res.stdout
+
+    sub = json.loads(out_json.read_text())
+    types = dict(name=str, blurb=str, date=str, val_bpb=float, val_loss=float, val_bpb_std=float, bytes_total=int,
+                 bytes_code=int, seeds=list, seed_results=dict, hardware=str, pytorch_version=str,
+                 env_overrides=dict, git_commit=str)
+    assert set(sub) == set(types)
+    for key, kind in types.items():
+        assert type(sub[key]) is kind, key
+    assert sub["name"] == "tiny test" and sub["blurb"] == "three tiny seeds"
+    import datetime
+    datetime.datetime.fromisoformat(sub["date"])
+    assert sub["val_bpb"] == pytest.approx(statistics.fmean(bpb), abs=1e-12)
+    assert sub["val_bpb_std"] == pytest.approx(statistics.stdev(bpb), abs=1e-12)
+    assert sub["val_loss"] == pytest.approx(statistics.fmean(float(s["final_val_loss"]) for s in summaries))
+    assert sub["bytes_total"] == max(int(s["artifact_bytes"]) for s in summaries)
+    assert sub["bytes_code"] == int(summaries[0]["code_bytes"])
+    assert sub["seeds"] == list(SEEDS)
+    for seed, s in zip(SEEDS, summaries):
+        r = sub["seed_results"][str(seed)]
+        assert r == {"val_bpb": float(s["final_val_bpb"]), "val_loss": float(s["final_val_loss"]),
+                     "artifact_bytes": int(s["artifact_bytes"]), "steps": int(s["steps"]),
+                     "train_seconds": float(s["train_seconds"])}
+    header = logs[0].read_text()
+    device = dict(t.split(":", 1) for t in next(l for l in header.splitlines() if l.startswith("device:")).split())
+    assert sub["hardware"] == f"{device['world_size']}x{device['device_name']}"
+    assert f"torch:{sub['pytorch_version']} " in header and f"git_commit:{sub['git_commit']}\n" in header
+    ov = sub["env_overrides"]
+    assert ov["NUM_LAYERS"] == 4 and ov["MODEL_DIM"] == 64 and ov["EMA_DECAY"] == 0.0 and ov["DEVICE"] == "cpu"
+    assert ov["VAL_LOSS_EVERY"] == 3 and ov["DATA_PATH"] == env["DATA_PATH"]
+    for name in ("SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_DIR", "ROPE_BASE", "MATRIX_LR", "VAL_BATCH_SIZE"):
+        assert name not in ov, name  # bookkeeping knobs and knobs left at their default
+
+
+def test_bad_logs_are_named_errors_or_skipped(seed_run, tmp_path, capsys):
+    _, logs = seed_run
+    lines = logs[1].read_text().splitlines()
+    cut = next(i for i, l in enumerate(lines) if l.startswith("final_val_bpb:"))
+    truncated = write_lines(tmp_path / "truncated.txt", lines[:cut])
+    failed = write_lines(tmp_path / "failed.txt", lines[:60] + ["error:val shards in /x: 3 tokens, need more"])
+    garbled = write_lines(tmp_path / "garbled.txt", [l if not l.startswith("steps:") else "steps:many" for l in lines])
+
+    rc, out, err = summ(capsys, logs[0], truncated, logs[2])
+    assert rc == 1 and out == ""
+    assert err.strip() == f"error: {truncated}: missing final_val_bpb, artifact_bytes, code_bytes, steps, " \
+                          f"train_seconds (no summary block: crashed, still running, or not a train_gpt.py log?)"
+    rc, _, err = summ(capsys, failed)
+    assert rc == 1 and f"{failed}: missing final_val_bpb" in err and "run failed: val shards in /x" in err
+    rc, _, err = summ(capsys, garbled)
+    assert rc == 1 and f"{garbled}: steps:many is not a number" in err
+
+    rc, out, err = summ(capsys, logs[0], truncated, failed, logs[2], "--skip-bad")
+    assert rc == 0
+    assert f"warning: skipping {truncated}: missing final_val_bpb" in err
+    assert "warning: skipped 2 of 4 logs; using n=2" in err
+    bpb = [float(parse_log(l)["final_val_bpb"]) for l in (logs[0], logs[2])]
+    assert f"mean:{statistics.fmean(bpb):.6f} std:{statistics.stdev(bpb):.6f} n:2 (skipped 2 bad logs)" in out
+    rc, _, err = summ(capsys, truncated, "--skip-bad")
+    assert rc == 1 and "error: no usable logs" in err
+
+
+def test_duplicate_seeds_and_console_files(seed_run, tmp_path, capsys):
+    _, logs = seed_run
+    copy = tmp_path / "again_seed1.txt"
+    copy.write_text(logs[0].read_text())
+    rc, _, err = summ(capsys, logs[0], copy)
+    assert rc == 1 and f"{copy}: seed 1 also in {logs[0]}" in err
+    rc, out, _ = summ(capsys, logs[0], copy, "--allow-duplicate-seeds")
+    assert rc == 0 and "n:2" in out
+    # A shell glob over LOG_DIR also matches run_seeds.sh's console copies: they are not counted twice.
+    rc, out, err = summ(capsys, *sorted(logs[0].parent.glob("tiny_seed*.txt")))
+    assert rc == 0 and "n:3" in out and err.count("ignoring") == 3
+
+
+def test_student_t_tail_known_values():
+    t_sf = summarize.t_sf
+    assert t_sf(2.0, 5) == pytest.approx(0.05097, abs=1e-5)
+    assert t_sf(1.0, 10) == pytest.approx(0.17046, abs=1e-4)
+    assert t_sf(1.0, 10) == pytest.approx(0.1704465662, abs=1e-9)  # exact (the brief's 0.17046 is rounded up)
+    assert t_sf(0.0, 7.3) == pytest.approx(0.5, abs=1e-14)
+    for t in (0.1, 1.0, 3.0, 40.0):  # closed forms for df = 1, 2, 3
+        assert t_sf(t, 1) == pytest.approx(0.5 - math.atan(t) / math.pi, rel=1e-10)
+        assert t_sf(t, 2) == pytest.approx(0.5 - t / (2 * math.sqrt(2 + t * t)), rel=1e-10)
+        u = t / math.sqrt(3)
+        assert t_sf(t, 3) == pytest.approx(0.5 - (u / (1 + u * u) + math.atan(u)) / math.pi, rel=1e-9)
+        assert t_sf(-t, 4.5) == pytest.approx(1 - t_sf(t, 4.5), abs=1e-14)
+    assert t_sf(1.959963985, 1e7) == pytest.approx(0.025, abs=1e-6)  # -> normal
+    assert summarize.betainc(2.0, 3.0, 0.4) == pytest.approx(0.5248, abs=1e-12)  # = P(Binomial(4, 0.4) >= 2)
+
+
+def test_welch_one_sided_hand_values():
+    t, dof, p = summarize.welch_one_sided(1.10, 0.01, 3, 1.12, 0.01, 3)
+    assert t == pytest.approx(math.sqrt(6)) and dof == pytest.approx(4.0)
+    # df=4 closed form: F(t) = 1/2 + 3/8 * t/sqrt(1+t^2/4) * (1 - t^2/(12(1+t^2/4))) = 0.9647580...
+    assert p == pytest.approx(0.5 - 0.375 * math.sqrt(6 / 2.5) * 0.8, abs=1e-12)
+    t, dof, p = summarize.welch_one_sided(1.0, 0.02, 4, 1.1, 0.01, 2)
+    assert dof == pytest.approx(2.25e-8 / (1e-8 / 3 + 2.5e-9))  # Welch-Satterthwaite = 3.857142...
+    t2, _, p2 = summarize.welch_one_sided(1.1, 0.01, 2, 1.0, 0.02, 4)  # the other way round
+    assert t2 == pytest.approx(-t) and p2 == pytest.approx(1 - p)
+    with pytest.raises(ValueError, match="n >= 2"):
+        summarize.welch_one_sided(1.0, 0.0, 1, 1.1, 0.01, 3)
+
+
+def test_reference_cli(seed_run, capsys):
+    _, logs = seed_run
+    bpb = [float(parse_log(l)["final_val_bpb"]) for l in logs]
+    mean, std = statistics.fmean(bpb), statistics.stdev(bpb)
+    rc, out, _ = summ(capsys, *logs, "--reference", mean + 3 * std, std, 3)
+    t, dof, p = summarize.welch_one_sided(mean, std, 3, mean + 3 * std, std, 3)
+    assert rc == 0 and t == pytest.approx(3 * math.sqrt(1.5)) and dof == pytest.approx(4)
+    assert f"t:{t:.4f} dof:{dof:.2f} p:{p:.6f}" in out
+    rc, out, _ = summ(capsys, *logs, "--reference-logs", *logs)
+    assert rc == 0 and "t:0.0000 dof:4.00 p:0.500000" in out
+    rc, _, err = summ(capsys, logs[0], "--reference", 1.0, 0.01, 3)
+    assert rc == 1 and "n >= 2" in err
+
+
+def test_summarize_h100_log_and_optional_columns(tmp_path, capsys):
+    run = summarize.parse_log(H100_LOG)
+    assert run["seed"] == 1337 and run["hardware"] == "1xNVIDIA_H100_80GB_HBM3" and run["torch"] == "2.11.0+cu130"
+    assert run["git_commit"] == "none" and run["eval_s"] == 0.8
+    assert run["summary"]["final_val_bpb"] == 1.16305707 and run["summary"]["stop_reason"] == "wallclock_cap"
+    # Later train_gpt.py versions add keys to the summary block: shown as columns when present.
+    text = H100_LOG.read_text().replace("  seed: 1337", "  seed: 7")
+    extra = write_lines(tmp_path / "more_seed7.txt", [text.rstrip("\n"), "sliding_val_bpb:1.14000000",
+                                                      "ttt_val_bpb:1.13000000", "eval_seconds:321.50000000"])
+    rc, out, _ = summ(capsys, H100_LOG, extra)
+    assert rc == 0
+    head, row1, row2 = out.splitlines()[:3]
+    assert head.split() == ["log", "seed", "steps", "train_s", "eval_s", "artifact_bytes", "prequant_bpb",
+                            "final_bpb", "sliding_bpb", "ttt_bpb"]
+    assert row1.split()[-2:] == ["-", "-"] and row2.split()[-2:] == ["1.14000", "1.13000"]
+    assert row1.split()[4] == "0.8" and row2.split()[4] == "321.5"
+
+
+def test_plot_reads_curves():
+    c = load_script("plot").read_curves(H100_LOG)
+    assert len(c["train"]) == 46 and c["train"][0][:2] == (1, 9.0099) and len(c["val"]) == 1
+    assert c["val"][0][:2] == (4100, 1.1611) and c["val"][0][2] == pytest.approx(4100 * 58.55 / 1000)
+    assert abs(c["train"][-1][2] - 240.036) < 0.05  # step * step_avg: finer than train_time's 0.1 s
+    assert c["final"] == (4100, 1.16305707, c["val"][0][2])  # the star sits on the last val point's x
+
+
+def test_plot_writes_png_and_rejects_logs_without_steps(seed_run, tmp_path):
+    env, logs = seed_run
+    png = tmp_path / "curves.png"
+    res = run_script([str(SCRIPTS / "plot.py"), *map(str, logs), str(H100_LOG), "-o", str(png)], env)
+    assert res.returncode == 0, res.stderr
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    header_only = write_lines(tmp_path / "early.txt", H100_LOG.read_text().splitlines()[:65])  # up to warmup
+    res = run_script([str(SCRIPTS / "plot.py"), str(logs[0]), str(header_only), "-o", str(tmp_path / "x.png")], env)
+    assert res.returncode == 1 and f"{header_only}: no step lines" in res.stderr
+    assert not (tmp_path / "x.png").exists()
