@@ -1112,11 +1112,13 @@ def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, 
     log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
         f"compile:{int(trainer.compiled)} attention:sdpa")
 
-    def val_eval(forward=None):
-        looped, model.looped = model.looped, True  # eval always runs the looped model
+    def val_eval():
+        # Eval always runs the looped model, eagerly: a compiled inference graph would cost a
+        # minute of compile per graph, more than the whole val set takes eagerly on a GPU.
+        looped, model.looped = model.looped, True
         model.eval()
         try:
-            return eval_val(forward or trainer.forward, val_tokens, hp.train_seq_len, hp.val_batch_size, lut, dctx)
+            return eval_val(model, val_tokens, hp.train_seq_len, hp.val_batch_size, lut, dctx)
         finally:
             model.train()
             model.looped = looped
@@ -1129,7 +1131,7 @@ def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, 
 
     # Export: EMA weights -> quantize -> artifact file; the score comes from reloading that file.
     trainer.apply_ema()
-    prequant = val_eval(model) if hp.ema_decay else result["val"]
+    prequant = val_eval() if hp.ema_decay else result["val"]
     log(f"prequant val_loss:{prequant[0]:.8f} val_bpb:{prequant[1]:.8f}")
     t0 = time.perf_counter()
     blob = pack_artifact(quantize_state(model.state_dict()), dataclasses.asdict(cfg))
