@@ -65,6 +65,8 @@ class Knob:
 KNOBS = [
     # --- data and run ---
     Knob("DATA_PATH", "./data/datasets/fineweb10B_sp8192", "folder with fineweb_{train,val}_*.bin shards"),
+    Knob("VAL_FILES", "", "glob of validation shards; empty = DATA_PATH/fineweb_val_*.bin"),
+    Knob("EVAL_ONLY", "", "path of an artifact: evaluate it on the val shards and train nothing"),
     Knob("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece .model used for byte accounting"),
     Knob("VOCAB_SIZE", 8192, "vocabulary size; must equal the tokenizer's", 2, 65536),
     Knob("RUN_ID", "", "log/artifact name; empty = <UTC time>_seed<SEED>"),
@@ -123,6 +125,13 @@ KNOBS = [
     Knob("EMA_DECAY", 0.997, "EMA of weights used for export; 0 = off", 0, 1),
     Knob("WARMDOWN_FRAC", 0.72, "LR decays linearly to MIN_LR over the last fraction of the clock", 0, 1),
     Knob("MIN_LR", 0.0, "LR multiplier floor at the end of warmdown", 0, 1),
+    # --- quantization and export ---
+    Knob("MATRIX_BITS", 6, "GPTQ bits of the block matrices", 2, 8),
+    Knob("MATRIX_CLIP_SIGMAS", 12.85, "SDClip k of the matrices: row scale = k*std(row)/(2^(bits-1)-1)", 0.1),
+    Knob("EMBED_BITS", 8, "GPTQ bits of the tied embedding", 2, 8),
+    Knob("EMBED_CLIP_SIGMAS", 20.0, "SDClip k of the embedding", 0.1),
+    Knob("GPTQ_CALIBRATION_BATCHES", 16, "training micro-batches per rank for the GPTQ Hessians; 0 = plain rounding", 0),
+    Knob("GPTQ_RESERVE_SECONDS", 6.0, "taken off MAX_WALLCLOCK_SECONDS so Hessians are collected within it", 0),
 ]
 
 # Baseline-era names we deliberately do not read: fail loudly instead of silently ignoring.
@@ -135,7 +144,8 @@ RETIRED_KNOBS = {
 # Env vars starting with these look like ours; an unknown one is probably a typo.
 KNOB_PREFIXES = ("DATA_", "TOKENIZER", "VOCAB", "TRAIN_", "VAL_", "MUON_", "ADAM_", "EMBED_", "TIED_",
                  "NUM_", "MODEL_", "MLP_", "ROPE_", "LOOP_", "QK_", "XSA_", "EMA_", "WARMDOWN", "MATRIX_",
-                 "SCALAR_", "MICRO_", "ARTIFACT", "LOG_DIR", "SKIP_", "PARALLEL_", "LN_", "LOGIT_")
+                 "SCALAR_", "MICRO_", "ARTIFACT", "LOG_DIR", "SKIP_", "PARALLEL_", "LN_", "LOGIT_", "GPTQ_",
+                 "EVAL_")
 
 
 def _parse(knob: Knob, raw: str):
@@ -308,12 +318,12 @@ def write_shard(path: str | Path, tokens: np.ndarray):
     os.replace(tmp, path)
 
 
-def shard_files(data_path: str, split: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
-    files = [f for f in files if "_bytes_" not in os.path.basename(f)]
+def shard_files(data_path: str, split: str, pattern: str = "") -> list[str]:
+    pattern = pattern or os.path.join(data_path, f"fineweb_{split}_*.bin")
+    files = sorted(f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f))
     if not files:
         raise UserError(
-            f"no {split} shards match {os.path.join(data_path, f'fineweb_{split}_*.bin')}: download them "
+            f"no {split} shards match {pattern}: download them "
             f"(python3 data/cached_challenge_fineweb.py --variant sp8192) or tokenize a corpus "
             f"(python3 data/tokenize_jsonl.py DOCS.jsonl --out-dir data)")
     return files
@@ -366,8 +376,7 @@ class TrainStream:
         return np.stack(out)
 
 
-def load_val_tokens(data_path: str, vocab_size: int, max_tokens: int) -> np.ndarray:
-    files = shard_files(data_path, "val")
+def load_val_tokens(files: list[str], vocab_size: int, max_tokens: int) -> np.ndarray:
     parts = []
     for f in files:
         toks = open_shard(f)
@@ -504,6 +513,7 @@ class GPT(nn.Module):
         kv, hidden = cfg.num_kv_heads * hd, cfg.mlp_mult * cfg.model_dim
         self.rope_dims = cfg.rope_dims or hd
         self.looped = False  # depth recurrence off until ENABLE_LOOPING_AT; eval turns it on
+        self.hessians = None  # a dict while collecting GPTQ statistics (eager calibration only)
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))        # Q of layer i, out-proj at L+i
         self.kv_bank = nn.Parameter(torch.empty(2 * L, kv, d))       # K of layer i, V at L+i
@@ -531,8 +541,15 @@ class GPT(nn.Module):
         self.qo_bank[L:].zero_()  # output projections start at zero: each block starts as identity
         self.mlp_down_bank.zero_()
 
+    def _record(self, key: tuple, x: torch.Tensor):
+        """Accumulate X^T X of a matrix input (every visit of a looped layer adds)."""
+        if self.hessians is not None:
+            x = x.detach().reshape(-1, x.size(-1)).float()
+            self.hessians[key] = self.hessians.get(key, 0) + x.T @ x
+
     def _attention(self, i: int, x: torch.Tensor, cos, sin) -> torch.Tensor:
         cfg, L = self.cfg, self.cfg.num_layers
+        self._record(("attn", i), x)
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = F.linear(x, self.qo_bank[i]).view(B, T, H, hd)
@@ -549,12 +566,16 @@ class GPT(nn.Module):
             y = y.reshape(B, T, Hkv, H // Hkv, hd)
             vn = F.normalize(v, dim=-1).unsqueeze(3)
             y = y - (y * vn).sum(-1, keepdim=True) * vn
-        return F.linear(y.reshape(B, T, H * hd), self.qo_bank[L + i])
+        y = y.reshape(B, T, H * hd)
+        self._record(("proj", i), y)
+        return F.linear(y, self.qo_bank[L + i])
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        self._record(("up", i), x)
         h = F.linear(x, self.mlp_up_bank[i])
-        h = F.leaky_relu(h, self.cfg.mlp_leaky_slope) if self.cfg.mlp_leaky_slope else F.relu(h)
-        return F.linear(h.square(), self.mlp_down_bank[i])
+        h = (F.leaky_relu(h, self.cfg.mlp_leaky_slope) if self.cfg.mlp_leaky_slope else F.relu(h)).square()
+        self._record(("down", i), h)
+        return F.linear(h, self.mlp_down_bank[i])
 
     def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin) -> torch.Tensor:
         # The residual stream stays float32; autocast runs the matmuls in bf16.
@@ -592,7 +613,9 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token NLL in nats, float32, shape like targets."""
-        logits = F.linear(self.hidden(idx), self.tok_emb.weight)  # tied head
+        h = self.hidden(idx)
+        self._record(("head",), h)  # the tied embedding is quantized as the output head
+        logits = F.linear(h, self.tok_emb.weight)
         c = self.cfg.logit_softcap
         logits = c * torch.tanh(logits.float() / c)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
@@ -721,10 +744,16 @@ def muon_momentum(step: int, hp: Hyperparameters) -> float:
 
 # -----------------------------------------------------------------------------------------
 # Quantization and packing
-# v0: large float tensors -> int8 with one scale per row (rows = all but the last dim);
-# small tensors -> fp16. The artifact is a self-describing binary (magic, version, JSON
-# tensor table, raw little-endian data), byte-shuffled per element size and brotli-compressed.
-# Nothing in it is executed or unpickled on load.
+# Full-Hessian GPTQ: each matrix W [rows, cols] is quantized column by column (largest Hessian
+# diagonal first), and each column's rounding error is pushed onto the columns not yet
+# quantized, weighted by the inverse Hessian of the layer's inputs, which minimizes
+# tr((W-Q) H (W-Q)^T) far better than rounding each weight. SDClip sets one scale per row,
+# s = k * std(row) / (2^(bits-1) - 1): k trades accuracy for entropy (compressed size), so it
+# is the knob that lands the artifact under the cap. Hessians come from training batches
+# only, collected inside the training budget. Small tensors pass through as fp16.
+# The artifact is a self-describing binary (magic, version, JSON tensor table, raw
+# little-endian data), byte-shuffled per element size and brotli-compressed in parallel
+# streams. Nothing in it is executed or unpickled on load.
 # -----------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFART", 1
@@ -732,31 +761,78 @@ PASSTHROUGH_MAX_NUMEL = 65536
 COMPRESS_CHUNK_BYTES = 4 << 20  # independent brotli streams, compressed in parallel threads
 
 
-def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = w.float().reshape(-1, w.size(-1))
-    scale = (rows.abs().amax(dim=1) / 127).clamp_min(1e-12).half()
-    q = torch.clamp(torch.round(rows / scale.float()[:, None]), -127, 127).to(torch.int8)
-    return q.reshape(w.shape), scale
+@torch.no_grad()
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, clip_sigmas: float,
+                  block: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [B?, rows, cols], H [B?, cols, cols] or None for plain rounding) -> (q int8, scale fp16 [B?, rows])."""
+    squeeze = W.ndim == 2
+    W = (W[None] if squeeze else W).float().clone()
+    B, rows, cols = W.shape
+    qmax = 2 ** (bits - 1) - 1
+    scale = (clip_sigmas * W.std(dim=-1) / qmax).clamp_min(1e-10).half().float()  # [B, rows]
+    if H is None:
+        H = torch.eye(cols, device=W.device).expand(B, cols, cols)
+    H = (H[None] if H.ndim == 2 else H).float().clone()
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # inputs that never fire: weight is irrelevant
+    W.masked_fill_(dead[:, None, :], 0)
+    torch.diagonal(H, dim1=-2, dim2=-1).masked_fill_(dead, 1.0)
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)
+    diag.add_(damp * diag.mean(dim=-1, keepdim=True))
+    perm = torch.argsort(diag, dim=-1, descending=True)  # act-order
+    W = W.gather(2, perm[:, None, :].expand(B, rows, cols))
+    H = H.gather(1, perm[:, :, None].expand(B, cols, cols)).gather(2, perm[:, None, :].expand(B, cols, cols))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, Hinv1 = W[:, :, i1:i2].clone(), Hinv[:, i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for j in range(i2 - i1):
+            w = W1[:, :, j]
+            q = torch.clamp(torch.round(w / scale), -qmax, qmax)
+            Q[:, :, i1 + j] = q
+            err = (w - q * scale) / Hinv1[:, j, j][:, None]
+            W1[:, :, j:] -= err[:, :, None] * Hinv1[:, j, j:][:, None, :]
+            Err1[:, :, j] = err
+        W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
+    Q = Q.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand(B, rows, cols)).to(torch.int8)
+    scale = scale.half()
+    return (Q[0], scale[0]) if squeeze else (Q, scale)
 
 
-def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (q.float().reshape(-1, q.size(-1)) * scale.float()[:, None]).reshape(q.shape)
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[..., None]
 
 
-def quantize_state(state: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """name -> {kind, tensors}: the quantizer's whole interface (GPTQ replaces this)."""
+def hessian_keys(name: str, num_layers: int) -> list[tuple] | None:
+    """Which recorded input Hessian belongs to each matrix of a parameter (None: not GPTQ'd)."""
+    L = num_layers
+    return {"qo_bank": [("attn", i) for i in range(L)] + [("proj", i) for i in range(L)],
+            "kv_bank": [("attn", i) for i in range(L)] * 2,
+            "mlp_up_bank": [("up", i) for i in range(L)],
+            "mlp_down_bank": [("down", i) for i in range(L)],
+            "tok_emb.weight": [("head",)]}.get(name)
+
+
+def quantize_state(state: dict[str, torch.Tensor], hessians: dict | None, num_layers: int,
+                   matrix_bits: int, matrix_clip: float, embed_bits: int, embed_clip: float) -> dict[str, dict]:
+    """name -> {kind, tensors}: GPTQ for the banks and the tied embedding, fp16 for the rest."""
     out = {}
     for name, t in state.items():
-        if t.is_floating_point() and t.numel() > PASSTHROUGH_MAX_NUMEL:
-            q, s = quantize_int8_rows(t.detach().cpu())
-            out[name] = {"kind": "int8_rows", "q": q, "scale": s}
-        else:
+        keys = hessian_keys(name, num_layers)
+        if keys is None or t.numel() <= PASSTHROUGH_MAX_NUMEL:
             out[name] = {"kind": "fp16", "w": t.detach().cpu().half()}
+            continue
+        bits, clip = (embed_bits, embed_clip) if name == "tok_emb.weight" else (matrix_bits, matrix_clip)
+        H = torch.stack([hessians[k] for k in keys]) if hessians else None
+        W = t.detach().float().reshape(len(keys), *t.shape[-2:])
+        q, s = gptq_quantize(W, H.to(W.device) if H is not None else None, bits, clip)
+        out[name] = {"kind": f"int{bits}_rows", "q": q.reshape(t.shape).cpu(), "scale": s.reshape(t.shape[:-1]).cpu()}
     return out
 
 
 def dequantize_state(qstate: dict[str, dict]) -> dict[str, torch.Tensor]:
-    return {name: dequantize_int8_rows(e["q"], e["scale"]) if e["kind"] == "int8_rows" else e["w"].float()
+    return {name: e["w"].float() if e["kind"] == "fp16" else dequantize_rows(e["q"], e["scale"])
             for name, e in qstate.items()}
 
 
@@ -793,8 +869,9 @@ def pack_artifact(qstate: dict[str, dict], config: dict) -> bytes:
     pieces = [body[i:i + COMPRESS_CHUNK_BYTES] for i in range(0, len(body), COMPRESS_CHUNK_BYTES)]
     with ThreadPoolExecutor(max_workers=min(len(pieces), os.cpu_count() or 1)) as pool:
         streams = list(pool.map(lambda b: brotli.compress(b, quality=11), pieces))  # brotli drops the GIL
+    payload = b"".join(streams)  # brotli has no checksum of its own: sha256 guards the payload
     return (ARTIFACT_MAGIC + struct.pack("<II", ARTIFACT_VERSION, len(streams))
-            + struct.pack(f"<{len(streams)}I", *map(len, streams)) + b"".join(streams))
+            + struct.pack(f"<{len(streams)}I", *map(len, streams)) + hashlib.sha256(payload).digest() + payload)
 
 
 def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, dict], dict]:
@@ -806,9 +883,10 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
         raise UserError(f"{source}: artifact version {version}, this code reads {ARTIFACT_VERSION}")
     try:
         sizes = struct.unpack(f"<{n_streams}I", blob[head:head + 4 * n_streams])
-        ends = np.cumsum((head + 4 * n_streams,) + sizes)
-        if ends[-1] != len(blob):
-            raise ValueError("stream sizes do not add up to the file size")
+        start = head + 4 * n_streams + 32
+        ends = np.cumsum((start,) + sizes)
+        if ends[-1] != len(blob) or hashlib.sha256(blob[start:]).digest() != blob[start - 32:start]:
+            raise ValueError("size or checksum mismatch")
         body = b"".join(brotli.decompress(blob[a:b]) for a, b in zip(ends[:-1], ends[1:]))
         (hlen,) = struct.unpack("<I", body[:4])
         meta = json.loads(body[4:4 + hlen])
@@ -838,11 +916,17 @@ def write_atomic(path: Path, data: bytes):
         tmp.unlink(missing_ok=True)
 
 
-def load_artifact_model(path: Path, device: torch.device) -> GPT:
-    qstate, config = unpack_artifact(path.read_bytes(), str(path))
-    model = GPT(ModelConfig(**config)).to(device)
-    model.load_state_dict({k: v.to(device) for k, v in dequantize_state(qstate).items()})
-    return model
+def load_artifact_model(path: Path, device: torch.device) -> tuple[GPT, dict]:
+    """The dequantized model of an artifact, and the artifact's metadata (model config, eval seq len)."""
+    if not path.is_file():
+        raise UserError(f"artifact {path}: file not found")
+    qstate, meta = unpack_artifact(path.read_bytes(), str(path))
+    try:
+        model = GPT(ModelConfig(**meta["model"])).to(device)
+        model.load_state_dict({k: v.to(device) for k, v in dequantize_state(qstate).items()})
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"artifact {path}: tensors do not match its model config ({str(e)[:120]})") from None
+    return model, meta
 
 
 # -----------------------------------------------------------------------------------------
@@ -993,6 +1077,30 @@ def json_safe_clone(state):
     return state
 
 
+@torch.no_grad()
+def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: int, dctx: Dist) -> dict:
+    """Input Hessians X^T X of every GPTQ'd matrix, from fresh training batches through the looped
+    model (never validation data), summed over ranks so every rank quantizes identically."""
+    if not hp.gptq_calibration_batches:
+        return {}
+    stream = TrainStream(train_files, hp.train_seq_len, hp.seed + 1)
+    rows = slice(dctx.rank * micro_seqs, (dctx.rank + 1) * micro_seqs)
+    model.hessians, model.looped = {}, True
+    model.eval()
+    try:
+        for _ in range(hp.gptq_calibration_batches):
+            batch = torch.from_numpy(stream.next_batch(micro_seqs * dctx.world_size, rows)).to(dctx.device)
+            with autocast_ctx(dctx.device):
+                model(batch[:, :-1], batch[:, 1:])
+        hessians = model.hessians
+    finally:
+        model.hessians = None
+        model.train()
+    for key in sorted(hessians):
+        dctx.all_reduce_sum(hessians[key])
+    return hessians
+
+
 def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_eval, log) -> dict:
     model = trainer.model
     # Compile priming: run real steps (plain and looped graphs), then undo them all.
@@ -1009,7 +1117,9 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_ev
         model.looped = False
     trainer.reset_stream(train_files)
 
-    cap_ms = 1000 * hp.max_wallclock_seconds
+    cap_ms = 1000 * max(hp.max_wallclock_seconds - hp.gptq_reserve_seconds, 0) if hp.max_wallclock_seconds else 0
+    if hp.max_wallclock_seconds:
+        log(f"train_clock_cap:{cap_ms / 1000:.1f}s (MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS)")
     train_ms, step, stop_reason = 0.0, 0, "iterations"
     tokens_per_step = hp.train_batch_tokens
     last_val = None
@@ -1083,22 +1193,47 @@ def run(hp: Hyperparameters) -> dict:
     for w in hp.warnings:
         log(f"warning:{w}")
     try:
-        return train_and_export(hp, dctx, log, code, run_id, t_start)
+        # Data and tokenizer are checked before any compute is spent.
+        sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
+        lut = build_byte_lut(sp, hp.vocab_size).to(dctx.device)
+        val_files = shard_files(hp.data_path, "val", hp.val_files)
+        val_tokens = load_val_tokens(val_files, hp.vocab_size, hp.val_max_tokens)
+        if len(val_tokens) <= hp.train_seq_len:
+            raise UserError(f"val shards {val_files[0]}...: {len(val_tokens)} tokens, need > TRAIN_SEQ_LEN={hp.train_seq_len}")
+        log(f"val_shards:{len(val_files)} val_tokens:{len(val_tokens) - 1} data:{hp.data_path}")
+
+        def evaluate(model: GPT, seq_len: int) -> tuple[float, float]:
+            return eval_val_looped(model, val_tokens, seq_len, hp.val_batch_size, lut, dctx)
+
+        def score(artifact: Path) -> dict:
+            """The scored model is the one reloaded from the artifact file."""
+            model, meta = load_artifact_model(artifact, dctx.device)
+            t0 = time.perf_counter()
+            val_loss, val_bpb = evaluate(model, meta["train_seq_len"])
+            eval_s = time.perf_counter() - t0
+            log(f"roundtrip val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{eval_s:.1f}s")
+            return dict(final_val_loss=val_loss, final_val_bpb=val_bpb, eval_seconds=eval_s)
+
+        if hp.eval_only:
+            artifact = Path(hp.eval_only)
+            summary = score(artifact) | dict(model_bytes=artifact.stat().st_size, code_bytes=len(code),
+                                             artifact_bytes=artifact.stat().st_size + len(code))
+        else:
+            summary = train_and_export(hp, dctx, log, code, run_id, evaluate, score)
+        summary["total_seconds"] = time.perf_counter() - t_start
+        for k, v in summary.items():
+            log(f"{k}:{v:.8f}" if isinstance(v, float) else f"{k}:{v}")
+        if dctx.enabled:
+            dist.destroy_process_group()
+        return summary
     except BaseException as e:  # the log keeps what happened; main() prints it and exits non-zero
         log(f"error:{e}" if isinstance(e, UserError) else f"error:{type(e).__name__}: {e}")
         raise
 
 
-def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, run_id: str, t_start: float) -> dict:
-    # Data and tokenizer are checked before any compute is spent.
-    sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
-    lut = build_byte_lut(sp, hp.vocab_size).to(dctx.device)
+def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, run_id: str, evaluate, score) -> dict:
     train_files = shard_files(hp.data_path, "train")
-    val_tokens = load_val_tokens(hp.data_path, hp.vocab_size, hp.val_max_tokens)
-    if len(val_tokens) <= hp.train_seq_len:
-        raise UserError(f"val shards in {hp.data_path}: {len(val_tokens)} tokens, need > TRAIN_SEQ_LEN={hp.train_seq_len}")
-    log(f"data:{hp.data_path} train_shards:{len(train_files)} val_tokens:{len(val_tokens) - 1}")
-
+    log(f"train_shards:{len(train_files)}")
     cfg = ModelConfig.from_hparams(hp)
     model = GPT(cfg).to(dctx.device)
     trainer = Trainer(hp, dctx, model, log)
@@ -1113,12 +1248,9 @@ def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, 
         f"compile:{int(trainer.compiled)} attention:sdpa")
 
     def val_eval():
-        # Eval always runs the looped model, eagerly: a compiled inference graph would cost a
-        # minute of compile per graph, more than the whole val set takes eagerly on a GPU.
-        looped, model.looped = model.looped, True
-        model.eval()
+        looped = model.looped
         try:
-            return eval_val(model, val_tokens, hp.train_seq_len, hp.val_batch_size, lut, dctx)
+            return evaluate(model, hp.train_seq_len)
         finally:
             model.train()
             model.looped = looped
@@ -1129,43 +1261,50 @@ def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, 
         log(f"peak_mem_allocated_mib:{torch.cuda.max_memory_allocated() // mib} "
             f"peak_mem_reserved_mib:{torch.cuda.max_memory_reserved() // mib}")
 
-    # Export: EMA weights -> quantize -> artifact file; the score comes from reloading that file.
+    # Export: EMA weights -> Hessians (train data, still inside the training budget) -> GPTQ ->
+    # artifact file. The score comes from reloading that file.
     trainer.apply_ema()
-    prequant = val_eval() if hp.ema_decay else result["val"]
-    log(f"prequant val_loss:{prequant[0]:.8f} val_bpb:{prequant[1]:.8f}")
     t0 = time.perf_counter()
-    blob = pack_artifact(quantize_state(model.state_dict()), dataclasses.asdict(cfg))
-    artifact = Path(hp.artifact_dir) / f"final_model_{run_id}.int8.br"
+    hessians = collect_hessians(model, train_files, hp, trainer.micro_seqs, dctx)
+    hess_s = time.perf_counter() - t0
+    log(f"gptq_hessians:{len(hessians)} batches:{hp.gptq_calibration_batches} time:{hess_s:.1f}s "
+        f"train_data_last_touched:{result['train_ms'] / 1000 + hess_s:.1f}s")
+    if hp.max_wallclock_seconds and result["train_ms"] / 1000 + hess_s > hp.max_wallclock_seconds:
+        log(f"warning:hessians_outside_budget raise GPTQ_RESERVE_SECONDS above {hess_s:.1f}")
+    t0 = time.perf_counter()
+    qstate = quantize_state(model.state_dict(), hessians, cfg.num_layers, hp.matrix_bits, hp.matrix_clip_sigmas,
+                            hp.embed_bits, hp.embed_clip_sigmas)
+    gptq_s = time.perf_counter() - t0
+    blob = pack_artifact(qstate, dict(model=dataclasses.asdict(cfg), train_seq_len=hp.train_seq_len))
+    total = len(blob) + len(code)
+    artifact = Path(hp.artifact_dir) / f"final_model_{run_id}.int{hp.matrix_bits}.br"
+    log(f"artifact:{artifact} model_bytes:{len(blob)} code_bytes:{len(code)} artifact_bytes:{total} "
+        f"limit:{ARTIFACT_LIMIT_BYTES} gptq_time:{gptq_s:.1f}s pack_time:{time.perf_counter() - t0 - gptq_s:.1f}s")
+    if total > ARTIFACT_LIMIT_BYTES:
+        artifact = artifact.with_name(f"final_model_{run_id}.OVER_LIMIT_NOT_VALID.br")
     if dctx.is_main:
         artifact.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(artifact, blob)
+    if total > ARTIFACT_LIMIT_BYTES:
+        raise UserError(f"artifact {total} bytes (model {len(blob)} + code {len(code)}) > limit {ARTIFACT_LIMIT_BYTES}: "
+                        f"raise MATRIX_CLIP_SIGMAS (now {hp.matrix_clip_sigmas}) or MUON_WD; kept as {artifact}")
     if dctx.enabled:
         dist.barrier()
-    total = len(blob) + len(code)
-    log(f"artifact:{artifact} model_bytes:{len(blob)} code_bytes:{len(code)} artifact_bytes:{total} "
-        f"limit:{ARTIFACT_LIMIT_BYTES} pack_time:{time.perf_counter() - t0:.1f}s")
-    if total > ARTIFACT_LIMIT_BYTES:
-        log(f"warning:artifact_over_limit artifact_bytes:{total} limit:{ARTIFACT_LIMIT_BYTES}")
-    reloaded = load_artifact_model(artifact, dctx.device)
-    t0 = time.perf_counter()
-    val_loss, val_bpb = val_eval_model(reloaded, val_tokens, hp, lut, dctx)
-    eval_s = time.perf_counter() - t0
-    log(f"roundtrip val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{eval_s:.1f}s")
-    summary = dict(final_val_loss=val_loss, final_val_bpb=val_bpb, prequant_val_bpb=prequant[1],
-                   quant_gap_bpb=val_bpb - prequant[1], artifact_bytes=total, model_bytes=len(blob),
-                   code_bytes=len(code), steps=result["steps"], train_seconds=result["train_ms"] / 1000,
-                   stop_reason=result["stop_reason"], total_seconds=time.perf_counter() - t_start)
-    for k, v in summary.items():
-        log(f"{k}:{v:.8f}" if isinstance(v, float) else f"{k}:{v}")
-    if dctx.enabled:
-        dist.destroy_process_group()
-    return summary
+    prequant = val_eval() if hp.ema_decay else result["val"]
+    log(f"prequant val_loss:{prequant[0]:.8f} val_bpb:{prequant[1]:.8f}")
+    scores = score(artifact)
+    return scores | dict(prequant_val_bpb=prequant[1], quant_gap_bpb=scores["final_val_bpb"] - prequant[1],
+                         artifact_bytes=total, model_bytes=len(blob),
+                         code_bytes=len(code), steps=result["steps"], train_seconds=result["train_ms"] / 1000,
+                         stop_reason=result["stop_reason"])
 
 
-def val_eval_model(model: GPT, val_tokens, hp: Hyperparameters, lut: ByteLUT, dctx: Dist):
+def eval_val_looped(model: GPT, val_tokens, seq_len: int, batch_tokens: int, lut: ByteLUT, dctx: Dist):
+    """Eval always runs the looped model, eagerly: a compiled inference graph would cost a minute
+    of compile per graph, more than the whole bench val set takes eagerly on a GPU."""
     model.looped = True
     model.eval()
-    return eval_val(model, val_tokens, hp.train_seq_len, hp.val_batch_size, lut, dctx)
+    return eval_val(model, val_tokens, seq_len, batch_tokens, lut, dctx)
 
 
 def main(argv=None) -> int:

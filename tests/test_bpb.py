@@ -58,7 +58,7 @@ def test_bpb_formula_matches_eval(tiny_data):
     data, tok = tiny_data
     sp = train_gpt.load_tokenizer(str(tok), 1024)
     lut = train_gpt.build_byte_lut(sp, 1024)
-    val = train_gpt.load_val_tokens(str(data), 1024, 2048)
+    val = train_gpt.load_val_tokens(train_gpt.shard_files(str(data), "val"), 1024, 2048)
     torch.manual_seed(0)
     logits_table = torch.randn(1024, 1024)
 

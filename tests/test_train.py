@@ -38,7 +38,7 @@ def test_shard_header_errors(tmp_path, corrupt, msg):
 def test_token_out_of_vocab(tmp_path):
     train_gpt.write_shard(tmp_path / "fineweb_val_000000.bin", np.array([1, 5, 9, 2000, 3], dtype=np.uint16))
     with pytest.raises(train_gpt.UserError, match="token 2000 at offset 3 >= VOCAB_SIZE=1024"):
-        train_gpt.load_val_tokens(str(tmp_path), 1024, 0)
+        train_gpt.load_val_tokens(train_gpt.shard_files(str(tmp_path), "val"), 1024, 0)
 
 
 def test_stream_deterministic_and_rank_sliced(tmp_path):
@@ -103,11 +103,11 @@ def test_end_to_end_run(tiny_data, tmp_path):
     assert res.returncode == 0, res.stderr
     log = tmp_path / "logs" / "e2e.txt"
     text = log.read_text()
-    for key in ("hyperparameters:", "train_shards:1", "model_params:", "step:6/6 train_loss:",
+    for key in ("hyperparameters:", "train_shards:1", "model_params:", "step:6/6 train_loss:", "gptq_hessians:",
                 "step:3/6 val_loss:", "layer_loop:enabled", "roundtrip val_loss:"):
         assert key in text, key
     summary = parse_log(log)
-    artifact = tmp_path / "art" / "final_model_e2e.int8.br"
+    artifact = tmp_path / "art" / "final_model_e2e.int6.br"
     assert artifact.exists() and int(summary["model_bytes"]) == artifact.stat().st_size
     assert int(summary["artifact_bytes"]) == artifact.stat().st_size + (train_gpt.Path(train_gpt.__file__).stat().st_size)
     assert int(summary["artifact_bytes"]) <= train_gpt.ARTIFACT_LIMIT_BYTES
@@ -117,6 +117,18 @@ def test_end_to_end_run(tiny_data, tmp_path):
     again = run_script(["train_gpt.py"], env)
     assert again.returncode == 2 and "already exists" in again.stderr
     assert log.read_text() == text
+    # EVAL_ONLY on the artifact reproduces the training run's score exactly, training nothing.
+    ev = run_script(["train_gpt.py"], env | dict(RUN_ID="e2e_eval", EVAL_ONLY=str(artifact), TRAIN_SEQ_LEN="32"))
+    assert ev.returncode == 0, ev.stderr
+    ev_summary = parse_log(tmp_path / "logs" / "e2e_eval.txt")
+    for key in ("final_val_bpb", "final_val_loss", "artifact_bytes"):
+        assert ev_summary[key] == summary[key], key
+    assert "train_loss" not in (tmp_path / "logs" / "e2e_eval.txt").read_text()
+    # A corrupted artifact is a one-line error, and nothing from the file is executed.
+    bad = tmp_path / "bad.br"
+    bad.write_bytes(artifact.read_bytes()[:-100])
+    ev = run_script(["train_gpt.py"], env | dict(RUN_ID="e2e_bad", EVAL_ONLY=str(bad)))
+    assert ev.returncode == 2 and ev.stderr.strip() == f"error: {bad}: corrupted or truncated artifact"
 
 
 def test_reloaded_artifact_scores_like_in_memory_quantized_model(tiny_data, tmp_path):
@@ -131,44 +143,53 @@ def test_reloaded_artifact_scores_like_in_memory_quantized_model(tiny_data, tmp_
             p.add_(torch.randn_like(p) * 0.05)
     sp = train_gpt.load_tokenizer(str(tok), 1024)
     lut = train_gpt.build_byte_lut(sp, 1024)
-    val = train_gpt.load_val_tokens(str(data), 1024, 4096)
-    qstate = train_gpt.quantize_state(model.state_dict())
+    val = train_gpt.load_val_tokens(train_gpt.shard_files(str(data), "val"), 1024, 4096)
+    qstate = train_gpt.quantize_state(model.state_dict(), None, cfg.num_layers, 6, 12.85, 8, 20.0)
     in_memory = train_gpt.GPT(cfg)
     in_memory.load_state_dict(train_gpt.dequantize_state(qstate))
     path = tmp_path / "a.br"
-    train_gpt.write_atomic(path, train_gpt.pack_artifact(qstate, train_gpt.dataclasses.asdict(cfg)))
-    reloaded = train_gpt.load_artifact_model(path, torch.device("cpu"))
+    meta = dict(model=train_gpt.dataclasses.asdict(cfg), train_seq_len=64)
+    train_gpt.write_atomic(path, train_gpt.pack_artifact(qstate, meta))
+    reloaded, meta_back = train_gpt.load_artifact_model(path, torch.device("cpu"))
+    assert meta_back == meta
     dctx = train_gpt.Dist()
-    a = train_gpt.val_eval_model(in_memory, val, hp, lut, dctx)
-    b = train_gpt.val_eval_model(reloaded, val, hp, lut, dctx)
+    a = train_gpt.eval_val_looped(in_memory, val, 64, 4096, lut, dctx)
+    b = train_gpt.eval_val_looped(reloaded, val, 64, 4096, lut, dctx)
     assert a == b
     for k, v in in_memory.state_dict().items():
         assert torch.equal(v, reloaded.state_dict()[k]), k
 
 
 def test_artifact_corruption_is_a_clear_error(tmp_path):
-    qstate = train_gpt.quantize_state({"w": torch.randn(300, 300), "g": torch.randn(8)})
+    torch.manual_seed(0)
+    qstate = train_gpt.quantize_state({"qo_bank": torch.randn(4, 300, 300), "g": torch.randn(8)}, None, 2, 6, 12.85, 8, 20)
     blob = train_gpt.pack_artifact(qstate, {"x": 1})
     back, cfg = train_gpt.unpack_artifact(blob)
-    assert cfg == {"x": 1} and torch.equal(back["w"]["q"], qstate["w"]["q"])
+    assert cfg == {"x": 1} and back["qo_bank"]["kind"] == "int6_rows"
+    assert torch.equal(back["qo_bank"]["q"], qstate["qo_bank"]["q"])
+    assert torch.equal(back["qo_bank"]["scale"], qstate["qo_bank"]["scale"])
     assert torch.equal(back["g"]["w"], qstate["g"]["w"])
     for bad, msg in [(b"PK\x03\x04" + blob[4:], "bad magic"), (blob[:len(blob) // 2], "corrupted or truncated"),
-                     (blob[:8] + (9).to_bytes(4, "little") + blob[12:], "version 9")]:
+                     (blob[:8] + (9).to_bytes(4, "little") + blob[12:], "version 9"),
+                     (blob[:-1] + bytes([blob[-1] ^ 0xFF]), "corrupted or truncated")]:
         with pytest.raises(train_gpt.UserError, match=msg):
             train_gpt.unpack_artifact(bad)
 
 
-def test_int8_quantization_error_bound():
-    w = torch.randn(64, 256)
-    q, s = train_gpt.quantize_int8_rows(w)
-    err = (train_gpt.dequantize_int8_rows(q, s) - w).abs()
-    assert (err <= s.float()[:, None] / 2 + 1e-6).all()
+def test_over_budget_artifact_is_an_error_and_kept_aside(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_gpt, "ARTIFACT_LIMIT_BYTES", 50_000)
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="big", ITERATIONS=2)
+    with pytest.raises(train_gpt.UserError, match=r"artifact \d+ bytes \(model \d+ \+ code \d+\) > limit 50000: "
+                                                   r"raise MATRIX_CLIP_SIGMAS"):
+        train_gpt.run(train_gpt.Hyperparameters(env))
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["final_model_big.OVER_LIMIT_NOT_VALID.br"]
+    assert "error:artifact" in (tmp_path / "logs" / "big.txt").read_text()
 
 
 # --- bad input: one line on stderr, exit 2 -------------------------------------------------------
 
 @pytest.mark.parametrize("overrides,msg", [
-    (dict(DATA_PATH="/nonexistent/dir"), "no train shards match /nonexistent/dir"),
+    (dict(DATA_PATH="/nonexistent/dir"), "no val shards match /nonexistent/dir"),
     (dict(ITERATIONS="ten"), "env ITERATIONS='ten': expected int"),
     (dict(MATRIX_LR="nan"), "env MATRIX_LR='nan': expected a finite number"),
     (dict(DEVICE="tpu"), "env DEVICE='tpu': expected one of auto|cuda|cpu"),
