@@ -16,9 +16,11 @@ The score is the exact tokenizer-agnostic val_bpb of the model reloaded from the
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import math
 import os
@@ -82,7 +84,6 @@ KNOBS = [
     Knob("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, identical for any world size", 1),
     Knob("TRAIN_SEQ_LEN", 2048, "training sequence length", 8),
     Knob("MICRO_BATCH_TOKENS", 0, "max tokens per forward/backward per GPU; 0 = auto (98304 CUDA, 16384 CPU)", 0),
-    Knob("VAL_BATCH_SIZE", 524288, "global tokens per validation forward batch", 1),
     Knob("VAL_LOSS_EVERY", 1000, "validate every N steps (and at the end); 0 = only at the end", 0),
     Knob("VAL_MAX_TOKENS", 0, "score only the first N val tokens (quick runs; not a valid score); 0 = all", 0),
     Knob("TRAIN_LOG_EVERY", 200, "log a train line every N steps (and steps 1-5)", 1),
@@ -125,6 +126,25 @@ KNOBS = [
     Knob("EMA_DECAY", 0.997, "EMA of weights used for export; 0 = off", 0, 1),
     Knob("WARMDOWN_FRAC", 0.72, "LR decays linearly to MIN_LR over the last fraction of the clock", 0, 1),
     Knob("MIN_LR", 0.0, "LR multiplier floor at the end of warmdown", 0, 1),
+    # --- evaluation (all on the model reloaded from the artifact) ---
+    Knob("EVAL_SEQ_LEN", 2048, "window length of sliding and TTT evaluation", 8),
+    Knob("EVAL_STRIDE", 64, "sliding-window stride: each window scores its last STRIDE targets; 0 = off", 0),
+    Knob("EVAL_BATCH_SEQS", 32, "windows per forward in sliding/TTT evaluation", 1),
+    Knob("TTT_ENABLED", 1, "score-first test-time training over the sliding windows", 0, 1),
+    Knob("TTT_LR", 0.005, "TTT SGD learning rate (cosine over chunks)", 0),
+    Knob("TTT_EPOCHS", 3, "TTT passes over each already-scored chunk", 1),
+    Knob("TTT_CHUNK_TOKENS", 32768, "TTT chunk size in targets (a multiple of EVAL_STRIDE)", 64),
+    Knob("TTT_MOMENTUM", 0.9, "TTT SGD momentum", 0, 1),
+    Knob("TTT_FREEZE_BLOCKS", 0, "physical layers 0..N-1 are not updated by TTT", 0),
+    Knob("TTT_GRAD_CLIP", 1.0, "TTT gradient norm clip; 0 = off", 0),
+    Knob("TTT_BATCH_SEQS", 32, "TTT training sequences per step (global)", 1),
+    Knob("SLOT", "off", "off | context (fit a per-window delta on already-scored positions) | full (on the "
+         "scored targets themselves: leaks, logged valid:0)", choices=("off", "context", "full")),
+    Knob("SLOT_STEPS", 8, "AdamW steps fitting each window's hidden-state delta", 1),
+    Knob("SLOT_LR", 0.005, "SLOT AdamW learning rate", 0),
+    Knob("DUMP_TOKEN_NLL", "", "write per-target NLL (float32) and bytes (uint16) of the final phase, in val order"),
+    Knob("LEGALITY_CHECK", 0, "before scoring, prove each enabled eval mode causal on a val prefix", 0, 1),
+    Knob("EVAL_BUDGET_SECONDS", 600.0, "evaluation time budget (8-GPU scale): phases are timed against it", 0),
     # --- quantization and export ---
     Knob("MATRIX_BITS", 6, "GPTQ bits of the block matrices", 2, 8),
     Knob("MATRIX_CLIP_SIGMAS", 12.85, "SDClip k of the matrices: row scale = k*std(row)/(2^(bits-1)-1)", 0.1),
@@ -140,12 +160,13 @@ RETIRED_KNOBS = {
     "TIE_EMBEDDINGS": "embeddings are always tied",
     "EMBED_LR": "embeddings are always tied; use TIED_EMBED_LR",
     "HEAD_LR": "embeddings are always tied; use TIED_EMBED_LR",
+    "VAL_BATCH_SIZE": "use EVAL_BATCH_SEQS (windows per forward)",
 }
 # Env vars starting with these look like ours; an unknown one is probably a typo.
 KNOB_PREFIXES = ("DATA_", "TOKENIZER", "VOCAB", "TRAIN_", "VAL_", "MUON_", "ADAM_", "EMBED_", "TIED_",
                  "NUM_", "MODEL_", "MLP_", "ROPE_", "LOOP_", "QK_", "XSA_", "EMA_", "WARMDOWN", "MATRIX_",
                  "SCALAR_", "MICRO_", "ARTIFACT", "LOG_DIR", "SKIP_", "PARALLEL_", "LN_", "LOGIT_", "GPTQ_",
-                 "EVAL_")
+                 "EVAL_", "TTT_", "SLOT", "DUMP_", "LEGALITY")
 
 
 def _parse(knob: Knob, raw: str):
@@ -224,6 +245,18 @@ class Dist:
         if self.enabled:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
+
+    def all_reduce_flat_(self, tensors: list[torch.Tensor], divisor: int = 1):
+        """Sum (then divide) a list of tensors across ranks in one flat all-reduce, in place."""
+        if not self.enabled:
+            return
+        flat = self.all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
+        if divisor != 1:
+            flat.div_(divisor)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
 
     def all_reduce_max(self, value: float) -> float:
         if not self.enabled:
@@ -611,15 +644,18 @@ class GPT(nn.Module):
                 skips.append(x)
         return rms_norm(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-token NLL in nats, float32, shape like targets."""
-        h = self.hidden(idx)
+    def nll_from_hidden(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Tied head + softcap + per-token cross entropy (float32, shape like targets)."""
         self._record(("head",), h)  # the tied embedding is quantized as the output head
         logits = F.linear(h, self.tok_emb.weight)
         c = self.cfg.logit_softcap
         logits = c * torch.tanh(logits.float() / c)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                reduction="none").view_as(targets)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token NLL in nats, float32, shape like targets."""
+        return self.nll_from_hidden(self.hidden(idx), targets)
 
 
 # -----------------------------------------------------------------------------------------
@@ -939,27 +975,221 @@ def autocast_ctx(device: torch.device):
     return contextlib.nullcontext()
 
 
-@torch.inference_mode()
-def eval_val(forward, val_tokens: np.ndarray, seq_len: int, batch_tokens: int, lut: ByteLUT,
-             dctx: Dist) -> tuple[float, float]:
-    """Non-overlapping seq_len windows; returns (mean NLL in nats, bits per byte)."""
-    n_windows = (len(val_tokens) - 1) // seq_len
-    lo, hi = n_windows * dctx.rank // dctx.world_size, n_windows * (dctx.rank + 1) // dctx.world_size
-    per_batch = max(1, batch_tokens // (seq_len * dctx.world_size))
-    sums = torch.zeros(3, dtype=torch.float64, device=dctx.device)  # nll, tokens, bytes
-    for w in range(lo, hi, per_batch):
-        w_end = min(w + per_batch, hi)
-        chunk = torch.from_numpy(val_tokens[w * seq_len:w_end * seq_len + 1].astype(np.int64)).to(dctx.device)
-        x = chunk[:-1].view(-1, seq_len)
-        y = chunk[1:].view(-1, seq_len)
-        with autocast_ctx(dctx.device):
-            nll = forward(x, y)
-        sums[0] += nll.double().sum()
-        sums[1] += y.numel()
-        sums[2] += lut.target_bytes(x, y).double().sum()
-    dctx.all_reduce_sum(sums)
-    val_loss = (sums[0] / sums[1]).item()
-    return val_loss, (sums[0] / (math.log(2) * sums[2])).item()
+# -----------------------------------------------------------------------------------------
+# Sliding windows, score-first TTT and SLOT.
+# Target t (token t of the val stream, t = 1..N-1) is scored exactly once: by the window whose
+# last target e_k = min(L + k*stride, N-1) is the first to reach it; that window sees the
+# L tokens before e_k, so every target gets at least L - stride tokens of context.
+# TTT cuts the targets into chunks; a chunk's windows are scored (inference mode) BEFORE the
+# model trains on that chunk's tokens, whose targets are then all already scored.
+# -----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TokenScores:
+    """Per-target NLL (nats) and bytes in val order (index t-1 for target t), and how often each was scored."""
+    nll: torch.Tensor     # float64 [N-1]
+    nbytes: torch.Tensor  # int32 [N-1]
+    count: torch.Tensor   # int32 [N-1]
+
+    def totals(self) -> tuple[float, float]:
+        if not bool((self.count == 1).all()):
+            raise RuntimeError(f"scoring bug: {int((self.count != 1).sum())} targets not scored exactly once")
+        nll = self.nll.sum().item()
+        return nll / len(self.nll), nll / (math.log(2) * self.nbytes.sum().item())
+
+
+def window_ends(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
+    """Last target of every sliding window (see above)."""
+    last = n_tokens - 1
+    L = min(seq_len, last)
+    k = max(0, -(-(last - L) // stride))
+    return np.minimum(L + stride * np.arange(k + 1), last)
+
+
+def score_windows(model: GPT, tokens: torch.Tensor, ends: np.ndarray, prev_ends: np.ndarray, seq_len: int,
+                  lut: ByteLUT, out: TokenScores, slot: str, hp: Hyperparameters):
+    """Score a batch of windows into `out`. With SLOT, a per-window delta on the final hidden states
+    is fitted first: on the window's context targets (scored by earlier windows) or, for `full`,
+    on the very targets being scored (which leaks them)."""
+    L = min(seq_len, int(ends[0]))
+    starts = torch.from_numpy(ends - L).to(tokens.device)
+    idx = starts[:, None] + torch.arange(L + 1, device=tokens.device)
+    win = tokens[idx]
+    x, y = win[:, :-1], win[:, 1:]
+    n_scored = torch.from_numpy(ends - prev_ends).to(tokens.device)
+    scored = torch.arange(L, device=tokens.device)[None, :] >= (L - n_scored)[:, None]
+    with torch.inference_mode(), autocast_ctx(tokens.device):
+        h = model.hidden(x)
+    if slot != "off":
+        h = fit_slot_delta(model, h.clone(), y, scored if slot == "full" else ~scored, hp)
+    with torch.inference_mode(), autocast_ctx(tokens.device):
+        nll = model.nll_from_hidden(h, y)
+    t = (starts[:, None] + 1 + torch.arange(L, device=tokens.device)[None, :])[scored] - 1
+    out.nll.index_add_(0, t, nll[scored].double())
+    out.nbytes.index_add_(0, t, lut.target_bytes(x, y)[scored].int())
+    out.count.index_add_(0, t, torch.ones_like(t, dtype=torch.int32))
+
+
+def fit_slot_delta(model: GPT, h: torch.Tensor, y: torch.Tensor, fit_mask: torch.Tensor, hp) -> torch.Tensor:
+    delta = torch.zeros(h.size(0), 1, h.size(-1), device=h.device, requires_grad=True)
+    opt = torch.optim.AdamW([delta], lr=hp.slot_lr, weight_decay=1e-8, eps=1e-5)
+    weight = fit_mask.float() / fit_mask.sum(dim=1, keepdim=True).clamp_min(1)
+    h = h.float()
+    for _ in range(hp.slot_steps):
+        with torch.enable_grad(), autocast_ctx(h.device):
+            loss = (model.nll_from_hidden(h + delta, y) * weight).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (h + delta).detach()
+
+
+def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp: Hyperparameters, seq_len: int,
+                stride: int, ttt: bool = False, slot: str = "off", log=None) -> TokenScores:
+    """Score every val target once with windows of seq_len (stride = seq_len: plain non-overlapping
+    eval), optionally with score-first TTT and SLOT. Windows are split across ranks (with TTT,
+    within each chunk). Runs the looped model, eagerly. Returns per-target scores of all ranks."""
+    model.looped = True
+    model.eval()
+    tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(dctx.device)
+    n = len(val_tokens) - 1
+    out = TokenScores(torch.zeros(n, dtype=torch.float64, device=dctx.device),
+                      torch.zeros(n, dtype=torch.int32, device=dctx.device),
+                      torch.zeros(n, dtype=torch.int32, device=dctx.device))
+    ends = window_ends(len(val_tokens), seq_len, stride)
+    prev = np.concatenate(([0], ends[:-1]))
+    chunk_of = (prev // hp.ttt_chunk_tokens) if ttt else np.zeros_like(prev)
+    n_chunks = int(chunk_of[-1]) + 1
+    updater = TTTUpdater(model, hp, dctx) if ttt else None
+    t0 = time.perf_counter()
+    for c in range(n_chunks):
+        sel = np.nonzero(chunk_of == c)[0]
+        mine = sel[len(sel) * dctx.rank // dctx.world_size:len(sel) * (dctx.rank + 1) // dctx.world_size]
+        for b in range(0, len(mine), hp.eval_batch_seqs):
+            w = mine[b:b + hp.eval_batch_seqs]
+            score_windows(model, tokens, ends[w], prev[w], seq_len, lut, out, slot, hp)
+        if updater is not None and c + 1 < n_chunks:
+            lo, hi = c * hp.ttt_chunk_tokens, min((c + 1) * hp.ttt_chunk_tokens, n)
+            updater.update(tokens, lo, hi, c, n_chunks, out.count)
+            if log is not None and (c + 1) % 10 == 0:
+                log(f"ttt_chunk:{c + 1}/{n_chunks} time:{time.perf_counter() - t0:.1f}s")
+    for t in (out.nll, out.nbytes, out.count):
+        dctx.all_reduce_sum(t)
+    return out
+
+
+class TTTUpdater:
+    """The update half of score-first TTT: SGD on a chunk whose targets were all scored already."""
+
+    def __init__(self, model: GPT, hp: Hyperparameters, dctx: Dist):
+        self.model, self.hp, self.dctx = model, hp, dctx
+        self.params = list(model.parameters())
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        L, frozen = model.cfg.num_layers, list(range(min(hp.ttt_freeze_blocks, model.cfg.num_layers)))
+        self.frozen_rows = {model.qo_bank: frozen + [L + i for i in frozen], model.kv_bank: frozen + [L + i for i in frozen],
+                            model.mlp_up_bank: frozen, model.mlp_down_bank: frozen}
+
+    def update(self, tokens: torch.Tensor, lo: int, hi: int, chunk: int, n_chunks: int, count: torch.Tensor):
+        """Train on targets lo+1..hi (inputs lo..hi-1); refuses unless all of them are scored."""
+        done = count[lo:hi].clone()
+        self.dctx.all_reduce_sum(done)  # every rank's scores of this chunk must be in
+        if not bool((done >= 1).all()):
+            raise RuntimeError(f"TTT legality: chunk {chunk} has unscored targets before its update")
+        hp, world, rank = self.hp, self.dctx.world_size, self.dctx.rank
+        for g in self.opt.param_groups:
+            g["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(n_chunks - 1, 1)))
+        starts = list(range(lo, hi - 1, hp.eval_seq_len))
+        self.model.train()
+        for _ in range(hp.ttt_epochs):
+            for b in range(0, len(starts), hp.ttt_batch_seqs):
+                batch = starts[b:b + hp.ttt_batch_seqs]
+                self._step(tokens, batch[len(batch) * rank // world:len(batch) * (rank + 1) // world], hi)
+        self.model.eval()
+
+    def _step(self, tokens: torch.Tensor, starts: list[int], hi: int):
+        """One SGD step on the mean NLL over the global batch (this rank holds `starts`)."""
+        segs = [tokens[s:min(s + self.hp.eval_seq_len, hi) + 1] for s in starts]
+        count = torch.tensor(float(sum(len(g) - 1 for g in segs)), device=tokens.device)
+        self.dctx.all_reduce_sum(count)
+        self.opt.zero_grad(set_to_none=False)
+        for length in sorted({len(g) for g in segs}):
+            batch = torch.stack([g for g in segs if len(g) == length])
+            with autocast_ctx(tokens.device):
+                (self.model(batch[:, :-1], batch[:, 1:]).sum() / count).backward()
+        self.dctx.all_reduce_flat_([p.grad for p in self.params])
+        with torch.no_grad():
+            for bank, rows in self.frozen_rows.items():
+                bank.grad[rows] = 0
+        if self.hp.ttt_grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
+        self.opt.step()
+
+
+def legality_check(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp: Hyperparameters,
+                   ttt: bool, slot: str) -> bool:
+    """Score two val streams equal up to token p and different after it: every target <= p must get
+    the identical NLL. A method that looks at targets before scoring them fails this."""
+    stride = hp.eval_stride or hp.eval_seq_len
+    p = len(val_tokens) // 2 // stride * stride + stride // 2  # mid-span: a window scores both sides of p
+    other = val_tokens.copy()
+    other[p + 1:] = np.random.default_rng(0).permutation(other[p + 1:])
+    runs = [eval_tokens(copy.deepcopy(model), v, lut, dctx, hp, hp.eval_seq_len, hp.eval_stride or hp.eval_seq_len,
+                        ttt, slot).nll[:p] for v in (val_tokens, other)]
+    return bool(torch.equal(*runs))
+
+
+def score_phases(model: GPT, train_seq_len: int, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist,
+                 hp: Hyperparameters, log) -> dict:
+    """roundtrip (plain windows) -> sliding -> TTT -> SLOT, each timed against the eval budget.
+    The final score is the last valid phase's."""
+    stride = hp.eval_stride or hp.eval_seq_len
+    phases = [("roundtrip", train_seq_len, train_seq_len, False, "off")]
+    if hp.eval_stride:
+        phases.append(("sliding", hp.eval_seq_len, stride, False, "off"))
+    if hp.ttt_enabled:
+        phases.append(("ttt", hp.eval_seq_len, stride, True, "off"))
+    if hp.slot != "off":
+        phases.append((f"slot_{hp.slot}", hp.eval_seq_len, stride, bool(hp.ttt_enabled), hp.slot))
+    if hp.legality_check:
+        prefix = val_tokens[:min(len(val_tokens), 4 * max(hp.ttt_chunk_tokens, hp.eval_seq_len) + 1)]
+        for name, _, _, ttt, slot in phases[1:]:
+            ok = legality_check(model, prefix, lut, dctx, hp, ttt, slot)
+            log(f"legality_check phase:{name} passed:{int(ok)}")
+            if not ok and slot != "full":
+                raise UserError(f"legality check failed for phase {name}: scores depend on later tokens")
+    summary, elapsed, final = {}, 0.0, None
+    for name, seq_len, stride_, ttt, slot in phases:
+        if ttt and "sliding_s" in summary:
+            projected = summary["sliding_s"] * (1 + 3 * hp.ttt_epochs * stride_ / seq_len)
+            log(f"ttt_projected_seconds:{projected:.0f} eval_elapsed:{elapsed:.0f}s budget:{hp.eval_budget_seconds:.0f}s")
+            if elapsed + projected > hp.eval_budget_seconds:
+                log(f"warning:ttt_may_exceed_eval_budget projected_total:{elapsed + projected:.0f}s")
+        t0 = time.perf_counter()
+        scores = eval_tokens(copy.deepcopy(model) if ttt else model, val_tokens, lut, dctx, hp, seq_len, stride_,
+                             ttt, slot, log)
+        val_loss, val_bpb = scores.totals()
+        secs = time.perf_counter() - t0
+        elapsed += secs
+        valid = slot != "full"
+        log(f"{name} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{secs:.1f}s valid:{int(valid)}")
+        summary[f"{name}_s"] = secs
+        summary[f"{name}_val_bpb"] = val_bpb
+        if valid:
+            final = (val_loss, val_bpb, scores)
+    log(f"eval_total_time:{elapsed:.1f}s budget:{hp.eval_budget_seconds:.0f}s")
+    if hp.dump_token_nll and dctx.is_main:
+        dump_token_scores(Path(hp.dump_token_nll), final[2])
+    return dict(final_val_loss=final[0], final_val_bpb=final[1], eval_seconds=elapsed) | {
+        k: v for k, v in summary.items() if k.endswith("_val_bpb")}
+
+
+def dump_token_scores(path: Path, scores: TokenScores):
+    """npz with nll (float32 nats) and bytes (uint16) per target, in val order."""
+    buf = io.BytesIO()
+    np.savez(buf, nll=scores.nll.float().cpu().numpy(), bytes=scores.nbytes.cpu().numpy().astype(np.uint16))
+    write_atomic(path, buf.getvalue())
 
 
 # -----------------------------------------------------------------------------------------
@@ -1006,13 +1236,7 @@ class Trainer:
         gradient, so the update is the same for any world size."""
         self.muon.reduce_scatter()
         grads = [p.grad for p in self.replicated]
-        if self.dctx.enabled:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            self.dctx.all_reduce_sum(flat).div_(self.dctx.world_size)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+        self.dctx.all_reduce_flat_(grads, divisor=self.dctx.world_size)
         shards = self.muon.shard_grads()
         if self.hp.grad_clip_norm:
             bank_sq = self.dctx.all_reduce_sum(sum(s.float().square().sum() for s in shards))
@@ -1203,16 +1427,12 @@ def run(hp: Hyperparameters) -> dict:
         log(f"val_shards:{len(val_files)} val_tokens:{len(val_tokens) - 1} data:{hp.data_path}")
 
         def evaluate(model: GPT, seq_len: int) -> tuple[float, float]:
-            return eval_val_looped(model, val_tokens, seq_len, hp.val_batch_size, lut, dctx)
+            return eval_tokens(model, val_tokens, lut, dctx, hp, seq_len, seq_len).totals()
 
         def score(artifact: Path) -> dict:
-            """The scored model is the one reloaded from the artifact file."""
+            """Every phase scores the model reloaded from the artifact file."""
             model, meta = load_artifact_model(artifact, dctx.device)
-            t0 = time.perf_counter()
-            val_loss, val_bpb = evaluate(model, meta["train_seq_len"])
-            eval_s = time.perf_counter() - t0
-            log(f"roundtrip val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{eval_s:.1f}s")
-            return dict(final_val_loss=val_loss, final_val_bpb=val_bpb, eval_seconds=eval_s)
+            return score_phases(model, meta["train_seq_len"], val_tokens, lut, dctx, hp, log)
 
         if hp.eval_only:
             artifact = Path(hp.eval_only)
@@ -1293,18 +1513,10 @@ def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, 
     prequant = val_eval() if hp.ema_decay else result["val"]
     log(f"prequant val_loss:{prequant[0]:.8f} val_bpb:{prequant[1]:.8f}")
     scores = score(artifact)
-    return scores | dict(prequant_val_bpb=prequant[1], quant_gap_bpb=scores["final_val_bpb"] - prequant[1],
+    return scores | dict(prequant_val_bpb=prequant[1], quant_gap_bpb=scores["roundtrip_val_bpb"] - prequant[1],
                          artifact_bytes=total, model_bytes=len(blob),
                          code_bytes=len(code), steps=result["steps"], train_seconds=result["train_ms"] / 1000,
                          stop_reason=result["stop_reason"])
-
-
-def eval_val_looped(model: GPT, val_tokens, seq_len: int, batch_tokens: int, lut: ByteLUT, dctx: Dist):
-    """Eval always runs the looped model, eagerly: a compiled inference graph would cost a minute
-    of compile per graph, more than the whole bench val set takes eagerly on a GPU."""
-    model.looped = True
-    model.eval()
-    return eval_val(model, val_tokens, seq_len, batch_tokens, lut, dctx)
 
 
 def main(argv=None) -> int:

@@ -57,7 +57,8 @@ TINY_ENV = dict(VOCAB_SIZE="1024", NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4"
                 WARMUP_STEPS="1", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1", VAL_MAX_TOKENS="4096",
                 MAX_WALLCLOCK_SECONDS="0", EMA_DECAY="0", XSA_LAST_N="4", NUM_LOOPS="1",
                 LOOP_START="1", LOOP_END="2", PARALLEL_RESIDUAL_START="3", ROPE_DIMS="8",
-                MUON_MOMENTUM_WARMUP_STEPS="3")
+                MUON_MOMENTUM_WARMUP_STEPS="3", EVAL_SEQ_LEN="64", EVAL_STRIDE="32", TTT_CHUNK_TOKENS="1024",
+                GPTQ_CALIBRATION_BATCHES="2")
 
 
 def tiny_env(tiny_data, tmp_path, **overrides) -> dict:

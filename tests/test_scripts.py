@@ -100,7 +100,7 @@ def test_summarize_cli_table_stats_and_submission(seed_run, tmp_path):
     bpb = [float(s["final_val_bpb"]) for s in summaries]
     lines = res.stdout.splitlines()
     assert lines[0].split() == ["log", "seed", "steps", "train_s", "eval_s", "artifact_bytes", "prequant_bpb",
-                                "final_bpb"]
+                                "final_bpb", "sliding_bpb", "ttt_bpb"]
     for seed, s, row in zip(SEEDS, summaries, lines[1:4]):
         cells = row.split()
         assert cells[:3] == [f"tiny_seed{seed}", str(seed), s["steps"]]

@@ -153,8 +153,8 @@ def test_reloaded_artifact_scores_like_in_memory_quantized_model(tiny_data, tmp_
     reloaded, meta_back = train_gpt.load_artifact_model(path, torch.device("cpu"))
     assert meta_back == meta
     dctx = train_gpt.Dist()
-    a = train_gpt.eval_val_looped(in_memory, val, 64, 4096, lut, dctx)
-    b = train_gpt.eval_val_looped(reloaded, val, 64, 4096, lut, dctx)
+    a = train_gpt.eval_tokens(in_memory, val, lut, dctx, hp, 64, 64).totals()
+    b = train_gpt.eval_tokens(reloaded, val, lut, dctx, hp, 64, 64).totals()
     assert a == b
     for k, v in in_memory.state_dict().items():
         assert torch.equal(v, reloaded.state_dict()[k]), k

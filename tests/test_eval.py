@@ -1,0 +1,107 @@
+"""Sliding windows, score-first TTT and SLOT: every target scored once, and legality proven by
+perturbing the future (a method that peeks at unscored targets must fail)."""
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from test_model import randomized, small_cfg
+
+EVAL_ENV = dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="64",
+                TTT_BATCH_SEQS="2", TTT_EPOCHS="2", TTT_LR="0.05", SLOT_STEPS="3", SLOT_LR="0.1")
+
+
+def setup(n_tokens=301, seed=0):
+    hp = train_gpt.Hyperparameters(EVAL_ENV)
+    model = randomized(small_cfg())
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, 64, size=n_tokens).astype(np.uint16)
+    tokens[::37] = 1  # some BOS boundaries
+    lut = train_gpt.ByteLUT(torch.tensor(rng.integers(0, 4, 64), dtype=torch.int32),
+                            torch.tensor(rng.random(64) < 0.3), torch.arange(64) < 4)
+    return hp, model, tokens, lut
+
+
+@pytest.mark.parametrize("n,L,s", [(301, 32, 8), (33, 32, 8), (20, 32, 8), (1000, 64, 64), (1025, 64, 64), (97, 32, 5)])
+def test_window_ends_cover_each_target_once(n, L, s):
+    ends = train_gpt.window_ends(n, L, s)
+    prev = np.concatenate(([0], ends[:-1]))
+    assert ends[-1] == n - 1 and (ends > prev).all()
+    assert (ends - prev <= max(s, min(L, n - 1))).all()
+    assert ((ends - np.minimum(L, n - 1)) >= 0).all()  # full-length windows
+    # every scored target but the first window's sees >= L - stride tokens of context
+    assert (prev[1:] - (ends[1:] - min(L, n - 1)) >= min(L, n - 1) - s).all()
+
+
+def test_sliding_scores_match_direct_forward():
+    hp, model, tokens, lut = setup()
+    scores = train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, 32, 8)
+    assert (scores.count == 1).all()
+    # target t = 200 is scored by the window ending at the first end >= 200, with its 32 tokens
+    ends = train_gpt.window_ends(len(tokens), 32, 8)
+    e = int(ends[np.searchsorted(ends, 200)])
+    x = torch.from_numpy(tokens[e - 32:e].astype(np.int64))[None]
+    y = torch.from_numpy(tokens[e - 31:e + 1].astype(np.int64))[None]
+    with torch.no_grad():
+        direct = model(x, y)[0, 200 - (e - 31)].item()
+    assert abs(scores.nll[199].item() - direct) < 1e-5
+
+
+@pytest.mark.parametrize("ttt,slot", [(False, "off"), (True, "off"), (False, "context"), (True, "context")])
+def test_legal_modes_pass_the_future_perturbation_check(ttt, slot):
+    hp, model, tokens, lut = setup()
+    assert train_gpt.legality_check(model, tokens, lut, train_gpt.Dist(), hp, ttt, slot)
+
+
+def test_slot_full_fails_the_check():
+    """SLOT=full fits on the targets it scores: the check must catch it."""
+    hp, model, tokens, lut = setup()
+    assert not train_gpt.legality_check(model, tokens, lut, train_gpt.Dist(), hp, False, "full")
+
+
+def test_ttt_and_slot_change_scores_only_where_allowed():
+    hp, model, tokens, lut = setup()
+    base = train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, 32, 8).nll
+    ttt = train_gpt.eval_tokens(randomized(small_cfg()), tokens, lut, train_gpt.Dist(), hp, 32, 8, ttt=True).nll
+    assert torch.equal(base[:64], ttt[:64])  # chunk 0 is scored before any update
+    assert not torch.allclose(base[64:], ttt[64:])  # later chunks see the adapted model
+    slot = train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, 32, 8, slot="context").nll
+    assert torch.equal(base[:32], slot[:32])  # window 0 has no scored context: delta stays 0
+    assert not torch.allclose(base[32:], slot[32:])
+
+
+def test_ttt_refuses_to_train_on_unscored_targets():
+    hp, model, tokens, lut = setup()
+    upd = train_gpt.TTTUpdater(model, hp, train_gpt.Dist())
+    t = torch.from_numpy(tokens.astype(np.int64))
+    count = torch.zeros(len(tokens) - 1, dtype=torch.int32)
+    count[:63] = 1  # target 64 not scored yet
+    with pytest.raises(RuntimeError, match="unscored targets"):
+        upd.update(t, 0, 64, 0, 4, count)
+
+
+def test_ttt_freeze_blocks_keeps_frozen_layers():
+    hp = train_gpt.Hyperparameters(EVAL_ENV | {"TTT_FREEZE_BLOCKS": "2"})
+    _, model, tokens, lut = setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, 32, 8, ttt=True)
+    L = model.cfg.num_layers
+    assert torch.equal(before["qo_bank"][[0, 1, L, L + 1]], model.qo_bank[[0, 1, L, L + 1]])
+    assert torch.equal(before["mlp_down_bank"][:2], model.mlp_down_bank[:2])
+    assert not torch.equal(before["mlp_down_bank"][2:], model.mlp_down_bank[2:])
+
+
+def test_score_phases_logs_and_dumps(tmp_path):
+    hp = train_gpt.Hyperparameters(EVAL_ENV | {"SLOT": "full", "LEGALITY_CHECK": "1",
+                                               "DUMP_TOKEN_NLL": str(tmp_path / "nll.npz")})
+    _, model, tokens, lut = setup()
+    lines = []
+    out = train_gpt.score_phases(model, 32, tokens, lut, train_gpt.Dist(), hp, lines.append)
+    text = "\n".join(lines)
+    for key in ("legality_check phase:sliding passed:1", "legality_check phase:ttt passed:1",
+                "legality_check phase:slot_full passed:0", "slot_full val_loss:", "valid:0", "eval_total_time:"):
+        assert key in text, key
+    assert out["final_val_bpb"] == out["ttt_val_bpb"]  # the invalid SLOT score is never the final one
+    dump = np.load(tmp_path / "nll.npz")
+    assert dump["nll"].dtype == np.float32 and dump["bytes"].dtype == np.uint16 and len(dump["nll"]) == len(tokens) - 1
+    assert abs(dump["nll"].astype(np.float64).sum() / len(dump["nll"]) - out["final_val_loss"]) < 1e-5
