@@ -152,6 +152,8 @@ KNOBS = [
     Knob("EMBED_CLIP_SIGMAS", 20.0, "SDClip k of the embedding", 0.1),
     Knob("GPTQ_CALIBRATION_BATCHES", 16, "training micro-batches per rank for the GPTQ Hessians; 0 = plain rounding", 0),
     Knob("GPTQ_RESERVE_SECONDS", 6.0, "taken off MAX_WALLCLOCK_SECONDS so Hessians are collected within it", 0),
+    Knob("CLIP_SEARCH_STEPS", 4, "extra GPTQ tries moving MATRIX_CLIP_SIGMAS to land just under the cap; 0 = off", 0),
+    Knob("CLIP_SEARCH_HEADROOM", 100000, "stop searching once the artifact is this close under the cap (bytes)", 0),
 ]
 
 # Baseline-era names we deliberately do not read: fail loudly instead of silently ignoring.
@@ -166,7 +168,7 @@ RETIRED_KNOBS = {
 KNOB_PREFIXES = ("DATA_", "TOKENIZER", "VOCAB", "TRAIN_", "VAL_", "MUON_", "ADAM_", "EMBED_", "TIED_",
                  "NUM_", "MODEL_", "MLP_", "ROPE_", "LOOP_", "QK_", "XSA_", "EMA_", "WARMDOWN", "MATRIX_",
                  "SCALAR_", "MICRO_", "ARTIFACT", "LOG_DIR", "SKIP_", "PARALLEL_", "LN_", "LOGIT_", "GPTQ_",
-                 "EVAL_", "TTT_", "SLOT", "DUMP_", "LEGALITY")
+                 "EVAL_", "TTT_", "SLOT", "DUMP_", "LEGALITY", "CLIP_")
 
 
 def _parse(knob: Knob, raw: str):
@@ -1301,6 +1303,36 @@ def json_safe_clone(state):
     return state
 
 
+def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hyperparameters, code_bytes: int,
+                           log) -> tuple[bytes, float]:
+    """GPTQ + pack at MATRIX_CLIP_SIGMAS; then, for up to CLIP_SEARCH_STEPS more tries, move the clip
+    (size falls as it rises) to land under the cap with less than CLIP_SEARCH_HEADROOM to spare.
+    Returns the smallest-clip blob that fits, else the last one tried."""
+    def attempt(k: float) -> bytes:
+        t0 = time.perf_counter()
+        q = quantize_state(state, hessians, cfg.num_layers, hp.matrix_bits, k, hp.embed_bits, hp.embed_clip_sigmas)
+        t1 = time.perf_counter()
+        blob = pack_artifact(q, dict(model=dataclasses.asdict(cfg), train_seq_len=hp.train_seq_len, matrix_clip_sigmas=k))
+        log(f"gptq_try matrix_clip_sigmas:{k:.4f} artifact_bytes:{len(blob) + code_bytes} "
+            f"gptq_time:{t1 - t0:.1f}s pack_time:{time.perf_counter() - t1:.1f}s")
+        return blob
+
+    k, lo, hi, best = hp.matrix_clip_sigmas, None, None, None  # lo: too big; hi: fits
+    for step in range(hp.clip_search_steps + 1):
+        blob = attempt(k)
+        spare = ARTIFACT_LIMIT_BYTES - len(blob) - code_bytes
+        if spare >= 0:
+            hi = k
+            if best is None or k < best[1]:
+                best = (blob, k)
+            if spare < hp.clip_search_headroom:
+                break
+        else:
+            lo = k
+        k = (lo + hi) / 2 if lo is not None and hi is not None else (k / 1.15 if spare >= 0 else k * 1.15)
+    return best or (blob, lo)
+
+
 @torch.no_grad()
 def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: int, dctx: Dist) -> dict:
     """Input Hessians X^T X of every GPTQ'd matrix, from fresh training batches through the looped
@@ -1491,15 +1523,11 @@ def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, 
         f"train_data_last_touched:{result['train_ms'] / 1000 + hess_s:.1f}s")
     if hp.max_wallclock_seconds and result["train_ms"] / 1000 + hess_s > hp.max_wallclock_seconds:
         log(f"warning:hessians_outside_budget raise GPTQ_RESERVE_SECONDS above {hess_s:.1f}")
-    t0 = time.perf_counter()
-    qstate = quantize_state(model.state_dict(), hessians, cfg.num_layers, hp.matrix_bits, hp.matrix_clip_sigmas,
-                            hp.embed_bits, hp.embed_clip_sigmas)
-    gptq_s = time.perf_counter() - t0
-    blob = pack_artifact(qstate, dict(model=dataclasses.asdict(cfg), train_seq_len=hp.train_seq_len))
+    blob, clip = quantize_within_budget(model.state_dict(), hessians, cfg, hp, len(code), log)
     total = len(blob) + len(code)
     artifact = Path(hp.artifact_dir) / f"final_model_{run_id}.int{hp.matrix_bits}.br"
     log(f"artifact:{artifact} model_bytes:{len(blob)} code_bytes:{len(code)} artifact_bytes:{total} "
-        f"limit:{ARTIFACT_LIMIT_BYTES} gptq_time:{gptq_s:.1f}s pack_time:{time.perf_counter() - t0 - gptq_s:.1f}s")
+        f"limit:{ARTIFACT_LIMIT_BYTES} headroom:{ARTIFACT_LIMIT_BYTES - total} matrix_clip_sigmas:{clip:.4f}")
     if total > ARTIFACT_LIMIT_BYTES:
         artifact = artifact.with_name(f"final_model_{run_id}.OVER_LIMIT_NOT_VALID.br")
     if dctx.is_main:

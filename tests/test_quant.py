@@ -69,3 +69,26 @@ def test_quantize_state_routes_tensors():
     # the banks were quantized with their own layer's Hessian: equal to quantizing that slice alone
     alone, _ = train_gpt.gptq_quantize(state["kv_bank"][L + 1], hess[("attn", 1)], 6, 12.85)
     assert torch.equal(alone, q["kv_bank"]["q"][L + 1])
+
+
+def test_clip_search_lands_under_the_cap(monkeypatch):
+    """Shrink the cap below the first try: the search must raise the clip until the blob fits, and
+    the returned blob is the smallest-clip one that fits."""
+    torch.manual_seed(0)
+    cfg = train_gpt.ModelConfig(vocab_size=256, num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                                mlp_leaky_slope=0.5, rope_base=1e4, rope_dims=0, logit_softcap=30.0, qk_gain_init=1.0,
+                                tied_embed_init_std=0.5, ln_scale=True, skip_gates=True, xsa_last_n=0, num_loops=0,
+                                loop_start=0, loop_end=0, parallel_residual_start=-1)
+    state = {k: torch.randn_like(v) for k, v in train_gpt.GPT(cfg).state_dict().items()}
+    lines = []
+    hp = train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "0"})
+    first, k0 = train_gpt.quantize_within_budget(state, {}, cfg, hp, 0, lines.append)
+    monkeypatch.setattr(train_gpt, "ARTIFACT_LIMIT_BYTES", len(first) - 3000)
+    hp = train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "6", "CLIP_SEARCH_HEADROOM": "500"})
+    blob, k = train_gpt.quantize_within_budget(state, {}, cfg, hp, 0, lines.append)
+    tries = [(float(l.split()[1].split(":")[1]), int(l.split()[2].split(":")[1])) for l in lines[1:]]
+    assert len(blob) <= train_gpt.ARTIFACT_LIMIT_BYTES and k > k0
+    fitting = [kk for kk, size in tries if size <= train_gpt.ARTIFACT_LIMIT_BYTES]
+    assert abs(k - min(fitting)) < 1e-3
+    sizes = [size for _, size in sorted(tries)]
+    assert sizes == sorted(sizes, reverse=True)  # size falls as the clip rises
