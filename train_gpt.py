@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import signal
 import struct
 import subprocess
 import sys
@@ -46,6 +47,15 @@ ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: compressed model + this file
 
 class UserError(Exception):
     """Bad input or configuration: reported as one line on stderr, exit code 2."""
+    exit_code = 2
+
+
+class Interrupted(UserError):
+    """SIGTERM/SIGINT: logged, exit 128+signal; artifacts are only ever renamed into place whole."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
 
 
 # -----------------------------------------------------------------------------------------
@@ -941,6 +951,17 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
     return qstate, meta["config"]
 
 
+def check_writable(folder: Path):
+    """Fail before training, not after it, if the artifact cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f".write_test.{os.getpid()}", "wb") as f:
+            f.write(b"\0" * 4096)
+        (folder / f".write_test.{os.getpid()}").unlink()
+    except OSError as e:
+        raise UserError(f"ARTIFACT_DIR {folder}: not writable ({e.strerror})") from None
+
+
 def write_atomic(path: Path, data: bytes):
     """temp file + fsync + rename: readers never see a half-written file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -1443,6 +1464,8 @@ def run(hp: Hyperparameters) -> dict:
     code = Path(__file__).read_bytes()
     run_id = dctx.broadcast_object(hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}_seed{hp.seed}")
     log = RunLog(Path(hp.log_dir) / f"{run_id}.txt" if dctx.is_main else None)
+    if dctx.is_main and not hp.eval_only:
+        check_writable(Path(hp.artifact_dir))
     for line in describe_environment(hp, dctx, code):
         log(line)
     log(f"run_id:{run_id}")
@@ -1552,11 +1575,16 @@ def main(argv=None) -> int:
     if argv == ["--help-env"]:
         print(knob_reference())
         return 0
+    def interrupt(signum, _frame):
+        raise Interrupted(signum)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     try:
         run(Hyperparameters())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return e.exit_code
     return 0
 
 

@@ -219,3 +219,9 @@ def test_help_env_lists_every_knob():
     res = run_script(["train_gpt.py", "--help-env"], env=None)
     assert res.returncode == 0
     assert all(f"`{k.name}`" in res.stdout for k in train_gpt.KNOBS)
+
+
+def test_readme_env_reference_is_current():
+    readme = (train_gpt.Path(train_gpt.__file__).parent / "README.md").read_text()
+    table = readme.split("<!-- knobs:start -->\n")[1].split("\n<!-- knobs:end -->")[0]
+    assert table == train_gpt.knob_reference(), "regenerate with: python3 train_gpt.py --help-env"

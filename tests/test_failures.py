@@ -1,0 +1,61 @@
+"""Faults that must end a run cleanly: one error line, non-zero exit, nothing half-written."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import train_gpt
+from conftest import ROOT, run_script, tiny_env
+
+
+def test_sigterm_mid_training_keeps_log_and_writes_no_artifact(tiny_data, tmp_path):
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="term", ITERATIONS=100000, TRAIN_LOG_EVERY=1)
+    proc = subprocess.Popen([sys.executable, "train_gpt.py"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "logs" / "term.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "step:3/" in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines() == ["error: stopped by SIGTERM"]
+    text = log.read_text()
+    assert "step:3/" in text and text.rstrip().endswith("error:stopped by SIGTERM")
+    assert not (tmp_path / "art").exists() or not any((tmp_path / "art").iterdir())
+
+
+def test_nan_loss_stops_with_the_step(tiny_data, tmp_path):
+    res = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, RUN_ID="nan", MATRIX_LR="1e30",
+                                                 TIED_EMBED_LR="1e30", SCALAR_LR="1e30", GRAD_CLIP_NORM="0"))
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: train_loss became nan at step") or "became inf" in res.stderr
+    assert "error:train_loss became" in (tmp_path / "logs" / "nan.txt").read_text()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_log_dir(tiny_data, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    res = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, LOG_DIR=str(ro / "logs")))
+    assert res.returncode == 2 and "cannot create" in res.stderr
+
+
+def test_artifact_dir_that_is_a_file_fails_before_training(tiny_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, RUN_ID="ro", ARTIFACT_DIR=str(blocker / "sub")))
+    assert res.returncode == 2 and res.stderr.startswith(f"error: ARTIFACT_DIR {blocker / 'sub'}: not writable")
+    assert "train_loss" not in (tmp_path / "logs" / "ro.txt").read_text()
+
+
+def test_eval_only_missing_or_foreign_artifact(tiny_data, tmp_path):
+    foreign = tmp_path / "model.pt"
+    foreign.write_bytes(b"\x80\x04\x95 pickle bytes that must never be unpickled")
+    for path, msg in [(tmp_path / "nope.br", "file not found"), (foreign, "bad magic")]:
+        res = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, RUN_ID=f"ev_{path.stem}", EVAL_ONLY=str(path)))
+        assert res.returncode == 2 and msg in res.stderr and len(res.stderr.strip().splitlines()) == 1
