@@ -259,3 +259,19 @@ def test_plot_writes_png_and_rejects_logs_without_steps(seed_run, tmp_path):
     res = run_script([str(SCRIPTS / "plot.py"), str(logs[0]), str(header_only), "-o", str(tmp_path / "x.png")], env)
     assert res.returncode == 1 and f"{header_only}: no step lines" in res.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_packed_code_runs_and_counts_its_own_bytes(tiny_data, tmp_path):
+    from conftest import ROOT, parse_log, run_script, tiny_env
+    out = tmp_path / "train_gpt.py"
+    res = run_script([str(ROOT / "scripts" / "pack_code.py"), str(ROOT / "train_gpt.py"), "-o", str(out)], env=None)
+    assert res.returncode == 0, res.stderr
+    first = out.read_bytes()
+    assert run_script([str(ROOT / "scripts" / "pack_code.py"), str(ROOT / "train_gpt.py"), "-o", str(out)],
+                      env=None).returncode == 0 and out.read_bytes() == first  # deterministic
+    assert len(first) < (ROOT / "train_gpt.py").stat().st_size / 2
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="packed", ITERATIONS=2, TTT_ENABLED=0, EVAL_STRIDE=0)
+    res = run_script([str(out)], env)
+    assert res.returncode == 0, res.stderr
+    summary = parse_log(tmp_path / "logs" / "packed.txt")
+    assert int(summary["code_bytes"]) == len(first)
