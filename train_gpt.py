@@ -824,12 +824,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, clip_sigma
     dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # inputs that never fire: weight is irrelevant
     W.masked_fill_(dead[:, None, :], 0)
     torch.diagonal(H, dim1=-2, dim2=-1).masked_fill_(dead, 1.0)
-    diag = torch.diagonal(H, dim1=-2, dim2=-1)
-    diag.add_(damp * diag.mean(dim=-1, keepdim=True))
-    perm = torch.argsort(diag, dim=-1, descending=True)  # act-order
+    perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True)  # act-order
     W = W.gather(2, perm[:, None, :].expand(B, rows, cols))
     H = H.gather(1, perm[:, :, None].expand(B, cols, cols)).gather(2, perm[:, None, :].expand(B, cols, cols))
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = inverse_hessian_factor(H, damp)
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -846,6 +844,24 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, clip_sigma
     Q = Q.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand(B, rows, cols)).to(torch.int8)
     scale = scale.half()
     return (Q[0], scale[0]) if squeeze else (Q, scale)
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping)^-1 per matrix. Damping starts at damp * mean(diag H);
+    a matrix whose factorization fails (ill-conditioned in float32) retries with 10x more."""
+    eye = torch.eye(H.size(-1), device=H.device)
+    mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(dim=-1)
+    scale = torch.full_like(mean_diag, damp)
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(H + (scale * mean_diag)[:, None, None] * eye)
+        bad = info != 0
+        if not bad.any():
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            bad = (info != 0) | ~torch.isfinite(U).all(dim=-1).all(dim=-1)
+            if not bad.any():
+                return U
+        scale = torch.where(bad, scale * 10, scale)
+    raise RuntimeError("GPTQ: Hessian not positive definite even with heavy damping")
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@
 # baseline = the public naive baseline's shape and optimizer (9x512, MLP 2x, relu^2, seq 1024,
 # QK gain 1.5, no XSA/loops/parallel/gates/EMA/WD) on vocab 8192.
 # BENCH_DIR (default ../shared/bench) holds make_shards.py; BENCH_DATA (default /tmp/benchdata)
-# receives the shards. Extra VAR=value pairs override anything.
+# receives the shards. SCRIPT (default train_gpt.py) picks the file to run, e.g. build/train_gpt.py
+# from scripts/pack_code.py. Extra VAR=value pairs override anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${1:?usage: bench/protocol.sh default|baseline [VAR=value ...]}
@@ -28,4 +29,4 @@ case "$config" in
                  MUON_WD=0 EMBED_WD=0 ADAM_WD=0 GRAD_CLIP_NORM=0 EMA_DECAY=0 WARMDOWN_FRAC=0.72) ;;
   *) echo "error: unknown CONFIG '$config' (expected default or baseline)" >&2; exit 2 ;;
 esac
-exec env "${common[@]}" "${cfg[@]}" "$@" torchrun --standalone --nproc_per_node=1 train_gpt.py
+exec env "${common[@]}" "${cfg[@]}" "$@" torchrun --standalone --nproc_per_node=1 "${SCRIPT:-train_gpt.py}"

@@ -92,3 +92,16 @@ def test_clip_search_lands_under_the_cap(monkeypatch):
     assert abs(k - min(fitting)) < 1e-3
     sizes = [size for _, size in sorted(tries)]
     assert sizes == sorted(sizes, reverse=True)  # size falls as the clip rises
+
+
+def test_ill_conditioned_hessian_gets_more_damping():
+    """A rank-deficient H (fewer samples than columns, duplicated features) must still quantize."""
+    torch.manual_seed(0)
+    X = torch.randn(40, 256)
+    X = torch.cat([X, X[:, :128] * 1e3], dim=1)[:, :256]  # huge, duplicated columns
+    H = torch.stack([X.T @ X, correlated_hessian(256)])
+    W = torch.randn(2, 32, 256)
+    q, s = train_gpt.gptq_quantize(W, H, 6, 12.85, damp=1e-9)
+    assert q.abs().max() <= 31 and torch.isfinite(s.float()).all()
+    U = train_gpt.inverse_hessian_factor(H, 1e-9)
+    assert torch.isfinite(U).all()
