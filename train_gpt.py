@@ -389,7 +389,8 @@ class TrainStream:
     world size, which is what makes 1 GPU + accumulation equal 8 GPUs.
     """
 
-    def __init__(self, files: list[str], seq_len: int, seed: int):
+    def __init__(self, files: list[str], seq_len: int, seed: int, vocab_size: int = 65536):
+        self.files, self.vocab_size = files, vocab_size
         self.shards = [open_shard(f) for f in files]
         self.seq_len, self.seed = seq_len, seed
         self.epoch, self.order, self.pos = -1, np.empty(0, dtype=np.int64), 0
@@ -417,7 +418,10 @@ class TrainStream:
         for w in ids[rows]:
             s = int(np.searchsorted(self.offsets, w, side="right")) - 1
             start = self.phase[s] + (w - int(self.offsets[s])) * self.seq_len
-            out.append(np.asarray(self.shards[s][start:start + self.seq_len + 1], dtype=np.int64))
+            window = np.asarray(self.shards[s][start:start + self.seq_len + 1], dtype=np.int64)
+            if window.max() >= self.vocab_size:  # checked as read: scanning 80 shards up front costs minutes
+                check_token_range(window, self.vocab_size, f"{self.files[s]} (window at token {start})")
+            out.append(window)
         return np.stack(out)
 
 
@@ -1267,7 +1271,7 @@ class Trainer:
         self.stream = None
 
     def reset_stream(self, files):
-        self.stream = TrainStream(files, self.hp.train_seq_len, self.hp.seed)
+        self.stream = TrainStream(files, self.hp.train_seq_len, self.hp.seed, self.hp.vocab_size)
 
     def _sync_grads(self):
         """Bank grads: reduce-scattered for Parallel Muon. Other grads: one flat all-reduce
@@ -1376,7 +1380,7 @@ def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: i
     model (never validation data), summed over ranks so every rank quantizes identically."""
     if not hp.gptq_calibration_batches:
         return {}
-    stream = TrainStream(train_files, hp.train_seq_len, hp.seed + 1)
+    stream = TrainStream(train_files, hp.train_seq_len, hp.seed + 1, hp.vocab_size)
     rows = slice(dctx.rank * micro_seqs, (dctx.rank + 1) * micro_seqs)
     model.hessians, model.looped = {}, True
     model.eval()

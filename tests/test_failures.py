@@ -59,3 +59,13 @@ def test_eval_only_missing_or_foreign_artifact(tiny_data, tmp_path):
     for path, msg in [(tmp_path / "nope.br", "file not found"), (foreign, "bad magic")]:
         res = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, RUN_ID=f"ev_{path.stem}", EVAL_ONLY=str(path)))
         assert res.returncode == 2 and msg in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_train_token_out_of_vocab_names_the_shard(tmp_path):
+    toks = np.arange(3000) % 1000
+    toks[1700] = 5000
+    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", toks)
+    stream = train_gpt.TrainStream(train_gpt.shard_files(str(tmp_path), "train"), 64, 0, vocab_size=1024)
+    with pytest.raises(train_gpt.UserError, match=r"fineweb_train_000000.bin \(window at token \d+\): token 5000 at offset \d+ >= VOCAB_SIZE=1024"):
+        for _ in range(10):
+            stream.next_batch(16, slice(None))
