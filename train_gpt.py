@@ -710,6 +710,10 @@ class ParallelMuon(torch.optim.Optimizer):
         super().__init__(banks, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.backend_steps, self.row_normalize, self.orthogonalize = backend_steps, row_normalize, orthogonalize
         self.dctx, self.pending = dctx, []
+        # Overlap communication with Newton-Schulz on GPUs (NCCL). Gloo's async collectives on CPU
+        # intermittently abort at exit ("terminate called without an active exception"), so the
+        # CPU path waits for each collective where it is issued; the arithmetic is identical.
+        self.overlap = dctx.device.type == "cuda"
 
     def _shard_size(self, p):
         return -(-p.size(0) // self.dctx.world_size)
@@ -727,7 +731,10 @@ class ParallelMuon(torch.optim.Optimizer):
             full = p.grad.new_zeros((n * world, *p.shape[1:]))
             full[:p.size(0)] = p.grad
             shard = p.grad.new_empty((n, *p.shape[1:]))
-            self.pending.append((p, shard, dist.reduce_scatter_tensor(shard, full, async_op=True)))
+            work = dist.reduce_scatter_tensor(shard, full, async_op=self.overlap)
+            self.pending.append((p, shard, work if self.overlap else None))
+            if not self.overlap:
+                shard.div_(world)
 
     @torch.no_grad()
     def shard_grads(self) -> list[torch.Tensor]:
@@ -736,6 +743,7 @@ class ParallelMuon(torch.optim.Optimizer):
             if work is not None:
                 work.wait()
                 shard.div_(self.dctx.world_size)
+        self.pending = [(p, shard, None) for p, shard, _ in self.pending]
         return [shard for _, shard, _ in self.pending]
 
     @torch.no_grad()
@@ -752,7 +760,7 @@ class ParallelMuon(torch.optim.Optimizer):
             update = self.orthogonalize(update, self.backend_steps).to(p.dtype)
             if self.dctx.enabled:
                 full = update.new_empty((update.size(0) * self.dctx.world_size, *update.shape[1:]))
-                gathers.append((p, full, dist.all_gather_into_tensor(full, update.contiguous(), async_op=True)))
+                gathers.append((p, full, dist.all_gather_into_tensor(full, update.contiguous(), async_op=self.overlap)))
             else:
                 gathers.append((p, update, None))
         for p, full, work in gathers:  # the next bank's Newton-Schulz overlapped this gather
@@ -1519,6 +1527,7 @@ def run(hp: Hyperparameters) -> dict:
         for k, v in summary.items():
             log(f"{k}:{v:.8f}" if isinstance(v, float) else f"{k}:{v}")
         if dctx.enabled:
+            dist.barrier()  # no rank tears the group down while another still uses it
             dist.destroy_process_group()
         return summary
     except BaseException as e:  # the log keeps what happened; main() prints it and exits non-zero
@@ -1600,12 +1609,19 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
+    code = 0
     try:
         run(Hyperparameters())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    return 0
+        code = e.exit_code
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The run is complete and its files are written; gloo (torch 2.13) intermittently aborts
+        # in its thread teardown at interpreter exit, which would turn success into SIGABRT.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

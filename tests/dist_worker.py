@@ -2,6 +2,7 @@
 
 usage: [torchrun --nproc_per_node=N] python tests/dist_worker.py OUT.pt   (config from env)
 """
+import os
 import sys
 from pathlib import Path
 
@@ -31,4 +32,8 @@ if dctx.is_main:
     torch.save(dict(losses=losses, accum=trainer.accum, state=model.state_dict(), clipped=any(clipped)),
                sys.argv[1])
 if dctx.enabled:
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as train_gpt.main: skip gloo's flaky thread teardown at interpreter exit
