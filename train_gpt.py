@@ -1263,10 +1263,11 @@ def plan_batches(hp: Hyperparameters, world_size: int, device: torch.device) -> 
 
 
 class Trainer:
-    def __init__(self, hp, dctx, model, log):
-        self.hp, self.dctx, self.model, self.log = hp, dctx, model, log
-        cuda = dctx.device.type == "cuda"
-        self.compiled = bool(hp.compile) and cuda
+    """The model's optimizers, data stream, EMA and (compiled) forward; step() is one optimizer step."""
+
+    def __init__(self, hp: Hyperparameters, dctx: Dist, model: GPT):
+        self.hp, self.dctx, self.model = hp, dctx, model
+        self.compiled = bool(hp.compile) and dctx.device.type == "cuda"
         ortho = torch.compile(newton_schulz, dynamic=False) if self.compiled else newton_schulz
         self.optimizers = build_optimizers(model, hp, dctx, orthogonalize=ortho)
         self.adam, self.muon = self.optimizers
@@ -1324,7 +1325,7 @@ class Trainer:
 
     def snapshot(self):
         return ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                [json_safe_clone(opt.state_dict()) for opt in self.optimizers])
+                [clone_state(opt.state_dict()) for opt in self.optimizers])
 
     def restore(self, snap):
         model_state, opt_states = snap
@@ -1341,14 +1342,14 @@ class Trainer:
                     p.copy_(e)
 
 
-def json_safe_clone(state):
-    """Deep-copy an optimizer state_dict (tensors cloned) so warm-up can be undone."""
+def clone_state(state):
+    """Deep-copy a state_dict (tensors cloned) so warm-up can be undone."""
     if isinstance(state, torch.Tensor):
         return state.detach().clone()
     if isinstance(state, dict):
-        return {k: json_safe_clone(v) for k, v in state.items()}
+        return {k: clone_state(v) for k, v in state.items()}
     if isinstance(state, list):
-        return [json_safe_clone(v) for v in state]
+        return [clone_state(v) for v in state]
     return state
 
 
@@ -1367,7 +1368,7 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
         return blob
 
     k, lo, hi, best = hp.matrix_clip_sigmas, None, None, None  # lo: too big; hi: fits
-    for step in range(hp.clip_search_steps + 1):
+    for _ in range(hp.clip_search_steps + 1):
         blob = attempt(k)
         spare = ARTIFACT_LIMIT_BYTES - len(blob) - code_bytes
         if spare >= 0:
@@ -1540,7 +1541,7 @@ def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, 
     log(f"train_shards:{len(train_files)}")
     cfg = ModelConfig.from_hparams(hp)
     model = GPT(cfg).to(dctx.device)
-    trainer = Trainer(hp, dctx, model, log)
+    trainer = Trainer(hp, dctx, model)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} "
         f"layer_order_looped:{','.join(map(str, cfg.layer_order(True)))}")
     log(f"features: xsa_last_n:{cfg.xsa_last_n} qk_gain_init:{cfg.qk_gain_init} num_loops:{cfg.num_loops} "

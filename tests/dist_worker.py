@@ -15,7 +15,7 @@ hp = train_gpt.Hyperparameters()
 dctx = train_gpt.setup_distributed(hp)
 torch.manual_seed(hp.seed)
 model = train_gpt.GPT(train_gpt.ModelConfig.from_hparams(hp))
-trainer = train_gpt.Trainer(hp, dctx, model, log=None)
+trainer = train_gpt.Trainer(hp, dctx, model)
 trainer.reset_stream(train_gpt.shard_files(hp.data_path, "train"))
 clipped = []
 real_mul = torch._foreach_mul_
