@@ -542,6 +542,26 @@ class ModelConfig:
         return max(min(len(o) // 2, len(o) - len(o) // 2) for o in (self.layer_order(False), self.layer_order(True)))
 
 
+def model_flops_per_token(cfg: ModelConfig, seq_len: int, looped: bool) -> float:
+    """Training FLOPs per token (forward + backward): 6 x matmul weights used per token (looped
+    layers count per visit, plus the tied head) + 12 x layers x width x seq_len for attention
+    (the PaLM convention, not halved for causality)."""
+    d, kv, hidden = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, cfg.mlp_mult * cfg.model_dim
+    per_layer = 2 * d * d + 2 * kv * d + 2 * hidden * d
+    n_virtual = len(cfg.layer_order(looped))
+    return 6 * (n_virtual * per_layer + cfg.vocab_size * d) + 12 * n_virtual * d * seq_len
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense spec peaks, for MFU
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
@@ -1428,6 +1448,7 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_ev
         log(f"train_clock_cap:{cap_ms / 1000:.1f}s (MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS)")
     train_ms, step, stop_reason = 0.0, 0, "iterations"
     tokens_per_step = hp.train_batch_tokens
+    peak = device_peak_flops(dctx.device)
     last_val = None
     while True:
         progress = train_ms / cap_ms if cap_ms else step / hp.iterations
@@ -1455,8 +1476,13 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_ev
         if step <= 5 or step % hp.train_log_every == 0:
             avg = train_ms / step
             eta = (cap_ms - train_ms) / 1000 if cap_ms else (hp.iterations - step) * avg / 1000
+            tok_s = tokens_per_step / avg * 1000
+            mfu = ""
+            if peak:
+                flops = model_flops_per_token(model.cfg, hp.train_seq_len, model.looped)
+                mfu = f" mfu:{100 * tok_s * flops / (peak * dctx.world_size):.1f}%"
             log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} train_time:{train_ms / 1000:.1f}s "
-                f"step_avg:{avg:.2f}ms tok_s:{tokens_per_step / avg * 1000:.0f} eta:{max(eta, 0):.0f}s")
+                f"step_avg:{avg:.2f}ms tok_s:{tok_s:.0f} eta:{max(eta, 0):.0f}s{mfu}")
     log(f"stopping:{stop_reason} step:{step} train_time:{train_ms / 1000:.3f}s")
     return dict(steps=step, train_ms=train_ms, stop_reason=stop_reason, val=last_val)
 
@@ -1543,7 +1569,9 @@ def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, 
     model = GPT(cfg).to(dctx.device)
     trainer = Trainer(hp, dctx, model)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} "
-        f"layer_order_looped:{','.join(map(str, cfg.layer_order(True)))}")
+        f"layer_order_looped:{','.join(map(str, cfg.layer_order(True)))} "
+        f"flops_per_token:{model_flops_per_token(cfg, hp.train_seq_len, False):.4g} "
+        f"flops_per_token_looped:{model_flops_per_token(cfg, hp.train_seq_len, True):.4g}")
     log(f"features: xsa_last_n:{cfg.xsa_last_n} qk_gain_init:{cfg.qk_gain_init} num_loops:{cfg.num_loops} "
         f"loop:{cfg.loop_start}-{cfg.loop_end}@{hp.enable_looping_at} parallel_residual_start:{cfg.parallel_residual_start} "
         f"rope_dims:{model.rope_dims} ln_scale:{int(cfg.ln_scale)} skip_gates:{int(cfg.skip_gates)} "

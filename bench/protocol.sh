@@ -4,8 +4,8 @@
 #
 #   bench/protocol.sh CONFIG [VAR=value ...]      CONFIG: default | baseline
 #
-# baseline = the public naive baseline's shape and optimizer (9x512, MLP 2x, relu^2, seq 1024,
-# QK gain 1.5, no XSA/loops/parallel/gates/EMA/WD) on vocab 8192.
+# baseline = bench/baseline.env: the public naive baseline's shape and optimizer (9x512, MLP 2x,
+# relu^2, seq 1024, QK gain 1.5, no XSA/loops/parallel/gates/EMA/WD) on vocab 8192.
 # BENCH_DIR (default ../shared/bench) holds make_shards.py; BENCH_DATA (default /tmp/benchdata)
 # receives the shards. SCRIPT (default train_gpt.py) picks the file to run, e.g. build/train_gpt.py
 # from scripts/pack_code.py. Extra VAR=value pairs override anything.
@@ -22,11 +22,7 @@ common=(DATA_PATH="$data/datasets/bench_sp8192" TOKENIZER_PATH="$data/tokenizers
         VOCAB_SIZE=8192 MAX_WALLCLOCK_SECONDS=240 SEED=1337)
 case "$config" in
   default) cfg=(TRAIN_BATCH_TOKENS=98304) ;;
-  baseline) cfg=(TRAIN_BATCH_TOKENS=65536 NUM_LAYERS=9 MLP_MULT=2 TRAIN_SEQ_LEN=1024 MLP_LEAKY_SLOPE=0
-                 QK_GAIN_INIT=1.5 XSA_LAST_N=0 NUM_LOOPS=0 PARALLEL_RESIDUAL_START=-1 ROPE_DIMS=0 LN_SCALE=0
-                 SKIP_GATES=0 MATRIX_LR=0.04 SCALAR_LR=0.04 TIED_EMBED_LR=0.05 MUON_MOMENTUM=0.95
-                 MUON_MOMENTUM_WARMUP_START=0.85 MUON_MOMENTUM_WARMUP_STEPS=500 MUON_ROW_NORMALIZE=0
-                 MUON_WD=0 EMBED_WD=0 ADAM_WD=0 GRAD_CLIP_NORM=0 EMA_DECAY=0 WARMDOWN_FRAC=0.72) ;;
+  baseline) mapfile -t cfg < bench/baseline.env ;;
   *) echo "error: unknown CONFIG '$config' (expected default or baseline)" >&2; exit 2 ;;
 esac
 exec env "${common[@]}" "${cfg[@]}" "$@" torchrun --standalone --nproc_per_node=1 "${SCRIPT:-train_gpt.py}"

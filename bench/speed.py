@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Fixed short speed benchmark: one line per configuration, side by side in one process.
+
+usage: python3 bench/speed.py [--configs default,default_looped,baseline] [--steps 100] [--warmup 10]
+                              [--eval-tokens 262144] [--set KEY=VALUE ...]
+
+Each configuration builds train_gpt's model and Trainer (compiled on CUDA unless COMPILE=0), runs
+--warmup steps, then times --steps optimizer steps on random tokens (speed does not depend on the
+data) and a sliding-window eval (EVAL_SEQ_LEN/EVAL_STRIDE) over --eval-tokens random tokens.
+Configurations: default = the submitted stack with one H100's share of the batch (98,304 tokens);
+default_looped = the same with depth recurrence on; baseline = bench/baseline.env. --set applies
+overrides to every configuration (e.g. --set DEVICE=cpu NUM_LAYERS=2 for a smoke test).
+Prints: config, looped, ms_step, tok_s, flops_per_token, mfu (CUDA), peak_mem_mib (CUDA), eval_tok_s.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import train_gpt  # noqa: E402
+
+
+def read_env_file(path: Path) -> dict:
+    return dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
+
+
+CONFIGS = {
+    "default": ({"TRAIN_BATCH_TOKENS": "98304"}, False),
+    "default_looped": ({"TRAIN_BATCH_TOKENS": "98304"}, True),
+    "baseline": (read_env_file(HERE / "baseline.env"), False),
+}
+
+
+class RandomStream:
+    """Stands in for TrainStream: uniform random tokens, same shapes."""
+
+    def __init__(self, vocab: int, seq_len: int):
+        self.rng, self.vocab, self.seq_len = np.random.default_rng(0), vocab, seq_len
+
+    def next_batch(self, n_seqs: int, rows: slice) -> np.ndarray:
+        return self.rng.integers(0, self.vocab, size=(n_seqs, self.seq_len + 1))[rows]
+
+
+def bench(name: str, overrides: dict, looped: bool, args) -> str:
+    hp = train_gpt.Hyperparameters(overrides)
+    dctx = train_gpt.setup_distributed(hp)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(train_gpt.ModelConfig.from_hparams(hp)).to(dctx.device)
+    model.looped = looped
+    trainer = train_gpt.Trainer(hp, dctx, model)
+    trainer.stream = RandomStream(hp.vocab_size, hp.train_seq_len)
+    for _ in range(args.warmup):
+        trainer.step(0, 1.0)
+    if dctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train_gpt.synchronize(dctx.device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.step(0, 1.0)
+    train_gpt.synchronize(dctx.device)
+    ms = 1000 * (time.perf_counter() - t0) / args.steps
+    tok_s = hp.train_batch_tokens / ms * 1000
+    flops = train_gpt.model_flops_per_token(model.cfg, hp.train_seq_len, looped)
+    peak = train_gpt.device_peak_flops(dctx.device)
+    val = np.random.default_rng(1).integers(0, hp.vocab_size, size=args.eval_tokens + 1).astype(np.uint16)
+    lut = train_gpt.ByteLUT(torch.ones(hp.vocab_size, dtype=torch.int32), torch.zeros(hp.vocab_size, dtype=torch.bool),
+                            torch.zeros(hp.vocab_size, dtype=torch.bool)).to(dctx.device)
+    train_gpt.synchronize(dctx.device)
+    t0 = time.perf_counter()
+    train_gpt.eval_tokens(model, val, lut, dctx, hp, hp.eval_seq_len, hp.eval_stride or hp.eval_seq_len)
+    train_gpt.synchronize(dctx.device)
+    eval_tok_s = args.eval_tokens / (time.perf_counter() - t0)
+    line = (f"config:{name} looped:{int(looped)} ms_step:{ms:.2f} tok_s:{tok_s:.0f} flops_per_token:{flops:.4g} "
+            f"eval_tok_s:{eval_tok_s:.0f}")
+    if peak:
+        line += f" mfu:{100 * tok_s * flops / peak:.1f}% peak_mem_mib:{torch.cuda.max_memory_allocated() // 2**20}"
+    return line
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="default,default_looped,baseline", help="comma-separated: " + ",".join(CONFIGS))
+    ap.add_argument("--steps", type=int, default=100, help="timed optimizer steps per config")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (compile)")
+    ap.add_argument("--eval-tokens", type=int, default=262144, help="random tokens scored by the sliding eval")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every config")
+    args = ap.parse_args(argv)
+    extra = dict(kv.split("=", 1) for kv in args.set)
+    for name in args.configs.split(","):
+        if name not in CONFIGS:
+            print(f"error: --configs: unknown config {name!r} (expected one of {', '.join(CONFIGS)})", file=sys.stderr)
+            return 2
+        overrides, looped = CONFIGS[name]
+        try:
+            print(bench(name, overrides | extra, looped, args), flush=True)
+        except train_gpt.UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

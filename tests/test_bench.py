@@ -1,0 +1,31 @@
+"""The speed benchmark runs (tiny, CPU) and prints its fixed line format; bench configs are valid."""
+import re
+
+import train_gpt
+from conftest import ROOT, run_script
+
+TINY = ["DEVICE=cpu", "NUM_LAYERS=3", "MODEL_DIM=64", "NUM_HEADS=4", "NUM_KV_HEADS=2", "TRAIN_BATCH_TOKENS=1024",
+        "TRAIN_SEQ_LEN=128", "EVAL_SEQ_LEN=128", "EVAL_STRIDE=64", "VOCAB_SIZE=512", "LOOP_START=0", "LOOP_END=1"]
+
+
+def test_speed_script_prints_one_line_per_config():
+    res = run_script(["bench/speed.py", "--steps", "2", "--warmup", "1", "--eval-tokens", "1024", "--set", *TINY],
+                     env=None)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["config:default", "config:default_looped", "config:baseline"]
+    for line in lines:
+        assert re.fullmatch(r"config:\w+ looped:[01] ms_step:[\d.]+ tok_s:\d+ flops_per_token:\S+ eval_tok_s:\d+", line)
+    looped = float(lines[1].split()[4].split(":")[1])
+    assert looped > float(lines[0].split()[4].split(":")[1])  # recurrence adds FLOPs per token
+
+
+def test_bench_configs_are_valid_knobs():
+    env = dict(line.split("=", 1) for line in (ROOT / "bench" / "baseline.env").read_text().split())
+    hp = train_gpt.Hyperparameters(env)
+    assert hp.warnings == [] and hp.num_layers == 9 and hp.num_loops == 0
+
+
+def test_speed_script_rejects_unknown_config():
+    res = run_script(["bench/speed.py", "--configs", "nope"], env=None)
+    assert res.returncode == 2 and "unknown config 'nope'" in res.stderr
