@@ -190,7 +190,9 @@ def _parse(knob: Knob, raw: str):
     if kind is float and not math.isfinite(value):
         raise UserError(f"env {knob.name}={raw!r}: expected a finite number")
     if knob.lo is not None and value < knob.lo or knob.hi is not None and value > knob.hi:
-        raise UserError(f"env {knob.name}={raw!r}: expected a value in [{knob.lo}, {knob.hi}]")
+        bound = (f"in [{knob.lo}, {knob.hi}]" if knob.lo is not None and knob.hi is not None
+                 else f">= {knob.lo}" if knob.lo is not None else f"<= {knob.hi}")
+        raise UserError(f"env {knob.name}={raw!r}: expected a value {bound}")
     if knob.choices and value not in knob.choices:
         raise UserError(f"env {knob.name}={raw!r}: expected one of {'|'.join(knob.choices)}")
     return value

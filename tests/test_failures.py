@@ -8,6 +8,8 @@ import time
 import numpy as np
 import pytest
 
+import torch
+
 import train_gpt
 from conftest import ROOT, run_script, tiny_env
 
@@ -69,3 +71,38 @@ def test_train_token_out_of_vocab_names_the_shard(tmp_path):
     with pytest.raises(train_gpt.UserError, match=r"fineweb_train_000000.bin \(window at token \d+\): token 5000 at offset \d+ >= VOCAB_SIZE=1024"):
         for _ in range(10):
             stream.next_batch(16, slice(None))
+
+
+# --- bad input: one line on stderr, exit 2 -------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,msg", [
+    (dict(DATA_PATH="/nonexistent/dir"), "no val shards match /nonexistent/dir"),
+    (dict(ITERATIONS="ten"), "env ITERATIONS='ten': expected int"),
+    (dict(MATRIX_LR="nan"), "env MATRIX_LR='nan': expected a finite number"),
+    (dict(DEVICE="tpu"), "env DEVICE='tpu': expected one of auto|cuda|cpu"),
+    (dict(VOCAB_SIZE="8192"), "vocab 1024 != VOCAB_SIZE=8192"),
+    (dict(WORLD_SIZE="3"), "WORLD_SIZE=3: must divide 8"),
+    (dict(DEVICE="cuda"), "env DEVICE=cuda: no CUDA device"),
+    (dict(WARMDOWN_ITERS="1200"), "env WARMDOWN_ITERS is not supported"),
+    (dict(NUM_KV_HEADS="3"), "NUM_KV_HEADS=3: must divide NUM_HEADS=4"),
+    (dict(TRAIN_BATCH_TOKENS="1000"), "TRAIN_BATCH_TOKENS=1000: must be a positive multiple"),
+    (dict(TOKENIZER_PATH="/nonexistent/tok.model"), "tokenizer /nonexistent/tok.model: file not found"),
+    (dict(TOKENIZER_PATH=__file__), "not a SentencePiece model"),
+    (dict(NUM_LAYERS="0"), "env NUM_LAYERS='0': expected a value >= 1"),
+    (dict(ENABLE_LOOPING_AT="1.5"), "env ENABLE_LOOPING_AT='1.5': expected a value in [0, 1]"),
+    (dict(SLOT="maybe"), "env SLOT='maybe': expected one of off|context|full"),
+    (dict(VAL_FILES="/nonexistent/*.bin"), "no val shards match /nonexistent/*.bin"),
+])
+def test_bad_input(tiny_data, tmp_path, overrides, msg):
+    if overrides.get("DEVICE") == "cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    res = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, **overrides), timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], res.stderr
+    assert not (tmp_path / "art").exists() or not any((tmp_path / "art").iterdir())
+
+
+def test_unknown_knob_warns():
+    hp = train_gpt.Hyperparameters({"MUON_MOMENTUN": "0.9", "NUM_LAYERS": "9"})
+    assert hp.num_layers == 9 and hp.warnings == ["env MUON_MOMENTUN is set but no knob reads it (typo?)"]
