@@ -1521,15 +1521,15 @@ def run(hp: Hyperparameters) -> dict:
     code = Path(__file__).read_bytes()
     run_id = dctx.broadcast_object(hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}_seed{hp.seed}")
     log = RunLog(Path(hp.log_dir) / f"{run_id}.txt" if dctx.is_main else None)
-    if dctx.is_main and not hp.eval_only:
-        check_writable(Path(hp.artifact_dir))
     for line in describe_environment(hp, dctx, code):
         log(line)
     log(f"run_id:{run_id}")
     for w in hp.warnings:
         log(f"warning:{w}")
     try:
-        # Data and tokenizer are checked before any compute is spent.
+        # Output folder, data and tokenizer are checked before any compute is spent.
+        if dctx.is_main and not hp.eval_only:
+            check_writable(Path(hp.artifact_dir))
         sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
         lut = build_byte_lut(sp, hp.vocab_size).to(dctx.device)
         val_files = shard_files(hp.data_path, "val", hp.val_files)
