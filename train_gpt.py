@@ -9,8 +9,10 @@ training loop, main. Every knob is an environment variable (see `Hyperparameters
             more gradient accumulation)
   CPU:      python train_gpt.py   (float32, no compile; for tests and tiny configs)
 
-The score is the exact tokenizer-agnostic val_bpb of the model reloaded from the artifact
-(compressed weights); artifact bytes = model file bytes + the bytes of this file.
+The score (final_val_bpb) is the exact tokenizer-agnostic bits per byte of the model reloaded
+from the artifact, after the last valid evaluation phase (plain windows -> sliding windows ->
+score-first TTT). Artifact bytes = model file bytes + the bytes of the file that runs: ship the
+deterministic packed form from scripts/pack_code.py, which counts itself.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ KNOBS = [
     Knob("RUN_ID", "", "log/artifact name; empty = <UTC time>_seed<SEED>"),
     Knob("SEED", 1337, "seeds init, data order and everything random", 0, 2**31 - 1),
     Knob("LOG_DIR", "logs", "where <RUN_ID>.txt is written"),
-    Knob("ARTIFACT_DIR", ".", "where final_model_<RUN_ID>.int8.br is written"),
+    Knob("ARTIFACT_DIR", ".", "where final_model_<RUN_ID>.int<MATRIX_BITS>.br is written"),
     Knob("DEVICE", "auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu")),
     Knob("COMPILE", 1, "torch.compile the model on CUDA (0 for debugging; never on CPU)", 0, 1),
     # --- schedule and batch ---
