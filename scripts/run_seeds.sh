@@ -8,6 +8,8 @@
 #   also saved to $LOG_DIR/<NAME>_seed<S>.console.txt. Every other knob comes from your env.
 #   Launcher: torchrun --standalone --nproc_per_node=${NPROC:-8}; LAUNCH replaces it entirely
 #   (e.g. LAUNCH=python3 for CPU). Args after -- go to the launcher, before train_gpt.py.
+#   SCRIPT picks the file to run (default train_gpt.py beside scripts/; for a record, the packed
+#   build/train_gpt.py from scripts/pack_code.py, whose bytes are what is counted).
 #   Stops at the first failing seed: prints the tail of its log and exits non-zero.
 #   Refuses to start if any of the logs already exists (train_gpt.py never overwrites a log).
 #
@@ -15,7 +17,7 @@
 #          scripts/summarize.py logs/sp8192_base_seed{1337,42,2025}.txt
 set -uo pipefail
 
-usage() { sed -n '2,16s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+usage() { sed -n '2,18s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 [[ $# -ge 2 ]] || usage
 name=$1
 read -r -a seeds <<< "$2"
@@ -26,7 +28,8 @@ if [[ $# -gt 0 ]]; then
 fi
 [[ ${#seeds[@]} -gt 0 && -n $name ]] || usage
 
-train=$(cd "$(dirname "$0")/.." && pwd)/train_gpt.py
+train=${SCRIPT:-$(cd "$(dirname "$0")/.." && pwd)/train_gpt.py}
+[[ -f $train ]] || { echo "error: SCRIPT=$train: file not found" >&2; exit 2; }
 read -r -a launch <<< "${LAUNCH:-torchrun --standalone --nproc_per_node=${NPROC:-8}}"
 log_dir=${LOG_DIR:-logs}
 
