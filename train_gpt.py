@@ -949,7 +949,7 @@ def byte_unshuffle(buf: bytes, itemsize: int) -> bytes:
     return np.frombuffer(buf, np.uint8).reshape(itemsize, -1).T.tobytes()
 
 
-_DTYPES = {"int8": (torch.int8, np.int8), "float16": (torch.float16, np.float16)}
+_DTYPES = {"int8": np.int8, "float16": np.float16}  # the only element types an artifact may hold
 
 
 def pack_artifact(qstate: dict[str, dict], config: dict) -> bytes:
@@ -959,7 +959,9 @@ def pack_artifact(qstate: dict[str, dict], config: dict) -> bytes:
             if field == "kind":
                 continue
             dtype = str(t.dtype).removeprefix("torch.")
-            raw = byte_shuffle(t.contiguous().numpy().astype(_DTYPES[dtype][1].__name__).tobytes(), t.element_size())
+            if dtype not in _DTYPES:
+                raise ValueError(f"pack_artifact: {name}.{field} has unsupported dtype {dtype}")
+            raw = byte_shuffle(t.contiguous().numpy().tobytes(), t.element_size())
             table.append(dict(name=name, kind=entry["kind"], field=field, dtype=dtype,
                               shape=list(t.shape), offset=offset, nbytes=len(raw)))
             chunks.append(raw)
@@ -996,7 +998,7 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
     for e in meta["tensors"]:
         if e["dtype"] not in _DTYPES or e["offset"] + e["nbytes"] > len(data):
             raise UserError(f"{source}: corrupted tensor table entry {e.get('name')}")
-        tdtype, ndtype = _DTYPES[e["dtype"]]
+        ndtype = _DTYPES[e["dtype"]]
         raw = byte_unshuffle(data[e["offset"]:e["offset"] + e["nbytes"]], np.dtype(ndtype).itemsize)
         arr = np.frombuffer(raw, dtype=ndtype).reshape(e["shape"]).copy()
         qstate.setdefault(e["name"], {"kind": e["kind"]})[e["field"]] = torch.from_numpy(arr)
@@ -1348,8 +1350,7 @@ class Trainer:
         return self.dctx.all_reduce_sum(loss_sum).item() / self.dctx.world_size
 
     def snapshot(self):
-        return ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                [clone_state(opt.state_dict()) for opt in self.optimizers])
+        return clone_state(self.model.state_dict()), [clone_state(opt.state_dict()) for opt in self.optimizers]
 
     def restore(self, snap):
         model_state, opt_states = snap
