@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -89,6 +90,9 @@ KNOBS = [
     Knob("ARTIFACT_DIR", ".", "where final_model_<RUN_ID>.int<MATRIX_BITS>.br is written"),
     Knob("DEVICE", "auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu")),
     Knob("COMPILE", 1, "torch.compile the model on CUDA (0 for debugging; never on CPU)", 0, 1),
+    Knob("ATTN_BACKEND", "auto", "auto (fa3, else fa2, else the fastest SDPA kernel, measured) | fa3 | fa2 | sdpa "
+         "(fastest SDPA kernel, measured) | sdpa_cudnn | sdpa_flash | sdpa_efficient | sdpa_math",
+         choices=("auto", "fa3", "fa2", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")),
     # --- schedule and batch ---
     Knob("ITERATIONS", 20000, "max optimizer steps", 1),
     Knob("MAX_WALLCLOCK_SECONDS", 600.0, "training clock cap (compile warm-up and val excluded); 0 = none", 0),
@@ -177,7 +181,7 @@ RETIRED_KNOBS = {
     "VAL_BATCH_SIZE": "use EVAL_BATCH_SEQS (windows per forward)",
 }
 # Env vars starting with these look like ours; an unknown one is probably a typo.
-KNOB_PREFIXES = ("DATA_", "TOKENIZER", "VOCAB", "TRAIN_", "VAL_", "MUON_", "ADAM_", "EMBED_", "TIED_",
+KNOB_PREFIXES = ("ATTN_", "DATA_", "TOKENIZER", "VOCAB", "TRAIN_", "VAL_", "MUON_", "ADAM_", "EMBED_", "TIED_",
                  "NUM_", "MODEL_", "MLP_", "ROPE_", "LOOP_", "QK_", "XSA_", "EMA_", "WARMDOWN", "MATRIX_",
                  "SCALAR_", "MICRO_", "ARTIFACT", "LOG_DIR", "SKIP_", "PARALLEL_", "LN_", "LOGIT_", "GPTQ_",
                  "EVAL_", "TTT_", "SLOT", "DUMP_", "LEGALITY", "CLIP_")
@@ -234,7 +238,7 @@ class Hyperparameters:
 def knob_reference() -> str:
     """Markdown table of every knob (README's env reference is generated from this)."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{k.name}` | `{k.default}` | {k.doc} |" for k in KNOBS]
+    rows += [f"| `{k.name}` | `{k.default}` | {k.doc.replace('|', chr(92) + '|')} |" for k in KNOBS]
     return "\n".join(rows)
 
 
@@ -248,6 +252,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    cpu_group: object = None  # gloo group for host-side agreement (the train clock); None = default group
 
     @property
     def enabled(self):
@@ -275,10 +280,11 @@ class Dist:
             offset += t.numel()
 
     def all_reduce_max(self, value: float) -> float:
+        """Max of a host number over ranks, through the CPU group: no wait on queued GPU work."""
         if not self.enabled:
             return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
         return t.item()
 
     def broadcast_object(self, obj):
@@ -301,9 +307,11 @@ def setup_distributed(hp: Hyperparameters) -> Dist:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    cpu_group = None
     if world_size > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return Dist(rank, world_size, local_rank, device)
+        cpu_group = dist.new_group(backend="gloo") if use_cuda else None
+    return Dist(rank, world_size, local_rank, device, cpu_group)
 
 
 class RunLog:
@@ -578,6 +586,100 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims:
     return torch.cat((rot, rest), dim=-1) if rest.numel() else rot
 
 
+# Attention kernels. Each takes q [B,T,H,hd] and k, v [B,T,Hkv,hd] and returns causal attention
+# [B,T,H,hd]. FlashAttention 3 / 2 take GQA natively. An SDPA kernel is chosen through torch's global
+# backend flags (read when the compiled graph is traced), with the math kernel left on as the
+# fallback for shapes the chosen one rejects; kernels without GQA support get K/V repeated.
+
+SDPA_KERNELS = {"sdpa_cudnn": "cudnn", "sdpa_flash": "flash", "sdpa_efficient": "mem_efficient", "sdpa_math": "math"}
+
+
+def set_sdpa_kernel(name: str | None, fallback: bool = True):
+    """Allow only SDPA kernel `name` (and math, if fallback); None allows all (torch's own choice)."""
+    for kernel, flag in SDPA_KERNELS.items():
+        on = name is None or kernel == name or (fallback and kernel == "sdpa_math")
+        getattr(torch.backends.cuda, f"enable_{flag}_sdp")(on)
+
+
+def sdpa_attention(expand_kv: bool = False):
+    def attend(q, k, v):
+        if expand_kv and k.size(2) != q.size(2):
+            k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=k.size(2) != q.size(2))
+        return y.transpose(1, 2)
+    return attend
+
+
+def flash_attention(name: str):
+    """flash_attn_func of FlashAttention 3 (fa3) or 2 (fa2); None when the package is missing."""
+    try:
+        if name == "fa3":
+            from flash_attn_interface import flash_attn_func
+        else:
+            from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+
+    def attend(q, k, v):
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the LSE
+    return attend
+
+
+def time_attention(attend, shape: tuple, device: torch.device, reps: int = 5) -> float:
+    """Mean ms of one forward+backward at shape (B, T, H, Hkv, hd), bf16."""
+    B, T, H, Hkv, hd = shape
+    q, k, v = (torch.randn(B, T, h, hd, device=device, dtype=torch.bfloat16, requires_grad=True) for h in (H, Hkv, Hkv))
+    for i in range(reps + 1):
+        if i == 1:  # the first call warms up
+            synchronize(device)
+            t0 = time.perf_counter()
+        attend(q, k, v).float().square().mean().backward()
+    synchronize(device)
+    return 1000 * (time.perf_counter() - t0) / reps
+
+
+def select_attention(choice: str, device: torch.device, shape: tuple) -> tuple[str, object, str]:
+    """(name, attend, note). On CUDA, `auto` takes FlashAttention 3, else 2, else the SDPA kernel
+    that runs `shape` fastest (measured here); `sdpa` measures the SDPA kernels only; a named
+    kernel is used as asked. On CPU, SDPA with torch's own choice unless a kernel is named."""
+    if choice in ("fa3", "fa2"):
+        attend = flash_attention(choice)
+        if attend is None or device.type != "cuda":
+            raise UserError(f"env ATTN_BACKEND={choice}: flash-attention {choice[-1]} is not importable on "
+                            f"{device.type} (use auto or sdpa)")
+        return choice, attend, ""
+    if choice == "auto" and device.type == "cuda":
+        for name in ("fa3", "fa2"):
+            if (attend := flash_attention(name)) is not None:
+                return name, attend, ""
+    if choice in SDPA_KERNELS:
+        set_sdpa_kernel(choice)
+        return choice, sdpa_attention(expand_kv=choice == "sdpa_efficient"), ""
+    if device.type != "cuda":
+        set_sdpa_kernel(None)
+        return "sdpa", sdpa_attention(), ""
+    timings = {}
+    for name in ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient"):
+        set_sdpa_kernel(name, fallback=False)  # an unsupported call raises instead of falling back
+        for expand in (False, True):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "... kernel not used because ..."
+                    timings[(name, expand)] = time_attention(sdpa_attention(expand), shape, device)
+                break
+            except RuntimeError:
+                continue
+    if not timings:
+        set_sdpa_kernel(None)
+        return "sdpa", sdpa_attention(), "measured:no_kernel_ran"
+    (name, expand), _ = min(timings.items(), key=lambda kv: kv[1])
+    set_sdpa_kernel(name)
+    note = "measured_ms:" + ",".join(f"{n}{'+expand_kv' if e else ''}={ms:.2f}" for (n, e), ms in timings.items())
+    return name, sdpa_attention(expand), note
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -586,6 +688,7 @@ class GPT(nn.Module):
         kv, hidden = cfg.num_kv_heads * hd, cfg.mlp_mult * cfg.model_dim
         self.rope_dims = cfg.rope_dims or hd
         self.looped = False  # depth recurrence off until ENABLE_LOOPING_AT; eval turns it on
+        self.attend = sdpa_attention()  # the run replaces it with select_attention's choice
         self.hessians = None  # a dict while collecting GPTQ statistics (eager calibration only)
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))        # Q of layer i, out-proj at L+i
@@ -631,8 +734,7 @@ class GPT(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rope(rms_norm(q), cos, sin, self.rope_dims) * self.q_gain[i].to(q.dtype)[:, None]
         k = apply_rope(rms_norm(k), cos, sin, self.rope_dims)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=Hkv != H).transpose(1, 2)
+        y = self.attend(q, k, v)
         if i >= L - cfg.xsa_last_n:
             # XSA: drop the component of each head's output along the token's own value vector
             # (GQA-grouped view, so K/V are never repeated).
@@ -1294,6 +1396,8 @@ class Trainer:
     def __init__(self, hp: Hyperparameters, dctx: Dist, model: GPT):
         self.hp, self.dctx, self.model = hp, dctx, model
         self.compiled = bool(hp.compile) and dctx.device.type == "cuda"
+        if self.compiled:
+            configure_inductor()
         ortho = torch.compile(newton_schulz, dynamic=False) if self.compiled else newton_schulz
         self.optimizers = build_optimizers(model, hp, dctx, orthogonalize=ortho)
         self.adam, self.muon = self.optimizers
@@ -1305,8 +1409,24 @@ class Trainer:
         self.ema = [p.detach().float().clone() for p in model.parameters()] if hp.ema_decay else None
         self.stream = None
 
+    @property
+    def stream(self):
+        return self._stream
+
+    @stream.setter
+    def stream(self, stream):
+        self._stream, self._next_batch = stream, None  # a new stream drops the prefetched batch
+
     def reset_stream(self, files):
         self.stream = TrainStream(files, self.hp.train_seq_len, self.hp.seed, self.hp.vocab_size)
+
+    def _load_batch(self) -> torch.Tensor:
+        """This rank's rows of the next global batch, on its way to the device (async on CUDA)."""
+        rows = slice(self.dctx.rank * self.local_seqs, (self.dctx.rank + 1) * self.local_seqs)
+        batch = torch.from_numpy(self.stream.next_batch(self.global_seqs, rows))
+        if self.dctx.device.type == "cuda":
+            batch = batch.pin_memory().to(self.dctx.device, non_blocking=True)
+        return batch
 
     def _sync_grads(self):
         """Bank grads: reduce-scattered for Parallel Muon. Other grads: one flat all-reduce
@@ -1322,12 +1442,10 @@ class Trainer:
             scale = (self.hp.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads + shards, scale)
 
-    def step(self, step: int, lr_mul: float) -> float:
-        """One optimizer step on the next global batch; returns the global mean train loss."""
-        rows = slice(self.dctx.rank * self.local_seqs, (self.dctx.rank + 1) * self.local_seqs)
-        batch = torch.from_numpy(self.stream.next_batch(self.global_seqs, rows))
-        if self.dctx.device.type == "cuda":
-            batch = batch.pin_memory().to(self.dctx.device, non_blocking=True)
+    def step(self, step: int, lr_mul: float) -> torch.Tensor:
+        """Queue one optimizer step on the next global batch. Returns the global mean train loss as
+        a device scalar; nothing here waits for the GPU, so the caller decides when to read it."""
+        batch = self._next_batch if self._next_batch is not None else self._load_batch()
         loss_sum = torch.zeros((), device=self.dctx.device)
         for m in range(self.accum):
             mb = batch[m * self.micro_seqs:(m + 1) * self.micro_seqs]
@@ -1335,6 +1453,7 @@ class Trainer:
                 loss = self.forward(mb[:, :-1], mb[:, 1:]).mean()
             (loss / self.accum).backward()
             loss_sum += loss.detach()
+        self._next_batch = self._load_batch()  # read from disk while the GPU works through this step
         self._sync_grads()
         mom = muon_momentum(step, self.hp)
         for opt in self.optimizers:
@@ -1346,8 +1465,7 @@ class Trainer:
         self.model.zero_grad(set_to_none=False)
         if self.ema is not None:
             torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.model.parameters()], 1 - self.hp.ema_decay)
-        loss_sum /= self.accum
-        return self.dctx.all_reduce_sum(loss_sum).item() / self.dctx.world_size
+        return self.dctx.all_reduce_sum(loss_sum) / (self.accum * self.dctx.world_size)
 
     def snapshot(self):
         return clone_state(self.model.state_dict()), [clone_state(opt.state_dict()) for opt in self.optimizers]
@@ -1447,49 +1565,72 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_ev
         trainer.restore(snap)
         model.looped = False
     trainer.reset_stream(train_files)
+    synchronize(dctx.device)  # the priming steps were queued asynchronously; none may reach the clock
 
     cap_ms = 1000 * max(hp.max_wallclock_seconds - hp.gptq_reserve_seconds, 0) if hp.max_wallclock_seconds else 0
     if hp.max_wallclock_seconds:
         log(f"train_clock_cap:{cap_ms / 1000:.1f}s (MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS)")
-    train_ms, step, stop_reason = 0.0, 0, "iterations"
-    tokens_per_step = hp.train_batch_tokens
+    # The CPU queues step k+1 before reading step k's loss, so the GPU never waits for the host.
+    # The clock is read when a loss is read (the GPU has then finished that step): it runs one
+    # step behind the queue, and every rank takes the slowest rank's reading.
     peak = device_peak_flops(dctx.device)
-    last_val = None
-    while True:
-        progress = train_ms / cap_ms if cap_ms else step / hp.iterations
-        if hp.num_loops and not model.looped and progress >= hp.enable_looping_at:
-            model.looped = True
-            log(f"layer_loop:enabled step:{step} progress:{progress:.3f}")
-        done = step >= hp.iterations or (cap_ms and train_ms >= cap_ms)
-        if done or (hp.val_loss_every and step and step % hp.val_loss_every == 0):
-            last_val = val_eval()
-            log(f"step:{step}/{hp.iterations} val_loss:{last_val[0]:.4f} val_bpb:{last_val[1]:.4f} "
-                f"train_time:{train_ms / 1000:.1f}s step_avg:{train_ms / max(step, 1):.2f}ms")
-        if done:
-            stop_reason = "wallclock_cap" if step < hp.iterations else "iterations"
-            break
-        synchronize(dctx.device)
-        t0 = time.perf_counter()
-        loss = trainer.step(step, lr_multiplier(progress, hp.warmdown_frac, hp.min_lr))
+    clock = dict(train_ms=0.0, t0=time.perf_counter())
+
+    def settle(entry):
+        """Wait for the queued step `entry` = (step number, loss); advance the clock; log."""
+        k, loss_t = entry
+        loss = loss_t.item()
+        now = time.perf_counter()
+        clock["train_ms"] = dctx.all_reduce_max(clock["train_ms"] + 1000 * (now - clock["t0"]))
+        clock["t0"] = now
         if not math.isfinite(loss):
-            raise UserError(f"train_loss became {loss} at step {step + 1}: stopping (lower MATRIX_LR?)")
-        synchronize(dctx.device)
-        step_ms = 1000 * (time.perf_counter() - t0)
-        # Every rank must stop on the same step: agree on the slowest rank's clock.
-        train_ms = dctx.all_reduce_max(train_ms + step_ms)
-        step += 1
-        if step <= 5 or step % hp.train_log_every == 0:
-            avg = train_ms / step
-            eta = (cap_ms - train_ms) / 1000 if cap_ms else (hp.iterations - step) * avg / 1000
-            tok_s = tokens_per_step / avg * 1000
+            raise UserError(f"train_loss became {loss} at step {k}: stopping (lower MATRIX_LR?)")
+        if k <= 5 or k % hp.train_log_every == 0:
+            avg = clock["train_ms"] / k
+            eta = (cap_ms - clock["train_ms"]) / 1000 if cap_ms else (hp.iterations - k) * avg / 1000
+            tok_s = hp.train_batch_tokens / avg * 1000
             mfu = ""
             if peak:
                 flops = model_flops_per_token(model.cfg, hp.train_seq_len, model.looped)
                 mfu = f" mfu:{100 * tok_s * flops / (peak * dctx.world_size):.1f}%"
-            log(f"step:{step}/{hp.iterations} train_loss:{loss:.4f} train_time:{train_ms / 1000:.1f}s "
+            log(f"step:{k}/{hp.iterations} train_loss:{loss:.4f} train_time:{clock['train_ms'] / 1000:.1f}s "
                 f"step_avg:{avg:.2f}ms tok_s:{tok_s:.0f} eta:{max(eta, 0):.0f}s{mfu}")
+
+    step, stop_reason, last_val, queued = 0, "iterations", None, None
+    while True:
+        progress = clock["train_ms"] / cap_ms if cap_ms else step / hp.iterations
+        if hp.num_loops and not model.looped and progress >= hp.enable_looping_at:
+            model.looped = True
+            log(f"layer_loop:enabled step:{step} progress:{progress:.3f}")
+        done = step >= hp.iterations or (cap_ms and clock["train_ms"] >= cap_ms)
+        if done or (hp.val_loss_every and step and step % hp.val_loss_every == 0):
+            if queued:
+                settle(queued)
+                queued = None
+            last_val = val_eval()  # off the clock
+            log(f"step:{step}/{hp.iterations} val_loss:{last_val[0]:.4f} val_bpb:{last_val[1]:.4f} "
+                f"train_time:{clock['train_ms'] / 1000:.1f}s step_avg:{clock['train_ms'] / max(step, 1):.2f}ms")
+            clock["t0"] = time.perf_counter()
+        if done:
+            stop_reason = "wallclock_cap" if step < hp.iterations else "iterations"
+            break
+        loss_t = trainer.step(step, lr_multiplier(progress, hp.warmdown_frac, hp.min_lr))
+        step += 1
+        if queued:
+            settle(queued)
+        queued = (step, loss_t)
+    train_ms = clock["train_ms"]
     log(f"stopping:{stop_reason} step:{step} train_time:{train_ms / 1000:.3f}s")
     return dict(steps=step, train_ms=train_ms, stop_reason=stop_reason, val=last_val)
+
+
+def configure_inductor():
+    """torch 2.11's mix-order reductions fused the per-channel gains' column sums into the RMSNorm
+    backward kernels (a dozen accumulators each); on an H100 those kernels ran at a small fraction
+    of memory speed: 124 -> 115 ms/step (plain) and 198 -> 169 ms/step (looped) with them off."""
+    import torch._inductor.config as inductor_config
+    if hasattr(inductor_config.triton, "mix_order_reduction"):
+        inductor_config.triton.mix_order_reduction = False
 
 
 def synchronize(device: torch.device):
@@ -1540,6 +1681,10 @@ def run(hp: Hyperparameters) -> dict:
         if len(val_tokens) <= hp.train_seq_len:
             raise UserError(f"val shards {val_files[0]}...: {len(val_tokens)} tokens, need > TRAIN_SEQ_LEN={hp.train_seq_len}")
         log(f"val_shards:{len(val_files)} val_tokens:{len(val_tokens) - 1} data:{hp.data_path}")
+        micro_seqs, _ = plan_batches(hp, dctx.world_size, dctx.device)
+        attn_name, attend, attn_note = select_attention(hp.attn_backend, dctx.device, (
+            micro_seqs, hp.train_seq_len, hp.num_heads, hp.num_kv_heads, hp.model_dim // hp.num_heads))
+        log(f"attention:{attn_name} {attn_note}".rstrip())
 
         def evaluate(model: GPT, seq_len: int) -> tuple[float, float]:
             return eval_tokens(model, val_tokens, lut, dctx, hp, seq_len, seq_len).totals()
@@ -1547,6 +1692,7 @@ def run(hp: Hyperparameters) -> dict:
         def score(artifact: Path) -> dict:
             """Every phase scores the model reloaded from the artifact file."""
             model, meta = load_artifact_model(artifact, dctx.device)
+            model.attend = attend
             return score_phases(model, meta["train_seq_len"], val_tokens, lut, dctx, hp, log)
 
         if hp.eval_only:
@@ -1554,7 +1700,7 @@ def run(hp: Hyperparameters) -> dict:
             summary = score(artifact) | dict(model_bytes=artifact.stat().st_size, code_bytes=len(code),
                                              artifact_bytes=artifact.stat().st_size + len(code))
         else:
-            summary = train_and_export(hp, dctx, log, code, run_id, evaluate, score)
+            summary = train_and_export(hp, dctx, log, code, run_id, attend, evaluate, score)
         summary["total_seconds"] = time.perf_counter() - t_start
         for k, v in summary.items():
             log(f"{k}:{v:.8f}" if isinstance(v, float) else f"{k}:{v}")
@@ -1567,11 +1713,13 @@ def run(hp: Hyperparameters) -> dict:
         raise
 
 
-def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, run_id: str, evaluate, score) -> dict:
+def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, run_id: str, attend, evaluate,
+                     score) -> dict:
     train_files = shard_files(hp.data_path, "train")
     log(f"train_shards:{len(train_files)}")
     cfg = ModelConfig.from_hparams(hp)
     model = GPT(cfg).to(dctx.device)
+    model.attend = attend
     trainer = Trainer(hp, dctx, model)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} "
         f"layer_order_looped:{','.join(map(str, cfg.layer_order(True)))} "
@@ -1583,7 +1731,7 @@ def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, 
         f"mlp_leaky_slope:{cfg.mlp_leaky_slope} muon_row_normalize:{hp.muon_row_normalize} ema_decay:{hp.ema_decay} "
         f"parallel_muon_world:{dctx.world_size}")
     log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
-        f"compile:{int(trainer.compiled)} attention:sdpa")
+        f"compile:{int(trainer.compiled)}")
 
     def val_eval():
         looped = model.looped

@@ -10,7 +10,7 @@ data) and a sliding-window eval (EVAL_SEQ_LEN/EVAL_STRIDE) over --eval-tokens ra
 Configurations: default = the submitted stack with one H100's share of the batch (98,304 tokens);
 default_looped = the same with depth recurrence on; baseline = bench/baseline.env. --set applies
 overrides to every configuration (e.g. --set DEVICE=cpu NUM_LAYERS=2 for a smoke test).
-Prints: config, looped, ms_step, tok_s, flops_per_token, mfu (CUDA), peak_mem_mib (CUDA), eval_tok_s.
+Prints: config, looped, attention (the kernel ATTN_BACKEND chose), ms_step, tok_s, flops_per_token, mfu (CUDA), peak_mem_mib (CUDA), eval_tok_s.
 """
 import argparse
 import sys
@@ -46,14 +46,24 @@ class RandomStream:
         return self.rng.integers(0, self.vocab, size=(n_seqs, self.seq_len + 1))[rows]
 
 
-def bench(name: str, overrides: dict, looped: bool, args) -> str:
-    hp = train_gpt.Hyperparameters(overrides)
-    dctx = train_gpt.setup_distributed(hp)
+def build_trainer(hp, dctx, looped: bool):
+    """Model (with the attention kernel ATTN_BACKEND selects) and Trainer on random tokens."""
     torch.manual_seed(0)
     model = train_gpt.GPT(train_gpt.ModelConfig.from_hparams(hp)).to(dctx.device)
     model.looped = looped
+    micro_seqs, _ = train_gpt.plan_batches(hp, dctx.world_size, dctx.device)
+    attention, model.attend, _ = train_gpt.select_attention(hp.attn_backend, dctx.device, (
+        micro_seqs, hp.train_seq_len, hp.num_heads, hp.num_kv_heads, hp.model_dim // hp.num_heads))
     trainer = train_gpt.Trainer(hp, dctx, model)
     trainer.stream = RandomStream(hp.vocab_size, hp.train_seq_len)
+    return trainer, attention
+
+
+def bench(name: str, overrides: dict, looped: bool, args) -> str:
+    hp = train_gpt.Hyperparameters(overrides)
+    dctx = train_gpt.setup_distributed(hp)
+    trainer, attention = build_trainer(hp, dctx, looped)
+    model = trainer.model
     for _ in range(args.warmup):
         trainer.step(0, 1.0)
     if dctx.device.type == "cuda":
@@ -75,8 +85,8 @@ def bench(name: str, overrides: dict, looped: bool, args) -> str:
     train_gpt.eval_tokens(model, val, lut, dctx, hp, hp.eval_seq_len, hp.eval_stride or hp.eval_seq_len)
     train_gpt.synchronize(dctx.device)
     eval_tok_s = args.eval_tokens / (time.perf_counter() - t0)
-    line = (f"config:{name} looped:{int(looped)} ms_step:{ms:.2f} tok_s:{tok_s:.0f} flops_per_token:{flops:.4g} "
-            f"eval_tok_s:{eval_tok_s:.0f}")
+    line = (f"config:{name} looped:{int(looped)} attention:{attention} ms_step:{ms:.2f} tok_s:{tok_s:.0f} "
+            f"flops_per_token:{flops:.4g} eval_tok_s:{eval_tok_s:.0f}")
     if peak:
         line += f" mfu:{100 * tok_s * flops / peak:.1f}% peak_mem_mib:{torch.cuda.max_memory_allocated() // 2**20}"
     return line

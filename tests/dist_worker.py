@@ -27,7 +27,7 @@ def spy_mul(tensors, scale):  # record whether gradient clipping actually scaled
 
 
 torch._foreach_mul_ = spy_mul
-losses = [trainer.step(s, 1.0) for s in range(hp.iterations)]
+losses = [trainer.step(s, 1.0).item() for s in range(hp.iterations)]
 if dctx.is_main:
     torch.save(dict(losses=losses, accum=trainer.accum, state=model.state_dict(), clipped=any(clipped)),
                sys.argv[1])

@@ -15,9 +15,9 @@ def test_speed_script_prints_one_line_per_config():
     lines = res.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["config:default", "config:default_looped", "config:baseline"]
     for line in lines:
-        assert re.fullmatch(r"config:\w+ looped:[01] ms_step:[\d.]+ tok_s:\d+ flops_per_token:\S+ eval_tok_s:\d+", line)
-    looped = float(lines[1].split()[4].split(":")[1])
-    assert looped > float(lines[0].split()[4].split(":")[1])  # recurrence adds FLOPs per token
+        assert re.fullmatch(r"config:\w+ looped:[01] attention:sdpa ms_step:[\d.]+ tok_s:\d+ flops_per_token:\S+ eval_tok_s:\d+", line)
+    looped = float(lines[1].split()[5].split(":")[1])
+    assert looped > float(lines[0].split()[5].split(":")[1])  # recurrence adds FLOPs per token
 
 
 def test_bench_configs_are_valid_knobs():

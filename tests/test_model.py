@@ -99,3 +99,63 @@ def test_forward_returns_per_token_nll():
 def test_config_roundtrips_through_dict():
     cfg = small_cfg()
     assert train_gpt.ModelConfig(**dataclasses.asdict(cfg)) == cfg
+
+
+def reference_attention(q, k, v):
+    """Plain causal softmax attention, K/V heads repeated to the query heads ([B,T,H,hd] layout)."""
+    rep = q.size(2) // k.size(2)
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / q.size(-1) ** 0.5
+    T = q.size(1)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v.float())
+
+
+@pytest.fixture
+def restore_sdpa_flags():
+    yield
+    train_gpt.set_sdpa_kernel(None)
+
+
+@pytest.mark.parametrize("name", ["fa3", "fa2", *train_gpt.SDPA_KERNELS])
+@pytest.mark.parametrize("expand_kv", [False, True])
+def test_attention_backends_match_reference(name, expand_kv, restore_sdpa_flags):
+    """Every attention kernel this machine has (forced alone, no fallback) against plain attention."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name in ("fa3", "fa2"):
+        attend = train_gpt.flash_attention(name)
+        if attend is None or device.type != "cuda" or expand_kv:
+            pytest.skip(f"{name} is not importable here (or needs CUDA)")
+    else:
+        train_gpt.set_sdpa_kernel(name, fallback=False)
+        attend = train_gpt.sdpa_attention(expand_kv)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.randn(2, 40, 4, 16, device=device, dtype=dtype)
+    k, v = (torch.randn(2, 40, 2, 16, device=device, dtype=dtype) for _ in range(2))
+    try:
+        out = attend(q, k, v)
+    except RuntimeError as e:
+        pytest.skip(f"{name} (expand_kv={expand_kv}) does not run here: {str(e)[:60]}")
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), reference_attention(q, k, v), atol=tol, rtol=tol)
+
+
+def test_sdpa_math_and_the_default_run_on_cpu(restore_sdpa_flags):
+    """The suite must exercise at least the math kernel and torch's own choice for real."""
+    q = torch.randn(1, 8, 4, 8)
+    k = v = torch.randn(1, 8, 2, 8)
+    for name in ("sdpa_math", None):
+        train_gpt.set_sdpa_kernel(name, fallback=False)
+        torch.testing.assert_close(train_gpt.sdpa_attention()(q, k, v), reference_attention(q, k, v))
+
+
+def test_select_attention_on_cpu_and_bad_choice(restore_sdpa_flags):
+    cpu = torch.device("cpu")
+    name, attend, note = train_gpt.select_attention("auto", cpu, (1, 8, 4, 2, 8))
+    assert name == "sdpa" and note == ""
+    with pytest.raises(train_gpt.UserError, match="ATTN_BACKEND=fa3: flash-attention 3 is not importable"):
+        train_gpt.select_attention("fa3", cpu, (1, 8, 4, 2, 8))
+    name, _, _ = train_gpt.select_attention("sdpa_math", cpu, (1, 8, 4, 2, 8))
+    assert name == "sdpa_math" and torch.backends.cuda.math_sdp_enabled()
+    assert not torch.backends.cuda.flash_sdp_enabled()

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Where does a training step's GPU time go? Profiles optimizer steps of one configuration.
+
+usage: python3 bench/profile_step.py [--steps 3] [--warmup 8] [--top 40] [--looped] [--set KEY=VALUE ...]
+                                     [--inductor OPTION=VALUE ...]
+
+Builds train_gpt's model and Trainer (one H100's share of the default batch unless --set says
+otherwise), runs --warmup steps (compile), then records --steps steps with torch.profiler and prints:
+  step_ms:<wall ms per profiled step> gpu_busy_ms:<summed kernel time per step>
+  one line per kernel (top --top by total GPU time): share %, ms per step, calls per step, name
+  one line per kernel class (gemm / attention / triton fused / elementwise / reduction / comm / other).
+"""
+import argparse
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import train_gpt  # noqa: E402
+from speed import build_trainer  # noqa: E402
+
+CLASSES = [  # first match wins
+    ("attention", r"flash|fmha|attention|cudnn.*sdpa|sdpa"),
+    ("gemm", r"gemm|sm90_xmma|cutlass|nvjet|matmul|cublas"),
+    ("comm", r"nccl"),
+    ("triton", r"^triton_"),
+    ("reduction", r"reduce|norm|softmax|cross_entropy|nll"),
+    ("elementwise", r"elementwise|vectorized|unrolled|copy|fill"),
+]
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    return next((c for c, pat in CLASSES if re.search(pat, low)), "other")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--looped", action="store_true", help="depth recurrence on")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--inductor", nargs="*", default=[], metavar="OPTION=VALUE",
+                    help="torch._inductor.config options to try, e.g. triton.persistent_reductions=False")
+    args = ap.parse_args(argv)
+    for kv in args.inductor:
+        key, value = kv.split("=", 1)
+        torch._inductor.config.__setattr__(key, eval(value))  # a trusted command line, values like False/1
+    hp = train_gpt.Hyperparameters({"TRAIN_BATCH_TOKENS": "98304"} | dict(kv.split("=", 1) for kv in args.set))
+    dctx = train_gpt.setup_distributed(hp)
+    trainer, attention = build_trainer(hp, dctx, args.looped)
+    for _ in range(args.warmup):
+        trainer.step(0, 1.0)
+    train_gpt.synchronize(dctx.device)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                    if dctx.device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            trainer.step(0, 1.0)
+        train_gpt.synchronize(dctx.device)
+        step_ms = 1000 * (time.perf_counter() - t0) / args.steps
+    totals, calls = defaultdict(float), defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            totals[ev.name] += ev.device_time_total / 1000 / args.steps  # ms per step
+            calls[ev.name] += 1
+    busy = sum(totals.values())
+    print(f"step_ms:{step_ms:.2f} gpu_busy_ms:{busy:.2f} looped:{int(args.looped)} attention:{attention} set:{','.join(args.set)} "
+          f"inductor:{','.join(args.inductor)}")
+    by_class = defaultdict(float)
+    for name, ms in totals.items():
+        by_class[kernel_class(name)] += ms
+    for name, ms in sorted(by_class.items(), key=lambda kv: -kv[1]):
+        print(f"class:{name} ms:{ms:.2f} share:{100 * ms / max(busy, 1e-9):.1f}%")
+    for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"{100 * ms / max(busy, 1e-9):5.1f}% {ms:7.3f}ms x{calls[name] // args.steps:<4d} {name[:150]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
