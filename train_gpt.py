@@ -627,15 +627,18 @@ def flash_attention(name: str):
     return attend
 
 
-def time_attention(attend, shape: tuple, device: torch.device, reps: int = 5) -> float:
-    """Mean ms of one forward+backward at shape (B, T, H, Hkv, hd), bf16."""
+def time_attention(attend, shape: tuple, device: torch.device, warmup: int = 3, reps: int = 10) -> float:
+    """Mean ms of one forward+backward at shape (B, T, H, Hkv, hd), bf16, in the model's layout.
+    The first calls build kernel plans (cuDNN): with 1 warm-up and 5 timed calls the choice between
+    cuDNN and flash flipped from run to run on an H100."""
     B, T, H, Hkv, hd = shape
     q, k, v = (torch.randn(B, T, h, hd, device=device, dtype=torch.bfloat16, requires_grad=True) for h in (H, Hkv, Hkv))
-    for i in range(reps + 1):
-        if i == 1:  # the first call warms up
+    grad = torch.randn(B, T, H, hd, device=device, dtype=torch.bfloat16)
+    for i in range(warmup + reps):
+        if i == warmup:
             synchronize(device)
             t0 = time.perf_counter()
-        attend(q, k, v).float().square().mean().backward()
+        attend(q, k, v).backward(grad)
     synchronize(device)
     return 1000 * (time.perf_counter() - t0) / reps
 
@@ -1577,8 +1580,9 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_ev
     clock = dict(train_ms=0.0, t0=time.perf_counter())
 
     def settle(entry):
-        """Wait for the queued step `entry` = (step number, loss); advance the clock; log."""
-        k, loss_t = entry
+        """Wait for the queued step `entry` = (step number, loss, model FLOPs of steps 1..k); advance
+        the clock; log."""
+        k, loss_t, flops_done = entry
         loss = loss_t.item()
         now = time.perf_counter()
         clock["train_ms"] = dctx.all_reduce_max(clock["train_ms"] + 1000 * (now - clock["t0"]))
@@ -1589,14 +1593,11 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_ev
             avg = clock["train_ms"] / k
             eta = (cap_ms - clock["train_ms"]) / 1000 if cap_ms else (hp.iterations - k) * avg / 1000
             tok_s = hp.train_batch_tokens / avg * 1000
-            mfu = ""
-            if peak:
-                flops = model_flops_per_token(model.cfg, hp.train_seq_len, model.looped)
-                mfu = f" mfu:{100 * tok_s * flops / (peak * dctx.world_size):.1f}%"
+            mfu = f" mfu:{100 * flops_done / (clock['train_ms'] / 1000) / (peak * dctx.world_size):.1f}%" if peak else ""
             log(f"step:{k}/{hp.iterations} train_loss:{loss:.4f} train_time:{clock['train_ms'] / 1000:.1f}s "
                 f"step_avg:{avg:.2f}ms tok_s:{tok_s:.0f} eta:{max(eta, 0):.0f}s{mfu}")
 
-    step, stop_reason, last_val, queued = 0, "iterations", None, None
+    step, stop_reason, last_val, queued, flops_done = 0, "iterations", None, None, 0.0
     while True:
         progress = clock["train_ms"] / cap_ms if cap_ms else step / hp.iterations
         if hp.num_loops and not model.looped and progress >= hp.enable_looping_at:
@@ -1616,9 +1617,10 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_ev
             break
         loss_t = trainer.step(step, lr_multiplier(progress, hp.warmdown_frac, hp.min_lr))
         step += 1
+        flops_done += hp.train_batch_tokens * model_flops_per_token(model.cfg, hp.train_seq_len, model.looped)
         if queued:
             settle(queued)
-        queued = (step, loss_t)
+        queued = (step, loss_t, flops_done)
     train_ms = clock["train_ms"]
     log(f"stopping:{stop_reason} step:{step} train_time:{train_ms / 1000:.3f}s")
     return dict(steps=step, train_ms=train_ms, stop_reason=stop_reason, val=last_val)

@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     if tops := [t for t in tops if t is not None]:
         for ax in axes[0]:
             ax.set_ylim(top=max(tops))
+    for col in range(2):  # val panels share the train panels' x range (runs validated only at the end too)
+        axes[1, col].set_xlim(0, 1.04 * max(axes[0, col].get_xlim()[1], axes[1, col].get_xlim()[1]))
     titles = [["train loss vs step", "train loss vs train time"],
               ["val bpb vs step (* = final quantized)", "val bpb vs train time (* = final quantized)"]]
     for r, ylabel in enumerate(["train loss (nats/token)", "val bpb"]):
