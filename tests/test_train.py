@@ -196,3 +196,22 @@ def test_readme_env_reference_is_current():
     readme = (train_gpt.Path(train_gpt.__file__).parent / "README.md").read_text()
     table = readme.split("<!-- knobs:start -->\n")[1].split("\n<!-- knobs:end -->")[0]
     assert table == train_gpt.knob_reference(), "regenerate with: python3 train_gpt.py --help-env"
+
+
+def test_two_process_run_matches_one_process(tiny_data, tmp_path):
+    """The whole pipeline under torchrun (train loop and its shared clock, Hessians, GPTQ, eval and TTT
+    split across ranks, rank-0-only files) scores like one process with accumulation."""
+    env = tiny_env(tiny_data, tmp_path, MICRO_BATCH_TOKENS=512, TTT_ENABLED=1)
+    one = run_script(["train_gpt.py"], env | dict(RUN_ID="one"))
+    assert one.returncode == 0, one.stderr
+    two = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py"],
+                     env | dict(RUN_ID="two"))
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = parse_log(tmp_path / "logs" / "one.txt"), parse_log(tmp_path / "logs" / "two.txt")
+    assert "world_size:2" in (tmp_path / "logs" / "two.txt").read_text()
+    assert a["steps"] == b["steps"] == "6"
+    for key in ("prequant_val_bpb", "roundtrip_val_bpb", "sliding_val_bpb", "ttt_val_bpb"):
+        assert abs(float(a[key]) - float(b[key])) < 1e-5, (key, a[key], b[key])  # measured ~2e-8
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["one.txt", "two.txt"]
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["final_model_one.int6.br",
+                                                                    "final_model_two.int6.br"]
