@@ -1553,6 +1553,23 @@ def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: i
     return hessians
 
 
+class TrainClock:
+    """Training wall time in ms. It is read only where the host waits for the GPU anyway (a loss
+    read), so it runs at most one queued step behind the GPU; it pauses for validation; every rank
+    takes the slowest rank's reading, so all ranks stop on the same step."""
+
+    def __init__(self, dctx: Dist):
+        self.dctx, self.ms, self.t0 = dctx, 0.0, time.perf_counter()
+
+    def read(self):
+        now = time.perf_counter()
+        self.ms = self.dctx.all_reduce_max(self.ms + 1000 * (now - self.t0))
+        self.t0 = now
+
+    def resume(self):
+        self.t0 = time.perf_counter()
+
+
 def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_eval, log) -> dict:
     model = trainer.model
     # Compile priming: run real steps (plain and looped graphs), then undo them all.
@@ -1573,45 +1590,41 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_ev
     cap_ms = 1000 * max(hp.max_wallclock_seconds - hp.gptq_reserve_seconds, 0) if hp.max_wallclock_seconds else 0
     if hp.max_wallclock_seconds:
         log(f"train_clock_cap:{cap_ms / 1000:.1f}s (MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS)")
-    # The CPU queues step k+1 before reading step k's loss, so the GPU never waits for the host.
-    # The clock is read when a loss is read (the GPU has then finished that step): it runs one
-    # step behind the queue, and every rank takes the slowest rank's reading.
+    # The CPU queues step k+1 before reading step k's loss, so the GPU never waits for the host;
+    # the clock is read at those loss reads (see TrainClock).
     peak = device_peak_flops(dctx.device)
-    clock = dict(train_ms=0.0, t0=time.perf_counter())
+    clock = TrainClock(dctx)
 
     def settle(entry):
-        """Wait for the queued step `entry` = (step number, loss, model FLOPs of steps 1..k); advance
-        the clock; log."""
+        """Wait for queued step `entry` = (k, loss, model FLOPs of steps 1..k); read the clock; log."""
         k, loss_t, flops_done = entry
         loss = loss_t.item()
-        now = time.perf_counter()
-        clock["train_ms"] = dctx.all_reduce_max(clock["train_ms"] + 1000 * (now - clock["t0"]))
-        clock["t0"] = now
+        clock.read()
         if not math.isfinite(loss):
             raise UserError(f"train_loss became {loss} at step {k}: stopping (lower MATRIX_LR?)")
         if k <= 5 or k % hp.train_log_every == 0:
-            avg = clock["train_ms"] / k
-            eta = (cap_ms - clock["train_ms"]) / 1000 if cap_ms else (hp.iterations - k) * avg / 1000
+            avg = clock.ms / k
+            eta = (cap_ms - clock.ms) / 1000 if cap_ms else (hp.iterations - k) * avg / 1000
             tok_s = hp.train_batch_tokens / avg * 1000
-            mfu = f" mfu:{100 * flops_done / (clock['train_ms'] / 1000) / (peak * dctx.world_size):.1f}%" if peak else ""
-            log(f"step:{k}/{hp.iterations} train_loss:{loss:.4f} train_time:{clock['train_ms'] / 1000:.1f}s "
+            mfu = f" mfu:{100 * flops_done / (clock.ms / 1000) / (peak * dctx.world_size):.1f}%" if peak else ""
+            log(f"step:{k}/{hp.iterations} train_loss:{loss:.4f} train_time:{clock.ms / 1000:.1f}s "
                 f"step_avg:{avg:.2f}ms tok_s:{tok_s:.0f} eta:{max(eta, 0):.0f}s{mfu}")
 
     step, stop_reason, last_val, queued, flops_done = 0, "iterations", None, None, 0.0
     while True:
-        progress = clock["train_ms"] / cap_ms if cap_ms else step / hp.iterations
+        progress = clock.ms / cap_ms if cap_ms else step / hp.iterations
         if hp.num_loops and not model.looped and progress >= hp.enable_looping_at:
             model.looped = True
             log(f"layer_loop:enabled step:{step} progress:{progress:.3f}")
-        done = step >= hp.iterations or (cap_ms and clock["train_ms"] >= cap_ms)
+        done = step >= hp.iterations or (cap_ms and clock.ms >= cap_ms)
         if done or (hp.val_loss_every and step and step % hp.val_loss_every == 0):
             if queued:
                 settle(queued)
                 queued = None
             last_val = val_eval()  # off the clock
             log(f"step:{step}/{hp.iterations} val_loss:{last_val[0]:.4f} val_bpb:{last_val[1]:.4f} "
-                f"train_time:{clock['train_ms'] / 1000:.1f}s step_avg:{clock['train_ms'] / max(step, 1):.2f}ms")
-            clock["t0"] = time.perf_counter()
+                f"train_time:{clock.ms / 1000:.1f}s step_avg:{clock.ms / max(step, 1):.2f}ms")
+            clock.resume()
         if done:
             stop_reason = "wallclock_cap" if step < hp.iterations else "iterations"
             break
@@ -1621,7 +1634,7 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_ev
         if queued:
             settle(queued)
         queued = (step, loss_t, flops_done)
-    train_ms = clock["train_ms"]
+    train_ms = clock.ms
     log(f"stopping:{stop_reason} step:{step} train_time:{train_ms / 1000:.3f}s")
     return dict(steps=step, train_ms=train_ms, stop_reason=stop_reason, val=last_val)
 

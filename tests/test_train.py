@@ -215,3 +215,18 @@ def test_two_process_run_matches_one_process(tiny_data, tmp_path):
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["one.txt", "two.txt"]
     assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["final_model_one.int6.br",
                                                                     "final_model_two.int6.br"]
+
+
+def test_wallclock_cap_stops_training_within_a_step(tiny_data, tmp_path):
+    """MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS caps the training clock; the loop reads the clock one
+    queued step late, so it may overshoot by about one step and no more."""
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="cap", ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=3,
+                   GPTQ_RESERVE_SECONDS=1, TTT_ENABLED=0, EVAL_STRIDE=0, TRAIN_LOG_EVERY=1000)
+    res = run_script(["train_gpt.py"], env)
+    assert res.returncode == 0, res.stderr
+    text = (tmp_path / "logs" / "cap.txt").read_text()
+    summary = parse_log(tmp_path / "logs" / "cap.txt")
+    steps, secs = int(summary["steps"]), float(summary["train_seconds"])
+    assert summary["stop_reason"] == "wallclock_cap" and 5 < steps < 100000
+    assert "train_clock_cap:2.0s" in text
+    assert 2.0 <= secs < 2.0 + 3 * secs / steps  # at most ~one step (plus a read) past the cap
