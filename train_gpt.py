@@ -587,26 +587,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims:
 
 
 # Attention kernels. Each takes q [B,T,H,hd] and k, v [B,T,Hkv,hd] and returns causal attention
-# [B,T,H,hd]. FlashAttention 3 / 2 take GQA natively. An SDPA kernel is chosen through torch's global
-# backend flags (read when the compiled graph is traced), with the math kernel left on as the
-# fallback for shapes the chosen one rejects; kernels without GQA support get K/V repeated.
+# [B,T,H,hd]. FlashAttention 3 / 2 take GQA natively. An SDPA kernel is pinned with sdpa_kernel()
+# around the call: torch.compile records that in the graph, so a compiled graph cached on disk
+# under another kernel is not reused (global backend flags are not part of the cache key). The
+# math kernel stays allowed as the fallback for shapes the pinned one rejects; kernels without
+# GQA support get K/V repeated to the query heads.
 
-SDPA_KERNELS = {"sdpa_cudnn": "cudnn", "sdpa_flash": "flash", "sdpa_efficient": "mem_efficient", "sdpa_math": "math"}
-
-
-def set_sdpa_kernel(name: str | None, fallback: bool = True):
-    """Allow only SDPA kernel `name` (and math, if fallback); None allows all (torch's own choice)."""
-    for kernel, flag in SDPA_KERNELS.items():
-        on = name is None or kernel == name or (fallback and kernel == "sdpa_math")
-        getattr(torch.backends.cuda, f"enable_{flag}_sdp")(on)
+SDPA_KERNELS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
+                "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
 
 
-def sdpa_attention(expand_kv: bool = False):
+def sdpa_attention(kernel: str | None = None, expand_kv: bool = False, fallback: bool = True):
+    """SDPA pinned to `kernel` (plus math if fallback); None = torch's own choice."""
+    SDPBackend = torch.nn.attention.SDPBackend
+    backends = None
+    if kernel is not None:
+        backends = [getattr(SDPBackend, SDPA_KERNELS[kernel])]
+        if fallback and kernel != "sdpa_math":
+            backends.append(SDPBackend.MATH)
+
     def attend(q, k, v):
         if expand_kv and k.size(2) != q.size(2):
             k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=k.size(2) != q.size(2))
+        with torch.nn.attention.sdpa_kernel(backends) if backends else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=k.size(2) != q.size(2))
         return y.transpose(1, 2)
     return attend
 
@@ -658,29 +663,24 @@ def select_attention(choice: str, device: torch.device, shape: tuple) -> tuple[s
             if (attend := flash_attention(name)) is not None:
                 return name, attend, ""
     if choice in SDPA_KERNELS:
-        set_sdpa_kernel(choice)
-        return choice, sdpa_attention(expand_kv=choice == "sdpa_efficient"), ""
+        return choice, sdpa_attention(choice, expand_kv=choice == "sdpa_efficient"), ""
     if device.type != "cuda":
-        set_sdpa_kernel(None)
         return "sdpa", sdpa_attention(), ""
     timings = {}
     for name in ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient"):
-        set_sdpa_kernel(name, fallback=False)  # an unsupported call raises instead of falling back
         for expand in (False, True):
-            try:
+            try:  # no fallback while measuring: an unsupported call raises
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "... kernel not used because ..."
-                    timings[(name, expand)] = time_attention(sdpa_attention(expand), shape, device)
+                    timings[(name, expand)] = time_attention(sdpa_attention(name, expand, fallback=False), shape, device)
                 break
             except RuntimeError:
                 continue
     if not timings:
-        set_sdpa_kernel(None)
         return "sdpa", sdpa_attention(), "measured:no_kernel_ran"
     (name, expand), _ = min(timings.items(), key=lambda kv: kv[1])
-    set_sdpa_kernel(name)
     note = "measured_ms:" + ",".join(f"{n}{'+expand_kv' if e else ''}={ms:.2f}" for (n, e), ms in timings.items())
-    return name, sdpa_attention(expand), note
+    return name, sdpa_attention(name, expand), note
 
 
 class GPT(nn.Module):

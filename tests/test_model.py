@@ -111,24 +111,17 @@ def reference_attention(q, k, v):
     return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v.float())
 
 
-@pytest.fixture
-def restore_sdpa_flags():
-    yield
-    train_gpt.set_sdpa_kernel(None)
-
-
 @pytest.mark.parametrize("name", ["fa3", "fa2", *train_gpt.SDPA_KERNELS])
 @pytest.mark.parametrize("expand_kv", [False, True])
-def test_attention_backends_match_reference(name, expand_kv, restore_sdpa_flags):
-    """Every attention kernel this machine has (forced alone, no fallback) against plain attention."""
+def test_attention_backends_match_reference(name, expand_kv):
+    """Every attention kernel this machine has (pinned alone, no fallback) against plain attention."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name in ("fa3", "fa2"):
         attend = train_gpt.flash_attention(name)
         if attend is None or device.type != "cuda" or expand_kv:
             pytest.skip(f"{name} is not importable here (or needs CUDA)")
     else:
-        train_gpt.set_sdpa_kernel(name, fallback=False)
-        attend = train_gpt.sdpa_attention(expand_kv)
+        attend = train_gpt.sdpa_attention(name, expand_kv, fallback=False)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q = torch.randn(2, 40, 4, 16, device=device, dtype=dtype)
@@ -141,21 +134,48 @@ def test_attention_backends_match_reference(name, expand_kv, restore_sdpa_flags)
     torch.testing.assert_close(out.float(), reference_attention(q, k, v), atol=tol, rtol=tol)
 
 
-def test_sdpa_math_and_the_default_run_on_cpu(restore_sdpa_flags):
-    """The suite must exercise at least the math kernel and torch's own choice for real."""
+def test_sdpa_kernels_that_must_run_on_cpu():
+    """The suite exercises the math and flash kernels and torch's own choice for real; a kernel CPU
+    lacks raises when pinned without fallback and falls back to math with it."""
     q = torch.randn(1, 8, 4, 8)
     k = v = torch.randn(1, 8, 2, 8)
-    for name in ("sdpa_math", None):
-        train_gpt.set_sdpa_kernel(name, fallback=False)
-        torch.testing.assert_close(train_gpt.sdpa_attention()(q, k, v), reference_attention(q, k, v))
+    ref = reference_attention(q, k, v)
+    for attend in (train_gpt.sdpa_attention("sdpa_math", fallback=False),
+                   train_gpt.sdpa_attention("sdpa_flash", fallback=False), train_gpt.sdpa_attention()):
+        torch.testing.assert_close(attend(q, k, v), ref)
+    with pytest.raises(RuntimeError):
+        train_gpt.sdpa_attention("sdpa_cudnn", fallback=False)(q, k, v)
+    torch.testing.assert_close(train_gpt.sdpa_attention("sdpa_cudnn")(q, k, v), ref)
 
 
-def test_select_attention_on_cpu_and_bad_choice(restore_sdpa_flags):
+def test_pinned_sdpa_kernel_is_part_of_the_compiled_graph():
+    """torch.compile must record the pinned kernel in the graph (and so in its cache key): global
+    backend flags were not, and a graph cached under one kernel ran under another's name."""
+    graphs = {}
+
+    def capture(name):
+        def backend(gm, example_inputs):
+            graphs[name] = gm.code
+            return gm.forward
+        return backend
+
+    q = torch.randn(1, 8, 4, 8)
+    k = v = torch.randn(1, 8, 2, 8)
+    for name in ("sdpa_flash", "sdpa_math"):
+        torch._dynamo.reset()
+        torch.compile(train_gpt.sdpa_attention(name), fullgraph=True, backend=capture(name))(q, k, v)
+    entered = {n: code.split("scaled_dot_product_attention")[0] for n, code in graphs.items()}  # before the call
+    assert "FLASH_ATTENTION" in entered["sdpa_flash"] and "FLASH_ATTENTION" not in entered["sdpa_math"]
+    assert "MATH" in entered["sdpa_math"]
+
+
+def test_select_attention_on_cpu_and_bad_choice():
     cpu = torch.device("cpu")
     name, attend, note = train_gpt.select_attention("auto", cpu, (1, 8, 4, 2, 8))
     assert name == "sdpa" and note == ""
     with pytest.raises(train_gpt.UserError, match="ATTN_BACKEND=fa3: flash-attention 3 is not importable"):
         train_gpt.select_attention("fa3", cpu, (1, 8, 4, 2, 8))
-    name, _, _ = train_gpt.select_attention("sdpa_math", cpu, (1, 8, 4, 2, 8))
-    assert name == "sdpa_math" and torch.backends.cuda.math_sdp_enabled()
-    assert not torch.backends.cuda.flash_sdp_enabled()
+    name, attend, _ = train_gpt.select_attention("sdpa_math", cpu, (1, 8, 4, 2, 8))
+    q = torch.randn(1, 8, 4, 8)
+    assert name == "sdpa_math" and torch.allclose(attend(q, q[:, :, :2], q[:, :, :2]),
+                                                  reference_attention(q, q[:, :, :2], q[:, :, :2]))
