@@ -1659,9 +1659,13 @@ def synchronize(device: torch.device):
 
 def describe_environment(hp: Hyperparameters, dctx: Dist, code: bytes) -> list[str]:
     lines = ["hyperparameters:"] + [f"  {k}: {v}" for k, v in hp.items()]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or "none"
+    def git(*args) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
+                              timeout=5).stdout.strip()
+    try:  # "+dirty": tracked files differ from that commit, so only code_sha256 names the code
+        commit = git("rev-parse", "--short", "HEAD") or "none"
+        if commit != "none" and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "+dirty"
     except (OSError, subprocess.SubprocessError):
         commit = "none"
     lines.append(f"code_sha256:{hashlib.sha256(code).hexdigest()[:16]} git_commit:{commit}")
