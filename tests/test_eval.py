@@ -105,3 +105,27 @@ def test_score_phases_logs_and_dumps(tmp_path):
     dump = np.load(tmp_path / "nll.npz")
     assert dump["nll"].dtype == np.float32 and dump["bytes"].dtype == np.uint16 and len(dump["nll"]) == len(tokens) - 1
     assert abs(dump["nll"].astype(np.float64).sum() / len(dump["nll"]) - out["final_val_loss"]) < 1e-5
+
+
+@pytest.mark.parametrize("mode,budget,runs_sliding", [("auto", 1e6, True), ("auto", 0.0, False),
+                                                      ("1", 0.0, True), ("0", 1e6, False)])
+def test_sliding_reference_phase_follows_eval_budget(mode, budget, runs_sliding):
+    """With TTT on, the plain sliding phase is a reference only: `auto` drops it when it and TTT are
+    projected past EVAL_BUDGET_SECONDS; TTT still scores every target and is the final score."""
+    hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_SLIDING": mode, "EVAL_BUDGET_SECONDS": str(budget)})
+    _, model, tokens, lut = setup()
+    lines = []
+    out = train_gpt.score_phases(model, 32, tokens, lut, train_gpt.Dist(), hp, lines.append)
+    text = "\n".join(lines)
+    assert ("sliding_val_bpb" in out) == runs_sliding
+    assert ("sliding:skipped projected_seconds:" in text) == (mode == "auto" and not runs_sliding)
+    assert "ttt_projected_seconds:" in text and out["final_val_bpb"] == out["ttt_val_bpb"]
+    if not runs_sliding and mode == "auto":
+        assert "warning:ttt_may_exceed_eval_budget" in text
+
+
+def test_sliding_phase_runs_without_ttt_whatever_eval_sliding_says():
+    hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_SLIDING": "0", "TTT_ENABLED": "0", "EVAL_BUDGET_SECONDS": "0"})
+    _, model, tokens, lut = setup()
+    out = train_gpt.score_phases(model, 32, tokens, lut, train_gpt.Dist(), hp, [].append)
+    assert out["final_val_bpb"] == out["sliding_val_bpb"]
