@@ -149,6 +149,8 @@ KNOBS = [
          "the same windows): 1, 0, or auto = only if it and TTT are projected to fit EVAL_BUDGET_SECONDS. "
          "Without TTT the sliding phase is the score and always runs", choices=("auto", "1", "0")),
     Knob("EVAL_BATCH_SEQS", 32, "windows per forward in sliding/TTT evaluation", 1),
+    Knob("EVAL_COMPILE", 0, "torch.compile the scoring forward of each eval phase (batch dim dynamic); costs a "
+         "compile per phase, so it pays only on large val sets; not yet timed on a GPU", 0, 1),
     Knob("TTT_ENABLED", 1, "score-first test-time training over the sliding windows", 0, 1),
     Knob("TTT_LR", 0.005, "TTT SGD learning rate (cosine over chunks)", 0),
     Knob("TTT_EPOCHS", 3, "TTT passes over each already-scored chunk", 1),
@@ -1192,10 +1194,11 @@ def window_ends(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
 
 
 def score_windows(model: GPT, tokens: torch.Tensor, ends: np.ndarray, prev_ends: np.ndarray, seq_len: int,
-                  lut: ByteLUT, out: TokenScores, slot: str, hp: Hyperparameters):
-    """Score a batch of windows into `out`. With SLOT, a per-window delta on the final hidden states
-    is fitted first: on the window's context targets (scored by earlier windows) or, for `full`,
-    on the very targets being scored (which leaks them)."""
+                  lut: ByteLUT, out: TokenScores, slot: str, hp: Hyperparameters, forward=None):
+    """Score a batch of windows into `out` (`forward`: model(x, y) -> NLL, e.g. compiled; default the
+    model). With SLOT, a per-window delta on the final hidden states is fitted first: on the window's
+    context targets (scored by earlier windows) or, for `full`, on the very targets being scored
+    (which leaks them)."""
     L = min(seq_len, int(ends[0]))
     starts = torch.from_numpy(ends - L).to(tokens.device)
     idx = starts[:, None] + torch.arange(L + 1, device=tokens.device)
@@ -1203,12 +1206,15 @@ def score_windows(model: GPT, tokens: torch.Tensor, ends: np.ndarray, prev_ends:
     x, y = win[:, :-1], win[:, 1:]
     n_scored = torch.from_numpy(ends - prev_ends).to(tokens.device)
     scored = torch.arange(L, device=tokens.device)[None, :] >= (L - n_scored)[:, None]
-    with torch.inference_mode(), autocast_ctx(tokens.device):
-        h = model.hidden(x)
-    if slot != "off":
+    if slot == "off":
+        with torch.inference_mode(), autocast_ctx(tokens.device):
+            nll = (forward or model)(x, y)
+    else:
+        with torch.inference_mode(), autocast_ctx(tokens.device):
+            h = model.hidden(x)
         h = fit_slot_delta(model, h.clone(), y, scored if slot == "full" else ~scored, hp)
-    with torch.inference_mode(), autocast_ctx(tokens.device):
-        nll = model.nll_from_hidden(h, y)
+        with torch.inference_mode(), autocast_ctx(tokens.device):
+            nll = model.nll_from_hidden(h, y)
     t = (starts[:, None] + 1 + torch.arange(L, device=tokens.device)[None, :])[scored] - 1
     out.nll.index_add_(0, t, nll[scored].double())
     out.nbytes.index_add_(0, t, lut.target_bytes(x, y)[scored].int())
@@ -1246,13 +1252,21 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
     chunk_of = (prev // hp.ttt_chunk_tokens) if ttt else np.zeros_like(prev)
     n_chunks = int(chunk_of[-1]) + 1
     updater = TTTUpdater(model, hp, dctx) if ttt else None
+    forward = None
+    if hp.eval_compile:
+        compiled = torch.compile(model, fullgraph=True)
+
+        def forward(x, y):  # one graph for every batch size (the last batch is smaller)
+            torch._dynamo.mark_dynamic(x, 0)
+            torch._dynamo.mark_dynamic(y, 0)
+            return compiled(x, y)
     t0 = time.perf_counter()
     for c in range(n_chunks):
         sel = np.nonzero(chunk_of == c)[0]
         mine = sel[len(sel) * dctx.rank // dctx.world_size:len(sel) * (dctx.rank + 1) // dctx.world_size]
         for b in range(0, len(mine), hp.eval_batch_seqs):
             w = mine[b:b + hp.eval_batch_seqs]
-            score_windows(model, tokens, ends[w], prev[w], seq_len, lut, out, slot, hp)
+            score_windows(model, tokens, ends[w], prev[w], seq_len, lut, out, slot, hp, forward)
         if updater is not None and c + 1 < n_chunks:
             lo, hi = c * hp.ttt_chunk_tokens, min((c + 1) * hp.ttt_chunk_tokens, n)
             updater.update(tokens, lo, hi, c, n_chunks, out.count)

@@ -129,3 +129,22 @@ def test_sliding_phase_runs_without_ttt_whatever_eval_sliding_says():
     _, model, tokens, lut = setup()
     out = train_gpt.score_phases(model, 32, tokens, lut, train_gpt.Dist(), hp, [].append)
     assert out["final_val_bpb"] == out["sliding_val_bpb"]
+
+
+def test_compiled_eval_scores_like_eager():
+    """EVAL_COMPILE=1 (inductor, here on CPU) scores sliding and TTT like the eager forward, one graph
+    for every batch size; the scores of every target are still counted exactly once."""
+    from torch._dynamo.utils import counters
+    outs, graphs = {}, []
+    for flag in ("0", "1"):
+        hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_COMPILE": flag, "EVAL_BATCH_SEQS": "5"})
+        _, model, tokens, lut = setup()
+        torch._dynamo.reset()
+        outs[flag] = []
+        for ttt in (False, True):
+            counters.clear()
+            outs[flag].append(train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, 32, 8, ttt=ttt).totals())
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [0, 0, 1, 1]  # batches of 5 windows and smaller remainders (TTT chunks): one graph per phase
+    for (loss0, bpb0), (loss1, bpb1) in zip(outs["0"], outs["1"]):
+        assert abs(loss0 - loss1) < 1e-5 and abs(bpb0 - bpb1) < 1e-5
