@@ -230,3 +230,34 @@ def test_wallclock_cap_stops_training_within_a_step(tiny_data, tmp_path):
     assert summary["stop_reason"] == "wallclock_cap" and 5 < steps < 100000
     assert "train_clock_cap:2.0s" in text
     assert 2.0 <= secs < 2.0 + 3 * secs / steps  # at most ~one step (plus a read) past the cap
+
+
+class CountingStream:
+    """Stands in for TrainStream: batch i is filled with token i, so a step shows which batch it used."""
+
+    def __init__(self, seq_len: int, offset: int = 0):
+        self.seq_len, self.drawn = seq_len, offset
+
+    def next_batch(self, n_seqs: int, rows: slice) -> np.ndarray:
+        self.drawn += 1
+        return np.full((n_seqs, self.seq_len + 1), self.drawn - 1, dtype=np.int64)[rows]
+
+
+def test_prefetch_keeps_the_batch_order_and_a_new_stream_drops_it(monkeypatch):
+    """Trainer.step loads the next batch while the current one is on the GPU: step k must still train
+    on batch k, and swapping the stream (the warm-up restore does) must not leak a stale batch."""
+    hp = train_gpt.Hyperparameters(dict(DEVICE="cpu", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2",
+                                        NUM_KV_HEADS="1", VOCAB_SIZE="64", TRAIN_SEQ_LEN="16",
+                                        TRAIN_BATCH_TOKENS="128", EMA_DECAY="0", NUM_LOOPS="0"))
+    dctx = train_gpt.setup_distributed(hp)
+    model = train_gpt.GPT(train_gpt.ModelConfig.from_hparams(hp))
+    trainer = train_gpt.Trainer(hp, dctx, model)
+    seen = []
+    real_forward = trainer.forward
+    monkeypatch.setattr(trainer, "forward", lambda x, y: seen.append(int(x[0, 0])) or real_forward(x, y))
+    trainer.stream = CountingStream(hp.train_seq_len)
+    for k in range(3):
+        trainer.step(k, 1.0)
+    trainer.stream = CountingStream(hp.train_seq_len, offset=50)
+    trainer.step(3, 1.0)
+    assert seen == [0, 1, 2, 50]
