@@ -653,6 +653,12 @@ def time_attention(attend, shape: tuple, device: torch.device, warmup: int = 3, 
     return 1000 * (time.perf_counter() - t0) / reps
 
 
+def train_attention_shape(hp: Hyperparameters, world_size: int, device: torch.device) -> tuple:
+    """(B, T, H, Hkv, hd) of one training micro-batch: the shape select_attention times."""
+    micro_seqs, _ = plan_batches(hp, world_size, device)
+    return micro_seqs, hp.train_seq_len, hp.num_heads, hp.num_kv_heads, hp.model_dim // hp.num_heads
+
+
 def select_attention(choice: str, device: torch.device, shape: tuple) -> tuple[str, object, str]:
     """(name, attend, note). On CUDA, `auto` takes FlashAttention 3, else 2, else the SDPA kernel
     that runs `shape` fastest (measured here); `sdpa` measures the SDPA kernels only; a named
@@ -1239,7 +1245,8 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
                 stride: int, ttt: bool = False, slot: str = "off", log=None) -> TokenScores:
     """Score every val target once with windows of seq_len (stride = seq_len: plain non-overlapping
     eval), optionally with score-first TTT and SLOT. Windows are split across ranks (with TTT,
-    within each chunk). Runs the looped model, eagerly. Returns per-target scores of all ranks."""
+    within each chunk). Runs the looped model, eagerly unless EVAL_COMPILE (SLOT's fitting is always
+    eager). Returns per-target scores of all ranks."""
     model.looped = True
     model.eval()
     tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(dctx.device)
@@ -1334,8 +1341,8 @@ def legality_check(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist,
     p = len(val_tokens) // 2 // stride * stride + stride // 2  # mid-span: a window scores both sides of p
     other = val_tokens.copy()
     other[p + 1:] = np.random.default_rng(0).permutation(other[p + 1:])
-    runs = [eval_tokens(copy.deepcopy(model), v, lut, dctx, hp, hp.eval_seq_len, hp.eval_stride or hp.eval_seq_len,
-                        ttt, slot).nll[:p] for v in (val_tokens, other)]
+    runs = [eval_tokens(copy.deepcopy(model), v, lut, dctx, hp, hp.eval_seq_len, stride, ttt, slot).nll[:p]
+            for v in (val_tokens, other)]
     return bool(torch.equal(*runs))
 
 
@@ -1728,9 +1735,8 @@ def run(hp: Hyperparameters) -> dict:
         if len(val_tokens) <= hp.train_seq_len:
             raise UserError(f"val shards {val_files[0]}...: {len(val_tokens)} tokens, need > TRAIN_SEQ_LEN={hp.train_seq_len}")
         log(f"val_shards:{len(val_files)} val_tokens:{len(val_tokens) - 1} data:{hp.data_path}")
-        micro_seqs, _ = plan_batches(hp, dctx.world_size, dctx.device)
-        attn_name, attend, attn_note = select_attention(hp.attn_backend, dctx.device, (
-            micro_seqs, hp.train_seq_len, hp.num_heads, hp.num_kv_heads, hp.model_dim // hp.num_heads))
+        attn_name, attend, attn_note = select_attention(
+            hp.attn_backend, dctx.device, train_attention_shape(hp, dctx.world_size, dctx.device))
         log(f"attention:{attn_name} {attn_note}".rstrip())
 
         def evaluate(model: GPT, seq_len: int) -> tuple[float, float]:

@@ -52,9 +52,8 @@ def build_trainer(hp, dctx, looped: bool):
     torch.manual_seed(0)
     model = train_gpt.GPT(train_gpt.ModelConfig.from_hparams(hp)).to(dctx.device)
     model.looped = looped
-    micro_seqs, _ = train_gpt.plan_batches(hp, dctx.world_size, dctx.device)
-    attention, model.attend, _ = train_gpt.select_attention(hp.attn_backend, dctx.device, (
-        micro_seqs, hp.train_seq_len, hp.num_heads, hp.num_kv_heads, hp.model_dim // hp.num_heads))
+    attention, model.attend, _ = train_gpt.select_attention(
+        hp.attn_backend, dctx.device, train_gpt.train_attention_shape(hp, dctx.world_size, dctx.device))
     trainer = train_gpt.Trainer(hp, dctx, model)
     trainer.stream = RandomStream(hp.vocab_size, hp.train_seq_len)
     return trainer, attention
