@@ -123,6 +123,9 @@ KNOBS = [
     Knob("LOOP_END", 5, "last looped physical layer (inclusive)", 0),
     Knob("ENABLE_LOOPING_AT", 0.35, "training progress fraction at which looping turns on", 0, 1),
     Knob("PARALLEL_RESIDUAL_START", 7, "layers >= this run attention and MLP in parallel; -1 = never", -1),
+    Knob("RESIDUAL_DTYPE", "float32", "dtype of the residual stream under bf16 autocast (CUDA): float32 | bfloat16 "
+         "(the records' choice: half the memory traffic of the norms, mixes and adds); CPU always float32",
+         choices=("float32", "bfloat16")),
     # --- optimizer ---
     Knob("MATRIX_LR", 0.022, "Muon learning rate (block matrices)", 0),
     Knob("SCALAR_LR", 0.02, "Adam learning rate (gains, mixes, skip weights)", 0),
@@ -538,6 +541,7 @@ class ModelConfig:
     loop_start: int
     loop_end: int
     parallel_residual_start: int
+    residual_dtype: str = "float32"  # a runtime choice: artifacts written before it still load
 
     @classmethod
     def from_hparams(cls, hp: Hyperparameters):
@@ -767,31 +771,38 @@ class GPT(nn.Module):
         return F.linear(h, self.mlp_down_bank[i])
 
     def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin) -> torch.Tensor:
-        # The residual stream stays float32; autocast runs the matmuls in bf16.
-        mix = self.resid_mix[i]
+        # Autocast runs the matmuls in bf16; the gains are cast to the residual stream's dtype
+        # (RESIDUAL_DTYPE) so that float32 gains do not promote a bf16 stream back to float32.
+        mix, attn_scale, mlp_scale = (t[i].to(x.dtype) for t in (self.resid_mix, self.attn_scale, self.mlp_scale))
         x = mix[0] * x + mix[1] * x0
         s = self.ln_scales[i]
         attn_in = rms_norm(x) * s
-        attn = self.attn_scale[i] * self._attention(i, attn_in, cos, sin)
+        attn = attn_scale * self._attention(i, attn_in, cos, sin)
         if 0 <= self.cfg.parallel_residual_start <= i:  # GPT-J style: both read the same input
-            return x + attn + self.mlp_scale[i] * self._mlp(i, attn_in)
+            return x + attn + mlp_scale * self._mlp(i, attn_in)
         x = x + attn
-        return x + self.mlp_scale[i] * self._mlp(i, rms_norm(x) * s)
+        return x + mlp_scale * self._mlp(i, rms_norm(x) * s)
+
+    def residual_dtype(self, device: torch.device) -> torch.dtype:
+        """bfloat16 only where autocast runs the matmuls in bf16 (CUDA); float32 otherwise."""
+        bf16 = self.cfg.residual_dtype == "bfloat16" and torch.is_autocast_enabled(device.type) \
+            and torch.get_autocast_dtype(device.type) == torch.bfloat16
+        return torch.bfloat16 if bf16 else torch.float32
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.size(1)
         freqs = torch.outer(torch.arange(T, device=idx.device, dtype=torch.float32), self.inv_freq)
         cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
-        x = x0 = rms_norm(self.tok_emb(idx))
+        x = x0 = rms_norm(self.tok_emb(idx)).to(self.residual_dtype(idx.device))
         order = self.cfg.layer_order(self.looped)
         n_enc = len(order) // 2
         skips = []
         for j, i in enumerate(order):
             if j >= n_enc and skips:
                 k = j - n_enc
-                w = self.skip_weights[k] * skips.pop()
+                w = self.skip_weights[k].to(x.dtype) * skips.pop()
                 if self.skip_gates is not None:
-                    g = torch.sigmoid(self.skip_gates[k])
+                    g = torch.sigmoid(self.skip_gates[k]).to(x.dtype)
                     x = g * x + (1 - g) * w
                 else:
                     x = x + w
@@ -1200,9 +1211,10 @@ def window_ends(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
 
 
 def score_windows(model: GPT, tokens: torch.Tensor, ends: np.ndarray, prev_ends: np.ndarray, seq_len: int,
-                  lut: ByteLUT, out: TokenScores, slot: str, hp: Hyperparameters, forward=None):
-    """Score a batch of windows into `out` (`forward`: model(x, y) -> NLL, e.g. compiled; default the
-    model). With SLOT, a per-window delta on the final hidden states is fitted first: on the window's
+                  lut: ByteLUT, out: TokenScores, slot: str, hp: Hyperparameters, hidden=None):
+    """Score a batch of windows into `out` (`hidden`: model.hidden, e.g. compiled). A window's scored
+    targets are its last ends-prev_ends, so the head and loss run on the batch's longest such tail
+    only. With SLOT, a per-window delta on the final hidden states is fitted first: on the window's
     context targets (scored by earlier windows) or, for `full`, on the very targets being scored
     (which leaks them)."""
     L = min(seq_len, int(ends[0]))
@@ -1212,16 +1224,15 @@ def score_windows(model: GPT, tokens: torch.Tensor, ends: np.ndarray, prev_ends:
     x, y = win[:, :-1], win[:, 1:]
     n_scored = torch.from_numpy(ends - prev_ends).to(tokens.device)
     scored = torch.arange(L, device=tokens.device)[None, :] >= (L - n_scored)[:, None]
-    if slot == "off":
-        with torch.inference_mode(), autocast_ctx(tokens.device):
-            nll = (forward or model)(x, y)
-    else:
-        with torch.inference_mode(), autocast_ctx(tokens.device):
-            h = model.hidden(x)
+    with torch.inference_mode(), autocast_ctx(tokens.device):
+        h = (hidden or model.hidden)(x)
+    if slot != "off":
         h = fit_slot_delta(model, h.clone(), y, scored if slot == "full" else ~scored, hp)
-        with torch.inference_mode(), autocast_ctx(tokens.device):
-            nll = model.nll_from_hidden(h, y)
-    t = (starts[:, None] + 1 + torch.arange(L, device=tokens.device)[None, :])[scored] - 1
+    cut = L - int((ends - prev_ends).max())
+    x, y, h, scored = x[:, cut:], y[:, cut:], h[:, cut:], scored[:, cut:]
+    with torch.inference_mode(), autocast_ctx(tokens.device):
+        nll = model.nll_from_hidden(h, y)
+    t = (starts[:, None] + 1 + cut + torch.arange(L - cut, device=tokens.device)[None, :])[scored] - 1
     out.nll.index_add_(0, t, nll[scored].double())
     out.nbytes.index_add_(0, t, lut.target_bytes(x, y)[scored].int())
     out.count.index_add_(0, t, torch.ones_like(t, dtype=torch.int32))
@@ -1259,21 +1270,20 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
     chunk_of = (prev // hp.ttt_chunk_tokens) if ttt else np.zeros_like(prev)
     n_chunks = int(chunk_of[-1]) + 1
     updater = TTTUpdater(model, hp, dctx) if ttt else None
-    forward = None
+    hidden = None
     if hp.eval_compile:
-        compiled = torch.compile(model, fullgraph=True)
+        compiled = torch.compile(model.hidden, fullgraph=True)
 
-        def forward(x, y):  # one graph for every batch size (the last batch is smaller)
+        def hidden(x):  # one graph for every batch size (the last batch is smaller)
             torch._dynamo.mark_dynamic(x, 0)
-            torch._dynamo.mark_dynamic(y, 0)
-            return compiled(x, y)
+            return compiled(x)
     t0 = time.perf_counter()
     for c in range(n_chunks):
         sel = np.nonzero(chunk_of == c)[0]
         mine = sel[len(sel) * dctx.rank // dctx.world_size:len(sel) * (dctx.rank + 1) // dctx.world_size]
         for b in range(0, len(mine), hp.eval_batch_seqs):
             w = mine[b:b + hp.eval_batch_seqs]
-            score_windows(model, tokens, ends[w], prev[w], seq_len, lut, out, slot, hp, forward)
+            score_windows(model, tokens, ends[w], prev[w], seq_len, lut, out, slot, hp, hidden)
         if updater is not None and c + 1 < n_chunks:
             lo, hi = c * hp.ttt_chunk_tokens, min((c + 1) * hp.ttt_chunk_tokens, n)
             updater.update(tokens, lo, hi, c, n_chunks, out.count)

@@ -96,6 +96,27 @@ def test_forward_returns_per_token_nll():
     assert nll.shape == (2, 8) and torch.allclose(nll, ref, atol=1e-5)
 
 
+def test_residual_dtype_under_bf16_autocast():
+    """RESIDUAL_DTYPE=bfloat16 keeps the stream bf16 under bf16 autocast (float32 gains must not promote
+    it back), stays close to the float32 stream, and changes nothing without autocast (CPU runs)."""
+    x = torch.randint(0, 64, (2, 16))
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        model = randomized(small_cfg(residual_dtype=dtype))
+        model.looped = True
+        with torch.no_grad():
+            plain = model.hidden(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert model.residual_dtype(x.device) == getattr(torch, dtype)
+                out[dtype] = model.hidden(x)
+        assert plain.dtype == torch.float32
+        out[dtype + "_plain"] = plain
+    assert torch.equal(out["float32_plain"], out["bfloat16_plain"])
+    assert out["float32"].dtype == torch.float32 and out["bfloat16"].dtype == torch.bfloat16
+    err = (out["bfloat16"].float() - out["float32"]).norm() / out["float32"].norm()
+    assert 0 < err < 0.05
+
+
 def test_config_roundtrips_through_dict():
     cfg = small_cfg()
     assert train_gpt.ModelConfig(**dataclasses.asdict(cfg)) == cfg
