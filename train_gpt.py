@@ -123,7 +123,7 @@ KNOBS = [
     Knob("LOOP_END", 5, "last looped physical layer (inclusive)", 0),
     Knob("ENABLE_LOOPING_AT", 0.35, "training progress fraction at which looping turns on", 0, 1),
     Knob("PARALLEL_RESIDUAL_START", 7, "layers >= this run attention and MLP in parallel; -1 = never", -1),
-    Knob("RESIDUAL_DTYPE", "float32", "dtype of the residual stream under bf16 autocast (CUDA): float32 | bfloat16 "
+    Knob("RESIDUAL_DTYPE", "bfloat16", "dtype of the residual stream under bf16 autocast (CUDA): float32 | bfloat16 "
          "(the records' choice: half the memory traffic of the norms, mixes and adds); CPU always float32",
          choices=("float32", "bfloat16")),
     # --- optimizer ---
@@ -152,8 +152,8 @@ KNOBS = [
          "the same windows): 1, 0, or auto = only if it and TTT are projected to fit EVAL_BUDGET_SECONDS. "
          "Without TTT the sliding phase is the score and always runs", choices=("auto", "1", "0")),
     Knob("EVAL_BATCH_SEQS", 32, "windows per forward in sliding/TTT evaluation", 1),
-    Knob("EVAL_COMPILE", 0, "torch.compile the scoring forward of each eval phase (batch dim dynamic); costs a "
-         "compile per phase, so it pays only on large val sets; not yet timed on a GPU", 0, 1),
+    Knob("EVAL_COMPILE", "auto", "torch.compile the hidden-state forward of each eval phase (batch dim dynamic): "
+         "auto = where COMPILE applies (CUDA) | 1 (CPU too) | 0 = eager", choices=("auto", "1", "0")),
     Knob("TTT_ENABLED", 1, "score-first test-time training over the sliding windows", 0, 1),
     Knob("TTT_LR", 0.005, "TTT SGD learning rate (cosine over chunks)", 0),
     Knob("TTT_EPOCHS", 3, "TTT passes over each already-scored chunk", 1),
@@ -1256,8 +1256,8 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
                 stride: int, ttt: bool = False, slot: str = "off", log=None) -> TokenScores:
     """Score every val target once with windows of seq_len (stride = seq_len: plain non-overlapping
     eval), optionally with score-first TTT and SLOT. Windows are split across ranks (with TTT,
-    within each chunk). Runs the looped model, eagerly unless EVAL_COMPILE (SLOT's fitting is always
-    eager). Returns per-target scores of all ranks."""
+    within each chunk). Runs the looped model; its hidden-state forward compiled per EVAL_COMPILE
+    (SLOT's fitting and TTT's training steps run eagerly). Returns per-target scores of all ranks."""
     model.looped = True
     model.eval()
     tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(dctx.device)
@@ -1271,7 +1271,7 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
     n_chunks = int(chunk_of[-1]) + 1
     updater = TTTUpdater(model, hp, dctx) if ttt else None
     hidden = None
-    if hp.eval_compile:
+    if hp.eval_compile == "1" or (hp.eval_compile == "auto" and hp.compile and dctx.device.type == "cuda"):
         compiled = torch.compile(model.hidden, fullgraph=True)
 
         def hidden(x):  # one graph for every batch size (the last batch is smaller)

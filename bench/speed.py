@@ -7,7 +7,8 @@ usage: python3 bench/speed.py [--configs default,default_looped,baseline] [--ste
 Each configuration builds train_gpt's model and Trainer (compiled on CUDA unless COMPILE=0), runs
 --warmup steps, then times --steps optimizer steps on random tokens (speed does not depend on the
 data) and a sliding-window eval (EVAL_SEQ_LEN/EVAL_STRIDE) over --eval-tokens random tokens, after a
-short warm-up eval (so --set EVAL_COMPILE=1 times the compiled forward without its compile).
+short warm-up eval (so the compiled forward, EVAL_COMPILE=auto on CUDA, is timed without its compile;
+--set EVAL_COMPILE=0 times the eager one).
 Configurations: default = the submitted stack with one H100's share of the batch (98,304 tokens);
 default_looped = the same with depth recurrence on; baseline = bench/baseline.env. --set applies
 overrides to every configuration (e.g. --set DEVICE=cpu NUM_LAYERS=2 for a smoke test).
@@ -81,7 +82,7 @@ def bench(name: str, overrides: dict, looped: bool, args) -> str:
     lut = train_gpt.ByteLUT(torch.ones(hp.vocab_size, dtype=torch.int32), torch.zeros(hp.vocab_size, dtype=torch.bool),
                             torch.zeros(hp.vocab_size, dtype=torch.bool)).to(dctx.device)
     stride = hp.eval_stride or hp.eval_seq_len
-    # Warm-up on a short prefix: builds kernel plans and, with EVAL_COMPILE=1, the compiled graph
+    # Warm-up on a short prefix: builds kernel plans and, with EVAL_COMPILE on, the compiled graph
     # (reused by later calls on the same model), so the timing below is the steady-state rate.
     train_gpt.eval_tokens(model, val[:2 * hp.eval_seq_len + 1], lut, dctx, hp, hp.eval_seq_len, stride)
     train_gpt.synchronize(dctx.device)
