@@ -133,10 +133,11 @@ def test_sliding_phase_runs_without_ttt_whatever_eval_sliding_says():
 
 def test_compiled_eval_scores_like_eager():
     """EVAL_COMPILE=1 (inductor, here on CPU) scores sliding and TTT like the eager forward, one graph
-    for every batch size; the scores of every target are still counted exactly once."""
+    for every batch size; the scores of every target are still counted exactly once. EVAL_COMPILE=auto
+    stays eager on CPU."""
     from torch._dynamo.utils import counters
     outs, graphs = {}, []
-    for flag in ("0", "1"):
+    for flag in ("0", "auto", "1"):  # auto compiles where training does (CUDA): eager here
         hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_COMPILE": flag, "EVAL_BATCH_SEQS": "5"})
         _, model, tokens, lut = setup()
         torch._dynamo.reset()
@@ -145,6 +146,7 @@ def test_compiled_eval_scores_like_eager():
             counters.clear()
             outs[flag].append(train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, 32, 8, ttt=ttt).totals())
             graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs == [0, 0, 1, 1]  # batches of 5 windows and smaller remainders (TTT chunks): one graph per phase
+    assert graphs == [0, 0, 0, 0, 1, 1]  # batches of 5 windows and smaller remainders (TTT chunks): one graph per phase
+    assert outs["auto"] == outs["0"]
     for (loss0, bpb0), (loss1, bpb1) in zip(outs["0"], outs["1"]):
         assert abs(loss0 - loss1) < 1e-5 and abs(bpb0 - bpb1) < 1e-5
