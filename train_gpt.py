@@ -1356,6 +1356,13 @@ def legality_check(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist,
     return bool(torch.equal(*runs))
 
 
+def compiled_graph_count() -> int:
+    """Graphs torch.compile has built in this process: a phase's share of the eval time that went on
+    compiling shows in its log line as new_graphs (0 when eager or reusing an earlier phase's graph)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 def score_phases(model: GPT, train_seq_len: int, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist,
                  hp: Hyperparameters, log) -> dict:
     """roundtrip (plain windows) -> sliding -> TTT -> SLOT, each timed against the eval budget.
@@ -1393,14 +1400,15 @@ def score_phases(model: GPT, train_seq_len: int, val_tokens: np.ndarray, lut: By
             log(f"ttt_projected_seconds:{ttt_s:.0f} eval_elapsed:{elapsed:.0f}s budget:{hp.eval_budget_seconds:.0f}s")
             if elapsed + ttt_s > hp.eval_budget_seconds:
                 log(f"warning:ttt_may_exceed_eval_budget projected_total:{elapsed + ttt_s:.0f}s")
-        t0 = time.perf_counter()
+        t0, graphs0 = time.perf_counter(), compiled_graph_count()
         scores = eval_tokens(copy.deepcopy(model) if ttt else model, val_tokens, lut, dctx, hp, seq_len, stride_,
                              ttt, slot, log)
         val_loss, val_bpb = scores.totals()
         secs = time.perf_counter() - t0
         elapsed += secs
         valid = slot != "full"
-        log(f"{name} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{secs:.1f}s valid:{int(valid)}")
+        log(f"{name} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{secs:.1f}s valid:{int(valid)} "
+            f"new_graphs:{compiled_graph_count() - graphs0}")
         summary[f"{name}_s"] = secs
         summary[f"{name}_val_bpb"] = val_bpb
         if valid:

@@ -131,6 +131,19 @@ def test_sliding_phase_runs_without_ttt_whatever_eval_sliding_says():
     assert out["final_val_bpb"] == out["sliding_val_bpb"]
 
 
+def test_phase_lines_count_compiled_graphs():
+    """With EVAL_COMPILE=1 the first phase builds the graph and the sliding phase reuses it (new_graphs:0);
+    eager phases report 0. The log line is where a GPU run shows a phase that recompiled."""
+    for flag, expect in (("0", ["0", "0"]), ("1", ["1", "0"])):
+        hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_COMPILE": flag, "TTT_ENABLED": "0", "EVAL_BATCH_SEQS": "5"})
+        _, model, tokens, lut = setup()
+        torch._dynamo.reset()
+        lines = []
+        train_gpt.score_phases(model, 32, tokens, lut, train_gpt.Dist(), hp, lines.append)
+        graphs = [line.rsplit("new_graphs:", 1)[1] for line in lines if " val_bpb:" in line]
+        assert graphs == expect, lines
+
+
 def test_compiled_eval_scores_like_eager():
     """EVAL_COMPILE=1 (inductor, here on CPU) scores sliding and TTT like the eager forward, one graph
     for every batch size; the scores of every target are still counted exactly once. EVAL_COMPILE=auto
