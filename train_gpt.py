@@ -1252,6 +1252,13 @@ def fit_slot_delta(model: GPT, h: torch.Tensor, y: torch.Tensor, fit_mask: torch
     return (h + delta).detach()
 
 
+def even_batches(items: np.ndarray, size: int) -> list[np.ndarray]:
+    """Consecutive batches of at most `size`, as equal as possible: a fixed size would leave a
+    remainder, and a batch of one window costs the compiled forward a recompile (torch.compile
+    specializes dims of size 1) even though the batch dim is dynamic."""
+    return np.array_split(items, -(-len(items) // size)) if len(items) else []
+
+
 def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp: Hyperparameters, seq_len: int,
                 stride: int, ttt: bool = False, slot: str = "off", log=None) -> TokenScores:
     """Score every val target once with windows of seq_len (stride = seq_len: plain non-overlapping
@@ -1281,8 +1288,7 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
     for c in range(n_chunks):
         sel = np.nonzero(chunk_of == c)[0]
         mine = sel[len(sel) * dctx.rank // dctx.world_size:len(sel) * (dctx.rank + 1) // dctx.world_size]
-        for b in range(0, len(mine), hp.eval_batch_seqs):
-            w = mine[b:b + hp.eval_batch_seqs]
+        for w in even_batches(mine, hp.eval_batch_seqs):
             score_windows(model, tokens, ends[w], prev[w], seq_len, lut, out, slot, hp, hidden)
         if updater is not None and c + 1 < n_chunks:
             lo, hi = c * hp.ttt_chunk_tokens, min((c + 1) * hp.ttt_chunk_tokens, n)
