@@ -1281,7 +1281,7 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
     if hp.eval_compile == "1" or (hp.eval_compile == "auto" and hp.compile and dctx.device.type == "cuda"):
         compiled = torch.compile(model.hidden, fullgraph=True)
 
-        def hidden(x):  # one graph for every batch size (the last batch is smaller)
+        def hidden(x):  # one graph for every batch size
             torch._dynamo.mark_dynamic(x, 0)
             return compiled(x)
     t0 = time.perf_counter()
