@@ -1222,13 +1222,14 @@ def score_windows(model: GPT, tokens: torch.Tensor, ends: np.ndarray, prev_ends:
     idx = starts[:, None] + torch.arange(L + 1, device=tokens.device)
     win = tokens[idx]
     x, y = win[:, :-1], win[:, 1:]
-    n_scored = torch.from_numpy(ends - prev_ends).to(tokens.device)
-    scored = torch.arange(L, device=tokens.device)[None, :] >= (L - n_scored)[:, None]
+    n_scored = ends - prev_ends  # each window scores its last n_scored positions
+    first_scored = torch.from_numpy(L - n_scored).to(tokens.device)
+    scored = torch.arange(L, device=tokens.device)[None, :] >= first_scored[:, None]
     with torch.inference_mode(), autocast_ctx(tokens.device):
         h = (hidden or model.hidden)(x)
     if slot != "off":
         h = fit_slot_delta(model, h.clone(), y, scored if slot == "full" else ~scored, hp)
-    cut = L - int((ends - prev_ends).max())
+    cut = L - int(n_scored.max())
     x, y, h, scored = x[:, cut:], y[:, cut:], h[:, cut:], scored[:, cut:]
     with torch.inference_mode(), autocast_ctx(tokens.device):
         nll = model.nll_from_hidden(h, y)
@@ -1278,7 +1279,7 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
     n_chunks = int(chunk_of[-1]) + 1
     updater = TTTUpdater(model, hp, dctx) if ttt else None
     hidden = None
-    if hp.eval_compile == "1" or (hp.eval_compile == "auto" and hp.compile and dctx.device.type == "cuda"):
+    if hp.eval_compile == "1" or (hp.eval_compile == "auto" and compile_applies(hp, dctx.device)):
         compiled = torch.compile(model.hidden, fullgraph=True)
 
         def hidden(x):  # one graph for every batch size
@@ -1457,7 +1458,7 @@ class Trainer:
 
     def __init__(self, hp: Hyperparameters, dctx: Dist, model: GPT):
         self.hp, self.dctx, self.model = hp, dctx, model
-        self.compiled = bool(hp.compile) and dctx.device.type == "cuda"
+        self.compiled = compile_applies(hp, dctx.device)
         if self.compiled:
             configure_inductor()
         ortho = torch.compile(newton_schulz, dynamic=False) if self.compiled else newton_schulz
@@ -1696,6 +1697,11 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_ev
     train_ms = clock.ms
     log(f"stopping:{stop_reason} step:{step} train_time:{train_ms / 1000:.3f}s")
     return dict(steps=step, train_ms=train_ms, stop_reason=stop_reason, val=last_val)
+
+
+def compile_applies(hp: Hyperparameters, device: torch.device) -> bool:
+    """COMPILE: torch.compile on CUDA only (CPU runs are tests and tiny configs)."""
+    return bool(hp.compile) and device.type == "cuda"
 
 
 def configure_inductor():
