@@ -848,6 +848,18 @@ def newton_schulz(G: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tenso
     return (X.mT if tall else X).to(G.dtype)
 
 
+def muon_direction(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor, steps: int,
+                   row_normalize: bool) -> torch.Tensor:
+    """One bank shard's update direction: Nesterov momentum (buf updated in place), MuonEq-R row
+    normalization, Newton-Schulz. One function so that torch.compile fuses the elementwise work
+    around the matmuls; momentum is a 0-d tensor so its warm-up schedule never recompiles."""
+    buf.mul_(momentum).add_(grad)
+    update = grad + momentum * buf  # Nesterov
+    if row_normalize:  # MuonEq-R
+        update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+    return newton_schulz(update, steps)
+
+
 class ParallelMuon(torch.optim.Optimizer):
     """Muon over parameter banks [B, rows, cols], with the work sharded across ranks.
 
@@ -857,10 +869,11 @@ class ParallelMuon(torch.optim.Optimizer):
     shard only and all-gathers the updates. No DDP; world size 1 is the same path without
     communication. Momentum buffers are per-shard."""
 
-    def __init__(self, banks, lr, momentum, backend_steps, row_normalize, weight_decay, orthogonalize, dctx):
+    def __init__(self, banks, lr, momentum, backend_steps, row_normalize, weight_decay, direction, dctx):
         super().__init__(banks, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.backend_steps, self.row_normalize, self.orthogonalize = backend_steps, row_normalize, orthogonalize
+        self.backend_steps, self.row_normalize, self.direction = backend_steps, row_normalize, direction
         self.dctx, self.pending = dctx, []
+        self.momentum = torch.zeros((), device=dctx.device)  # the group's momentum, as direction() takes it
         # Overlap communication with Newton-Schulz on GPUs (NCCL). Gloo's async collectives on CPU
         # intermittently abort at exit ("terminate called without an active exception"), so the
         # CPU path waits for each collective where it is issued; the arithmetic is identical.
@@ -901,14 +914,11 @@ class ParallelMuon(torch.optim.Optimizer):
     def step(self):
         group = self.param_groups[0]
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        self.momentum.fill_(mom)
         gathers = []
         for p, grad, _ in self.pending:
             buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(grad))
-            buf.mul_(mom).add_(grad)
-            update = grad.add(buf, alpha=mom)  # Nesterov
-            if self.row_normalize:  # MuonEq-R
-                update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-            update = self.orthogonalize(update, self.backend_steps).to(p.dtype)
+            update = self.direction(grad, buf, self.momentum, self.backend_steps, self.row_normalize).to(p.dtype)
             if self.dctx.enabled:
                 full = update.new_empty((update.size(0) * self.dctx.world_size, *update.shape[1:]))
                 gathers.append((p, full, dist.all_gather_into_tensor(full, update.contiguous(), async_op=self.overlap)))
@@ -923,7 +933,7 @@ class ParallelMuon(torch.optim.Optimizer):
         self.pending = []
 
 
-def build_optimizers(model: GPT, hp: Hyperparameters, dctx: Dist, orthogonalize):
+def build_optimizers(model: GPT, hp: Hyperparameters, dctx: Dist, direction=muon_direction):
     banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank]
     scalars = [p for n, p in model.named_parameters() if p.ndim < 3 and n != "tok_emb.weight"]
     adam = torch.optim.AdamW(
@@ -932,7 +942,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dctx: Dist, orthogonalize)
         betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=dctx.device.type == "cuda")
     muon = ParallelMuon(banks, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
                         row_normalize=bool(hp.muon_row_normalize), weight_decay=hp.muon_wd,
-                        orthogonalize=orthogonalize, dctx=dctx)
+                        direction=direction, dctx=dctx)
     for opt in (adam, muon):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
@@ -1461,8 +1471,8 @@ class Trainer:
         self.compiled = compile_applies(hp, dctx.device)
         if self.compiled:
             configure_inductor()
-        ortho = torch.compile(newton_schulz, dynamic=False) if self.compiled else newton_schulz
-        self.optimizers = build_optimizers(model, hp, dctx, orthogonalize=ortho)
+        direction = torch.compile(muon_direction, dynamic=False) if self.compiled else muon_direction
+        self.optimizers = build_optimizers(model, hp, dctx, direction)
         self.adam, self.muon = self.optimizers
         self.replicated = [p for p in model.parameters() if p.ndim < 3]  # Adam's: all-reduced whole
         self.forward = torch.compile(model, fullgraph=True) if self.compiled else model

@@ -23,7 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import train_gpt  # noqa: E402
-from speed import build_trainer  # noqa: E402
+from speed import apply_inductor_options, build_trainer  # noqa: E402
 
 CLASSES = [  # first match wins
     ("attention", r"flash|fmha|attention|cudnn.*sdpa|sdpa"),
@@ -50,9 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--inductor", nargs="*", default=[], metavar="OPTION=VALUE",
                     help="torch._inductor.config options to try, e.g. triton.persistent_reductions=False")
     args = ap.parse_args(argv)
-    for kv in args.inductor:
-        key, value = kv.split("=", 1)
-        torch._inductor.config.__setattr__(key, eval(value))  # a trusted command line, values like False/1
+    apply_inductor_options(args.inductor)
     hp = train_gpt.Hyperparameters({"TRAIN_BATCH_TOKENS": "98304"} | dict(kv.split("=", 1) for kv in args.set))
     dctx = train_gpt.setup_distributed(hp)
     trainer, attention = build_trainer(hp, dctx, args.looped)
@@ -67,9 +65,12 @@ def main(argv=None) -> int:
             trainer.step(0, 1.0)
         train_gpt.synchronize(dctx.device)
         step_ms = 1000 * (time.perf_counter() - t0) / args.steps
-    totals, calls = defaultdict(float), defaultdict(int)
+    totals, calls, spans = defaultdict(float), defaultdict(int), defaultdict(float)
     for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
+        if getattr(ev, "is_user_annotation", False) or ev.name.startswith("Optimizer."):
+            # record_function ranges (optimizer steps): GPU time spanned, not kernels; kept apart
+            spans[ev.name] += ev.device_time_total / 1000 / args.steps
+        elif ev.device_type == torch.autograd.DeviceType.CUDA:
             totals[ev.name] += ev.device_time_total / 1000 / args.steps  # ms per step
             calls[ev.name] += 1
     busy = sum(totals.values())
@@ -80,6 +81,9 @@ def main(argv=None) -> int:
         by_class[kernel_class(name)] += ms
     for name, ms in sorted(by_class.items(), key=lambda kv: -kv[1]):
         print(f"class:{name} ms:{ms:.2f} share:{100 * ms / max(busy, 1e-9):.1f}%")
+    for name, ms in sorted(spans.items(), key=lambda kv: -kv[1]):
+        if ms > 0:
+            print(f"span:{name} ms:{ms:.2f}")
     for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"{100 * ms / max(busy, 1e-9):5.1f}% {ms:7.3f}ms x{calls[name] // args.steps:<4d} {name[:150]}")
     return 0

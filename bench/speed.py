@@ -2,7 +2,7 @@
 """Fixed short speed benchmark: one line per configuration, side by side in one process.
 
 usage: python3 bench/speed.py [--configs default,default_looped,baseline] [--steps 100] [--warmup 10]
-                              [--eval-tokens 262144] [--set KEY=VALUE ...]
+                              [--eval-tokens 262144] [--set KEY=VALUE ...] [--inductor OPTION=VALUE ...]
 
 Each configuration builds train_gpt's model and Trainer (compiled on CUDA unless COMPILE=0), runs
 --warmup steps, then times --steps optimizer steps on random tokens (speed does not depend on the
@@ -11,7 +11,9 @@ short warm-up eval (so the compiled forward, EVAL_COMPILE=auto on CUDA, is timed
 --set EVAL_COMPILE=0 times the eager one).
 Configurations: default = the submitted stack with one H100's share of the batch (98,304 tokens);
 default_looped = the same with depth recurrence on; baseline = bench/baseline.env. --set applies
-overrides to every configuration (e.g. --set DEVICE=cpu NUM_LAYERS=2 for a smoke test).
+overrides to every configuration (e.g. --set DEVICE=cpu NUM_LAYERS=2 for a smoke test); --inductor
+sets torch._inductor.config options on top of train_gpt's (e.g. coordinate_descent_tuning=True), to
+try one before it goes into configure_inductor().
 Prints: config, looped, attention (the kernel ATTN_BACKEND chose), ms_step, tok_s, flops_per_token, mfu (CUDA), peak_mem_mib (CUDA), eval_tok_s.
 """
 import argparse
@@ -46,6 +48,21 @@ class RandomStream:
 
     def next_batch(self, n_seqs: int, rows: slice) -> np.ndarray:
         return self.rng.integers(0, self.vocab, size=(n_seqs, self.seq_len + 1))[rows]
+
+
+def apply_inductor_options(options: list[str]):
+    """OPTION=VALUE pairs onto torch._inductor.config (a trusted command line; VALUE is a literal)."""
+    import ast
+    import torch._inductor.config as inductor_config
+    for kv in options:
+        key, value = kv.split("=", 1)
+        *path, attr = key.split(".")
+        target = inductor_config
+        for part in path:
+            target = getattr(target, part)
+        if not hasattr(target, attr):
+            raise SystemExit(f"error: --inductor: torch._inductor.config has no option {key!r}")
+        setattr(target, attr, ast.literal_eval(value))
 
 
 def build_trainer(hp, dctx, looped: bool):
@@ -104,7 +121,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (compile)")
     ap.add_argument("--eval-tokens", type=int, default=262144, help="random tokens scored by the sliding eval")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every config")
+    ap.add_argument("--inductor", nargs="*", default=[], metavar="OPTION=VALUE",
+                    help="torch._inductor.config options, e.g. coordinate_descent_tuning=True")
     args = ap.parse_args(argv)
+    apply_inductor_options(args.inductor)
     extra = dict(kv.split("=", 1) for kv in args.set)
     for name in args.configs.split(","):
         if name not in CONFIGS:
