@@ -87,6 +87,33 @@ def test_newton_schulz_near_orthogonal():
     assert torch.allclose(Xt, X.mT, atol=1e-5)
 
 
+def test_muon_direction_compiled_matches_eager_without_recompiling():
+    """The Trainer compiles muon_direction on CUDA; the momentum is a 0-d tensor so that its warm-up
+    schedule (a new value every step) reuses one graph. Here on CPU (inductor): the compiled update and
+    momentum buffer match eager for two momenta, and the second momentum builds no new graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    compiled = torch.compile(train_gpt.muon_direction, dynamic=False)
+    grad = torch.randn(3, 16, 48)
+    buf_eager = torch.randn(3, 16, 48)
+    buf_compiled = buf_eager.clone()
+    graphs = []
+    for mom in (0.92, 0.95):
+        m = torch.tensor(mom)
+        ref = train_gpt.muon_direction(grad, buf_eager, m, 5, True)
+        out = compiled(grad, buf_compiled, m, 5, True)
+        graphs.append(train_gpt.compiled_graph_count())
+        assert torch.allclose(out, ref, atol=1e-4) and torch.allclose(buf_compiled, buf_eager, atol=1e-6)
+    assert graphs[1] == graphs[0]  # a new momentum value: no recompile
+    # Zero Newton-Schulz steps leave only the Frobenius normalization: the Nesterov direction shows.
+    buf0, m = torch.randn(3, 16, 48), 0.9
+    nesterov = grad + m * (m * buf0 + grad)
+    plain = train_gpt.muon_direction(grad, buf0.clone(), torch.tensor(m), 0, False)
+    assert torch.allclose(plain, nesterov / nesterov.norm(dim=(-2, -1), keepdim=True), atol=1e-6)
+    rows = train_gpt.muon_direction(grad, buf0.clone(), torch.tensor(m), 0, True)  # MuonEq-R: equal row norms
+    assert torch.allclose(rows.norm(dim=-1), torch.full((3, 16), 16 ** -0.5), atol=1e-5)
+
+
 def test_forward_returns_per_token_nll():
     model = randomized(small_cfg())
     x = torch.randint(0, 64, (2, 8))
