@@ -1402,8 +1402,10 @@ def score_phases(model: GPT, train_seq_len: int, val_tokens: np.ndarray, lut: By
             if not ok and slot != "full":
                 raise UserError(f"legality check failed for phase {name}: scores depend on later tokens")
     # Projections: a sliding pass recomputes every target's window seq_len/stride times, so it costs
-    # ~ roundtrip * seq_len/stride (bench: 61 s projected, 57.7 s measured); TTT adds ~3 forward
-    # passes' worth per epoch on each chunk (bench: 74 s projected, 75.4 s measured).
+    # ~ roundtrip * seq_len/stride; TTT adds ~3 forward passes' worth per epoch on each chunk. Bench,
+    # eager eval: sliding 61 s projected / 57.7 s measured, TTT 74 / 75.4 s. With the compiled eval
+    # forward the sliding projection holds (19 / 16 s) but TTT's training steps still run eagerly, so
+    # its projection is low (20 / 31 s): a margin to keep in mind near EVAL_BUDGET_SECONDS.
     summary, elapsed, final = {}, 0.0, None
     for name, seq_len, stride_, ttt, slot in phases:
         sliding_s = summary.get("sliding_s", summary.get("roundtrip_s", 0.0) * seq_len / stride_)
