@@ -1221,10 +1221,10 @@ def window_ends(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
 
 
 def score_windows(model: GPT, tokens: torch.Tensor, ends: np.ndarray, prev_ends: np.ndarray, seq_len: int,
-                  lut: ByteLUT, out: TokenScores, slot: str, hp: Hyperparameters, hidden=None):
-    """Score a batch of windows into `out` (`hidden`: model.hidden, e.g. compiled). A window's scored
-    targets are its last ends-prev_ends, so the head and loss run on the batch's longest such tail
-    only. With SLOT, a per-window delta on the final hidden states is fitted first: on the window's
+                  lut: ByteLUT, out: TokenScores, slot: str, hp: Hyperparameters, hidden):
+    """Score a batch of windows into `out`, running `hidden` (eval_forward's) for the hidden states.
+    A window's scored targets are its last ends-prev_ends, so the head and loss run on the batch's
+    longest such tail only. With SLOT, a per-window delta on the final hidden states is fitted first: on the window's
     context targets (scored by earlier windows) or, for `full`, on the very targets being scored
     (which leaks them)."""
     L = min(seq_len, int(ends[0]))
@@ -1236,7 +1236,7 @@ def score_windows(model: GPT, tokens: torch.Tensor, ends: np.ndarray, prev_ends:
     first_scored = torch.from_numpy(L - n_scored).to(tokens.device)
     scored = torch.arange(L, device=tokens.device)[None, :] >= first_scored[:, None]
     with torch.inference_mode(), autocast_ctx(tokens.device):
-        h = (hidden or model.hidden)(x)
+        h = hidden(x)
     if slot != "off":
         h = fit_slot_delta(model, h.clone(), y, scored if slot == "full" else ~scored, hp)
     cut = L - int(n_scored.max())
@@ -1270,6 +1270,18 @@ def even_batches(items: np.ndarray, size: int) -> list[np.ndarray]:
     return np.array_split(items, -(-len(items) // size)) if len(items) else []
 
 
+def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device):
+    """model.hidden, compiled per EVAL_COMPILE with the batch dim dynamic (one graph for every batch size)."""
+    if not (hp.eval_compile == "1" or (hp.eval_compile == "auto" and compile_applies(hp, device))):
+        return model.hidden
+    compiled = torch.compile(model.hidden, fullgraph=True)
+
+    def hidden(x):
+        torch._dynamo.mark_dynamic(x, 0)
+        return compiled(x)
+    return hidden
+
+
 def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp: Hyperparameters, seq_len: int,
                 stride: int, ttt: bool = False, slot: str = "off", log=None) -> TokenScores:
     """Score every val target once with windows of seq_len (stride = seq_len: plain non-overlapping
@@ -1288,13 +1300,7 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
     chunk_of = (prev // hp.ttt_chunk_tokens) if ttt else np.zeros_like(prev)
     n_chunks = int(chunk_of[-1]) + 1
     updater = TTTUpdater(model, hp, dctx) if ttt else None
-    hidden = None
-    if hp.eval_compile == "1" or (hp.eval_compile == "auto" and compile_applies(hp, dctx.device)):
-        compiled = torch.compile(model.hidden, fullgraph=True)
-
-        def hidden(x):  # one graph for every batch size
-            torch._dynamo.mark_dynamic(x, 0)
-            return compiled(x)
+    hidden = eval_forward(model, hp, dctx.device)
     t0 = time.perf_counter()
     for c in range(n_chunks):
         sel = np.nonzero(chunk_of == c)[0]
