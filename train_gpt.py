@@ -90,9 +90,10 @@ KNOBS = [
     Knob("ARTIFACT_DIR", ".", "where final_model_<RUN_ID>.int<MATRIX_BITS>.br is written"),
     Knob("DEVICE", "auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu")),
     Knob("COMPILE", 1, "torch.compile the model on CUDA (0 for debugging; never on CPU)", 0, 1),
-    Knob("ATTN_BACKEND", "auto", "auto (fa3, else fa2, else the fastest SDPA kernel, measured) | fa3 | fa2 | sdpa "
-         "(fastest SDPA kernel, measured) | sdpa_cudnn | sdpa_flash | sdpa_efficient | sdpa_math",
-         choices=("auto", "fa3", "fa2", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")),
+    Knob("ATTN_BACKEND", "auto", "auto (the fastest of the importable FlashAttention 4/3/2 and the SDPA kernels, "
+         "measured at the training shape) | fa4 | fa3 | fa2 | sdpa (fastest SDPA kernel, measured) | sdpa_cudnn | "
+         "sdpa_flash | sdpa_efficient | sdpa_math",
+         choices=("auto", "fa4", "fa3", "fa2", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")),
     # --- schedule and batch ---
     Knob("ITERATIONS", 20000, "max optimizer steps", 1),
     Knob("MAX_WALLCLOCK_SECONDS", 600.0, "training clock cap (compile warm-up and val excluded); 0 = none", 0),
@@ -602,6 +603,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims:
 # math kernel stays allowed as the fallback for shapes the pinned one rejects; kernels without
 # GQA support get K/V repeated to the query heads.
 
+FLASH_KERNELS = {"fa4": "flash-attention 4 (flash_attn.cute)",
+                 "fa3": "flash-attention 3 (flash_attn_interface)", "fa2": "flash-attention 2 (flash_attn)"}
 SDPA_KERNELS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
                 "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
 
@@ -626,8 +629,10 @@ def sdpa_attention(kernel: str | None = None, expand_kv: bool = False, fallback:
 
 
 def flash_attention(name: str):
-    """flash_attn_func of FlashAttention 3 (fa3) or 2 (fa2); None when the package is missing."""
+    """Causal attention of FlashAttention 4 (fa4), 3 (fa3) or 2 (fa2); None when the package is missing."""
     try:
+        if name == "fa4":
+            return fa4_attention()
         if name == "fa3":
             from flash_attn_interface import flash_attn_func
         else:
@@ -639,6 +644,55 @@ def flash_attention(name: str):
         out = flash_attn_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the LSE
     return attend
+
+
+# FlashAttention 4 (package flash-attn-4: CuTe DSL kernels, JIT-built for Hopper and Blackwell) as a
+# torch custom op with its own backward, so torch.compile keeps it inside one graph (FA4's autograd
+# Function is not traceable). The ops call FA4's forward/backward entry points, a private API checked
+# against flash-attn-4 4.0.0b36 (torch 2.11's own FA4 registration for SDPA does not match that release).
+
+@torch.library.custom_op("train_gpt::fa4_causal", mutates_args=())
+def fa4_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B,T,H,hd], lse [B,H,T] float32) of causal attention; K/V may have fewer heads (GQA)."""
+    from flash_attn.cute import interface as fa4
+    out, lse = fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
+    return out, lse
+
+
+@fa4_causal.register_fake
+def _(q, k, v):
+    B, T, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("train_gpt::fa4_causal_backward", mutates_args=())
+def fa4_causal_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute import interface as fa4
+    dq, dk, dv = fa4._flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
+    return dq, dk, dv
+
+
+@fa4_causal_backward.register_fake
+def _(dout, q, k, v, out, lse):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _fa4_backward(ctx, dout, _dlse):
+    return fa4_causal_backward(dout.contiguous(), *ctx.saved_tensors)
+
+
+fa4_causal.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
+
+
+def fa4_attention():
+    """attend() over fa4_causal; ImportError when flash-attn-4 is missing."""
+    import flash_attn.cute.interface  # noqa: F401
+    return lambda q, k, v: fa4_causal(q.contiguous(), k.contiguous(), v.contiguous())[0]
 
 
 def time_attention(attend, shape: tuple, device: torch.device, warmup: int = 3, reps: int = 10) -> float:
@@ -664,38 +718,47 @@ def train_attention_shape(hp: Hyperparameters, world_size: int, device: torch.de
 
 
 def select_attention(choice: str, device: torch.device, shape: tuple) -> tuple[str, object, str]:
-    """(name, attend, note). On CUDA, `auto` takes FlashAttention 3, else 2, else the SDPA kernel
-    that runs `shape` fastest (measured here); `sdpa` measures the SDPA kernels only; a named
+    """(name, attend, note). On CUDA, `auto` measures every importable FlashAttention (4, 3, 2) and
+    every SDPA kernel at `shape` and takes the fastest; `sdpa` measures the SDPA kernels only; a named
     kernel is used as asked. On CPU, SDPA with torch's own choice unless a kernel is named."""
-    if choice in ("fa3", "fa2"):
-        attend = flash_attention(choice)
-        if attend is None or device.type != "cuda":
-            raise UserError(f"env ATTN_BACKEND={choice}: flash-attention {choice[-1]} is not importable on "
+    if choice in FLASH_KERNELS:
+        attend = flash_attention(choice) if device.type == "cuda" else None
+        if attend is None:
+            raise UserError(f"env ATTN_BACKEND={choice}: {FLASH_KERNELS[choice]} is not importable on "
                             f"{device.type} (use auto or sdpa)")
         return choice, attend, ""
-    if choice == "auto" and device.type == "cuda":
-        for name in ("fa3", "fa2"):
-            if (attend := flash_attention(name)) is not None:
-                return name, attend, ""
     if choice in SDPA_KERNELS:
         return choice, sdpa_attention(choice, expand_kv=choice == "sdpa_efficient"), ""
     if device.type != "cuda":
         return "sdpa", sdpa_attention(), ""
-    timings = {}
-    for name in ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient"):
-        for expand in (False, True):
-            try:  # no fallback while measuring: an unsupported call raises
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # "... kernel not used because ..."
-                    timings[(name, expand)] = time_attention(sdpa_attention(name, expand, fallback=False), shape, device)
-                break
-            except RuntimeError:
-                continue
+    timings, attends, failed = {}, {}, []
+
+    def measure(label, attend):
+        try:  # no fallback while measuring: an unsupported call raises
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "... kernel not used because ..."
+                timings[label] = time_attention(attend, shape, device)
+            attends[label] = attend
+        except (RuntimeError, ValueError, AssertionError):
+            failed.append(label)
+
+    for name in SDPA_KERNELS:
+        if name != "sdpa_math":
+            for expand in (False, True):
+                measure(name + "+expand_kv" * expand, sdpa_attention(name, expand, fallback=False))
+                if name + "+expand_kv" * expand in timings:
+                    break
+    if choice == "auto":
+        for name in FLASH_KERNELS:
+            if (attend := flash_attention(name)) is not None:
+                measure(name, attend)
     if not timings:
         return "sdpa", sdpa_attention(), "measured:no_kernel_ran"
-    (name, expand), _ = min(timings.items(), key=lambda kv: kv[1])
-    note = "measured_ms:" + ",".join(f"{n}{'+expand_kv' if e else ''}={ms:.2f}" for (n, e), ms in timings.items())
-    return name, sdpa_attention(name, expand), note
+    best = min(timings, key=timings.get)
+    note = "measured_ms:" + ",".join(f"{n}={ms:.2f}" for n, ms in timings.items())
+    note += "".join(f" failed:{n}" for n in failed)
+    name, _, expand = best.partition("+")
+    return name, sdpa_attention(name, bool(expand)) if name in SDPA_KERNELS else attends[name], note
 
 
 class GPT(nn.Module):

@@ -9,6 +9,7 @@ Also prints the bf16 matmul rate of an 8192^3 product, the practical peak for MF
 """
 import argparse
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,28 @@ def timed(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
+def measure(label: str, fwd, g, params, ref, flops):
+    """One line: forward and forward+backward ms, TFLOP/s, max |diff| from ref (output in [B,H,T,D])."""
+    try:
+        t0 = time.perf_counter()
+        out = fwd()
+        out.backward(g)
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - t0  # includes any JIT compile (FlashAttention 4)
+        err = (out.detach().float() - ref).abs().max().item() if ref is not None else 0.0
+        f_ms = timed(fwd)
+        fb_ms = timed(lambda: fwd().backward(g))
+        print(f"backend:{label} fwd_ms:{f_ms:.3f} fwd_bwd_ms:{fb_ms:.3f} tflops:{flops / fb_ms / 1e9:.0f} "
+              f"max_abs_diff:{err:.2e} first_call_s:{first_s:.1f}", flush=True)
+        return out.detach().float()
+    except (RuntimeError, AssertionError, ValueError) as e:
+        print(f"backend:{label} unsupported ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})", flush=True)
+        return None
+    finally:
+        for p in params:
+            p.grad = None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=48)
@@ -51,29 +74,41 @@ def main(argv=None) -> int:
     v = torch.randn(B, Hkv, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
     flops = 4 * B * H * T * T * D / 2 * 3.5  # causal fwd (2 matmuls) + bwd (5 matmuls)
+
+    def sdpa(backend, gqa):
+        def fwd():
+            kk, vv = (k, v) if gqa == "native" else (k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1))
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa == "native")
+        return fwd
+
     ref = None
     for name, backend in BACKENDS.items():
         for gqa in ("native", "expand"):
-            def fwd():
-                kk, vv = (k, v) if gqa == "native" else (k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1))
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa == "native")
+            out = measure(f"{name} gqa:{gqa}", sdpa(backend, gqa), g, (q, k, v), ref, flops)
+            ref = out if ref is None else ref
+    # FlashAttention 4 (CuTe DSL, package flash-attn-4): called directly in its [B,T,H,D] layout, and
+    # through SDPA's flash kernel once torch's FA4 registration is active (what train_gpt uses).
+    try:
+        from flash_attn.cute.interface import flash_attn_func
+    except ImportError as e:
+        print(f"backend:fa4 unavailable ({e})")
+        return 0
+    qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+    gt = g.transpose(1, 2).contiguous()
 
-            try:
-                out = fwd()
-                out.backward(g)
-                err = 0.0
-                if ref is None:
-                    ref = out.detach().float()
-                else:
-                    err = (out.detach().float() - ref).abs().max().item()
-                f_ms = timed(lambda: fwd())
-                fb_ms = timed(lambda: fwd().backward(g))
-                print(f"backend:{name} gqa:{gqa} fwd_ms:{f_ms:.3f} fwd_bwd_ms:{fb_ms:.3f} "
-                      f"tflops:{flops / fb_ms / 1e9:.0f} max_abs_diff:{err:.2e}")
-            except RuntimeError as e:
-                print(f"backend:{name} gqa:{gqa} unsupported ({str(e).splitlines()[0][:100]})")
-            q.grad = k.grad = v.grad = None
+    def fa4():
+        out = flash_attn_func(qt, kt, vt, causal=True)
+        return (out[0] if isinstance(out, tuple) else out)
+    out = measure("fa4_direct gqa:native", lambda: fa4().transpose(1, 2), g, (qt, kt, vt), ref, flops)
+    try:
+        from torch.nn.attention import activate_flash_attention_impl
+        activate_flash_attention_impl("FA4")
+    except (ImportError, ValueError, RuntimeError) as e:
+        print(f"backend:fa4_sdpa unavailable ({e})")
+        return 0
+    for gqa in ("native", "expand"):
+        measure(f"fa4_sdpa gqa:{gqa}", sdpa(SDPBackend.FLASH_ATTENTION, gqa), g, (q, k, v), ref, flops)
     return 0
 
 

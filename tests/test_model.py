@@ -1,5 +1,8 @@
 """Model invariants: causality with every feature on, the loop order, XSA, Newton-Schulz."""
 import dataclasses
+import importlib.util
+import sys
+import types
 
 import pytest
 import torch
@@ -159,14 +162,14 @@ def reference_attention(q, k, v):
     return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v.float())
 
 
-@pytest.mark.parametrize("name", ["fa3", "fa2", *train_gpt.SDPA_KERNELS])
+@pytest.mark.parametrize("name", [*train_gpt.FLASH_KERNELS, *train_gpt.SDPA_KERNELS])
 @pytest.mark.parametrize("expand_kv", [False, True])
 def test_attention_backends_match_reference(name, expand_kv):
     """Every attention kernel this machine has (pinned alone, no fallback) against plain attention."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name in ("fa3", "fa2"):
-        attend = train_gpt.flash_attention(name)
-        if attend is None or device.type != "cuda" or expand_kv:
+    if name in train_gpt.FLASH_KERNELS:
+        attend = train_gpt.flash_attention(name) if device.type == "cuda" and not expand_kv else None
+        if attend is None:
             pytest.skip(f"{name} is not importable here (or needs CUDA)")
     else:
         attend = train_gpt.sdpa_attention(name, expand_kv, fallback=False)
@@ -180,6 +183,77 @@ def test_attention_backends_match_reference(name, expand_kv):
         pytest.skip(f"{name} (expand_kv={expand_kv}) does not run here: {str(e)[:60]}")
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out.float(), reference_attention(q, k, v), atol=tol, rtol=tol)
+    if name == "fa4":  # the fake-tensor rule and backward against the real kernels
+        torch.library.opcheck(train_gpt.fa4_causal, tuple(t.requires_grad_() for t in (q, k, v)))
+
+
+def fake_fa4_modules() -> dict:
+    """Stand-ins for flash_attn.cute.interface: FA4's forward/backward entry points as plain attention,
+    with FA4's calling convention (tensors [B,T,H,hd], lse [B,H,T], extra return values)."""
+    def forward(q, k, v, causal, return_lse):
+        assert causal and return_lse
+        rep, T = q.size(2) // k.size(2), q.size(1)
+        kk, vv = (t.repeat_interleave(rep, dim=2).float() for t in (k, v))
+        scores = torch.einsum("bthd,bshd->bhts", q.float(), kk) / q.size(-1) ** 0.5
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        lse = scores.logsumexp(-1)
+        out = torch.einsum("bhts,bshd->bthd", (scores - lse[..., None]).exp(), vv).to(q.dtype)
+        return out.contiguous(), lse, None, None, None  # FA4 allocates both contiguous
+
+    def backward(q, k, v, out, dout, lse, causal):  # the textbook attention gradients, from the saved lse
+        assert causal and out.shape == q.shape and lse.shape == (q.size(0), q.size(2), q.size(1))
+        B, T, H, hd = q.shape
+        rep, scale = H // k.size(2), hd ** -0.5
+        kk, vv = (t.repeat_interleave(rep, dim=2).float() for t in (k, v))
+        scores = torch.einsum("bthd,bshd->bhts", q.float(), kk) * scale
+        p = (scores - lse[..., None]).exp().masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), 0)
+        dp = torch.einsum("bthd,bshd->bhts", dout.float(), vv)
+        ds = p * (dp - (dout.float() * out.float()).sum(-1).transpose(1, 2)[..., None])
+        dq = torch.einsum("bhts,bshd->bthd", ds, kk) * scale
+        dk = torch.einsum("bhts,bthd->bshd", ds, q.float()) * scale
+        dv = torch.einsum("bhts,bthd->bshd", p, dout.float())
+        dk, dv = (t.view(B, T, H // rep, rep, hd).sum(3) for t in (dk, dv))  # GQA: sum over each group
+        return tuple(g.to(t.dtype).contiguous() for g, t in ((dq, q), (dk, k), (dv, v)))
+
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_fwd, interface._flash_attn_bwd = forward, backward
+    cute = types.ModuleType("flash_attn.cute")
+    cute.interface = interface
+    package = types.ModuleType("flash_attn")
+    package.cute = cute
+    return {"flash_attn": package, "flash_attn.cute": cute, "flash_attn.cute.interface": interface}
+
+
+def test_fa4_custom_op_matches_reference_gradients_and_traces(monkeypatch):
+    """The FA4 wrapper (custom op, fake tensor rule, backward), run over stand-in kernels: values and
+    gradients equal plain attention's, torch's opcheck passes, and a fullgraph compile traces it."""
+    for name, module in fake_fa4_modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    attend = train_gpt.flash_attention("fa4")
+    torch.manual_seed(0)
+    q = torch.randn(2, 12, 4, 8, requires_grad=True)
+    k, v = (torch.randn(2, 12, 2, 8, requires_grad=True) for _ in range(2))
+    grad = torch.randn(2, 12, 4, 8)
+    out = attend(q, k, v)
+    torch.testing.assert_close(out, reference_attention(q, k, v))
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(reference_attention(q, k, v), (q, k, v), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    torch.library.opcheck(train_gpt.fa4_causal, (q, k, v))
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    out_c = compiled(q, k, v)
+    torch.testing.assert_close(out_c, out)
+    for g, w in zip(torch.autograd.grad(out_c, (q, k, v), grad), got):
+        torch.testing.assert_close(g, w)
+
+
+def test_fa4_missing_is_none():
+    """Without the flash-attn-4 package (CI), fa4 is simply unavailable."""
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("a flash_attn package is installed here")
+    assert train_gpt.flash_attention("fa4") is None
 
 
 def test_sdpa_kernels_that_must_run_on_cpu():
@@ -221,9 +295,9 @@ def test_select_attention_on_cpu_and_bad_choice():
     cpu = torch.device("cpu")
     name, attend, note = train_gpt.select_attention("auto", cpu, (1, 8, 4, 2, 8))
     assert name == "sdpa" and note == ""
-    with pytest.raises(train_gpt.UserError, match="ATTN_BACKEND=fa3: flash-attention 3 is not importable"):
+    with pytest.raises(train_gpt.UserError, match="ATTN_BACKEND=fa3: flash-attention 3 .* is not importable"):
         train_gpt.select_attention("fa3", cpu, (1, 8, 4, 2, 8))
     name, attend, _ = train_gpt.select_attention("sdpa_math", cpu, (1, 8, 4, 2, 8))
     q = torch.randn(1, 8, 4, 8)
-    assert name == "sdpa_math" and torch.allclose(attend(q, q[:, :, :2], q[:, :, :2]),
-                                                  reference_attention(q, q[:, :, :2], q[:, :, :2]))
+    assert name == "sdpa_math"
+    torch.testing.assert_close(attend(q, q[:, :, :2], q[:, :, :2]), reference_attention(q, q[:, :, :2], q[:, :, :2]))
