@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where does a training step's GPU time go? Profiles optimizer steps of one configuration.
 
-usage: python3 bench/profile_step.py [--steps 3] [--warmup 8] [--top 40] [--looped] [--set KEY=VALUE ...]
+usage: python3 bench/profile_step.py [--steps 3] [--warmup 8] [--top 40] [--looped] [--data DIR] [--set KEY=VALUE ...]
                                      [--inductor OPTION=VALUE ...]
 
 Builds train_gpt's model and Trainer (one H100's share of the default batch unless --set says
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--looped", action="store_true", help="depth recurrence on")
+    ap.add_argument("--data", default="", metavar="DIR", help="real train shards instead of random tokens")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--inductor", nargs="*", default=[], metavar="OPTION=VALUE",
                     help="torch._inductor.config options to try, e.g. triton.persistent_reductions=False")
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     apply_inductor_options(args.inductor)
     hp = train_gpt.Hyperparameters({"TRAIN_BATCH_TOKENS": "98304"} | dict(kv.split("=", 1) for kv in args.set))
     dctx = train_gpt.setup_distributed(hp)
-    trainer, attention = build_trainer(hp, dctx, args.looped)
+    trainer, attention = build_trainer(hp, dctx, args.looped, args.data)
     for _ in range(args.warmup):
         trainer.step(0, 1.0)
     train_gpt.synchronize(dctx.device)

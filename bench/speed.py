@@ -2,11 +2,11 @@
 """Fixed short speed benchmark: one line per configuration, side by side in one process.
 
 usage: python3 bench/speed.py [--configs default,default_looped,baseline] [--steps 100] [--warmup 10]
-                              [--eval-tokens 262144] [--set KEY=VALUE ...] [--inductor OPTION=VALUE ...]
+                              [--eval-tokens 262144] [--data DIR] [--set KEY=VALUE ...] [--inductor OPTION=VALUE ...]
 
 Each configuration builds train_gpt's model and Trainer (compiled on CUDA unless COMPILE=0), runs
---warmup steps, then times --steps optimizer steps on random tokens (speed does not depend on the
-data) and a sliding-window eval (EVAL_SEQ_LEN/EVAL_STRIDE) over --eval-tokens random tokens, after a
+--warmup steps, then times --steps optimizer steps on uniform random tokens, or with --data on real
+train shards (Zipf-like token frequencies slow kernels that scatter by token id), and a sliding-window eval (EVAL_SEQ_LEN/EVAL_STRIDE) over --eval-tokens random tokens, after a
 short warm-up eval (so the compiled forward, EVAL_COMPILE=auto on CUDA, is timed without its compile;
 --set EVAL_COMPILE=0 times the eager one).
 Configurations: default = the submitted stack with one H100's share of the batch (98,304 tokens);
@@ -65,22 +65,24 @@ def apply_inductor_options(options: list[str]):
         setattr(target, attr, ast.literal_eval(value))
 
 
-def build_trainer(hp, dctx, looped: bool):
-    """Model (with the attention kernel ATTN_BACKEND selects) and Trainer on random tokens."""
+def build_trainer(hp, dctx, looped: bool, data: str = ""):
+    """Model (with the attention kernel ATTN_BACKEND selects) and Trainer on random tokens, or on the
+    train shards in `data` (token frequencies matter where kernels scatter by token id)."""
     torch.manual_seed(0)
     model = train_gpt.GPT(train_gpt.ModelConfig.from_hparams(hp)).to(dctx.device)
     model.looped = looped
     attention, model.attend, _ = train_gpt.select_attention(
         hp.attn_backend, dctx.device, train_gpt.train_attention_shape(hp, dctx.world_size, dctx.device))
     trainer = train_gpt.Trainer(hp, dctx, model)
-    trainer.stream = RandomStream(hp.vocab_size, hp.train_seq_len)
+    trainer.stream = (train_gpt.TrainStream(train_gpt.shard_files(data, "train"), hp.train_seq_len, hp.seed,
+                                            hp.vocab_size) if data else RandomStream(hp.vocab_size, hp.train_seq_len))
     return trainer, attention
 
 
 def bench(name: str, overrides: dict, looped: bool, args) -> str:
     hp = train_gpt.Hyperparameters(overrides)
     dctx = train_gpt.setup_distributed(hp)
-    trainer, attention = build_trainer(hp, dctx, looped)
+    trainer, attention = build_trainer(hp, dctx, looped, args.data)
     model = trainer.model
     for _ in range(args.warmup):
         trainer.step(0, 1.0)
@@ -120,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=100, help="timed optimizer steps per config")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (compile)")
     ap.add_argument("--eval-tokens", type=int, default=262144, help="random tokens scored by the sliding eval")
+    ap.add_argument("--data", default="", metavar="DIR",
+                    help="train on the fineweb_train_*.bin shards in DIR instead of uniform random tokens")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every config")
     ap.add_argument("--inductor", nargs="*", default=[], metavar="OPTION=VALUE",
                     help="torch._inductor.config options, e.g. coordinate_descent_tuning=True")

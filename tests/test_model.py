@@ -158,7 +158,7 @@ def reference_attention(q, k, v):
     k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / q.size(-1) ** 0.5
     T = q.size(1)
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v.float())
 
 
