@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import glob
 import hashlib
+import importlib.metadata
 import io
 import json
 import math
@@ -722,7 +723,11 @@ def select_attention(choice: str, device: torch.device, shape: tuple) -> tuple[s
     every SDPA kernel at `shape` and takes the fastest; `sdpa` measures the SDPA kernels only; a named
     kernel is used as asked. On CPU, SDPA with torch's own choice unless a kernel is named."""
     if choice in FLASH_KERNELS:
-        attend = flash_attention(choice) if device.type == "cuda" else None
+        try:
+            attend = flash_attention(choice) if device.type == "cuda" else None
+        except Exception as e:  # an installed but broken package (CUDA toolkit flavour, driver, JIT)
+            raise UserError(f"env ATTN_BACKEND={choice}: {FLASH_KERNELS[choice]} failed to load: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from e
         if attend is None:
             raise UserError(f"env ATTN_BACKEND={choice}: {FLASH_KERNELS[choice]} is not importable on "
                             f"{device.type} (use auto or sdpa)")
@@ -733,25 +738,30 @@ def select_attention(choice: str, device: torch.device, shape: tuple) -> tuple[s
         return "sdpa", sdpa_attention(), ""
     timings, attends, failed = {}, {}, []
 
-    def measure(label, attend):
-        try:  # no fallback while measuring: an unsupported call raises
+    def measure(label, make):
+        """Time make()'s kernel (None: not installed). No fallback while measuring, so an unsupported
+        call raises; optional packages fail in their own ways (a missing CUDA toolkit flavour at import,
+        a JIT error at the first call), and any failure only drops that candidate."""
+        try:
+            if (attend := make()) is None:
+                return
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "... kernel not used because ..."
                 timings[label] = time_attention(attend, shape, device)
             attends[label] = attend
-        except (RuntimeError, ValueError, AssertionError):
+        except Exception:
             failed.append(label)
 
     for name in SDPA_KERNELS:
         if name != "sdpa_math":
             for expand in (False, True):
-                measure(name + "+expand_kv" * expand, sdpa_attention(name, expand, fallback=False))
-                if name + "+expand_kv" * expand in timings:
+                label = name + "+expand_kv" * expand
+                measure(label, lambda: sdpa_attention(name, expand, fallback=False))
+                if label in timings:
                     break
     if choice == "auto":
         for name in FLASH_KERNELS:
-            if (attend := flash_attention(name)) is not None:
-                measure(name, attend)
+            measure(name, lambda: flash_attention(name))
     if not timings:
         return "sdpa", sdpa_attention(), "measured:no_kernel_ran"
     best = min(timings, key=timings.get)
@@ -1817,6 +1827,13 @@ def describe_environment(hp: Hyperparameters, dctx: Dist, code: bytes) -> list[s
     lines.append(f"code_sha256:{hashlib.sha256(code).hexdigest()[:16]} git_commit:{commit}")
     lines.append(f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
                  f"sentencepiece:{spm.__version__} brotli:{brotli.__version__}")
+    found = []
+    for dist_name in ("flash-attn-4", "nvidia-cutlass-dsl", "flash-attn-3", "flash-attn"):  # optional kernels
+        try:
+            found.append(f"{dist_name}={importlib.metadata.version(dist_name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    lines.append(f"attention_packages:{','.join(found) or 'none'}")
     name = torch.cuda.get_device_name(dctx.device) if dctx.device.type == "cuda" else platform.processor() or "cpu"
     lines.append(f"device:{dctx.device.type} device_name:{name.replace(' ', '_')} world_size:{dctx.world_size}")
     return lines

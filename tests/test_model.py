@@ -291,6 +291,41 @@ def test_pinned_sdpa_kernel_is_part_of_the_compiled_graph():
     assert "MATH" in entered["sdpa_math"]
 
 
+def test_auto_attention_takes_the_fastest_and_survives_broken_packages(monkeypatch):
+    """select_attention on CUDA with the kernels and their timings faked (no GPU needed): the fastest
+    candidate wins, an SDPA kernel without GQA is retried with K/V expanded, and an optional package
+    that raises at import (FA4 without its CUDA toolkit flavour) drops out as failed: under auto, and
+    as a one-line UserError when asked for by name."""
+    if importlib.util.find_spec("flash_attn") or importlib.util.find_spec("flash_attn_interface"):
+        pytest.skip("a flash-attention package is installed here")
+    cuda, shape = torch.device("cuda"), (48, 2048, 8, 4, 64)
+    ms = {("sdpa_cudnn", False): 2.5, ("sdpa_flash", False): 3.5, ("sdpa_efficient", True): 7.7}
+    monkeypatch.setattr(train_gpt, "sdpa_attention", lambda kernel=None, expand_kv=False, fallback=True:
+                        (kernel, expand_kv))
+
+    def fake_time(attend, shape_, device):
+        if attend not in ms:
+            raise RuntimeError("No available kernel. Aborting execution.")
+        return ms[attend]
+    monkeypatch.setattr(train_gpt, "time_attention", fake_time)
+
+    def broken_fa4():
+        raise RuntimeError("No CTK flavor installed")
+    monkeypatch.setattr(train_gpt, "fa4_attention", broken_fa4)
+    name, attend, note = train_gpt.select_attention("auto", cuda, shape)
+    assert (name, attend) == ("sdpa_cudnn", ("sdpa_cudnn", False))
+    assert note == ("measured_ms:sdpa_cudnn=2.50,sdpa_flash=3.50,sdpa_efficient+expand_kv=7.70 "
+                    "failed:sdpa_efficient failed:fa4")
+    assert train_gpt.select_attention("sdpa", cuda, shape)[2] == note.replace(" failed:fa4", "")
+    with pytest.raises(train_gpt.UserError, match="ATTN_BACKEND=fa4: .* failed to load: RuntimeError: No CTK"):
+        train_gpt.select_attention("fa4", cuda, shape)
+
+    ms[("fa4", False)] = 2.2  # FA4 importable and fastest
+    monkeypatch.setattr(train_gpt, "fa4_attention", lambda: ("fa4", False))
+    name, attend, note = train_gpt.select_attention("auto", cuda, shape)
+    assert (name, attend) == ("fa4", ("fa4", False)) and note.endswith("fa4=2.20 failed:sdpa_efficient")
+
+
 def test_select_attention_on_cpu_and_bad_choice():
     cpu = torch.device("cpu")
     name, attend, note = train_gpt.select_attention("auto", cpu, (1, 8, 4, 2, 8))
