@@ -14,7 +14,8 @@ default_looped = the same with depth recurrence on; baseline = bench/baseline.en
 overrides to every configuration (e.g. --set DEVICE=cpu NUM_LAYERS=2 for a smoke test); --inductor
 sets torch._inductor.config options on top of train_gpt's (e.g. coordinate_descent_tuning=True), to
 try one before it goes into configure_inductor().
-Prints: config, looped, attention (the kernel ATTN_BACKEND chose), ms_step, tok_s, flops_per_token, mfu (CUDA), peak_mem_mib (CUDA), eval_tok_s.
+Prints: config, looped, attention (the kernel ATTN_BACKEND chose), ms_step, host_ms (median time the
+host takes to queue one step, measured with the GPU idle), tok_s, flops_per_token, mfu (CUDA), peak_mem_mib (CUDA), eval_tok_s.
 """
 import argparse
 import sys
@@ -95,6 +96,16 @@ def bench(name: str, overrides: dict, looped: bool, args) -> str:
     train_gpt.synchronize(dctx.device)
     ms = 1000 * (time.perf_counter() - t0) / args.steps
     tok_s = hp.train_batch_tokens / ms * 1000
+    # The host's own time to queue one step, with the GPU idle and the launch queue empty: when it
+    # nears ms_step, a run that waits for each loss a step late (train_gpt's loop) can starve the GPU.
+    host = []
+    for _ in range(5):
+        train_gpt.synchronize(dctx.device)
+        t1 = time.perf_counter()
+        trainer.step(0, 1.0)
+        host.append(time.perf_counter() - t1)
+    train_gpt.synchronize(dctx.device)
+    host_ms = 1000 * sorted(host)[len(host) // 2]
     flops = train_gpt.model_flops_per_token(model.cfg, hp.train_seq_len, looped)
     peak = train_gpt.device_peak_flops(dctx.device)
     val = np.random.default_rng(1).integers(0, hp.vocab_size, size=args.eval_tokens + 1).astype(np.uint16)
@@ -109,7 +120,7 @@ def bench(name: str, overrides: dict, looped: bool, args) -> str:
     train_gpt.eval_tokens(model, val, lut, dctx, hp, hp.eval_seq_len, stride)
     train_gpt.synchronize(dctx.device)
     eval_tok_s = args.eval_tokens / (time.perf_counter() - t0)
-    line = (f"config:{name} looped:{int(looped)} attention:{attention} ms_step:{ms:.2f} tok_s:{tok_s:.0f} "
+    line = (f"config:{name} looped:{int(looped)} attention:{attention} ms_step:{ms:.2f} host_ms:{host_ms:.1f} tok_s:{tok_s:.0f} "
             f"flops_per_token:{flops:.4g} eval_tok_s:{eval_tok_s:.0f}")
     if peak:
         line += f" mfu:{100 * tok_s * flops / peak:.1f}% peak_mem_mib:{torch.cuda.max_memory_allocated() // 2**20}"

@@ -1,6 +1,8 @@
 """The speed benchmark runs (tiny, CPU) and prints its fixed line format; bench configs are valid."""
 import re
 
+import numpy as np
+
 import train_gpt
 from conftest import ROOT, run_script
 
@@ -15,9 +17,22 @@ def test_speed_script_prints_one_line_per_config():
     lines = res.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["config:default", "config:default_looped", "config:baseline"]
     for line in lines:
-        assert re.fullmatch(r"config:\w+ looped:[01] attention:sdpa ms_step:[\d.]+ tok_s:\d+ flops_per_token:\S+ eval_tok_s:\d+", line)
-    looped = float(lines[1].split()[5].split(":")[1])
-    assert looped > float(lines[0].split()[5].split(":")[1])  # recurrence adds FLOPs per token
+        assert re.fullmatch(r"config:\w+ looped:[01] attention:sdpa ms_step:[\d.]+ host_ms:[\d.]+ tok_s:\d+ "
+                            r"flops_per_token:\S+ eval_tok_s:\d+", line)
+    looped = float(lines[1].split()[6].split(":")[1])
+    assert looped > float(lines[0].split()[6].split(":")[1])  # recurrence adds FLOPs per token
+
+
+def test_speed_script_trains_on_real_shards(tmp_path):
+    """--data: the same line from train shards on disk; a folder without shards is a one-line error."""
+    rng = np.random.default_rng(0)
+    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", rng.integers(0, 512, 20000).astype(np.uint16))
+    args = ["bench/speed.py", "--configs", "default", "--steps", "2", "--warmup", "1", "--eval-tokens", "1024"]
+    res = run_script([*args, "--data", str(tmp_path), "--set", *TINY], env=None)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("config:default looped:0 attention:sdpa ms_step:")
+    res = run_script([*args, "--data", str(tmp_path / "missing"), "--set", *TINY], env=None)
+    assert res.returncode == 2 and res.stderr.startswith("error: no train shards match")
 
 
 def test_bench_configs_are_valid_knobs():
