@@ -15,7 +15,8 @@ default_looped = the same with depth recurrence on; baseline = bench/baseline.en
 overrides to every configuration (e.g. --set DEVICE=cpu NUM_LAYERS=2 for a smoke test); --inductor
 sets torch._inductor.config options on top of train_gpt's (e.g. coordinate_descent_tuning=True), to
 try one before it goes into configure_inductor().
-Prints: config, looped, attention (the kernel ATTN_BACKEND chose), ms_step, host_ms (median time the
+Prints: config, looped, attention (the kernel ATTN_BACKEND chose), ms_step, ms_step_read (the same number
+of steps again, each loss read one step late as train_gpt's loop does), host_ms (median time the
 host takes to queue one step, measured with the GPU idle), tok_s, flops_per_token, mfu (CUDA), peak_mem_mib (CUDA), eval_tok_s.
 """
 import argparse
@@ -97,6 +98,15 @@ def bench(name: str, overrides: dict, looped: bool, args) -> str:
     train_gpt.synchronize(dctx.device)
     ms = 1000 * (time.perf_counter() - t0) / args.steps
     tok_s = hp.train_batch_tokens / ms * 1000
+    # The same steps as train_gpt's loop runs them: each loss read one step late (PendingScalar).
+    t0, queued = time.perf_counter(), None
+    for _ in range(args.steps):
+        loss = train_gpt.PendingScalar(trainer.step(0, 1.0))
+        if queued is not None:
+            queued.read()
+        queued = loss
+    train_gpt.synchronize(dctx.device)
+    ms_read = 1000 * (time.perf_counter() - t0) / args.steps
     # The host's own time to queue one step, with the GPU idle and the launch queue empty: when it
     # nears ms_step, a run that waits for each loss a step late (train_gpt's loop) can starve the GPU.
     host = []
@@ -121,7 +131,8 @@ def bench(name: str, overrides: dict, looped: bool, args) -> str:
     train_gpt.eval_tokens(model, val, lut, dctx, hp, hp.eval_seq_len, stride)
     train_gpt.synchronize(dctx.device)
     eval_tok_s = args.eval_tokens / (time.perf_counter() - t0)
-    line = (f"config:{name} looped:{int(looped)} attention:{attention} ms_step:{ms:.2f} host_ms:{host_ms:.1f} tok_s:{tok_s:.0f} "
+    line = (f"config:{name} looped:{int(looped)} attention:{attention} ms_step:{ms:.2f} ms_step_read:{ms_read:.2f} "
+            f"host_ms:{host_ms:.1f} tok_s:{tok_s:.0f} "
             f"flops_per_token:{flops:.4g} eval_tok_s:{eval_tok_s:.0f}")
     if peak:
         line += f" mfu:{100 * tok_s * flops / peak:.1f}% peak_mem_mib:{torch.cuda.max_memory_allocated() // 2**20}"

@@ -17,10 +17,10 @@ def test_speed_script_prints_one_line_per_config():
     lines = res.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["config:default", "config:default_looped", "config:baseline"]
     for line in lines:
-        assert re.fullmatch(r"config:\w+ looped:[01] attention:sdpa ms_step:[\d.]+ host_ms:[\d.]+ tok_s:\d+ "
+        assert re.fullmatch(r"config:\w+ looped:[01] attention:sdpa ms_step:[\d.]+ ms_step_read:[\d.]+ host_ms:[\d.]+ tok_s:\d+ "
                             r"flops_per_token:\S+ eval_tok_s:\d+", line)
-    looped = float(lines[1].split()[6].split(":")[1])
-    assert looped > float(lines[0].split()[6].split(":")[1])  # recurrence adds FLOPs per token
+    looped = float(lines[1].split()[7].split(":")[1])
+    assert looped > float(lines[0].split()[7].split(":")[1])  # recurrence adds FLOPs per token
 
 
 def test_speed_script_trains_on_real_shards(tmp_path):

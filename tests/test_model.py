@@ -126,6 +126,37 @@ def test_forward_returns_per_token_nll():
     assert nll.shape == (2, 8) and torch.allclose(nll, ref, atol=1e-5)
 
 
+def plain_softcap_nll(logits, targets, cap):
+    z = cap * torch.tanh(logits.float() / cap)
+    return torch.nn.functional.cross_entropy(z, targets, reduction="none")
+
+
+@pytest.mark.parametrize("compiled,cap", [(False, 30.0), (True, 30.0), (False, 50.0)])
+def test_softcap_cross_entropy_matches_plain_autograd(compiled, cap):
+    """The recomputing loss gives the plain formula's values and logit gradients, for float32 and bf16
+    logits (the training dtype: gradient returned in bf16), eager and compiled (CPU), with the one-pass
+    log-sum-exp (cap <= 40) and without it."""
+    torch.manual_seed(0)
+    fn = train_gpt.SoftcapCrossEntropy.apply
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=True)
+    targets = torch.randint(0, 50, (24,))
+    base = torch.randn(24, 50) * 1.3 * cap  # well past the cap, where tanh bends
+    base[0] = -5 * cap  # a row pinned at -cap: the one-pass log-sum-exp must not underflow
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-5)):
+        logits = base.to(dtype, copy=True).requires_grad_()
+        weight = torch.rand(24)  # a non-uniform upstream gradient
+        out = fn(logits, targets, cap)
+        (out * weight).sum().backward()
+        ref_logits = logits.detach().clone().requires_grad_()
+        ref = plain_softcap_nll(ref_logits, targets, cap)
+        (ref * weight).sum().backward()
+        assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=tol)
+        assert logits.grad.dtype == dtype
+        assert torch.allclose(logits.grad.float(), ref_logits.grad.float(), atol=1e-2 if dtype == torch.bfloat16 else tol)
+
+
 def test_residual_dtype_under_bf16_autocast():
     """RESIDUAL_DTYPE=bfloat16 keeps the stream bf16 under bf16 autocast (float32 gains must not promote
     it back), stays close to the float32 stream, and changes nothing without autocast (CPU runs)."""
