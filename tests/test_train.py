@@ -68,6 +68,17 @@ def test_plan_batches():
         train_gpt.plan_batches(train_gpt.Hyperparameters(dict(TRAIN_BATCH_TOKENS="1000")), 1, cpu)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_pending_scalar_reads_the_value_it_was_given(device):
+    """The loss read one step late: later in-place work on the tensor (queued after it) does not show."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    t = torch.tensor(2.5, device=device)
+    pending = train_gpt.PendingScalar(t)
+    t.mul_(4)
+    assert pending.read() == 2.5 and t.item() == 10.0
+
+
 def test_lr_schedule():
     assert train_gpt.lr_multiplier(0.0, 0.5, 0.0) == 1.0
     assert train_gpt.lr_multiplier(0.5, 0.5, 0.0) == 1.0
