@@ -44,3 +44,18 @@ def test_bench_configs_are_valid_knobs():
 def test_speed_script_rejects_unknown_config():
     res = run_script(["bench/speed.py", "--configs", "nope"], env=None)
     assert res.returncode == 2 and "unknown config 'nope'" in res.stderr
+
+
+def test_variants_script_exports_revisions_beside_bench(tmp_path):
+    import subprocess
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    res = subprocess.run(["bash", "bench/variants.sh", "HEAD"], cwd=clone, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    out = clone / ".variants" / "HEAD"
+    assert (out / "train_gpt.py").read_bytes() == (clone / "train_gpt.py").read_bytes()
+    assert (out / "bench" / "speed.py").is_file()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout
+    assert status == ""  # .variants is git-ignored
+    res = subprocess.run(["bash", "bench/variants.sh", "HEAD", "no-such-rev"], cwd=clone, capture_output=True, text=True)
+    assert res.returncode == 2 and "no-such-rev: not a git revision" in res.stderr

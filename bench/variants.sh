@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Export other revisions' train_gpt.py, each beside a copy of this checkout's bench/, into the
+# git-ignored .variants/REV/, so one device call can time them side by side with the working tree:
+#
+#   bench/variants.sh xsa-function qkv-gemm         # here; then carry .variants
+#   for d in . .variants/*; do echo "$d"; python3 "$d/bench/speed.py" --configs default; done   # device
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ $# -eq 0 ]; then echo "usage: bench/variants.sh REV [REV ...]" >&2; exit 2; fi
+for rev in "$@"; do
+  if ! git rev-parse --verify -q "$rev^{commit}" >/dev/null; then
+    echo "error: $rev: not a git revision here" >&2; exit 2
+  fi
+done
+for rev in "$@"; do
+  dir=.variants/${rev//\//_}
+  rm -rf "$dir" && mkdir -p "$dir"
+  git show "$rev:train_gpt.py" > "$dir/train_gpt.py"
+  cp -r bench "$dir/bench"
+  echo "$dir <- $rev:train_gpt.py ($(git rev-parse --short "$rev"))"
+done
