@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_gpt
+from bench.fusions import plain_xsa
 
 
 def small_cfg(**kw) -> train_gpt.ModelConfig:
@@ -62,8 +63,8 @@ def test_xsa_removes_own_value_component():
     def spy(x, w, *a):
         if w.data_ptr() == model.qo_bank[cfg.num_layers + 5].data_ptr():
             captured["y"] = x
-        if w.data_ptr() == model.kv_bank[cfg.num_layers + 5].data_ptr():
-            captured["v"] = real_linear(x, w, *a)
+        if w.size(0) > cfg.model_dim and torch.equal(w[:cfg.model_dim], model.qo_bank[5]):  # layer 5's QKV GEMM
+            captured["v"] = real_linear(x, model.kv_bank[cfg.num_layers + 5])  # V on its own
         return real_linear(x, w, *a)
 
     torch.nn.functional.linear = spy
@@ -78,6 +79,107 @@ def test_xsa_removes_own_value_component():
     along_v = (y * v).sum(-1) / v.norm(dim=-1)  # component of each head output along its own value
     assert along_v.abs().max() < 1e-5 * y.norm(dim=-1).max()
     assert y[:, 1:].norm(dim=-1).min() > 1e-3  # (token 0 sees only itself, so XSA zeroes it)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3])
+def test_xsa_function_matches_the_plain_formula(groups):
+    """The XSA op's values and its written-out backward (here the torch formula, as on CPU) equal
+    autograd of the normalize-then-project formula (float64, a zero value vector included, where the
+    norm is clamped), pass gradcheck and the custom-op checks, and keep the input dtype for bf16."""
+    torch.manual_seed(0)
+    y = torch.randn(2, 5, 3, groups, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 5, 3, 8, dtype=torch.float64)
+    v[0, 1, 2] = 0
+    v.requires_grad_(True)
+    out = train_gpt.xsa(y, v)
+    ref = plain_xsa(y, v)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (y, v), grad)
+    want = torch.autograd.grad(ref, (y, v), grad)
+    assert torch.allclose(out, ref, atol=1e-12)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-10)
+    assert torch.autograd.gradcheck(train_gpt.xsa, (y[:1, :3], v[:1, :3]))
+    torch.library.opcheck(train_gpt.xsa, (y[:1, :3], v[:1, :3]))
+    yb, vb = y.detach().bfloat16().requires_grad_(), v.detach().bfloat16().requires_grad_()
+    ob = train_gpt.xsa(yb, vb)
+    ob.backward(grad.bfloat16())
+    assert ob.dtype == yb.grad.dtype == vb.grad.dtype == torch.bfloat16
+    assert torch.allclose(ob.double(), ref, atol=0.05)
+
+
+def test_xsa_function_compiles_to_the_eager_result():
+    """The training forward is compiled (fullgraph): inductor's code (CPU here) gives eager's values
+    and gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    y = torch.randn(2, 16, 2, 2, 16, requires_grad=True)
+    v = torch.randn(2, 16, 2, 16, requires_grad=True)
+    grad = torch.randn(2, 16, 2, 2, 16)
+    results = []
+    def xsa(y, v):
+        return train_gpt.xsa(y, v)
+
+    for fn in (xsa, torch.compile(xsa, fullgraph=True)):
+        out = fn(y, v)
+        results.append((out, *torch.autograd.grad(out, (y, v), grad)))
+    for eager, compiled in zip(*results):
+        assert torch.allclose(eager, compiled, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or train_gpt.triton is None, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("groups,strided", [(2, True), (2, False), (1, True), (4, False)])
+def test_xsa_kernels_match_the_torch_formula(groups, strided):
+    """On CUDA the op runs one Triton kernel each way: bf16 values and gradients match the float32
+    torch formula, for v read in place from the fused QKV output (strided) or contiguous, with a zero
+    value vector; the op also passes the custom-op checks there."""
+    torch.manual_seed(0)
+    B, T, Hkv, hd = 2, 33, 4, 64  # rows not a multiple of the kernel's block
+    dev = torch.device("cuda")
+    y = torch.randn(B, T, Hkv, groups, hd, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    qkv = torch.randn(B, T, Hkv * hd * (groups + 2), device=dev, dtype=torch.bfloat16)
+    v = qkv[..., -Hkv * hd:].view(B, T, Hkv, hd) if strided else torch.randn(B, T, Hkv, hd, device=dev,
+                                                                            dtype=torch.bfloat16)
+    v = v.detach().clone() if not strided else v
+    with torch.no_grad():
+        v[0, 3, 1] = 0
+    v.requires_grad_(True)
+    grad = torch.randn(B, T, Hkv, groups, hd, device=dev, dtype=torch.bfloat16)
+    out = train_gpt.xsa(y, v)
+    dy, dv = torch.autograd.grad(out, (y, v), grad)
+    yf, vf = y.detach().float().requires_grad_(), v.detach().float().requires_grad_()
+    ref = train_gpt.xsa_reference(yf, vf)
+    ry, rv = torch.autograd.grad(ref, (yf, vf), grad.float())
+    for got, want in ((out, ref), (dy, ry), (dv, rv)):
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - want).abs().max() <= 0.02 * want.abs().max() + 1e-3
+    torch.library.opcheck(train_gpt.xsa, (y, v))
+
+
+def test_attention_matches_separate_projections_and_plain_xsa():
+    """The block's attention (one QKV GEMM, the XSA function) equals the plain composition: Q, K and V
+    each from its own bank matrix, q/k RMS norm, partial RoPE, QK gain, causal attention with K/V
+    repeated to the query heads, the normalize-then-project XSA and the output projection."""
+    cfg = small_cfg(num_loops=0)
+    model = randomized(cfg)
+    F = torch.nn.functional
+    B, T, L, H, Hkv, hd, i = 2, 12, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 5
+    x = torch.randn(B, T, cfg.model_dim)
+    freqs = torch.outer(torch.arange(T, dtype=torch.float32), model.inv_freq)
+    cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+    with torch.no_grad():
+        got = model._attention(i, x, cos, sin)
+        q = F.linear(x, model.qo_bank[i]).view(B, T, H, hd)
+        k = F.linear(x, model.kv_bank[i]).view(B, T, Hkv, hd)
+        v = F.linear(x, model.kv_bank[L + i]).view(B, T, Hkv, hd)
+        norm = lambda t: F.rms_norm(t, (hd,))  # noqa: E731
+        q = train_gpt.apply_rope(norm(q), cos, sin, cfg.rope_dims) * model.q_gain[i][:, None]
+        k = train_gpt.apply_rope(norm(k), cos, sin, cfg.rope_dims)
+        kr, vr = (t.repeat_interleave(H // Hkv, dim=2).transpose(1, 2) for t in (k, v))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), kr, vr, is_causal=True).transpose(1, 2)
+        y = plain_xsa(y.reshape(B, T, Hkv, H // Hkv, hd), v).reshape(B, T, H * hd)
+        want = F.linear(y, model.qo_bank[L + i])
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_newton_schulz_near_orthogonal():

@@ -275,3 +275,10 @@ def test_packed_code_runs_and_counts_its_own_bytes(tiny_data, tmp_path):
     assert res.returncode == 0, res.stderr
     summary = parse_log(tmp_path / "logs" / "packed.txt")
     assert int(summary["code_bytes"]) == len(first)
+    # The unpacked functions' source is readable (triton.jit needs its kernels' source).
+    probe = tmp_path / "probe.py"
+    probe.write_text("import inspect\nimport train_gpt\nprint(train_gpt.__file__)\n"
+                     "print(inspect.getsource(train_gpt.xsa_reference).splitlines()[0])\n")
+    res = run_script([str(probe)], env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [str(out), "def xsa_reference(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:"]
