@@ -621,10 +621,11 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 # token's own value vector v, y - (y.v / v.v) v, for y [B,T,Hkv,G,hd] (the G query heads of a KV
 # head) and v [B,T,Hkv,hd], so K/V are never repeated; v.v is clamped at 1e-24, i.e. v is normalized
 # as F.normalize does it. It runs as the custom op train_gpt::xsa with a written-out backward: on
-# CUDA one Triton kernel each way reads y (and the gradient) once; autograd of the
-# normalize-then-project formula took five kernels (5.2 ms/step on an H100), and the same formula
-# with the group unrolled still took four under inductor. Elsewhere the ops run the torch formula
-# below, which is also the reference the kernels are tested against. Float32 arithmetic at least.
+# CUDA one Triton kernel each way reads y (and the gradient) once, 1.74 ms per step for 11 layers on
+# an H200 (forward 0.65, backward 1.09; bench/profile_step.py). Autograd of the normalize-then-project
+# formula took five kernels (5.2 ms/step on an H100), and this formula as an autograd.Function under
+# inductor still four, and was slower in the step. Elsewhere the ops run the torch formula below,
+# which is also the reference the kernels are tested against. Float32 arithmetic at least.
 
 XSA_EPS = 1e-24
 
@@ -667,7 +668,7 @@ try:
 except ImportError:  # CPU-only installs: XSA runs the torch formula
     triton = None
 
-if triton is not None:
+if triton is not None:  # (1e-24 in the kernels is XSA_EPS)
     @triton.jit
     def _xsa_fwd_kernel(Y, V, O, n_rows, v_token_stride, HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
                         BLOCK: tl.constexpr):
@@ -998,10 +999,9 @@ class GPT(nn.Module):
         self._record(("attn", i), x)
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        # Q, K and V from one GEMM (K and V alone are only Hkv*hd wide): forward, and dX in backward.
-        w = torch.cat((self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i]))
-        q, k, v = F.linear(x, w).split((H * hd, Hkv * hd, Hkv * hd), dim=-1)
-        q, k, v = q.view(B, T, H, hd), k.view(B, T, Hkv, hd), v.view(B, T, Hkv, hd)
+        q = F.linear(x, self.qo_bank[i]).view(B, T, H, hd)
+        k = F.linear(x, self.kv_bank[i]).view(B, T, Hkv, hd)
+        v = F.linear(x, self.kv_bank[L + i]).view(B, T, Hkv, hd)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rope(rms_norm(q), cos, sin, self.rope_dims) * self.q_gain[i].to(q.dtype)[:, None]
         k = apply_rope(rms_norm(k), cos, sin, self.rope_dims)

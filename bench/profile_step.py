@@ -40,6 +40,20 @@ def kernel_class(name: str) -> str:
     return next((c for c, pat in CLASSES if re.search(pat, low)), "other")
 
 
+def kernel_times(prof, reps: int) -> tuple[dict, dict, dict]:
+    """From a torch.profiler run of `reps` repetitions: GPU ms per repetition of each kernel, its
+    launches (summed over the run), and the GPU ms spanned by each record_function range."""
+    totals, calls, spans = defaultdict(float), defaultdict(int), defaultdict(float)
+    for ev in prof.events():
+        if getattr(ev, "is_user_annotation", False) or ev.name.startswith("Optimizer."):
+            # record_function ranges (optimizer steps): GPU time spanned, not kernels; kept apart
+            spans[ev.name] += ev.device_time_total / 1000 / reps
+        elif ev.device_type == torch.autograd.DeviceType.CUDA:
+            totals[ev.name] += ev.device_time_total / 1000 / reps
+            calls[ev.name] += 1
+    return totals, calls, spans
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
@@ -66,14 +80,7 @@ def main(argv=None) -> int:
             trainer.step(0, 1.0)
         train_gpt.synchronize(dctx.device)
         step_ms = 1000 * (time.perf_counter() - t0) / args.steps
-    totals, calls, spans = defaultdict(float), defaultdict(int), defaultdict(float)
-    for ev in prof.events():
-        if getattr(ev, "is_user_annotation", False) or ev.name.startswith("Optimizer."):
-            # record_function ranges (optimizer steps): GPU time spanned, not kernels; kept apart
-            spans[ev.name] += ev.device_time_total / 1000 / args.steps
-        elif ev.device_type == torch.autograd.DeviceType.CUDA:
-            totals[ev.name] += ev.device_time_total / 1000 / args.steps  # ms per step
-            calls[ev.name] += 1
+    totals, calls, spans = kernel_times(prof, args.steps)
     busy = sum(totals.values())
     print(f"step_ms:{step_ms:.2f} gpu_busy_ms:{busy:.2f} looped:{int(args.looped)} attention:{attention} set:{','.join(args.set)} "
           f"inductor:{','.join(args.inductor)}")

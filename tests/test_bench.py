@@ -36,17 +36,16 @@ def test_speed_script_trains_on_real_shards(tmp_path):
 
 
 def test_fusions_script_prints_one_line_per_piece():
-    """bench/fusions.py on CPU (a smoke test): each fused piece equals its plain form, and the fused
-    QKV projection needs fewer kernels than three GEMMs; a bad --shape is a one-line error."""
+    """bench/fusions.py on CPU (a smoke test): each fused piece equals its plain form, no GPU time off
+    CUDA; a bad --shape is a one-line error."""
     res = run_script(["bench/fusions.py", "--shape", "2,32,4,2,8", "--reps", "1", "--device", "cpu"], env=None)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["piece:xsa", "piece:qkv"]
+    assert [line.split()[0] for line in lines] == ["piece:xsa"]
     for line in lines:
-        fields = dict(f.split(":", 1) for f in line.split())
-        assert float(fields["max_abs_diff"]) < 1e-5
-    qkv = dict(f.split(":", 1) for f in lines[1].split())
-    assert int(qkv["fused_kernels"]) < int(qkv["plain_kernels"])
+        assert re.fullmatch(r"piece:\w+ plain_ms:[\d.]+ fused_ms:[\d.]+ plain_gpu_ms:n/a fused_gpu_ms:n/a "
+                            r"plain_kernels:\d+ fused_kernels:\d+ max_abs_diff:\S+", line)
+        assert float(line.split("max_abs_diff:")[1]) < 1e-5
     res = run_script(["bench/fusions.py", "--shape", "2,32", "--device", "cpu"], env=None)
     assert res.returncode == 2 and res.stderr.startswith("error: --shape")
 
