@@ -183,6 +183,59 @@ def test_attention_matches_the_plain_composition():
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def plain_baseline_nll(model, idx, targets):
+    """The plain baseline GPT written out layer by layer from the model's weights: residual mix with
+    x0, pre-norm attention (q/k RMS norm, full RoPE, per-head q gain, causal GQA) and relu^2 MLP added
+    sequentially with their gains, U-Net skips added with weights (no gates), final norm, tied head,
+    softcap, per-token cross entropy."""
+    F, cfg = torch.nn.functional, model.cfg
+    L, H, Hkv, hd = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    B, T = idx.shape
+    norm = lambda t: F.rms_norm(t, (t.size(-1),))  # noqa: E731
+    ang = torch.arange(T, dtype=torch.float32)[:, None] * cfg.rope_base ** (-torch.arange(0, hd, 2) / hd)
+    cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+
+    def rope(t):
+        a, b = t.chunk(2, dim=-1)
+        return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+
+    x = x0 = norm(model.tok_emb.weight[idx])
+    skips = []
+    for i in range(L):
+        if i >= L // 2 and skips:
+            x = x + model.skip_weights[i - L // 2] * skips.pop()
+        x = model.resid_mix[i, 0] * x + model.resid_mix[i, 1] * x0
+        h = norm(x)
+        q = rope(norm((h @ model.qo_bank[i].T).view(B, T, H, hd))) * model.q_gain[i][:, None]
+        k = rope(norm((h @ model.kv_bank[i].T).view(B, T, Hkv, hd)))
+        v = (h @ model.kv_bank[L + i].T).view(B, T, Hkv, hd)
+        k, v = (t.repeat_interleave(H // Hkv, dim=2).transpose(1, 2) for t in (k, v))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True).transpose(1, 2)
+        x = x + model.attn_scale[i] * (y.reshape(B, T, H * hd) @ model.qo_bank[L + i].T)
+        x = x + model.mlp_scale[i] * (torch.relu(norm(x) @ model.mlp_up_bank[i].T).square() @ model.mlp_down_bank[i].T)
+        if i < L // 2:
+            skips.append(x)
+    logits = norm(x) @ model.tok_emb.weight.T
+    return plain_softcap_nll(logits.view(B * T, -1), targets.reshape(-1), cfg.logit_softcap).view(B, T)
+
+
+def test_features_off_is_the_plain_baseline_forward():
+    """With XSA, loops, parallel residuals, skip gates, LN scale, partial RoPE and LeakyReLU off and QK
+    gain 1, the model computes the plain baseline GPT (written out above), to float32 rounding; each
+    feature switched back on changes the result."""
+    off = dict(xsa_last_n=0, num_loops=0, parallel_residual_start=-1, skip_gates=False, ln_scale=False,
+               rope_dims=0, mlp_leaky_slope=0.0, qk_gain_init=1.0, num_layers=5)
+    model = randomized(small_cfg(**off))
+    x, t = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        ref = plain_baseline_nll(model, x, t)
+        assert torch.allclose(model(x, t), ref, atol=1e-5, rtol=1e-5)
+        for feature in (dict(xsa_last_n=2), dict(parallel_residual_start=3), dict(ln_scale=True),
+                        dict(rope_dims=4), dict(mlp_leaky_slope=0.5)):
+            on = randomized(small_cfg(**off | feature))  # the same weights (same seed and shapes)
+            assert not torch.allclose(on(x, t), ref, atol=1e-3), feature
+
+
 def test_newton_schulz_near_orthogonal():
     torch.manual_seed(0)
     G = torch.randn(3, 32, 96)
