@@ -11,8 +11,9 @@ normalize-then-project formula). The shape defaults to one H100's share of the d
   fused_kernels:<n> max_abs_diff:<output diff>
 *_ms is wall time per forward+backward, which is host-bound for a piece this small: on an H200 the
 XSA op took 0.99 ms wall here, while its two kernels took 0.16 ms per layer in a profiled training
-step. *_gpu_ms, the kernels' own time from torch.profiler (CUDA only), is the figure to compare. Kernels: Triton kernels plus extern and custom-op calls in
-inductor's code for forward and backward (C++ kernels on CPU, where the times are a smoke test).
+step. *_gpu_ms, the kernels' own time from torch.profiler (CUDA only), is the figure to compare.
+Kernels: Triton kernels plus extern and custom-op calls in inductor's code for forward and backward
+(C++ kernels on CPU, where the times are a smoke test).
 """
 import argparse
 import re
@@ -24,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 import train_gpt  # noqa: E402
+from profile_step import kernel_times  # noqa: E402
 
 
 def plain_xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -57,8 +59,6 @@ def gpu_ms(fn, inputs, grads, reps: int) -> float | None:
     """Kernel time per forward+backward from torch.profiler (None off CUDA)."""
     if inputs[0].device.type != "cuda":
         return None
-    sys.path.insert(0, str(HERE))
-    from profile_step import kernel_times
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             run_once(fn, inputs, grads)
