@@ -136,6 +136,8 @@ KNOBS = [
     Knob("MUON_MOMENTUM_WARMUP_START", 0.92, "Muon momentum at step 0", 0, 1),
     Knob("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps to warm momentum up linearly", 0),
     Knob("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations", 1),
+    Knob("MUON_NS_SCHEDULE", "polar", "Newton-Schulz coefficients: polar (Polar Express, one polynomial per "
+         "iteration; needs MUON_BACKEND_STEPS >= 5) | quintic (Muon's original fixed polynomial)", choices=("polar", "quintic")),
     Knob("MUON_ROW_NORMALIZE", 1, "MuonEq-R: normalize update rows before Newton-Schulz", 0, 1),
     Knob("MUON_WD", 0.095, "decoupled weight decay on Muon matrices", 0),
     Knob("EMBED_WD", 0.085, "AdamW weight decay on the embedding", 0),
@@ -240,6 +242,10 @@ class Hyperparameters:
         if self.num_loops and not (0 <= self.loop_start <= self.loop_end < self.num_layers):
             raise UserError(f"env LOOP_START={self.loop_start} LOOP_END={self.loop_end}: expected "
                             f"0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
+        polar_steps = len(NS_SCHEDULES["polar"][1])
+        if self.muon_ns_schedule == "polar" and self.muon_backend_steps < polar_steps:
+            raise UserError(f"env MUON_BACKEND_STEPS={self.muon_backend_steps}: Polar Express needs >= {polar_steps} "
+                            "(its early polynomials overshoot; the last ones settle); use MUON_NS_SCHEDULE=quintic")
 
     def items(self):
         return sorted((k, v) for k, v in vars(self).items() if k != "warnings")
@@ -668,16 +674,24 @@ try:
 except ImportError:  # CPU-only installs: XSA runs the torch formula
     triton = None
 
-if triton is not None:  # (1e-24 in the kernels is XSA_EPS)
+if triton is not None:
     @triton.jit
-    def _xsa_fwd_kernel(Y, V, O, n_rows, v_token_stride, HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
-                        BLOCK: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # one row = one (token, KV head)
+    def _xsa_rows(V, n_rows, v_token_stride, HKV: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr,
+                  EPS: tl.constexpr):
+        """This program's BLOCK rows (one row = one (token, KV head)): their indices, the live mask,
+        the head-dim offsets, v in float32, v.v and 1/max(v.v, EPS)."""
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         live = rows[:, None] < n_rows
         d = tl.arange(0, HD)[None, :]
         v = tl.load(V + (rows // HKV)[:, None] * v_token_stride + (rows % HKV)[:, None] * HD + d,
                     mask=live, other=0.0).to(tl.float32)
-        r = 1.0 / tl.maximum(tl.sum(v * v, axis=1), 1e-24)
+        n2 = tl.sum(v * v, axis=1)
+        return rows, live, d, v, n2, 1.0 / tl.maximum(n2, EPS)
+
+    @triton.jit
+    def _xsa_fwd_kernel(Y, V, O, n_rows, v_token_stride, HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
+                        BLOCK: tl.constexpr, EPS: tl.constexpr):
+        rows, live, d, v, n2, r = _xsa_rows(V, n_rows, v_token_stride, HKV, HD, BLOCK, EPS)
         for g in tl.static_range(G):
             at = (rows[:, None] * G + g) * HD + d
             y = tl.load(Y + at, mask=live, other=0.0).to(tl.float32)
@@ -686,14 +700,8 @@ if triton is not None:  # (1e-24 in the kernels is XSA_EPS)
 
     @triton.jit
     def _xsa_bwd_kernel(GR, Y, V, DY, DV, n_rows, v_token_stride, HKV: tl.constexpr, G: tl.constexpr,
-                        HD: tl.constexpr, BLOCK: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        live = rows[:, None] < n_rows
-        d = tl.arange(0, HD)[None, :]
-        v = tl.load(V + (rows // HKV)[:, None] * v_token_stride + (rows % HKV)[:, None] * HD + d,
-                    mask=live, other=0.0).to(tl.float32)
-        n2 = tl.sum(v * v, axis=1)
-        r = 1.0 / tl.maximum(n2, 1e-24)
+                        HD: tl.constexpr, BLOCK: tl.constexpr, EPS: tl.constexpr):
+        rows, live, d, v, n2, r = _xsa_rows(V, n_rows, v_token_stride, HKV, HD, BLOCK, EPS)
         dv = tl.zeros((BLOCK, HD), dtype=tl.float32)
         ac = tl.zeros((BLOCK,), dtype=tl.float32)
         for g in tl.static_range(G):
@@ -705,7 +713,7 @@ if triton is not None:  # (1e-24 in the kernels is XSA_EPS)
             tl.store(DY + at, (gr - a[:, None] * v).to(DY.dtype.element_ty), mask=live)
             dv += a[:, None] * y + c[:, None] * gr
             ac += a * c
-        dv = 2.0 * tl.where(n2 > 1e-24, ac, 0.0)[:, None] * v - dv
+        dv = 2.0 * tl.where(n2 > EPS, ac, 0.0)[:, None] * v - dv
         tl.store(DV + rows[:, None] * HD + d, dv.to(DV.dtype.element_ty), mask=live)
 
 
@@ -722,7 +730,7 @@ def _xsa_kernel_args(y: torch.Tensor, v: torch.Tensor):
         v = v.contiguous()
     rows = B * T * Hkv
     return (y.contiguous(), v, v.stride(1), (triton.cdiv(rows, XSA_BLOCK_ROWS),),
-            dict(HKV=Hkv, G=G, HD=hd, BLOCK=XSA_BLOCK_ROWS), rows)
+            dict(HKV=Hkv, G=G, HD=hd, BLOCK=XSA_BLOCK_ROWS, EPS=XSA_EPS), rows)
 
 
 @torch.library.custom_op("train_gpt::xsa", mutates_args=())
@@ -1078,25 +1086,41 @@ class GPT(nn.Module):
 # (quintic Newton-Schulz), scaled so every matrix moves by a comparable RMS.
 # -----------------------------------------------------------------------------------------
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Newton-Schulz schedules: (safety, coefficients). Iteration k applies X <- aX + (bA + cA^2)X, A = XX^T,
+# with the k-th (a, b, c); iterations past the end repeat the last. "quintic" is Muon's original fixed
+# polynomial, which leaves singular values anywhere in ~[0.7, 1.2]. "polar" is Polar Express (Amsel et
+# al. 2025, arXiv:2505.16932; the records since PR #1344): a minimax-optimal polynomial per iteration,
+# built for five. After five it has them in ~[0.86, 1.14], half the quintic's mean distance from 1
+# (tests/test_model.py); after fewer it is far off, so the knobs require >= 5. Its first polynomial
+# climbs steeply above 1, so the input is scaled to a spectral norm below 1/safety: bf16 rounding cannot
+# push a singular value out of the range it was built for.
+NS_SCHEDULES = {
+    "quintic": (1.0, ((3.4445, -4.7750, 2.0315),)),
+    "polar": (1.02, ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                     (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))),
+}
 
 
-def newton_schulz(G: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz(G: torch.Tensor, steps: int, schedule: str = "polar", eps: float = 1e-7) -> torch.Tensor:
     """Approximate U V^T of each matrix in a batch [..., rows, cols] (bf16 on CUDA)."""
-    a, b, c = NS_COEFFS
+    safety, coeffs = NS_SCHEDULES[schedule]
     X = G.bfloat16() if G.is_cuda else G.float()
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * safety + eps)
+    for k in range(steps):
+        a, b, c = coeffs[min(k, len(coeffs) - 1)]
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return (X.mT if tall else X).to(G.dtype)
 
 
 def muon_direction(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor, steps: int,
-                   row_normalize: bool) -> torch.Tensor:
+                   row_normalize: bool, schedule: str) -> torch.Tensor:
     """One bank shard's update direction: Nesterov momentum (buf updated in place), MuonEq-R row
     normalization, Newton-Schulz. One function so that torch.compile fuses the elementwise work
     around the matmuls; momentum is a 0-d tensor so its warm-up schedule never recompiles."""
@@ -1104,7 +1128,7 @@ def muon_direction(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor
     update = grad + momentum * buf  # Nesterov
     if row_normalize:  # MuonEq-R
         update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-    return newton_schulz(update, steps)
+    return newton_schulz(update, steps, schedule)
 
 
 class ParallelMuon(torch.optim.Optimizer):
@@ -1116,9 +1140,11 @@ class ParallelMuon(torch.optim.Optimizer):
     shard only and all-gathers the updates. No DDP; world size 1 is the same path without
     communication. Momentum buffers are per-shard."""
 
-    def __init__(self, banks, lr, momentum, backend_steps, row_normalize, weight_decay, direction, dctx):
+    def __init__(self, banks, lr, momentum, backend_steps, row_normalize, ns_schedule, weight_decay, direction,
+                 dctx):
         super().__init__(banks, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.backend_steps, self.row_normalize, self.direction = backend_steps, row_normalize, direction
+        self.backend_steps, self.row_normalize, self.ns_schedule = backend_steps, row_normalize, ns_schedule
+        self.direction = direction
         self.dctx, self.pending = dctx, []
         self.momentum = torch.zeros((), device=dctx.device)  # the group's momentum, as direction() takes it
         # Overlap communication with Newton-Schulz on GPUs (NCCL). Gloo's async collectives on CPU
@@ -1165,7 +1191,8 @@ class ParallelMuon(torch.optim.Optimizer):
         gathers = []
         for p, grad, _ in self.pending:
             buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(grad))
-            update = self.direction(grad, buf, self.momentum, self.backend_steps, self.row_normalize).to(p.dtype)
+            update = self.direction(grad, buf, self.momentum, self.backend_steps, self.row_normalize,
+                                    self.ns_schedule).to(p.dtype)
             if self.dctx.enabled:
                 full = update.new_empty((update.size(0) * self.dctx.world_size, *update.shape[1:]))
                 gathers.append((p, full, dist.all_gather_into_tensor(full, update.contiguous(), async_op=self.overlap)))
@@ -1188,7 +1215,8 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dctx: Dist, direction=muon
          dict(params=scalars, lr=hp.scalar_lr, weight_decay=hp.adam_wd)],
         betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=dctx.device.type == "cuda")
     muon = ParallelMuon(banks, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
-                        row_normalize=bool(hp.muon_row_normalize), weight_decay=hp.muon_wd,
+                        row_normalize=bool(hp.muon_row_normalize), ns_schedule=hp.muon_ns_schedule,
+                        weight_decay=hp.muon_wd,
                         direction=direction, dctx=dctx)
     for opt in (adam, muon):
         for g in opt.param_groups:
@@ -2106,8 +2134,8 @@ def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, 
     log(f"features: xsa_last_n:{cfg.xsa_last_n} qk_gain_init:{cfg.qk_gain_init} num_loops:{cfg.num_loops} "
         f"loop:{cfg.loop_start}-{cfg.loop_end}@{hp.enable_looping_at} parallel_residual_start:{cfg.parallel_residual_start} "
         f"rope_dims:{model.rope_dims} ln_scale:{int(cfg.ln_scale)} skip_gates:{int(cfg.skip_gates)} "
-        f"mlp_leaky_slope:{cfg.mlp_leaky_slope} muon_row_normalize:{hp.muon_row_normalize} ema_decay:{hp.ema_decay} "
-        f"parallel_muon_world:{dctx.world_size}")
+        f"mlp_leaky_slope:{cfg.mlp_leaky_slope} muon_row_normalize:{hp.muon_row_normalize} "
+        f"muon_ns_schedule:{hp.muon_ns_schedule} ema_decay:{hp.ema_decay} parallel_muon_world:{dctx.world_size}")
     log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
         f"compile:{int(trainer.compiled)}")
 

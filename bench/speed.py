@@ -11,7 +11,9 @@ train shards (on an H100 these ran 0.8 ms/step slower than random tokens), and a
 short warm-up eval (so the compiled forward, EVAL_COMPILE=auto on CUDA, is timed without its compile;
 --set EVAL_COMPILE=0 times the eager one).
 Configurations: default = the submitted stack with one H100's share of the batch (98,304 tokens);
-default_looped = the same with depth recurrence on; baseline = bench/baseline.env. --set applies
+default_looped = the same with depth recurrence on; baseline = bench/baseline.env; plain = the default's
+shape (layers, MLP width, sequence length, batch) with the baseline's features and optimizer, so that
+plain vs default is the cost of the record techniques and baseline vs plain that of the shape. --set applies
 overrides to every configuration (e.g. --set DEVICE=cpu NUM_LAYERS=2 for a smoke test); --inductor
 sets torch._inductor.config options on top of train_gpt's (e.g. coordinate_descent_tuning=True), to
 try one before it goes into configure_inductor().
@@ -36,10 +38,13 @@ def read_env_file(path: Path) -> dict:
     return dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
 
 
+BASELINE = read_env_file(HERE / "baseline.env")
+SHAPE_KNOBS = ("TRAIN_BATCH_TOKENS", "NUM_LAYERS", "MLP_MULT", "TRAIN_SEQ_LEN")
 CONFIGS = {
     "default": ({"TRAIN_BATCH_TOKENS": "98304"}, False),
     "default_looped": ({"TRAIN_BATCH_TOKENS": "98304"}, True),
-    "baseline": (read_env_file(HERE / "baseline.env"), False),
+    "baseline": (BASELINE, False),
+    "plain": ({k: v for k, v in BASELINE.items() if k not in SHAPE_KNOBS} | {"TRAIN_BATCH_TOKENS": "98304"}, False),
 }
 
 

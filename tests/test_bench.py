@@ -1,4 +1,5 @@
 """The speed benchmark runs (tiny, CPU) and prints its fixed line format; bench configs are valid."""
+import importlib.util
 import re
 
 import numpy as np
@@ -54,6 +55,19 @@ def test_bench_configs_are_valid_knobs():
     env = dict(line.split("=", 1) for line in (ROOT / "bench" / "baseline.env").read_text().split())
     hp = train_gpt.Hyperparameters(env)
     assert hp.warnings == [] and hp.num_layers == 9 and hp.num_loops == 0
+
+
+def test_plain_config_is_the_default_shape_with_the_baseline_features():
+    """speed.py's plain config isolates the record techniques' cost: same shape as default, every
+    feature as in the baseline."""
+    spec = importlib.util.spec_from_file_location("speed", ROOT / "bench" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    default, plain, baseline = (train_gpt.Hyperparameters(speed.CONFIGS[c][0]) for c in ("default", "plain", "baseline"))
+    shape = ("train_batch_tokens", "num_layers", "mlp_mult", "train_seq_len", "model_dim", "vocab_size")
+    assert [getattr(plain, k) for k in shape] == [getattr(default, k) for k in shape]
+    assert {k: v for k, v in plain.items() if k not in shape} == {k: v for k, v in baseline.items() if k not in shape}
+    assert (plain.xsa_last_n, plain.num_loops, plain.skip_gates, plain.mlp_leaky_slope) == (0, 0, 0, 0)
 
 
 def test_speed_script_rejects_unknown_config():

@@ -86,6 +86,7 @@ def test_train_token_out_of_vocab_names_the_shard(tmp_path):
     (dict(DEVICE="cuda"), "env DEVICE=cuda: no CUDA device"),
     (dict(WARMDOWN_ITERS="1200"), "env WARMDOWN_ITERS is not supported"),
     (dict(NUM_KV_HEADS="3"), "NUM_KV_HEADS=3: must divide NUM_HEADS=4"),
+    (dict(MUON_BACKEND_STEPS="3"), "MUON_BACKEND_STEPS=3: Polar Express needs >= 5"),
     (dict(TRAIN_BATCH_TOKENS="1000"), "TRAIN_BATCH_TOKENS=1000: must be a positive multiple"),
     (dict(TOKENIZER_PATH="/nonexistent/tok.model"), "tokenizer /nonexistent/tok.model: file not found"),
     (dict(TOKENIZER_PATH=__file__), "not a SentencePiece model"),
