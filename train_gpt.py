@@ -2173,13 +2173,14 @@ def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, 
     if dctx.is_main:
         artifact.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(artifact, blob)
+    # Before the cap check, so that a run whose artifact is over the cap still reports its model.
+    prequant = val_eval() if hp.ema_decay else result["val"]
+    log(f"prequant val_loss:{prequant[0]:.8f} val_bpb:{prequant[1]:.8f}")
     if total > ARTIFACT_LIMIT_BYTES:
         raise UserError(f"artifact {total} bytes (model {len(blob)} + code {len(code)}) > limit {ARTIFACT_LIMIT_BYTES}: "
                         f"raise MATRIX_CLIP_SIGMAS (now {hp.matrix_clip_sigmas}) or MUON_WD; kept as {artifact}")
     if dctx.enabled:
         dist.barrier()
-    prequant = val_eval() if hp.ema_decay else result["val"]
-    log(f"prequant val_loss:{prequant[0]:.8f} val_bpb:{prequant[1]:.8f}")
     scores = score(artifact)
     return scores | dict(prequant_val_bpb=prequant[1], quant_gap_bpb=scores["roundtrip_val_bpb"] - prequant[1],
                          artifact_bytes=total, model_bytes=len(blob),
