@@ -54,7 +54,7 @@ def write_lines(path: Path, lines) -> Path:
 
 
 def test_scripts_are_executable_and_documented():
-    for name in ("run_seeds.sh", "summarize.py", "plot.py"):
+    for name in ("run_seeds.sh", "summarize.py", "plot.py", "carry_parts.py"):
         path = SCRIPTS / name
         assert os.access(path, os.X_OK), name
         assert "usage:" in path.read_text()[:1500], name
@@ -282,3 +282,49 @@ def test_packed_code_runs_and_counts_its_own_bytes(tiny_data, tmp_path):
     res = run_script([str(probe)], env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == [str(out), "def xsa_reference(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:"]
+
+
+def test_carry_parts_round_trip_over_several_calls(tmp_path):
+    """A folder split into parts, each gathered as its own device call would (one part folder at a
+    time, in any order), comes out byte-identical only once the last part is in."""
+    src = tmp_path / "wheels"
+    src.mkdir()
+    blobs = {f"w{i}.whl": os.urandom(n) for i, n in enumerate((70_000, 5, 130_001))}
+    for name, data in blobs.items():
+        (src / name).write_bytes(data)
+    res = run_script(["scripts/carry_parts.py", "split", str(src), str(tmp_path / "parts"), "--max-mib", "0.05"],
+                     env=None)
+    assert res.returncode == 0, res.stderr
+    parts = sorted((tmp_path / "parts").iterdir(), key=lambda d: int(d.name))
+    n = len(parts)
+    assert n >= 4 and len(res.stdout.splitlines()) == n
+    assert all((d / f"part_{d.name}.bin").stat().st_size <= 0.05 * 2**20 for d in parts)
+    stash, dest = tmp_path / "stash", tmp_path / "dest"
+    for k, d in enumerate(parts[1:] + parts[:1], 1):  # the first part last
+        res = run_script(["scripts/carry_parts.py", "gather", str(d), str(stash), "--into", str(dest)], env=None)
+        assert res.returncode == 0, res.stderr
+        if k < n:
+            assert res.stdout.strip() == f"parts:{k}/{n}" and not dest.exists()
+    assert res.stdout.strip() == f"parts:{n}/{n} unpacked:3 dest:{dest}"
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == blobs
+
+
+def test_carry_parts_refuses_bad_parts(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(200_000))
+    carry = importlib.util.spec_from_file_location("carry_parts", SCRIPTS / "carry_parts.py")
+    mod = importlib.util.module_from_spec(carry)
+    carry.loader.exec_module(mod)
+    first, second = mod.split(src, tmp_path / "p", 120_000)
+    part = second / "part_2.bin"
+    part.write_bytes(part.read_bytes()[:-1] + b"x")  # one byte off
+    with pytest.raises(mod.CarryError, match="does not match its manifest"):
+        mod.gather(second, tmp_path / "stash", tmp_path / "dest")
+    other = mod.split(src, tmp_path / "q", 50_000)[0]  # another split of the same files
+    mod.gather(first, tmp_path / "stash", tmp_path / "dest")
+    with pytest.raises(mod.CarryError, match="holds parts of another split"):
+        mod.gather(other, tmp_path / "stash", tmp_path / "dest")
+    res = run_script(["scripts/carry_parts.py", "split", str(tmp_path / "none"), str(tmp_path / "r")], env=None)
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path / 'none'}: no files to split"
+    assert not (tmp_path / "dest").exists()
