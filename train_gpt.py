@@ -137,7 +137,8 @@ KNOBS = [
     Knob("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps to warm momentum up linearly", 0),
     Knob("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations", 1),
     Knob("MUON_NS_SCHEDULE", "polar", "Newton-Schulz coefficients: polar (Polar Express, one polynomial per "
-         "iteration; needs MUON_BACKEND_STEPS >= 5) | quintic (Muon's original fixed polynomial)", choices=("polar", "quintic")),
+         "iteration; needs MUON_BACKEND_STEPS >= 5) | quintic (Muon's original fixed polynomial)",
+         choices=("polar", "quintic")),
     Knob("MUON_ROW_NORMALIZE", 1, "MuonEq-R: normalize update rows before Newton-Schulz", 0, 1),
     Knob("MUON_WD", 0.095, "decoupled weight decay on Muon matrices", 0),
     Knob("EMBED_WD", 0.085, "AdamW weight decay on the embedding", 0),
@@ -1104,7 +1105,7 @@ NS_SCHEDULES = {
 }
 
 
-def newton_schulz(G: torch.Tensor, steps: int, schedule: str = "polar", eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz(G: torch.Tensor, steps: int, schedule: str, eps: float = 1e-7) -> torch.Tensor:
     """Approximate U V^T of each matrix in a batch [..., rows, cols] (bf16 on CUDA)."""
     safety, coeffs = NS_SCHEDULES[schedule]
     X = G.bfloat16() if G.is_cuda else G.float()
@@ -1216,8 +1217,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dctx: Dist, direction=muon
         betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=dctx.device.type == "cuda")
     muon = ParallelMuon(banks, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
                         row_normalize=bool(hp.muon_row_normalize), ns_schedule=hp.muon_ns_schedule,
-                        weight_decay=hp.muon_wd,
-                        direction=direction, dctx=dctx)
+                        weight_decay=hp.muon_wd, direction=direction, dctx=dctx)
     for opt in (adam, muon):
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
