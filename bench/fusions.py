@@ -43,9 +43,12 @@ def pieces(B, T, H, Hkv, hd, device):
     return {"xsa": (plain_xsa, lambda y, v: train_gpt.xsa(y, v), [y, v])}
 
 
+def as_tuple(outs) -> tuple:
+    return tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+
+
 def run_once(fn, inputs, grads):
-    outs = fn(*inputs)
-    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    outs = as_tuple(fn(*inputs))
     torch.autograd.backward(outs, grads)
     return outs
 
@@ -71,8 +74,7 @@ def measure(fn, inputs, reps: int) -> tuple[float, float | None, int, list]:
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True)
     inputs = [t.detach().requires_grad_() for t in inputs]
-    outs = compiled(*inputs)
-    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    outs = as_tuple(compiled(*inputs))
     torch.manual_seed(1)
     grads = [torch.randn_like(o) for o in outs]
     outs, codes = run_and_get_code(lambda: run_once(compiled, inputs, grads))

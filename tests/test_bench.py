@@ -1,10 +1,10 @@
 """The speed benchmark runs (tiny, CPU) and prints its fixed line format; bench configs are valid."""
-import importlib.util
 import re
 
 import numpy as np
 
 import train_gpt
+from bench import speed
 from conftest import ROOT, run_script
 
 TINY = ["DEVICE=cpu", "NUM_LAYERS=3", "MODEL_DIM=64", "NUM_HEADS=4", "NUM_KV_HEADS=2", "TRAIN_BATCH_TOKENS=1024",
@@ -60,9 +60,6 @@ def test_bench_configs_are_valid_knobs():
 def test_plain_config_is_the_default_shape_with_the_baseline_features():
     """speed.py's plain config isolates the record techniques' cost: same shape as default, every
     feature as in the baseline."""
-    spec = importlib.util.spec_from_file_location("speed", ROOT / "bench" / "speed.py")
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
     default, plain, baseline = (train_gpt.Hyperparameters(speed.CONFIGS[c][0]) for c in ("default", "plain", "baseline"))
     shape = ("train_batch_tokens", "num_layers", "mlp_mult", "train_seq_len", "model_dim", "vocab_size")
     assert [getattr(plain, k) for k in shape] == [getattr(default, k) for k in shape]

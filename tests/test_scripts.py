@@ -313,9 +313,7 @@ def test_carry_parts_refuses_bad_parts(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.bin").write_bytes(os.urandom(200_000))
-    carry = importlib.util.spec_from_file_location("carry_parts", SCRIPTS / "carry_parts.py")
-    mod = importlib.util.module_from_spec(carry)
-    carry.loader.exec_module(mod)
+    mod = load_script("carry_parts")
     first, second = mod.split(src, tmp_path / "p", 120_000)
     part = second / "part_2.bin"
     part.write_bytes(part.read_bytes()[:-1] + b"x")  # one byte off
