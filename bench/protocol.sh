@@ -8,7 +8,8 @@
 # relu^2, seq 1024, QK gain 1.5, no XSA/loops/parallel/gates/EMA/WD) on vocab 8192.
 # BENCH_DIR (default ../shared/bench) holds make_shards.py; BENCH_DATA (default /tmp/benchdata)
 # receives the shards. SCRIPT (default train_gpt.py) picks the file to run, e.g. build/train_gpt.py
-# from scripts/pack_code.py. Extra VAR=value pairs override anything.
+# from scripts/pack_code.py. NPROC (default 1) is torchrun's --nproc_per_node (bench/scaling.sh).
+# Extra VAR=value pairs override anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 config=${1:?usage: bench/protocol.sh default|baseline [VAR=value ...]}
@@ -25,4 +26,4 @@ case "$config" in
   baseline) mapfile -t cfg < bench/baseline.env ;;
   *) echo "error: unknown CONFIG '$config' (expected default or baseline)" >&2; exit 2 ;;
 esac
-exec env "${common[@]}" "${cfg[@]}" "$@" torchrun --standalone --nproc_per_node=1 "${SCRIPT:-train_gpt.py}"
+exec env "${common[@]}" "${cfg[@]}" "$@" torchrun --standalone --nproc_per_node="${NPROC:-1}" "${SCRIPT:-train_gpt.py}"

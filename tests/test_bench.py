@@ -1,5 +1,7 @@
 """The speed benchmark runs (tiny, CPU) and prints its fixed line format; bench configs are valid."""
 import re
+import subprocess
+from pathlib import Path
 
 import numpy as np
 
@@ -73,7 +75,6 @@ def test_speed_script_rejects_unknown_config():
 
 
 def test_variants_script_exports_revisions_beside_bench(tmp_path):
-    import subprocess
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     res = subprocess.run(["bash", "bench/variants.sh", "HEAD"], cwd=clone, capture_output=True, text=True)
@@ -85,3 +86,45 @@ def test_variants_script_exports_revisions_beside_bench(tmp_path):
     assert status == ""  # .variants is git-ignored
     res = subprocess.run(["bash", "bench/variants.sh", "HEAD", "no-such-rev"], cwd=clone, capture_output=True, text=True)
     assert res.returncode == 2 and "no-such-rev: not a git revision" in res.stderr
+
+
+def scaled_log(src: Path, dst: Path, world_size: int, ms_factor: float, loss_shift: float) -> Path:
+    """A copy of a real log as if run on world_size GPUs: step times times ms_factor, losses + loss_shift."""
+    def edit(line: str) -> str:
+        if m := re.match(r"(step:\d+/\d+ train_loss:)(\S+)( .*step_avg:)([\d.]+)(ms.*)", line):
+            return f"{m[1]}{float(m[2]) + loss_shift:.4f}{m[3]}{float(m[4]) * ms_factor:.2f}{m[5]}"
+        return line.replace("world_size:1", f"world_size:{world_size}")
+    dst.write_text("\n".join(edit(line) for line in src.read_text().splitlines()) + "\n")
+    return dst
+
+
+def test_compare_runs_reads_scaling_and_curve_agreement(tmp_path):
+    """bench/compare_runs.py on a real log (tests/fixtures) and a copy as if from 2 GPUs that each ran
+    10% below the 1-GPU rate, its losses 0.01 off: efficiency 0.9, curve difference 0.01."""
+    ref = Path(__file__).parent / "fixtures" / "baseline_shape_log.txt"
+    run = scaled_log(ref, tmp_path / "two.txt", world_size=2, ms_factor=0.5 / 0.9, loss_shift=0.01)
+    res = run_script(["bench/compare_runs.py", str(run), str(ref), "--steps", "200"], env=None)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith("run:two world_size:2 ") and lines[1].startswith("run:baseline_shape_log world_size:1 ")
+    assert "eval_s_roundtrip:" in lines[1] and "final_val_bpb:" in lines[1]
+    assert lines[2] == "curve steps:7 max_abs_diff:0.0100 mean_abs_diff:0.0100"  # steps 1-5, 100, 200
+    assert re.fullmatch(r"scaling world_size:2/1 efficiency:0\.9\d\d", lines[3])
+    assert abs(float(lines[3].split("efficiency:")[1]) - 0.9) < 0.002  # step times are logged to 0.01 ms
+
+
+def test_compare_runs_rejects_logs_it_cannot_compare(tmp_path):
+    ref = Path(__file__).parent / "fixtures" / "baseline_shape_log.txt"
+    other = tmp_path / "other.txt"
+    other.write_text(ref.read_text().replace("train_batch_tokens: 65536", "train_batch_tokens: 131072"))
+    (tmp_path / "notes.txt").write_text("hello\n")
+    for args, message in ([other, ref], "train_batch_tokens differ (131072 vs 65536)"), \
+                         ([tmp_path / "missing.txt", ref], "missing.txt: cannot read the log"), \
+                         ([tmp_path / "notes.txt", ref], "notes.txt: no train_batch_tokens or step lines"):
+        res = run_script(["bench/compare_runs.py", *map(str, args)], env=None)
+        assert res.returncode == 2 and res.stderr.startswith("error:") and message in res.stderr, res.stderr
+
+
+def test_scaling_script_rejects_a_gpu_count_that_does_not_divide_8():
+    res = subprocess.run(["bash", "bench/scaling.sh", "3"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip() == "error: N=3: expected 2, 4 or 8 GPUs"

@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""Two training logs of one configuration side by side: a run on N GPUs against the same global batch
+on fewer (bench/scaling.sh), or any two runs.
+
+usage: python3 bench/compare_runs.py RUN.txt REFERENCE.txt [--steps 200]
+
+Prints one line per log:
+  run:<name> world_size:<n> last_step:<k> step_avg_ms:<at the last step both logged> tok_s:<total>
+  tok_s_per_gpu:<...> eval_s_<phase>:<...> ... final_val_bpb:<...>
+then
+  curve steps:<train-loss steps both logged, up to --steps> max_abs_diff:<...> mean_abs_diff:<...>
+  scaling world_size:<n>/<m> efficiency:<per-GPU tok/s of RUN over REFERENCE's>
+"""
+import argparse
+import re
+import sys
+from pathlib import Path
+
+TRAIN = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) .*step_avg:([\d.]+)ms")
+EVAL = re.compile(r"^(\w+) val_loss:\S+ val_bpb:\S+ eval_time:([\d.]+)s")
+
+
+class BadInput(Exception):
+    """A log that cannot be read or compared: one line on stderr, exit status 2."""
+
+
+def parse(path: Path) -> dict:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise BadInput(f"error: {path}: cannot read the log ({e.strerror})")
+    run = {"name": path.stem, "train": {}, "eval": {}, "world_size": 1, "final": "n/a", "batch": None}
+    for line in lines:
+        if m := TRAIN.match(line):
+            run["train"][int(m[1])] = (float(m[2]), float(m[3]))
+        elif m := EVAL.match(line):
+            run["eval"][m[1]] = float(m[2])
+        elif m := re.search(r"\bworld_size:(\d+)", line):
+            run["world_size"] = int(m[1])
+        elif m := re.match(r"final_val_bpb:(\S+)", line):
+            run["final"] = m[1]
+        if m := re.match(r"\s*train_batch_tokens:\s*(\d+)", line):
+            run["batch"] = int(m[1])
+    if not run["train"] or run["batch"] is None:
+        raise BadInput(f"error: {path}: no train_batch_tokens or step lines: not a train_gpt.py log")
+    return run
+
+
+def compare(run: dict, ref: dict, max_steps: int) -> list[str]:
+    if run["batch"] != ref["batch"]:
+        raise BadInput(f"error: the logs' train_batch_tokens differ ({run['batch']} vs {ref['batch']}): "
+                         f"not the same global batch")
+    common = sorted(set(run["train"]) & set(ref["train"]))
+    if not common:
+        raise BadInput("error: the logs have no train step in common")
+    last, out, per_gpu = common[-1], [], {}
+    for r in (run, ref):
+        ms = r["train"][last][1]
+        tok_s = r["batch"] / ms * 1000
+        per_gpu[r["name"]] = tok_s / r["world_size"]
+        evals = " ".join(f"eval_s_{k}:{v:.1f}" for k, v in r["eval"].items())
+        out.append(f"run:{r['name']} world_size:{r['world_size']} last_step:{last} step_avg_ms:{ms:.2f} "
+                   f"tok_s:{tok_s:.0f} tok_s_per_gpu:{tok_s / r['world_size']:.0f} {evals} final_val_bpb:{r['final']}")
+    diffs = [abs(run["train"][k][0] - ref["train"][k][0]) for k in common if k <= max_steps]
+    if diffs:
+        out.append(f"curve steps:{len(diffs)} max_abs_diff:{max(diffs):.4f} mean_abs_diff:{sum(diffs) / len(diffs):.4f}")
+    out.append(f"scaling world_size:{run['world_size']}/{ref['world_size']} "
+               f"efficiency:{per_gpu[run['name']] / per_gpu[ref['name']]:.3f}")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("reference", type=Path)
+    ap.add_argument("--steps", type=int, default=200, help="compare train losses up to this step")
+    args = ap.parse_args(argv)
+    try:
+        print("\n".join(compare(parse(args.run), parse(args.reference), args.steps)))
+    except BadInput as e:
+        print(e, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
