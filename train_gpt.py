@@ -174,6 +174,8 @@ KNOBS = [
     Knob("DUMP_TOKEN_NLL", "", "write per-target NLL (float32) and bytes (uint16) of the final phase, in val order"),
     Knob("LEGALITY_CHECK", 0, "before scoring, prove each enabled eval mode causal on a val prefix", 0, 1),
     Knob("EVAL_BUDGET_SECONDS", 600.0, "evaluation time budget (8-GPU scale): phases are timed against it", 0),
+    Knob("TTT_BUDGET_STOP", 1, "stop TTT's updates once its measured pace projects it past EVAL_BUDGET_SECONDS; the "
+         "remaining chunks are scored with the weights adapted so far (still legal); 0 = never stop", 0, 1),
     # --- quantization and export ---
     Knob("MATRIX_BITS", 6, "GPTQ bits of the block matrices", 2, 8),
     Knob("MATRIX_CLIP_SIGMAS", 12.85, "SDClip k of the matrices: row scale = k*std(row)/(2^(bits-1)-1)", 0.1),
@@ -1558,11 +1560,12 @@ def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device):
 
 
 def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp: Hyperparameters, seq_len: int,
-                stride: int, ttt: bool = False, slot: str = "off", log=None) -> TokenScores:
+                stride: int, ttt: bool = False, slot: str = "off", log=None, time_left: float | None = None) -> TokenScores:
     """Score every val target once with windows of seq_len (stride = seq_len: plain non-overlapping
     eval), optionally with score-first TTT and SLOT. Windows are split across ranks (with TTT,
     within each chunk). Runs the looped model; its hidden-state forward compiled per EVAL_COMPILE
-    (SLOT's fitting and TTT's training steps run eagerly). Returns per-target scores of all ranks."""
+    (SLOT's fitting and TTT's training steps run eagerly). With time_left (seconds), TTT stops
+    updating once its pace so far projects the phase past it. Returns per-target scores of all ranks."""
     model.looped = True
     model.eval()
     tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(dctx.device)
@@ -1576,12 +1579,26 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
     n_chunks = int(chunk_of[-1]) + 1
     updater = TTTUpdater(model, hp, dctx) if ttt else None
     hidden = eval_forward(model, hp, dctx.device)
-    t0 = time.perf_counter()
+    t0 = t_first = time.perf_counter()
     for c in range(n_chunks):
         sel = np.nonzero(chunk_of == c)[0]
         mine = sel[len(sel) * dctx.rank // dctx.world_size:len(sel) * (dctx.rank + 1) // dctx.world_size]
         for w in even_batches(mine, hp.eval_batch_seqs):
             score_windows(model, tokens, ends[w], prev[w], seq_len, lut, out, slot, hp, hidden)
+        if updater is not None and c + 1 < n_chunks and time_left is not None:
+            # Pace = mean time of one update plus one chunk's scoring, timed from the end of chunk 0
+            # (which carries the warm-up); every rank takes the slowest rank's projection.
+            synchronize(dctx.device)
+            now = time.perf_counter()
+            if c == 0:
+                t_first = now
+            else:
+                projected = dctx.all_reduce_max(now - t0 + (now - t_first) / c * (n_chunks - 1 - c))
+                if projected > time_left:
+                    if log is not None:
+                        log(f"ttt:updates_stopped after_chunk:{c + 1}/{n_chunks} elapsed:{now - t0:.1f}s "
+                            f"projected:{projected:.0f}s time_left:{time_left:.0f}s (TTT_BUDGET_STOP=0 runs them all)")
+                    updater = None
         if updater is not None and c + 1 < n_chunks:
             lo, hi = c * hp.ttt_chunk_tokens, min((c + 1) * hp.ttt_chunk_tokens, n)
             updater.update(tokens, lo, hi, c, n_chunks, out.count)
@@ -1686,7 +1703,8 @@ def score_phases(model: GPT, train_seq_len: int, val_tokens: np.ndarray, lut: By
     # ~ roundtrip * seq_len/stride; TTT adds ~3 forward passes' worth per epoch on each chunk. Bench,
     # eager eval: sliding 61 s projected / 57.7 s measured, TTT 74 / 75.4 s. With the compiled eval
     # forward the sliding projection holds (19 / 16 s) but TTT's training steps still run eagerly, so
-    # its projection is low (20 / 31 s): a margin to keep in mind near EVAL_BUDGET_SECONDS.
+    # its projection is low (20 / 31 s; on two H200s 9 / 15 s). So TTT also times itself as it goes and,
+    # with TTT_BUDGET_STOP, stops adapting when its own pace would carry it past the budget (eval_tokens).
     summary, elapsed, final = {}, 0.0, None
     for name, seq_len, stride_, ttt, slot in phases:
         sliding_s = summary.get("sliding_s", summary.get("roundtrip_s", 0.0) * seq_len / stride_)
@@ -1701,8 +1719,9 @@ def score_phases(model: GPT, train_seq_len: int, val_tokens: np.ndarray, lut: By
             if elapsed + ttt_s > hp.eval_budget_seconds:
                 log(f"warning:ttt_may_exceed_eval_budget projected_total:{elapsed + ttt_s:.0f}s")
         t0, graphs0 = time.perf_counter(), compiled_graph_count()
+        time_left = max(hp.eval_budget_seconds - elapsed, 0.0) if ttt and hp.ttt_budget_stop else None
         scores = eval_tokens(copy.deepcopy(model) if ttt else model, val_tokens, lut, dctx, hp, seq_len, stride_,
-                             ttt, slot, log)
+                             ttt, slot, log, time_left)
         val_loss, val_bpb = scores.totals()
         secs = time.perf_counter() - t0
         elapsed += secs

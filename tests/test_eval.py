@@ -1,5 +1,7 @@
 """Sliding windows, score-first TTT and SLOT: every target scored once, and legality proven by
 perturbing the future (a method that peeks at unscored targets must fail)."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -173,3 +175,45 @@ def test_compiled_eval_scores_like_eager():
     assert outs["auto"] == outs["0"]
     for (loss0, bpb0), (loss1, bpb1) in zip(outs["0"], outs["1"]):
         assert abs(loss0 - loss1) < 1e-5 and abs(bpb0 - bpb1) < 1e-5
+
+
+def test_ttt_stops_updating_when_its_pace_overruns_the_time_left():
+    """With no time left, TTT knows its pace after chunk 1 and stops there: chunks 0-1 score as in a full
+    TTT pass, and the rest as a sliding pass of a copy updated once (on chunk 0) does. With time to spare
+    it keeps updating, and the later chunks score differently."""
+    hp, model, tokens, lut = setup()
+    n = len(tokens) - 1
+    ends = train_gpt.window_ends(len(tokens), 32, 8)
+    n_chunks = int(np.concatenate(([0], ends[:-1]))[-1] // 64) + 1
+    assert n_chunks >= 4
+
+    def run(time_left):
+        lines = []
+        out = train_gpt.eval_tokens(copy.deepcopy(model), tokens, lut, train_gpt.Dist(), hp, 32, 8, ttt=True,
+                                    log=lines.append, time_left=time_left)
+        return out.nll, [line for line in lines if line.startswith("ttt:updates_stopped")]
+
+    stopped, stop_lines = run(0.0)
+    full, full_lines = run(1e9)
+    assert full_lines == [] and len(stop_lines) == 1
+    assert stop_lines[0].startswith(f"ttt:updates_stopped after_chunk:2/{n_chunks} ")
+    once = copy.deepcopy(model)
+    once.looped = True
+    once.eval()
+    train_gpt.TTTUpdater(once, hp, train_gpt.Dist()).update(
+        torch.from_numpy(tokens.astype(np.int64)), 0, 64, 0, n_chunks, torch.ones(n, dtype=torch.int32))
+    frozen = train_gpt.eval_tokens(once, tokens, lut, train_gpt.Dist(), hp, 32, 8).nll
+    # chunk c holds the windows whose previous end is in [64c, 64(c+1)): targets from index 128 on are chunks >= 2
+    torch.testing.assert_close(stopped[:128], full[:128], rtol=0, atol=1e-6)
+    torch.testing.assert_close(stopped[128:], frozen[128:], rtol=0, atol=1e-5)
+    assert (full[128:] - frozen[128:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("stop", ["1", "0"])
+def test_ttt_budget_stop_knob(stop):
+    hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_SLIDING": "0", "EVAL_BUDGET_SECONDS": "0", "TTT_BUDGET_STOP": stop})
+    _, model, tokens, lut = setup()
+    lines = []
+    out = train_gpt.score_phases(model, 32, tokens, lut, train_gpt.Dist(), hp, lines.append)
+    assert any(line.startswith("ttt:updates_stopped") for line in lines) == (stop == "1")
+    assert out["final_val_bpb"] == out["ttt_val_bpb"]
