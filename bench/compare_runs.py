@@ -49,15 +49,15 @@ def parse(path: Path) -> dict:
 def compare(run: dict, ref: dict, max_steps: int) -> list[str]:
     if run["batch"] != ref["batch"]:
         raise BadInput(f"error: the logs' train_batch_tokens differ ({run['batch']} vs {ref['batch']}): "
-                         f"not the same global batch")
+                       f"not the same global batch")
     common = sorted(set(run["train"]) & set(ref["train"]))
     if not common:
         raise BadInput("error: the logs have no train step in common")
-    last, out, per_gpu = common[-1], [], {}
+    last, out, per_gpu = common[-1], [], []
     for r in (run, ref):
         ms = r["train"][last][1]
         tok_s = r["batch"] / ms * 1000
-        per_gpu[r["name"]] = tok_s / r["world_size"]
+        per_gpu.append(tok_s / r["world_size"])
         evals = " ".join(f"eval_s_{k}:{v:.1f}" for k, v in r["eval"].items())
         out.append(f"run:{r['name']} world_size:{r['world_size']} last_step:{last} step_avg_ms:{ms:.2f} "
                    f"tok_s:{tok_s:.0f} tok_s_per_gpu:{tok_s / r['world_size']:.0f} {evals} final_val_bpb:{r['final']}")
@@ -65,7 +65,7 @@ def compare(run: dict, ref: dict, max_steps: int) -> list[str]:
     if diffs:
         out.append(f"curve steps:{len(diffs)} max_abs_diff:{max(diffs):.4f} mean_abs_diff:{sum(diffs) / len(diffs):.4f}")
     out.append(f"scaling world_size:{run['world_size']}/{ref['world_size']} "
-               f"efficiency:{per_gpu[run['name']] / per_gpu[ref['name']]:.3f}")
+               f"efficiency:{per_gpu[0] / per_gpu[1]:.3f}")
     return out
 
 

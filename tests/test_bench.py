@@ -102,11 +102,12 @@ def test_compare_runs_reads_scaling_and_curve_agreement(tmp_path):
     """bench/compare_runs.py on a real log (tests/fixtures) and a copy as if from 2 GPUs that each ran
     10% below the 1-GPU rate, its losses 0.01 off: efficiency 0.9, curve difference 0.01."""
     ref = Path(__file__).parent / "fixtures" / "baseline_shape_log.txt"
-    run = scaled_log(ref, tmp_path / "two.txt", world_size=2, ms_factor=0.5 / 0.9, loss_shift=0.01)
+    (tmp_path / "gpus2").mkdir()  # the same file name as the reference's: runs are told apart by position
+    run = scaled_log(ref, tmp_path / "gpus2" / ref.name, world_size=2, ms_factor=0.5 / 0.9, loss_shift=0.01)
     res = run_script(["bench/compare_runs.py", str(run), str(ref), "--steps", "200"], env=None)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
-    assert lines[0].startswith("run:two world_size:2 ") and lines[1].startswith("run:baseline_shape_log world_size:1 ")
+    assert lines[0].startswith("run:baseline_shape_log world_size:2 ") and lines[1].startswith("run:baseline_shape_log world_size:1 ")
     assert "eval_s_roundtrip:" in lines[1] and "final_val_bpb:" in lines[1]
     assert lines[2] == "curve steps:7 max_abs_diff:0.0100 mean_abs_diff:0.0100"  # steps 1-5, 100, 200
     assert re.fullmatch(r"scaling world_size:2/1 efficiency:0\.9\d\d", lines[3])
