@@ -7,7 +7,7 @@ import numpy as np
 
 import train_gpt
 from bench import speed
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, tiny_env
 
 TINY = ["DEVICE=cpu", "NUM_LAYERS=3", "MODEL_DIM=64", "NUM_HEADS=4", "NUM_KV_HEADS=2", "TRAIN_BATCH_TOKENS=1024",
         "TRAIN_SEQ_LEN=128", "EVAL_SEQ_LEN=128", "EVAL_STRIDE=64", "VOCAB_SIZE=512", "LOOP_START=0", "LOOP_END=1"]
@@ -124,6 +124,29 @@ def test_compare_runs_rejects_logs_it_cannot_compare(tmp_path):
                          ([tmp_path / "notes.txt", ref], "notes.txt: no train_batch_tokens or step lines"):
         res = run_script(["bench/compare_runs.py", *map(str, args)], env=None)
         assert res.returncode == 2 and res.stderr.startswith("error:") and message in res.stderr, res.stderr
+
+
+def test_scaling_script_runs_two_ranks_against_one(tiny_data, tmp_path):
+    """bench/scaling.sh 2 end to end on CPU (two gloo ranks, then one process accumulating the same
+    batch), on the tiny shards laid out where bench/protocol.sh looks for its built ones: each run writes
+    one log and one artifact, and the two loss curves agree."""
+    data, tok = tiny_data
+    bench_data = tmp_path / "benchdata"
+    (bench_data / "datasets").mkdir(parents=True)
+    (bench_data / "tokenizers").mkdir()
+    (bench_data / "datasets" / "bench_sp8192").symlink_to(data)
+    (bench_data / "tokenizers" / "bench_8192_bpe.model").symlink_to(tok)
+    env = tiny_env(tiny_data, tmp_path) | dict(BENCH_DATA=str(bench_data), SCALING_OUT=str(tmp_path / "out"))
+    res = subprocess.run(["bash", "bench/scaling.sh", "2", "VOCAB_SIZE=1024", "TRAIN_BATCH_TOKENS=1024",
+                          "MICRO_BATCH_TOKENS=512", "ITERATIONS=6", "TRAIN_LOG_EVERY=1"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    for world in (2, 1):
+        assert f"files_written gpus:{world} final_model_scaling_gpus{world}.int6.br scaling_gpus{world}.txt " in lines
+    curve = next(line for line in lines if line.startswith("curve "))
+    assert curve.startswith("curve steps:6 ") and float(curve.split("max_abs_diff:")[1].split()[0]) < 1e-3
+    assert lines[-1].startswith("scaling world_size:2/1 efficiency:")
 
 
 def test_scaling_script_rejects_a_gpu_count_that_does_not_divide_8():
