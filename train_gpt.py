@@ -1560,7 +1560,8 @@ def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device):
 
 
 def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp: Hyperparameters, seq_len: int,
-                stride: int, ttt: bool = False, slot: str = "off", log=None, time_left: float | None = None) -> TokenScores:
+                stride: int, ttt: bool = False, slot: str = "off", log=None,
+                time_left: float | None = None) -> TokenScores:
     """Score every val target once with windows of seq_len (stride = seq_len: plain non-overlapping
     eval), optionally with score-first TTT and SLOT. Windows are split across ranks (with TTT,
     within each chunk). Runs the looped model; its hidden-state forward compiled per EVAL_COMPILE
@@ -1586,14 +1587,12 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
         for w in even_batches(mine, hp.eval_batch_seqs):
             score_windows(model, tokens, ends[w], prev[w], seq_len, lut, out, slot, hp, hidden)
         if updater is not None and c + 1 < n_chunks and time_left is not None:
-            # Pace = mean time of one update plus one chunk's scoring, timed from the end of chunk 0
-            # (which carries the warm-up); every rank takes the slowest rank's projection.
             synchronize(dctx.device)
             now = time.perf_counter()
             if c == 0:
-                t_first = now
-            else:
-                projected = dctx.all_reduce_max(now - t0 + (now - t_first) / c * (n_chunks - 1 - c))
+                t_first = now  # chunk 0 carries the warm-up: the pace is timed from its end
+            else:  # every rank takes the slowest rank's projection, so all stop at the same chunk
+                projected = dctx.all_reduce_max(ttt_projected_seconds(now - t0, now - t_first, c, n_chunks))
                 if projected > time_left:
                     if log is not None:
                         log(f"ttt:updates_stopped after_chunk:{c + 1}/{n_chunks} elapsed:{now - t0:.1f}s "
@@ -1607,6 +1606,12 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
     for t in (out.nll, out.nbytes, out.count):
         dctx.all_reduce_sum(t)
     return out
+
+
+def ttt_projected_seconds(elapsed: float, since_chunk0: float, c: int, n_chunks: int) -> float:
+    """A TTT phase's projected length once chunk c >= 1 is scored: the time so far plus the
+    n_chunks-1-c (update + chunk scoring) steps left, at their mean pace since chunk 0 was scored."""
+    return elapsed + since_chunk0 / c * (n_chunks - 1 - c)
 
 
 class TTTUpdater:

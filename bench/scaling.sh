@@ -19,6 +19,6 @@ for world in "$n" 1; do
   rm -rf "$dir" && mkdir -p "$dir"
   NPROC=$world bench/protocol.sh default TRAIN_BATCH_TOKENS=$((98304 * n)) ITERATIONS=200 MAX_WALLCLOCK_SECONDS=0 \
     TRAIN_LOG_EVERY=10 VAL_LOSS_EVERY=0 RUN_ID="scaling_gpus$world" LOG_DIR="$dir" ARTIFACT_DIR="$dir" "$@"
-  echo "files_written gpus:$world $(cd "$dir" && ls | tr '\n' ' ')"
+  echo "files_written gpus:$world $(cd "$dir" && ls | paste -sd ' ' -)"
 done
 python3 bench/compare_runs.py "$out/gpus$n/scaling_gpus$n.txt" "$out/gpus1/scaling_gpus1.txt"

@@ -143,7 +143,7 @@ def test_scaling_script_runs_two_ranks_against_one(tiny_data, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
     for world in (2, 1):
-        assert f"files_written gpus:{world} final_model_scaling_gpus{world}.int6.br scaling_gpus{world}.txt " in lines
+        assert f"files_written gpus:{world} final_model_scaling_gpus{world}.int6.br scaling_gpus{world}.txt" in lines
     curve = next(line for line in lines if line.startswith("curve "))
     assert curve.startswith("curve steps:6 ") and float(curve.split("max_abs_diff:")[1].split()[0]) < 1e-3
     assert lines[-1].startswith("scaling world_size:2/1 efficiency:")

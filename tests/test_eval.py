@@ -177,6 +177,12 @@ def test_compiled_eval_scores_like_eager():
         assert abs(loss0 - loss1) < 1e-5 and abs(bpb0 - bpb1) < 1e-5
 
 
+def test_ttt_projection_runs_the_remaining_steps_at_the_pace_since_chunk_0():
+    # 10 chunks; chunk 4 scored 10 s in, 8 s after chunk 0 (4 steps: 2 s each); 5 steps left
+    assert train_gpt.ttt_projected_seconds(10.0, 8.0, 4, 10) == 20.0
+    assert train_gpt.ttt_projected_seconds(10.0, 8.0, 9, 10) == 10.0  # the last chunk: nothing left
+
+
 def test_ttt_stops_updating_when_its_pace_overruns_the_time_left():
     """With no time left, TTT knows its pace after chunk 1 and stops there: chunks 0-1 score as in a full
     TTT pass, and the rest as a sliding pass of a copy updated once (on chunk 0) does. With time to spare
