@@ -1586,7 +1586,9 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
         mine = sel[len(sel) * dctx.rank // dctx.world_size:len(sel) * (dctx.rank + 1) // dctx.world_size]
         for w in even_batches(mine, hp.eval_batch_seqs):
             score_windows(model, tokens, ends[w], prev[w], seq_len, lut, out, slot, hp, hidden)
-        if updater is not None and c + 1 < n_chunks and time_left is not None:
+        if updater is None or c + 1 == n_chunks:
+            continue
+        if time_left is not None:
             synchronize(dctx.device)
             now = time.perf_counter()
             if c == 0:
@@ -1598,11 +1600,11 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
                         log(f"ttt:updates_stopped after_chunk:{c + 1}/{n_chunks} elapsed:{now - t0:.1f}s "
                             f"projected:{projected:.0f}s time_left:{time_left:.0f}s (TTT_BUDGET_STOP=0 runs them all)")
                     updater = None
-        if updater is not None and c + 1 < n_chunks:
-            lo, hi = c * hp.ttt_chunk_tokens, min((c + 1) * hp.ttt_chunk_tokens, n)
-            updater.update(tokens, lo, hi, c, n_chunks, out.count)
-            if log is not None and (c + 1) % 10 == 0:
-                log(f"ttt_chunk:{c + 1}/{n_chunks} time:{time.perf_counter() - t0:.1f}s")
+                    continue
+        lo, hi = c * hp.ttt_chunk_tokens, min((c + 1) * hp.ttt_chunk_tokens, n)
+        updater.update(tokens, lo, hi, c, n_chunks, out.count)
+        if log is not None and (c + 1) % 10 == 0:
+            log(f"ttt_chunk:{c + 1}/{n_chunks} time:{time.perf_counter() - t0:.1f}s")
     for t in (out.nll, out.nbytes, out.count):
         dctx.all_reduce_sum(t)
     return out
