@@ -58,9 +58,9 @@ def compare(run: dict, ref: dict, max_steps: int) -> list[str]:
         ms = r["train"][last][1]
         tok_s = r["batch"] / ms * 1000
         per_gpu.append(tok_s / r["world_size"])
-        evals = " ".join(f"eval_s_{k}:{v:.1f}" for k, v in r["eval"].items())
-        out.append(f"run:{r['name']} world_size:{r['world_size']} last_step:{last} step_avg_ms:{ms:.2f} "
-                   f"tok_s:{tok_s:.0f} tok_s_per_gpu:{tok_s / r['world_size']:.0f} {evals} final_val_bpb:{r['final']}")
+        out.append(" ".join([f"run:{r['name']} world_size:{r['world_size']} last_step:{last} step_avg_ms:{ms:.2f} "
+                             f"tok_s:{tok_s:.0f} tok_s_per_gpu:{tok_s / r['world_size']:.0f}",
+                             *(f"eval_s_{k}:{v:.1f}" for k, v in r["eval"].items()), f"final_val_bpb:{r['final']}"]))
     diffs = [abs(run["train"][k][0] - ref["train"][k][0]) for k in common if k <= max_steps]
     if diffs:
         out.append(f"curve steps:{len(diffs)} max_abs_diff:{max(diffs):.4f} mean_abs_diff:{sum(diffs) / len(diffs):.4f}")

@@ -112,6 +112,10 @@ def test_compare_runs_reads_scaling_and_curve_agreement(tmp_path):
     assert lines[2] == "curve steps:7 max_abs_diff:0.0100 mean_abs_diff:0.0100"  # steps 1-5, 100, 200
     assert re.fullmatch(r"scaling world_size:2/1 efficiency:0\.9\d\d", lines[3])
     assert abs(float(lines[3].split("efficiency:")[1]) - 0.9) < 0.002  # step times are logged to 0.01 ms
+    no_eval = tmp_path / "no_eval.txt"  # a run cut before its eval: no eval fields, single spaces still
+    no_eval.write_text("".join(line for line in ref.read_text().splitlines(True) if "eval_time:" not in line))
+    res = run_script(["bench/compare_runs.py", str(no_eval), str(ref)], env=None)
+    assert res.returncode == 0 and re.fullmatch(r"run:no_eval( \S+)+", res.stdout.splitlines()[0]), res.stdout
 
 
 def test_compare_runs_rejects_logs_it_cannot_compare(tmp_path):
