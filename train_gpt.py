@@ -1,8 +1,9 @@
 """Parameter golf: train the best language model whose artifact fits in 16,000,000 bytes.
 
-One file: hyperparameters, data, model, optimizer, quantization + packing, evaluation,
-training loop, main. Every knob is an environment variable (see `Hyperparameters` below, or
-`python train_gpt.py --help-env`); the defaults are the configuration we submit.
+One file, read top to bottom: knobs, data, bits per byte, model (math only), optimizer,
+quantization + packing, evaluation, training, main, and last the fast paths (custom kernels).
+Every knob is an environment variable (`python train_gpt.py --help` lists them); the defaults
+are the configuration we submit.
 
   8 GPUs:   torchrun --standalone --nproc_per_node=8 train_gpt.py
   1 GPU:    torchrun --standalone --nproc_per_node=1 train_gpt.py   (same global batch,
@@ -10,9 +11,9 @@ training loop, main. Every knob is an environment variable (see `Hyperparameters
   CPU:      python train_gpt.py   (float32, no compile; for tests and tiny configs)
 
 The score (final_val_bpb) is the exact tokenizer-agnostic bits per byte of the model reloaded
-from the artifact, after the last valid evaluation phase (plain windows -> sliding windows ->
-score-first TTT). Artifact bytes = model file bytes + the bytes of the file that runs: ship the
-deterministic packed form from scripts/pack_code.py, which counts itself.
+from the artifact, from its scoring phase (plain windows -> sliding windows -> score-first TTT).
+Artifact bytes = model file bytes + the bytes of the file that runs: ship the deterministic
+packed form from scripts/pack_code.py, which counts itself.
 """
 
 from __future__ import annotations
@@ -33,8 +34,6 @@ import struct
 import subprocess
 import sys
 import time
-import uuid
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: compressed model + this file
+DOWNLOAD_HINT = "python3 data/cached_challenge_fineweb.py --variant sp8192 --repo-id kevclark/parameter-golf"
 
 
 class UserError(Exception):
@@ -63,9 +63,12 @@ class Interrupted(UserError):
 
 
 # -----------------------------------------------------------------------------------------
-# Hyperparameters
-# Every environment knob is declared once here, with its type, default and meaning. Nothing
-# else in the file reads os.environ for configuration (torchrun's RANK/WORLD_SIZE aside).
+# Knobs
+# Every environment knob is declared once, with its type, default and meaning: the run's knobs
+# in the tables below, the model's as the fields of ModelConfig (which the artifact records).
+# Nothing else in the file reads os.environ for configuration (torchrun's variables aside).
+# A knob's type is its default's: bool (0/1), int, float, str; `choices` make it an enum of
+# words; "auto" knobs are auto | 0 | 1 (None, False, True).
 # -----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -78,57 +81,92 @@ class Knob:
     choices: tuple | None = None
 
 
-KNOBS = [
-    # --- data and run ---
+class Auto(str):
+    """The type of a tri-state knob's default: `auto`, told apart from an enum's word "auto"."""
+
+
+AUTO = Auto("auto")
+
+
+def knob(default, doc: str, lo=None, hi=None, choices=None):
+    """A ModelConfig field that is also a knob (its env name is the field name in capitals)."""
+    return dataclasses.field(default=default, metadata=dict(doc=doc, lo=lo, hi=hi, choices=choices))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model's shape and features: knobs at training time, recorded in the artifact."""
+    vocab_size: int = knob(8192, "vocabulary size; must equal the tokenizer's", 2, 65536)
+    num_layers: int = knob(11, "physical transformer blocks", 1)
+    model_dim: int = knob(512, "residual width", 8)
+    num_heads: int = knob(8, "query heads", 1)
+    num_kv_heads: int = knob(4, "key/value heads (GQA); must divide NUM_HEADS", 1)
+    mlp_mult: int = knob(4, "MLP hidden = MLP_MULT * MODEL_DIM", 1)
+    mlp_leaky_slope: float = knob(0.5, "MLP activation leaky_relu(x, slope)^2; 0 = relu^2", 0, 1)
+    rope_base: float = knob(10000.0, "RoPE base frequency", 1)
+    rope_dims: int = knob(16, "head dims rotated by RoPE (even); 0 = all", 0)
+    logit_softcap: float = knob(30.0, "logits = c*tanh(z/c)", 1)
+    qk_gain_init: float = knob(5.0, "initial per-head gain on RMS-normed queries", 0)
+    tied_embed_init_std: float = knob(0.005, "init std of the tied embedding", 0)
+    ln_scale: bool = knob(True, "scale block i's normed inputs by 1/sqrt(i+1)")
+    skip_gates: bool = knob(True, "sigmoid-gated U-Net skips (0 = plain weighted add)")
+    xsa_last_n: int = knob(11, "exclusive self-attention on the last N physical layers", 0)
+    num_loops: int = knob(2, "extra passes over layers LOOP_START..LOOP_END (depth recurrence); 0 = off", 0)
+    loop_start: int = knob(3, "first looped physical layer", 0)
+    loop_end: int = knob(5, "last looped physical layer (inclusive)", 0)
+    parallel_residual_start: int = knob(7, "layers >= this run attention and MLP in parallel; -1 = never", -1)
+    residual_dtype: str = knob("bfloat16", "dtype of the residual stream under bf16 autocast (CUDA): float32 | "
+                               "bfloat16 (half the memory traffic of the norms, mixes and adds); CPU always float32",
+                               choices=("float32", "bfloat16"))
+
+    @property
+    def head_dim(self):
+        return self.model_dim // self.num_heads
+
+    def layer_order(self, looped: bool) -> list[int]:
+        """Physical layer index of each virtual layer; the looped span repeats NUM_LOOPS times."""
+        if not (looped and self.num_loops):
+            return list(range(self.num_layers))
+        span = list(range(self.loop_start, self.loop_end + 1))
+        return list(range(self.loop_start)) + span * (self.num_loops + 1) + list(range(self.loop_end + 1, self.num_layers))
+
+    def num_skips(self) -> int:
+        return max(min(len(o) // 2, len(o) - len(o) // 2) for o in (self.layer_order(False), self.layer_order(True)))
+
+
+MODEL_KNOBS = [Knob(f.name.upper(), f.default, f.metadata["doc"], f.metadata["lo"], f.metadata["hi"],
+                    f.metadata["choices"]) for f in dataclasses.fields(ModelConfig)]
+RUN_KNOBS = [
     Knob("DATA_PATH", "./data/datasets/fineweb10B_sp8192", "folder with fineweb_{train,val}_*.bin shards"),
     Knob("VAL_FILES", "", "glob of validation shards; empty = DATA_PATH/fineweb_val_*.bin"),
     Knob("EVAL_ONLY", "", "path of an artifact: evaluate it on the val shards and train nothing"),
     Knob("TOKENIZER_PATH", "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece .model used for byte accounting"),
-    Knob("VOCAB_SIZE", 8192, "vocabulary size; must equal the tokenizer's", 2, 65536),
     Knob("RUN_ID", "", "log/artifact name; empty = <UTC time>_seed<SEED>"),
     Knob("SEED", 1337, "seeds init, data order and everything random", 0, 2**31 - 1),
     Knob("LOG_DIR", "logs", "where <RUN_ID>.txt is written"),
-    Knob("ARTIFACT_DIR", ".", "where final_model_<RUN_ID>.int<MATRIX_BITS>.br is written"),
+    Knob("ARTIFACT_DIR", ".", "where final_model_<RUN_ID>.int<MATRIX_BITS>.br is written (never overwritten)"),
     Knob("DEVICE", "auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu")),
-    Knob("COMPILE", 1, "torch.compile the model on CUDA (0 for debugging; never on CPU)", 0, 1),
-    Knob("ATTN_BACKEND", "auto", "auto (the fastest of the importable FlashAttention 4/3/2 and the SDPA kernels, "
-         "measured at the training shape) | fa4 | fa3 | fa2 | sdpa (fastest SDPA kernel, measured) | sdpa_cudnn | "
-         "sdpa_flash | sdpa_efficient | sdpa_math",
-         choices=("auto", "fa4", "fa3", "fa2", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")),
-    # --- schedule and batch ---
+    Knob("COMPILE", True, "torch.compile the model on CUDA (0 for debugging; never on CPU)"),
+    Knob("ATTN_BACKEND", "auto", "auto (CUDA: FlashAttention 4, else 3, else cuDNN SDPA, by what is importable; "
+         "CPU: SDPA) | fa4 | fa3 | fa2 | sdpa (torch's choice) | sdpa_cudnn | sdpa_flash | sdpa_efficient | "
+         "sdpa_math", choices=("auto", "fa4", "fa3", "fa2", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
+                               "sdpa_math")),
+]
+SCHEDULE_KNOBS = [
     Knob("ITERATIONS", 20000, "max optimizer steps", 1),
-    Knob("MAX_WALLCLOCK_SECONDS", 600.0, "training clock cap (compile warm-up and val excluded); 0 = none", 0),
+    Knob("MAX_WALLCLOCK_SECONDS", 600.0, "training clock cap including GPTQ's Hessians (compile warm-up and val "
+         "excluded); 0 = none; must exceed GPTQ_RESERVE_SECONDS", 0),
     Knob("WARMUP_STEPS", 20, "compile-priming steps, undone afterwards (not an LR warmup)", 0),
-    Knob("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, identical for any world size", 1),
+    Knob("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, identical for any world size "
+         "(a multiple of TRAIN_SEQ_LEN * WORLD_SIZE)", 1),
     Knob("TRAIN_SEQ_LEN", 2048, "training sequence length", 8),
     Knob("MICRO_BATCH_TOKENS", 0, "max tokens per forward/backward per GPU; 0 = auto (98304 CUDA, 16384 CPU)", 0),
     Knob("VAL_LOSS_EVERY", 1000, "validate every N steps (and at the end); 0 = only at the end", 0),
-    Knob("VAL_MAX_TOKENS", 0, "score only the first N val tokens (quick runs; not a valid score); 0 = all", 0),
+    Knob("VAL_MAX_TOKENS", 0, "score only the first N val tokens (quick runs: logged valid:0); 0 = all", 0),
     Knob("TRAIN_LOG_EVERY", 200, "log a train line every N steps (and steps 1-5)", 1),
-    # --- model ---
-    Knob("NUM_LAYERS", 11, "physical transformer blocks", 1),
-    Knob("MODEL_DIM", 512, "residual width", 8),
-    Knob("NUM_HEADS", 8, "query heads", 1),
-    Knob("NUM_KV_HEADS", 4, "key/value heads (GQA); must divide NUM_HEADS", 1),
-    Knob("MLP_MULT", 4, "MLP hidden = MLP_MULT * MODEL_DIM", 1),
-    Knob("MLP_LEAKY_SLOPE", 0.5, "MLP activation leaky_relu(x, slope)^2; 0 = relu^2", 0, 1),
-    Knob("ROPE_BASE", 10000.0, "RoPE base frequency", 1),
-    Knob("ROPE_DIMS", 16, "head dims rotated by RoPE (even); 0 = all", 0),
-    Knob("LOGIT_SOFTCAP", 30.0, "logits = c*tanh(z/c)", 1),
-    Knob("QK_GAIN_INIT", 5.0, "initial per-head gain on RMS-normed queries", 0),
-    Knob("TIED_EMBED_INIT_STD", 0.005, "init std of the tied embedding", 0),
-    Knob("LN_SCALE", 1, "scale block i's normed inputs by 1/sqrt(i+1)", 0, 1),
-    Knob("SKIP_GATES", 1, "sigmoid-gated U-Net skips (0 = plain weighted add)", 0, 1),
-    Knob("XSA_LAST_N", 11, "exclusive self-attention on the last N physical layers", 0),
-    Knob("NUM_LOOPS", 2, "extra passes over layers LOOP_START..LOOP_END (depth recurrence); 0 = off", 0),
-    Knob("LOOP_START", 3, "first looped physical layer", 0),
-    Knob("LOOP_END", 5, "last looped physical layer (inclusive)", 0),
-    Knob("ENABLE_LOOPING_AT", 0.35, "training progress fraction at which looping turns on", 0, 1),
-    Knob("PARALLEL_RESIDUAL_START", 7, "layers >= this run attention and MLP in parallel; -1 = never", -1),
-    Knob("RESIDUAL_DTYPE", "bfloat16", "dtype of the residual stream under bf16 autocast (CUDA): float32 | bfloat16 "
-         "(the records' choice: half the memory traffic of the norms, mixes and adds); CPU always float32",
-         choices=("float32", "bfloat16")),
-    # --- optimizer ---
+    Knob("ENABLE_LOOPING_AT", 0.35, "training progress fraction at which depth recurrence turns on", 0, 1),
+]
+OPTIMIZER_KNOBS = [
     Knob("MATRIX_LR", 0.022, "Muon learning rate (block matrices)", 0),
     Knob("SCALAR_LR", 0.02, "Adam learning rate (gains, mixes, skip weights)", 0),
     Knob("TIED_EMBED_LR", 0.03, "Adam learning rate (tied embedding)", 0),
@@ -139,31 +177,31 @@ KNOBS = [
     Knob("MUON_NS_SCHEDULE", "polar", "Newton-Schulz coefficients: polar (Polar Express, one polynomial per "
          "iteration; needs MUON_BACKEND_STEPS >= 5) | quintic (Muon's original fixed polynomial)",
          choices=("polar", "quintic")),
-    Knob("MUON_ROW_NORMALIZE", 1, "MuonEq-R: normalize update rows before Newton-Schulz", 0, 1),
+    Knob("MUON_ROW_NORMALIZE", True, "MuonEq-R: normalize update rows before Newton-Schulz"),
     Knob("MUON_WD", 0.095, "decoupled weight decay on Muon matrices", 0),
     Knob("EMBED_WD", 0.085, "AdamW weight decay on the embedding", 0),
     Knob("ADAM_WD", 0.02, "AdamW weight decay on scalars", 0),
     Knob("BETA1", 0.9, "Adam beta1", 0, 1),
     Knob("BETA2", 0.95, "Adam beta2", 0, 1),
-    Knob("ADAM_EPS", 1e-8, "Adam epsilon", 0),
     Knob("GRAD_CLIP_NORM", 0.3, "global gradient norm clip; 0 = off", 0),
     Knob("EMA_DECAY", 0.997, "EMA of weights used for export; 0 = off", 0, 1),
     Knob("WARMDOWN_FRAC", 0.72, "LR decays linearly to MIN_LR over the last fraction of the clock", 0, 1),
     Knob("MIN_LR", 0.0, "LR multiplier floor at the end of warmdown", 0, 1),
-    # --- evaluation (all on the model reloaded from the artifact) ---
+]
+EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("EVAL_SEQ_LEN", 2048, "window length of sliding and TTT evaluation", 8),
-    Knob("EVAL_STRIDE", 64, "sliding-window stride: each window scores its last STRIDE targets; 0 = off", 0),
-    Knob("EVAL_SLIDING", "auto", "with TTT on, also score a plain sliding phase first (a reference: TTT scores "
-         "the same windows): 1, 0, or auto = only if it and TTT are projected to fit EVAL_BUDGET_SECONDS. "
-         "Without TTT the sliding phase is the score and always runs", choices=("auto", "1", "0")),
+    Knob("EVAL_STRIDE", 64, "sliding-window stride, <= EVAL_SEQ_LEN: each window scores its last STRIDE targets; "
+         "0 = no sliding phase", 0),
+    Knob("EVAL_SLIDING", AUTO, "with TTT on, also score a plain sliding phase after it (a reference: TTT scores the "
+         "same windows): 1, 0, or auto = in the time left, abandoned once its pace projects past "
+         "EVAL_BUDGET_SECONDS. Without TTT the sliding phase is the score and always runs"),
     Knob("EVAL_BATCH_SEQS", 32, "windows per forward in sliding/TTT evaluation", 1),
-    Knob("EVAL_COMPILE", "auto", "torch.compile the hidden-state forward of each eval phase (batch dim dynamic): "
-         "auto = where COMPILE applies (CUDA) | 1 (CPU too) | 0 = eager", choices=("auto", "1", "0")),
-    Knob("TTT_ENABLED", 1, "score-first test-time training over the sliding windows", 0, 1),
+    Knob("EVAL_COMPILE", AUTO, "torch.compile the hidden-state forward of each eval phase (batch dim dynamic): "
+         "auto = where COMPILE applies (CUDA) | 1 (CPU too) | 0 = eager"),
+    Knob("TTT_ENABLED", True, "score-first test-time training over the sliding windows"),
     Knob("TTT_LR", 0.005, "TTT SGD learning rate (cosine over chunks)", 0),
     Knob("TTT_EPOCHS", 3, "TTT passes over each already-scored chunk", 1),
     Knob("TTT_CHUNK_TOKENS", 32768, "TTT chunk size in targets (a multiple of EVAL_STRIDE)", 64),
-    Knob("TTT_MOMENTUM", 0.9, "TTT SGD momentum", 0, 1),
     Knob("TTT_FREEZE_BLOCKS", 0, "physical layers 0..N-1 are not updated by TTT", 0),
     Knob("TTT_GRAD_CLIP", 1.0, "TTT gradient norm clip; 0 = off", 0),
     Knob("TTT_BATCH_SEQS", 32, "TTT training sequences per step (global)", 1),
@@ -172,11 +210,12 @@ KNOBS = [
     Knob("SLOT_STEPS", 8, "AdamW steps fitting each window's hidden-state delta", 1),
     Knob("SLOT_LR", 0.005, "SLOT AdamW learning rate", 0),
     Knob("DUMP_TOKEN_NLL", "", "write per-target NLL (float32) and bytes (uint16) of the final phase, in val order"),
-    Knob("LEGALITY_CHECK", 0, "before scoring, prove each enabled eval mode causal on a val prefix", 0, 1),
+    Knob("LEGALITY_CHECK", False, "before scoring, prove each enabled eval mode causal on a val prefix"),
     Knob("EVAL_BUDGET_SECONDS", 600.0, "evaluation time budget (8-GPU scale): phases are timed against it", 0),
-    Knob("TTT_BUDGET_STOP", 1, "stop TTT's updates once its measured pace projects it past EVAL_BUDGET_SECONDS; the "
-         "remaining chunks are scored with the weights adapted so far (still legal); 0 = never stop", 0, 1),
-    # --- quantization and export ---
+    Knob("TTT_BUDGET_STOP", True, "stop TTT's updates once its measured pace projects it past EVAL_BUDGET_SECONDS; "
+         "the remaining chunks are scored with the weights adapted so far (still legal); 0 = never stop"),
+]
+EXPORT_KNOBS = [
     Knob("MATRIX_BITS", 6, "GPTQ bits of the block matrices", 2, 8),
     Knob("MATRIX_CLIP_SIGMAS", 12.85, "SDClip k of the matrices: row scale = k*std(row)/(2^(bits-1)-1)", 0.1),
     Knob("EMBED_BITS", 8, "GPTQ bits of the tied embedding", 2, 8),
@@ -184,28 +223,44 @@ KNOBS = [
     Knob("GPTQ_CALIBRATION_BATCHES", 16, "training micro-batches per rank for the GPTQ Hessians; 0 = plain rounding", 0),
     Knob("GPTQ_RESERVE_SECONDS", 6.0, "taken off MAX_WALLCLOCK_SECONDS so Hessians are collected within it", 0),
     Knob("CLIP_SEARCH_STEPS", 4, "extra GPTQ tries moving MATRIX_CLIP_SIGMAS to land just under the cap; 0 = off", 0),
-    Knob("CLIP_SEARCH_HEADROOM", 100000, "stop searching once the artifact is this close under the cap (bytes)", 0),
 ]
+KNOBS = RUN_KNOBS + SCHEDULE_KNOBS + MODEL_KNOBS + OPTIMIZER_KNOBS + EVAL_KNOBS + EXPORT_KNOBS
 
-# Baseline-era names we deliberately do not read: fail loudly instead of silently ignoring.
+# Settings no run needs to change (they were knobs once).
+ADAM_EPS = 1e-8
+TTT_MOMENTUM = 0.9
+CLIP_SEARCH_HEADROOM = 100_000  # bytes: the clip search stops once the artifact is this close under the cap
+
+# Names we deliberately do not read: fail loudly instead of silently ignoring.
 RETIRED_KNOBS = {
     "WARMDOWN_ITERS": "use WARMDOWN_FRAC (fraction of the wall clock)",
     "TIE_EMBEDDINGS": "embeddings are always tied",
     "EMBED_LR": "embeddings are always tied; use TIED_EMBED_LR",
     "HEAD_LR": "embeddings are always tied; use TIED_EMBED_LR",
     "VAL_BATCH_SIZE": "use EVAL_BATCH_SEQS (windows per forward)",
+    "ADAM_EPS": f"now the constant ADAM_EPS={ADAM_EPS}",
+    "TTT_MOMENTUM": f"now the constant TTT_MOMENTUM={TTT_MOMENTUM}",
+    "CLIP_SEARCH_HEADROOM": f"now the constant CLIP_SEARCH_HEADROOM={CLIP_SEARCH_HEADROOM}",
 }
-# Env vars starting with these look like ours; an unknown one is probably a typo.
-KNOB_PREFIXES = ("ATTN_", "DATA_", "TOKENIZER", "VOCAB", "TRAIN_", "VAL_", "MUON_", "ADAM_", "EMBED_", "TIED_",
-                 "NUM_", "MODEL_", "MLP_", "ROPE_", "LOOP_", "QK_", "XSA_", "EMA_", "WARMDOWN", "MATRIX_",
-                 "SCALAR_", "MICRO_", "ARTIFACT", "LOG_DIR", "SKIP_", "PARALLEL_", "LN_", "LOGIT_", "GPTQ_",
-                 "EVAL_", "TTT_", "SLOT", "DUMP_", "LEGALITY", "CLIP_")
+# An env var sharing a knob's first word (TTT_, EVAL_, ...) but naming no knob is probably a typo.
+# (MAX_ and MIN_ are too common a start to tell.)
+KNOB_PREFIXES = tuple(sorted({k.split("_")[0] + "_" for k in [kn.name for kn in KNOBS] + list(RETIRED_KNOBS)
+                              if "_" in k} - {"MAX_", "MIN_"}))
+BOOL_WORDS = {"1": True, "true": True, "0": False, "false": False}
 
 
 def _parse(knob: Knob, raw: str):
+    text = raw.strip()
+    if isinstance(knob.default, (Auto, bool)):
+        allowed = (AUTO,) * isinstance(knob.default, Auto)
+        if text.lower() == AUTO and allowed:
+            return AUTO
+        if text.lower() not in BOOL_WORDS:
+            raise UserError(f"env {knob.name}={raw!r}: expected {' | '.join(allowed + ('0', '1'))}")
+        return BOOL_WORDS[text.lower()]
     kind = type(knob.default)
     try:
-        value = kind(raw) if kind is not int else int(raw.strip())
+        value = kind(text)
     except ValueError:
         raise UserError(f"env {knob.name}={raw!r}: expected {kind.__name__} ({knob.doc})") from None
     if kind is float and not math.isfinite(value):
@@ -220,7 +275,7 @@ def _parse(knob: Knob, raw: str):
 
 
 class Hyperparameters:
-    """All knobs as lower-case attributes, plus derived fields (world size, accumulation)."""
+    """All knobs as lower-case attributes; `warnings` lists env vars that look like knobs but are not."""
 
     def __init__(self, env=None):
         env = os.environ if env is None else env
@@ -229,35 +284,54 @@ class Hyperparameters:
                 raise UserError(f"env {name} is not supported: {why}")
         self.warnings = [f"env {k} is set but no knob reads it (typo?)" for k in sorted(env)
                          if k.startswith(KNOB_PREFIXES) and k not in {kn.name for kn in KNOBS}]
-        for knob in KNOBS:
-            value = _parse(knob, env[knob.name]) if knob.name in env else knob.default
-            setattr(self, knob.name.lower(), value)
-        self._validate()
+        for kn in KNOBS:
+            setattr(self, kn.name.lower(), _parse(kn, env[kn.name]) if kn.name in env else kn.default)
+        validate(self)
 
-    def _validate(self):
-        if self.num_heads % self.num_kv_heads:
-            raise UserError(f"env NUM_KV_HEADS={self.num_kv_heads}: must divide NUM_HEADS={self.num_heads}")
-        if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
-            raise UserError(f"env MODEL_DIM={self.model_dim}: must give an even head dim with NUM_HEADS={self.num_heads}")
-        head_dim = self.model_dim // self.num_heads
-        if self.rope_dims % 2 or self.rope_dims > head_dim:
-            raise UserError(f"env ROPE_DIMS={self.rope_dims}: expected an even number <= head dim {head_dim}")
-        if self.num_loops and not (0 <= self.loop_start <= self.loop_end < self.num_layers):
-            raise UserError(f"env LOOP_START={self.loop_start} LOOP_END={self.loop_end}: expected "
-                            f"0 <= LOOP_START <= LOOP_END < NUM_LAYERS={self.num_layers}")
-        polar_steps = len(NS_SCHEDULES["polar"][1])
-        if self.muon_ns_schedule == "polar" and self.muon_backend_steps < polar_steps:
-            raise UserError(f"env MUON_BACKEND_STEPS={self.muon_backend_steps}: Polar Express needs >= {polar_steps} "
-                            "(its early polynomials overshoot; the last ones settle); use MUON_NS_SCHEDULE=quintic")
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
 
     def items(self):
         return sorted((k, v) for k, v in vars(self).items() if k != "warnings")
 
 
+def validate(hp: Hyperparameters):
+    """Rules between knobs, checked before any compute is spent (WORLD_SIZE's in plan_batches)."""
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise UserError(f"env {msg}")
+    need(hp.num_heads % hp.num_kv_heads == 0, f"NUM_KV_HEADS={hp.num_kv_heads}: must divide NUM_HEADS={hp.num_heads}")
+    need(hp.model_dim % hp.num_heads == 0 and (hp.model_dim // hp.num_heads) % 2 == 0,
+         f"MODEL_DIM={hp.model_dim}: must give an even head dim with NUM_HEADS={hp.num_heads}")
+    head_dim = hp.model_dim // hp.num_heads
+    need(hp.rope_dims % 2 == 0 and hp.rope_dims <= head_dim,
+         f"ROPE_DIMS={hp.rope_dims}: expected an even number <= head dim {head_dim}")
+    need(not hp.num_loops or 0 <= hp.loop_start <= hp.loop_end < hp.num_layers,
+         f"LOOP_START={hp.loop_start} LOOP_END={hp.loop_end}: expected 0 <= LOOP_START <= LOOP_END < "
+         f"NUM_LAYERS={hp.num_layers}")
+    polar_steps = len(NS_SCHEDULES["polar"][1])
+    need(hp.muon_ns_schedule != "polar" or hp.muon_backend_steps >= polar_steps,
+         f"MUON_BACKEND_STEPS={hp.muon_backend_steps}: Polar Express needs >= {polar_steps} (its early "
+         "polynomials overshoot; the last ones settle); use MUON_NS_SCHEDULE=quintic")
+    need(not hp.max_wallclock_seconds or hp.max_wallclock_seconds > hp.gptq_reserve_seconds,
+         f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: must exceed GPTQ_RESERVE_SECONDS="
+         f"{hp.gptq_reserve_seconds} (the Hessians' share of the clock), or be 0 for no cap")
+    need(hp.eval_stride <= hp.eval_seq_len,
+         f"EVAL_STRIDE={hp.eval_stride}: must be <= EVAL_SEQ_LEN={hp.eval_seq_len}")
+    stride = hp.eval_stride or hp.eval_seq_len
+    need(not hp.ttt_enabled or hp.ttt_chunk_tokens % stride == 0,
+         f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens}: must be a multiple of EVAL_STRIDE={stride} (a chunk holds "
+         "whole windows)")
+    need(not hp.val_max_tokens or hp.val_max_tokens > max(hp.train_seq_len, hp.eval_seq_len),
+         f"VAL_MAX_TOKENS={hp.val_max_tokens}: must exceed TRAIN_SEQ_LEN and EVAL_SEQ_LEN (one window)")
+
+
 def knob_reference() -> str:
     """Markdown table of every knob (README's env reference is generated from this)."""
+    def shown(v):
+        return int(v) if isinstance(v, bool) else v
     rows = ["| variable | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{k.name}` | `{k.default}` | {k.doc.replace('|', chr(92) + '|')} |" for k in KNOBS]
+    rows += [f"| `{k.name}` | `{shown(k.default)}` | {k.doc.replace('|', chr(92) + '|')} |" for k in KNOBS]
     return "\n".join(rows)
 
 
@@ -271,7 +345,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    cpu_group: object = None  # gloo group for host-side agreement (the train clock); None = default group
+    cpu_group: object = None  # gloo group for host-side agreement (clocks, budgets); None = default group
 
     @property
     def enabled(self):
@@ -313,12 +387,27 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
 
-def setup_distributed(hp: Hyperparameters) -> Dist:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def setup_distributed(hp: Hyperparameters, env=None) -> Dist:
+    env = os.environ if env is None else env
+    raw = env.get("WORLD_SIZE", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise UserError(f"WORLD_SIZE={raw!r}: expected a positive integer (set by torchrun)")
+    world_size = int(raw)
     if 8 % world_size:
         raise UserError(f"WORLD_SIZE={world_size}: must divide 8 (the global batch is split 8 ways)")
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    missing = [v for v in TORCHRUN_VARS if v not in env]
+    if world_size > 1 and missing:
+        raise UserError(f"WORLD_SIZE={world_size} without {','.join(missing)}: launch several processes with "
+                        "torchrun --standalone --nproc_per_node=N train_gpt.py")
+    rank, local_rank = int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0"))
     cuda_ok = torch.cuda.is_available()
     if hp.device == "cuda" and not cuda_ok:
         raise UserError("env DEVICE=cuda: no CUDA device is available (use DEVICE=cpu or auto)")
@@ -338,14 +427,15 @@ class RunLog:
 
     def __init__(self, path: Path | None):
         self.path, self.file = path, None
-        if path is not None:
+        if path is None:
+            return
+        try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self.file = open(path, "x", encoding="utf-8")
-            except FileExistsError:
-                raise UserError(f"log {path} already exists: RUN_ID is taken, choose another") from None
-            except OSError as e:
-                raise UserError(f"log {path}: cannot create ({e.strerror})") from None
+            self.file = open(path, "x", encoding="utf-8")
+        except FileExistsError:
+            raise UserError(f"log {path} already exists: RUN_ID is taken, choose another") from None
+        except OSError as e:
+            raise UserError(f"env LOG_DIR: cannot create log {path} ({e.strerror})") from None
 
     def __call__(self, msg: str, console: bool = True):
         if self.file is None:
@@ -358,7 +448,8 @@ class RunLog:
 
 # -----------------------------------------------------------------------------------------
 # Data: shards, the training stream, validation tokens
-# Shard = 256 little-endian int32 header words (magic, version, token count) + uint16 tokens.
+# Shard = 256 little-endian int32 header words (magic, version, token count) + uint16 tokens
+# (written by data/shards.py).
 # -----------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
@@ -382,26 +473,12 @@ def open_shard(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
-def write_shard(path: str | Path, tokens: np.ndarray):
-    """Write a shard atomically (used by tests and data tools)."""
-    path = Path(path)
-    header = np.zeros(HEADER_WORDS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype="<u2").tobytes())
-    os.replace(tmp, path)
-
-
 def shard_files(data_path: str, split: str, pattern: str = "") -> list[str]:
     pattern = pattern or os.path.join(data_path, f"fineweb_{split}_*.bin")
     files = sorted(f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f))
     if not files:
-        raise UserError(
-            f"no {split} shards match {pattern}: download them "
-            f"(python3 data/cached_challenge_fineweb.py --variant sp8192) or tokenize a corpus "
-            f"(python3 data/tokenize_jsonl.py DOCS.jsonl --out-dir data)")
+        raise UserError(f"no {split} shards match {pattern}: download them ({DOWNLOAD_HINT}) or tokenize a corpus "
+                        f"(python3 data/tokenize_jsonl.py DOCS.jsonl --out-dir data)")
     return files
 
 
@@ -490,7 +567,8 @@ class ByteLUT:
 
 def load_tokenizer(path: str, vocab_size: int):
     if not os.path.isfile(path):
-        raise UserError(f"tokenizer {path}: file not found (env TOKENIZER_PATH)")
+        raise UserError(f"tokenizer {path}: file not found (env TOKENIZER_PATH; download the data and tokenizer: "
+                        f"{DOWNLOAD_HINT})")
     sp = spm.SentencePieceProcessor()
     try:
         sp.load(path)
@@ -502,6 +580,10 @@ def load_tokenizer(path: str, vocab_size: int):
         # Without a standalone '▁' a space is byte-encoded as 3 tokens (issue #897): bpb breaks.
         raise UserError(f"tokenizer {path}: no standalone '\u2581' piece, byte accounting would be wrong")
     return sp
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def build_byte_lut(sp, vocab_size: int) -> ByteLUT:
@@ -525,53 +607,31 @@ def build_byte_lut(sp, vocab_size: int) -> ByteLUT:
 # -----------------------------------------------------------------------------------------
 # Model
 # A U-Net-shaped GPT: the first half of the (virtual) layers push their outputs, the second
-# half pops them back in through (gated) skip weights. All block matrices live in four
-# parameter banks (one slice per layer), which lets Muon orthogonalize a whole bank at once.
-# Features of the record stack (XSA, QK-gain, partial RoPE, LN scale, depth recurrence,
-# parallel residuals, skip gates) are each switched by one knob.
+# half pops them back in through (gated) skip weights. Features of the record stack (XSA,
+# QK-gain, partial RoPE, LN scale, depth recurrence, parallel residuals, skip gates) are each
+# switched by one ModelConfig knob. Pure math: the attention function is given at construction
+# (fast kernels are chosen in the last section), depth recurrence is an argument of the forward,
+# and GPTQ's statistics are taken by a `tap` the caller passes in.
 # -----------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class ModelConfig:
-    vocab_size: int
-    num_layers: int
-    model_dim: int
-    num_heads: int
-    num_kv_heads: int
-    mlp_mult: int
-    mlp_leaky_slope: float
-    rope_base: float
-    rope_dims: int
-    logit_softcap: float
-    qk_gain_init: float
-    tied_embed_init_std: float
-    ln_scale: bool
-    skip_gates: bool
-    xsa_last_n: int
-    num_loops: int
-    loop_start: int
-    loop_end: int
-    parallel_residual_start: int
-    residual_dtype: str = "float32"  # a runtime choice: artifacts written before it still load
+# Weight roles. The block matrices live in four banks (one slice per layer and role), which lets
+# Muon orthogonalize a whole bank at once: role -> (bank, part), the matrix of layer i is
+# bank[part * num_layers + i]. ROLE_INPUTS names the activation each role multiplies (GPTQ's
+# Hessian of a matrix is X^T X of its input).
+ROLES = {"q": ("qo_bank", 0), "o": ("qo_bank", 1), "k": ("kv_bank", 0), "v": ("kv_bank", 1),
+         "up": ("mlp_up_bank", 0), "down": ("mlp_down_bank", 0)}
+ROLE_INPUTS = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out", "up": "mlp_in", "down": "mlp_act"}
+BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 
-    @classmethod
-    def from_hparams(cls, hp: Hyperparameters):
-        values = {f.name: getattr(hp, f.name) for f in dataclasses.fields(cls)}
-        return cls(**values | dict(ln_scale=bool(hp.ln_scale), skip_gates=bool(hp.skip_gates)))
 
-    @property
-    def head_dim(self):
-        return self.model_dim // self.num_heads
+def bank_roles(bank: str) -> list[str]:
+    """The roles a bank holds, in the order of their parts."""
+    return sorted((r for r, (b, _) in ROLES.items() if b == bank), key=lambda r: ROLES[r][1])
 
-    def layer_order(self, looped: bool) -> list[int]:
-        """Physical layer index of each virtual layer; the looped span repeats NUM_LOOPS times."""
-        if not (looped and self.num_loops):
-            return list(range(self.num_layers))
-        span = list(range(self.loop_start, self.loop_end + 1))
-        return list(range(self.loop_start)) + span * (self.num_loops + 1) + list(range(self.loop_end + 1, self.num_layers))
 
-    def num_skips(self) -> int:
-        return max(min(len(o) // 2, len(o) - len(o) // 2) for o in (self.layer_order(False), self.layer_order(True)))
+def bank_rows(bank: str, layers: list[int], num_layers: int) -> list[int]:
+    """Rows of `bank` holding any role's matrix of the given layers."""
+    return [ROLES[r][1] * num_layers + i for r in bank_roles(bank) for i in layers]
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int, looped: bool) -> float:
@@ -628,13 +688,10 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 
 # XSA (exclusive self-attention): each head's attention output y minus its component along the
 # token's own value vector v, y - (y.v / v.v) v, for y [B,T,Hkv,G,hd] (the G query heads of a KV
-# head) and v [B,T,Hkv,hd], so K/V are never repeated; v.v is clamped at 1e-24, i.e. v is normalized
-# as F.normalize does it. It runs as the custom op train_gpt::xsa with a written-out backward: on
-# CUDA one Triton kernel each way reads y (and the gradient) once, 1.74 ms per step for 11 layers on
-# an H200 (forward 0.65, backward 1.09; bench/profile_step.py). Autograd of the normalize-then-project
-# formula took five kernels (5.2 ms/step on an H100), and this formula as an autograd.Function under
-# inductor still four, and was slower in the step. Elsewhere the ops run the torch formula below,
-# which is also the reference the kernels are tested against. Float32 arithmetic at least.
+# head) and v [B,T,Hkv,hd], so K/V are never repeated; v.v is clamped at XSA_EPS, i.e. v is
+# normalized as F.normalize does it. xsa_reference is the definition; the model calls the op
+# `xsa` (Fast paths), which runs a Triton kernel each way on CUDA and this formula elsewhere.
+# Float32 arithmetic at least.
 
 XSA_EPS = 1e-24
 
@@ -658,128 +715,6 @@ def xsa_reference(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.stack([_wide(y[..., g, :]) - c[g] * vf for g in range(y.size(-2))], dim=-2).to(y.dtype)
 
 
-def xsa_backward_reference(grad: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # out_g = y_g - c_g v with c_g = (y_g.v) r, r = 1/(v.v); with a_g = (grad_g.v) r:
-    # d y_g = grad_g - a_g v;  d v = -sum_g (a_g y_g + c_g grad_g) + 2 (sum_g a_g c_g) v
-    # (the last term is the derivative of r, zero where v.v was clamped).
-    vf = _wide(v)
-    n2, r, (c, a) = _xsa_dots(y, vf, grad)
-    G = y.size(-2)
-    dy = torch.stack([_wide(grad[..., g, :]) - a[g] * vf for g in range(G)], dim=-2)
-    dv = -sum(a[g] * _wide(y[..., g, :]) + c[g] * _wide(grad[..., g, :]) for g in range(G))
-    dv = dv + 2 * (n2 > XSA_EPS) * sum(a[g] * c[g] for g in range(G)) * vf
-    return dy.to(y.dtype), dv.to(v.dtype)
-
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: XSA runs the torch formula
-    triton = None
-
-if triton is not None:
-    @triton.jit
-    def _xsa_rows(V, n_rows, v_token_stride, HKV: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr,
-                  EPS: tl.constexpr):
-        """This program's BLOCK rows (one row = one (token, KV head)): their indices, the live mask,
-        the head-dim offsets, v in float32, v.v and 1/max(v.v, EPS)."""
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        live = rows[:, None] < n_rows
-        d = tl.arange(0, HD)[None, :]
-        v = tl.load(V + (rows // HKV)[:, None] * v_token_stride + (rows % HKV)[:, None] * HD + d,
-                    mask=live, other=0.0).to(tl.float32)
-        n2 = tl.sum(v * v, axis=1)
-        return rows, live, d, v, n2, 1.0 / tl.maximum(n2, EPS)
-
-    @triton.jit
-    def _xsa_fwd_kernel(Y, V, O, n_rows, v_token_stride, HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
-                        BLOCK: tl.constexpr, EPS: tl.constexpr):
-        rows, live, d, v, n2, r = _xsa_rows(V, n_rows, v_token_stride, HKV, HD, BLOCK, EPS)
-        for g in tl.static_range(G):
-            at = (rows[:, None] * G + g) * HD + d
-            y = tl.load(Y + at, mask=live, other=0.0).to(tl.float32)
-            c = tl.sum(y * v, axis=1) * r
-            tl.store(O + at, (y - c[:, None] * v).to(O.dtype.element_ty), mask=live)
-
-    @triton.jit
-    def _xsa_bwd_kernel(GR, Y, V, DY, DV, n_rows, v_token_stride, HKV: tl.constexpr, G: tl.constexpr,
-                        HD: tl.constexpr, BLOCK: tl.constexpr, EPS: tl.constexpr):
-        rows, live, d, v, n2, r = _xsa_rows(V, n_rows, v_token_stride, HKV, HD, BLOCK, EPS)
-        dv = tl.zeros((BLOCK, HD), dtype=tl.float32)
-        ac = tl.zeros((BLOCK,), dtype=tl.float32)
-        for g in tl.static_range(G):
-            at = (rows[:, None] * G + g) * HD + d
-            y = tl.load(Y + at, mask=live, other=0.0).to(tl.float32)
-            gr = tl.load(GR + at, mask=live, other=0.0).to(tl.float32)
-            c = tl.sum(y * v, axis=1) * r
-            a = tl.sum(gr * v, axis=1) * r
-            tl.store(DY + at, (gr - a[:, None] * v).to(DY.dtype.element_ty), mask=live)
-            dv += a[:, None] * y + c[:, None] * gr
-            ac += a * c
-        dv = 2.0 * tl.where(n2 > EPS, ac, 0.0)[:, None] * v - dv
-        tl.store(DV + rows[:, None] * HD + d, dv.to(DV.dtype.element_ty), mask=live)
-
-
-XSA_BLOCK_ROWS = 32
-
-
-def _xsa_kernel_args(y: torch.Tensor, v: torch.Tensor):
-    """(y contiguous, v with its head_dim and head strides packed, v's per-token stride, grid, consts),
-    or None where the torch formula runs instead (CPU, no Triton, float64, other layouts)."""
-    B, T, Hkv, G, hd = y.shape
-    if triton is None or not y.is_cuda or y.dtype == torch.float64 or hd & (hd - 1):
-        return None
-    if not (v.stride(-1) == 1 and v.stride(-2) == hd and v.stride(0) == T * v.stride(1)):
-        v = v.contiguous()
-    rows = B * T * Hkv
-    return (y.contiguous(), v, v.stride(1), (triton.cdiv(rows, XSA_BLOCK_ROWS),),
-            dict(HKV=Hkv, G=G, HD=hd, BLOCK=XSA_BLOCK_ROWS, EPS=XSA_EPS), rows)
-
-
-@torch.library.custom_op("train_gpt::xsa", mutates_args=())
-def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """XSA of y [B,T,Hkv,G,hd] against v [B,T,Hkv,hd] (see above); differentiable in y and v."""
-    args = _xsa_kernel_args(y, v)
-    if args is None:
-        return xsa_reference(y, v)
-    yc, vc, v_stride, grid, consts, rows = args
-    out = torch.empty_like(yc)
-    _xsa_fwd_kernel[grid](yc, vc, out, rows, v_stride, **consts)
-    return out
-
-
-@xsa.register_fake
-def _(y, v):
-    return torch.empty(y.shape, dtype=y.dtype, device=y.device)
-
-
-@torch.library.custom_op("train_gpt::xsa_backward", mutates_args=())
-def xsa_backward(grad: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    args = _xsa_kernel_args(y, v)
-    if args is None:
-        return xsa_backward_reference(grad, y, v)
-    yc, vc, v_stride, grid, consts, rows = args
-    dy, dv = torch.empty_like(yc), torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _xsa_bwd_kernel[grid](grad.contiguous(), yc, vc, dy, dv, rows, v_stride, **consts)
-    return dy, dv
-
-
-@xsa_backward.register_fake
-def _(grad, y, v):
-    return torch.empty(y.shape, dtype=y.dtype, device=y.device), torch.empty(v.shape, dtype=v.dtype, device=v.device)
-
-
-def _xsa_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _xsa_backward(ctx, grad):
-    return xsa_backward(grad, *ctx.saved_tensors)
-
-
-xsa.register_autograd(_xsa_backward, setup_context=_xsa_setup_context)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims: int) -> torch.Tensor:
     """Rotate the first rope_dims of the head dim (half-split pairs); pass the rest through."""
     rot, rest = x[..., :rope_dims], x[..., rope_dims:]
@@ -788,193 +723,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims:
     return torch.cat((rot, rest), dim=-1) if rest.numel() else rot
 
 
-# Attention kernels. Each takes q [B,T,H,hd] and k, v [B,T,Hkv,hd] and returns causal attention
-# [B,T,H,hd]. FlashAttention 3 / 2 take GQA natively. An SDPA kernel is pinned with sdpa_kernel()
-# around the call: torch.compile records that in the graph, so a compiled graph cached on disk
-# under another kernel is not reused (global backend flags are not part of the cache key). The
-# math kernel stays allowed as the fallback for shapes the pinned one rejects; kernels without
-# GQA support get K/V repeated to the query heads.
-
-FLASH_KERNELS = {"fa4": "flash-attention 4 (flash_attn.cute)",
-                 "fa3": "flash-attention 3 (flash_attn_interface)", "fa2": "flash-attention 2 (flash_attn)"}
-SDPA_KERNELS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
-                "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
-
-
-def sdpa_attention(kernel: str | None = None, expand_kv: bool = False, fallback: bool = True):
-    """SDPA pinned to `kernel` (plus math if fallback); None = torch's own choice."""
-    SDPBackend = torch.nn.attention.SDPBackend
-    backends = None
-    if kernel is not None:
-        backends = [getattr(SDPBackend, SDPA_KERNELS[kernel])]
-        if fallback and kernel != "sdpa_math":
-            backends.append(SDPBackend.MATH)
-
-    def attend(q, k, v):
-        if expand_kv and k.size(2) != q.size(2):
-            k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
-        with torch.nn.attention.sdpa_kernel(backends) if backends else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=k.size(2) != q.size(2))
-        return y.transpose(1, 2)
-    return attend
-
-
-def flash_attention(name: str):
-    """Causal attention of FlashAttention 4 (fa4), 3 (fa3) or 2 (fa2); None when the package is missing."""
-    try:
-        if name == "fa4":
-            return fa4_attention()
-        if name == "fa3":
-            from flash_attn_interface import flash_attn_func
-        else:
-            from flash_attn import flash_attn_func
-    except ImportError:
-        return None
-
-    def attend(q, k, v):
-        out = flash_attn_func(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the LSE
-    return attend
-
-
-# FlashAttention 4 (package flash-attn-4: CuTe DSL kernels, JIT-built for Hopper and Blackwell) as a
-# torch custom op with its own backward, so torch.compile keeps it inside one graph (FA4's autograd
-# Function is not traceable). The ops call FA4's forward/backward entry points, a private API checked
-# against flash-attn-4 4.0.0b36 (torch 2.11's own FA4 registration for SDPA does not match that release).
-
-@torch.library.custom_op("train_gpt::fa4_causal", mutates_args=())
-def fa4_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B,T,H,hd], lse [B,H,T] float32) of causal attention; K/V may have fewer heads (GQA)."""
-    from flash_attn.cute import interface as fa4
-    out, lse = fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
-    return out, lse
-
-
-@fa4_causal.register_fake
-def _(q, k, v):
-    B, T, H, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, H, T), dtype=torch.float32)
-
-
-@torch.library.custom_op("train_gpt::fa4_causal_backward", mutates_args=())
-def fa4_causal_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                        lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from flash_attn.cute import interface as fa4
-    dq, dk, dv = fa4._flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
-    return dq, dk, dv
-
-
-@fa4_causal_backward.register_fake
-def _(dout, q, k, v, out, lse):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _fa4_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)
-
-
-def _fa4_backward(ctx, dout, _dlse):
-    return fa4_causal_backward(dout.contiguous(), *ctx.saved_tensors)
-
-
-fa4_causal.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
-
-
-def fa4_attention():
-    """attend() over fa4_causal; ImportError when flash-attn-4 is missing."""
-    import flash_attn.cute.interface  # noqa: F401
-    return lambda q, k, v: fa4_causal(q.contiguous(), k.contiguous(), v.contiguous())[0]
-
-
-def time_attention(attend, shape: tuple, device: torch.device, warmup: int = 3, reps: int = 10) -> float:
-    """Mean ms of one forward+backward at shape (B, T, H, Hkv, hd), bf16, in the model's layout.
-    The first calls build kernel plans (cuDNN): with 1 warm-up and 5 timed calls the choice between
-    cuDNN and flash flipped from run to run on an H100."""
-    B, T, H, Hkv, hd = shape
-    q, k, v = (torch.randn(B, T, h, hd, device=device, dtype=torch.bfloat16, requires_grad=True) for h in (H, Hkv, Hkv))
-    grad = torch.randn(B, T, H, hd, device=device, dtype=torch.bfloat16)
-    for i in range(warmup + reps):
-        if i == warmup:
-            synchronize(device)
-            t0 = time.perf_counter()
-        attend(q, k, v).backward(grad)
-    synchronize(device)
-    return 1000 * (time.perf_counter() - t0) / reps
-
-
-def train_attention_shape(hp: Hyperparameters, world_size: int, device: torch.device) -> tuple:
-    """(B, T, H, Hkv, hd) of one training micro-batch: the shape select_attention times."""
-    micro_seqs, _ = plan_batches(hp, world_size, device)
-    return micro_seqs, hp.train_seq_len, hp.num_heads, hp.num_kv_heads, hp.model_dim // hp.num_heads
-
-
-def select_attention(choice: str, device: torch.device, shape: tuple) -> tuple[str, object, str]:
-    """(name, attend, note). On CUDA, `auto` measures every importable FlashAttention (4, 3, 2) and
-    every SDPA kernel at `shape` and takes the fastest; `sdpa` measures the SDPA kernels only; a named
-    kernel is used as asked. On CPU, SDPA with torch's own choice unless a kernel is named."""
-    if choice in FLASH_KERNELS:
-        try:
-            attend = flash_attention(choice) if device.type == "cuda" else None
-        except Exception as e:  # an installed but broken package (CUDA toolkit flavour, driver, JIT)
-            raise UserError(f"env ATTN_BACKEND={choice}: {FLASH_KERNELS[choice]} failed to load: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from e
-        if attend is None:
-            raise UserError(f"env ATTN_BACKEND={choice}: {FLASH_KERNELS[choice]} is not importable on "
-                            f"{device.type} (use auto or sdpa)")
-        return choice, attend, ""
-    if choice in SDPA_KERNELS:
-        return choice, sdpa_attention(choice, expand_kv=choice == "sdpa_efficient"), ""
-    if device.type != "cuda":
-        return "sdpa", sdpa_attention(), ""
-    timings, attends, failed = {}, {}, []
-
-    def measure(label, make):
-        """Time make()'s kernel (None: not installed). No fallback while measuring, so an unsupported
-        call raises; optional packages fail in their own ways (a missing CUDA toolkit flavour at import,
-        a JIT error at the first call), and any failure only drops that candidate."""
-        try:
-            if (attend := make()) is None:
-                return
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "... kernel not used because ..."
-                timings[label] = time_attention(attend, shape, device)
-            attends[label] = attend
-        except Exception:
-            failed.append(label)
-
-    for name in SDPA_KERNELS:
-        if name != "sdpa_math":
-            for expand in (False, True):
-                label = name + "+expand_kv" * expand
-                measure(label, lambda: sdpa_attention(name, expand, fallback=False))
-                if label in timings:
-                    break
-    if choice == "auto":
-        for name in FLASH_KERNELS:
-            measure(name, lambda: flash_attention(name))
-    if not timings:
-        return "sdpa", sdpa_attention(), "measured:no_kernel_ran"
-    best = min(timings, key=timings.get)
-    note = "measured_ms:" + ",".join(f"{n}={ms:.2f}" for n, ms in timings.items())
-    note += "".join(f" failed:{n}" for n in failed)
-    name, _, expand = best.partition("+")
-    return name, sdpa_attention(name, bool(expand)) if name in SDPA_KERNELS else attends[name], note
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of q [B,T,H,hd] over k, v [B,T,Hkv,hd] (GQA), as [B,T,H,hd]: PyTorch SDPA
+    with its own kernel choice. Every attention function the model may be given computes this."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attention=causal_attention):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.attention = cfg, attention
         L, d, hd = cfg.num_layers, cfg.model_dim, cfg.head_dim
         kv, hidden = cfg.num_kv_heads * hd, cfg.mlp_mult * cfg.model_dim
         self.rope_dims = cfg.rope_dims or hd
-        self.looped = False  # depth recurrence off until ENABLE_LOOPING_AT; eval turns it on
-        self.attend = sdpa_attention()  # the run replaces it with select_attention's choice
-        self.hessians = None  # a dict while collecting GPTQ statistics (eager calibration only)
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
-        self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))        # Q of layer i, out-proj at L+i
-        self.kv_bank = nn.Parameter(torch.empty(2 * L, kv, d))       # K of layer i, V at L+i
+        self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))
+        self.kv_bank = nn.Parameter(torch.empty(2 * L, kv, d))
         self.mlp_up_bank = nn.Parameter(torch.empty(L, hidden, d))
         self.mlp_down_bank = nn.Parameter(torch.empty(L, d, hidden))
         self.attn_scale = nn.Parameter(torch.ones(L, d))
@@ -989,59 +755,62 @@ class GPT(nn.Module):
         self.ln_scales = [1.0 / math.sqrt(i + 1) if cfg.ln_scale else 1.0 for i in range(L)]
         self.reset_parameters()
 
+    def w(self, role: str, i: int) -> torch.Tensor:
+        """The matrix of `role` (see ROLES) in layer i: a view into its bank."""
+        bank, part = ROLES[role]
+        return getattr(self, bank)[part * self.cfg.num_layers + i]
+
     @torch.no_grad()
     def reset_parameters(self):
-        L = self.cfg.num_layers
         nn.init.normal_(self.tok_emb.weight, std=self.cfg.tied_embed_init_std)
-        for bank in (self.qo_bank[:L], self.kv_bank, self.mlp_up_bank):
-            for w in bank:
-                nn.init.orthogonal_(w)
-        self.qo_bank[L:].zero_()  # output projections start at zero: each block starts as identity
-        self.mlp_down_bank.zero_()
+        for role in ("q", "k", "v", "up"):
+            for i in range(self.cfg.num_layers):
+                nn.init.orthogonal_(self.w(role, i))
+        for role in ("o", "down"):  # output projections start at zero: each block starts as identity
+            for i in range(self.cfg.num_layers):
+                self.w(role, i).zero_()
 
-    def _record(self, key: tuple, x: torch.Tensor):
-        """Accumulate X^T X of a matrix input (every visit of a looped layer adds)."""
-        if self.hessians is not None:
-            x = x.detach().reshape(-1, x.size(-1)).float()
-            self.hessians[key] = self.hessians.get(key, 0) + x.T @ x
-
-    def _attention(self, i: int, x: torch.Tensor, cos, sin) -> torch.Tensor:
-        cfg, L = self.cfg, self.cfg.num_layers
-        self._record(("attn", i), x)
+    def _attention(self, i: int, x: torch.Tensor, cos, sin, tap) -> torch.Tensor:
+        cfg = self.cfg
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = F.linear(x, self.qo_bank[i]).view(B, T, H, hd)
-        k = F.linear(x, self.kv_bank[i]).view(B, T, Hkv, hd)
-        v = F.linear(x, self.kv_bank[L + i]).view(B, T, Hkv, hd)
+        if tap is not None:
+            tap(("attn_in", i), x)
+        q = F.linear(x, self.w("q", i)).view(B, T, H, hd)
+        k = F.linear(x, self.w("k", i)).view(B, T, Hkv, hd)
+        v = F.linear(x, self.w("v", i)).view(B, T, Hkv, hd)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rope(rms_norm(q), cos, sin, self.rope_dims) * self.q_gain[i].to(q.dtype)[:, None]
         k = apply_rope(rms_norm(k), cos, sin, self.rope_dims)
-        y = self.attend(q, k, v)
-        if i >= L - cfg.xsa_last_n:
+        y = self.attention(q, k, v)
+        if i >= cfg.num_layers - cfg.xsa_last_n:
             y = xsa(y.reshape(B, T, Hkv, H // Hkv, hd), v)
         y = y.reshape(B, T, H * hd)
-        self._record(("proj", i), y)
-        return F.linear(y, self.qo_bank[L + i])
+        if tap is not None:
+            tap(("attn_out", i), y)
+        return F.linear(y, self.w("o", i))
 
-    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        self._record(("up", i), x)
-        h = F.linear(x, self.mlp_up_bank[i])
+    def _mlp(self, i: int, x: torch.Tensor, tap) -> torch.Tensor:
+        if tap is not None:
+            tap(("mlp_in", i), x)
+        h = F.linear(x, self.w("up", i))
         h = (F.leaky_relu(h, self.cfg.mlp_leaky_slope) if self.cfg.mlp_leaky_slope else F.relu(h)).square()
-        self._record(("down", i), h)
-        return F.linear(h, self.mlp_down_bank[i])
+        if tap is not None:
+            tap(("mlp_act", i), h)
+        return F.linear(h, self.w("down", i))
 
-    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin) -> torch.Tensor:
+    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin, tap) -> torch.Tensor:
         # Autocast runs the matmuls in bf16; the gains are cast to the residual stream's dtype
         # (RESIDUAL_DTYPE) so that float32 gains do not promote a bf16 stream back to float32.
         mix, attn_scale, mlp_scale = (t[i].to(x.dtype) for t in (self.resid_mix, self.attn_scale, self.mlp_scale))
         x = mix[0] * x + mix[1] * x0
         s = self.ln_scales[i]
         attn_in = rms_norm(x) * s
-        attn = attn_scale * self._attention(i, attn_in, cos, sin)
+        attn = attn_scale * self._attention(i, attn_in, cos, sin, tap)
         if 0 <= self.cfg.parallel_residual_start <= i:  # GPT-J style: both read the same input
-            return x + attn + mlp_scale * self._mlp(i, attn_in)
+            return x + attn + mlp_scale * self._mlp(i, attn_in, tap)
         x = x + attn
-        return x + mlp_scale * self._mlp(i, rms_norm(x) * s)
+        return x + mlp_scale * self._mlp(i, rms_norm(x) * s, tap)
 
     def residual_dtype(self, device: torch.device) -> torch.dtype:
         """bfloat16 only where autocast runs the matmuls in bf16 (CUDA); float32 otherwise."""
@@ -1049,12 +818,14 @@ class GPT(nn.Module):
             and torch.get_autocast_dtype(device.type) == torch.bfloat16
         return torch.bfloat16 if bf16 else torch.float32
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, looped: bool, tap=None) -> torch.Tensor:
+        """Final normed hidden states [B,T,d]; looped = with depth recurrence. tap(key, x), if given,
+        sees the input of every matrix multiply (GPTQ's Hessians)."""
         T = idx.size(1)
         freqs = torch.outer(torch.arange(T, device=idx.device, dtype=torch.float32), self.inv_freq)
         cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
         x = x0 = rms_norm(self.tok_emb(idx)).to(self.residual_dtype(idx.device))
-        order = self.cfg.layer_order(self.looped)
+        order = self.cfg.layer_order(looped)
         n_enc = len(order) // 2
         skips = []
         for j, i in enumerate(order):
@@ -1066,27 +837,28 @@ class GPT(nn.Module):
                     x = g * x + (1 - g) * w
                 else:
                     x = x + w
-            x = self._block(i, x, x0, cos, sin)
+            x = self._block(i, x, x0, cos, sin, tap)
             if j < n_enc:
                 skips.append(x)
         return rms_norm(x)
 
-    def nll_from_hidden(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def nll_from_hidden(self, h: torch.Tensor, targets: torch.Tensor, tap=None) -> torch.Tensor:
         """Tied head + softcap + per-token cross entropy (float32, shape like targets)."""
-        self._record(("head",), h)  # the tied embedding is quantized as the output head
+        if tap is not None:
+            tap(("head_in",), h)  # the tied embedding is quantized as the output head
         logits = F.linear(h, self.tok_emb.weight)
         return SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                          self.cfg.logit_softcap).view_as(targets)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, looped: bool, tap=None) -> torch.Tensor:
         """Per-token NLL in nats, float32, shape like targets."""
-        return self.nll_from_hidden(self.hidden(idx), targets)
+        return self.nll_from_hidden(self.hidden(idx, looped, tap), targets, tap)
 
 
 # -----------------------------------------------------------------------------------------
 # Optimizer: Muon for the matrix banks, Adam for the embedding and the scalars
 # Muon = momentum SGD whose update is replaced by its nearest semi-orthogonal matrix
-# (quintic Newton-Schulz), scaled so every matrix moves by a comparable RMS.
+# (Newton-Schulz), scaled so every matrix moves by a comparable RMS.
 # -----------------------------------------------------------------------------------------
 
 # Newton-Schulz schedules: (safety, coefficients). Iteration k applies X <- aX + (bA + cA^2)X, A = XX^T,
@@ -1211,14 +983,14 @@ class ParallelMuon(torch.optim.Optimizer):
 
 
 def build_optimizers(model: GPT, hp: Hyperparameters, dctx: Dist, direction=muon_direction):
-    banks = [model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank]
+    banks = [getattr(model, b) for b in BANKS]
     scalars = [p for n, p in model.named_parameters() if p.ndim < 3 and n != "tok_emb.weight"]
     adam = torch.optim.AdamW(
         [dict(params=[model.tok_emb.weight], lr=hp.tied_embed_lr, weight_decay=hp.embed_wd),
          dict(params=scalars, lr=hp.scalar_lr, weight_decay=hp.adam_wd)],
-        betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=dctx.device.type == "cuda")
+        betas=(hp.beta1, hp.beta2), eps=ADAM_EPS, fused=dctx.device.type == "cuda")
     muon = ParallelMuon(banks, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
-                        row_normalize=bool(hp.muon_row_normalize), ns_schedule=hp.muon_ns_schedule,
+                        row_normalize=hp.muon_row_normalize, ns_schedule=hp.muon_ns_schedule,
                         weight_decay=hp.muon_wd, direction=direction, dctx=dctx)
     for opt in (adam, muon):
         for g in opt.param_groups:
@@ -1319,13 +1091,24 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def hessian_keys(name: str, num_layers: int) -> list[tuple] | None:
-    """Which recorded input Hessian belongs to each matrix of a parameter (None: not GPTQ'd)."""
-    L = num_layers
-    return {"qo_bank": [("attn", i) for i in range(L)] + [("proj", i) for i in range(L)],
-            "kv_bank": [("attn", i) for i in range(L)] * 2,
-            "mlp_up_bank": [("up", i) for i in range(L)],
-            "mlp_down_bank": [("down", i) for i in range(L)],
-            "tok_emb.weight": [("head",)]}.get(name)
+    """The recorded input Hessian of each matrix of a parameter, in bank order (None: not GPTQ'd)."""
+    if name == "tok_emb.weight":
+        return [("head_in",)]
+    if name not in BANKS:
+        return None
+    return [(ROLE_INPUTS[role], i) for role in bank_roles(name) for i in range(num_layers)]
+
+
+class HessianRecorder:
+    """A model tap (GPT.hidden's `tap`) that sums X^T X of every matrix input it sees, per key
+    (every visit of a looped layer adds)."""
+
+    def __init__(self):
+        self.hessians: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, key: tuple, x: torch.Tensor):
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        self.hessians[key] = self.hessians.get(key, 0) + x.T @ x
 
 
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict | None, num_layers: int,
@@ -1419,45 +1202,82 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
     return qstate, meta["config"]
 
 
-def check_writable(folder: Path):
-    """Fail before training, not after it, if the artifact cannot be written."""
+def check_writable(folder: Path, knob: str):
+    """Fail before training, not after it, if an output cannot be written."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / f".write_test.{os.getpid()}", "wb") as f:
             f.write(b"\0" * 4096)
         (folder / f".write_test.{os.getpid()}").unlink()
     except OSError as e:
-        raise UserError(f"ARTIFACT_DIR {folder}: not writable ({e.strerror})") from None
+        raise UserError(f"{knob} {folder}: not writable ({e.strerror})") from None
 
 
-def write_atomic(path: Path, data: bytes):
-    """temp file + fsync + rename: readers never see a half-written file."""
+def write_atomic(path: Path, data: bytes, overwrite: bool = True):
+    """temp file + fsync + rename: readers never see a half-written file, and a failed write (a full
+    disk) leaves nothing behind. With overwrite=False an existing file is never replaced."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if path exists: no check-then-write race
+    except FileExistsError:
+        raise UserError(f"{path} already exists: it is never overwritten (choose another RUN_ID)") from None
+    except OSError as e:
+        raise UserError(f"{path}: write failed ({e.strerror}); nothing was written") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def load_artifact_model(path: Path, device: torch.device) -> tuple[GPT, dict]:
-    """The dequantized model of an artifact, and the artifact's metadata (model config, eval seq len)."""
+def artifact_path(hp: Hyperparameters, run_id: str, over_limit: bool = False) -> Path:
+    suffix = "OVER_LIMIT_NOT_VALID" if over_limit else f"int{hp.matrix_bits}"
+    return Path(hp.artifact_dir) / f"final_model_{run_id}.{suffix}.br"
+
+
+# Artifacts from before RESIDUAL_DTYPE existed were trained with a float32 residual stream.
+LEGACY_MODEL_FIELDS = {"residual_dtype": "float32"}
+
+
+def read_artifact(path: Path) -> tuple[dict, dict]:
     if not path.is_file():
-        raise UserError(f"artifact {path}: file not found")
-    qstate, meta = unpack_artifact(path.read_bytes(), str(path))
+        raise UserError(f"env EVAL_ONLY={path}: artifact file not found")
+    return unpack_artifact(path.read_bytes(), str(path))
+
+
+def artifact_model(qstate: dict, meta: dict, path: Path, device: torch.device, attention) -> GPT:
+    """The dequantized model of an unpacked artifact, running `attention`."""
     try:
-        model = GPT(ModelConfig(**meta["model"])).to(device)
+        model = GPT(ModelConfig(**LEGACY_MODEL_FIELDS | meta["model"]), attention).to(device)
         model.load_state_dict({k: v.to(device) for k, v in dequantize_state(qstate).items()})
     except (KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"artifact {path}: tensors do not match its model config ({str(e)[:120]})") from None
-    return model, meta
+    return model
+
+
+def check_artifact_tokenizer(meta: dict, path: Path, tokenizer_sha: str, tokenizer_path: str):
+    """An artifact scored with another tokenizer gives a meaningless bpb: refuse it."""
+    recorded = meta.get("tokenizer_sha256")
+    if recorded is not None and recorded != tokenizer_sha:
+        raise UserError(f"artifact {path}: trained with tokenizer sha256 {recorded[:16]}, but TOKENIZER_PATH="
+                        f"{tokenizer_path} has {tokenizer_sha[:16]}: point TOKENIZER_PATH at the training tokenizer")
 
 
 # -----------------------------------------------------------------------------------------
-# Evaluation
+# Evaluation: sliding windows, score-first TTT and SLOT
+# Target t (token t of the val stream, t = 1..N-1) is scored exactly once: by the window whose
+# last target e_k = min(L + k*stride, N-1) is the first to reach it; that window sees the
+# L tokens before e_k, so every target gets at least L - stride tokens of context.
+# A phase walks its windows in chunks. TTT's chunk c holds the windows whose first scored target
+# lies in [c, c+1) * TTT_CHUNK_TOKENS: they are scored (inference mode) BEFORE the model trains on
+# the chunk's tokens, whose targets are then all already scored. One budget mechanism: a phase's
+# pace, measured from the end of its chunk 0 (which carries compile and warm-up), projects its
+# length; TTT stops adapting, and an optional reference phase is abandoned, when that projection
+# passes the time left in EVAL_BUDGET_SECONDS.
 # -----------------------------------------------------------------------------------------
 
 def autocast_ctx(device: torch.device):
@@ -1466,14 +1286,10 @@ def autocast_ctx(device: torch.device):
     return contextlib.nullcontext()
 
 
-# -----------------------------------------------------------------------------------------
-# Sliding windows, score-first TTT and SLOT.
-# Target t (token t of the val stream, t = 1..N-1) is scored exactly once: by the window whose
-# last target e_k = min(L + k*stride, N-1) is the first to reach it; that window sees the
-# L tokens before e_k, so every target gets at least L - stride tokens of context.
-# TTT cuts the targets into chunks; a chunk's windows are scored (inference mode) BEFORE the
-# model trains on that chunk's tokens, whose targets are then all already scored.
-# -----------------------------------------------------------------------------------------
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 @dataclasses.dataclass
 class TokenScores:
@@ -1482,11 +1298,50 @@ class TokenScores:
     nbytes: torch.Tensor  # int32 [N-1]
     count: torch.Tensor   # int32 [N-1]
 
+    @classmethod
+    def zeros(cls, n: int, device: torch.device) -> TokenScores:
+        return cls(torch.zeros(n, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.int32, device=device),
+                   torch.zeros(n, dtype=torch.int32, device=device))
+
     def totals(self) -> tuple[float, float]:
         if not bool((self.count == 1).all()):
             raise RuntimeError(f"scoring bug: {int((self.count != 1).sum())} targets not scored exactly once")
         nll = self.nll.sum().item()
         return nll / len(self.nll), nll / (math.log(2) * self.nbytes.sum().item())
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One scoring pass over the val tokens: windows of seq_len, each scoring its last `stride` targets."""
+    name: str
+    seq_len: int
+    stride: int
+    ttt: bool = False         # score-first test-time training, chunk by chunk
+    slot: str = "off"         # SLOT mode (see the SLOT knob)
+    reference: bool = False   # not the score: a comparison, run only in the time left
+
+    @property
+    def legal(self) -> bool:
+        return self.slot != "full"
+
+
+PACE_CHUNKS = 8  # an abandonable phase without TTT is walked in this many chunks, to measure its pace
+
+
+def plan_phases(hp: Hyperparameters, train_seq_len: int) -> list[Phase]:
+    """roundtrip (plain windows) -> sliding or TTT -> SLOT -> the sliding reference when TTT scores.
+    The score is the last legal phase that is not a reference."""
+    stride = hp.eval_stride or hp.eval_seq_len
+    phases = [Phase("roundtrip", train_seq_len, train_seq_len)]
+    if hp.eval_stride and not hp.ttt_enabled:
+        phases.append(Phase("sliding", hp.eval_seq_len, stride))
+    if hp.ttt_enabled:
+        phases.append(Phase("ttt", hp.eval_seq_len, stride, ttt=True))
+    if hp.slot != "off":
+        phases.append(Phase(f"slot_{hp.slot}", hp.eval_seq_len, stride, ttt=hp.ttt_enabled, slot=hp.slot))
+    if hp.eval_stride and hp.ttt_enabled and hp.eval_sliding is not False:
+        phases.append(Phase("sliding", hp.eval_seq_len, stride, reference=True))
+    return phases
 
 
 def window_ends(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
@@ -1497,14 +1352,117 @@ def window_ends(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
     return np.minimum(L + stride * np.arange(k + 1), last)
 
 
-def score_windows(model: GPT, tokens: torch.Tensor, ends: np.ndarray, prev_ends: np.ndarray, seq_len: int,
-                  lut: ByteLUT, out: TokenScores, slot: str, hp: Hyperparameters, hidden):
+def phase_chunks(prev_ends: np.ndarray, phase: Phase, hp: Hyperparameters) -> list[np.ndarray]:
+    """The phase's window indices, chunk by chunk (see above)."""
+    if phase.ttt:
+        chunk_of = prev_ends // hp.ttt_chunk_tokens
+        return [np.nonzero(chunk_of == c)[0] for c in range(int(chunk_of[-1]) + 1)]
+    k = PACE_CHUNKS if budget_action(phase, hp) else 1
+    return np.array_split(np.arange(len(prev_ends)), min(k, len(prev_ends)))
+
+
+def budget_action(phase: Phase, hp: Hyperparameters) -> str | None:
+    """What a phase does when its pace projects past the time left: stop adapting, be abandoned, or run on."""
+    if phase.ttt and hp.ttt_budget_stop:
+        return "stop_adapting"
+    if phase.reference and hp.eval_sliding == AUTO:
+        return "abandon"
+    return None
+
+
+def projected_seconds(elapsed: float, since_chunk0: float, c: int, n_chunks: int) -> float:
+    """A chunked phase's projected length once chunk c >= 1 is scored: the time so far plus the
+    n_chunks-1-c steps (update + chunk scoring) left, at their mean pace since chunk 0 was scored."""
+    return elapsed + since_chunk0 / c * (n_chunks - 1 - c)
+
+
+class Pace:
+    """Projects a phase's length after each chunk; every rank takes the slowest rank's projection,
+    so all ranks act at the same chunk."""
+
+    def __init__(self, dctx: Dist, n_chunks: int):
+        self.dctx, self.n_chunks, self.t0, self.t_first = dctx, n_chunks, time.perf_counter(), None
+
+    def projected(self, c: int) -> float | None:
+        synchronize(self.dctx.device)
+        now = time.perf_counter()
+        if c == 0:
+            self.t_first = now  # chunk 0 carries the warm-up: the pace is timed from its end
+            return None
+        return self.dctx.all_reduce_max(projected_seconds(now - self.t0, now - self.t_first, c, self.n_chunks))
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def even_batches(items: np.ndarray, size: int) -> list[np.ndarray]:
+    """Consecutive batches of at most `size`, as equal as possible: a fixed size would leave a
+    remainder, and a batch of one window costs the compiled forward a recompile (torch.compile
+    specializes dims of size 1) even though the batch dim is dynamic."""
+    return np.array_split(items, -(-len(items) // size)) if len(items) else []
+
+
+def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device):
+    """The looped model's hidden states, compiled per EVAL_COMPILE with the batch dim dynamic (one
+    graph for every batch size)."""
+    def hidden(x):
+        return model.hidden(x, looped=True)
+    if not (hp.eval_compile is True or (hp.eval_compile == AUTO and compile_applies(hp, device))):
+        return hidden
+    compiled = torch.compile(hidden, fullgraph=True)
+
+    def dynamic_hidden(x):
+        torch._dynamo.mark_dynamic(x, 0)
+        return compiled(x)
+    return dynamic_hidden
+
+
+def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp: Hyperparameters, phase: Phase,
+                log=None, time_left: float | None = None) -> TokenScores | None:
+    """Score every val target once in `phase` (the legal loop: score chunk c, then maybe adapt on
+    it). Windows are split across ranks within each chunk. With time_left (seconds), the phase's
+    budget_action applies; None when a reference phase was abandoned. Returns all ranks' scores."""
+    tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(dctx.device)
+    n = len(val_tokens) - 1
+    out = TokenScores.zeros(n, dctx.device)
+    ends = window_ends(len(val_tokens), phase.seq_len, phase.stride)
+    prev = np.concatenate(([0], ends[:-1]))
+    chunks = phase_chunks(prev, phase, hp)
+    adapter = TTTUpdater(model, hp, dctx) if phase.ttt else None
+    action = budget_action(phase, hp) if time_left is not None else None
+    pace, hidden = Pace(dctx, len(chunks)), eval_forward(model, hp, dctx.device)
+    for c, windows in enumerate(chunks):
+        mine = windows[len(windows) * dctx.rank // dctx.world_size:len(windows) * (dctx.rank + 1) // dctx.world_size]
+        for w in even_batches(mine, hp.eval_batch_seqs):
+            score_windows(model, hidden, tokens, ends[w], prev[w], phase, lut, out, hp)
+        if c + 1 == len(chunks) or (adapter is None and action != "abandon"):
+            continue
+        projected = pace.projected(c) if action else None
+        if projected is not None and projected > time_left:
+            log(f"{phase.name}:{'abandoned' if action == 'abandon' else 'updates_stopped'} after_chunk:{c + 1}/"
+                f"{len(chunks)} elapsed:{pace.elapsed():.1f}s projected:{projected:.0f}s time_left:{time_left:.0f}s")
+            if action == "abandon":
+                return None
+            adapter, action = None, None
+            continue
+        if adapter is not None:
+            lo, hi = c * hp.ttt_chunk_tokens, min((c + 1) * hp.ttt_chunk_tokens, n)
+            adapter.update(tokens, lo, hi, c, len(chunks), out.count)
+            if log is not None and (c + 1) % 10 == 0:
+                log(f"ttt_chunk:{c + 1}/{len(chunks)} time:{pace.elapsed():.1f}s")
+    for t in (out.nll, out.nbytes, out.count):
+        dctx.all_reduce_sum(t)
+    return out
+
+
+def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, prev_ends: np.ndarray, phase: Phase,
+                  lut: ByteLUT, out: TokenScores, hp: Hyperparameters):
     """Score a batch of windows into `out`, running `hidden` (eval_forward's) for the hidden states.
     A window's scored targets are its last ends-prev_ends, so the head and loss run on the batch's
-    longest such tail only. With SLOT, a per-window delta on the final hidden states is fitted first: on the window's
-    context targets (scored by earlier windows) or, for `full`, on the very targets being scored
-    (which leaks them)."""
-    L = min(seq_len, int(ends[0]))
+    longest such tail only. With SLOT, a per-window delta on the final hidden states is fitted
+    first: on the window's context targets (scored by earlier windows) or, for `full`, on the very
+    targets being scored (which leaks them)."""
+    L = min(phase.seq_len, int(ends[0]))
     starts = torch.from_numpy(ends - L).to(tokens.device)
     idx = starts[:, None] + torch.arange(L + 1, device=tokens.device)
     win = tokens[idx]
@@ -1514,8 +1472,8 @@ def score_windows(model: GPT, tokens: torch.Tensor, ends: np.ndarray, prev_ends:
     scored = torch.arange(L, device=tokens.device)[None, :] >= first_scored[:, None]
     with torch.inference_mode(), autocast_ctx(tokens.device):
         h = hidden(x)
-    if slot != "off":
-        h = fit_slot_delta(model, h.clone(), y, scored if slot == "full" else ~scored, hp)
+    if phase.slot != "off":
+        h = fit_slot_delta(model, h.clone(), y, scored if phase.slot == "full" else ~scored, hp)
     cut = L - int(n_scored.max())
     x, y, h, scored = x[:, cut:], y[:, cut:], h[:, cut:], scored[:, cut:]
     with torch.inference_mode(), autocast_ctx(tokens.device):
@@ -1540,82 +1498,6 @@ def fit_slot_delta(model: GPT, h: torch.Tensor, y: torch.Tensor, fit_mask: torch
     return (h + delta).detach()
 
 
-def even_batches(items: np.ndarray, size: int) -> list[np.ndarray]:
-    """Consecutive batches of at most `size`, as equal as possible: a fixed size would leave a
-    remainder, and a batch of one window costs the compiled forward a recompile (torch.compile
-    specializes dims of size 1) even though the batch dim is dynamic."""
-    return np.array_split(items, -(-len(items) // size)) if len(items) else []
-
-
-def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device):
-    """model.hidden, compiled per EVAL_COMPILE with the batch dim dynamic (one graph for every batch size)."""
-    if not (hp.eval_compile == "1" or (hp.eval_compile == "auto" and compile_applies(hp, device))):
-        return model.hidden
-    compiled = torch.compile(model.hidden, fullgraph=True)
-
-    def hidden(x):
-        torch._dynamo.mark_dynamic(x, 0)
-        return compiled(x)
-    return hidden
-
-
-def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp: Hyperparameters, seq_len: int,
-                stride: int, ttt: bool = False, slot: str = "off", log=None,
-                time_left: float | None = None) -> TokenScores:
-    """Score every val target once with windows of seq_len (stride = seq_len: plain non-overlapping
-    eval), optionally with score-first TTT and SLOT. Windows are split across ranks (with TTT,
-    within each chunk). Runs the looped model; its hidden-state forward compiled per EVAL_COMPILE
-    (SLOT's fitting and TTT's training steps run eagerly). With time_left (seconds), TTT stops
-    updating once its pace so far projects the phase past it. Returns per-target scores of all ranks."""
-    model.looped = True
-    model.eval()
-    tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(dctx.device)
-    n = len(val_tokens) - 1
-    out = TokenScores(torch.zeros(n, dtype=torch.float64, device=dctx.device),
-                      torch.zeros(n, dtype=torch.int32, device=dctx.device),
-                      torch.zeros(n, dtype=torch.int32, device=dctx.device))
-    ends = window_ends(len(val_tokens), seq_len, stride)
-    prev = np.concatenate(([0], ends[:-1]))
-    chunk_of = (prev // hp.ttt_chunk_tokens) if ttt else np.zeros_like(prev)
-    n_chunks = int(chunk_of[-1]) + 1
-    updater = TTTUpdater(model, hp, dctx) if ttt else None
-    hidden = eval_forward(model, hp, dctx.device)
-    t0 = t_first = time.perf_counter()
-    for c in range(n_chunks):
-        sel = np.nonzero(chunk_of == c)[0]
-        mine = sel[len(sel) * dctx.rank // dctx.world_size:len(sel) * (dctx.rank + 1) // dctx.world_size]
-        for w in even_batches(mine, hp.eval_batch_seqs):
-            score_windows(model, tokens, ends[w], prev[w], seq_len, lut, out, slot, hp, hidden)
-        if updater is None or c + 1 == n_chunks:
-            continue
-        if time_left is not None:
-            synchronize(dctx.device)
-            now = time.perf_counter()
-            if c == 0:
-                t_first = now  # chunk 0 carries the warm-up: the pace is timed from its end
-            else:  # every rank takes the slowest rank's projection, so all stop at the same chunk
-                projected = dctx.all_reduce_max(ttt_projected_seconds(now - t0, now - t_first, c, n_chunks))
-                if projected > time_left:
-                    if log is not None:
-                        log(f"ttt:updates_stopped after_chunk:{c + 1}/{n_chunks} elapsed:{now - t0:.1f}s "
-                            f"projected:{projected:.0f}s time_left:{time_left:.0f}s (TTT_BUDGET_STOP=0 runs them all)")
-                    updater = None
-                    continue
-        lo, hi = c * hp.ttt_chunk_tokens, min((c + 1) * hp.ttt_chunk_tokens, n)
-        updater.update(tokens, lo, hi, c, n_chunks, out.count)
-        if log is not None and (c + 1) % 10 == 0:
-            log(f"ttt_chunk:{c + 1}/{n_chunks} time:{time.perf_counter() - t0:.1f}s")
-    for t in (out.nll, out.nbytes, out.count):
-        dctx.all_reduce_sum(t)
-    return out
-
-
-def ttt_projected_seconds(elapsed: float, since_chunk0: float, c: int, n_chunks: int) -> float:
-    """A TTT phase's projected length once chunk c >= 1 is scored: the time so far plus the
-    n_chunks-1-c (update + chunk scoring) steps left, at their mean pace since chunk 0 was scored."""
-    return elapsed + since_chunk0 / c * (n_chunks - 1 - c)
-
-
 class TTTUpdater:
     """The update half of score-first TTT: SGD on a chunk whose targets were all scored already."""
 
@@ -1624,10 +1506,10 @@ class TTTUpdater:
         self.params = list(model.parameters())
         for p in self.params:
             p.grad = torch.zeros_like(p)
-        self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-        L, frozen = model.cfg.num_layers, list(range(min(hp.ttt_freeze_blocks, model.cfg.num_layers)))
-        self.frozen_rows = {model.qo_bank: frozen + [L + i for i in frozen], model.kv_bank: frozen + [L + i for i in frozen],
-                            model.mlp_up_bank: frozen, model.mlp_down_bank: frozen}
+        self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=TTT_MOMENTUM)
+        L = model.cfg.num_layers
+        frozen = list(range(min(hp.ttt_freeze_blocks, L)))
+        self.frozen_rows = {getattr(model, b): bank_rows(b, frozen, L) for b in BANKS}
 
     def update(self, tokens: torch.Tensor, lo: int, hi: int, chunk: int, n_chunks: int, count: torch.Tensor):
         """Train on targets lo+1..hi (inputs lo..hi-1); refuses unless all of them are scored."""
@@ -1639,12 +1521,10 @@ class TTTUpdater:
         for g in self.opt.param_groups:
             g["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(n_chunks - 1, 1)))
         starts = list(range(lo, hi - 1, hp.eval_seq_len))
-        self.model.train()
         for _ in range(hp.ttt_epochs):
             for b in range(0, len(starts), hp.ttt_batch_seqs):
                 batch = starts[b:b + hp.ttt_batch_seqs]
                 self._step(tokens, batch[len(batch) * rank // world:len(batch) * (rank + 1) // world], hi)
-        self.model.eval()
 
     def _step(self, tokens: torch.Tensor, starts: list[int], hi: int):
         """One SGD step on the mean NLL over the global batch (this rank holds `starts`)."""
@@ -1655,7 +1535,7 @@ class TTTUpdater:
         for length in sorted({len(g) for g in segs}):
             batch = torch.stack([g for g in segs if len(g) == length])
             with autocast_ctx(tokens.device):
-                (self.model(batch[:, :-1], batch[:, 1:]).sum() / count).backward()
+                (self.model(batch[:, :-1], batch[:, 1:], looped=True).sum() / count).backward()
         self.dctx.all_reduce_flat_([p.grad for p in self.params])
         with torch.no_grad():
             for bank, rows in self.frozen_rows.items():
@@ -1666,15 +1546,13 @@ class TTTUpdater:
 
 
 def legality_check(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp: Hyperparameters,
-                   ttt: bool, slot: str) -> bool:
+                   phase: Phase) -> bool:
     """Score two val streams equal up to token p and different after it: every target <= p must get
     the identical NLL. A method that looks at targets before scoring them fails this."""
-    stride = hp.eval_stride or hp.eval_seq_len
-    p = len(val_tokens) // 2 // stride * stride + stride // 2  # mid-span: a window scores both sides of p
+    p = len(val_tokens) // 2 // phase.stride * phase.stride + phase.stride // 2  # a window scores both sides of p
     other = val_tokens.copy()
     other[p + 1:] = np.random.default_rng(0).permutation(other[p + 1:])
-    runs = [eval_tokens(copy.deepcopy(model), v, lut, dctx, hp, hp.eval_seq_len, stride, ttt, slot).nll[:p]
-            for v in (val_tokens, other)]
+    runs = [eval_tokens(copy.deepcopy(model), v, lut, dctx, hp, phase).nll[:p] for v in (val_tokens, other)]
     return bool(torch.equal(*runs))
 
 
@@ -1685,65 +1563,75 @@ def compiled_graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def divergence_hint(phase: Phase) -> str:
+    if phase.slot != "off":
+        return "lower SLOT_LR"
+    if phase.ttt:
+        return "lower TTT_LR or set TTT_GRAD_CLIP > 0"
+    return "the model itself scores non-finite: check the training log"
+
+
+@dataclasses.dataclass
+class Evaluator:
+    """The val tokens and their byte table, and how to score a model on them."""
+    val_tokens: np.ndarray
+    lut: ByteLUT
+    dctx: Dist
+    hp: Hyperparameters
+    log: object
+
+    @property
+    def full_val(self) -> bool:
+        """Only a pass over every val token (VAL_MAX_TOKENS=0) is a valid score."""
+        return not self.hp.val_max_tokens
+
+    def quick(self, model: GPT, seq_len: int) -> tuple[float, float]:
+        """(val_loss, val_bpb) over plain windows: the checks during training."""
+        phase = Phase("val", seq_len, seq_len)
+        return eval_tokens(model, self.val_tokens, self.lut, self.dctx, self.hp, phase).totals()
+
+    def score(self, model: GPT, train_seq_len: int) -> dict:
+        return score_phases(model, train_seq_len, self.val_tokens, self.lut, self.dctx, self.hp, self.log,
+                            self.full_val)
+
+
 def score_phases(model: GPT, train_seq_len: int, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist,
-                 hp: Hyperparameters, log) -> dict:
-    """roundtrip (plain windows) -> sliding -> TTT -> SLOT, each timed against the eval budget.
-    The final score is the last valid phase's. With TTT on, the plain sliding phase is a reference
-    only (TTT scores the same windows first) and EVAL_SLIDING=auto drops it when the projected time
-    of it and TTT would overrun EVAL_BUDGET_SECONDS."""
-    stride = hp.eval_stride or hp.eval_seq_len
-    phases = [("roundtrip", train_seq_len, train_seq_len, False, "off")]
-    if hp.eval_stride and (hp.eval_sliding != "0" or not hp.ttt_enabled):
-        phases.append(("sliding", hp.eval_seq_len, stride, False, "off"))
-    if hp.ttt_enabled:
-        phases.append(("ttt", hp.eval_seq_len, stride, True, "off"))
-    if hp.slot != "off":
-        phases.append((f"slot_{hp.slot}", hp.eval_seq_len, stride, bool(hp.ttt_enabled), hp.slot))
+                 hp: Hyperparameters, log, full_val: bool = True) -> dict:
+    """Run plan_phases' phases against the eval budget and log each; the final score is the last legal
+    non-reference phase's. A non-finite phase is invalid and stops the run with an error."""
+    phases = plan_phases(hp, train_seq_len)
     if hp.legality_check:
         prefix = val_tokens[:min(len(val_tokens), 4 * max(hp.ttt_chunk_tokens, hp.eval_seq_len) + 1)]
-        for name, _, _, ttt, slot in phases[1:]:
-            ok = legality_check(model, prefix, lut, dctx, hp, ttt, slot)
-            log(f"legality_check phase:{name} passed:{int(ok)}")
-            if not ok and slot != "full":
-                raise UserError(f"legality check failed for phase {name}: scores depend on later tokens")
-    # Projections: a sliding pass recomputes every target's window seq_len/stride times, so it costs
-    # ~ roundtrip * seq_len/stride; TTT adds ~3 forward passes' worth per epoch on each chunk. Bench,
-    # eager eval: sliding 61 s projected / 57.7 s measured, TTT 74 / 75.4 s. With the compiled eval
-    # forward the sliding projection holds (19 / 16 s) but TTT's training steps still run eagerly, so
-    # its projection is low (20 / 31 s; on two H200s 9 / 15 s). So TTT also times itself as it goes and,
-    # with TTT_BUDGET_STOP, stops adapting when its own pace would carry it past the budget (eval_tokens).
-    summary, elapsed, final = {}, 0.0, None
-    for name, seq_len, stride_, ttt, slot in phases:
-        sliding_s = summary.get("sliding_s", summary.get("roundtrip_s", 0.0) * seq_len / stride_)
-        ttt_s = sliding_s * (1 + 3 * hp.ttt_epochs * stride_ / seq_len) if hp.ttt_enabled else 0.0
-        if name == "sliding" and hp.ttt_enabled and hp.eval_sliding == "auto" and \
-                elapsed + sliding_s + ttt_s > hp.eval_budget_seconds:
-            log(f"sliding:skipped projected_seconds:{sliding_s:.0f} ttt_projected_seconds:{ttt_s:.0f} "
-                f"eval_elapsed:{elapsed:.0f}s budget:{hp.eval_budget_seconds:.0f}s (EVAL_SLIDING=1 runs it anyway)")
-            continue
-        if name == "ttt":
-            log(f"ttt_projected_seconds:{ttt_s:.0f} eval_elapsed:{elapsed:.0f}s budget:{hp.eval_budget_seconds:.0f}s")
-            if elapsed + ttt_s > hp.eval_budget_seconds:
-                log(f"warning:ttt_may_exceed_eval_budget projected_total:{elapsed + ttt_s:.0f}s")
+        for phase in phases[1:]:
+            ok = legality_check(model, prefix, lut, dctx, hp, dataclasses.replace(phase, reference=False))
+            log(f"legality_check phase:{phase.name} passed:{int(ok)}")
+            if not ok and phase.legal:
+                raise UserError(f"legality check failed for phase {phase.name}: scores depend on later tokens")
+    results, elapsed, final = {}, 0.0, None
+    for phase in phases:
         t0, graphs0 = time.perf_counter(), compiled_graph_count()
-        time_left = max(hp.eval_budget_seconds - elapsed, 0.0) if ttt and hp.ttt_budget_stop else None
-        scores = eval_tokens(copy.deepcopy(model) if ttt else model, val_tokens, lut, dctx, hp, seq_len, stride_,
-                             ttt, slot, log, time_left)
-        val_loss, val_bpb = scores.totals()
+        time_left = max(hp.eval_budget_seconds - elapsed, 0.0)
+        scores = eval_tokens(copy.deepcopy(model) if phase.ttt else model, val_tokens, lut, dctx, hp, phase, log,
+                             time_left)
         secs = time.perf_counter() - t0
         elapsed += secs
-        valid = slot != "full"
-        log(f"{name} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{secs:.1f}s valid:{int(valid)} "
+        if scores is None:
+            continue
+        val_loss, val_bpb = scores.totals()
+        finite = math.isfinite(val_loss) and math.isfinite(val_bpb)
+        valid = phase.legal and finite and full_val
+        log(f"{phase.name} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{secs:.1f}s valid:{int(valid)} "
             f"new_graphs:{compiled_graph_count() - graphs0}")
-        summary[f"{name}_s"] = secs
-        summary[f"{name}_val_bpb"] = val_bpb
-        if valid:
-            final = (val_loss, val_bpb, scores)
+        if not finite:
+            raise UserError(f"phase {phase.name} scored val_bpb {val_bpb}: not a score ({divergence_hint(phase)})")
+        results[f"{phase.name}_val_bpb"] = val_bpb
+        if phase.legal and not phase.reference:
+            final = (phase.name, val_loss, val_bpb, scores)
     log(f"eval_total_time:{elapsed:.1f}s budget:{hp.eval_budget_seconds:.0f}s")
     if hp.dump_token_nll and dctx.is_main:
-        dump_token_scores(Path(hp.dump_token_nll), final[2])
-    return dict(final_val_loss=final[0], final_val_bpb=final[1], eval_seconds=elapsed) | {
-        k: v for k, v in summary.items() if k.endswith("_val_bpb")}
+        dump_token_scores(Path(hp.dump_token_nll), final[3])
+    return dict(final_phase=final[0], final_val_loss=final[1], final_val_bpb=final[2], final_valid=int(full_val),
+                eval_seconds=elapsed) | results
 
 
 def dump_token_scores(path: Path, scores: TokenScores):
@@ -1770,6 +1658,11 @@ def plan_batches(hp: Hyperparameters, world_size: int, device: torch.device) -> 
     cap_seqs = max(1, cap // hp.train_seq_len)
     accum = next(k for k in range(1, seqs + 1) if seqs % k == 0 and seqs // k <= cap_seqs)
     return seqs // accum, accum
+
+
+def compile_applies(hp: Hyperparameters, device: torch.device) -> bool:
+    """COMPILE: torch.compile on CUDA only (CPU runs are tests and tiny configs)."""
+    return hp.compile and device.type == "cuda"
 
 
 class Trainer:
@@ -1824,15 +1717,16 @@ class Trainer:
             scale = (self.hp.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads + shards, scale)
 
-    def step(self, step: int, lr_mul: float) -> torch.Tensor:
-        """Queue one optimizer step on the next global batch. Returns the global mean train loss as
-        a device scalar; nothing here waits for the GPU, so the caller decides when to read it."""
+    def step(self, step: int, lr_mul: float, looped: bool) -> torch.Tensor:
+        """Queue one optimizer step on the next global batch (looped = with depth recurrence). Returns
+        the global mean train loss as a device scalar; nothing here waits for the GPU, so the caller
+        decides when to read it."""
         batch = self._next_batch if self._next_batch is not None else self._load_batch()
         loss_sum = torch.zeros((), device=self.dctx.device)
         for m in range(self.accum):
             mb = batch[m * self.micro_seqs:(m + 1) * self.micro_seqs]
             with autocast_ctx(self.dctx.device):
-                loss = self.forward(mb[:, :-1], mb[:, 1:]).mean()
+                loss = self.forward(mb[:, :-1], mb[:, 1:], looped).mean()
             (loss / self.accum).backward()
             loss_sum += loss.detach()
         self._next_batch = self._load_batch()  # read from disk while the GPU works through this step
@@ -1866,7 +1760,6 @@ class Trainer:
                 for p, e in zip(self.model.parameters(), self.ema):
                     p.copy_(e)
 
-
 def clone_state(state):
     """Deep-copy a state_dict (tensors cloned) so warm-up can be undone."""
     if isinstance(state, torch.Tensor):
@@ -1876,60 +1769,6 @@ def clone_state(state):
     if isinstance(state, list):
         return [clone_state(v) for v in state]
     return state
-
-
-def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hyperparameters, code_bytes: int,
-                           log) -> tuple[bytes, float]:
-    """GPTQ + pack at MATRIX_CLIP_SIGMAS; then, for up to CLIP_SEARCH_STEPS more tries, move the clip
-    (size falls as it rises) to land under the cap with less than CLIP_SEARCH_HEADROOM to spare.
-    Returns the smallest-clip blob that fits, else the last one tried."""
-    def attempt(k: float) -> bytes:
-        t0 = time.perf_counter()
-        q = quantize_state(state, hessians, cfg.num_layers, hp.matrix_bits, k, hp.embed_bits, hp.embed_clip_sigmas)
-        t1 = time.perf_counter()
-        blob = pack_artifact(q, dict(model=dataclasses.asdict(cfg), train_seq_len=hp.train_seq_len, matrix_clip_sigmas=k))
-        log(f"gptq_try matrix_clip_sigmas:{k:.4f} artifact_bytes:{len(blob) + code_bytes} "
-            f"gptq_time:{t1 - t0:.1f}s pack_time:{time.perf_counter() - t1:.1f}s")
-        return blob
-
-    k, lo, hi, best = hp.matrix_clip_sigmas, None, None, None  # lo: too big; hi: fits
-    for _ in range(hp.clip_search_steps + 1):
-        blob = attempt(k)
-        spare = ARTIFACT_LIMIT_BYTES - len(blob) - code_bytes
-        if spare >= 0:
-            hi = k
-            if best is None or k < best[1]:
-                best = (blob, k)
-            if spare < hp.clip_search_headroom:
-                break
-        else:
-            lo = k
-        k = (lo + hi) / 2 if lo is not None and hi is not None else (k / 1.15 if spare >= 0 else k * 1.15)
-    return best or (blob, lo)
-
-
-@torch.no_grad()
-def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: int, dctx: Dist) -> dict:
-    """Input Hessians X^T X of every GPTQ'd matrix, from fresh training batches through the looped
-    model (never validation data), summed over ranks so every rank quantizes identically."""
-    if not hp.gptq_calibration_batches:
-        return {}
-    stream = TrainStream(train_files, hp.train_seq_len, hp.seed + 1, hp.vocab_size)
-    rows = slice(dctx.rank * micro_seqs, (dctx.rank + 1) * micro_seqs)
-    model.hessians, model.looped = {}, True
-    model.eval()
-    try:
-        for _ in range(hp.gptq_calibration_batches):
-            batch = torch.from_numpy(stream.next_batch(micro_seqs * dctx.world_size, rows)).to(dctx.device)
-            with autocast_ctx(dctx.device):
-                model(batch[:, :-1], batch[:, 1:])
-        hessians = model.hessians
-    finally:
-        model.hessians = None
-        model.train()
-    for key in sorted(hessians):
-        dctx.all_reduce_sum(hessians[key])
-    return hessians
 
 
 class PendingScalar:
@@ -1972,78 +1811,134 @@ class TrainClock:
         self.t0 = time.perf_counter()
 
 
-def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, val_eval, log) -> dict:
-    model = trainer.model
-    # Compile priming: run real steps (plain and looped graphs), then undo them all.
+def prime_compile(trainer: Trainer, hp: Hyperparameters, train_files, log):
+    """Run WARMUP_STEPS real steps (plain and looped graphs) so compilation is off the clock, then
+    undo them all: weights, optimizer state, EMA and data order start fresh."""
     if hp.warmup_steps:
         snap = trainer.snapshot()
         trainer.reset_stream(train_files)
         phases = [False, True] if hp.num_loops else [False]
         for k in range(hp.warmup_steps):
-            model.looped = phases[k * len(phases) // hp.warmup_steps]
-            trainer.step(0, 1.0)
+            looped = phases[k * len(phases) // hp.warmup_steps]
+            trainer.step(0, 1.0, looped)
             if k + 1 == hp.warmup_steps or (k + 1) % 10 == 0:
-                log(f"warmup_step:{k + 1}/{hp.warmup_steps} looped:{int(model.looped)}")
+                log(f"warmup_step:{k + 1}/{hp.warmup_steps} looped:{int(looped)}")
         trainer.restore(snap)
-        model.looped = False
     trainer.reset_stream(train_files)
-    synchronize(dctx.device)  # the priming steps were queued asynchronously; none may reach the clock
+    synchronize(trainer.dctx.device)  # the priming steps were queued asynchronously; none may reach the clock
 
-    cap_ms = 1000 * max(hp.max_wallclock_seconds - hp.gptq_reserve_seconds, 0) if hp.max_wallclock_seconds else 0
-    if hp.max_wallclock_seconds:
+
+LR_KNOBS = ("MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR")
+
+
+def divergence_lr_hint(hp: Hyperparameters) -> str:
+    """Which learning rate to lower after the loss diverged: those raised above their defaults, where
+    any is (a NaN spreads to every weight within a step, so the weights cannot tell), else all."""
+    raised = [k for k in LR_KNOBS if getattr(hp, k.lower()) > next(kn.default for kn in KNOBS if kn.name == k)]
+    return f"lower {' or '.join(raised or LR_KNOBS)}, or set GRAD_CLIP_NORM"
+
+
+def log_train_step(hp: Hyperparameters, dctx: Dist, clock: TrainClock, cap_ms: float, entry, log):
+    """Wait for queued step `entry` = (k, pending loss, model FLOPs of steps 1..k); read the clock; log."""
+    k, pending_loss, flops_done = entry
+    loss = pending_loss.read()
+    clock.read()
+    if not math.isfinite(loss):
+        raise UserError(f"train_loss became {loss} at step {k}: stopping ({divergence_lr_hint(hp)})")
+    if k <= 5 or k % hp.train_log_every == 0:
+        avg = clock.ms / k
+        eta = (cap_ms - clock.ms) / 1000 if cap_ms else (hp.iterations - k) * avg / 1000
+        peak = device_peak_flops(dctx.device)
+        mfu = f" mfu:{100 * flops_done / (clock.ms / 1000) / (peak * dctx.world_size):.1f}%" if peak else ""
+        log(f"step:{k}/{hp.iterations} train_loss:{loss:.4f} train_time:{clock.ms / 1000:.1f}s "
+            f"step_avg:{avg:.2f}ms tok_s:{hp.train_batch_tokens / avg * 1000:.0f} eta:{max(eta, 0):.0f}s{mfu}")
+
+
+def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evaluator: Evaluator, log) -> dict:
+    """Train until ITERATIONS or the clock cap; validate every VAL_LOSS_EVERY steps (off the clock).
+    The CPU queues step k+1 before reading step k's loss, so the GPU never waits for the host; the
+    clock is read at those loss reads (see TrainClock)."""
+    prime_compile(trainer, hp, train_files, log)
+    cap_ms = 1000 * (hp.max_wallclock_seconds - hp.gptq_reserve_seconds) if hp.max_wallclock_seconds else 0
+    if cap_ms:
         log(f"train_clock_cap:{cap_ms / 1000:.1f}s (MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS)")
-    # The CPU queues step k+1 before reading step k's loss, so the GPU never waits for the host;
-    # the clock is read at those loss reads (see TrainClock).
-    peak = device_peak_flops(dctx.device)
     clock = TrainClock(dctx)
-
-    def settle(entry):
-        """Wait for queued step `entry` = (k, loss, model FLOPs of steps 1..k); read the clock; log."""
-        k, pending_loss, flops_done = entry
-        loss = pending_loss.read()
-        clock.read()
-        if not math.isfinite(loss):
-            raise UserError(f"train_loss became {loss} at step {k}: stopping (lower MATRIX_LR?)")
-        if k <= 5 or k % hp.train_log_every == 0:
-            avg = clock.ms / k
-            eta = (cap_ms - clock.ms) / 1000 if cap_ms else (hp.iterations - k) * avg / 1000
-            tok_s = hp.train_batch_tokens / avg * 1000
-            mfu = f" mfu:{100 * flops_done / (clock.ms / 1000) / (peak * dctx.world_size):.1f}%" if peak else ""
-            log(f"step:{k}/{hp.iterations} train_loss:{loss:.4f} train_time:{clock.ms / 1000:.1f}s "
-                f"step_avg:{avg:.2f}ms tok_s:{tok_s:.0f} eta:{max(eta, 0):.0f}s{mfu}")
-
-    step, stop_reason, last_val, queued, flops_done = 0, "iterations", None, None, 0.0
+    step, looped, last_val, queued, flops_done = 0, False, None, None, 0.0
     while True:
         progress = clock.ms / cap_ms if cap_ms else step / hp.iterations
-        if hp.num_loops and not model.looped and progress >= hp.enable_looping_at:
-            model.looped = True
+        if hp.num_loops and not looped and progress >= hp.enable_looping_at:
+            looped = True
             log(f"layer_loop:enabled step:{step} progress:{progress:.3f}")
         done = step >= hp.iterations or (cap_ms and clock.ms >= cap_ms)
         if done or (hp.val_loss_every and step and step % hp.val_loss_every == 0):
             if queued:
-                settle(queued)
+                log_train_step(hp, dctx, clock, cap_ms, queued, log)
                 queued = None
-            last_val = val_eval()  # off the clock
+            last_val = evaluator.quick(trainer.model, hp.train_seq_len)  # off the clock
             log(f"step:{step}/{hp.iterations} val_loss:{last_val[0]:.4f} val_bpb:{last_val[1]:.4f} "
                 f"train_time:{clock.ms / 1000:.1f}s step_avg:{clock.ms / max(step, 1):.2f}ms")
             clock.resume()
         if done:
-            stop_reason = "wallclock_cap" if step < hp.iterations else "iterations"
             break
-        loss_t = trainer.step(step, lr_multiplier(progress, hp.warmdown_frac, hp.min_lr))
+        loss_t = trainer.step(step, lr_multiplier(progress, hp.warmdown_frac, hp.min_lr), looped)
         step += 1
-        flops_done += hp.train_batch_tokens * model_flops_per_token(model.cfg, hp.train_seq_len, model.looped)
+        flops_done += hp.train_batch_tokens * model_flops_per_token(trainer.model.cfg, hp.train_seq_len, looped)
         if queued:
-            settle(queued)
+            log_train_step(hp, dctx, clock, cap_ms, queued, log)
         queued = (step, PendingScalar(loss_t), flops_done)
-    train_ms = clock.ms
-    log(f"stopping:{stop_reason} step:{step} train_time:{train_ms / 1000:.3f}s")
-    return dict(steps=step, train_ms=train_ms, stop_reason=stop_reason, val=last_val)
+    stop_reason = "wallclock_cap" if step < hp.iterations else "iterations"
+    log(f"stopping:{stop_reason} step:{step} train_time:{clock.ms / 1000:.3f}s")
+    return dict(steps=step, train_ms=clock.ms, stop_reason=stop_reason, val=last_val)
 
 
-def compile_applies(hp: Hyperparameters, device: torch.device) -> bool:
-    """COMPILE: torch.compile on CUDA only (CPU runs are tests and tiny configs)."""
-    return bool(hp.compile) and device.type == "cuda"
+@torch.no_grad()
+def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: int, dctx: Dist) -> dict:
+    """Input Hessians X^T X of every GPTQ'd matrix, from fresh training batches through the looped
+    model (never validation data), summed over ranks so every rank quantizes identically."""
+    if not hp.gptq_calibration_batches:
+        return {}
+    stream = TrainStream(train_files, hp.train_seq_len, hp.seed + 1, hp.vocab_size)
+    rows = slice(dctx.rank * micro_seqs, (dctx.rank + 1) * micro_seqs)
+    recorder = HessianRecorder()
+    for _ in range(hp.gptq_calibration_batches):
+        batch = torch.from_numpy(stream.next_batch(micro_seqs * dctx.world_size, rows)).to(dctx.device)
+        with autocast_ctx(dctx.device):
+            model(batch[:, :-1], batch[:, 1:], looped=True, tap=recorder)
+    for key in sorted(recorder.hessians):
+        dctx.all_reduce_sum(recorder.hessians[key])
+    return recorder.hessians
+
+
+def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hyperparameters, code_bytes: int,
+                           log, meta: dict | None = None) -> tuple[bytes, float]:
+    """GPTQ + pack at MATRIX_CLIP_SIGMAS; then, for up to CLIP_SEARCH_STEPS more tries, move the clip
+    (size falls as it rises) to land under the cap with less than CLIP_SEARCH_HEADROOM to spare.
+    `meta` (e.g. the tokenizer's hash) goes into the artifact's config. Returns the smallest-clip blob
+    that fits, else the last one tried."""
+    def attempt(k: float) -> bytes:
+        t0 = time.perf_counter()
+        q = quantize_state(state, hessians, cfg.num_layers, hp.matrix_bits, k, hp.embed_bits, hp.embed_clip_sigmas)
+        t1 = time.perf_counter()
+        config = dict(model=dataclasses.asdict(cfg), train_seq_len=hp.train_seq_len, matrix_clip_sigmas=k) | (meta or {})
+        blob = pack_artifact(q, config)
+        log(f"gptq_try matrix_clip_sigmas:{k:.4f} artifact_bytes:{len(blob) + code_bytes} "
+            f"gptq_time:{t1 - t0:.1f}s pack_time:{time.perf_counter() - t1:.1f}s")
+        return blob
+
+    k, lo, hi, best = hp.matrix_clip_sigmas, None, None, None  # lo: too big; hi: fits
+    for _ in range(hp.clip_search_steps + 1):
+        blob = attempt(k)
+        spare = ARTIFACT_LIMIT_BYTES - len(blob) - code_bytes
+        if spare >= 0:
+            hi = k
+            if best is None or k < best[1]:
+                best = (blob, k)
+            if spare < CLIP_SEARCH_HEADROOM:
+                break
+        else:
+            lo = k
+        k = (lo + hi) / 2 if lo is not None and hi is not None else (k / 1.15 if spare >= 0 else k * 1.15)
+    return best or (blob, lo)
 
 
 def configure_inductor():
@@ -2055,17 +1950,13 @@ def configure_inductor():
         inductor_config.triton.mix_order_reduction = False
 
 
-def synchronize(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # -----------------------------------------------------------------------------------------
-# Main
+# Main: setup -> data -> model -> train -> export -> score the artifact
 # -----------------------------------------------------------------------------------------
 
 def describe_environment(hp: Hyperparameters, dctx: Dist, code: bytes) -> list[str]:
-    lines = ["hyperparameters:"] + [f"  {k}: {v}" for k, v in hp.items()]
+    lines = ["hyperparameters:"] + [f"  {k}: {int(v) if isinstance(v, bool) else v}" for k, v in hp.items()]
+
     def git(*args) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
                               timeout=5).stdout.strip()
@@ -2090,68 +1981,26 @@ def describe_environment(hp: Hyperparameters, dctx: Dist, code: bytes) -> list[s
     return lines
 
 
-def run(hp: Hyperparameters) -> dict:
-    t_start = time.perf_counter()
-    dctx = setup_distributed(hp)
-    torch.manual_seed(hp.seed)
-    np.random.seed(hp.seed)
-    code = Path(__file__).read_bytes()
-    run_id = dctx.broadcast_object(hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}_seed{hp.seed}")
-    log = RunLog(Path(hp.log_dir) / f"{run_id}.txt" if dctx.is_main else None)
-    for line in describe_environment(hp, dctx, code):
-        log(line)
-    log(f"run_id:{run_id}")
-    for w in hp.warnings:
-        log(f"warning:{w}")
-    try:
-        # Output folder, data and tokenizer are checked before any compute is spent.
-        if dctx.is_main and not hp.eval_only:
-            check_writable(Path(hp.artifact_dir))
-        sp = load_tokenizer(hp.tokenizer_path, hp.vocab_size)
-        lut = build_byte_lut(sp, hp.vocab_size).to(dctx.device)
-        val_files = shard_files(hp.data_path, "val", hp.val_files)
-        val_tokens = load_val_tokens(val_files, hp.vocab_size, hp.val_max_tokens)
-        if len(val_tokens) <= hp.train_seq_len:
-            raise UserError(f"val shards {val_files[0]}...: {len(val_tokens)} tokens, need > TRAIN_SEQ_LEN={hp.train_seq_len}")
-        log(f"val_shards:{len(val_files)} val_tokens:{len(val_tokens) - 1} data:{hp.data_path}")
-        attn_name, attend, attn_note = select_attention(
-            hp.attn_backend, dctx.device, train_attention_shape(hp, dctx.world_size, dctx.device))
-        log(f"attention:{attn_name} {attn_note}".rstrip())
-
-        def evaluate(model: GPT, seq_len: int) -> tuple[float, float]:
-            return eval_tokens(model, val_tokens, lut, dctx, hp, seq_len, seq_len).totals()
-
-        def score(artifact: Path) -> dict:
-            """Every phase scores the model reloaded from the artifact file."""
-            model, meta = load_artifact_model(artifact, dctx.device)
-            model.attend = attend
-            return score_phases(model, meta["train_seq_len"], val_tokens, lut, dctx, hp, log)
-
-        if hp.eval_only:
-            artifact = Path(hp.eval_only)
-            summary = score(artifact) | dict(model_bytes=artifact.stat().st_size, code_bytes=len(code),
-                                             artifact_bytes=artifact.stat().st_size + len(code))
-        else:
-            summary = train_and_export(hp, dctx, log, code, run_id, attend, evaluate, score)
-        summary["total_seconds"] = time.perf_counter() - t_start
-        for k, v in summary.items():
-            log(f"{k}:{v:.8f}" if isinstance(v, float) else f"{k}:{v}")
-        if dctx.enabled:
-            dist.barrier()  # no rank tears the group down while another still uses it
-            dist.destroy_process_group()
-        return summary
-    except BaseException as e:  # the log keeps what happened; main() prints it and exits non-zero
-        log(f"error:{e}" if isinstance(e, UserError) else f"error:{type(e).__name__}: {e}")
-        raise
+def load_evaluator(hp: Hyperparameters, dctx: Dist, log, vocab_size: int) -> tuple[Evaluator, str]:
+    """The tokenizer's byte table and the val tokens; and the tokenizer's sha256, which the log and
+    the artifact record."""
+    sp = load_tokenizer(hp.tokenizer_path, vocab_size)
+    sha = file_sha256(hp.tokenizer_path)
+    log(f"tokenizer:{hp.tokenizer_path} tokenizer_sha256:{sha} vocab_size:{vocab_size}")
+    lut = build_byte_lut(sp, vocab_size).to(dctx.device)
+    val_files = shard_files(hp.data_path, "val", hp.val_files)
+    val_tokens = load_val_tokens(val_files, vocab_size, hp.val_max_tokens)
+    if len(val_tokens) <= max(hp.train_seq_len, hp.eval_seq_len):
+        raise UserError(f"val shards {val_files[0]}...: {len(val_tokens)} tokens, need > TRAIN_SEQ_LEN and "
+                        f"EVAL_SEQ_LEN (one window)")
+    log(f"val_shards:{len(val_files)} val_tokens:{len(val_tokens) - 1} full_val:{int(not hp.val_max_tokens)} "
+        f"data:{hp.data_path}")
+    return Evaluator(val_tokens, lut, dctx, hp, log), sha
 
 
-def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, run_id: str, attend, evaluate,
-                     score) -> dict:
-    train_files = shard_files(hp.data_path, "train")
-    log(f"train_shards:{len(train_files)}")
-    cfg = ModelConfig.from_hparams(hp)
-    model = GPT(cfg).to(dctx.device)
-    model.attend = attend
+def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, Trainer]:
+    cfg = hp.model_config()
+    model = GPT(cfg, attention).to(dctx.device)
     trainer = Trainer(hp, dctx, model)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} "
         f"layer_order_looped:{','.join(map(str, cfg.layer_order(True)))} "
@@ -2160,27 +2009,19 @@ def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, 
     log(f"features: xsa_last_n:{cfg.xsa_last_n} qk_gain_init:{cfg.qk_gain_init} num_loops:{cfg.num_loops} "
         f"loop:{cfg.loop_start}-{cfg.loop_end}@{hp.enable_looping_at} parallel_residual_start:{cfg.parallel_residual_start} "
         f"rope_dims:{model.rope_dims} ln_scale:{int(cfg.ln_scale)} skip_gates:{int(cfg.skip_gates)} "
-        f"mlp_leaky_slope:{cfg.mlp_leaky_slope} muon_row_normalize:{hp.muon_row_normalize} "
+        f"mlp_leaky_slope:{cfg.mlp_leaky_slope} muon_row_normalize:{int(hp.muon_row_normalize)} "
         f"muon_ns_schedule:{hp.muon_ns_schedule} ema_decay:{hp.ema_decay} parallel_muon_world:{dctx.world_size}")
     log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
         f"compile:{int(trainer.compiled)}")
+    return model, trainer
 
-    def val_eval():
-        looped = model.looped
-        try:
-            return evaluate(model, hp.train_seq_len)
-        finally:
-            model.train()
-            model.looped = looped
 
-    result = train(hp, dctx, trainer, train_files, val_eval, log)
-    if dctx.device.type == "cuda":
-        mib = 2 ** 20
-        log(f"peak_mem_allocated_mib:{torch.cuda.max_memory_allocated() // mib} "
-            f"peak_mem_reserved_mib:{torch.cuda.max_memory_reserved() // mib}")
-
-    # Export: EMA weights -> Hessians (train data, still inside the training budget) -> GPTQ ->
-    # artifact file. The score comes from reloading that file.
+def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, result: dict, code: bytes, run_id: str,
+           tokenizer_sha: str, log) -> tuple[Path, dict]:
+    """EMA weights -> Hessians (train data, inside the training budget) -> GPTQ -> the artifact file,
+    written by rank 0 and never over an existing one. An artifact over the cap is kept under a name
+    that says so, and the run stops with an error."""
+    model = trainer.model
     trainer.apply_ema()
     t0 = time.perf_counter()
     hessians = collect_hessians(model, train_files, hp, trainer.micro_seqs, dctx)
@@ -2189,36 +2030,117 @@ def train_and_export(hp: Hyperparameters, dctx: Dist, log: RunLog, code: bytes, 
         f"train_data_last_touched:{result['train_ms'] / 1000 + hess_s:.1f}s")
     if hp.max_wallclock_seconds and result["train_ms"] / 1000 + hess_s > hp.max_wallclock_seconds:
         log(f"warning:hessians_outside_budget raise GPTQ_RESERVE_SECONDS above {hess_s:.1f}")
-    blob, clip = quantize_within_budget(model.state_dict(), hessians, cfg, hp, len(code), log)
+    meta = dict(tokenizer_sha256=tokenizer_sha)
+    blob, clip = quantize_within_budget(model.state_dict(), hessians, model.cfg, hp, len(code), log, meta)
     total = len(blob) + len(code)
-    artifact = Path(hp.artifact_dir) / f"final_model_{run_id}.int{hp.matrix_bits}.br"
+    over = total > ARTIFACT_LIMIT_BYTES
+    artifact = artifact_path(hp, run_id, over_limit=over)
     log(f"artifact:{artifact} model_bytes:{len(blob)} code_bytes:{len(code)} artifact_bytes:{total} "
         f"limit:{ARTIFACT_LIMIT_BYTES} headroom:{ARTIFACT_LIMIT_BYTES - total} matrix_clip_sigmas:{clip:.4f}")
-    if total > ARTIFACT_LIMIT_BYTES:
-        artifact = artifact.with_name(f"final_model_{run_id}.OVER_LIMIT_NOT_VALID.br")
     if dctx.is_main:
-        artifact.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(artifact, blob)
+        write_atomic(artifact, blob, overwrite=False)
+    figures = dict(artifact_bytes=total, model_bytes=len(blob), code_bytes=len(code))
+    return artifact, figures
+
+
+def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: str) -> dict:
+    if dctx.is_main:  # outputs are checked before any compute is spent
+        check_writable(Path(hp.artifact_dir), "ARTIFACT_DIR")
+        if artifact_path(hp, run_id).exists():
+            raise UserError(f"artifact {artifact_path(hp, run_id)} already exists: it is never overwritten "
+                            f"(choose another RUN_ID or ARTIFACT_DIR)")
+    evaluator, tokenizer_sha = load_evaluator(hp, dctx, log, hp.vocab_size)
+    attn_name, attention = select_attention(hp.attn_backend, dctx.device)
+    log(f"attention:{attn_name}")
+    train_files = shard_files(hp.data_path, "train")
+    log(f"train_shards:{len(train_files)}")
+    model, trainer = build_model(hp, dctx, attention, log)
+    result = train(hp, dctx, trainer, train_files, evaluator, log)
+    if dctx.device.type == "cuda":
+        mib = 2 ** 20
+        log(f"peak_mem_allocated_mib:{torch.cuda.max_memory_allocated() // mib} "
+            f"peak_mem_reserved_mib:{torch.cuda.max_memory_reserved() // mib}")
+    artifact, figures = export(hp, dctx, trainer, train_files, result, code, run_id, tokenizer_sha, log)
     # Before the cap check, so that a run whose artifact is over the cap still reports its model.
-    prequant = val_eval() if hp.ema_decay else result["val"]
+    prequant = evaluator.quick(model, hp.train_seq_len) if hp.ema_decay else result["val"]
     log(f"prequant val_loss:{prequant[0]:.8f} val_bpb:{prequant[1]:.8f}")
-    if total > ARTIFACT_LIMIT_BYTES:
-        raise UserError(f"artifact {total} bytes (model {len(blob)} + code {len(code)}) > limit {ARTIFACT_LIMIT_BYTES}: "
-                        f"raise MATRIX_CLIP_SIGMAS (now {hp.matrix_clip_sigmas}) or MUON_WD; kept as {artifact}")
-    if dctx.enabled:
-        dist.barrier()
-    scores = score(artifact)
-    return scores | dict(prequant_val_bpb=prequant[1], quant_gap_bpb=scores["roundtrip_val_bpb"] - prequant[1],
-                         artifact_bytes=total, model_bytes=len(blob),
-                         code_bytes=len(code), steps=result["steps"], train_seconds=result["train_ms"] / 1000,
-                         stop_reason=result["stop_reason"])
+    if figures["artifact_bytes"] > ARTIFACT_LIMIT_BYTES:
+        raise UserError(f"artifact {figures['artifact_bytes']} bytes (model {figures['model_bytes']} + code "
+                        f"{figures['code_bytes']}) > limit {ARTIFACT_LIMIT_BYTES}: raise MATRIX_CLIP_SIGMAS (now "
+                        f"{hp.matrix_clip_sigmas}) or MUON_WD; kept as {artifact}")
+    dctx.barrier()
+    qstate, meta = read_artifact(artifact)  # every phase scores the model reloaded from the file
+    scores = evaluator.score(artifact_model(qstate, meta, artifact, dctx.device, attention), meta["train_seq_len"])
+    return scores | figures | dict(prequant_val_bpb=prequant[1], quant_gap_bpb=scores["roundtrip_val_bpb"] - prequant[1],
+                                   steps=result["steps"], train_seconds=result["train_ms"] / 1000,
+                                   stop_reason=result["stop_reason"])
+
+
+def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
+    """EVAL_ONLY: score an existing artifact; its model config (and vocab) come from the artifact."""
+    path = Path(hp.eval_only)
+    qstate, meta = read_artifact(path)
+    vocab = meta.get("model", {}).get("vocab_size", hp.vocab_size)
+    try:
+        evaluator, tokenizer_sha = load_evaluator(hp, dctx, log, vocab)
+    except UserError as e:
+        raise UserError(f"artifact {path} (vocab {vocab}): {e}") from None
+    check_artifact_tokenizer(meta, path, tokenizer_sha, hp.tokenizer_path)
+    if "tokenizer_sha256" not in meta:
+        log("warning:artifact_records_no_tokenizer (written before artifacts did): make sure TOKENIZER_PATH is the one "
+            "it was trained with")
+    attn_name, attention = select_attention(hp.attn_backend, dctx.device)
+    log(f"attention:{attn_name}")
+    scores = evaluator.score(artifact_model(qstate, meta, path, dctx.device, attention), meta["train_seq_len"])
+    size = path.stat().st_size
+    return scores | dict(model_bytes=size, code_bytes=len(code), artifact_bytes=size + len(code))
+
+
+def run(hp: Hyperparameters) -> dict:
+    t_start = time.perf_counter()
+    dctx = setup_distributed(hp)
+    torch.manual_seed(hp.seed)
+    np.random.seed(hp.seed)
+    code = Path(__file__).read_bytes()
+    run_id = dctx.broadcast_object(hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}_seed{hp.seed}")
+    log = RunLog(Path(hp.log_dir) / f"{run_id}.txt" if dctx.is_main else None)
+    for w in hp.warnings:  # first, where they are seen
+        log(f"warning:{w}")
+    for line in describe_environment(hp, dctx, code):
+        log(line)
+    log(f"run_id:{run_id}")
+    try:
+        summary = score_only(hp, dctx, log, code) if hp.eval_only else train_and_score(hp, dctx, log, code, run_id)
+        summary["total_seconds"] = time.perf_counter() - t_start
+        for k, v in summary.items():
+            log(f"{k}:{v:.8f}" if isinstance(v, float) else f"{k}:{v}")
+        for w in hp.warnings:  # and again in the final block
+            log(f"warning:{w}")
+        dctx.barrier()  # no rank tears the group down while another still uses it
+        if dctx.enabled:
+            dist.destroy_process_group()
+        return summary
+    except BaseException as e:  # the log keeps what happened; main() prints it and exits non-zero
+        log(f"error:{e}" if isinstance(e, UserError) else f"error:{type(e).__name__}: {e}")
+        raise
+
+
+USAGE = """usage: [torchrun --standalone --nproc_per_node=N] train_gpt.py [--help]
+
+Trains, quantizes and scores a model; configured by environment variables only:
+"""
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv == ["--help-env"]:
-        print(knob_reference())
+    if argv and argv[0] in ("-h", "--help", "--help-env"):
+        print(knob_reference() if argv[0] == "--help-env" else USAGE + "\n" + knob_reference())
         return 0
+    if argv:
+        print(f"error: unknown argument {argv[0]!r}: train_gpt.py is configured by environment variables "
+              "(--help lists them)", file=sys.stderr)
+        return 2
+
     def interrupt(signum, _frame):
         raise Interrupted(signum)
 
@@ -2230,13 +2152,286 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = e.exit_code
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1") if os.environ.get("WORLD_SIZE", "1").isdigit() else 1) > 1:
         # The run is complete and its files are written; gloo (torch 2.13) intermittently aborts
         # in its thread teardown at interpreter exit, which would turn success into SIGABRT.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+# -----------------------------------------------------------------------------------------
+# Fast paths
+# Custom kernels behind the model's math: the XSA op (a Triton kernel each way on CUDA, the
+# torch formula elsewhere) and the attention kernels the model can be given. Each is tested
+# against its reference (xsa_reference, causal_attention) in tests/test_model.py.
+# -----------------------------------------------------------------------------------------
+
+# XSA as the custom op train_gpt::xsa with a written-out backward: on CUDA one Triton kernel each
+# way reads y (and the gradient) once, 1.74 ms per step for 11 layers on an H200 (forward 0.65,
+# backward 1.09; bench/profile_step.py). Autograd of the normalize-then-project formula took five
+# kernels (5.2 ms/step on an H100), and this formula as an autograd.Function under inductor still
+# four, and was slower in the step.
+
+def xsa_backward_reference(grad: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # out_g = y_g - c_g v with c_g = (y_g.v) r, r = 1/(v.v); with a_g = (grad_g.v) r:
+    # d y_g = grad_g - a_g v;  d v = -sum_g (a_g y_g + c_g grad_g) + 2 (sum_g a_g c_g) v
+    # (the last term is the derivative of r, zero where v.v was clamped).
+    vf = _wide(v)
+    n2, r, (c, a) = _xsa_dots(y, vf, grad)
+    G = y.size(-2)
+    dy = torch.stack([_wide(grad[..., g, :]) - a[g] * vf for g in range(G)], dim=-2)
+    dv = -sum(a[g] * _wide(y[..., g, :]) + c[g] * _wide(grad[..., g, :]) for g in range(G))
+    dv = dv + 2 * (n2 > XSA_EPS) * sum(a[g] * c[g] for g in range(G)) * vf
+    return dy.to(y.dtype), dv.to(v.dtype)
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: XSA runs the torch formula
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _xsa_rows(V, n_rows, v_token_stride, HKV: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr,
+                  EPS: tl.constexpr):
+        """This program's BLOCK rows (one row = one (token, KV head)): their indices, the live mask,
+        the head-dim offsets, v in float32, v.v and 1/max(v.v, EPS)."""
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        live = rows[:, None] < n_rows
+        d = tl.arange(0, HD)[None, :]
+        v = tl.load(V + (rows // HKV)[:, None] * v_token_stride + (rows % HKV)[:, None] * HD + d,
+                    mask=live, other=0.0).to(tl.float32)
+        n2 = tl.sum(v * v, axis=1)
+        return rows, live, d, v, n2, 1.0 / tl.maximum(n2, EPS)
+
+    @triton.jit
+    def _xsa_fwd_kernel(Y, V, O, n_rows, v_token_stride, HKV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr,
+                        BLOCK: tl.constexpr, EPS: tl.constexpr):
+        rows, live, d, v, n2, r = _xsa_rows(V, n_rows, v_token_stride, HKV, HD, BLOCK, EPS)
+        for g in tl.static_range(G):
+            at = (rows[:, None] * G + g) * HD + d
+            y = tl.load(Y + at, mask=live, other=0.0).to(tl.float32)
+            c = tl.sum(y * v, axis=1) * r
+            tl.store(O + at, (y - c[:, None] * v).to(O.dtype.element_ty), mask=live)
+
+    @triton.jit
+    def _xsa_bwd_kernel(GR, Y, V, DY, DV, n_rows, v_token_stride, HKV: tl.constexpr, G: tl.constexpr,
+                        HD: tl.constexpr, BLOCK: tl.constexpr, EPS: tl.constexpr):
+        rows, live, d, v, n2, r = _xsa_rows(V, n_rows, v_token_stride, HKV, HD, BLOCK, EPS)
+        dv = tl.zeros((BLOCK, HD), dtype=tl.float32)
+        ac = tl.zeros((BLOCK,), dtype=tl.float32)
+        for g in tl.static_range(G):
+            at = (rows[:, None] * G + g) * HD + d
+            y = tl.load(Y + at, mask=live, other=0.0).to(tl.float32)
+            gr = tl.load(GR + at, mask=live, other=0.0).to(tl.float32)
+            c = tl.sum(y * v, axis=1) * r
+            a = tl.sum(gr * v, axis=1) * r
+            tl.store(DY + at, (gr - a[:, None] * v).to(DY.dtype.element_ty), mask=live)
+            dv += a[:, None] * y + c[:, None] * gr
+            ac += a * c
+        dv = 2.0 * tl.where(n2 > EPS, ac, 0.0)[:, None] * v - dv
+        tl.store(DV + rows[:, None] * HD + d, dv.to(DV.dtype.element_ty), mask=live)
+
+
+XSA_BLOCK_ROWS = 32
+
+
+def _xsa_kernel_args(y: torch.Tensor, v: torch.Tensor):
+    """(y contiguous, v with its head_dim and head strides packed, v's per-token stride, grid, consts),
+    or None where the torch formula runs instead (CPU, no Triton, float64, other layouts)."""
+    B, T, Hkv, G, hd = y.shape
+    if triton is None or not y.is_cuda or y.dtype == torch.float64 or hd & (hd - 1):
+        return None
+    if not (v.stride(-1) == 1 and v.stride(-2) == hd and v.stride(0) == T * v.stride(1)):
+        v = v.contiguous()
+    rows = B * T * Hkv
+    return (y.contiguous(), v, v.stride(1), (triton.cdiv(rows, XSA_BLOCK_ROWS),),
+            dict(HKV=Hkv, G=G, HD=hd, BLOCK=XSA_BLOCK_ROWS, EPS=XSA_EPS), rows)
+
+
+@torch.library.custom_op("train_gpt::xsa", mutates_args=())
+def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA of y [B,T,Hkv,G,hd] against v [B,T,Hkv,hd] (see above); differentiable in y and v."""
+    args = _xsa_kernel_args(y, v)
+    if args is None:
+        return xsa_reference(y, v)
+    yc, vc, v_stride, grid, consts, rows = args
+    out = torch.empty_like(yc)
+    _xsa_fwd_kernel[grid](yc, vc, out, rows, v_stride, **consts)
+    return out
+
+
+@xsa.register_fake
+def _(y, v):
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device)
+
+
+@torch.library.custom_op("train_gpt::xsa_backward", mutates_args=())
+def xsa_backward(grad: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    args = _xsa_kernel_args(y, v)
+    if args is None:
+        return xsa_backward_reference(grad, y, v)
+    yc, vc, v_stride, grid, consts, rows = args
+    dy, dv = torch.empty_like(yc), torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    _xsa_bwd_kernel[grid](grad.contiguous(), yc, vc, dy, dv, rows, v_stride, **consts)
+    return dy, dv
+
+
+@xsa_backward.register_fake
+def _(grad, y, v):
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device), torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+
+def _xsa_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _xsa_backward(ctx, grad):
+    return xsa_backward(grad, *ctx.saved_tensors)
+
+
+xsa.register_autograd(_xsa_backward, setup_context=_xsa_setup_context)
+
+
+
+# Attention kernels. Each takes q [B,T,H,hd] and k, v [B,T,Hkv,hd] and returns causal attention
+# [B,T,H,hd]. FlashAttention 3 / 2 take GQA natively. An SDPA kernel is pinned with sdpa_kernel()
+# around the call: torch.compile records that in the graph, so a compiled graph cached on disk
+# under another kernel is not reused (global backend flags are not part of the cache key). The
+# math kernel stays allowed as the fallback for shapes the pinned one rejects; kernels without
+# GQA support get K/V repeated to the query heads.
+
+FLASH_KERNELS = {"fa4": "flash-attention 4 (flash_attn.cute)",
+                 "fa3": "flash-attention 3 (flash_attn_interface)", "fa2": "flash-attention 2 (flash_attn)"}
+SDPA_KERNELS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
+                "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
+
+
+def sdpa_attention(kernel: str | None = None, expand_kv: bool = False, fallback: bool = True):
+    """SDPA pinned to `kernel` (plus math if fallback); None = torch's own choice."""
+    SDPBackend = torch.nn.attention.SDPBackend
+    backends = None
+    if kernel is not None:
+        backends = [getattr(SDPBackend, SDPA_KERNELS[kernel])]
+        if fallback and kernel != "sdpa_math":
+            backends.append(SDPBackend.MATH)
+
+    def attend(q, k, v):
+        if expand_kv and k.size(2) != q.size(2):
+            k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
+        with torch.nn.attention.sdpa_kernel(backends) if backends else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=k.size(2) != q.size(2))
+        return y.transpose(1, 2)
+    return attend
+
+
+def flash_attention(name: str):
+    """Causal attention of FlashAttention 4 (fa4), 3 (fa3) or 2 (fa2); None when the package is missing."""
+    try:
+        if name == "fa4":
+            return fa4_attention()
+        if name == "fa3":
+            from flash_attn_interface import flash_attn_func
+        else:
+            from flash_attn import flash_attn_func
+    except ImportError:
+        return None
+
+    def attend(q, k, v):
+        out = flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the LSE
+    return attend
+
+
+# FlashAttention 4 (package flash-attn-4: CuTe DSL kernels, JIT-built for Hopper and Blackwell) as a
+# torch custom op with its own backward, so torch.compile keeps it inside one graph (FA4's autograd
+# Function is not traceable). The ops call FA4's forward/backward entry points, a private API checked
+# against flash-attn-4 4.0.0b36 (torch 2.11's own FA4 registration for SDPA does not match that release).
+
+@torch.library.custom_op("train_gpt::fa4_causal", mutates_args=())
+def fa4_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B,T,H,hd], lse [B,H,T] float32) of causal attention; K/V may have fewer heads (GQA)."""
+    from flash_attn.cute import interface as fa4
+    out, lse = fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
+    return out, lse
+
+
+@fa4_causal.register_fake
+def _(q, k, v):
+    B, T, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("train_gpt::fa4_causal_backward", mutates_args=())
+def fa4_causal_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute import interface as fa4
+    dq, dk, dv = fa4._flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
+    return dq, dk, dv
+
+
+@fa4_causal_backward.register_fake
+def _(dout, q, k, v, out, lse):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _fa4_backward(ctx, dout, _dlse):
+    return fa4_causal_backward(dout.contiguous(), *ctx.saved_tensors)
+
+
+fa4_causal.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
+
+
+def fa4_attention():
+    """attend() over fa4_causal; ImportError when flash-attn-4 is missing."""
+    import flash_attn.cute.interface  # noqa: F401
+    return lambda q, k, v: fa4_causal(q.contiguous(), k.contiguous(), v.contiguous())[0]
+
+
+def select_attention(choice: str, device: torch.device) -> tuple[str, object]:
+    """(name, attention function) for ATTN_BACKEND: a named kernel as asked (an error if it cannot
+    load); `auto` on CUDA takes the first of FlashAttention 4, FlashAttention 3 and cuDNN SDPA that
+    imports and runs a small causal call, a static order (bench/attention.py measures them); on
+    CPU, and for `sdpa`, SDPA with torch's own kernel choice."""
+    if choice in FLASH_KERNELS:
+        try:
+            attend = flash_attention(choice) if device.type == "cuda" else None
+        except Exception as e:  # an installed but broken package (CUDA toolkit flavour, driver, JIT)
+            raise UserError(f"env ATTN_BACKEND={choice}: {FLASH_KERNELS[choice]} failed to load: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from e
+        if attend is None:
+            raise UserError(f"env ATTN_BACKEND={choice}: {FLASH_KERNELS[choice]} is not importable on "
+                            f"{device.type} (use auto or sdpa)")
+        return choice, attend
+    if choice in SDPA_KERNELS:
+        return choice, sdpa_attention(choice, expand_kv=choice == "sdpa_efficient")
+    if choice == "sdpa" or device.type != "cuda":
+        return "sdpa", causal_attention
+    for name in ("fa4", "fa3"):
+        if (attend := runs_on(device, lambda: flash_attention(name))) is not None:
+            return name, attend
+    return "sdpa_cudnn", sdpa_attention("sdpa_cudnn")
+
+
+def runs_on(device: torch.device, make):
+    """make()'s attention if it imports and runs one small causal call on `device`, else None: optional
+    packages fail in their own ways (a missing CUDA toolkit flavour at import, a JIT error at first call)."""
+    try:
+        attend = make()
+        if attend is not None:
+            q = torch.randn(1, 128, 2, 64, device=device, dtype=torch.bfloat16)
+            attend(q, q[:, :, :1], q[:, :, :1])
+        return attend
+    except Exception:
+        return None
 
 
 if __name__ == "__main__":

@@ -68,16 +68,16 @@ def main(argv=None) -> int:
     apply_inductor_options(args.inductor)
     hp = train_gpt.Hyperparameters({"TRAIN_BATCH_TOKENS": "98304"} | dict(kv.split("=", 1) for kv in args.set))
     dctx = train_gpt.setup_distributed(hp)
-    trainer, attention = build_trainer(hp, dctx, args.looped, args.data)
+    trainer, attention = build_trainer(hp, dctx, args.data)
     for _ in range(args.warmup):
-        trainer.step(0, 1.0)
+        trainer.step(0, 1.0, args.looped)
     train_gpt.synchronize(dctx.device)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                     if dctx.device.type == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            trainer.step(0, 1.0)
+            trainer.step(0, 1.0, args.looped)
         train_gpt.synchronize(dctx.device)
         step_ms = 1000 * (time.perf_counter() - t0) / args.steps
     totals, calls, spans = kernel_times(prof, args.steps)

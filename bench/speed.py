@@ -73,14 +73,12 @@ def apply_inductor_options(options: list[str]):
         setattr(target, attr, ast.literal_eval(value))
 
 
-def build_trainer(hp, dctx, looped: bool, data: str = ""):
+def build_trainer(hp, dctx, data: str = ""):
     """Model (with the attention kernel ATTN_BACKEND selects) and Trainer on random tokens, or on the
     train shards in `data`."""
     torch.manual_seed(0)
-    model = train_gpt.GPT(train_gpt.ModelConfig.from_hparams(hp)).to(dctx.device)
-    model.looped = looped
-    attention, model.attend, _ = train_gpt.select_attention(
-        hp.attn_backend, dctx.device, train_gpt.train_attention_shape(hp, dctx.world_size, dctx.device))
+    attention, attend = train_gpt.select_attention(hp.attn_backend, dctx.device)
+    model = train_gpt.GPT(hp.model_config(), attend).to(dctx.device)
     trainer = train_gpt.Trainer(hp, dctx, model)
     trainer.stream = (train_gpt.TrainStream(train_gpt.shard_files(data, "train"), hp.train_seq_len, hp.seed,
                                             hp.vocab_size) if data else RandomStream(hp.vocab_size, hp.train_seq_len))
@@ -94,23 +92,23 @@ def bench(name: str, overrides: dict, looped: bool, args) -> str:
     torch._dynamo.reset()
     hp = train_gpt.Hyperparameters(overrides)
     dctx = train_gpt.setup_distributed(hp)
-    trainer, attention = build_trainer(hp, dctx, looped, args.data)
+    trainer, attention = build_trainer(hp, dctx, args.data)
     model = trainer.model
     for _ in range(args.warmup):
-        trainer.step(0, 1.0)
+        trainer.step(0, 1.0, looped)
     if dctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     train_gpt.synchronize(dctx.device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        trainer.step(0, 1.0)
+        trainer.step(0, 1.0, looped)
     train_gpt.synchronize(dctx.device)
     ms = 1000 * (time.perf_counter() - t0) / args.steps
     tok_s = hp.train_batch_tokens / ms * 1000
     # The same steps as train_gpt's loop runs them: each loss read one step late (PendingScalar).
     t0, queued = time.perf_counter(), None
     for _ in range(args.steps):
-        loss = train_gpt.PendingScalar(trainer.step(0, 1.0))
+        loss = train_gpt.PendingScalar(trainer.step(0, 1.0, looped))
         if queued is not None:
             queued.read()
         queued = loss
@@ -122,7 +120,7 @@ def bench(name: str, overrides: dict, looped: bool, args) -> str:
     for _ in range(5):
         train_gpt.synchronize(dctx.device)
         t1 = time.perf_counter()
-        trainer.step(0, 1.0)
+        trainer.step(0, 1.0, looped)
         host.append(time.perf_counter() - t1)
     train_gpt.synchronize(dctx.device)
     host_ms = 1000 * sorted(host)[len(host) // 2]
@@ -131,13 +129,13 @@ def bench(name: str, overrides: dict, looped: bool, args) -> str:
     val = np.random.default_rng(1).integers(0, hp.vocab_size, size=args.eval_tokens + 1).astype(np.uint16)
     lut = train_gpt.ByteLUT(torch.ones(hp.vocab_size, dtype=torch.int32), torch.zeros(hp.vocab_size, dtype=torch.bool),
                             torch.zeros(hp.vocab_size, dtype=torch.bool)).to(dctx.device)
-    stride = hp.eval_stride or hp.eval_seq_len
+    phase = train_gpt.Phase("sliding", hp.eval_seq_len, hp.eval_stride or hp.eval_seq_len)
     # Warm-up on a short prefix: builds kernel plans and, with EVAL_COMPILE on, the compiled graph
     # (reused by later calls on the same model), so the timing below is the steady-state rate.
-    train_gpt.eval_tokens(model, val[:2 * hp.eval_seq_len + 1], lut, dctx, hp, hp.eval_seq_len, stride)
+    train_gpt.eval_tokens(model, val[:2 * hp.eval_seq_len + 1], lut, dctx, hp, phase)
     train_gpt.synchronize(dctx.device)
     t0 = time.perf_counter()
-    train_gpt.eval_tokens(model, val, lut, dctx, hp, hp.eval_seq_len, stride)
+    train_gpt.eval_tokens(model, val, lut, dctx, hp, phase)
     train_gpt.synchronize(dctx.device)
     eval_tok_s = args.eval_tokens / (time.perf_counter() - t0)
     line = (f"config:{name} looped:{int(looped)} attention:{attention} ms_step:{ms:.2f} ms_step_read:{ms_read:.2f} "

@@ -14,7 +14,7 @@ import train_gpt  # noqa: E402
 hp = train_gpt.Hyperparameters()
 dctx = train_gpt.setup_distributed(hp)
 torch.manual_seed(hp.seed)
-model = train_gpt.GPT(train_gpt.ModelConfig.from_hparams(hp))
+model = train_gpt.GPT(hp.model_config())
 trainer = train_gpt.Trainer(hp, dctx, model)
 trainer.reset_stream(train_gpt.shard_files(hp.data_path, "train"))
 clipped = []
@@ -27,7 +27,7 @@ def spy_mul(tensors, scale):  # record whether gradient clipping actually scaled
 
 
 torch._foreach_mul_ = spy_mul
-losses = [trainer.step(s, 1.0).item() for s in range(hp.iterations)]
+losses = [trainer.step(s, 1.0, False).item() for s in range(hp.iterations)]
 if dctx.is_main:
     torch.save(dict(losses=losses, accum=trainer.accum, state=model.state_dict(), clipped=any(clipped)),
                sys.argv[1])

@@ -9,6 +9,12 @@ import torch
 import train_gpt
 from test_model import randomized, small_cfg
 
+Phase = train_gpt.Phase
+
+
+def phase(ttt=False, slot="off"):
+    return Phase("test", 32, 8, ttt=ttt, slot=slot)
+
 EVAL_ENV = dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="64",
                 TTT_BATCH_SEQS="2", TTT_EPOCHS="2", TTT_LR="0.05", SLOT_STEPS="3", SLOT_LR="0.1")
 
@@ -45,7 +51,7 @@ def test_even_batches_cover_in_order_without_singletons(n, size):
 
 def test_sliding_scores_match_direct_forward():
     hp, model, tokens, lut = setup()
-    scores = train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, 32, 8)
+    scores = train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, phase())
     assert (scores.count == 1).all()
     # target t = 200 is scored by the window ending at the first end >= 200, with its 32 tokens
     ends = train_gpt.window_ends(len(tokens), 32, 8)
@@ -53,29 +59,29 @@ def test_sliding_scores_match_direct_forward():
     x = torch.from_numpy(tokens[e - 32:e].astype(np.int64))[None]
     y = torch.from_numpy(tokens[e - 31:e + 1].astype(np.int64))[None]
     with torch.no_grad():
-        direct = model(x, y)[0, 200 - (e - 31)].item()
+        direct = model(x, y, looped=True)[0, 200 - (e - 31)].item()
     assert abs(scores.nll[199].item() - direct) < 1e-5
 
 
 @pytest.mark.parametrize("ttt,slot", [(False, "off"), (True, "off"), (False, "context"), (True, "context")])
 def test_legal_modes_pass_the_future_perturbation_check(ttt, slot):
     hp, model, tokens, lut = setup()
-    assert train_gpt.legality_check(model, tokens, lut, train_gpt.Dist(), hp, ttt, slot)
+    assert train_gpt.legality_check(model, tokens, lut, train_gpt.Dist(), hp, phase(ttt, slot))
 
 
 def test_slot_full_fails_the_check():
     """SLOT=full fits on the targets it scores: the check must catch it."""
     hp, model, tokens, lut = setup()
-    assert not train_gpt.legality_check(model, tokens, lut, train_gpt.Dist(), hp, False, "full")
+    assert not train_gpt.legality_check(model, tokens, lut, train_gpt.Dist(), hp, phase(slot="full"))
 
 
 def test_ttt_and_slot_change_scores_only_where_allowed():
     hp, model, tokens, lut = setup()
-    base = train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, 32, 8).nll
-    ttt = train_gpt.eval_tokens(randomized(small_cfg()), tokens, lut, train_gpt.Dist(), hp, 32, 8, ttt=True).nll
+    base = train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, phase()).nll
+    ttt = train_gpt.eval_tokens(randomized(small_cfg()), tokens, lut, train_gpt.Dist(), hp, phase(ttt=True)).nll
     assert torch.equal(base[:64], ttt[:64])  # chunk 0 is scored before any update
     assert not torch.allclose(base[64:], ttt[64:])  # later chunks see the adapted model
-    slot = train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, 32, 8, slot="context").nll
+    slot = train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, phase(slot="context")).nll
     assert torch.equal(base[:32], slot[:32])  # window 0 has no scored context: delta stays 0
     assert not torch.allclose(base[32:], slot[32:])
 
@@ -94,9 +100,10 @@ def test_ttt_freeze_blocks_keeps_frozen_layers():
     hp = train_gpt.Hyperparameters(EVAL_ENV | {"TTT_FREEZE_BLOCKS": "2"})
     _, model, tokens, lut = setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, 32, 8, ttt=True)
+    train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, phase(ttt=True))
     L = model.cfg.num_layers
-    assert torch.equal(before["qo_bank"][[0, 1, L, L + 1]], model.qo_bank[[0, 1, L, L + 1]])
+    rows = train_gpt.bank_rows("qo_bank", [0, 1], L)  # Q and output projection of layers 0-1
+    assert torch.equal(before["qo_bank"][rows], model.qo_bank[rows])
     assert torch.equal(before["mlp_down_bank"][:2], model.mlp_down_bank[:2])
     assert not torch.equal(before["mlp_down_bank"][2:], model.mlp_down_bank[2:])
 
@@ -120,18 +127,29 @@ def test_score_phases_logs_and_dumps(tmp_path):
 @pytest.mark.parametrize("mode,budget,runs_sliding", [("auto", 1e6, True), ("auto", 0.0, False),
                                                       ("1", 0.0, True), ("0", 1e6, False)])
 def test_sliding_reference_phase_follows_eval_budget(mode, budget, runs_sliding):
-    """With TTT on, the plain sliding phase is a reference only: `auto` drops it when it and TTT are
-    projected past EVAL_BUDGET_SECONDS; TTT still scores every target and is the final score."""
-    hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_SLIDING": mode, "EVAL_BUDGET_SECONDS": str(budget)})
+    """With TTT on, the plain sliding phase is a reference only and runs after TTT: `auto` abandons it
+    once its pace projects past the time left in EVAL_BUDGET_SECONDS; TTT still scores every target and
+    is the final score."""
+    hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_SLIDING": mode, "EVAL_BUDGET_SECONDS": str(budget),
+                                               "TTT_BUDGET_STOP": "0"})
     _, model, tokens, lut = setup()
     lines = []
     out = train_gpt.score_phases(model, 32, tokens, lut, train_gpt.Dist(), hp, lines.append)
     text = "\n".join(lines)
     assert ("sliding_val_bpb" in out) == runs_sliding
-    assert ("sliding:skipped projected_seconds:" in text) == (mode == "auto" and not runs_sliding)
-    assert "ttt_projected_seconds:" in text and out["final_val_bpb"] == out["ttt_val_bpb"]
-    if not runs_sliding and mode == "auto":
-        assert "warning:ttt_may_exceed_eval_budget" in text
+    assert ("sliding:abandoned after_chunk:2/8 " in text) == (mode == "auto" and not runs_sliding)
+    assert out["final_val_bpb"] == out["ttt_val_bpb"] and out["final_phase"] == "ttt"
+    phases = [line.split()[0] for line in lines if " val_bpb:" in line]
+    assert phases == ["roundtrip", "ttt"] + ["sliding"] * runs_sliding
+
+
+def test_plan_phases_orders_the_score_before_the_reference():
+    hp = train_gpt.Hyperparameters(EVAL_ENV | {"SLOT": "context"})
+    names = [(p.name, p.ttt, p.slot, p.reference) for p in train_gpt.plan_phases(hp, 16)]
+    assert names == [("roundtrip", False, "off", False), ("ttt", True, "off", False),
+                     ("slot_context", True, "context", False), ("sliding", False, "off", True)]
+    hp = train_gpt.Hyperparameters(EVAL_ENV | {"TTT_ENABLED": "0", "EVAL_SLIDING": "0"})
+    assert [(p.name, p.reference) for p in train_gpt.plan_phases(hp, 16)] == [("roundtrip", False), ("sliding", False)]
 
 
 def test_sliding_phase_runs_without_ttt_whatever_eval_sliding_says():
@@ -167,7 +185,7 @@ def test_compiled_eval_scores_like_eager():
         outs[flag] = []
         for ttt in (False, True):
             counters.clear()
-            outs[flag].append(train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, 32, 8, ttt=ttt).totals())
+            outs[flag].append(train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, phase(ttt)).totals())
             graphs.append(counters["stats"]["unique_graphs"])
     # one graph for both phases and every batch size (even_batches never makes a batch of one window,
     # which would be specialized: before it, the TTT phase compiled a second graph for a one-window remainder)
@@ -179,8 +197,8 @@ def test_compiled_eval_scores_like_eager():
 
 def test_ttt_projection_runs_the_remaining_steps_at_the_pace_since_chunk_0():
     # 10 chunks; chunk 4 scored 10 s in, 8 s after chunk 0 (4 steps: 2 s each); 5 steps left
-    assert train_gpt.ttt_projected_seconds(10.0, 8.0, 4, 10) == 20.0
-    assert train_gpt.ttt_projected_seconds(10.0, 8.0, 9, 10) == 10.0  # the last chunk: nothing left
+    assert train_gpt.projected_seconds(10.0, 8.0, 4, 10) == 20.0
+    assert train_gpt.projected_seconds(10.0, 8.0, 9, 10) == 10.0  # the last chunk: nothing left
 
 
 def test_ttt_stops_updating_when_its_pace_overruns_the_time_left():
@@ -195,7 +213,7 @@ def test_ttt_stops_updating_when_its_pace_overruns_the_time_left():
 
     def run(time_left):
         lines = []
-        out = train_gpt.eval_tokens(copy.deepcopy(model), tokens, lut, train_gpt.Dist(), hp, 32, 8, ttt=True,
+        out = train_gpt.eval_tokens(copy.deepcopy(model), tokens, lut, train_gpt.Dist(), hp, Phase("ttt", 32, 8, ttt=True),
                                     log=lines.append, time_left=time_left)
         return out.nll, [line for line in lines if line.startswith("ttt:updates_stopped")]
 
@@ -204,11 +222,9 @@ def test_ttt_stops_updating_when_its_pace_overruns_the_time_left():
     assert full_lines == [] and len(stop_lines) == 1
     assert stop_lines[0].startswith(f"ttt:updates_stopped after_chunk:2/{n_chunks} ")
     once = copy.deepcopy(model)
-    once.looped = True
-    once.eval()
     train_gpt.TTTUpdater(once, hp, train_gpt.Dist()).update(
         torch.from_numpy(tokens.astype(np.int64)), 0, 64, 0, n_chunks, torch.ones(n, dtype=torch.int32))
-    frozen = train_gpt.eval_tokens(once, tokens, lut, train_gpt.Dist(), hp, 32, 8).nll
+    frozen = train_gpt.eval_tokens(once, tokens, lut, train_gpt.Dist(), hp, phase()).nll
     # chunk c holds the windows whose previous end is in [64c, 64(c+1)): targets from index 128 on are chunks >= 2
     torch.testing.assert_close(stopped[:128], full[:128], rtol=0, atol=1e-6)
     torch.testing.assert_close(stopped[128:], frozen[128:], rtol=0, atol=1e-5)

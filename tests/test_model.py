@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import train_gpt
-from bench.fusions import plain_xsa
 
 
 def small_cfg(**kw) -> train_gpt.ModelConfig:
@@ -19,6 +18,12 @@ def small_cfg(**kw) -> train_gpt.ModelConfig:
     return train_gpt.ModelConfig(**base | kw)
 
 
+def plain_xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA as first written: y [B,T,Hkv,G,hd] minus its projection on the normalized v [B,T,Hkv,hd]."""
+    vn = torch.nn.functional.normalize(v, dim=-1).unsqueeze(-2)
+    return y - (y * vn).sum(-1, keepdim=True) * vn
+
+
 def randomized(cfg) -> train_gpt.GPT:
     """A model with every parameter random (zero-init projections would hide leaks)."""
     torch.manual_seed(0)
@@ -26,7 +31,7 @@ def randomized(cfg) -> train_gpt.GPT:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
-    return model.eval()
+    return model
 
 
 @pytest.mark.parametrize("looped", [False, True])
@@ -34,13 +39,12 @@ def randomized(cfg) -> train_gpt.GPT:
                                                skip_gates=False, ln_scale=False, rope_dims=0)])
 def test_causal(looped, features):
     model = randomized(small_cfg(**features))
-    model.looped = looped
     x = torch.randint(0, 64, (2, 24))
     t = 11
     y = x.clone()
     y[:, t + 1:] = torch.randint(0, 64, (2, 24 - t - 1))
     with torch.no_grad():
-        hx, hy = model.hidden(x), model.hidden(y)
+        hx, hy = model.hidden(x, looped), model.hidden(y, looped)
     assert torch.equal(hx[:, :t + 1], hy[:, :t + 1])
     assert not torch.allclose(hx[:, t + 1:], hy[:, t + 1:])  # the change is visible downstream
 
@@ -61,16 +65,16 @@ def test_xsa_removes_own_value_component():
     real_linear = torch.nn.functional.linear
 
     def spy(x, w, *a):
-        if w.data_ptr() == model.qo_bank[cfg.num_layers + 5].data_ptr():
+        if w.data_ptr() == model.w("o", 5).data_ptr():
             captured["y"] = x
-        if w.data_ptr() == model.kv_bank[cfg.num_layers + 5].data_ptr():
+        if w.data_ptr() == model.w("v", 5).data_ptr():
             captured["v"] = real_linear(x, w, *a)
         return real_linear(x, w, *a)
 
     torch.nn.functional.linear = spy
     try:
         with torch.no_grad():
-            model.hidden(torch.randint(0, 64, (2, 16)))
+            model.hidden(torch.randint(0, 64, (2, 16)), looped=False)
     finally:
         torch.nn.functional.linear = real_linear
     B, T = 2, 16
@@ -164,20 +168,20 @@ def test_attention_matches_the_plain_composition():
     cfg = small_cfg(num_loops=0)
     model = randomized(cfg)
     F = torch.nn.functional
-    B, T, L, H, Hkv, hd, i = 2, 12, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 5
+    B, T, H, Hkv, hd, i = 2, 12, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 5
     x = torch.randn(B, T, cfg.model_dim)
     freqs = torch.outer(torch.arange(T, dtype=torch.float32), model.inv_freq)
     cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
     with torch.no_grad():
-        got = model._attention(i, x, cos, sin)
-        q = F.linear(x, model.qo_bank[i]).view(B, T, H, hd)
-        k = F.linear(x, model.kv_bank[i]).view(B, T, Hkv, hd)
-        v = F.linear(x, model.kv_bank[L + i]).view(B, T, Hkv, hd)
+        got = model._attention(i, x, cos, sin, None)
+        q = F.linear(x, model.w("q", i)).view(B, T, H, hd)
+        k = F.linear(x, model.w("k", i)).view(B, T, Hkv, hd)
+        v = F.linear(x, model.w("v", i)).view(B, T, Hkv, hd)
         norm = lambda t: F.rms_norm(t, (hd,))  # noqa: E731
         q = train_gpt.apply_rope(norm(q), cos, sin, cfg.rope_dims) * model.q_gain[i][:, None]
         k = train_gpt.apply_rope(norm(k), cos, sin, cfg.rope_dims)
         y = plain_xsa(reference_attention(q, k, v).reshape(B, T, Hkv, H // Hkv, hd), v).reshape(B, T, H * hd)
-        want = F.linear(y, model.qo_bank[L + i])
+        want = F.linear(y, model.w("o", i))
     assert torch.allclose(got, want, atol=1e-5)
 
 
@@ -204,12 +208,12 @@ def plain_baseline_nll(model, idx, targets):
             x = x + model.skip_weights[i - L // 2] * skips.pop()
         x = model.resid_mix[i, 0] * x + model.resid_mix[i, 1] * x0
         h = norm(x)
-        q = rope(norm((h @ model.qo_bank[i].T).view(B, T, H, hd))) * model.q_gain[i][:, None]
-        k = rope(norm((h @ model.kv_bank[i].T).view(B, T, Hkv, hd)))
-        v = (h @ model.kv_bank[L + i].T).view(B, T, Hkv, hd)
+        q = rope(norm((h @ model.w("q", i).T).view(B, T, H, hd))) * model.q_gain[i][:, None]
+        k = rope(norm((h @ model.w("k", i).T).view(B, T, Hkv, hd)))
+        v = (h @ model.w("v", i).T).view(B, T, Hkv, hd)
         y = reference_attention(q, k, v)
-        x = x + model.attn_scale[i] * (y.reshape(B, T, H * hd) @ model.qo_bank[L + i].T)
-        x = x + model.mlp_scale[i] * (torch.relu(norm(x) @ model.mlp_up_bank[i].T).square() @ model.mlp_down_bank[i].T)
+        x = x + model.attn_scale[i] * (y.reshape(B, T, H * hd) @ model.w("o", i).T)
+        x = x + model.mlp_scale[i] * (torch.relu(norm(x) @ model.w("up", i).T).square() @ model.w("down", i).T)
         if i < L // 2:
             skips.append(x)
     logits = norm(x) @ model.tok_emb.weight.T
@@ -226,11 +230,11 @@ def test_features_off_is_the_plain_baseline_forward():
     x, t = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     with torch.no_grad():
         ref = plain_baseline_nll(model, x, t)
-        assert torch.allclose(model(x, t), ref, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(model(x, t, looped=False), ref, atol=1e-5, rtol=1e-5)
         for feature in (dict(xsa_last_n=2), dict(parallel_residual_start=3), dict(ln_scale=True),
                         dict(rope_dims=4), dict(mlp_leaky_slope=0.5)):
             on = randomized(small_cfg(**off | feature))  # the same weights (same seed and shapes)
-            assert not torch.allclose(on(x, t), ref, atol=1e-3), feature
+            assert not torch.allclose(on(x, t, looped=False), ref, atol=1e-3), feature
 
 
 @pytest.mark.parametrize("schedule,lo,hi", [("quintic", 0.6, 1.25), ("polar", 0.8, 1.2)])
@@ -295,8 +299,8 @@ def plain_softcap_nll(logits, targets, cap):
 def test_forward_returns_per_token_nll():
     model = randomized(small_cfg())
     x = torch.randint(0, 64, (2, 8))
-    nll = model(x, x)
-    logits = torch.nn.functional.linear(model.hidden(x), model.tok_emb.weight)
+    nll = model(x, x, looped=True)
+    logits = torch.nn.functional.linear(model.hidden(x, looped=True), model.tok_emb.weight)
     ref = plain_softcap_nll(logits.view(-1, 64), x.view(-1), 30.0).view(2, 8)
     assert nll.shape == (2, 8) and torch.allclose(nll, ref, atol=1e-5)
 
@@ -334,12 +338,11 @@ def test_residual_dtype_under_bf16_autocast():
     out = {}
     for dtype in ("float32", "bfloat16"):
         model = randomized(small_cfg(residual_dtype=dtype))
-        model.looped = True
         with torch.no_grad():
-            plain = model.hidden(x)
+            plain = model.hidden(x, looped=True)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 assert model.residual_dtype(x.device) == getattr(torch, dtype)
-                out[dtype] = model.hidden(x)
+                out[dtype] = model.hidden(x, looped=True)
         assert plain.dtype == torch.float32
         out[dtype + "_plain"] = plain
     assert torch.equal(out["float32_plain"], out["bfloat16_plain"])
@@ -494,51 +497,86 @@ def test_pinned_sdpa_kernel_is_part_of_the_compiled_graph():
     assert "MATH" in entered["sdpa_math"]
 
 
-def test_auto_attention_takes_the_fastest_and_survives_broken_packages(monkeypatch):
-    """select_attention on CUDA with the kernels and their timings faked (no GPU needed): the fastest
-    candidate wins, an SDPA kernel without GQA is retried with K/V expanded, and an optional package
-    that raises at import (FA4 without its CUDA toolkit flavour) drops out as failed: under auto, and
-    as a one-line UserError when asked for by name."""
-    if importlib.util.find_spec("flash_attn") or importlib.util.find_spec("flash_attn_interface"):
-        pytest.skip("a flash-attention package is installed here")
-    cuda, shape = torch.device("cuda"), (48, 2048, 8, 4, 64)
-    ms = {("sdpa_cudnn", False): 2.5, ("sdpa_flash", False): 3.5, ("sdpa_efficient", True): 7.7}
+def test_auto_attention_is_a_static_choice_by_availability(monkeypatch):
+    """select_attention on CUDA with the kernels faked (no GPU needed), nothing timed: auto takes FA4
+    where it imports and runs a small call, else FA3, else cuDNN SDPA; a package that raises at import
+    (FA4 without its CUDA toolkit flavour) or at its first call is passed over under auto, and is a
+    one-line UserError when asked for by name."""
+    cuda = torch.device("cuda")
     monkeypatch.setattr(train_gpt, "sdpa_attention", lambda kernel=None, expand_kv=False, fallback=True:
                         (kernel, expand_kv))
+    available = {}
+    monkeypatch.setattr(train_gpt, "flash_attention", lambda name: available.get(name))
+    monkeypatch.setattr(train_gpt, "runs_on", lambda device, make: make())
+    assert train_gpt.select_attention("auto", cuda) == ("sdpa_cudnn", ("sdpa_cudnn", False))
+    available["fa3"] = "fa3_fn"
+    assert train_gpt.select_attention("auto", cuda) == ("fa3", "fa3_fn")
+    available["fa4"] = "fa4_fn"
+    assert train_gpt.select_attention("auto", cuda) == ("fa4", "fa4_fn")
+    assert train_gpt.select_attention("sdpa", cuda) == ("sdpa", train_gpt.causal_attention)
+    assert train_gpt.select_attention("sdpa_flash", cuda) == ("sdpa_flash", ("sdpa_flash", False))
 
-    def fake_time(attend, shape_, device):
-        if attend not in ms:
-            raise RuntimeError("No available kernel. Aborting execution.")
-        return ms[attend]
-    monkeypatch.setattr(train_gpt, "time_attention", fake_time)
-
-    def broken_fa4():
+    def broken(name):
         raise RuntimeError("No CTK flavor installed")
-    monkeypatch.setattr(train_gpt, "fa4_attention", broken_fa4)
-    name, attend, note = train_gpt.select_attention("auto", cuda, shape)
-    assert (name, attend) == ("sdpa_cudnn", ("sdpa_cudnn", False))
-    assert note == ("measured_ms:sdpa_cudnn=2.50,sdpa_flash=3.50,sdpa_efficient+expand_kv=7.70 "
-                    "failed:sdpa_efficient failed:fa4")
-    assert train_gpt.select_attention("sdpa", cuda, shape)[2] == note.replace(" failed:fa4", "")
+    monkeypatch.setattr(train_gpt, "flash_attention", broken)
     with pytest.raises(train_gpt.UserError, match="ATTN_BACKEND=fa4: .* failed to load: RuntimeError: No CTK"):
-        train_gpt.select_attention("fa4", cuda, shape)
+        train_gpt.select_attention("fa4", cuda)
 
-    ms[("fa4", False)] = 2.2  # FA4 importable and fastest
-    monkeypatch.setattr(train_gpt, "fa4_attention", lambda: ("fa4", False))
-    name, attend, note = train_gpt.select_attention("auto", cuda, shape)
-    assert (name, attend) == ("fa4", ("fa4", False)) and note.endswith("fa4=2.20 failed:sdpa_efficient")
+
+def test_runs_on_passes_over_kernels_that_fail():
+    """runs_on: an attention that imports but fails its first call (a JIT error) is None; one that runs is
+    returned; a missing package (None) stays None."""
+    cpu = torch.device("cpu")
+
+    def fails(q, k, v):
+        raise RuntimeError("JIT compilation failed")
+    assert train_gpt.runs_on(cpu, lambda: fails) is None
+    assert train_gpt.runs_on(cpu, lambda: None) is None
+    assert train_gpt.runs_on(cpu, lambda: train_gpt.causal_attention) is train_gpt.causal_attention
 
 
 def test_select_attention_on_cpu_and_bad_choice():
     cpu = torch.device("cpu")
-    name, attend, note = train_gpt.select_attention("auto", cpu, (1, 8, 4, 2, 8))
-    assert name == "sdpa" and note == ""
+    assert train_gpt.select_attention("auto", cpu) == ("sdpa", train_gpt.causal_attention)
     with pytest.raises(train_gpt.UserError, match="ATTN_BACKEND=fa3: flash-attention 3 .* is not importable"):
-        train_gpt.select_attention("fa3", cpu, (1, 8, 4, 2, 8))
-    name, attend, _ = train_gpt.select_attention("sdpa_math", cpu, (1, 8, 4, 2, 8))
+        train_gpt.select_attention("fa3", cpu)
+    name, attend = train_gpt.select_attention("sdpa_math", cpu)
     q = torch.randn(1, 8, 4, 8)
     assert name == "sdpa_math"
     torch.testing.assert_close(attend(q, q[:, :, :2], q[:, :, :2]), reference_attention(q, q[:, :, :2], q[:, :, :2]))
+
+
+def test_roles_name_the_bank_rows():
+    """The one statement of the bank layout: Q of layer i is qo_bank[i] and its output projection
+    qo_bank[L+i], K kv_bank[i] and V kv_bank[L+i]; the MLP matrices are their banks' row i. Frozen-layer
+    rows and Hessian keys follow the same table."""
+    cfg = small_cfg()
+    model, L = randomized(cfg), cfg.num_layers
+    expect = {"q": ("qo_bank", 2), "o": ("qo_bank", L + 2), "k": ("kv_bank", 2), "v": ("kv_bank", L + 2),
+              "up": ("mlp_up_bank", 2), "down": ("mlp_down_bank", 2)}
+    for role, (bank, row) in expect.items():
+        assert model.w(role, 2).data_ptr() == getattr(model, bank)[row].data_ptr(), role
+    assert train_gpt.bank_rows("qo_bank", [0, 1], L) == [0, 1, L, L + 1]
+    assert train_gpt.bank_rows("mlp_down_bank", [0, 1], L) == [0, 1]
+    assert train_gpt.hessian_keys("kv_bank", 2) == [("attn_in", 0), ("attn_in", 1), ("attn_in", 0), ("attn_in", 1)]
+    assert train_gpt.hessian_keys("qo_bank", 2) == [("attn_in", 0), ("attn_in", 1), ("attn_out", 0), ("attn_out", 1)]
+    assert train_gpt.hessian_keys("q_gain", 2) is None
+
+
+def test_hessian_recorder_sees_every_matrix_input():
+    """The tap records X^T X of each matrix input: every key hessian_keys asks for, summed over the
+    looped layers' visits; the forward without a tap is the same function."""
+    cfg = small_cfg()
+    model = randomized(cfg)
+    x = torch.randint(0, 64, (2, 8))
+    rec = train_gpt.HessianRecorder()
+    with torch.no_grad():
+        with_tap = model(x, x, looped=True, tap=rec)
+        assert torch.equal(with_tap, model(x, x, looped=True))
+    wanted = {k for name in train_gpt.BANKS + ("tok_emb.weight",) for k in train_gpt.hessian_keys(name, cfg.num_layers)}
+    assert set(rec.hessians) == wanted
+    h = model.hidden(x, looped=True).detach().reshape(-1, cfg.model_dim)
+    torch.testing.assert_close(rec.hessians[("head_in",)], h.T @ h)
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs PyTorch >= 2.9")

@@ -56,9 +56,9 @@ def test_quantize_state_routes_tensors():
     state = {"qo_bank": torch.randn(2 * L, 128, 128), "kv_bank": torch.randn(2 * L, 96, 128),
              "mlp_up_bank": torch.randn(L, 256, 128), "mlp_down_bank": torch.randn(L, 128, 256),
              "tok_emb.weight": torch.randn(1100, 128), "q_gain": torch.randn(L, 4)}
-    cols = {"attn": 128, "proj": 128, "up": 128, "down": 256}
+    cols = {"attn_in": 128, "attn_out": 128, "mlp_in": 128, "mlp_act": 256}
     hess = {(kind, i): correlated_hessian(c, 512, seed=i) for kind, c in cols.items() for i in range(L)}
-    hess[("head",)] = correlated_hessian(128, 512)
+    hess[("head_in",)] = correlated_hessian(128, 512)
     q = train_gpt.quantize_state(state, hess, L, 6, 12.85, 8, 20.0)
     assert {k: v["kind"] for k, v in q.items()} == {
         "qo_bank": "int6_rows", "kv_bank": "int6_rows", "mlp_up_bank": "int6_rows", "mlp_down_bank": "int6_rows",
@@ -67,15 +67,16 @@ def test_quantize_state_routes_tensors():
     deq = train_gpt.dequantize_state(q)
     assert all(deq[k].shape == state[k].shape for k in state)
     # the banks were quantized with their own layer's Hessian: equal to quantizing that slice alone
-    alone, _ = train_gpt.gptq_quantize(state["kv_bank"][L + 1], hess[("attn", 1)], 6, 12.85)
-    assert torch.equal(alone, q["kv_bank"]["q"][L + 1])
+    row = train_gpt.bank_rows("kv_bank", [1], L)[1]  # V of layer 1
+    alone, _ = train_gpt.gptq_quantize(state["kv_bank"][row], hess[("attn_in", 1)], 6, 12.85)
+    assert torch.equal(alone, q["kv_bank"]["q"][row])
 
 
 def test_clip_search_lands_under_the_cap(monkeypatch):
     """Shrink the cap below the first try: the search must raise the clip until the blob fits, and
     the returned blob is the smallest-clip one that fits."""
     torch.manual_seed(0)
-    cfg = train_gpt.ModelConfig(vocab_size=256, num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2, mlp_mult=2,
+    cfg = train_gpt.ModelConfig(vocab_size=256, num_layers=2, model_dim=192, num_heads=4, num_kv_heads=2, mlp_mult=2,
                                 mlp_leaky_slope=0.5, rope_base=1e4, rope_dims=0, logit_softcap=30.0, qk_gain_init=1.0,
                                 tied_embed_init_std=0.5, ln_scale=True, skip_gates=True, xsa_last_n=0, num_loops=0,
                                 loop_start=0, loop_end=0, parallel_residual_start=-1)
@@ -84,7 +85,8 @@ def test_clip_search_lands_under_the_cap(monkeypatch):
     hp = train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "0"})
     first, k0 = train_gpt.quantize_within_budget(state, {}, cfg, hp, 0, lines.append)
     monkeypatch.setattr(train_gpt, "ARTIFACT_LIMIT_BYTES", len(first) - 3000)
-    hp = train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "6", "CLIP_SEARCH_HEADROOM": "500"})
+    monkeypatch.setattr(train_gpt, "CLIP_SEARCH_HEADROOM", 1500)
+    hp = train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "6"})
     blob, k = train_gpt.quantize_within_budget(state, {}, cfg, hp, 0, lines.append)
     tries = [(float(l.split()[1].split(":")[1]), int(l.split()[2].split(":")[1])) for l in lines[1:]]
     assert len(blob) <= train_gpt.ARTIFACT_LIMIT_BYTES and k > k0

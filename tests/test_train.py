@@ -9,13 +9,14 @@ import torch
 
 import train_gpt
 from conftest import parse_log, run_script, tiny_env
+from data.shards import write_shard
 
 
 # --- shards and the train stream -------------------------------------------------------------
 
 def test_shard_roundtrip(tmp_path):
     toks = np.random.default_rng(0).integers(0, 65535, size=1000).astype(np.uint16)
-    train_gpt.write_shard(tmp_path / "s.bin", toks)
+    write_shard(tmp_path / "s.bin", toks)
     assert (tmp_path / "s.bin").stat().st_size == 1024 + 2000
     assert np.array_equal(train_gpt.open_shard(tmp_path / "s.bin"), toks)
 
@@ -28,7 +29,7 @@ def test_shard_roundtrip(tmp_path):
 ])
 def test_shard_header_errors(tmp_path, corrupt, msg):
     good = tmp_path / "good.bin"
-    train_gpt.write_shard(good, np.arange(500, dtype=np.uint16))
+    write_shard(good, np.arange(500, dtype=np.uint16))
     bad = tmp_path / "fineweb_val_000000.bin"
     bad.write_bytes(corrupt(good.read_bytes()))
     with pytest.raises(train_gpt.UserError, match=msg) as e:
@@ -37,14 +38,14 @@ def test_shard_header_errors(tmp_path, corrupt, msg):
 
 
 def test_token_out_of_vocab(tmp_path):
-    train_gpt.write_shard(tmp_path / "fineweb_val_000000.bin", np.array([1, 5, 9, 2000, 3], dtype=np.uint16))
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.array([1, 5, 9, 2000, 3], dtype=np.uint16))
     with pytest.raises(train_gpt.UserError, match="token 2000 at offset 3 >= VOCAB_SIZE=1024"):
         train_gpt.load_val_tokens(train_gpt.shard_files(str(tmp_path), "val"), 1024, 0)
 
 
 def test_stream_deterministic_and_rank_sliced(tmp_path):
     for i in range(2):
-        train_gpt.write_shard(tmp_path / f"fineweb_train_00000{i}.bin", np.arange(i * 5000, i * 5000 + 4000) % 60000)
+        write_shard(tmp_path / f"fineweb_train_00000{i}.bin", np.arange(i * 5000, i * 5000 + 4000) % 60000)
     files = train_gpt.shard_files(str(tmp_path), "train")
     a, b, c = (train_gpt.TrainStream(files, 32, seed) for seed in (7, 7, 8))
     batches_a = [a.next_batch(16, slice(None)) for _ in range(40)]  # > 1 epoch (248 windows)
@@ -147,7 +148,7 @@ def test_reloaded_artifact_scores_like_in_memory_quantized_model(tiny_data, tmp_
     data, tok = tiny_data
     from conftest import TINY_ENV
     hp = train_gpt.Hyperparameters(TINY_ENV)
-    cfg = train_gpt.ModelConfig.from_hparams(hp)
+    cfg = hp.model_config()
     torch.manual_seed(0)
     model = train_gpt.GPT(cfg)
     with torch.no_grad():
@@ -162,11 +163,13 @@ def test_reloaded_artifact_scores_like_in_memory_quantized_model(tiny_data, tmp_
     path = tmp_path / "a.br"
     meta = dict(model=train_gpt.dataclasses.asdict(cfg), train_seq_len=64)
     train_gpt.write_atomic(path, train_gpt.pack_artifact(qstate, meta))
-    reloaded, meta_back = train_gpt.load_artifact_model(path, torch.device("cpu"))
+    qstate_back, meta_back = train_gpt.read_artifact(path)
+    reloaded = train_gpt.artifact_model(qstate_back, meta_back, path, torch.device("cpu"), train_gpt.causal_attention)
     assert meta_back == meta
     dctx = train_gpt.Dist()
-    a = train_gpt.eval_tokens(in_memory, val, lut, dctx, hp, 64, 64).totals()
-    b = train_gpt.eval_tokens(reloaded, val, lut, dctx, hp, 64, 64).totals()
+    phase = train_gpt.Phase("roundtrip", 64, 64)
+    a = train_gpt.eval_tokens(in_memory, val, lut, dctx, hp, phase).totals()
+    b = train_gpt.eval_tokens(reloaded, val, lut, dctx, hp, phase).totals()
     assert a == b
     for k, v in in_memory.state_dict().items():
         assert torch.equal(v, reloaded.state_dict()[k]), k
@@ -272,14 +275,14 @@ def test_prefetch_keeps_the_batch_order_and_a_new_stream_drops_it(monkeypatch):
                                         NUM_KV_HEADS="1", VOCAB_SIZE="64", TRAIN_SEQ_LEN="16",
                                         TRAIN_BATCH_TOKENS="128", EMA_DECAY="0", NUM_LOOPS="0"))
     dctx = train_gpt.setup_distributed(hp)
-    model = train_gpt.GPT(train_gpt.ModelConfig.from_hparams(hp))
+    model = train_gpt.GPT(hp.model_config())
     trainer = train_gpt.Trainer(hp, dctx, model)
     seen = []
     real_forward = trainer.forward
-    monkeypatch.setattr(trainer, "forward", lambda x, y: seen.append(int(x[0, 0])) or real_forward(x, y))
+    monkeypatch.setattr(trainer, "forward", lambda x, y, looped: seen.append(int(x[0, 0])) or real_forward(x, y, looped))
     trainer.stream = CountingStream(hp.train_seq_len)
     for k in range(3):
-        trainer.step(k, 1.0)
+        trainer.step(k, 1.0, False)
     trainer.stream = CountingStream(hp.train_seq_len, offset=50)
-    trainer.step(3, 1.0)
+    trainer.step(3, 1.0, False)
     assert seen == [0, 1, 2, 50]

@@ -1,0 +1,144 @@
+"""No wrong number is ever reported as a valid score, and impossible settings are refused before
+any compute is spent: one `error:` line, a non-zero exit, nothing already written lost."""
+import errno
+
+import pytest
+
+import train_gpt
+from conftest import parse_log, run_script, tiny_env
+
+
+def one_error_line(res, *needles):
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("env,msg", [
+    (dict(MAX_WALLCLOCK_SECONDS="3", GPTQ_RESERVE_SECONDS="5"), "MAX_WALLCLOCK_SECONDS=3.0: must exceed GPTQ_RESERVE"),
+    (dict(MAX_WALLCLOCK_SECONDS="5", GPTQ_RESERVE_SECONDS="5"), "MAX_WALLCLOCK_SECONDS=5.0: must exceed GPTQ_RESERVE"),
+    (dict(EVAL_STRIDE="512", EVAL_SEQ_LEN="128"), "EVAL_STRIDE=512: must be <= EVAL_SEQ_LEN=128"),
+    (dict(TTT_CHUNK_TOKENS="100", EVAL_STRIDE="64"), "TTT_CHUNK_TOKENS=100: must be a multiple of EVAL_STRIDE=64"),
+    (dict(VAL_MAX_TOKENS="100"), "VAL_MAX_TOKENS=100: must exceed TRAIN_SEQ_LEN"),
+    (dict(TTT_ENABLED="yes"), "env TTT_ENABLED='yes': expected 0 | 1"),
+    (dict(EVAL_SLIDING="maybe"), "env EVAL_SLIDING='maybe': expected auto | 0 | 1"),
+    (dict(ADAM_EPS="1e-6"), "env ADAM_EPS is not supported: now the constant"),
+])
+def test_cross_knob_rules_are_refused_at_startup(env, msg):
+    with pytest.raises(train_gpt.UserError, match=msg.replace("(", r"\(").replace("|", r"\|")):
+        train_gpt.Hyperparameters(env)
+
+
+def test_allowed_edges_and_bool_words():
+    hp = train_gpt.Hyperparameters(dict(MAX_WALLCLOCK_SECONDS="0", GPTQ_RESERVE_SECONDS="5", EVAL_STRIDE="0",
+                                        TTT_ENABLED="false", EVAL_SLIDING="1", EVAL_COMPILE="auto"))
+    assert hp.max_wallclock_seconds == 0 and hp.ttt_enabled is False and hp.eval_sliding is True
+    assert hp.eval_compile == train_gpt.AUTO
+
+
+def test_divergence_hint_names_the_raised_learning_rate():
+    assert train_gpt.divergence_lr_hint(train_gpt.Hyperparameters({"TIED_EMBED_LR": "1e30"})) == \
+        "lower TIED_EMBED_LR, or set GRAD_CLIP_NORM"
+    assert train_gpt.divergence_lr_hint(train_gpt.Hyperparameters({})) == \
+        "lower MATRIX_LR or SCALAR_LR or TIED_EMBED_LR, or set GRAD_CLIP_NORM"
+
+
+def test_a_full_disk_leaves_nothing_behind(tmp_path, monkeypatch):
+    def no_space(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train_gpt.os, "link", no_space)
+    target = tmp_path / "final_model_x.int6.br"
+    with pytest.raises(train_gpt.UserError, match="write failed \\(No space left on device\\); nothing was written"):
+        train_gpt.write_atomic(target, b"model bytes", overwrite=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_file_is_never_overwritten(tmp_path):
+    target = tmp_path / "a.br"
+    target.write_bytes(b"first")
+    with pytest.raises(train_gpt.UserError, match="already exists: it is never overwritten"):
+        train_gpt.write_atomic(target, b"second", overwrite=False)
+    assert target.read_bytes() == b"first" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("args,rc,out", [(["--help"], 0, "| `TTT_LR` |"), (["-h"], 0, "configured by environment"),
+                                         (["--bogus"], 2, "error: unknown argument '--bogus'")])
+def test_command_line(args, rc, out):
+    res = run_script(["train_gpt.py", *args], env=None)
+    assert res.returncode == rc and out in res.stdout + res.stderr
+
+
+def test_startup_refusals_in_a_process(tiny_data, tmp_path):
+    """Each is one error line and exit 2 before any training: a LOG_DIR that cannot be created (under a
+    file: root can write anywhere else), WORLD_SIZE without torchrun, a bare run without the tokenizer
+    (which says how to download it)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [(dict(LOG_DIR=str(blocker / "logs")), ("env LOG_DIR: cannot create log",)),
+             (dict(WORLD_SIZE="2"), ("WORLD_SIZE=2 without RANK", "torchrun")),
+             (dict(TOKENIZER_PATH=str(tmp_path / "none.model")), ("file not found", "--repo-id kevclark/parameter-golf"))]
+    for overrides, needles in cases:
+        one_error_line(run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, **overrides), timeout=120), *needles)
+    assert not (tmp_path / "art").exists() or not any((tmp_path / "art").iterdir())
+
+
+def test_diverged_ttt_is_not_a_score(tiny_data, tmp_path):
+    """TTT_LR=1e12 without clipping turns TTT's scores to NaN: the phase is logged valid:0, no final score
+    is reported, and the run exits 2 naming the phase and the knob to lower."""
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="div", TTT_ENABLED=1, TTT_LR="1e12", TTT_GRAD_CLIP=0, EVAL_SLIDING=0)
+    res = run_script(["train_gpt.py"], env)
+    one_error_line(res, "phase ttt scored val_bpb nan", "lower TTT_LR")
+    text = (tmp_path / "logs" / "div.txt").read_text()
+    assert [line for line in text.splitlines() if line.startswith("ttt ")][0].split()[-2] == "valid:0"
+    assert "final_val_bpb" not in text and "error:phase ttt" in text
+
+
+def doctored(artifact, tmp_path, name, **changes):
+    """A copy of the artifact whose recorded config has `changes` (tensors untouched)."""
+    qstate, meta = train_gpt.unpack_artifact(artifact.read_bytes())
+    for key, value in changes.items():
+        if key == "vocab_size":
+            meta["model"]["vocab_size"] = value
+        else:
+            meta[key] = value
+    path = tmp_path / name
+    path.write_bytes(train_gpt.pack_artifact(qstate, meta))
+    return path
+
+
+def test_records_tokenizer_and_never_reuses_a_run_id(tiny_data, tmp_path):
+    """One run, then what must be refused around its artifact: the same RUN_ID into the same ARTIFACT_DIR
+    (even with another LOG_DIR), EVAL_ONLY with a tokenizer the artifact was not trained with, or of another
+    vocab. EVAL_ONLY of the artifact itself needs no model knobs (its vocab comes from the artifact). A knob
+    typo is warned first and again in the final block; a partial val set is never a valid score."""
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="rec", TTT_ENABLED=0, EVAL_STRIDE=0, TTT_LRR="1")
+    assert run_script(["train_gpt.py"], env).returncode == 0
+    log = (tmp_path / "logs" / "rec.txt").read_text().splitlines()
+    warning = "warning:env TTT_LRR is set but no knob reads it (typo?)"
+    assert log[0] == warning and log[-1] == warning
+    sha = train_gpt.file_sha256(tiny_data[1])
+    assert any(line.startswith(f"tokenizer:{tiny_data[1]} tokenizer_sha256:{sha}") for line in log)
+    summary = parse_log(tmp_path / "logs" / "rec.txt")
+    assert summary["final_valid"] == "0" and summary["final_phase"] == "roundtrip"
+    assert all(line.split()[-2] == "valid:0" for line in log if line.startswith("roundtrip "))
+    artifact = tmp_path / "art" / "final_model_rec.int6.br"
+    before = artifact.read_bytes()
+    _, meta = train_gpt.unpack_artifact(before)
+    assert meta["tokenizer_sha256"] == sha and meta["model"]["vocab_size"] == 1024
+
+    again = run_script(["train_gpt.py"], env | dict(LOG_DIR=str(tmp_path / "other_logs")), timeout=120)
+    one_error_line(again, f"artifact {artifact} already exists")
+    assert artifact.read_bytes() == before and "train_loss" not in (tmp_path / "other_logs" / "rec.txt").read_text()
+
+    evaluate = {k: v for k, v in env.items() if k not in ("VOCAB_SIZE", "TTT_LRR")} | dict(EVAL_ONLY=str(artifact))
+    ok = run_script(["train_gpt.py"], evaluate | dict(RUN_ID="ev_ok"), timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert parse_log(tmp_path / "logs" / "ev_ok.txt")["final_val_bpb"] == summary["final_val_bpb"]
+    other_tok = doctored(artifact, tmp_path, "other_tok.br", tokenizer_sha256="0" * 64)
+    one_error_line(run_script(["train_gpt.py"], evaluate | dict(RUN_ID="ev_tok", EVAL_ONLY=str(other_tok)), timeout=120),
+                   "trained with tokenizer sha256 0000000000000000", "TOKENIZER_PATH")
+    other_vocab = doctored(artifact, tmp_path, "other_vocab.br", vocab_size=8192)
+    one_error_line(run_script(["train_gpt.py"], evaluate | dict(RUN_ID="ev_voc", EVAL_ONLY=str(other_vocab)), timeout=120),
+                   "(vocab 8192)", "vocab 1024 != VOCAB_SIZE=8192")
