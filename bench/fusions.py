@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+if str(HERE.parent) not in sys.path:  # run as a script: the repository root, once
+    sys.path.insert(0, str(HERE.parent))
 import train_gpt  # noqa: E402
-from profile_step import kernel_times  # noqa: E402
+from bench.profile_step import kernel_times  # noqa: E402
 
 
 def plain_xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

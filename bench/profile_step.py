@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+if str(HERE.parent) not in sys.path:  # run as a script: the repository root, once
+    sys.path.insert(0, str(HERE.parent))
 import train_gpt  # noqa: E402
-from speed import apply_inductor_options, build_trainer  # noqa: E402
+from bench.speed import apply_inductor_options, build_trainer  # noqa: E402
 
 CLASSES = [  # first match wins
     ("attention", r"flash|fmha|attention|cudnn.*sdpa|sdpa"),

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+if str(HERE.parent) not in sys.path:  # run as a script: the repository root, once
+    sys.path.insert(0, str(HERE.parent))
 import train_gpt  # noqa: E402
 
 
