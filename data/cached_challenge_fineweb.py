@@ -32,7 +32,6 @@ import filecmp
 import json
 import os
 import shutil
-import struct
 import sys
 from pathlib import Path
 
@@ -40,7 +39,10 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
-MAGIC, VERSION, HEADER_BYTES = 20240520, 1, 1024
+if not __package__:  # run as a file (python3 data/cached_challenge_fineweb.py): import data.shards
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.shards import ShardError, read_header  # noqa: E402
+
 DEFAULT_REPO = "willdepueoai/parameter-golf"
 KNOWN_REPOS = {"sp1024": DEFAULT_REPO, "sp8192": "kevclark/parameter-golf"}
 
@@ -124,18 +126,10 @@ def read_plan(manifest, variant: str, manifest_path: Path, repo_id: str):
 
 def check_shard(path: Path) -> int:
     """Return the token count of a valid shard; exit with a message naming the file otherwise."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(12)
-    magic, version, n = struct.unpack("<3i", head) if len(head) == 12 else (None, None, 0)
-    hint = "delete it (and its Hugging Face cache entry) and rerun"
-    if magic != MAGIC or version != VERSION:
-        raise SystemExit(f"error: {path}: not a shard (expected magic {MAGIC} and version {VERSION} "
-                         f"in a {HEADER_BYTES}-byte header, got {magic} and {version}); {hint}")
-    if size != HEADER_BYTES + 2 * n:
-        raise SystemExit(f"error: {path}: {size} bytes, expected {HEADER_BYTES + 2 * n} for {n} tokens "
-                         f"(truncated or corrupt); {hint}")
-    return n
+    try:
+        return read_header(path)
+    except ShardError as e:
+        raise SystemExit(f"error: {e}; delete it (and its Hugging Face cache entry) and rerun") from None
 
 
 def parse_args(argv=None):

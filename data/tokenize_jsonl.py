@@ -14,8 +14,9 @@ INPUT is JSONL, plain or compressed (.xz, .gz), one {"text": "..."} object per l
 Each document becomes BOS (id 1) + its SentencePiece ids (no EOS); each split's token stream is cut
 into shards of --shard-tokens tokens, so documents may straddle two shards. A shard is 256
 little-endian int32 header words (20240520, 1, token count, zeros) followed by the tokens as
-little-endian uint16. All output is staged in a temporary folder under OUT and moved into place
-only when everything succeeded; shards of an earlier run in OUT/datasets/NAME are replaced.
+little-endian uint16 (written by data/shards.py). All output is staged in a temporary folder under
+OUT and moved into place only when everything succeeded; shards of an earlier run in
+OUT/datasets/NAME are replaced.
 """
 import argparse
 import gzip
@@ -24,6 +25,7 @@ import json
 import lzma
 import os
 import shutil
+import sys
 import tempfile
 from multiprocessing import Pool
 from pathlib import Path
@@ -31,7 +33,11 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-MAGIC, VERSION, BOS = 20240520, 1, 1
+if not __package__:  # run as a file (python3 data/tokenize_jsonl.py): import data.shards as the tests do
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.shards import MAX_TOKENS, ShardWriter  # noqa: E402
+
+BOS = 1
 MAX_VOCAB = 1 << 16  # token ids are stored as uint16
 BATCH_DOCS = 256
 
@@ -106,36 +112,6 @@ def encoded(batch_iter, model: str, workers: int):
             yield from pool.imap(_encode, window)
 
 
-class ShardWriter:
-    """Writes one split's token stream into shards of at most `cap` tokens in a staging folder."""
-
-    def __init__(self, folder: Path, split: str, cap: int):
-        self.folder, self.split, self.cap = folder, split, cap
-        self.files, self.docs, self.tokens = [], 0, 0
-        self.f, self.fill = None, 0
-
-    def write(self, toks: np.ndarray) -> None:
-        while len(toks):
-            if self.f is None:
-                self.files.append(f"fineweb_{self.split}_{len(self.files):06d}.bin")
-                self.f, self.fill = open(self.folder / self.files[-1], "wb"), 0
-                self.f.write(bytes(1024))  # header, filled in when the shard is complete
-            k = min(len(toks), self.cap - self.fill)
-            self.f.write(toks[:k].tobytes())
-            self.fill, self.tokens, toks = self.fill + k, self.tokens + k, toks[k:]
-            if self.fill == self.cap:
-                self.close()
-
-    def close(self) -> None:
-        if self.f is not None:
-            header = np.zeros(256, dtype="<i4")
-            header[:3] = (MAGIC, VERSION, self.fill)
-            self.f.seek(0)
-            self.f.write(header.tobytes())
-            self.f.close()
-            self.f = None
-
-
 def train_tokenizer(args, prefix: Path, vocab: int) -> None:
     """Train a SentencePiece BPE model on the train split (docs after the first --val-docs)."""
     stop = None if args.tokenizer_train_docs is None else args.val_docs + args.tokenizer_train_docs
@@ -202,7 +178,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.vocab_size is not None and args.vocab_size > MAX_VOCAB:
         p.error(f"--vocab-size must be <= {MAX_VOCAB} (token ids are stored as uint16), got {args.vocab_size}")
-    if args.shard_tokens >= 1 << 31:
+    if args.shard_tokens > MAX_TOKENS:
         p.error(f"--shard-tokens must be < 2**31 (the header stores it as int32), got {args.shard_tokens}")
     if args.name is not None and (not args.name or "/" in args.name or args.name in (".", "..")):
         p.error(f"--name must be a plain folder name, got {args.name!r}")
@@ -230,15 +206,21 @@ def run(args, stage: Path) -> None:
         train_tokenizer(args, stage / f"{name}_bpe", args.vocab_size)
         tok_files = [f"{name}_bpe.model", f"{name}_bpe.vocab"]
 
-    writers = {s: ShardWriter(stage, s, args.shard_tokens) for s in ("val", "train")}
+    writers = {s: ShardWriter(stage, f"fineweb_{s}", args.shard_tokens) for s in ("val", "train")}
+    n_docs = dict.fromkeys(writers, 0)
     docs = read_docs(args.input, args.max_docs)
-    for split, n_docs, toks in encoded(batches(docs, args.val_docs), str(stage / tok_files[0]), args.workers):
-        writers[split].write(toks)
-        writers[split].docs += n_docs
+    try:
+        for split, n, toks in encoded(batches(docs, args.val_docs), str(stage / tok_files[0]), args.workers):
+            writers[split].write(toks)
+            n_docs[split] += n
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
     for w in writers.values():
         w.close()
-    if writers["train"].docs == 0:
-        raise SystemExit(f"error: {args.input}: {writers['val'].docs} documents, need more than "
+    if n_docs["train"] == 0:
+        raise SystemExit(f"error: {args.input}: {n_docs['val']} documents, need more than "
                          f"--val-docs={args.val_docs} to leave a train split")
 
     # Everything succeeded: move it into place and drop shards an earlier run left behind.
@@ -254,8 +236,8 @@ def run(args, stage: Path) -> None:
         if old.name not in new:
             old.unlink()
             print(f"removed stale {old}")
-    for w in writers.values():
-        print(f"{ds_dir}: {w.split} {w.docs:,} docs, {w.tokens:,} tokens in {len(w.files)} shard(s)")
+    for split, w in writers.items():
+        print(f"{ds_dir}: {split} {n_docs[split]:,} docs, {w.tokens:,} tokens in {len(w.files)} shard(s)")
     print(f"tokenizer: {tok_dir / tok_files[0]}")
 
 

@@ -13,6 +13,7 @@ import sentencepiece as spm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
+from data.shards import write_shard  # noqa: E402
 
 BENCH = ROOT.parent / "shared" / "bench"
 
@@ -47,8 +48,8 @@ def tiny_data(tmp_path_factory):
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     ids = sp.encode(bench_docs(330))
     d = tmp_path_factory.mktemp("sp1024")
-    train_gpt.write_shard(d / "fineweb_val_000000.bin", docs_to_stream(ids[:30]))
-    train_gpt.write_shard(d / "fineweb_train_000000.bin", docs_to_stream(ids[30:]))
+    write_shard(d / "fineweb_val_000000.bin", docs_to_stream(ids[:30]))
+    write_shard(d / "fineweb_train_000000.bin", docs_to_stream(ids[30:]))
     return d, tok
 
 

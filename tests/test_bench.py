@@ -8,6 +8,7 @@ import numpy as np
 import train_gpt
 from bench import speed
 from conftest import ROOT, run_script, tiny_env
+from data.shards import write_shard
 
 TINY = ["DEVICE=cpu", "NUM_LAYERS=3", "MODEL_DIM=64", "NUM_HEADS=4", "NUM_KV_HEADS=2", "TRAIN_BATCH_TOKENS=1024",
         "TRAIN_SEQ_LEN=128", "EVAL_SEQ_LEN=128", "EVAL_STRIDE=64", "VOCAB_SIZE=512", "LOOP_START=0", "LOOP_END=1"]
@@ -29,7 +30,7 @@ def test_speed_script_prints_one_line_per_config():
 def test_speed_script_trains_on_real_shards(tmp_path):
     """--data: the same line from train shards on disk; a folder without shards is a one-line error."""
     rng = np.random.default_rng(0)
-    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", rng.integers(0, 512, 20000).astype(np.uint16))
+    write_shard(tmp_path / "fineweb_train_000000.bin", rng.integers(0, 512, 20000))
     args = ["bench/speed.py", "--configs", "default", "--steps", "2", "--warmup", "1", "--eval-tokens", "1024"]
     res = run_script([*args, "--data", str(tmp_path), "--set", *TINY], env=None)
     assert res.returncode == 0, res.stderr

@@ -1,4 +1,4 @@
-"""Tests of data/cached_challenge_fineweb.py and data/tokenize_jsonl.py (no network, CPU only).
+"""Tests of data/shards.py, data/cached_challenge_fineweb.py and data/tokenize_jsonl.py (no network, CPU only).
 
 The download tests run the real script, and so the real huggingface_hub.hf_hub_download, against a
 small Hub imitation served on 127.0.0.1 (HF_ENDPOINT) from a temporary folder.
@@ -19,36 +19,109 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 
-ROOT = Path(__file__).resolve().parents[1]
+import train_gpt
+from conftest import ROOT
+from data import tokenize_jsonl
+from data.shards import ShardError, ShardWriter, read_header, read_shard, write_shard
+
 DATA = ROOT / "data"
-BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "bench"
+BENCH = ROOT.parent / "shared" / "bench"
 
 
 def load_module(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # so that multiprocessing can pickle its functions
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-def shard_bytes(tokens) -> bytes:
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = (20240520, 1, len(tokens))
-    return header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes()
-
-
-def read_shard(path: Path) -> np.ndarray:
-    raw = path.read_bytes()
-    header = np.frombuffer(raw[:1024], dtype="<i4")
-    assert tuple(header[:3]) == (20240520, 1, (len(raw) - 1024) // 2) and not header[3:].any()
-    assert len(raw) == 1024 + 2 * int(header[2])
-    return np.frombuffer(raw[1024:], dtype="<u2")
+def read_checked(path: Path) -> np.ndarray:
+    """read_shard, plus what version 1 also fixes: header words 3-255 are zero."""
+    assert not np.fromfile(path, dtype="<i4", count=256)[3:].any()
+    return np.asarray(read_shard(path))
 
 
 def files_under(path: Path):
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
+
+
+# ---------------------------------------------------------------- shards.py
+
+def test_shard_round_trip_and_train_gpt_reads_it(tmp_path):
+    """write_shard's bytes are the documented layout, and read_shard and train_gpt.open_shard (the
+    training script's own reader) both read back exactly the tokens written, for any uint16 value."""
+    toks = np.concatenate([[0, 1, 65535, 65534], np.random.default_rng(0).integers(0, 65536, 5000)])
+    path = tmp_path / "fineweb_val_000000.bin"
+    assert write_shard(path, toks) == len(toks)  # int64 in, uint16 out
+    raw = path.read_bytes()
+    assert raw[:12] == (20240520).to_bytes(4, "little") + (1).to_bytes(4, "little") + len(toks).to_bytes(4, "little")
+    assert raw[12:1024] == bytes(1012) and raw[1024:] == toks.astype("<u2").tobytes()
+    assert read_header(path) == len(toks)
+    for got in (read_shard(path), train_gpt.open_shard(path)):
+        assert got.dtype == np.dtype("<u2") and np.array_equal(got, toks)
+    assert not [p for p in tmp_path.iterdir() if p != path]  # no temporary file left behind
+    empty = tmp_path / "empty.bin"
+    assert write_shard(empty, []) == 0 and empty.stat().st_size == 1024 and len(read_shard(empty)) == 0
+
+
+@pytest.mark.parametrize("corrupt,ours,theirs", [
+    (lambda b: b[:100], "not a shard (100 bytes, shorter than the 1024-byte header)", "shorter than"),
+    (lambda b: b"\x00\x00\x00\x00" + b[4:], "not a shard (magic 0, expected 20240520)", "bad magic"),
+    (lambda b: b[:4] + (2).to_bytes(4, "little") + b[8:], "unsupported shard version 2 (expected 1)",
+     "unsupported version 2"),
+    (lambda b: b[:-2], "2022 bytes, expected 2024 for the 500 tokens its header counts (truncated or corrupt)",
+     "size 2022 != 1024"),
+    (lambda b: b + b"\x00\x00", "2026 bytes, expected 2024", "size 2026 != 1024"),
+])
+def test_corrupt_shards_are_refused_by_both_readers(tmp_path, corrupt, ours, theirs):
+    good = tmp_path / "good.bin"
+    write_shard(good, np.arange(500))
+    bad = tmp_path / "fineweb_val_000000.bin"
+    bad.write_bytes(corrupt(good.read_bytes()))
+    with pytest.raises(ShardError) as e:
+        read_shard(bad)
+    assert str(e.value).startswith(f"{bad}: ") and ours in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(train_gpt.UserError, match=re.escape(theirs)) as e:
+        train_gpt.open_shard(bad)
+    assert str(bad) in str(e.value)
+    with pytest.raises(ShardError, match="cannot read"):
+        read_shard(tmp_path / "missing.bin")
+
+
+@pytest.mark.parametrize("tokens,msg", [
+    ([1, 2, 65536], "token 65536 at offset 2 does not fit uint16"),
+    (np.array([5, -1]), "token -1 at offset 1 does not fit uint16"),
+    (np.array([1.0, 2.0]), "tokens must be integers, got dtype float64"),
+    (np.zeros((2, 2), dtype=np.uint16), "expected a 1-D token array, got shape (2, 2)"),
+])
+def test_write_shard_refuses_tokens_that_do_not_fit_and_keeps_the_old_file(tmp_path, tokens, msg):
+    path = tmp_path / "s.bin"
+    write_shard(path, [7, 8, 9])
+    before = path.read_bytes()
+    with pytest.raises(ShardError, match=re.escape(f"{path}: {msg}")):
+        write_shard(path, tokens)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["s.bin"]
+
+
+def test_shard_writer_cuts_a_stream_into_complete_shards(tmp_path):
+    w = ShardWriter(tmp_path, "fineweb_train", 1000)
+    stream = np.random.default_rng(1).integers(0, 65536, 2500)
+    for part in np.split(stream, [7, 1500, 1999]):
+        w.write(part)
+    assert w.files == ["fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == w.files[:2]  # 3rd unfinished
+    w.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == w.files and w.tokens == 2500
+    assert [read_header(tmp_path / f) for f in w.files] == [1000, 1000, 500]
+    assert np.array_equal(np.concatenate([train_gpt.open_shard(tmp_path / f) for f in w.files]), stream)
+    (tmp_path / "sub").mkdir()
+    w = ShardWriter(tmp_path / "sub", "x", 10)
+    w.write(np.arange(5))
+    w.discard()  # after a failure: the unfinished shard is dropped
+    assert list((tmp_path / "sub").iterdir()) == []
 
 
 # ---------------------------------------------------------------- cached_challenge_fineweb.py
@@ -110,7 +183,7 @@ def hub(tmp_path):
     ds.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name, n in [("fineweb_val_000000.bin", 500), *((f"fineweb_train_{i:06d}.bin", 1000 + i) for i in range(3))]:
-        (ds / name).write_bytes(shard_bytes(rng.integers(0, 1024, n)))
+        write_shard(ds / name, rng.integers(0, 1024, n))
     (repo / "tokenizers").mkdir()
     (repo / "tokenizers" / "fineweb_1024_bpe.model").write_bytes(b"model bytes")
     (repo / "tokenizers" / "fineweb_1024_bpe.vocab").write_bytes(b"vocab bytes")
@@ -196,8 +269,8 @@ def test_variant_missing_from_manifest(hub):
         {"name": "fineweb10B_sp8192", "train_shards": 1, "val_shards": 1}]}))
     ds = repo / "datasets" / "fineweb10B_sp8192"
     ds.mkdir()
-    (ds / "fineweb_val_000000.bin").write_bytes(shard_bytes([1, 2, 3]))
-    (ds / "fineweb_train_000000.bin").write_bytes(shard_bytes([1, 4, 5, 6]))
+    write_shard(ds / "fineweb_val_000000.bin", [1, 2, 3])
+    write_shard(ds / "fineweb_train_000000.bin", [1, 4, 5, 6])
     for ext in ("model", "vocab"):
         (repo / "tokenizers" / f"fineweb_8192_bpe.{ext}").write_bytes(b"x")
     r = download(env, local, "--variant", "sp8192")
@@ -226,9 +299,6 @@ def test_download_bad_arguments(hub):
 
 
 # ---------------------------------------------------------------- tokenize_jsonl.py
-
-tokenize_jsonl = load_module(DATA / "tokenize_jsonl.py", "tokenize_jsonl")
-
 
 def tokenize(*args):
     return subprocess.run([sys.executable, str(DATA / "tokenize_jsonl.py"), *map(str, args)],
@@ -263,7 +333,6 @@ def tiny(tmp_path_factory):
 def test_matches_bench_make_shards(tmp_path):
     if not (BENCH / "docs.jsonl.xz").is_file() or not (BENCH / "make_shards.py").is_file():
         pytest.skip(f"bench corpus not found at {BENCH}")
-    import sentencepiece as spm
     model = BENCH / "tokenizers" / "bench_8192_bpe.model"
     n = 600
     tokenize_jsonl.main([str(BENCH / "docs.jsonl.xz"), "--out-dir", str(tmp_path / "out"), "--tokenizer",
@@ -282,7 +351,6 @@ def test_matches_bench_make_shards(tmp_path):
 
 
 def test_trained_tokenizer_and_round_trip(tiny):
-    import sentencepiece as spm
     texts, out = tiny
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizers" / "custom_sp300_bpe.model"))
     assert (out / "tokenizers" / "custom_sp300_bpe.vocab").is_file()
@@ -296,7 +364,7 @@ def test_trained_tokenizer_and_round_trip(tiny):
     ds = out / "datasets" / "custom_sp300"
     assert sorted(p.name for p in ds.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
     for name, split_texts in [("val", texts[:20]), ("train", texts[20:])]:
-        toks = read_shard(ds / f"fineweb_{name}_000000.bin").tolist()
+        toks = read_checked(ds / f"fineweb_{name}_000000.bin").tolist()
         starts = [i for i, t in enumerate(toks) if t == 1]
         assert starts[0] == 0 and len(starts) == len(split_texts)
         docs = [toks[a + 1:b] for a, b in zip(starts, starts[1:] + [len(toks)])]
@@ -317,9 +385,9 @@ def test_shard_splitting(tiny, tmp_path):
     for split in ("val", "train"):
         shards = sorted(ds.glob(f"fineweb_{split}_*.bin"))
         assert [p.name for p in shards] == [f"fineweb_{split}_{i:06d}.bin" for i in range(len(shards))]
-        parts = [read_shard(p) for p in shards]
+        parts = [read_checked(p) for p in shards]
         assert all(len(p) == 500 for p in parts[:-1]) and 0 < len(parts[-1]) <= 500
-        unsplit = read_shard(whole / f"fineweb_{split}_000000.bin")
+        unsplit = read_checked(whole / f"fineweb_{split}_000000.bin")
         assert len(parts) == -(-len(unsplit) // 500) and len(parts) >= 2
         assert np.array_equal(np.concatenate(parts), unsplit)
 
