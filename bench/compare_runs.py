@@ -12,12 +12,12 @@ then
   scaling world_size:<n>/<m> efficiency:<per-GPU tok/s of RUN over REFERENCE's>
 """
 import argparse
-import re
 import sys
 from pathlib import Path
 
-TRAIN = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) .*step_avg:([\d.]+)ms")
-EVAL = re.compile(r"^(\w+) val_loss:\S+ val_bpb:\S+ eval_time:([\d.]+)s")
+if not __package__:  # run as a file (python3 bench/compare_runs.py): import scripts.runlog from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.runlog import LogError, read_log  # noqa: E402
 
 
 class BadInput(Exception):
@@ -26,24 +26,16 @@ class BadInput(Exception):
 
 def parse(path: Path) -> dict:
     try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise BadInput(f"error: {path}: cannot read the log ({e.strerror})")
-    run = {"name": path.stem, "train": {}, "eval": {}, "world_size": 1, "final": "n/a", "batch": None}
-    for line in lines:
-        if m := TRAIN.match(line):
-            run["train"][int(m[1])] = (float(m[2]), float(m[3]))
-        elif m := EVAL.match(line):
-            run["eval"][m[1]] = float(m[2])
-        elif m := re.search(r"\bworld_size:(\d+)", line):
-            run["world_size"] = int(m[1])
-        elif m := re.match(r"final_val_bpb:(\S+)", line):
-            run["final"] = m[1]
-        if m := re.match(r"\s*train_batch_tokens:\s*(\d+)", line):
-            run["batch"] = int(m[1])
-    if not run["train"] or run["batch"] is None:
+        log = read_log(path)
+    except LogError as e:
+        raise BadInput(f"error: {e}") from None
+    batch = log.hparams.get("train_batch_tokens")
+    train = {s.step: (s.train_loss, s.step_avg_ms) for s in log.steps if s.step_avg_ms is not None}
+    if not train or batch is None or not batch.isdigit():
         raise BadInput(f"error: {path}: no train_batch_tokens or step lines: not a train_gpt.py log")
-    return run
+    return {"name": path.stem, "train": train, "batch": int(batch),
+            "eval": {p.name: p.eval_time for p in log.phases if p.eval_time is not None},
+            "world_size": int(log.facts.get("world_size", 1)), "final": log.summary.get("final_val_bpb", "n/a")}
 
 
 def compare(run: dict, ref: dict, max_steps: int) -> list[str]:

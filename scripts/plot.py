@@ -8,35 +8,30 @@ Train time is the training clock the log reports (compile warm-up and validation
 final quantized (roundtrip) score, when the log has one, is drawn as a star at the last step.
 """
 import argparse
-import re
 import sys
 from pathlib import Path
 
-# train_time has 0.1 s resolution; step_avg (= train_time / step, in ms) gives a finer clock.
-TRAIN = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+) train_time:[\d.]+s step_avg:([\d.]+)ms")
-VAL = re.compile(r"^step:(\d+)/\d+ val_loss:\S+ val_bpb:(\S+) train_time:[\d.]+s step_avg:([\d.]+)ms")
-FINAL = re.compile(r"^final_val_bpb:(\S+)$")
-STEPS = re.compile(r"^steps:(\d+)$")
-TRAIN_S = re.compile(r"^train_seconds:(\S+)$")
+if not __package__:  # run as a file (python3 scripts/plot.py): import scripts.runlog as the tests do
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.runlog import number, read_log  # noqa: E402
 
 
 def read_curves(path: Path) -> dict:
-    c = {"train": [], "val": [], "final": None}
-    last = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if m := TRAIN.match(line):
-            c["train"].append((int(m[1]), float(m[2]), int(m[1]) * float(m[3]) / 1000))
-        elif m := VAL.match(line):
-            c["val"].append((int(m[1]), float(m[2]), int(m[1]) * float(m[3]) / 1000))
-        else:
-            for key, rx in (("final", FINAL), ("steps", STEPS), ("train_s", TRAIN_S)):
-                if m := rx.match(line):
-                    last[key] = float(m[1])
+    """train: [(step, train_loss, seconds)], val: [(step, val_bpb, seconds)], final: (steps, final_val_bpb,
+    seconds) or None. train_time has 0.1 s resolution; step * step_avg gives a finer clock."""
+    log = read_log(path)
+    c = {"train": [(s.step, s.train_loss, s.step * s.step_avg_ms / 1000) for s in log.steps
+                   if s.train_loss is not None and s.step_avg_ms is not None],
+         "val": [(s.step, s.val_bpb, s.step * s.step_avg_ms / 1000) for s in log.val_steps
+                 if s.val_bpb is not None and s.step_avg_ms is not None],
+         "final": None}
     if not c["train"] and not c["val"]:
         raise ValueError(f"{path}: no step lines (not a train_gpt.py log, or the run failed before training)")
-    if len(last) == 3:  # share the last val point's x (both clocks are rounded differently)
+    last = {k: number(log.summary.get(key)) for k, key in (("final", "final_val_bpb"), ("steps", "steps"),
+                                                           ("train_s", "train_seconds"))}
+    if None not in last.values():  # share the last val point's x (both clocks are rounded differently)
         secs = c["val"][-1][2] if c["val"] and c["val"][-1][0] == last["steps"] else last["train_s"]
-        c["final"] = (last["steps"], last["final"], secs)
+        c["final"] = (int(last["steps"]), last["final"], secs)
     return c
 
 

@@ -5,10 +5,10 @@ usage: scripts/summarize.py LOG... [--reference MEAN STD N | --reference-logs LO
                             [--json submission.json --name NAME --blurb TEXT]
                             [--skip-bad] [--allow-duplicate-seeds]
 
-Each LOG is LOG_DIR/<RUN_ID>.txt as written by train_gpt.py. A log without the final summary block
-(a failed or truncated run) is an error naming the log and the missing keys, unless --skip-bad, which
-skips it with a warning. The reference test is one-sided (H1: our mean final_val_bpb is lower),
-Welch's unequal-variance t-test with Welch-Satterthwaite degrees of freedom.
+Each LOG is LOG_DIR/<RUN_ID>.txt as written by train_gpt.py (read by scripts/runlog.py). A log without
+the final summary block (a failed or truncated run) is an error naming the log and the missing keys,
+unless --skip-bad, which skips it with a warning. The reference test is one-sided (H1: our mean
+final_val_bpb is lower), Welch's unequal-variance t-test with Welch-Satterthwaite degrees of freedom.
 """
 import argparse
 import datetime
@@ -20,9 +20,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if not __package__:  # run as a file (python3 scripts/summarize.py): import scripts.runlog as the tests do
+    sys.path.insert(0, str(ROOT))
+from scripts.runlog import LogError, read_log  # noqa: E402
+
 REQUIRED = ("final_val_bpb", "final_val_loss", "artifact_bytes", "code_bytes", "steps", "train_seconds")
 INT_KEYS = {"artifact_bytes", "model_bytes", "code_bytes", "steps"}
-SUMMARY_LINE = re.compile(r"^([a-z][a-z0-9_]*):(\S+)$")  # the summary block: one key:value, no spaces
 # Knobs that name or place a run rather than change it: never reported as env overrides.
 BOOKKEEPING_KNOBS = {"SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_DIR"}
 
@@ -31,41 +34,22 @@ class BadLog(Exception):
     pass
 
 
-def tokens(line: str) -> dict:
-    """`a:1 b:x:y` -> {"a": "1", "b": "x:y"} (split on whitespace, then on the first colon)."""
-    return dict(t.split(":", 1) for t in line.split() if ":" in t)
-
-
 def parse_log(path: Path) -> dict:
     """One run: summary keys (typed), hyperparameters (raw strings) and header facts."""
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError as e:
-        raise BadLog(f"{path}: cannot read ({e.strerror})") from None
-    run = {"path": path, "name": path.stem, "hparams": {}, "summary": {}}
-    in_hparams = False
-    for line in lines:
-        if line == "hyperparameters:":
-            in_hparams = True
-            continue
-        if in_hparams and line.startswith("  "):
-            k, _, v = line[2:].partition(":")
-            run["hparams"][k] = v.strip()
-            continue
-        in_hparams = False
-        if line.startswith("error:"):
-            run["error"] = line[len("error:"):].strip()
-        elif line.startswith("device:"):
-            tok = tokens(line)
-            run["hardware"] = f"{tok.get('world_size', '?')}x{tok.get('device_name', '?')}"
-        elif line.startswith("python:"):
-            run["torch"] = tokens(line).get("torch")
-        elif line.startswith("code_sha256:"):
-            run["git_commit"] = tokens(line).get("git_commit")
-        elif line.startswith("roundtrip ") and (m := re.search(r"eval_time:([\d.]+)s", line)):
-            run["roundtrip_eval_s"] = float(m.group(1))
-        elif m := SUMMARY_LINE.match(line):
-            run["summary"][m.group(1)] = m.group(2)  # a later line wins
+        log = read_log(path)
+    except LogError as e:
+        raise BadLog(str(e)) from None
+    run = {"path": path, "name": path.stem, "hparams": log.hparams, "summary": dict(log.summary)}
+    facts = log.facts
+    if log.errors:
+        run["error"] = log.errors[-1]
+    if "device_name" in facts or "world_size" in facts:
+        run["hardware"] = f"{facts.get('world_size', '?')}x{facts.get('device_name', '?')}"
+    run["torch"] = facts.get("torch")
+    run["git_commit"] = facts.get("git_commit")
+    roundtrip = log.phase("roundtrip")
+    run["roundtrip_eval_s"] = roundtrip.eval_time if roundtrip else None
     s = run["summary"]
     missing = [k for k in REQUIRED if k not in s] + ([] if "seed" in run["hparams"] else ["seed"])
     if missing:
@@ -82,7 +66,7 @@ def parse_log(path: Path) -> dict:
         run["seed"] = int(run["hparams"]["seed"])
     except ValueError:
         raise BadLog(f"{path}: seed: {run['hparams']['seed']!r} is not an integer") from None
-    run["eval_s"] = s.get("eval_seconds", run.get("roundtrip_eval_s"))
+    run["eval_s"] = s.get("eval_seconds", run["roundtrip_eval_s"])
     return run
 
 
@@ -184,8 +168,7 @@ def table(runs) -> str:
 
 def env_overrides(runs) -> dict:
     """Knobs whose logged value differs from train_gpt.KNOBS' default (compared as typed strings)."""
-    sys.path.insert(0, str(ROOT))
-    import train_gpt  # noqa: E402 (imported late: it pulls in torch)
+    import train_gpt  # imported late: it pulls in torch (ROOT is on sys.path, as scripts.runlog's import needs)
     out, mixed = {}, []
     for knob in train_gpt.KNOBS:
         key = knob.name.lower()

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
 from data.shards import write_shard  # noqa: E402
+from scripts.runlog import read_log  # noqa: E402
 
 BENCH = ROOT.parent / "shared" / "bench"
 
@@ -77,10 +78,5 @@ def run_script(args: list[str], env: dict, timeout=300) -> subprocess.CompletedP
 
 
 def parse_log(path: Path) -> dict:
-    """key:value pairs of the final summary block (lines holding a single key:value)."""
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.count(":") == 1 and " " not in line:
-            k, v = line.split(":")
-            out[k] = v
-    return out
+    """The final summary block of a run log (scripts/runlog.py): {key: value string}."""
+    return read_log(path).summary

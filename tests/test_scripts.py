@@ -1,5 +1,5 @@
-"""scripts/: run_seeds.sh, summarize.py and plot.py on real tiny CPU runs of train_gpt.py."""
-import importlib.util
+"""scripts/: run_seeds.sh, summarize.py, plot.py and the log reader runlog.py, on real tiny CPU runs of
+train_gpt.py and on a real H100 log (tests/fixtures)."""
 import json
 import math
 import os
@@ -11,20 +11,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, parse_log, run_script, tiny_env
+from scripts import carry_parts, plot, runlog, summarize
 
 SCRIPTS = ROOT / "scripts"
 H100_LOG = Path(__file__).parent / "fixtures" / "baseline_shape_log.txt"
 SEEDS = (1, 2, 3)
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-summarize = load_script("summarize")
 
 
 def run_seeds(name: str, seeds: str, env: dict) -> subprocess.CompletedProcess:
@@ -240,8 +231,56 @@ def test_summarize_h100_log_and_optional_columns(tmp_path, capsys):
     assert row1.split()[4] == "0.8" and row2.split()[4] == "321.5"
 
 
+def test_log_and_shard_tools_import_without_torch():
+    code = ("import sys; import scripts.runlog, scripts.summarize, scripts.plot, data.shards; "
+            "import bench.compare_runs; print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout == "False\n", res.stderr
+
+
+def test_runlog_reads_every_part_of_a_real_log():
+    log = runlog.read_log(H100_LOG)
+    assert len(log.hparams) == 56 and log.hparams["seed"] == "1337" and log.hparams["train_batch_tokens"] == "65536"
+    assert [(s.step, s.train_loss, s.step_avg_ms) for s in log.steps[:2]] == [(1, 9.0099, 97.37), (2, 18.6125, 85.12)]
+    assert len(log.steps) == 46 and log.steps[-1].train_time == 240.0 and log.steps[-1].total == 20000
+    assert [(s.step, s.val_loss, s.val_bpb) for s in log.val_steps] == [(4100, 2.2561, 1.1611)]
+    assert [(p.name, p.val_loss, p.val_bpb, p.eval_time, p.valid) for p in log.phases] == [
+        ("prequant", 2.25611031, 1.16108645, None, None), ("roundtrip", 2.25993943, 1.16305707, 0.8, None)]
+    assert list(log.summary) == ["final_val_loss", "final_val_bpb", "prequant_val_bpb", "quant_gap_bpb",
+                                 "artifact_bytes", "model_bytes", "code_bytes", "steps", "train_seconds",
+                                 "stop_reason", "total_seconds"]
+    assert log.summary["final_val_bpb"] == "1.16305707" and log.summary["stop_reason"] == "wallclock_cap"
+    assert log.facts["world_size"] == "1" and log.facts["torch"] == "2.11.0+cu130" and log.facts["git_commit"] == "none"
+    assert log.warnings == ["artifact_over_limit artifact_bytes:19100350 limit:16000000"] and log.errors == []
+    assert log.final_phase.name == "roundtrip" and log.invalid_reason() is None
+
+
+def test_runlog_summary_is_the_last_block_of_single_key_values(tmp_path):
+    """Single key:value lines earlier in the log (run_id:, attention:) are facts, not summary; warning
+    and error lines and blank lines do not end the block, any other line does."""
+    lines = ["hyperparameters:", "  seed: 7", "  val_max_tokens: 0", "run_id:x", "attention:sdpa",
+             "step:1/2 train_loss:5.0 train_time:0.1s step_avg:100.00ms",
+             "roundtrip val_loss:3.0 val_bpb:1.5 eval_time:1.0s valid:1 new_graphs:0",
+             "ttt val_loss:2.9 val_bpb:1.4 eval_time:2.0s valid:1 new_graphs:0", "eval_total_time:3.0s budget:600s",
+             "final_phase:ttt", "final_val_bpb:1.4", "warning:env FOO is set but no knob reads it (typo?)", "",
+             "steps:2"]
+    log = runlog.parse("\n".join(lines))
+    assert log.summary == {"final_phase": "ttt", "final_val_bpb": "1.4", "steps": "2"}
+    assert log.facts["run_id"] == "x" and log.facts["budget"] == "600s" and log.hparams == {"seed": "7",
+                                                                                        "val_max_tokens": "0"}
+    assert log.final_phase.name == "ttt" and log.final_phase.eval_time == 2.0 and log.invalid_reason() is None
+    assert log.warnings == ["env FOO is set but no knob reads it (typo?)"]
+    failed = runlog.parse("\n".join(lines + ["error:barrier timed out after 600 s"]))
+    assert failed.summary == log.summary and failed.errors == ["barrier timed out after 600 s"]
+    assert failed.invalid_reason() == "run failed: barrier timed out after 600 s"
+    cut = runlog.parse("\n".join(lines[:-5] + ["eval_total_time:3.0s budget:600s", "steps:2"]))
+    assert cut.summary == {"steps": "2"} and cut.invalid_reason().startswith("no final_val_bpb")
+    with pytest.raises(runlog.LogError, match="missing.txt: cannot read the log"):
+        runlog.read_log(tmp_path / "missing.txt")
+
+
 def test_plot_reads_curves():
-    c = load_script("plot").read_curves(H100_LOG)
+    c = plot.read_curves(H100_LOG)
     assert len(c["train"]) == 46 and c["train"][0][:2] == (1, 9.0099) and len(c["val"]) == 1
     assert c["val"][0][:2] == (4100, 1.1611) and c["val"][0][2] == pytest.approx(4100 * 58.55 / 1000)
     assert abs(c["train"][-1][2] - 240.036) < 0.05  # step * step_avg: finer than train_time's 0.1 s
@@ -262,7 +301,6 @@ def test_plot_writes_png_and_rejects_logs_without_steps(seed_run, tmp_path):
 
 
 def test_packed_code_runs_and_counts_its_own_bytes(tiny_data, tmp_path):
-    from conftest import ROOT, parse_log, run_script, tiny_env
     out = tmp_path / "train_gpt.py"
     res = run_script([str(ROOT / "scripts" / "pack_code.py"), str(ROOT / "train_gpt.py"), "-o", str(out)], env=None)
     assert res.returncode == 0, res.stderr
@@ -313,16 +351,15 @@ def test_carry_parts_refuses_bad_parts(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.bin").write_bytes(os.urandom(200_000))
-    mod = load_script("carry_parts")
-    first, second = mod.split(src, tmp_path / "p", 120_000)
+    first, second = carry_parts.split(src, tmp_path / "p", 120_000)
     part = second / "part_2.bin"
     part.write_bytes(part.read_bytes()[:-1] + b"x")  # one byte off
-    with pytest.raises(mod.CarryError, match="does not match its manifest"):
-        mod.gather(second, tmp_path / "stash", tmp_path / "dest")
-    other = mod.split(src, tmp_path / "q", 50_000)[0]  # another split of the same files
-    mod.gather(first, tmp_path / "stash", tmp_path / "dest")
-    with pytest.raises(mod.CarryError, match="holds parts of another split"):
-        mod.gather(other, tmp_path / "stash", tmp_path / "dest")
+    with pytest.raises(carry_parts.CarryError, match="does not match its manifest"):
+        carry_parts.gather(second, tmp_path / "stash", tmp_path / "dest")
+    other = carry_parts.split(src, tmp_path / "q", 50_000)[0]  # another split of the same files
+    carry_parts.gather(first, tmp_path / "stash", tmp_path / "dest")
+    with pytest.raises(carry_parts.CarryError, match="holds parts of another split"):
+        carry_parts.gather(other, tmp_path / "stash", tmp_path / "dest")
     res = run_script(["scripts/carry_parts.py", "split", str(tmp_path / "none"), str(tmp_path / "r")], env=None)
     assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path / 'none'}: no files to split"
     assert not (tmp_path / "dest").exists()
