@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny shard sets cut from the bench corpus (or synthetic text without it)."""
+"""Shared fixtures. Everything the tests need ships in the repository: the corpus is
+tests/fixtures/corpus.jsonl.xz (English prose from Python's stdlib docstrings, made by
+tests/fixtures/make_corpus.py), SentencePiece tokenizers are trained on it once per session, and the
+tiny shard set is cut from it. No test reads ../shared."""
+import functools
+import io
 import json
 import lzma
 import os
@@ -16,41 +21,60 @@ import train_gpt  # noqa: E402
 from data.shards import write_shard  # noqa: E402
 from scripts.runlog import read_log  # noqa: E402
 
-BENCH = ROOT.parent / "shared" / "bench"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+CORPUS = FIXTURES / "corpus.jsonl.xz"
+VAL_DOCS = 12  # the corpus's first documents are the val split (5,000+ tokens at sp1024), the rest train
 
 
-def bench_docs(n: int) -> list[str]:
-    if not (BENCH / "docs.jsonl.xz").exists():
-        pytest.skip("../shared/bench corpus not present")
-    out = []
-    with lzma.open(BENCH / "docs.jsonl.xz", "rt") as f:
-        for line in f:
-            out.append(json.loads(line)["text"])
-            if len(out) == n:
-                break
-    return out
+@functools.cache
+def corpus_docs() -> tuple[str, ...]:
+    """The texts of the shipped corpus, in file order (359 documents, ~480,000 characters)."""
+    with lzma.open(CORPUS, "rt", encoding="utf-8") as f:
+        return tuple(json.loads(line)["text"] for line in f)
 
 
-def bench_tokenizer(vocab: int) -> Path:
-    path = BENCH / "tokenizers" / f"bench_{vocab}_bpe.model"
-    if not path.exists():
-        pytest.skip("../shared/bench tokenizers not present")
+def train_tokenizer(path: Path, vocab: int, texts) -> Path:
+    """A SentencePiece BPE model of exactly `vocab` pieces, trained as the bench tokenizers were: byte
+    fallback, no dummy prefix, split digits, nmt_nfkc normalization, pad 0 / bos 1 / eos 2 / unk 3."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab,
+        byte_fallback=True, add_dummy_prefix=False, split_digits=True, normalization_rule_name="nmt_nfkc",
+        character_coverage=0.9995, hard_vocab_limit=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+        num_threads=1, minloglevel=2)
+    path.write_bytes(model.getvalue())
+    got = spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
+    assert got == vocab, f"{path}: the corpus gave {got} pieces, not {vocab}"
     return path
 
 
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """tokenizer(vocab) -> path of a model trained on the corpus's train split (once per vocab and session)."""
+    folder = tmp_path_factory.mktemp("tokenizers")
+
+    @functools.cache
+    def get(vocab: int) -> Path:
+        return train_tokenizer(folder / f"test_{vocab}_bpe.model", vocab, corpus_docs()[VAL_DOCS:])
+
+    return get
+
+
 def docs_to_stream(ids: list[list[int]]) -> np.ndarray:
+    """Each document as BOS (1) + its ids, concatenated: the layout of data/tokenize_jsonl.py's shards."""
     return np.concatenate([np.concatenate([[1], x]) for x in ids]).astype(np.uint16)
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    """sp1024 shards: 30 val docs, 300 train docs of the bench corpus."""
-    tok = bench_tokenizer(1024)
-    sp = spm.SentencePieceProcessor(model_file=str(tok))
-    ids = sp.encode(bench_docs(330))
+def tiny_data(tmp_path_factory, tokenizer):
+    """sp1024 shards of the corpus: val = its first VAL_DOCS documents (more than the 4096 tokens
+    TINY_ENV scores), train = the other 347 (~170,000 tokens)."""
+    tok = tokenizer(1024)
+    ids = spm.SentencePieceProcessor(model_file=str(tok)).encode(list(corpus_docs()))
     d = tmp_path_factory.mktemp("sp1024")
-    write_shard(d / "fineweb_val_000000.bin", docs_to_stream(ids[:30]))
-    write_shard(d / "fineweb_train_000000.bin", docs_to_stream(ids[30:]))
+    n_val = write_shard(d / "fineweb_val_000000.bin", docs_to_stream(ids[:VAL_DOCS]))
+    write_shard(d / "fineweb_train_000000.bin", docs_to_stream(ids[VAL_DOCS:]))
+    assert n_val > int(TINY_ENV["VAL_MAX_TOKENS"]) + 1
     return d, tok
 
 

@@ -7,7 +7,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt
-from conftest import bench_docs, bench_tokenizer
+from conftest import corpus_docs
 
 EXOTIC = [
     "naïve café — Ωmega ∑ résumé",
@@ -25,11 +25,11 @@ def doc_bytes(lut: train_gpt.ByteLUT, ids: list[int]) -> int:
 
 
 @pytest.mark.parametrize("vocab", [1024, 8192])
-def test_bench_docs_byte_exact(vocab):
-    path = bench_tokenizer(vocab)
+def test_corpus_docs_byte_exact(tokenizer, vocab):
+    path = tokenizer(vocab)
     sp = train_gpt.load_tokenizer(str(path), vocab)
     lut = train_gpt.build_byte_lut(sp, vocab)
-    docs = bench_docs(200) + EXOTIC
+    docs = list(corpus_docs()) + EXOTIC
     n_byte_tokens = 0
     for text in docs:
         ids = sp.encode(text)
@@ -38,8 +38,8 @@ def test_bench_docs_byte_exact(vocab):
     assert n_byte_tokens > 0  # the byte-fallback path was exercised
 
 
-def test_lut_rules():
-    sp = train_gpt.load_tokenizer(str(bench_tokenizer(1024)), 1024)
+def test_lut_rules(tokenizer):
+    sp = train_gpt.load_tokenizer(str(tokenizer(1024)), 1024)
     lut = train_gpt.build_byte_lut(sp, 1024)
     space = sp.piece_to_id("\u2581")
     assert lut.base_bytes[space] == 0 and lut.has_leading_space[space]
@@ -62,19 +62,19 @@ def test_bpb_formula_matches_eval(tiny_data):
     val = train_gpt.load_val_tokens(train_gpt.shard_files(str(data), "val"), 1024, 2048)
     model = randomized(small_cfg(vocab_size=1024))
     hp = train_gpt.Hyperparameters({"EVAL_BATCH_SEQS": "7"})
-    loss, bpb = train_gpt.eval_tokens(model, val, lut, train_gpt.Dist(), hp, 64, 64).totals()
+    loss, bpb = train_gpt.eval_tokens(model, val, lut, train_gpt.Dist(), hp, train_gpt.Phase("roundtrip", 64, 64)).totals()
     x = torch.from_numpy(val[:-1].astype(np.int64)).view(-1, 64)  # 2048 targets = 32 windows of 64
     y = torch.from_numpy(val[1:].astype(np.int64)).view(-1, 64)
     with torch.no_grad():
-        nll = model(x, y).double().sum().item()
+        nll = model(x, y, looped=True).double().sum().item()
     total_bytes = lut.target_bytes(x, y).sum().item()
     assert math.isclose(loss, nll / y.numel(), rel_tol=1e-9)
     assert math.isclose(bpb, nll / math.log(2) / total_bytes, rel_tol=1e-9)
 
 
-def test_tokenizer_errors(tmp_path):
+def test_tokenizer_errors(tokenizer, tmp_path):
     with pytest.raises(train_gpt.UserError, match="vocab 1024 != VOCAB_SIZE=8192"):
-        train_gpt.load_tokenizer(str(bench_tokenizer(1024)), 8192)
+        train_gpt.load_tokenizer(str(tokenizer(1024)), 8192)
     bogus = tmp_path / "x.model"
     bogus.write_bytes(b"not a model")
     with pytest.raises(train_gpt.UserError, match="not a SentencePiece model"):
@@ -83,9 +83,9 @@ def test_tokenizer_errors(tmp_path):
         train_gpt.load_tokenizer(str(tmp_path / "missing.model"), 1024)
 
 
-def test_tokenizer_without_space_piece_rejected(tmp_path):
+def test_tokenizer_without_space_piece_rejected(tokenizer, tmp_path):
     """A model whose '▁' is not a standalone piece would overcharge spaces (issue #897)."""
-    blob = bench_tokenizer(1024).read_bytes()
+    blob = tokenizer(1024).read_bytes()
     # Rename the piece '▁' (protobuf: tag 0x0a, length 3, UTF-8 e2 96 81, then the score tag)
     # to '▂' of the same length, so the model stays valid but has no standalone space.
     needle = b"\x0a\x03\xe2\x96\x81\x15"

@@ -5,7 +5,6 @@ small Hub imitation served on 127.0.0.1 (HF_ENDPOINT) from a temporary folder.
 """
 import hashlib
 import http.server
-import importlib.util
 import json
 import lzma
 import os
@@ -22,20 +21,11 @@ import pytest
 import sentencepiece as spm
 
 import train_gpt
-from conftest import ROOT
+from conftest import CORPUS, ROOT, corpus_docs
 from data import tokenize_jsonl
 from data.shards import ShardError, ShardWriter, read_header, read_shard, write_shard
 
 DATA = ROOT / "data"
-BENCH = ROOT.parent / "shared" / "bench"
-
-
-def load_module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_checked(path: Path) -> np.ndarray:
@@ -330,23 +320,26 @@ def tiny(tmp_path_factory):
     return texts, tmp / "out"
 
 
-def test_matches_bench_make_shards(tmp_path):
-    if not (BENCH / "docs.jsonl.xz").is_file() or not (BENCH / "make_shards.py").is_file():
-        pytest.skip(f"bench corpus not found at {BENCH}")
-    model = BENCH / "tokenizers" / "bench_8192_bpe.model"
-    n = 600
-    tokenize_jsonl.main([str(BENCH / "docs.jsonl.xz"), "--out-dir", str(tmp_path / "out"), "--tokenizer",
-                         str(model), "--val-docs", "400", "--max-docs", str(n), "--workers", "2"])
-    make_shards = load_module(BENCH / "make_shards.py", "bench_make_shards")
-    with lzma.open(BENCH / "docs.jsonl.xz", "rt") as f:
-        texts = [json.loads(next(f))["text"] for _ in range(n)]
-    ids = spm.SentencePieceProcessor(model_file=str(model)).encode(texts)
-    make_shards.write_shard(tmp_path / "ref_val.bin", ids[:400])
-    make_shards.write_shard(tmp_path / "ref_train.bin", ids[400:])
+def test_matches_reference_shards(tokenizer, tmp_path):
+    """With a given model, the shards are byte-identical to the bench corpus's make_shards.py layout,
+    built here by hand: each document as BOS (1) + its ids, one shard per split, a 256-word header
+    (20240520, 1, token count, zeros), uint16 tokens. 300 val docs span two encoding batches of 256,
+    and 2 workers encode them."""
+    model = tokenizer(8192)
+    n, n_val = 350, 300
+    tokenize_jsonl.main([str(CORPUS), "--out-dir", str(tmp_path / "out"), "--tokenizer", str(model),
+                         "--val-docs", str(n_val), "--max-docs", str(n), "--workers", "2"])
+    ids = spm.SentencePieceProcessor(model_file=str(model)).encode(list(corpus_docs()[:n]))
+
+    def reference(docs) -> bytes:
+        toks = [t for x in docs for t in [1, *x]]
+        return np.array([20240520, 1, len(toks)] + [0] * 253, dtype="<i4").tobytes() + \
+            np.array(toks, dtype="<u2").tobytes()
+
     out = tmp_path / "out" / "datasets" / "custom_sp8192"
     assert sorted(p.name for p in out.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
-    assert (out / "fineweb_val_000000.bin").read_bytes() == (tmp_path / "ref_val.bin").read_bytes()
-    assert (out / "fineweb_train_000000.bin").read_bytes() == (tmp_path / "ref_train.bin").read_bytes()
+    assert (out / "fineweb_val_000000.bin").read_bytes() == reference(ids[:n_val])
+    assert (out / "fineweb_train_000000.bin").read_bytes() == reference(ids[n_val:])
     assert (tmp_path / "out" / "tokenizers" / model.name).read_bytes() == model.read_bytes()
 
 
