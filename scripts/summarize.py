@@ -3,12 +3,17 @@
 
 usage: scripts/summarize.py LOG... [--reference MEAN STD N | --reference-logs LOG...]
                             [--json submission.json --name NAME --blurb TEXT]
-                            [--skip-bad] [--allow-duplicate-seeds]
+                            [--skip-bad] [--allow-invalid] [--allow-duplicate-seeds]
 
 Each LOG is LOG_DIR/<RUN_ID>.txt as written by train_gpt.py (read by scripts/runlog.py). A log without
 the final summary block (a failed or truncated run) is an error naming the log and the missing keys,
-unless --skip-bad, which skips it with a warning. The reference test is one-sided (H1: our mean
-final_val_bpb is lower), Welch's unequal-variance t-test with Welch-Satterthwaite degrees of freedom.
+and so is an invalid run: one whose log has an error: line or a non-finite score (a phase with
+val_bpb:nan), or whose final score is not valid for a submission (valid:0 on the final phase,
+final_valid:0, or VAL_MAX_TOKENS set: only part of the val set was scored). --skip-bad skips all of
+these with a warning; --allow-invalid keeps runs whose only fault is a score not valid for a
+submission in the table (column valid:0) and the statistics, but never writes --json for them.
+The reference test is one-sided (H1: our mean final_val_bpb is lower), Welch's unequal-variance
+t-test with Welch-Satterthwaite degrees of freedom.
 """
 import argparse
 import datetime
@@ -67,18 +72,29 @@ def parse_log(path: Path) -> dict:
     except ValueError:
         raise BadLog(f"{path}: seed: {run['hparams']['seed']!r} is not an integer") from None
     run["eval_s"] = s.get("eval_seconds", run["roundtrip_eval_s"])
+    if fault := log.score_fault():
+        raise BadLog(f"{path}: invalid run: {fault}")
+    run["invalid"] = log.invalid_reason()  # a complete run whose score is not valid for a submission, or None
     return run
 
 
-def load_runs(paths, skip_bad: bool, allow_dup: bool, what: str = "logs") -> tuple[list[dict], int]:
-    """Parsed runs and the number of bad logs skipped (only with skip_bad; otherwise BadLog)."""
+def load_runs(paths, skip_bad: bool, allow_dup: bool, what: str = "logs",
+              allow_invalid: bool = False) -> tuple[list[dict], int]:
+    """Parsed runs and the number of bad logs skipped (only with skip_bad; otherwise BadLog). A run whose
+    score is not valid for a submission is bad too, unless allow_invalid (then it is kept, with a warning)."""
     runs, bad = [], 0
     for p in map(Path, paths):
         if p.name.endswith(".console.txt"):
             print(f"note: ignoring {p} (a run_seeds.sh console stream, not a run log)", file=sys.stderr)
             continue
         try:
-            runs.append(parse_log(p))
+            run = parse_log(p)
+            if run["invalid"] and not allow_invalid:
+                raise BadLog(f"{p}: invalid run: {run['invalid']}: not a score for a submission "
+                             f"(--allow-invalid to tabulate it anyway)")
+            if run["invalid"]:
+                print(f"warning: {p}: invalid run kept (--allow-invalid): {run['invalid']}", file=sys.stderr)
+            runs.append(run)
         except BadLog as e:
             if not skip_bad:
                 raise
@@ -153,6 +169,8 @@ def welch_one_sided(m1, s1, n1, m2, s2, n2):
 def table(runs) -> str:
     cols = [("log", lambda r: r["name"]), ("seed", lambda r: r["seed"]), ("steps", lambda r: r["summary"]["steps"]),
             ("train_s", lambda r: f"{r['summary']['train_seconds']:.1f}")]
+    if any(r["invalid"] for r in runs):
+        cols.append(("valid", lambda r: 0 if r["invalid"] else 1))
     if any(r["eval_s"] is not None for r in runs):
         cols.append(("eval_s", lambda r: "-" if r["eval_s"] is None else f"{r['eval_s']:.1f}"))
     cols.append(("artifact_bytes", lambda r: r["summary"]["artifact_bytes"]))
@@ -227,14 +245,22 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write submission.json here")
     ap.add_argument("--name", help="submission name (default: the first log's name without _seedN)")
     ap.add_argument("--blurb", default="", help="submission one-line description")
-    ap.add_argument("--skip-bad", action="store_true", help="skip failed/truncated logs with a warning")
+    ap.add_argument("--skip-bad", action="store_true", help="skip failed, truncated and invalid runs with a warning")
+    ap.add_argument("--allow-invalid", action="store_true",
+                    help="keep runs whose score is not valid for a submission (valid:0, VAL_MAX_TOKENS) in the "
+                         "table and statistics, marked valid:0; --json is refused for them")
     ap.add_argument("--allow-duplicate-seeds", action="store_true")
     args = ap.parse_args(argv)
     try:
-        runs, skipped = load_runs(args.logs, args.skip_bad, args.allow_duplicate_seeds)
+        runs, skipped = load_runs(args.logs, args.skip_bad, args.allow_duplicate_seeds, "logs", args.allow_invalid)
+        invalid = [r for r in runs if r["invalid"]]
+        if args.json and invalid:
+            raise BadLog(f"not writing {args.json}: {len(invalid)} of {len(runs)} runs have no valid score for a "
+                         f"submission ({invalid[0]['path']}: {invalid[0]['invalid']})")
         reference = None
         if args.reference_logs:
-            refs, _ = load_runs(args.reference_logs, args.skip_bad, args.allow_duplicate_seeds, "reference logs")
+            refs, _ = load_runs(args.reference_logs, args.skip_bad, args.allow_duplicate_seeds, "reference logs",
+                                args.allow_invalid)
             reference = (*mean_std([r["summary"]["final_val_bpb"] for r in refs]), len(refs))
         elif args.reference:
             m, s, n = args.reference
@@ -248,6 +274,8 @@ def main(argv=None) -> int:
     mean, std = mean_std(bpb)
     print(table(runs))
     note = f" (skipped {skipped} bad logs)" if skipped else ""
+    if invalid:
+        note += f" ({len(invalid)} invalid: not a submission score)"
     print(f"final_val_bpb mean:{mean:.6f} std:{'n/a' if math.isnan(std) else f'{std:.6f}'} n:{len(runs)}{note}")
     if reference:
         try:

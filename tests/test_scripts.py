@@ -32,8 +32,9 @@ def summ(capsys, *argv):
 
 @pytest.fixture(scope="session")
 def seed_run(tiny_data, tmp_path_factory):
+    """Three seeds scored on the whole (small) val split, so that their scores are valid."""
     tmp = tmp_path_factory.mktemp("seeds")
-    env = tiny_env(tiny_data, tmp, LAUNCH=sys.executable, VAL_LOSS_EVERY=3)
+    env = tiny_env(tiny_data, tmp, LAUNCH=sys.executable, VAL_LOSS_EVERY=3, VAL_MAX_TOKENS=0)
     res = run_seeds("tiny", " ".join(map(str, SEEDS)), env)
     assert res.returncode == 0, res.stdout + res.stderr
     return env, [tmp / "logs" / f"tiny_seed{s}.txt" for s in SEEDS]
@@ -69,7 +70,7 @@ def test_run_seeds_writes_one_log_and_console_per_seed(seed_run):
     assert logs[0].with_name("tiny_seed1.console.txt").read_text() == before
 
 
-def test_run_seeds_stops_at_first_failure(tiny_data, tmp_path):
+def test_run_seeds_stops_at_first_failure(tiny_data, tmp_path, capsys):
     env = tiny_env(tiny_data, tmp_path, LAUNCH=sys.executable)
     res = run_seeds("bad", "1 -5 3", env)  # SEED=-5 is out of range: train_gpt.py exits 2
     assert res.returncode == 2, res.stderr
@@ -79,6 +80,10 @@ def test_run_seeds_stops_at_first_failure(tiny_data, tmp_path):
     assert (logs / "bad_seed1.txt").exists() and (logs / "bad_seed-5.console.txt").exists()
     assert not (logs / "bad_seed3.txt").exists() and not (logs / "bad_seed3.console.txt").exists()
     assert "=== bad seed 3" not in res.stderr
+    # Seed 1 completed, but scored only VAL_MAX_TOKENS=4096 of the val tokens: not a submission score.
+    rc, out, err = summ(capsys, logs / "bad_seed1.txt")
+    assert rc == 1 and out == "" and err.startswith(f"error: {logs / 'bad_seed1.txt'}: invalid run: ")
+    assert "val_max_tokens:4096" in err and "not a score for a submission" in err and len(err.splitlines()) == 1
 
 
 def test_summarize_cli_table_stats_and_submission(seed_run, tmp_path):
@@ -155,6 +160,75 @@ def test_bad_logs_are_named_errors_or_skipped(seed_run, tmp_path, capsys):
     assert f"mean:{statistics.fmean(bpb):.6f} std:{statistics.stdev(bpb):.6f} n:2 (skipped 2 bad logs)" in out
     rc, _, err = summ(capsys, truncated, "--skip-bad")
     assert rc == 1 and "error: no usable logs" in err
+
+
+def doctored(src: Path, dst: Path, edit) -> Path:
+    """A copy of a real log with each line passed through edit (a line, or None to drop it)."""
+    return write_lines(dst, [e for line in src.read_text().splitlines() if (e := edit(line)) is not None])
+
+
+def phase_line(line: str, name: str) -> bool:
+    return line.startswith(f"{name} val_loss:")
+
+
+def test_invalid_runs_are_reported_not_crashed_on(seed_run, tmp_path, capsys):
+    """A NaN score, an error after the summary, or a final phase that is not valid: each log is an
+    "invalid run" error naming it (one line, exit 1), skipped with --skip-bad."""
+    _, logs = seed_run
+    src = logs[1]
+    final = runlog.read_log(src).final_phase.name
+    nan = doctored(src, tmp_path / "nan.txt", lambda l: (
+        "roundtrip val_loss:nan val_bpb:nan eval_time:0.2s valid:1" if phase_line(l, "roundtrip")
+        else "final_val_bpb:nan" if l.startswith("final_val_bpb:") else l))
+    nan_summary_only = doctored(src, tmp_path / "inf.txt",
+                                lambda l: "final_val_bpb:inf" if l.startswith("final_val_bpb:") else l)
+    died = write_lines(tmp_path / "died.txt", src.read_text().splitlines() + ["error:RuntimeError: NCCL timeout"])
+    not_valid = doctored(src, tmp_path / "notvalid.txt",
+                         lambda l: l.replace("valid:1", "valid:0") if phase_line(l, final) else l)
+    cases = [(nan, "invalid run: phase roundtrip scored val_loss:nan val_bpb:nan"),
+             (nan_summary_only, "invalid run: final_val_bpb:inf is not a finite number"),
+             (died, "invalid run: run failed: RuntimeError: NCCL timeout"),
+             (not_valid, f"invalid run: final phase {final} logged valid:0: not a score for a submission "
+                         f"(--allow-invalid to tabulate it anyway)")]
+    for log, message in cases:
+        rc, out, err = summ(capsys, logs[0], log)
+        assert rc == 1 and out == "" and err == f"error: {log}: {message}\n", err
+    rc, out, err = summ(capsys, logs[0], *(log for log, _ in cases), logs[2], "--skip-bad")
+    assert rc == 0 and "warning: skipped 4 of 6 logs; using n=2" in err
+    bpb = [float(parse_log(l)["final_val_bpb"]) for l in (logs[0], logs[2])]
+    assert f"mean:{statistics.fmean(bpb):.6f} std:{statistics.stdev(bpb):.6f} n:2 (skipped 4 bad logs)" in out
+
+
+def test_partial_val_runs_are_not_submission_scores(seed_run, tmp_path, capsys):
+    """VAL_MAX_TOKENS runs (valid:0 on every phase, final_valid:0; or, from before that was logged, just
+    val_max_tokens set) are invalid for a submission; --allow-invalid tabulates them, marked, and still
+    refuses --json."""
+    _, logs = seed_run
+
+    def partial(line: str, mark: bool):
+        if line.startswith("  val_max_tokens:"):
+            return "  val_max_tokens: 4096"
+        if mark and " val_loss:" in line and " valid:1" in line and not line.startswith("step:"):
+            return line.replace(" valid:1", " valid:0")
+        return line
+    marked = doctored(logs[1], tmp_path / "partial_seed2.txt", lambda l: partial(l, True))
+    unmarked = doctored(logs[2], tmp_path / "older_seed3.txt", lambda l: partial(l, False))
+    final = runlog.read_log(marked).final_phase.name
+    rc, out, err = summ(capsys, logs[0], marked)
+    assert rc == 1 and err.strip() == (f"error: {marked}: invalid run: final phase {final} logged valid:0 "
+                                       f"(val_max_tokens:4096: not the full val set): not a score for a "
+                                       f"submission (--allow-invalid to tabulate it anyway)")
+    rc, out, err = summ(capsys, unmarked)
+    assert rc == 1 and "invalid run: val_max_tokens:4096: only part of the val set was scored" in err
+    rc, out, err = summ(capsys, logs[0], marked, unmarked, "--allow-invalid")
+    assert rc == 0 and err.count("invalid run kept (--allow-invalid)") == 2
+    head, *rows = out.splitlines()[:4]
+    col = head.split().index("valid")
+    assert [r.split()[col] for r in rows] == ["1", "0", "0"]
+    assert "n:3 (2 invalid: not a submission score)" in out
+    rc, out, err = summ(capsys, logs[0], marked, "--allow-invalid", "--json", tmp_path / "s.json")
+    assert rc == 1 and f"not writing {tmp_path / 's.json'}: 1 of 2 runs have no valid score" in err
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_duplicate_seeds_and_console_files(seed_run, tmp_path, capsys):
