@@ -16,6 +16,9 @@ from scripts import carry_parts, plot, runlog, summarize
 SCRIPTS = ROOT / "scripts"
 H100_LOG = Path(__file__).parent / "fixtures" / "baseline_shape_log.txt"
 SEEDS = (1, 2, 3)
+# Knobs that make a tiny run cheaper without changing what these tests look at: no clip search (the
+# tiny artifact is far under the cap anyway), one TTT epoch.
+QUICK = dict(CLIP_SEARCH_STEPS=0, TTT_EPOCHS=1)
 
 
 def run_seeds(name: str, seeds: str, env: dict) -> subprocess.CompletedProcess:
@@ -34,7 +37,7 @@ def summ(capsys, *argv):
 def seed_run(tiny_data, tmp_path_factory):
     """Three seeds scored on the whole (small) val split, so that their scores are valid."""
     tmp = tmp_path_factory.mktemp("seeds")
-    env = tiny_env(tiny_data, tmp, LAUNCH=sys.executable, VAL_LOSS_EVERY=3, VAL_MAX_TOKENS=0)
+    env = tiny_env(tiny_data, tmp, LAUNCH=sys.executable, VAL_LOSS_EVERY=3, VAL_MAX_TOKENS=0, **QUICK)
     res = run_seeds("tiny", " ".join(map(str, SEEDS)), env)
     assert res.returncode == 0, res.stdout + res.stderr
     return env, [tmp / "logs" / f"tiny_seed{s}.txt" for s in SEEDS]
@@ -71,7 +74,7 @@ def test_run_seeds_writes_one_log_and_console_per_seed(seed_run):
 
 
 def test_run_seeds_stops_at_first_failure(tiny_data, tmp_path, capsys):
-    env = tiny_env(tiny_data, tmp_path, LAUNCH=sys.executable)
+    env = tiny_env(tiny_data, tmp_path, LAUNCH=sys.executable, ITERATIONS=2, TTT_ENABLED=0, EVAL_STRIDE=0, **QUICK)
     res = run_seeds("bad", "1 -5 3", env)  # SEED=-5 is out of range: train_gpt.py exits 2
     assert res.returncode == 2, res.stderr
     assert "FAILED: bad seed -5" in res.stderr
@@ -382,7 +385,7 @@ def test_packed_code_runs_and_counts_its_own_bytes(tiny_data, tmp_path):
     assert run_script([str(ROOT / "scripts" / "pack_code.py"), str(ROOT / "train_gpt.py"), "-o", str(out)],
                       env=None).returncode == 0 and out.read_bytes() == first  # deterministic
     assert len(first) < (ROOT / "train_gpt.py").stat().st_size / 2
-    env = tiny_env(tiny_data, tmp_path, RUN_ID="packed", ITERATIONS=2, TTT_ENABLED=0, EVAL_STRIDE=0)
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="packed", ITERATIONS=2, TTT_ENABLED=0, EVAL_STRIDE=0, **QUICK)
     res = run_script([str(out)], env)
     assert res.returncode == 0, res.stderr
     summary = parse_log(tmp_path / "logs" / "packed.txt")
