@@ -1563,11 +1563,11 @@ def compiled_graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def divergence_hint(phase: Phase) -> str:
+def divergence_hint(phase: Phase, hp: Hyperparameters) -> str:
     if phase.slot != "off":
         return "lower SLOT_LR"
     if phase.ttt:
-        return "lower TTT_LR or set TTT_GRAD_CLIP > 0"
+        return "lower TTT_LR" + ("" if hp.ttt_grad_clip else " or set TTT_GRAD_CLIP > 0")
     return "the model itself scores non-finite: check the training log"
 
 
@@ -1613,7 +1613,7 @@ def score_phases(model: GPT, train_seq_len: int, val_tokens: np.ndarray, lut: By
         time_left = max(hp.eval_budget_seconds - elapsed, 0.0)
         scores = eval_tokens(copy.deepcopy(model) if phase.ttt else model, val_tokens, lut, dctx, hp, phase, log,
                              time_left)
-        secs = time.perf_counter() - t0
+        secs = dctx.all_reduce_max(time.perf_counter() - t0)  # one clock for all ranks: equal time_left, one decision
         elapsed += secs
         if scores is None:
             continue
@@ -1623,7 +1623,7 @@ def score_phases(model: GPT, train_seq_len: int, val_tokens: np.ndarray, lut: By
         log(f"{phase.name} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{secs:.1f}s valid:{int(valid)} "
             f"new_graphs:{compiled_graph_count() - graphs0}")
         if not finite:
-            raise UserError(f"phase {phase.name} scored val_bpb {val_bpb}: not a score ({divergence_hint(phase)})")
+            raise UserError(f"phase {phase.name} scored val_bpb {val_bpb}: not a score ({divergence_hint(phase, hp)})")
         results[f"{phase.name}_val_bpb"] = val_bpb
         if phase.legal and not phase.reference:
             final = (phase.name, val_loss, val_bpb, scores)
@@ -2152,7 +2152,7 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = e.exit_code
-    if int(os.environ.get("WORLD_SIZE", "1") if os.environ.get("WORLD_SIZE", "1").isdigit() else 1) > 1:
+    if os.environ.get("WORLD_SIZE", "1") != "1":
         # The run is complete and its files are written; gloo (torch 2.13) intermittently aborts
         # in its thread teardown at interpreter exit, which would turn success into SIGABRT.
         sys.stdout.flush()
