@@ -1352,12 +1352,13 @@ def window_ends(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
     return np.minimum(L + stride * np.arange(k + 1), last)
 
 
-def phase_chunks(prev_ends: np.ndarray, phase: Phase, hp: Hyperparameters) -> list[np.ndarray]:
-    """The phase's window indices, chunk by chunk (see above)."""
+def phase_chunks(prev_ends: np.ndarray, phase: Phase, hp: Hyperparameters, paced: bool) -> list[np.ndarray]:
+    """The phase's window indices, chunk by chunk (see above); paced = a phase without TTT whose pace is
+    measured (one that may be abandoned) walks PACE_CHUNKS chunks, any other one chunk."""
     if phase.ttt:
         chunk_of = prev_ends // hp.ttt_chunk_tokens
         return [np.nonzero(chunk_of == c)[0] for c in range(int(chunk_of[-1]) + 1)]
-    k = PACE_CHUNKS if budget_action(phase, hp) else 1
+    k = PACE_CHUNKS if paced else 1
     return np.array_split(np.arange(len(prev_ends)), min(k, len(prev_ends)))
 
 
@@ -1427,9 +1428,9 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
     out = TokenScores.zeros(n, dctx.device)
     ends = window_ends(len(val_tokens), phase.seq_len, phase.stride)
     prev = np.concatenate(([0], ends[:-1]))
-    chunks = phase_chunks(prev, phase, hp)
-    adapter = TTTUpdater(model, hp, dctx) if phase.ttt else None
     action = budget_action(phase, hp) if time_left is not None else None
+    chunks = phase_chunks(prev, phase, hp, paced=action == "abandon")
+    adapter = TTTUpdater(model, hp, dctx) if phase.ttt else None
     pace, hidden = Pace(dctx, len(chunks)), eval_forward(model, hp, dctx.device)
     for c, windows in enumerate(chunks):
         mine = windows[len(windows) * dctx.rank // dctx.world_size:len(windows) * (dctx.rank + 1) // dctx.world_size]
@@ -1603,7 +1604,7 @@ def score_phases(model: GPT, train_seq_len: int, val_tokens: np.ndarray, lut: By
     if hp.legality_check:
         prefix = val_tokens[:min(len(val_tokens), 4 * max(hp.ttt_chunk_tokens, hp.eval_seq_len) + 1)]
         for phase in phases[1:]:
-            ok = legality_check(model, prefix, lut, dctx, hp, dataclasses.replace(phase, reference=False))
+            ok = legality_check(model, prefix, lut, dctx, hp, phase)
             log(f"legality_check phase:{phase.name} passed:{int(ok)}")
             if not ok and phase.legal:
                 raise UserError(f"legality check failed for phase {phase.name}: scores depend on later tokens")
