@@ -49,16 +49,9 @@ def number(text: str | None, unit: str = "") -> float | None:
         return None
 
 
-@dataclass
-class Step:
-    """One `step:K/N ...` line: a train step (train_loss) or an in-training validation (val_loss, val_bpb)."""
-    step: int
-    total: int
+class Scored:
+    """val_loss and val_bpb of a line's `fields` (None where absent)."""
     fields: dict[str, str]
-
-    @property
-    def train_loss(self) -> float | None:
-        return number(self.fields.get("train_loss"))
 
     @property
     def val_loss(self) -> float | None:
@@ -67,6 +60,18 @@ class Step:
     @property
     def val_bpb(self) -> float | None:
         return number(self.fields.get("val_bpb"))
+
+
+@dataclass
+class Step(Scored):
+    """One `step:K/N ...` line: a train step (train_loss) or an in-training validation (val_loss, val_bpb)."""
+    step: int
+    total: int
+    fields: dict[str, str]
+
+    @property
+    def train_loss(self) -> float | None:
+        return number(self.fields.get("train_loss"))
 
     @property
     def train_time(self) -> float | None:
@@ -79,18 +84,10 @@ class Step:
 
 
 @dataclass
-class Phase:
+class Phase(Scored):
     """One eval phase line: `NAME val_loss:L val_bpb:B [eval_time:Ts] [valid:0|1] ...`."""
     name: str
     fields: dict[str, str]
-
-    @property
-    def val_loss(self) -> float | None:
-        return number(self.fields.get("val_loss"))
-
-    @property
-    def val_bpb(self) -> float | None:
-        return number(self.fields.get("val_bpb"))
 
     @property
     def eval_time(self) -> float | None:
