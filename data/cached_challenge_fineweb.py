@@ -4,7 +4,8 @@
 usage:
   python data/cached_challenge_fineweb.py                     # sp1024 val + 80 train shards + tokenizer
   python data/cached_challenge_fineweb.py --train-shards 0    # val shard(s) + tokenizer only
-  python data/cached_challenge_fineweb.py --variant sp8192 --repo-id kevclark/parameter-golf
+  python data/cached_challenge_fineweb.py --variant sp8192                 # from kevclark/parameter-golf
+  python data/cached_challenge_fineweb.py --variant sp8192_lossless_caps_caseops_v1_reserved  # CaseOps
 
 Remote layout (REMOTE_ROOT is --remote-root, "datasets" by default):
   REMOTE_ROOT/manifest.json
@@ -21,6 +22,22 @@ manifest.json lists the datasets and their shard counts. Both of these forms are
    "tokenizers": [{"name": "sp1024", "model_path": "tokenizers/fineweb_1024_bpe.model",
                    "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}]}
 
+--repo-id defaults to $MATCHED_FINEWEB_REPO_ID, else the repo that publishes the variant:
+  sp1024 willdepueoai/parameter-golf, sp8192 kevclark/parameter-golf,
+  sp8192_lossless_caps_caseops_v1_reserved romeerp/parameter-golf-caseops-v1.
+
+CaseOps (data/caseops.py; the export of records PR #1729/#1855). Remote layout, REMOTE_ROOT "datasets":
+  REMOTE_ROOT/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved/
+      fineweb_train_NNNNNN.bin (80), fineweb_val_NNNNNN.bin, fineweb_val_bytes_NNNNNN.bin (one per val shard)
+  REMOTE_ROOT/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
+Shard counts and tokenizer come from the manifest when it lists the dataset; when the manifest of
+romeerp/parameter-golf-caseops-v1 does not, this layout is used as written (80 train, 1 val shard).
+Each val shard's byte sidecar is fetched too. After download the CaseOps data is refused (an
+error line, exit 1) unless: the val shards hold exactly 50,000 documents (BOS, id 1: the canonical
+split; a local prep with fewer val docs trains on val documents), every val shard has its sidecar
+with a valid header and the same length, and the folder holds exactly the train shards fetched
+(more, e.g. 1499 of a local prep, means another export is mixed in).
+
 Files are fetched with huggingface_hub.hf_hub_download into the standard Hugging Face cache
 (it handles retries and resumes; HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE
 work as usual), then hard-linked into LOCAL_DIR, or copied where a link is not possible. The
@@ -35,16 +52,23 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
 if not __package__:  # run as a file (python3 data/cached_challenge_fineweb.py): import data.shards
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.shards import ShardError, read_header  # noqa: E402
+from data.shards import ShardError, read_header, read_shard, read_sidecar, sidecar_path, token_shards  # noqa: E402
 
 DEFAULT_REPO = "willdepueoai/parameter-golf"
-KNOWN_REPOS = {"sp1024": DEFAULT_REPO, "sp8192": "kevclark/parameter-golf"}
+CASEOPS = "sp8192_lossless_caps_caseops_v1_reserved"
+KNOWN_REPOS = {"sp1024": DEFAULT_REPO, "sp8192": "kevclark/parameter-golf", CASEOPS: "romeerp/parameter-golf-caseops-v1"}
+# The published CaseOps layout, used when its repo's manifest does not list the dataset.
+CASEOPS_LAYOUT = (80, 1, ["tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"])
+CANONICAL_VAL_DOCS = 50_000
+BOS = 1
 
 
 def is_offline() -> bool:
@@ -113,7 +137,10 @@ def read_plan(manifest, variant: str, manifest_path: Path, repo_id: str):
     if tok_entry is not None:
         files = [tok_entry[k] for k in ("model_path", "vocab_path", "path") if tok_entry.get(k)]
     elif isinstance(tok, str) and tok.endswith(".model"):
-        files = [tok, tok[: -len(".model")] + ".vocab"]
+        # the CaseOps export is not known to ship a .vocab (training needs only the .model)
+        files = [tok] if variant == CASEOPS else [tok, tok[: -len(".model")] + ".vocab"]
+    elif variant == CASEOPS:
+        files = list(CASEOPS_LAYOUT[2])
     else:
         v = variant.removeprefix("sp")
         files = [f"fineweb_{v}_bpe.model", f"fineweb_{v}_bpe.vocab"]
@@ -140,9 +167,9 @@ def parse_args(argv=None):
     p.add_argument("--train-shards", type=int, default=80, metavar="N",
                    help="download the first N train shards, fewer if the repo has fewer; "
                         "0 = val shard(s) and tokenizer only (default: 80)")
-    p.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID") or DEFAULT_REPO,
-                   help=f"Hugging Face dataset repo (default: $MATCHED_FINEWEB_REPO_ID or {DEFAULT_REPO}; "
-                        f"sp8192 lives in {KNOWN_REPOS['sp8192']})")
+    p.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID"),
+                   help="Hugging Face dataset repo (default: $MATCHED_FINEWEB_REPO_ID, else the variant's: "
+                        + ", ".join(f"{v} {r}" for v, r in KNOWN_REPOS.items()) + ")")
     p.add_argument("--remote-root", default=os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX") or "datasets",
                    help="folder of the repo that holds manifest.json, datasets/ and tokenizers/ "
                         "(default: $MATCHED_FINEWEB_REMOTE_ROOT_PREFIX or datasets)")
@@ -151,7 +178,28 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.train_shards < 0:
         p.error(f"--train-shards must be >= 0, got {args.train_shards}")
+    args.repo_id = args.repo_id or KNOWN_REPOS[args.variant]
     return args
+
+
+def check_caseops(ds_dir: Path, n_train: int, n_avail: int) -> None:
+    """Refuse CaseOps data that is not the canonical export (one error line each)."""
+    val = token_shards(ds_dir, "val")
+    docs = sum(int(np.count_nonzero(np.asarray(read_shard(f)) == BOS)) for f in val)
+    if docs != CANONICAL_VAL_DOCS:
+        raise SystemExit(f"error: {ds_dir}: the val shards hold {docs:,} documents (BOS tokens), the canonical "
+                         f"FineWeb val split is {CANONICAL_VAL_DOCS:,}: not the canonical CaseOps export (with fewer "
+                         f"val docs, the rest of the val split is in train)")
+    for f in val:
+        try:
+            read_sidecar(f)
+        except ShardError as e:
+            raise SystemExit(f"error: {e}; the CaseOps val bytes sidecar must match its val shard") from None
+    present = token_shards(ds_dir, "train")
+    if len(present) != n_train:
+        raise SystemExit(f"error: {ds_dir} holds {len(present)} train shards, {n_train} were fetched (the manifest "
+                         f"lists {n_avail}): shards of another export are mixed in (a local prep?); delete the "
+                         f"folder and rerun")
 
 
 def main(argv=None) -> None:
@@ -166,7 +214,14 @@ def main(argv=None) -> None:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: {manifest_path}: not valid JSON ({e})") from None
-    n_avail, n_val, tok_files = read_plan(manifest, args.variant, manifest_path, args.repo_id)
+    listed = any(isinstance(d, dict) and d.get("name") == f"fineweb10B_{args.variant}"
+                 for d in (manifest.get("datasets") or [] if isinstance(manifest, dict) else []))
+    if args.variant == CASEOPS and not listed and args.repo_id == KNOWN_REPOS[CASEOPS]:
+        print(f"note: {manifest_path} does not list fineweb10B_{CASEOPS}; using the published CaseOps layout "
+              f"({CASEOPS_LAYOUT[0]} train shards, {CASEOPS_LAYOUT[1]} val shard and its byte sidecar)")
+        n_avail, n_val, tok_files = CASEOPS_LAYOUT
+    else:
+        n_avail, n_val, tok_files = read_plan(manifest, args.variant, manifest_path, args.repo_id)
     n_train = min(args.train_shards, n_avail)
     if args.train_shards > n_avail:
         print(f"note: {args.repo_id} has only {n_avail} train shards for {args.variant}; downloading {n_train}")
@@ -175,6 +230,8 @@ def main(argv=None) -> None:
 
     ds_rel = f"datasets/fineweb10B_{args.variant}"
     wanted = [f"{ds_rel}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
+    if args.variant == CASEOPS:
+        wanted += [sidecar_path(w).as_posix() for w in wanted]
     wanted += [f"{ds_rel}/fineweb_train_{i:06d}.bin" for i in range(n_train)]
     for rel in wanted + tok_files:
         place(fetch(args, rel), local / rel)
@@ -184,8 +241,12 @@ def main(argv=None) -> None:
     for rel in wanted + tok_files:
         if not (local / rel).is_file():
             raise SystemExit(f"error: {local / rel}: missing after download")
-    tokens = {s: sum(check_shard(f) for f in sorted(ds_dir.glob(f"fineweb_{s}_*.bin"))) for s in ("train", "val")}
-    present = sorted(ds_dir.glob("fineweb_train_*.bin"))
+    for f in sorted(ds_dir.glob("fineweb_*.bin")):
+        check_shard(f)
+    tokens = {s: sum(read_header(f) for f in token_shards(ds_dir, s)) for s in ("train", "val")}
+    if args.variant == CASEOPS:
+        check_caseops(ds_dir, n_train, n_avail)
+    present = token_shards(ds_dir, "train")
     if len(present) != n_train:
         extra = sorted(set(p.name for p in present) - set(Path(r).name for r in wanted))
         print(f"warning: {ds_dir} holds {len(present)} train shards, {n_train} requested: {len(extra)} more "

@@ -9,6 +9,14 @@ reader (train_gpt.open_shard), and tests/test_data_tools.py checks that the two 
     write_shard("fineweb_val_000000.bin", tokens)    # atomic: a temporary file, then a rename
     tokens = read_shard("fineweb_val_000000.bin")    # read-only memmap after header and size checks
 
+CaseOps data adds a byte sidecar beside each val shard: fineweb_val_bytes_NNNNNN.bin, a shard of the
+same format and length whose entry i is the number of ORIGINAL UTF-8 bytes that token i of
+fineweb_val_NNNNNN.bin stands for (BOS and operator tokens 0). Note the glob trap: fineweb_val_*.bin
+also matches the sidecars; token_shards() leaves them out, read_sidecar() pairs and checks them.
+
+    for path in token_shards(folder, "val"):
+        tokens, nbytes = read_shard(path), read_sidecar(path)   # same length, or ShardError
+
 Every error is a ShardError (a ValueError) whose message is one line naming the file.
 """
 import os
@@ -98,6 +106,36 @@ def read_shard(path) -> np.ndarray:
     if n == 0:
         return np.empty(0, dtype=TOKEN_DTYPE)
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def is_sidecar(path) -> bool:
+    """True for a byte sidecar (fineweb_val_bytes_NNNNNN.bin), which token-shard globs also match."""
+    return "_bytes_" in Path(path).name
+
+
+def sidecar_path(token_shard) -> Path:
+    """The byte sidecar beside a token shard: fineweb_val_000003.bin -> fineweb_val_bytes_000003.bin."""
+    path = Path(token_shard)
+    prefix, _, index = path.stem.rpartition("_")
+    return path.with_name(f"{prefix}_bytes_{index}{path.suffix}")
+
+
+def token_shards(folder, split: str) -> list:
+    """The token shards folder/fineweb_{split}_*.bin in order, without byte sidecars."""
+    return sorted(p for p in Path(folder).glob(f"fineweb_{split}_*.bin") if not is_sidecar(p))
+
+
+def read_sidecar(token_shard) -> np.ndarray:
+    """The byte counts of a token shard's sidecar (a memmap like read_shard), after checking that both
+    are valid shards of the same length; ShardError (one line) otherwise."""
+    side = sidecar_path(token_shard)
+    n = read_header(token_shard)
+    if not side.is_file():
+        raise ShardError(f"{side}: missing, the byte sidecar of {Path(token_shard).name}")
+    m = read_header(side)
+    if m != n:
+        raise ShardError(f"{side}: {m} byte counts, but its token shard {Path(token_shard).name} has {n} tokens")
+    return read_shard(side)
 
 
 class ShardWriter:

@@ -337,7 +337,8 @@ def test_matches_reference_shards(tokenizer, tmp_path):
             np.array(toks, dtype="<u2").tobytes()
 
     out = tmp_path / "out" / "datasets" / "custom_sp8192"
-    assert sorted(p.name for p in out.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin",
+                                                     "split.json"]
     assert (out / "fineweb_val_000000.bin").read_bytes() == reference(ids[:n_val])
     assert (out / "fineweb_train_000000.bin").read_bytes() == reference(ids[n_val:])
     assert (tmp_path / "out" / "tokenizers" / model.name).read_bytes() == model.read_bytes()
@@ -355,7 +356,7 @@ def test_trained_tokenizer_and_round_trip(tiny):
     assert sp.encode("\U0001F600") == [4 + b for b in "\U0001F600".encode()]  # byte fallback
 
     ds = out / "datasets" / "custom_sp300"
-    assert sorted(p.name for p in ds.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert sorted(p.name for p in ds.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin", "split.json"]
     for name, split_texts in [("val", texts[:20]), ("train", texts[20:])]:
         toks = read_checked(ds / f"fineweb_{name}_000000.bin").tolist()
         starts = [i for i, t in enumerate(toks) if t == 1]
@@ -365,6 +366,11 @@ def test_trained_tokenizer_and_round_trip(tiny):
             assert ids == sp.encode(text)
             assert sp.decode(ids) == sp.decode(sp.encode(text))
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # staging folder removed
+    split = json.loads((ds / "split.json").read_text())
+    src = out.parent / "docs.jsonl.xz"
+    assert split == dict(input="docs.jsonl.xz", input_sha256=hashlib.sha256(src.read_bytes()).hexdigest(),
+                         val_docs=20, train_docs=len(texts) - 20, max_docs=None, caseops=False,
+                         tokenizer="custom_sp300_bpe.model")
 
 
 def test_shard_splitting(tiny, tmp_path):
@@ -387,7 +393,7 @@ def test_shard_splitting(tiny, tmp_path):
     # A rerun with bigger shards replaces the earlier shards, leaving none behind.
     r = tokenize(src, "--out-dir", tmp_path / "split", "--tokenizer", model, "--val-docs", 20, "--workers", 1)
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in ds.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert sorted(p.name for p in ds.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin", "split.json"]
 
 
 @pytest.mark.parametrize("bad", ['{"txt": "no text key"}', "not json", '{"text": 5}', '["text"]'])
