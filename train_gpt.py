@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import difflib
+import errno
 import glob
 import hashlib
 import importlib.metadata
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import struct
 import subprocess
@@ -83,6 +86,9 @@ class Knob:
 
 class Auto(str):
     """The type of a tri-state knob's default: `auto`, told apart from an enum's word "auto"."""
+
+    def __bool__(self):  # `if hp.eval_compile:` would read "auto" as on: compare with AUTO/True/False instead
+        raise TypeError("an auto knob has no truth value: compare it with AUTO, True or False")
 
 
 AUTO = Auto("auto")
@@ -242,10 +248,25 @@ RETIRED_KNOBS = {
     "TTT_MOMENTUM": f"now the constant TTT_MOMENTUM={TTT_MOMENTUM}",
     "CLIP_SEARCH_HEADROOM": f"now the constant CLIP_SEARCH_HEADROOM={CLIP_SEARCH_HEADROOM}",
 }
-# An env var sharing a knob's first word (TTT_, EVAL_, ...) but naming no knob is probably a typo.
-# (MAX_ and MIN_ are too common a start to tell.)
+# The first words of knob names (TTT_, EVAL_, ...): an env var that starts like a knob but names
+# none is probably a typo, unless the word is too common a start to tell.
 KNOB_PREFIXES = tuple(sorted({k.split("_")[0] + "_" for k in [kn.name for kn in KNOBS] + list(RETIRED_KNOBS)
                               if "_" in k} - {"MAX_", "MIN_"}))
+TYPO_PREFIXES = tuple(sorted(set(KNOB_PREFIXES) - {"DATA_", "ENABLE_", "LOG_", "NUM_", "RUN_"}))
+
+
+def one_edit_apart(a: str, b: str) -> bool:
+    """One substitution, insertion or deletion turns a into b (SEDD -> SEED)."""
+    if abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return a[i + 1:] == b[i + 1:] or a[i:] == b[i + 1:] or a[i + 1:] == b[i:]
+
+
+def looks_like_knob(name: str, knobs: set[str]) -> bool:
+    """A set env var that names no knob but starts like one or nearly spells one."""
+    return name not in knobs and (name.startswith(TYPO_PREFIXES) or any(one_edit_apart(name, k) for k in knobs)
+                                  or bool(difflib.get_close_matches(name, knobs, n=1, cutoff=0.8)))
 BOOL_WORDS = {"1": True, "true": True, "0": False, "false": False}
 
 
@@ -282,8 +303,8 @@ class Hyperparameters:
         for name, why in RETIRED_KNOBS.items():
             if name in env:
                 raise UserError(f"env {name} is not supported: {why}")
-        self.warnings = [f"env {k} is set but no knob reads it (typo?)" for k in sorted(env)
-                         if k.startswith(KNOB_PREFIXES) and k not in {kn.name for kn in KNOBS}]
+        knobs = {kn.name for kn in KNOBS}
+        self.warnings = [f"env {k} is set but no knob reads it (typo?)" for k in sorted(env) if looks_like_knob(k, knobs)]
         for kn in KNOBS:
             setattr(self, kn.name.lower(), _parse(kn, env[kn.name]) if kn.name in env else kn.default)
         validate(self)
@@ -543,29 +564,81 @@ def load_val_tokens(files: list[str], vocab_size: int, max_tokens: int) -> np.nd
     return tokens[:max_tokens + 1] if max_tokens else tokens
 
 
+def sidecar_path(token_file: str) -> Path:
+    """fineweb_val_000003.bin -> fineweb_val_bytes_000003.bin: per-token original byte counts (CaseOps data)."""
+    path = Path(token_file)
+    return path.with_name(re.sub(r"_(\d+)\.bin$", r"_bytes_\1.bin", path.name))
+
+
+def load_val_sidecars(files: list[str], n_tokens: int) -> np.ndarray | None:
+    """The byte sidecars of the val shards, concatenated and cut like the tokens; None when there are
+    none. A sidecar is a shard (same header) of uint16 byte counts, one per token of its token shard."""
+    sidecars = [sidecar_path(f) for f in files]
+    present = [s.is_file() for s in sidecars]
+    if not any(present):
+        return None
+    if not all(present):
+        missing = sidecars[present.index(False)]
+        raise UserError(f"byte sidecar {missing}: missing, but other val shards have one (all or none)")
+    parts = []
+    for f, s in zip(files, sidecars):
+        counts = open_shard(s)
+        if len(counts) != len(open_shard(f)):
+            raise UserError(f"byte sidecar {s}: {len(counts)} entries, but {f} holds {len(open_shard(f))} tokens")
+        parts.append(np.asarray(counts))
+    return np.concatenate(parts)[:n_tokens]
+
+
 # -----------------------------------------------------------------------------------------
 # Tokenizer-agnostic bits per byte
-# val_bpb = sum of NLL in bits / sum of UTF-8 bytes of the text. A target token y after x
-# carries the bytes of its piece: '▁' is one space byte, byte-fallback pieces exactly one
-# byte, control/unknown pieces none; a leading '▁' right after a boundary (BOS) is not
-# charged, because SentencePiece drops that space when decoding a document.
+# val_bpb = sum of NLL in bits / sum of UTF-8 bytes of the text. Each val target carries a byte
+# count, fixed before any scoring. By default it comes from the tokenizer's pieces: '▁' is one
+# space byte, byte-fallback pieces exactly one byte, control/unknown pieces none; a leading '▁'
+# right after a boundary (BOS) is not charged, because SentencePiece drops that space when
+# decoding a document. CaseOps data (text lower-cased with case-operator tokens) ships a byte
+# sidecar instead: each token's bytes in the original text, 0 for BOS and the operators.
 # -----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class ByteLUT:
-    base_bytes: torch.Tensor         # int32 [vocab]
-    has_leading_space: torch.Tensor  # bool  [vocab]
-    is_boundary: torch.Tensor        # bool  [vocab]
+    base_bytes: np.ndarray         # int32 [vocab]
+    has_leading_space: np.ndarray  # bool  [vocab]
+    is_boundary: np.ndarray        # bool  [vocab]
 
-    def to(self, device):
-        return ByteLUT(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
-
-    def target_bytes(self, prev: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    def target_bytes(self, prev: np.ndarray, tgt: np.ndarray) -> np.ndarray:
         space = self.has_leading_space[tgt] & ~self.is_boundary[prev]
-        return self.base_bytes[tgt] + space.to(torch.int32)
+        return self.base_bytes[tgt] + space.astype(np.int32)
 
 
-def load_tokenizer(path: str, vocab_size: int):
+@dataclasses.dataclass
+class ValSet:
+    """The val token stream and the bytes each target is charged (target t is tokens[t + 1])."""
+    tokens: np.ndarray        # [N] token ids
+    target_bytes: np.ndarray  # [N-1] int32
+    byte_source: str          # "tokenizer" | "sidecar"
+
+    @classmethod
+    def from_lut(cls, tokens: np.ndarray, lut: ByteLUT) -> ValSet:
+        return cls(tokens, lut.target_bytes(tokens[:-1], tokens[1:]), "tokenizer")
+
+    @classmethod
+    def from_sidecar(cls, tokens: np.ndarray, token_bytes: np.ndarray) -> ValSet:
+        return cls(tokens, token_bytes[1:].astype(np.int32), "sidecar")
+
+    def prefix(self, n_tokens: int) -> ValSet:
+        return ValSet(self.tokens[:n_tokens], self.target_bytes[:n_tokens - 1], self.byte_source)
+
+    def with_tokens(self, tokens: np.ndarray) -> ValSet:
+        """Other tokens charged the same bytes (the legality check's perturbed stream)."""
+        return dataclasses.replace(self, tokens=tokens)
+
+
+# Private-use characters a CaseOps tokenizer reserves as pieces (TITLE, ALLCAPS, CAPNEXT, ESC).
+CASE_OPERATORS = tuple(chr(c) for c in range(0xE001, 0xE005))
+
+
+def load_tokenizer(path: str, vocab_size: int, vocab_owner: str = "VOCAB_SIZE"):
+    """vocab_owner names where vocab_size came from, for the error: the env knob or an artifact."""
     if not os.path.isfile(path):
         raise UserError(f"tokenizer {path}: file not found (env TOKENIZER_PATH; download the data and tokenizer: "
                         f"{DOWNLOAD_HINT})")
@@ -575,7 +648,7 @@ def load_tokenizer(path: str, vocab_size: int):
     except Exception:
         raise UserError(f"tokenizer {path}: not a SentencePiece model") from None
     if sp.get_piece_size() != vocab_size:
-        raise UserError(f"tokenizer {path}: vocab {sp.get_piece_size()} != VOCAB_SIZE={vocab_size}")
+        raise UserError(f"tokenizer {path}: vocab {sp.get_piece_size()} != {vocab_owner}={vocab_size}")
     if sp.piece_to_id("\u2581") == sp.unk_id():
         # Without a standalone '▁' a space is byte-encoded as 3 tokens (issue #897): bpb breaks.
         raise UserError(f"tokenizer {path}: no standalone '\u2581' piece, byte accounting would be wrong")
@@ -601,7 +674,12 @@ def build_byte_lut(sp, vocab_size: int) -> ByteLUT:
         if piece.startswith("\u2581"):
             space[i], piece = True, piece[1:]
         base[i] = len(piece.encode("utf-8"))
-    return ByteLUT(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+    return ByteLUT(base, space, boundary)
+
+
+def is_caseops(sp) -> bool:
+    """A tokenizer with case-operator pieces: its pieces are lower-cased text, so only a sidecar knows the bytes."""
+    return all(sp.piece_to_id(op) != sp.unk_id() for op in CASE_OPERATORS)
 
 
 # -----------------------------------------------------------------------------------------
@@ -1225,13 +1303,32 @@ def write_atomic(path: Path, data: bytes, overwrite: bool = True):
         if overwrite:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)  # fails if path exists: no check-then-write race
+            link_no_clobber(tmp, path)
     except FileExistsError:
         raise UserError(f"{path} already exists: it is never overwritten (choose another RUN_ID)") from None
     except OSError as e:
         raise UserError(f"{path}: write failed ({e.strerror}); nothing was written") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# What link(2) answers where the filesystem has no hard links (some network and FUSE filesystems).
+NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EXDEV}
+
+
+def link_no_clobber(tmp: Path, path: Path):
+    """Give tmp the name path unless path exists, without a check-then-write race: a hard link where
+    the filesystem has them, else an O_EXCL claim of the name and a rename over the empty claim."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in NO_HARD_LINKS:
+            raise
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    os.replace(tmp, path)
 
 
 def artifact_path(hp: Hyperparameters, run_id: str, over_limit: bool = False) -> Path:
@@ -1251,8 +1348,13 @@ def read_artifact(path: Path) -> tuple[dict, dict]:
 
 def artifact_model(qstate: dict, meta: dict, path: Path, device: torch.device, attention) -> GPT:
     """The dequantized model of an unpacked artifact, running `attention`."""
+    fields = meta.get("model", {})
+    missing = sorted({f.name for f in dataclasses.fields(ModelConfig)} - set(fields) - set(LEGACY_MODEL_FIELDS))
+    if missing:
+        raise UserError(f"artifact {path}: its model config lacks {', '.join(missing)} (written by a different "
+                        f"version of this script?)")
     try:
-        model = GPT(ModelConfig(**LEGACY_MODEL_FIELDS | meta["model"]), attention).to(device)
+        model = GPT(ModelConfig(**LEGACY_MODEL_FIELDS | fields), attention).to(device)
         model.load_state_dict({k: v.to(device) for k, v in dequantize_state(qstate).items()})
     except (KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"artifact {path}: tensors do not match its model config ({str(e)[:120]})") from None
@@ -1418,15 +1520,15 @@ def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device):
     return dynamic_hidden
 
 
-def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp: Hyperparameters, phase: Phase,
-                log=None, time_left: float | None = None) -> TokenScores | None:
+def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase, log=None,
+                time_left: float | None = None) -> TokenScores | None:
     """Score every val target once in `phase` (the legal loop: score chunk c, then maybe adapt on
     it). Windows are split across ranks within each chunk. With time_left (seconds), the phase's
     budget_action applies; None when a reference phase was abandoned. Returns all ranks' scores."""
-    tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(dctx.device)
-    n = len(val_tokens) - 1
+    tokens = torch.from_numpy(val.tokens.astype(np.int64)).to(dctx.device)
+    n = len(val.tokens) - 1
     out = TokenScores.zeros(n, dctx.device)
-    ends = window_ends(len(val_tokens), phase.seq_len, phase.stride)
+    ends = window_ends(len(val.tokens), phase.seq_len, phase.stride)
     prev = np.concatenate(([0], ends[:-1]))
     action = budget_action(phase, hp) if time_left is not None else None
     chunks = phase_chunks(prev, phase, hp, paced=action == "abandon")
@@ -1435,7 +1537,7 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
     for c, windows in enumerate(chunks):
         mine = windows[len(windows) * dctx.rank // dctx.world_size:len(windows) * (dctx.rank + 1) // dctx.world_size]
         for w in even_batches(mine, hp.eval_batch_seqs):
-            score_windows(model, hidden, tokens, ends[w], prev[w], phase, lut, out, hp)
+            score_windows(model, hidden, tokens, ends[w], prev[w], phase, out, hp)
         if c + 1 == len(chunks) or (adapter is None and action != "abandon"):
             continue
         projected = pace.projected(c) if action else None
@@ -1451,13 +1553,14 @@ def eval_tokens(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp
             adapter.update(tokens, lo, hi, c, len(chunks), out.count)
             if log is not None and (c + 1) % 10 == 0:
                 log(f"ttt_chunk:{c + 1}/{len(chunks)} time:{pace.elapsed():.1f}s")
-    for t in (out.nll, out.nbytes, out.count):
+    for t in (out.nll, out.count):
         dctx.all_reduce_sum(t)
+    out.nbytes = out.count * torch.from_numpy(val.target_bytes).to(dctx.device)  # a target's bytes, each time scored
     return out
 
 
 def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, prev_ends: np.ndarray, phase: Phase,
-                  lut: ByteLUT, out: TokenScores, hp: Hyperparameters):
+                  out: TokenScores, hp: Hyperparameters):
     """Score a batch of windows into `out`, running `hidden` (eval_forward's) for the hidden states.
     A window's scored targets are its last ends-prev_ends, so the head and loss run on the batch's
     longest such tail only. With SLOT, a per-window delta on the final hidden states is fitted
@@ -1481,7 +1584,6 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
         nll = model.nll_from_hidden(h, y)
     t = (starts[:, None] + 1 + cut + torch.arange(L - cut, device=tokens.device)[None, :])[scored] - 1
     out.nll.index_add_(0, t, nll[scored].double())
-    out.nbytes.index_add_(0, t, lut.target_bytes(x, y)[scored].int())
     out.count.index_add_(0, t, torch.ones_like(t, dtype=torch.int32))
 
 
@@ -1546,14 +1648,13 @@ class TTTUpdater:
         self.opt.step()
 
 
-def legality_check(model: GPT, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist, hp: Hyperparameters,
-                   phase: Phase) -> bool:
+def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase) -> bool:
     """Score two val streams equal up to token p and different after it: every target <= p must get
     the identical NLL. A method that looks at targets before scoring them fails this."""
-    p = len(val_tokens) // 2 // phase.stride * phase.stride + phase.stride // 2  # a window scores both sides of p
-    other = val_tokens.copy()
+    p = len(val.tokens) // 2 // phase.stride * phase.stride + phase.stride // 2  # a window scores both sides of p
+    other = val.tokens.copy()
     other[p + 1:] = np.random.default_rng(0).permutation(other[p + 1:])
-    runs = [eval_tokens(copy.deepcopy(model), v, lut, dctx, hp, phase).nll[:p] for v in (val_tokens, other)]
+    runs = [eval_tokens(copy.deepcopy(model), v, dctx, hp, phase).nll[:p] for v in (val, val.with_tokens(other))]
     return bool(torch.equal(*runs))
 
 
@@ -1574,9 +1675,8 @@ def divergence_hint(phase: Phase, hp: Hyperparameters) -> str:
 
 @dataclasses.dataclass
 class Evaluator:
-    """The val tokens and their byte table, and how to score a model on them."""
-    val_tokens: np.ndarray
-    lut: ByteLUT
+    """The val set and how to score a model on it."""
+    val: ValSet
     dctx: Dist
     hp: Hyperparameters
     log: object
@@ -1589,22 +1689,21 @@ class Evaluator:
     def quick(self, model: GPT, seq_len: int) -> tuple[float, float]:
         """(val_loss, val_bpb) over plain windows: the checks during training."""
         phase = Phase("val", seq_len, seq_len)
-        return eval_tokens(model, self.val_tokens, self.lut, self.dctx, self.hp, phase).totals()
+        return eval_tokens(model, self.val, self.dctx, self.hp, phase).totals()
 
     def score(self, model: GPT, train_seq_len: int) -> dict:
-        return score_phases(model, train_seq_len, self.val_tokens, self.lut, self.dctx, self.hp, self.log,
-                            self.full_val)
+        return score_phases(model, train_seq_len, self.val, self.dctx, self.hp, self.log, self.full_val)
 
 
-def score_phases(model: GPT, train_seq_len: int, val_tokens: np.ndarray, lut: ByteLUT, dctx: Dist,
-                 hp: Hyperparameters, log, full_val: bool = True) -> dict:
+def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hyperparameters, log,
+                 full_val: bool = True) -> dict:
     """Run plan_phases' phases against the eval budget and log each; the final score is the last legal
     non-reference phase's. A non-finite phase is invalid and stops the run with an error."""
     phases = plan_phases(hp, train_seq_len)
     if hp.legality_check:
-        prefix = val_tokens[:min(len(val_tokens), 4 * max(hp.ttt_chunk_tokens, hp.eval_seq_len) + 1)]
+        prefix = val.prefix(4 * max(hp.ttt_chunk_tokens, hp.eval_seq_len) + 1)
         for phase in phases[1:]:
-            ok = legality_check(model, prefix, lut, dctx, hp, phase)
+            ok = legality_check(model, prefix, dctx, hp, phase)
             log(f"legality_check phase:{phase.name} passed:{int(ok)}")
             if not ok and phase.legal:
                 raise UserError(f"legality check failed for phase {phase.name}: scores depend on later tokens")
@@ -1612,8 +1711,7 @@ def score_phases(model: GPT, train_seq_len: int, val_tokens: np.ndarray, lut: By
     for phase in phases:
         t0, graphs0 = time.perf_counter(), compiled_graph_count()
         time_left = max(hp.eval_budget_seconds - elapsed, 0.0)
-        scores = eval_tokens(copy.deepcopy(model) if phase.ttt else model, val_tokens, lut, dctx, hp, phase, log,
-                             time_left)
+        scores = eval_tokens(copy.deepcopy(model) if phase.ttt else model, val, dctx, hp, phase, log, time_left)
         secs = dctx.all_reduce_max(time.perf_counter() - t0)  # one clock for all ranks: equal time_left, one decision
         elapsed += secs
         if scores is None:
@@ -1982,21 +2080,33 @@ def describe_environment(hp: Hyperparameters, dctx: Dist, code: bytes) -> list[s
     return lines
 
 
-def load_evaluator(hp: Hyperparameters, dctx: Dist, log, vocab_size: int) -> tuple[Evaluator, str]:
-    """The tokenizer's byte table and the val tokens; and the tokenizer's sha256, which the log and
-    the artifact record."""
-    sp = load_tokenizer(hp.tokenizer_path, vocab_size)
+def load_val(hp: Hyperparameters, vocab_size: int, sp) -> tuple[ValSet, list[str]]:
+    """The val tokens and their byte counts: from the byte sidecars where the shards have them, else
+    from the tokenizer's pieces (refused for a CaseOps tokenizer, whose pieces are not the text)."""
+    files = shard_files(hp.data_path, "val", hp.val_files)
+    tokens = load_val_tokens(files, vocab_size, hp.val_max_tokens)
+    if len(tokens) <= max(hp.train_seq_len, hp.eval_seq_len):
+        raise UserError(f"val shards {files[0]}...: {len(tokens)} tokens, need > TRAIN_SEQ_LEN and EVAL_SEQ_LEN "
+                        f"(one window)")
+    token_bytes = load_val_sidecars(files, len(tokens))
+    if token_bytes is not None:
+        return ValSet.from_sidecar(tokens, token_bytes), files
+    if is_caseops(sp):
+        raise UserError(f"tokenizer {hp.tokenizer_path} is a CaseOps tokenizer, but the val shards have no byte "
+                        f"sidecars ({sidecar_path(files[0]).name}): its pieces do not tell the original bytes")
+    return ValSet.from_lut(tokens, build_byte_lut(sp, vocab_size)), files
+
+
+def load_evaluator(hp: Hyperparameters, dctx: Dist, log, vocab_size: int,
+                   vocab_owner: str = "VOCAB_SIZE") -> tuple[Evaluator, str]:
+    """The val set with its byte counts, and the tokenizer's sha256 (the log and the artifact record it)."""
+    sp = load_tokenizer(hp.tokenizer_path, vocab_size, vocab_owner)
     sha = file_sha256(hp.tokenizer_path)
     log(f"tokenizer:{hp.tokenizer_path} tokenizer_sha256:{sha} vocab_size:{vocab_size}")
-    lut = build_byte_lut(sp, vocab_size).to(dctx.device)
-    val_files = shard_files(hp.data_path, "val", hp.val_files)
-    val_tokens = load_val_tokens(val_files, vocab_size, hp.val_max_tokens)
-    if len(val_tokens) <= max(hp.train_seq_len, hp.eval_seq_len):
-        raise UserError(f"val shards {val_files[0]}...: {len(val_tokens)} tokens, need > TRAIN_SEQ_LEN and "
-                        f"EVAL_SEQ_LEN (one window)")
-    log(f"val_shards:{len(val_files)} val_tokens:{len(val_tokens) - 1} full_val:{int(not hp.val_max_tokens)} "
-        f"data:{hp.data_path}")
-    return Evaluator(val_tokens, lut, dctx, hp, log), sha
+    val, files = load_val(hp, vocab_size, sp)
+    log(f"val_shards:{len(files)} val_tokens:{len(val.tokens) - 1} val_bytes:{int(val.target_bytes.sum())} "
+        f"val_byte_source:{val.byte_source} full_val:{int(not hp.val_max_tokens)} data:{hp.data_path}")
+    return Evaluator(val, dctx, hp, log), sha
 
 
 def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, Trainer]:
@@ -2044,12 +2154,23 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
     return artifact, figures
 
 
-def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: str) -> dict:
-    if dctx.is_main:  # outputs are checked before any compute is spent
+def check_outputs(hp: Hyperparameters, run_id: str) -> str | None:
+    """Why this run could not write its artifact (under either name), or None."""
+    try:
         check_writable(Path(hp.artifact_dir), "ARTIFACT_DIR")
-        if artifact_path(hp, run_id).exists():
-            raise UserError(f"artifact {artifact_path(hp, run_id)} already exists: it is never overwritten "
-                            f"(choose another RUN_ID or ARTIFACT_DIR)")
+    except UserError as e:
+        return str(e)
+    for path in (artifact_path(hp, run_id), artifact_path(hp, run_id, over_limit=True)):
+        if path.exists():
+            return f"artifact {path} already exists: it is never overwritten (choose another RUN_ID or ARTIFACT_DIR)"
+    return None
+
+
+def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: str) -> dict:
+    problem = check_outputs(hp, run_id) if dctx.is_main else None  # before any compute is spent
+    problem = dctx.broadcast_object(problem)  # every rank stops, not only the one that looked
+    if problem:
+        raise UserError(problem)
     evaluator, tokenizer_sha = load_evaluator(hp, dctx, log, hp.vocab_size)
     attn_name, attention = select_attention(hp.attn_backend, dctx.device)
     log(f"attention:{attn_name}")
@@ -2082,10 +2203,7 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     path = Path(hp.eval_only)
     qstate, meta = read_artifact(path)
     vocab = meta.get("model", {}).get("vocab_size", hp.vocab_size)
-    try:
-        evaluator, tokenizer_sha = load_evaluator(hp, dctx, log, vocab)
-    except UserError as e:
-        raise UserError(f"artifact {path} (vocab {vocab}): {e}") from None
+    evaluator, tokenizer_sha = load_evaluator(hp, dctx, log, vocab, vocab_owner=f"the vocab of artifact {path}")
     check_artifact_tokenizer(meta, path, tokenizer_sha, hp.tokenizer_path)
     if "tokenizer_sha256" not in meta:
         log("warning:artifact_records_no_tokenizer (written before artifacts did): make sure TOKENIZER_PATH is the one "

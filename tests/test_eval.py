@@ -25,9 +25,8 @@ def setup(n_tokens=301, seed=0):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(4, 64, size=n_tokens).astype(np.uint16)
     tokens[::37] = 1  # some BOS boundaries
-    lut = train_gpt.ByteLUT(torch.tensor(rng.integers(0, 4, 64), dtype=torch.int32),
-                            torch.tensor(rng.random(64) < 0.3), torch.arange(64) < 4)
-    return hp, model, tokens, lut
+    lut = train_gpt.ByteLUT(rng.integers(0, 4, 64).astype(np.int32), rng.random(64) < 0.3, np.arange(64) < 4)
+    return hp, model, tokens, train_gpt.ValSet.from_lut(tokens, lut)
 
 
 @pytest.mark.parametrize("n,L,s", [(301, 32, 8), (33, 32, 8), (20, 32, 8), (1000, 64, 64), (1025, 64, 64), (97, 32, 5)])
@@ -50,8 +49,8 @@ def test_even_batches_cover_in_order_without_singletons(n, size):
 
 
 def test_sliding_scores_match_direct_forward():
-    hp, model, tokens, lut = setup()
-    scores = train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, phase())
+    hp, model, tokens, val = setup()
+    scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, phase())
     assert (scores.count == 1).all()
     # target t = 200 is scored by the window ending at the first end >= 200, with its 32 tokens
     ends = train_gpt.window_ends(len(tokens), 32, 8)
@@ -65,29 +64,29 @@ def test_sliding_scores_match_direct_forward():
 
 @pytest.mark.parametrize("ttt,slot", [(False, "off"), (True, "off"), (False, "context"), (True, "context")])
 def test_legal_modes_pass_the_future_perturbation_check(ttt, slot):
-    hp, model, tokens, lut = setup()
-    assert train_gpt.legality_check(model, tokens, lut, train_gpt.Dist(), hp, phase(ttt, slot))
+    hp, model, tokens, val = setup()
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, phase(ttt, slot))
 
 
 def test_slot_full_fails_the_check():
     """SLOT=full fits on the targets it scores: the check must catch it."""
-    hp, model, tokens, lut = setup()
-    assert not train_gpt.legality_check(model, tokens, lut, train_gpt.Dist(), hp, phase(slot="full"))
+    hp, model, tokens, val = setup()
+    assert not train_gpt.legality_check(model, val, train_gpt.Dist(), hp, phase(slot="full"))
 
 
 def test_ttt_and_slot_change_scores_only_where_allowed():
-    hp, model, tokens, lut = setup()
-    base = train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, phase()).nll
-    ttt = train_gpt.eval_tokens(randomized(small_cfg()), tokens, lut, train_gpt.Dist(), hp, phase(ttt=True)).nll
+    hp, model, tokens, val = setup()
+    base = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, phase()).nll
+    ttt = train_gpt.eval_tokens(randomized(small_cfg()), val, train_gpt.Dist(), hp, phase(ttt=True)).nll
     assert torch.equal(base[:64], ttt[:64])  # chunk 0 is scored before any update
     assert not torch.allclose(base[64:], ttt[64:])  # later chunks see the adapted model
-    slot = train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, phase(slot="context")).nll
+    slot = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, phase(slot="context")).nll
     assert torch.equal(base[:32], slot[:32])  # window 0 has no scored context: delta stays 0
     assert not torch.allclose(base[32:], slot[32:])
 
 
 def test_ttt_refuses_to_train_on_unscored_targets():
-    hp, model, tokens, lut = setup()
+    hp, model, tokens, val = setup()
     upd = train_gpt.TTTUpdater(model, hp, train_gpt.Dist())
     t = torch.from_numpy(tokens.astype(np.int64))
     count = torch.zeros(len(tokens) - 1, dtype=torch.int32)
@@ -98,9 +97,9 @@ def test_ttt_refuses_to_train_on_unscored_targets():
 
 def test_ttt_freeze_blocks_keeps_frozen_layers():
     hp = train_gpt.Hyperparameters(EVAL_ENV | {"TTT_FREEZE_BLOCKS": "2"})
-    _, model, tokens, lut = setup()
+    _, model, tokens, val = setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, phase(ttt=True))
+    train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, phase(ttt=True))
     L = model.cfg.num_layers
     rows = train_gpt.bank_rows("qo_bank", [0, 1], L)  # Q and output projection of layers 0-1
     assert torch.equal(before["qo_bank"][rows], model.qo_bank[rows])
@@ -111,9 +110,9 @@ def test_ttt_freeze_blocks_keeps_frozen_layers():
 def test_score_phases_logs_and_dumps(tmp_path):
     hp = train_gpt.Hyperparameters(EVAL_ENV | {"SLOT": "full", "LEGALITY_CHECK": "1",
                                                "DUMP_TOKEN_NLL": str(tmp_path / "nll.npz")})
-    _, model, tokens, lut = setup()
+    _, model, tokens, val = setup()
     lines = []
-    out = train_gpt.score_phases(model, 32, tokens, lut, train_gpt.Dist(), hp, lines.append)
+    out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
     text = "\n".join(lines)
     for key in ("legality_check phase:sliding passed:1", "legality_check phase:ttt passed:1",
                 "legality_check phase:slot_full passed:0", "slot_full val_loss:", "valid:0", "eval_total_time:"):
@@ -132,9 +131,9 @@ def test_sliding_reference_phase_follows_eval_budget(mode, budget, runs_sliding)
     is the final score."""
     hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_SLIDING": mode, "EVAL_BUDGET_SECONDS": str(budget),
                                                "TTT_BUDGET_STOP": "0"})
-    _, model, tokens, lut = setup()
+    _, model, tokens, val = setup()
     lines = []
-    out = train_gpt.score_phases(model, 32, tokens, lut, train_gpt.Dist(), hp, lines.append)
+    out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
     text = "\n".join(lines)
     assert ("sliding_val_bpb" in out) == runs_sliding
     assert ("sliding:abandoned after_chunk:2/8 " in text) == (mode == "auto" and not runs_sliding)
@@ -154,8 +153,8 @@ def test_plan_phases_orders_the_score_before_the_reference():
 
 def test_sliding_phase_runs_without_ttt_whatever_eval_sliding_says():
     hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_SLIDING": "0", "TTT_ENABLED": "0", "EVAL_BUDGET_SECONDS": "0"})
-    _, model, tokens, lut = setup()
-    out = train_gpt.score_phases(model, 32, tokens, lut, train_gpt.Dist(), hp, [].append)
+    _, model, tokens, val = setup()
+    out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, [].append)
     assert out["final_val_bpb"] == out["sliding_val_bpb"]
 
 
@@ -164,10 +163,10 @@ def test_phase_lines_count_compiled_graphs():
     eager phases report 0. The log line is where a GPU run shows a phase that recompiled."""
     for flag, expect in (("0", ["0", "0"]), ("1", ["1", "0"])):
         hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_COMPILE": flag, "TTT_ENABLED": "0", "EVAL_BATCH_SEQS": "5"})
-        _, model, tokens, lut = setup()
+        _, model, tokens, val = setup()
         torch._dynamo.reset()
         lines = []
-        train_gpt.score_phases(model, 32, tokens, lut, train_gpt.Dist(), hp, lines.append)
+        train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
         graphs = [line.rsplit("new_graphs:", 1)[1] for line in lines if " val_bpb:" in line]
         assert graphs == expect, lines
 
@@ -180,12 +179,12 @@ def test_compiled_eval_scores_like_eager():
     outs, graphs = {}, []
     for flag in ("0", "auto", "1"):  # auto compiles where training does (CUDA): eager here
         hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_COMPILE": flag, "EVAL_BATCH_SEQS": "5"})
-        _, model, tokens, lut = setup()
+        _, model, tokens, val = setup()
         torch._dynamo.reset()
         outs[flag] = []
         for ttt in (False, True):
             counters.clear()
-            outs[flag].append(train_gpt.eval_tokens(model, tokens, lut, train_gpt.Dist(), hp, phase(ttt)).totals())
+            outs[flag].append(train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, phase(ttt)).totals())
             graphs.append(counters["stats"]["unique_graphs"])
     # one graph for both phases and every batch size (even_batches never makes a batch of one window,
     # which would be specialized: before it, the TTT phase compiled a second graph for a one-window remainder)
@@ -205,7 +204,7 @@ def test_ttt_stops_updating_when_its_pace_overruns_the_time_left():
     """With no time left, TTT knows its pace after chunk 1 and stops there: chunks 0-1 score as in a full
     TTT pass, and the rest as a sliding pass of a copy updated once (on chunk 0) does. With time to spare
     it keeps updating, and the later chunks score differently."""
-    hp, model, tokens, lut = setup()
+    hp, model, tokens, val = setup()
     n = len(tokens) - 1
     ends = train_gpt.window_ends(len(tokens), 32, 8)
     n_chunks = int(np.concatenate(([0], ends[:-1]))[-1] // 64) + 1
@@ -213,7 +212,7 @@ def test_ttt_stops_updating_when_its_pace_overruns_the_time_left():
 
     def run(time_left):
         lines = []
-        out = train_gpt.eval_tokens(copy.deepcopy(model), tokens, lut, train_gpt.Dist(), hp, Phase("ttt", 32, 8, ttt=True),
+        out = train_gpt.eval_tokens(copy.deepcopy(model), val, train_gpt.Dist(), hp, Phase("ttt", 32, 8, ttt=True),
                                     log=lines.append, time_left=time_left)
         return out.nll, [line for line in lines if line.startswith("ttt:updates_stopped")]
 
@@ -224,7 +223,7 @@ def test_ttt_stops_updating_when_its_pace_overruns_the_time_left():
     once = copy.deepcopy(model)
     train_gpt.TTTUpdater(once, hp, train_gpt.Dist()).update(
         torch.from_numpy(tokens.astype(np.int64)), 0, 64, 0, n_chunks, torch.ones(n, dtype=torch.int32))
-    frozen = train_gpt.eval_tokens(once, tokens, lut, train_gpt.Dist(), hp, phase()).nll
+    frozen = train_gpt.eval_tokens(once, val, train_gpt.Dist(), hp, phase()).nll
     # chunk c holds the windows whose previous end is in [64c, 64(c+1)): targets from index 128 on are chunks >= 2
     torch.testing.assert_close(stopped[:128], full[:128], rtol=0, atol=1e-6)
     torch.testing.assert_close(stopped[128:], frozen[128:], rtol=0, atol=1e-5)
@@ -234,8 +233,8 @@ def test_ttt_stops_updating_when_its_pace_overruns_the_time_left():
 @pytest.mark.parametrize("stop", ["1", "0"])
 def test_ttt_budget_stop_knob(stop):
     hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_SLIDING": "0", "EVAL_BUDGET_SECONDS": "0", "TTT_BUDGET_STOP": stop})
-    _, model, tokens, lut = setup()
+    _, model, tokens, val = setup()
     lines = []
-    out = train_gpt.score_phases(model, 32, tokens, lut, train_gpt.Dist(), hp, lines.append)
+    out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
     assert any(line.startswith("ttt:updates_stopped") for line in lines) == (stop == "1")
     assert out["final_val_bpb"] == out["ttt_val_bpb"]

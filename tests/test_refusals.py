@@ -141,4 +141,4 @@ def test_records_tokenizer_and_never_reuses_a_run_id(tiny_data, tmp_path):
                    "trained with tokenizer sha256 0000000000000000", "TOKENIZER_PATH")
     other_vocab = doctored(artifact, tmp_path, "other_vocab.br", vocab_size=8192)
     one_error_line(run_script(["train_gpt.py"], evaluate | dict(RUN_ID="ev_voc", EVAL_ONLY=str(other_vocab)), timeout=120),
-                   "(vocab 8192)", "vocab 1024 != VOCAB_SIZE=8192")
+                   "vocab 1024 != the vocab of artifact", "other_vocab.br=8192")

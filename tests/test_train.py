@@ -154,8 +154,8 @@ def test_reloaded_artifact_scores_like_in_memory_quantized_model(tiny_data, tmp_
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     sp = train_gpt.load_tokenizer(str(tok), 1024)
-    lut = train_gpt.build_byte_lut(sp, 1024)
-    val = train_gpt.load_val_tokens(train_gpt.shard_files(str(data), "val"), 1024, 4096)
+    tokens = train_gpt.load_val_tokens(train_gpt.shard_files(str(data), "val"), 1024, 4096)
+    val = train_gpt.ValSet.from_lut(tokens, train_gpt.build_byte_lut(sp, 1024))
     qstate = train_gpt.quantize_state(model.state_dict(), None, cfg.num_layers, 6, 12.85, 8, 20.0)
     in_memory = train_gpt.GPT(cfg)
     in_memory.load_state_dict(train_gpt.dequantize_state(qstate))
@@ -167,8 +167,8 @@ def test_reloaded_artifact_scores_like_in_memory_quantized_model(tiny_data, tmp_
     assert meta_back == meta
     dctx = train_gpt.Dist()
     phase = train_gpt.Phase("roundtrip", 64, 64)
-    a = train_gpt.eval_tokens(in_memory, val, lut, dctx, hp, phase).totals()
-    b = train_gpt.eval_tokens(reloaded, val, lut, dctx, hp, phase).totals()
+    a = train_gpt.eval_tokens(in_memory, val, dctx, hp, phase).totals()
+    b = train_gpt.eval_tokens(reloaded, val, dctx, hp, phase).totals()
     assert a == b
     for k, v in in_memory.state_dict().items():
         assert torch.equal(v, reloaded.state_dict()[k]), k
