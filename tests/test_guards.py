@@ -1,0 +1,61 @@
+"""Small guards: knob typos, the auto tri-state, no-clobber writes where hard links are missing, and
+artifacts whose model config lacks a field."""
+import dataclasses
+import errno
+
+import pytest
+import torch
+
+import train_gpt
+from test_model import small_cfg
+
+
+@pytest.mark.parametrize("name,warned", [
+    ("SEDD", True), ("SEED", False), ("ITERATINS", True), ("MODEL_DIMM", True), ("TTT_LRR", True),
+    ("HOME", False), ("PATH", False), ("LOG_LEVEL", False), ("OMP_NUM_THREADS", False), ("CUDA_VISIBLE_DEVICES", False), ("RUN_MODE", False),
+])
+def test_typo_warnings(name, warned):
+    hp = train_gpt.Hyperparameters({name: "1"})
+    assert hp.warnings == ([f"env {name} is set but no knob reads it (typo?)"] if warned else [])
+
+
+def test_an_auto_knob_has_no_truth_value():
+    hp = train_gpt.Hyperparameters({})
+    assert hp.eval_compile == train_gpt.AUTO
+    with pytest.raises(TypeError, match="compare it with AUTO"):
+        bool(hp.eval_compile)
+
+
+def test_no_clobber_write_without_hard_links(tmp_path, monkeypatch):
+    """Where link(2) is not supported the name is claimed with O_EXCL: still written whole, still
+    never over an existing file, and no temp file is left behind."""
+    def no_links(*_):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(train_gpt.os, "link", no_links)
+    target = tmp_path / "final_model_x.int6.br"
+    train_gpt.write_atomic(target, b"model bytes", overwrite=False)
+    assert target.read_bytes() == b"model bytes"
+    with pytest.raises(train_gpt.UserError, match="already exists: it is never overwritten"):
+        train_gpt.write_atomic(target, b"other bytes", overwrite=False)
+    assert target.read_bytes() == b"model bytes" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def artifact(cfg, drop: str, tmp_path):
+    model = train_gpt.GPT(cfg)
+    qstate = train_gpt.quantize_state(model.state_dict(), None, cfg.num_layers, 6, 12.85, 8, 20.0)
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != drop}
+    path = tmp_path / "a.br"
+    path.write_bytes(train_gpt.pack_artifact(qstate, dict(model=fields)))
+    return train_gpt.read_artifact(path) + (path,)
+
+
+def test_artifact_lacking_a_model_field_is_refused(tmp_path):
+    qstate, meta, path = artifact(small_cfg(), "num_loops", tmp_path)
+    with pytest.raises(train_gpt.UserError, match="its model config lacks num_loops"):
+        train_gpt.artifact_model(qstate, meta, path, torch.device("cpu"), train_gpt.causal_attention)
+
+
+def test_artifact_from_before_a_legacy_field_gets_its_old_default(tmp_path):
+    qstate, meta, path = artifact(small_cfg(residual_dtype="float32"), "residual_dtype", tmp_path)
+    model = train_gpt.artifact_model(qstate, meta, path, torch.device("cpu"), train_gpt.causal_attention)
+    assert model.cfg.residual_dtype == "float32"

@@ -1,0 +1,132 @@
+"""Scoring with byte sidecars (CaseOps data): train_gpt charges each val target the original bytes its
+sidecar records, refuses a CaseOps tokenizer without sidecars and sidecars that do not match their
+token shards, and logs which byte source a score used."""
+import json
+import lzma
+import shutil
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+import train_gpt
+from conftest import VAL_DOCS, corpus_docs, parse_log, run_script, tiny_env
+from data import tokenize_jsonl
+from data.shards import read_shard, read_sidecar, token_shards, write_shard
+from test_model import randomized, small_cfg
+
+
+@pytest.fixture(scope="module")
+def caseops_data(tmp_path_factory):
+    """CaseOps shards of the shipped corpus (val = its first VAL_DOCS documents, cut into 2,000-token
+    shards so that documents straddle sidecars), with a trained lossless tokenizer of 1024 pieces."""
+    tmp = tmp_path_factory.mktemp("caseops_score")
+    src = tmp / "docs.jsonl.xz"
+    src.write_bytes(lzma.compress("".join(json.dumps({"text": t}) + "\n" for t in corpus_docs()).encode()))
+    tokenize_jsonl.main([str(src), "--out-dir", str(tmp / "out"), "--caseops", "--vocab-size", "1024",
+                         "--val-docs", str(VAL_DOCS), "--shard-tokens", "2000", "--workers", "2", "--name", "co"])
+    return tmp / "out" / "datasets" / "co", tmp / "out" / "tokenizers" / "co_bpe.model"
+
+
+def hp_for(data, tok, **env):
+    return train_gpt.Hyperparameters(dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tok), VOCAB_SIZE="1024",
+                                          TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64") | env)
+
+
+def original_val_bytes() -> int:
+    return sum(len(t.encode("utf-8")) for t in corpus_docs()[:VAL_DOCS])
+
+
+def test_targets_are_charged_the_original_bytes(caseops_data):
+    data, tok = caseops_data
+    sp = train_gpt.load_tokenizer(str(tok), 1024)
+    assert train_gpt.is_caseops(sp)
+    val, files = train_gpt.load_val(hp_for(data, tok, VAL_MAX_TOKENS="0"), 1024, sp)
+    assert len(files) >= 3 and val.byte_source == "sidecar"
+    assert len(val.target_bytes) == len(val.tokens) - 1
+    # BOS (token 0) carries no bytes, so the targets carry every byte of the val documents
+    assert int(val.target_bytes.sum()) == original_val_bytes()
+    # a cut val set is charged exactly the bytes of the tokens it keeps
+    cut, _ = train_gpt.load_val(hp_for(data, tok, VAL_MAX_TOKENS="4000"), 1024, sp)
+    side = np.concatenate([np.asarray(read_sidecar(f)) for f in token_shards(data, "val")]).astype(np.int64)
+    assert len(cut.tokens) == 4001 and np.array_equal(cut.target_bytes, side[1:4001])
+
+
+def test_the_score_divides_by_the_sidecar_bytes(caseops_data):
+    """The same tokens under two byte sources: the NLL is the same, the bytes are each source's."""
+    data, tok = caseops_data
+    sp = train_gpt.load_tokenizer(str(tok), 1024)
+    val, _ = train_gpt.load_val(hp_for(data, tok, VAL_MAX_TOKENS="512"), 1024, sp)
+    model = randomized(small_cfg(vocab_size=1024))
+    hp = train_gpt.Hyperparameters(dict(EVAL_SEQ_LEN="64", EVAL_STRIDE="64", EVAL_BATCH_SEQS="8"))
+    phase = train_gpt.Phase("roundtrip", 64, 64)
+    scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, phase)
+    loss, bpb = scores.totals()
+    assert torch.equal(scores.nbytes, torch.from_numpy(val.target_bytes).to(torch.int32))
+    assert bpb == pytest.approx(loss * len(val.target_bytes) / (np.log(2) * val.target_bytes.sum()), rel=1e-12)
+    pieces = train_gpt.ValSet.from_lut(val.tokens, train_gpt.build_byte_lut(sp, 1024))
+    assert pieces.target_bytes.sum() != val.target_bytes.sum()  # operators and case make them differ
+    loss2, bpb2 = train_gpt.eval_tokens(model, pieces, train_gpt.Dist(), hp, phase).totals()
+    assert loss2 == loss
+    assert bpb2 / bpb == pytest.approx(val.target_bytes.sum() / pieces.target_bytes.sum(), rel=1e-12)
+
+
+def copy_val(data, dest, with_sidecars):
+    dest.mkdir()
+    for f in token_shards(data, "val"):
+        shutil.copy(f, dest / f.name)
+        if with_sidecars:
+            side = f.with_name(f.name.replace("_val_", "_val_bytes_"))
+            shutil.copy(side, dest / side.name)
+    return dest
+
+
+def test_caseops_tokenizer_without_sidecars_is_refused(caseops_data, tmp_path):
+    data, tok = caseops_data
+    bare = copy_val(data, tmp_path / "bare", with_sidecars=False)
+    sp = train_gpt.load_tokenizer(str(tok), 1024)
+    with pytest.raises(train_gpt.UserError, match="is a CaseOps tokenizer, but the val shards have no byte "
+                                                  "sidecars \\(fineweb_val_bytes_000000.bin\\)"):
+        train_gpt.load_val(hp_for(bare, tok), 1024, sp)
+
+
+def test_plain_tokenizer_counts_its_pieces(tiny_data):
+    data, tok = tiny_data
+    sp = train_gpt.load_tokenizer(str(tok), 1024)
+    assert not train_gpt.is_caseops(sp)
+    val, _ = train_gpt.load_val(hp_for(data, tok, VAL_MAX_TOKENS="0"), 1024, sp)
+    assert val.byte_source == "tokenizer"
+    lut = train_gpt.build_byte_lut(sp, 1024)
+    assert np.array_equal(val.target_bytes, lut.target_bytes(val.tokens[:-1], val.tokens[1:]))
+
+
+@pytest.mark.parametrize("damage", ["one_missing", "count"])
+def test_sidecars_that_do_not_match_are_refused(caseops_data, tmp_path, damage):
+    data, tok = caseops_data
+    d = copy_val(data, tmp_path / "val", with_sidecars=True)
+    side = d / "fineweb_val_bytes_000001.bin"
+    if damage == "one_missing":
+        side.unlink()
+        msg = f"byte sidecar {side}: missing, but other val shards have one (all or none)"
+    else:
+        counts = np.asarray(read_shard(side))
+        write_shard(side, counts[:-1])
+        msg = (f"byte sidecar {side}: {len(counts) - 1} entries, but {d / 'fineweb_val_000001.bin'} holds "
+               f"{len(counts)} tokens")
+    sp = train_gpt.load_tokenizer(str(tok), 1024)
+    with pytest.raises(train_gpt.UserError) as e:
+        train_gpt.load_val(hp_for(d, tok), 1024, sp)
+    assert str(e.value) == msg
+
+
+def test_a_run_on_caseops_data_logs_its_byte_source(caseops_data, tiny_data, tmp_path):
+    data, tok = caseops_data
+    env = tiny_env(tiny_data, tmp_path, DATA_PATH=data, TOKENIZER_PATH=tok, RUN_ID="co", ITERATIONS=2,
+                   TTT_ENABLED=0, EVAL_STRIDE=0)
+    res = run_script(["train_gpt.py"], env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = (tmp_path / "logs" / "co.txt").read_text()
+    side = np.concatenate([np.asarray(read_sidecar(f)) for f in token_shards(data, "val")]).astype(np.int64)
+    assert f"val_tokens:4096 val_bytes:{side[1:4097].sum()} val_byte_source:sidecar " in log
+    assert parse_log(tmp_path / "logs" / "co.txt")["final_val_bpb"]
