@@ -9,6 +9,7 @@ import lzma
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,11 @@ sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
 from data.shards import write_shard  # noqa: E402
 from scripts.runlog import read_log  # noqa: E402
+import forkserver  # noqa: E402  (tests/ is on sys.path: pytest puts a rootless conftest's folder there)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CORPUS = FIXTURES / "corpus.jsonl.xz"
+FORKSERVER = Path(__file__).resolve().parent / "forkserver.py"
 VAL_DOCS = 12  # the corpus's first documents are the val split (5,000+ tokens at sp1024), the rest train
 
 
@@ -102,6 +105,38 @@ def tiny_env(tiny_data, tmp_path, **overrides) -> dict:
 def run_script(args: list[str], env: dict, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
+
+
+class Launcher:
+    """tests/forkserver.py, started once per session: runs train_gpt.py (or tests/dist_worker.py) as a
+    forked process of a server that has already imported torch and train_gpt, ~4 s sooner than
+    run_script(["train_gpt.py"], env) and otherwise alike (its own environment, output, exit status)."""
+
+    def __init__(self, folder: Path):
+        self.socket, self.log = folder / "socket", folder / "server.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(train_gpt.KNOB_PREFIXES)}
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, str(FORKSERVER), "serve", str(self.socket)], cwd=ROOT,
+                                         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+        self.command = f"{sys.executable} {FORKSERVER} run {self.socket}"  # a launcher for run_seeds.sh's LAUNCH
+
+    def run(self, env: dict, script="train_gpt.py", args=(), nproc=1, timeout=300) -> subprocess.CompletedProcess:
+        """As run_script([script, *args], env, timeout); nproc > 1: as torchrun --standalone --nproc_per_node."""
+        while not self.socket.exists():  # the server is still importing
+            assert self.proc.poll() is None, f"tests/forkserver.py exited: {self.log.read_text()[-2000:]}"
+            time.sleep(0.05)
+        return forkserver.run(str(self.socket), script, list(args), env, str(ROOT), nproc, timeout)
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def launcher(tmp_path_factory):
+    server = Launcher(tmp_path_factory.mktemp("forkserver"))
+    yield server
+    server.close()
 
 
 def parse_log(path: Path) -> dict:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import ROOT, run_script, tiny_env
+from conftest import ROOT, tiny_env
 from data.shards import write_shard
 
 
@@ -31,28 +31,28 @@ def test_sigterm_mid_training_keeps_log_and_writes_no_artifact(tiny_data, tmp_pa
     assert not (tmp_path / "art").exists() or not any((tmp_path / "art").iterdir())
 
 
-def test_nan_loss_stops_with_the_step(tiny_data, tmp_path):
-    res = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, RUN_ID="nan", MATRIX_LR="1e30",
-                                                 TIED_EMBED_LR="1e30", SCALAR_LR="1e30", GRAD_CLIP_NORM="0"))
+def test_nan_loss_stops_with_the_step(tiny_data, tmp_path, launcher):
+    res = launcher.run(tiny_env(tiny_data, tmp_path, RUN_ID="nan", MATRIX_LR="1e30", TIED_EMBED_LR="1e30",
+                                SCALAR_LR="1e30", GRAD_CLIP_NORM="0"))
     assert res.returncode == 2
     assert res.stderr.startswith("error: train_loss became nan at step") or "became inf" in res.stderr
     assert "error:train_loss became" in (tmp_path / "logs" / "nan.txt").read_text()
 
 
-def test_artifact_dir_that_is_a_file_fails_before_training(tiny_data, tmp_path):
+def test_artifact_dir_that_is_a_file_fails_before_training(tiny_data, tmp_path, launcher):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    res = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, RUN_ID="ro", ARTIFACT_DIR=str(blocker / "sub")))
+    res = launcher.run(tiny_env(tiny_data, tmp_path, RUN_ID="ro", ARTIFACT_DIR=str(blocker / "sub")))
     assert res.returncode == 2 and res.stderr.startswith(f"error: ARTIFACT_DIR {blocker / 'sub'}: not writable")
     text = (tmp_path / "logs" / "ro.txt").read_text()
     assert "train_loss" not in text and "error:ARTIFACT_DIR" in text
 
 
-def test_eval_only_missing_or_foreign_artifact(tiny_data, tmp_path):
+def test_eval_only_missing_or_foreign_artifact(tiny_data, tmp_path, launcher):
     foreign = tmp_path / "model.pt"
     foreign.write_bytes(b"\x80\x04\x95 pickle bytes that must never be unpickled")
     for path, msg in [(tmp_path / "nope.br", "file not found"), (foreign, "bad magic")]:
-        res = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, RUN_ID=f"ev_{path.stem}", EVAL_ONLY=str(path)))
+        res = launcher.run(tiny_env(tiny_data, tmp_path, RUN_ID=f"ev_{path.stem}", EVAL_ONLY=str(path)))
         assert res.returncode == 2 and msg in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
@@ -87,10 +87,10 @@ def test_train_token_out_of_vocab_names_the_shard(tmp_path):
     (dict(SLOT="maybe"), "env SLOT='maybe': expected one of off|context|full"),
     (dict(VAL_FILES="/nonexistent/*.bin"), "no val shards match /nonexistent/*.bin"),
 ])
-def test_bad_input(tiny_data, tmp_path, overrides, msg):
+def test_bad_input(tiny_data, tmp_path, launcher, overrides, msg):
     if overrides.get("DEVICE") == "cuda" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    res = run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, **overrides), timeout=120)
+    res = launcher.run(tiny_env(tiny_data, tmp_path, **overrides), timeout=120)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], res.stderr

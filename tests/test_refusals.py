@@ -1,6 +1,7 @@
 """No wrong number is ever reported as a valid score, and impossible settings are refused before
 any compute is spent: one `error:` line, a non-zero exit, nothing already written lost."""
 import errno
+import os
 
 import pytest
 
@@ -65,8 +66,8 @@ def test_an_existing_file_is_never_overwritten(tmp_path):
 
 @pytest.mark.parametrize("args,rc,out", [(["--help"], 0, "| `TTT_LR` |"), (["-h"], 0, "configured by environment"),
                                          (["--bogus"], 2, "error: unknown argument '--bogus'")])
-def test_command_line(args, rc, out):
-    res = run_script(["train_gpt.py", *args], env=None)
+def test_command_line(args, rc, out, launcher):
+    res = launcher.run(dict(os.environ), args=args)
     assert res.returncode == rc and out in res.stdout + res.stderr
 
 
@@ -84,11 +85,11 @@ def test_startup_refusals_in_a_process(tiny_data, tmp_path):
     assert not (tmp_path / "art").exists() or not any((tmp_path / "art").iterdir())
 
 
-def test_diverged_ttt_is_not_a_score(tiny_data, tmp_path):
+def test_diverged_ttt_is_not_a_score(tiny_data, tmp_path, launcher):
     """TTT_LR=1e12 without clipping turns TTT's scores to NaN: the phase is logged valid:0, no final score
     is reported, and the run exits 2 naming the phase and the knob to lower."""
     env = tiny_env(tiny_data, tmp_path, RUN_ID="div", TTT_ENABLED=1, TTT_LR="1e12", TTT_GRAD_CLIP=0, EVAL_SLIDING=0)
-    res = run_script(["train_gpt.py"], env)
+    res = launcher.run(env)
     one_error_line(res, "phase ttt scored val_bpb nan", "lower TTT_LR")
     text = (tmp_path / "logs" / "div.txt").read_text()
     assert [line for line in text.splitlines() if line.startswith("ttt ")][0].split()[-2] == "valid:0"
@@ -108,13 +109,13 @@ def doctored(artifact, tmp_path, name, **changes):
     return path
 
 
-def test_records_tokenizer_and_never_reuses_a_run_id(tiny_data, tmp_path):
+def test_records_tokenizer_and_never_reuses_a_run_id(tiny_data, tmp_path, launcher):
     """One run, then what must be refused around its artifact: the same RUN_ID into the same ARTIFACT_DIR
     (even with another LOG_DIR), EVAL_ONLY with a tokenizer the artifact was not trained with, or of another
     vocab. EVAL_ONLY of the artifact itself needs no model knobs (its vocab comes from the artifact). A knob
     typo is warned first and again in the final block; a partial val set is never a valid score."""
     env = tiny_env(tiny_data, tmp_path, RUN_ID="rec", TTT_ENABLED=0, EVAL_STRIDE=0, TTT_LRR="1")
-    assert run_script(["train_gpt.py"], env).returncode == 0
+    assert launcher.run(env).returncode == 0
     log = (tmp_path / "logs" / "rec.txt").read_text().splitlines()
     warning = "warning:env TTT_LRR is set but no knob reads it (typo?)"
     assert log[0] == warning and log[-1] == warning
@@ -128,17 +129,17 @@ def test_records_tokenizer_and_never_reuses_a_run_id(tiny_data, tmp_path):
     _, meta = train_gpt.unpack_artifact(before)
     assert meta["tokenizer_sha256"] == sha and meta["model"]["vocab_size"] == 1024
 
-    again = run_script(["train_gpt.py"], env | dict(LOG_DIR=str(tmp_path / "other_logs")), timeout=120)
+    again = launcher.run(env | dict(LOG_DIR=str(tmp_path / "other_logs")), timeout=120)
     one_error_line(again, f"artifact {artifact} already exists")
     assert artifact.read_bytes() == before and "train_loss" not in (tmp_path / "other_logs" / "rec.txt").read_text()
 
     evaluate = {k: v for k, v in env.items() if k not in ("VOCAB_SIZE", "TTT_LRR")} | dict(EVAL_ONLY=str(artifact))
-    ok = run_script(["train_gpt.py"], evaluate | dict(RUN_ID="ev_ok"), timeout=120)
+    ok = launcher.run(evaluate | dict(RUN_ID="ev_ok"), timeout=120)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert parse_log(tmp_path / "logs" / "ev_ok.txt")["final_val_bpb"] == summary["final_val_bpb"]
     other_tok = doctored(artifact, tmp_path, "other_tok.br", tokenizer_sha256="0" * 64)
-    one_error_line(run_script(["train_gpt.py"], evaluate | dict(RUN_ID="ev_tok", EVAL_ONLY=str(other_tok)), timeout=120),
+    one_error_line(launcher.run(evaluate | dict(RUN_ID="ev_tok", EVAL_ONLY=str(other_tok)), timeout=120),
                    "trained with tokenizer sha256 0000000000000000", "TOKENIZER_PATH")
     other_vocab = doctored(artifact, tmp_path, "other_vocab.br", vocab_size=8192)
-    one_error_line(run_script(["train_gpt.py"], evaluate | dict(RUN_ID="ev_voc", EVAL_ONLY=str(other_vocab)), timeout=120),
+    one_error_line(launcher.run(evaluate | dict(RUN_ID="ev_voc", EVAL_ONLY=str(other_vocab)), timeout=120),
                    "vocab 1024 != the vocab of artifact", "other_vocab.br=8192")

@@ -34,10 +34,11 @@ def summ(capsys, *argv):
 
 
 @pytest.fixture(scope="session")
-def seed_run(tiny_data, tmp_path_factory):
-    """Three seeds scored on the whole (small) val split, so that their scores are valid."""
+def seed_run(tiny_data, tmp_path_factory, launcher):
+    """Three seeds scored on the whole (small) val split, so that their scores are valid. LAUNCH is
+    tests/forkserver.py's client: each seed a process of its own without a torch import."""
     tmp = tmp_path_factory.mktemp("seeds")
-    env = tiny_env(tiny_data, tmp, LAUNCH=sys.executable, VAL_LOSS_EVERY=3, VAL_MAX_TOKENS=0, **QUICK)
+    env = tiny_env(tiny_data, tmp, LAUNCH=launcher.command, VAL_LOSS_EVERY=3, VAL_MAX_TOKENS=0, **QUICK)
     res = run_seeds("tiny", " ".join(map(str, SEEDS)), env)
     assert res.returncode == 0, res.stdout + res.stderr
     return env, [tmp / "logs" / f"tiny_seed{s}.txt" for s in SEEDS]
@@ -73,8 +74,8 @@ def test_run_seeds_writes_one_log_and_console_per_seed(seed_run):
     assert logs[0].with_name("tiny_seed1.console.txt").read_text() == before
 
 
-def test_run_seeds_stops_at_first_failure(tiny_data, tmp_path, capsys):
-    env = tiny_env(tiny_data, tmp_path, LAUNCH=sys.executable, ITERATIONS=2, TTT_ENABLED=0, EVAL_STRIDE=0, **QUICK)
+def test_run_seeds_stops_at_first_failure(tiny_data, tmp_path, capsys, launcher):
+    env = tiny_env(tiny_data, tmp_path, LAUNCH=launcher.command, ITERATIONS=2, TTT_ENABLED=0, EVAL_STRIDE=0, **QUICK)
     res = run_seeds("bad", "1 -5 3", env)  # SEED=-5 is out of range: train_gpt.py exits 2
     assert res.returncode == 2, res.stderr
     assert "FAILED: bad seed -5" in res.stderr

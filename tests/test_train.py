@@ -1,5 +1,6 @@
 """Data loading, distributed equivalence, the end-to-end run and its artifact, and bad input."""
 import math
+import os
 import re
 
 import numpy as np
@@ -90,14 +91,14 @@ def test_lr_schedule():
 # --- distributed: N gloo processes (Parallel Muon) == 1 process with accumulation --------------
 
 @pytest.mark.parametrize("nproc", [2, 4])
-def test_parallel_muon_matches_single_process(tiny_data, tmp_path, nproc):
-    """3 layers: banks of 6 and 3 matrices, so 4 ranks exercise the padded shards too."""
+def test_parallel_muon_matches_single_process(tiny_data, tmp_path, launcher, nproc):
+    """3 layers: banks of 6 and 3 matrices, so 4 ranks exercise the padded shards too. The ranks are
+    gloo processes with torchrun's variables (tests/forkserver.py: no torch import per rank)."""
     env = tiny_env(tiny_data, tmp_path, ITERATIONS=3, NUM_LAYERS=3, PARALLEL_RESIDUAL_START=2,
                    MICRO_BATCH_TOKENS=1024 // nproc, EMA_DECAY="0.9", GRAD_CLIP_NORM="0.05")
-    one = run_script(["tests/dist_worker.py", str(tmp_path / "one.pt")], env)
+    one = launcher.run(env, "tests/dist_worker.py", [str(tmp_path / "one.pt")])
     assert one.returncode == 0, one.stderr
-    many = run_script(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                       "tests/dist_worker.py", str(tmp_path / "many.pt")], env)
+    many = launcher.run(env, "tests/dist_worker.py", [str(tmp_path / "many.pt")], nproc=nproc)
     assert many.returncode == 0, many.stderr
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "many.pt")
     assert (a["accum"], b["accum"]) == (nproc, 1)
@@ -109,10 +110,10 @@ def test_parallel_muon_matches_single_process(tiny_data, tmp_path, nproc):
 
 # --- end to end ---------------------------------------------------------------------------------
 
-def test_end_to_end_run(tiny_data, tmp_path):
+def test_end_to_end_run(tiny_data, tmp_path, launcher):
     env = tiny_env(tiny_data, tmp_path, RUN_ID="e2e", VAL_LOSS_EVERY=3)
     del env["CLIP_SEARCH_STEPS"], env["TTT_EPOCHS"]  # this run keeps their defaults: the clip search runs
-    res = run_script(["train_gpt.py"], env)
+    res = launcher.run(env)
     assert res.returncode == 0, res.stderr
     log = tmp_path / "logs" / "e2e.txt"
     text = log.read_text()
@@ -127,11 +128,11 @@ def test_end_to_end_run(tiny_data, tmp_path):
     assert 0 < float(summary["final_val_bpb"]) < 12 and summary["steps"] == "6"
     assert abs(float(summary["quant_gap_bpb"])) < 0.05
     # A second launch with the same RUN_ID must not overwrite the first log.
-    again = run_script(["train_gpt.py"], env)
+    again = launcher.run(env)
     assert again.returncode == 2 and "already exists" in again.stderr
     assert log.read_text() == text
     # EVAL_ONLY on the artifact reproduces the training run's score exactly, training nothing.
-    ev = run_script(["train_gpt.py"], env | dict(RUN_ID="e2e_eval", EVAL_ONLY=str(artifact), TRAIN_SEQ_LEN="32"))
+    ev = launcher.run(env | dict(RUN_ID="e2e_eval", EVAL_ONLY=str(artifact), TRAIN_SEQ_LEN="32"))
     assert ev.returncode == 0, ev.stderr
     ev_summary = parse_log(tmp_path / "logs" / "e2e_eval.txt")
     for key in ("final_val_bpb", "final_val_loss", "artifact_bytes"):
@@ -140,7 +141,7 @@ def test_end_to_end_run(tiny_data, tmp_path):
     # A corrupted artifact is a one-line error, and nothing from the file is executed.
     bad = tmp_path / "bad.br"
     bad.write_bytes(artifact.read_bytes()[:-100])
-    ev = run_script(["train_gpt.py"], env | dict(RUN_ID="e2e_bad", EVAL_ONLY=str(bad)))
+    ev = launcher.run(env | dict(RUN_ID="e2e_bad", EVAL_ONLY=str(bad)))
     assert ev.returncode == 2 and ev.stderr.strip() == f"error: {bad}: corrupted or truncated artifact"
 
 
@@ -203,8 +204,8 @@ def test_over_budget_artifact_is_an_error_and_kept_aside(tiny_data, tmp_path, mo
     assert re.search(r"^prequant val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.M)  # the model is still scored
 
 
-def test_help_env_lists_every_knob():
-    res = run_script(["train_gpt.py", "--help-env"], env=None)
+def test_help_env_lists_every_knob(launcher):
+    res = launcher.run(dict(os.environ), args=["--help-env"])
     assert res.returncode == 0
     assert all(f"`{k.name}`" in res.stdout for k in train_gpt.KNOBS)
 
@@ -215,14 +216,14 @@ def test_readme_env_reference_is_current():
     assert table == train_gpt.knob_reference(), "regenerate with: python3 train_gpt.py --help-env"
 
 
-def test_two_process_run_matches_one_process(tiny_data, tmp_path):
+def test_two_process_run_matches_one_process(tiny_data, tmp_path, launcher):
     """The whole pipeline under torchrun (train loop and its shared clock, Hessians, GPTQ, eval and TTT
     split across ranks, rank-0-only files) scores like one process with accumulation. With no eval budget
     left, both ranks stop TTT's updates at the same chunk (one decision for all), as one process does
     (that TTT runs all its updates with time to spare is tests/test_eval.py's)."""
     env = tiny_env(tiny_data, tmp_path, MICRO_BATCH_TOKENS=512, TTT_ENABLED=1, EVAL_SLIDING=1,
                    EVAL_BUDGET_SECONDS=0)
-    one = run_script(["train_gpt.py"], env | dict(RUN_ID="one"))
+    one = launcher.run(env | dict(RUN_ID="one"))
     assert one.returncode == 0, one.stderr
     two = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py"],
                      env | dict(RUN_ID="two"))
@@ -241,12 +242,12 @@ def test_two_process_run_matches_one_process(tiny_data, tmp_path):
                                                                     "final_model_two.int6.br"]
 
 
-def test_wallclock_cap_stops_training_within_a_step(tiny_data, tmp_path):
+def test_wallclock_cap_stops_training_within_a_step(tiny_data, tmp_path, launcher):
     """MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS caps the training clock; the loop reads the clock one
     queued step late, so it may overshoot by about one step and no more."""
     env = tiny_env(tiny_data, tmp_path, RUN_ID="cap", ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=3,
                    GPTQ_RESERVE_SECONDS=1, TTT_ENABLED=0, EVAL_STRIDE=0, TRAIN_LOG_EVERY=1000)
-    res = run_script(["train_gpt.py"], env)
+    res = launcher.run(env)
     assert res.returncode == 0, res.stderr
     text = (tmp_path / "logs" / "cap.txt").read_text()
     summary = parse_log(tmp_path / "logs" / "cap.txt")
