@@ -8,11 +8,9 @@ usage: python3 bench/byte_counts.py --caseops-data OUT/datasets/bench_sp8192_cas
 For the first --val-docs documents (the val split) prints key:value lines:
   raw_utf8_bytes         UTF-8 bytes of the original texts
   plain_tokens           tokens of the plain tokenizer (no BOS)
-  plain_lut_bytes        bytes the plain path charges (anchor_spec 1.2, reimplemented here with numpy):
-                         over the stream BOS + ids of each document, target y after x costs
-                         base_bytes[y] + 1 if y has a leading U+2581 and x is not a boundary token
-                         (control/unknown/unused: 0 bytes; byte fallback: 1; other pieces their UTF-8
-                         bytes without the leading U+2581), so a space right after BOS is not charged
+  plain_lut_bytes        bytes the plain path charges (train_gpt.build_byte_lut over the stream BOS +
+                         ids of each document: a piece's UTF-8 bytes, its leading U+2581 one space
+                         byte except right after BOS, byte fallback 1, control/unknown 0)
   plain_decoded_bytes    UTF-8 bytes of sp.decode(ids): the normalized text the plain path models
   plain_docs_changed     documents whose decoded text differs from the original (normalization)
   plain_surface_bytes    bytes of the original text the pieces' spans cover (what a sidecar built from
@@ -34,29 +32,10 @@ import sentencepiece as spm
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+import train_gpt  # noqa: E402
 from data.shards import read_shard, read_sidecar, token_shards  # noqa: E402
 
 BOS = 1
-
-
-def luts(sp):
-    """(base_bytes, has_leading_space, is_boundary) per id, as in anchor_spec 1.2."""
-    n = sp.vocab_size()
-    base = np.zeros(n, dtype=np.int64)
-    space = np.zeros(n, dtype=bool)
-    boundary = np.ones(n, dtype=bool)
-    for i in range(n):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            continue
-        boundary[i] = False
-        if sp.is_byte(i):
-            base[i] = 1
-            continue
-        piece = sp.id_to_piece(i)
-        if piece.startswith("\u2581"):
-            space[i], piece = True, piece[1:]
-        base[i] = len(piece.encode("utf-8"))
-    return base, space, boundary
 
 
 def main(argv=None):
@@ -81,9 +60,7 @@ def main(argv=None):
     sp = spm.SentencePieceProcessor(model_file=str(args.tokenizer))
     ids = sp.encode(texts)
     stream = np.concatenate([np.concatenate([[BOS], x]) for x in ids]).astype(np.int64)
-    base, space, boundary = luts(sp)
-    x, y = stream[:-1], stream[1:]
-    plain_lut = int((base[y] + (space[y] & ~boundary[x])).sum())
+    plain_lut = int(train_gpt.build_byte_lut(sp, sp.vocab_size()).target_bytes(stream[:-1], stream[1:]).sum())
     decoded = [sp.decode(x) for x in ids]
     plain_decoded = sum(len(d.encode("utf-8")) for d in decoded)
     changed = sum(d != t for d, t in zip(decoded, texts))

@@ -9,6 +9,8 @@
 # BENCH_DIR (default ../shared/bench) holds make_shards.py; BENCH_DATA (default /tmp/benchdata)
 # receives the shards. SCRIPT (default train_gpt.py) picks the file to run, e.g. build/train_gpt.py
 # from scripts/pack_code.py. NPROC (default 1) is torchrun's --nproc_per_node (bench/scaling.sh).
+# BENCH_VARIANT=caseops runs on the CaseOps sp8192 bench data instead (bench/caseops_data.sh: the same
+# documents and split, lower-cased with case operators, val bpb over the original bytes by sidecar).
 # Extra VAR=value pairs override anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,11 +18,21 @@ config=${1:?usage: bench/protocol.sh default|baseline [VAR=value ...]}
 shift
 bench_dir=${BENCH_DIR:-../shared/bench}
 data=${BENCH_DATA:-/tmp/benchdata}
-if [ ! -f "$data/datasets/bench_sp8192/fineweb_val_000000.bin" ]; then
-  python3 "$bench_dir/make_shards.py" "$data" 8192
-fi
-common=(DATA_PATH="$data/datasets/bench_sp8192" TOKENIZER_PATH="$data/tokenizers/bench_8192_bpe.model"
-        VOCAB_SIZE=8192 MAX_WALLCLOCK_SECONDS=240 SEED=1337)
+case "${BENCH_VARIANT:-plain}" in
+  plain)
+    if [ ! -f "$data/datasets/bench_sp8192/fineweb_val_000000.bin" ]; then
+      python3 "$bench_dir/make_shards.py" "$data" 8192
+    fi
+    paths=(DATA_PATH="$data/datasets/bench_sp8192" TOKENIZER_PATH="$data/tokenizers/bench_8192_bpe.model") ;;
+  caseops)
+    if [ ! -f "$data/datasets/bench_sp8192_caseops/fineweb_val_bytes_000000.bin" ]; then
+      bash bench/caseops_data.sh "$bench_dir" "$data" --workers "$(nproc)"
+    fi
+    paths=(DATA_PATH="$data/datasets/bench_sp8192_caseops"
+           TOKENIZER_PATH="$data/tokenizers/bench_sp8192_caseops_bpe.model") ;;
+  *) echo "error: unknown BENCH_VARIANT '$BENCH_VARIANT' (expected plain or caseops)" >&2; exit 2 ;;
+esac
+common=("${paths[@]}" VOCAB_SIZE=8192 MAX_WALLCLOCK_SECONDS=240 SEED=1337)
 case "$config" in
   default) cfg=(TRAIN_BATCH_TOKENS=98304) ;;
   baseline) mapfile -t cfg < bench/baseline.env ;;
