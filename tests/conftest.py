@@ -108,9 +108,9 @@ def run_script(args: list[str], env: dict, timeout=300) -> subprocess.CompletedP
 
 
 class Launcher:
-    """tests/forkserver.py, started once per session: runs train_gpt.py (or tests/dist_worker.py) as a
-    forked process of a server that has already imported torch and train_gpt, ~4 s sooner than
-    run_script(["train_gpt.py"], env) and otherwise alike (its own environment, output, exit status)."""
+    """tests/forkserver.py, started once per session: runs train_gpt.py (or another script of the
+    repository) as a forked process of a server that has already imported torch and train_gpt, ~4 s
+    sooner than run_script([script], env) and otherwise alike (its own environment, output, exit status)."""
 
     def __init__(self, folder: Path):
         self.socket, self.log = folder / "socket", folder / "server.log"
@@ -118,13 +118,17 @@ class Launcher:
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([sys.executable, str(FORKSERVER), "serve", str(self.socket)], cwd=ROOT,
                                          env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-        self.command = f"{sys.executable} {FORKSERVER} run {self.socket}"  # a launcher for run_seeds.sh's LAUNCH
+        self.argv = [sys.executable, str(FORKSERVER), "run", str(self.socket)]  # + [SCRIPT, ARGS...]: a launcher
+        self.command = " ".join(self.argv)  # for run_seeds.sh's LAUNCH
 
-    def run(self, env: dict, script="train_gpt.py", args=(), nproc=1, timeout=300) -> subprocess.CompletedProcess:
-        """As run_script([script, *args], env, timeout); nproc > 1: as torchrun --standalone --nproc_per_node."""
+    def ready(self):
         while not self.socket.exists():  # the server is still importing
             assert self.proc.poll() is None, f"tests/forkserver.py exited: {self.log.read_text()[-2000:]}"
             time.sleep(0.05)
+
+    def run(self, env: dict, script="train_gpt.py", args=(), nproc=1, timeout=300) -> subprocess.CompletedProcess:
+        """As run_script([script, *args], env, timeout); nproc > 1: as torchrun --standalone --nproc_per_node."""
+        self.ready()
         return forkserver.run(str(self.socket), script, list(args), env, str(ROOT), nproc, timeout)
 
     def close(self):

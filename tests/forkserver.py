@@ -1,21 +1,26 @@
 #!/usr/bin/env python3
-"""Starts train_gpt.py runs (and tests/dist_worker.py) as forked children of one process that has
-already imported torch, torch._dynamo (torch.optim imports it on first use) and train_gpt: a fresh
-`python3 train_gpt.py` spends ~4 s of a tiny CPU run on those imports. Each run is still a process
-of its own: its own environment, working directory, stdin/stdout/stderr (the caller's, passed over
-the socket), default signal dispositions, torch thread count (OMP_NUM_THREADS) and exit status. With
+"""Starts the repository's Python scripts (train_gpt.py, tests/dist_worker.py, bench/*.py) as forked
+children of one process that has already imported torch, torch._dynamo (torch.optim imports it on
+first use) and train_gpt: a fresh `python3 train_gpt.py` spends ~4 s of a tiny CPU run on those
+imports. Each run is still a process of its own: its own environment, working directory,
+stdin/stdout/stderr (the caller's, passed over the socket), default signal dispositions, torch thread
+count (OMP_NUM_THREADS) and exit status. train_gpt.py runs as train_gpt.main() of the imported module;
+another script runs as __main__ (runpy), and its `import train_gpt` finds the imported one. With
 --nproc N the script runs as N ranks with the variables torchrun --standalone sets (gloo on CPU).
 
 usage: python3 tests/forkserver.py serve SOCKET
        python3 tests/forkserver.py run SOCKET [--nproc N] SCRIPT [ARGS...]
-           (a launcher: scripts/run_seeds.sh's LAUNCH="python3 tests/forkserver.py run SOCKET")
+           (a launcher: scripts/run_seeds.sh's LAUNCH="python3 tests/forkserver.py run SOCKET";
+           SIGTERM and SIGINT sent to it are passed on to the run)
 
 The server handles one request at a time (the test suite runs one test at a time); a client that goes
-away (killed, timed out) takes its run with it. Only the repository's train_gpt.py and
-tests/dist_worker.py can be run: anything else is refused (run it with python3 instead).
+away (killed, timed out) takes its run with it. Scripts outside the repository are refused (another
+train_gpt.py, e.g. a packed one, would clash with the imported module: run it with python3).
 """
+import functools
 import json
 import os
+import runpy
 import select
 import signal
 import socket
@@ -28,13 +33,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SCRIPTS = {"train_gpt.py": ROOT / "train_gpt.py", "dist_worker.py": HERE / "dist_worker.py"}
+TRAIN_GPT = ROOT / "train_gpt.py"
 
 
 # --- client ------------------------------------------------------------------------------------
 
 def request(sock_path: str, script: str, args: list[str], env: dict, cwd: str, fds: list[int], nproc: int = 1,
-            timeout: float | None = None, connect_timeout: float = 120.0) -> int:
+            timeout: float | None = None, connect_timeout: float = 120.0, forward_signals: bool = False) -> int:
     """Run `script args` through the server with stdin/stdout/stderr = fds; its exit status (as
     subprocess reports it: negative for a signal). Raises TimeoutError after `timeout` s (the run is
     killed)."""
@@ -52,6 +57,9 @@ def request(sock_path: str, script: str, args: list[str], env: dict, cwd: str, f
         payload = json.dumps(dict(script=script, args=list(args), env=dict(env), cwd=str(cwd), nproc=nproc)).encode()
         socket.send_fds(s, [struct.pack("!I", len(payload)) + payload], list(fds))
         s.settimeout(timeout)
+        if forward_signals:  # pass them on (one byte each: the signal number)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, _frame: s.send(bytes([signum])))
         replies = s.makefile("r")
         try:
             for line in replies:
@@ -85,7 +93,7 @@ def client_main(argv: list[str]) -> int:
     nproc = 1
     if rest[:1] == ["--nproc"]:
         nproc, rest = int(rest[1]), rest[2:]
-    rc = request(sock_path, rest[0], rest[1:], dict(os.environ), os.getcwd(), [0, 1, 2], nproc)
+    rc = request(sock_path, rest[0], rest[1:], dict(os.environ), os.getcwd(), [0, 1, 2], nproc, forward_signals=True)
     return 128 - rc if rc < 0 else rc
 
 
@@ -147,14 +155,27 @@ def child(target, fds: list[int], env: dict, cwd: str, argv: list[str], default_
             os._exit(code if isinstance(code, int) else 1)
 
 
-def handle(conn: socket.socket, listener: socket.socket, targets: dict, default_threads: int):
+def train_gpt_main() -> int:
+    import train_gpt
+    return train_gpt.main()
+
+
+def run_as_main(path: Path) -> int:
+    """`python3 path`: the script's folder first on sys.path, run as __main__."""
+    sys.path.insert(0, str(path.parent))
+    runpy.run_path(str(path), run_name="__main__")
+    return 0
+
+
+def handle(conn: socket.socket, listener: socket.socket, default_threads: int):
     req, fds = recv_request(conn)
     try:
         path = Path(req["cwd"], req["script"]).resolve()
-        name = next((n for n, p in SCRIPTS.items() if p == path), None)
-        if name is None:
-            conn.sendall((json.dumps(dict(error=f"{path}: not a script this server runs")) + "\n").encode())
+        if not (path.is_file() and path.suffix == ".py" and path.is_relative_to(ROOT)) or \
+                (path.name == "train_gpt.py" and path != TRAIN_GPT):
+            conn.sendall((json.dumps(dict(error=f"{path}: not a script of this repository")) + "\n").encode())
             return
+        target = train_gpt_main if path == TRAIN_GPT else functools.partial(run_as_main, path)
         nproc = int(req["nproc"])
         ranks = [{}] if nproc == 1 else [
             dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0",
@@ -168,7 +189,7 @@ def handle(conn: socket.socket, listener: socket.socket, targets: dict, default_
             if pid == 0:
                 conn.close()
                 listener.close()
-                child(targets[name], fds, req["env"] | extra, req["cwd"], [str(path), *req["args"]], default_threads)
+                child(target, fds, req["env"] | extra, req["cwd"], [str(path), *req["args"]], default_threads)
             pids.append(pid)
     finally:
         for fd in fds:
@@ -183,7 +204,15 @@ def handle(conn: socket.socket, listener: socket.socket, targets: dict, default_
                     rcs[pid] = os.waitstatus_to_exitcode(status)
         failed = any(rc != 0 for rc in rcs.values())
         if not gone and select.select([conn], [], [], 0.02)[0]:
-            gone = not conn.recv(1)  # the client closed: timed out or killed
+            data = conn.recv(16)
+            gone = not data  # the client closed: timed out or killed
+            for signum in data:  # signals the client was sent
+                for pid in pids:
+                    if pid not in rcs:
+                        try:
+                            os.killpg(pid, signum)
+                        except ProcessLookupError:
+                            pass
         if gone or failed:  # as torchrun: one rank failing ends the others
             for pid in pids:
                 if pid not in rcs:
@@ -204,9 +233,7 @@ def serve(sock_path: str) -> int:
     sys.path.insert(0, str(HERE))
     import torch
     import torch._dynamo  # noqa: F401  (torch.optim imports it on first use: ~2 s)
-    import train_gpt
-    import dist_worker
-    targets = {"train_gpt.py": train_gpt.main, "dist_worker.py": lambda: dist_worker.main(sys.argv[1:])}
+    import train_gpt  # noqa: F401
     default_threads = torch.get_num_threads()
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -223,7 +250,7 @@ def serve(sock_path: str) -> int:
         with conn:
             conn.settimeout(None)
             try:
-                handle(conn, listener, targets, default_threads)
+                handle(conn, listener, default_threads)
             except (OSError, ValueError, KeyError) as e:
                 print(f"forkserver: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     return 0

@@ -1,7 +1,6 @@
 """Faults that must end a run cleanly: one error line, non-zero exit, nothing half-written."""
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,9 +13,11 @@ from conftest import ROOT, tiny_env
 from data.shards import write_shard
 
 
-def test_sigterm_mid_training_keeps_log_and_writes_no_artifact(tiny_data, tmp_path):
+def test_sigterm_mid_training_keeps_log_and_writes_no_artifact(tiny_data, tmp_path, launcher):
+    """The run's launcher (tests/forkserver.py's client) passes the SIGTERM it is sent on to the run."""
     env = tiny_env(tiny_data, tmp_path, RUN_ID="term", ITERATIONS=100000, TRAIN_LOG_EVERY=1)
-    proc = subprocess.Popen([sys.executable, "train_gpt.py"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+    launcher.ready()
+    proc = subprocess.Popen([*launcher.argv, "train_gpt.py"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     log = tmp_path / "logs" / "term.txt"
     deadline = time.time() + 120
