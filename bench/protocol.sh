@@ -9,8 +9,9 @@
 # BENCH_DIR (default ../shared/bench) holds make_shards.py; BENCH_DATA (default /tmp/benchdata)
 # receives the shards. SCRIPT (default train_gpt.py) picks the file to run, e.g. build/train_gpt.py
 # from scripts/pack_code.py. NPROC (default 1) is torchrun's --nproc_per_node (bench/scaling.sh).
-# BENCH_VARIANT=caseops runs on the CaseOps sp8192 bench data instead (bench/caseops_data.sh: the same
-# documents and split, lower-cased with case operators, val bpb over the original bytes by sidecar).
+# BENCH_VARIANT=caseops runs on the CaseOps sp8192 bench data instead, BENCH_VARIANT=lossless on its plain
+# counterpart (bench/sidecar_data.sh: the same documents and split, a lossless tokenizer with or without
+# the case operators, val bpb over the original bytes by sidecar).
 # Extra VAR=value pairs override anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,13 +25,13 @@ case "${BENCH_VARIANT:-plain}" in
       python3 "$bench_dir/make_shards.py" "$data" 8192
     fi
     paths=(DATA_PATH="$data/datasets/bench_sp8192" TOKENIZER_PATH="$data/tokenizers/bench_8192_bpe.model") ;;
-  caseops)
-    if [ ! -f "$data/datasets/bench_sp8192_caseops/fineweb_val_bytes_000000.bin" ]; then
-      bash bench/caseops_data.sh "$bench_dir" "$data" --workers "$(nproc)"
+  caseops|lossless)
+    name=bench_sp8192_$BENCH_VARIANT
+    if [ ! -f "$data/datasets/$name/fineweb_val_bytes_000000.bin" ]; then
+      bash bench/sidecar_data.sh "$BENCH_VARIANT" "$bench_dir" "$data" --workers "$(nproc)"
     fi
-    paths=(DATA_PATH="$data/datasets/bench_sp8192_caseops"
-           TOKENIZER_PATH="$data/tokenizers/bench_sp8192_caseops_bpe.model") ;;
-  *) echo "error: unknown BENCH_VARIANT '$BENCH_VARIANT' (expected plain or caseops)" >&2; exit 2 ;;
+    paths=(DATA_PATH="$data/datasets/$name" TOKENIZER_PATH="$data/tokenizers/${name}_bpe.model") ;;
+  *) echo "error: unknown BENCH_VARIANT '$BENCH_VARIANT' (expected plain, caseops or lossless)" >&2; exit 2 ;;
 esac
 common=("${paths[@]}" VOCAB_SIZE=8192 MAX_WALLCLOCK_SECONDS=240 SEED=1337)
 case "$config" in

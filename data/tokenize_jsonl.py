@@ -37,6 +37,11 @@ ORIGINAL UTF-8 bytes of token i (BOS and operators 0, a byte-fallback piece 1, a
 bytes of the characters it covers; see data/caseops.byte_weights), so that a document's entries sum
 to len(text.encode("utf-8")) exactly. sp.decode + caseops.decode gives each document back, except
 that SentencePiece decodes a literal U+2581 of the text as a space (its bytes are still counted).
+
+--lossless: the same lossless tokenizer and byte sidecars without the CaseOps transform (no operators
+reserved): the plain counterpart of --caseops, scored over the same original bytes, so that the two
+differ only by the case operators (the default tokenizer normalizes with nmt_nfkc, which collapses
+whitespace runs and maps some characters, so its bpb counts the bytes of the normalized text).
 """
 import argparse
 import gzip
@@ -135,12 +140,18 @@ def mismatch(text: str, got: bytes) -> str:
             f"{got[k:k + 12].decode('utf-8', errors='replace').replace(chr(0x2581), ' ')!r}")
 
 
-def token_bytes(text: str, ids, table, lengths: np.ndarray) -> np.ndarray:
-    """The original UTF-8 bytes of each token of one CaseOps-transformed document `text` encoded as
-    `ids` (no BOS), as int64. Raises NotLossless(None, detail) if the pieces do not spell the text.
+def char_weights(text: str, use_caseops: bool) -> np.ndarray:
+    """The original UTF-8 bytes each character of the tokenizer's text stands for."""
+    return caseops.byte_weights(text) if use_caseops else caseops.utf8_lengths(caseops.codepoints(text))
+
+
+def token_bytes(text: str, ids, table, lengths: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The original UTF-8 bytes of each token of one document `text` as the tokenizer sees it (CaseOps-
+    transformed or not) encoded as `ids` (no BOS), as int64, given each character's original bytes `w`
+    (char_weights). Raises NotLossless(None, detail) if the pieces do not spell the text.
 
     Every byte of the text as the tokenizer spells it (a space as the 3 bytes of U+2581) gets a weight:
-    byte k of a character of original weight w (caseops.byte_weights) counts 1 if k < w, else 0. A
+    byte k of a character of original weight w counts 1 if k < w, else 0. A
     space (w 1) is 1,0,0; an acting operator 0,0,0; a literal operator after ESC 1,1,1; any other
     character 1 per byte, so each byte-fallback piece of it counts 1. A token gets the weights of the
     bytes it spells."""
@@ -150,7 +161,6 @@ def token_bytes(text: str, ids, table, lengths: np.ndarray) -> np.ndarray:
     lens = caseops.utf8_lengths(spelled)
     if len(got) != int(lens.sum()) or got != text.replace(" ", "\u2581").encode("utf-8"):
         raise NotLossless(None, mismatch(text, got))
-    w = caseops.byte_weights(text)
     starts = np.cumsum(lens) - lens
     k = np.arange(int(lens.sum())) - np.repeat(starts, lens)
     per_byte = np.concatenate([[0], np.cumsum(k < np.repeat(w, lens))])
@@ -159,10 +169,12 @@ def token_bytes(text: str, ids, table, lengths: np.ndarray) -> np.ndarray:
     return per_byte[ends] - per_byte[ends - spans]
 
 
-def caseops_model_problem(sp) -> str | None:
-    """Why a SentencePiece model cannot be used for CaseOps data, or None."""
+def caseops_model_problem(sp, use_caseops: bool = True) -> str | None:
+    """Why a SentencePiece model cannot be used for CaseOps data (or, use_caseops False, for lossless
+    plain data), or None."""
     unk = sp.unk_id()
-    for op in caseops.OPERATORS:
+    flag = "--caseops" if use_caseops else "--lossless"
+    for op in caseops.OPERATORS if use_caseops else ():
         pid = sp.piece_to_id(op)
         if pid == unk or sp.id_to_piece(pid) != op or sp.encode(op) != [pid]:
             return (f"lacks the CaseOps operator U+{ord(op):04X} ({caseops.NAMES[op]}) as a single piece "
@@ -170,47 +182,49 @@ def caseops_model_problem(sp) -> str | None:
                     f"--caseops --vocab-size V)")
     table = piece_bytes(sp)
     lengths = np.array([len(b) for b in table], dtype=np.int64)
-    probe = caseops.encode(PROBE)
+    probe = caseops.encode(PROBE) if use_caseops else PROBE
     try:
-        token_bytes(probe, sp.encode(probe), table, lengths)
+        token_bytes(probe, sp.encode(probe), table, lengths, char_weights(probe, use_caseops))
     except NotLossless as e:
-        return (f"is not lossless ({e.args[1]}): CaseOps needs identity normalization, no whitespace "
-                f"removal, no dummy prefix and byte fallback (train one with --caseops --vocab-size V)")
+        return (f"is not lossless ({e.args[1]}): {'CaseOps' if use_caseops else flag} needs identity "
+                f"normalization, no whitespace "
+                f"removal, no dummy prefix and byte fallback (train one with {flag} --vocab-size V)")
     return None
 
 
 # ---------------------------------------------------------------- encoding
 
 _sp = _table = _lengths = None
-_caseops = False
+_caseops = _lossless = False
 
 
-def _load(model: str, use_caseops: bool = False) -> None:
-    global _sp, _table, _lengths, _caseops
+def _load(model: str, use_caseops: bool = False, lossless: bool = False) -> None:
+    global _sp, _table, _lengths, _caseops, _lossless
     _sp = spm.SentencePieceProcessor(model_file=model)
-    _caseops = use_caseops
-    if use_caseops:
+    _caseops, _lossless = use_caseops, lossless or use_caseops
+    if _lossless:
         _table = piece_bytes(_sp)
         _lengths = np.array([len(b) for b in _table], dtype=np.int64)
 
 
 def _encode(batch):
     """(split, first doc index, texts) -> (split, number of docs, concatenated BOS + ids of every doc as
-    uint16, and with CaseOps for val the matching byte counts (BOS 0), else None)."""
+    uint16, and with a lossless tokenizer for val the matching original byte counts (BOS 0), else None)."""
     split, first, texts = batch
     if _caseops:
         texts = [caseops.encode(t) for t in texts]
     ids = _sp.encode(texts)
     out = np.empty(sum(len(x) for x in ids) + len(ids), dtype="<u2")
-    side = np.zeros(len(out), dtype=np.int64) if _caseops and split == "val" else None
+    side = np.zeros(len(out), dtype=np.int64) if _lossless and split == "val" else None
     i = 0
     for k, x in enumerate(ids):
         out[i] = BOS
         out[i + 1:i + 1 + len(x)] = x
-        if _caseops:
+        if _lossless:
             try:
                 if side is not None:
-                    side[i + 1:i + 1 + len(x)] = token_bytes(texts[k], x, _table, _lengths)
+                    w = char_weights(texts[k], _caseops)
+                    side[i + 1:i + 1 + len(x)] = token_bytes(texts[k], x, _table, _lengths, w)
                 elif b"".join(map(_table.__getitem__, x)) != texts[k].replace(" ", "\u2581").encode("utf-8"):
                     raise NotLossless(None, mismatch(texts[k], b"".join(map(_table.__getitem__, x))))
             except NotLossless as e:
@@ -234,26 +248,29 @@ def batches(docs, val_docs: int):
         yield split, first, buf
 
 
-def encoded(batch_iter, model: str, workers: int, use_caseops: bool = False):
+def encoded(batch_iter, model: str, workers: int, use_caseops: bool = False, lossless: bool = False):
     """Encode batches in order; input is read here in the main process, a bounded window at a time."""
     if workers <= 1:
-        _load(model, use_caseops)
+        _load(model, use_caseops, lossless)
         yield from map(_encode, batch_iter)
         return
-    with Pool(workers, _load, (model, use_caseops)) as pool:
+    with Pool(workers, _load, (model, use_caseops, lossless)) as pool:
         while window := list(itertools.islice(batch_iter, 4 * workers)):
             yield from pool.imap(_encode, window)
 
 
 def train_tokenizer(args, prefix: Path, vocab: int) -> None:
     """Train a SentencePiece BPE model on the train split (docs after the first --val-docs); with
-    --caseops on the transformed docs, lossless and with the four operators reserved (ids 4..7)."""
+    --caseops on the transformed docs, lossless and with the four operators reserved (ids 4..7); with
+    --lossless on the docs as they are, lossless."""
     stop = None if args.tokenizer_train_docs is None else args.val_docs + args.tokenizer_train_docs
     source = itertools.islice(read_docs(args.input, args.max_docs), args.val_docs, stop)
     if args.caseops:
         source = map(caseops.encode, source)
         text_options = dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
                             user_defined_symbols=list(caseops.OPERATORS))
+    elif args.lossless:
+        text_options = dict(normalization_rule_name="identity", remove_extra_whitespaces=False)
     else:
         text_options = dict(normalization_rule_name="nmt_nfkc")
     seen, failure = [0], []
@@ -318,6 +335,8 @@ def parse_args(argv=None):
     p.add_argument("--caseops", action="store_true",
                    help="CaseOps-encode the documents (data/caseops.py), use a lossless tokenizer with the four "
                         "operators reserved, and write fineweb_val_bytes_NNNNNN.bin byte sidecars")
+    p.add_argument("--lossless", action="store_true",
+                   help="a lossless tokenizer and byte sidecars as with --caseops, without the CaseOps transform")
     p.add_argument("--allow-small-val", action="store_true",
                    help=f"allow --val-docs below {CANONICAL_VAL_DOCS} on the FineWeb docs_selected.jsonl "
                         f"(refused by default: its canonical val split is the first {CANONICAL_VAL_DOCS} docs)")
@@ -330,6 +349,8 @@ def parse_args(argv=None):
         p.error(f"--name must be a plain folder name, got {args.name!r}")
     if args.tokenizer_train_docs is not None and args.vocab_size is None:
         p.error("--tokenizer-train-docs only applies with --vocab-size")
+    if args.caseops and args.lossless:
+        p.error("--caseops already implies a lossless tokenizer: pass one of --caseops and --lossless")
     return args
 
 
@@ -353,20 +374,22 @@ def run(args, stage: Path) -> None:
         tok_files = [f"{name}_bpe.model", f"{name}_bpe.vocab"]
     model = stage / tok_files[0]
     label = f"--tokenizer {args.tokenizer}" if args.tokenizer is not None else f"the trained tokenizer {tok_files[0]}"
-    if args.caseops:
-        problem = caseops_model_problem(spm.SentencePieceProcessor(model_file=str(model)))
+    sidecars = args.caseops or args.lossless
+    if sidecars:
+        problem = caseops_model_problem(spm.SentencePieceProcessor(model_file=str(model)), args.caseops)
         if problem:
             raise SystemExit(f"error: {label} {problem}")
     input_sha256 = sha256_of(args.input)
 
     writers = {s: ShardWriter(stage, f"fineweb_{s}", args.shard_tokens) for s in ("val", "train")}
-    if args.caseops:
+    if sidecars:
         writers["val_bytes"] = ShardWriter(stage, "fineweb_val_bytes", args.shard_tokens)
     n_docs = dict(val=0, train=0)
     val_bytes = 0
     docs = read_docs(args.input, args.max_docs)
     try:
-        for split, n, toks, side in encoded(batches(docs, args.val_docs), str(model), args.workers, args.caseops):
+        for split, n, toks, side in encoded(batches(docs, args.val_docs), str(model), args.workers, args.caseops,
+                                              args.lossless):
             writers[split].write(toks)
             if side is not None:
                 writers["val_bytes"].write(side)
@@ -407,7 +430,7 @@ def run(args, stage: Path) -> None:
     for split in ("val", "train"):
         w = writers[split]
         print(f"{ds_dir}: {split} {n_docs[split]:,} docs, {w.tokens:,} tokens in {len(w.files)} shard(s)")
-    if args.caseops:
+    if sidecars:
         print(f"{ds_dir}: val byte sidecars: {val_bytes:,} original UTF-8 bytes in "
               f"{len(writers['val_bytes'].files)} fineweb_val_bytes_*.bin")
     print(f"tokenizer: {tok_dir / tok_files[0]}")

@@ -130,3 +130,40 @@ def test_a_run_on_caseops_data_logs_its_byte_source(caseops_data, tiny_data, tmp
     side = np.concatenate([np.asarray(read_sidecar(f)) for f in token_shards(data, "val")]).astype(np.int64)
     assert f"val_tokens:4096 val_bytes:{side[1:4097].sum()} val_byte_source:sidecar " in log
     assert parse_log(tmp_path / "logs" / "co.txt")["final_val_bpb"]
+
+
+@pytest.fixture(scope="module")
+def lossless_data(tmp_path_factory):
+    """--lossless shards of the shipped corpus: a lossless tokenizer without case operators, sidecars."""
+    tmp = tmp_path_factory.mktemp("lossless")
+    src = tmp / "docs.jsonl.xz"
+    src.write_bytes(lzma.compress("".join(json.dumps({"text": t}) + "\n" for t in corpus_docs()).encode()))
+    tokenize_jsonl.main([str(src), "--out-dir", str(tmp / "out"), "--lossless", "--vocab-size", "1024",
+                         "--val-docs", str(VAL_DOCS), "--workers", "2", "--name", "ll"])
+    return tmp / "out" / "datasets" / "ll", tmp / "out" / "tokenizers" / "ll_bpe.model", src
+
+
+def test_lossless_plain_data_is_scored_over_the_original_bytes(lossless_data):
+    """The plain counterpart of CaseOps: same original bytes, no operators, and the tokenizer's own
+    piece count agrees with the sidecar except for a leading space right after BOS."""
+    data, tok, _ = lossless_data
+    sp = train_gpt.load_tokenizer(str(tok), 1024)
+    assert not train_gpt.is_caseops(sp) and tokenize_jsonl.caseops_model_problem(sp, use_caseops=False) is None
+    val, _ = train_gpt.load_val(hp_for(data, tok, VAL_MAX_TOKENS="0"), 1024, sp)
+    docs = corpus_docs()[:VAL_DOCS]
+    assert val.byte_source == "sidecar" and int(val.target_bytes.sum()) == original_val_bytes()
+    starts = np.flatnonzero(val.tokens == 1).tolist() + [len(val.tokens)]
+    assert [sp.decode(val.tokens[a + 1:b].tolist()) for a, b in zip(starts, starts[1:])] == list(docs)
+    pieces = train_gpt.build_byte_lut(sp, 1024).target_bytes(val.tokens[:-1], val.tokens[1:])
+    assert int(pieces.sum()) == original_val_bytes() - sum(d.startswith(" ") for d in docs)
+
+
+def test_lossless_refuses_a_normalizing_tokenizer_and_caseops_together(lossless_data, tokenizer, tmp_path):
+    _, _, src = lossless_data
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="is not lossless .*--lossless needs identity normalization"):
+        tokenize_jsonl.main([str(src), "--out-dir", str(out), "--lossless", "--tokenizer", str(tokenizer(1024)),
+                             "--val-docs", str(VAL_DOCS), "--workers", "1"])
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        tokenize_jsonl.main([str(src), "--out-dir", str(out), "--lossless", "--caseops", "--vocab-size", "1024"])
