@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Export other revisions' train_gpt.py, each beside a copy of this checkout's bench/, into the
-# git-ignored .variants/REV/, so one device call can time them side by side with the working tree:
+# git-ignored .variants/REV/, so that one job on the benchmark machine can time them side by side
+# with the working tree:
 #
-#   bench/variants.sh xsa-function qkv-gemm         # here; then carry .variants
-#   for d in . .variants/*; do echo "$d"; python3 "$d/bench/speed.py" --configs default; done   # device
+#   bench/variants.sh xsa-function qkv-gemm         # here; then copy .variants along with the tree
+#   for d in . .variants/*; do echo "$d"; python3 "$d/bench/speed.py" --configs default; done   # there
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -eq 0 ]; then echo "usage: bench/variants.sh REV [REV ...]" >&2; exit 2; fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Move a folder bigger than one device call's carry limit (64 MiB) in parts over several calls.
+"""Move a folder bigger than one upload's size limit to the benchmark machine in checked parts.
 
 usage: python3 scripts/carry_parts.py split SRC OUT [--max-mib 56]
        python3 scripts/carry_parts.py gather PART STASH --into DEST
@@ -7,9 +7,9 @@ usage: python3 scripts/carry_parts.py split SRC OUT [--max-mib 56]
 split (here): packs the files of SRC (e.g. FlashAttention 4's wheels, whose CUDA 13 DSL library alone
 is 92 MB) into one tar stream cut into parts of at most --max-mib, as OUT/1, OUT/2, ...: each folder
 holds its part and the manifest (every part's sha256, the whole stream's sha256 and size).
-gather (on the device, one call per part, carrying OUT/k): checks part k against the manifest and
-copies it into STASH (e.g. /tmp/carry, which survives between calls only while the machine stays
-warm); once every part is there, joins them, checks the whole and unpacks the files into DEST.
+gather (on the benchmark machine, once per uploaded part OUT/k): checks part k against the manifest
+and copies it into STASH (e.g. /tmp/parts, which must survive until the last part is there); once
+every part is there, joins them, checks the whole and unpacks the files into DEST.
 It prints `parts:HAVE/ALL` and, when complete, `unpacked:N dest:DEST`.
 
 A part that is missing, corrupt or from another split is a one-line error and exit code 2; nothing is
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     sp = sub.add_parser("split")
     sp.add_argument("src", type=Path)
     sp.add_argument("out", type=Path)
-    sp.add_argument("--max-mib", type=float, default=56.0, help="largest part (the carry limit is 64 MiB a call)")
+    sp.add_argument("--max-mib", type=float, default=56.0, help="largest part in MiB (below the upload limit)")
     gp = sub.add_parser("gather")
     gp.add_argument("part", type=Path)
     gp.add_argument("stash", type=Path)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the requirements and run the default job.
 #  - FineWeb sp8192 shards in data/datasets/fineweb10B_sp8192: the real default run on every local GPU.
-#  - otherwise: say so, tokenize a slice of the local bench corpus (../shared/bench, or BENCH_DIR) and
-#    train a tiny model on it (CPU or GPU), so a fresh machine still runs end to end.
+#  - otherwise: say so, tokenize a slice of the bench corpus (BENCH_DIR, default ../shared/bench), or
+#    the small test corpus shipped in tests/fixtures, and train a tiny model on it (CPU or GPU), so a
+#    fresh clone still runs end to end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -r requirements.txt
@@ -12,20 +13,21 @@ if compgen -G "data/datasets/fineweb10B_sp8192/fineweb_val_*.bin" >/dev/null; th
   exec torchrun --standalone --nproc_per_node="$ngpu" train_gpt.py
 fi
 bench=${BENCH_DIR:-../shared/bench}
-if [ ! -f "$bench/docs.jsonl.xz" ]; then
-  echo "error: no FineWeb shards in data/datasets/fineweb10B_sp8192 and no bench corpus at $bench;" \
-       "download: python3 data/cached_challenge_fineweb.py --variant sp8192 --repo-id kevclark/parameter-golf" >&2
-  exit 2
-fi
 echo "quickstart: no FineWeb shards in data/datasets/fineweb10B_sp8192"
 echo "quickstart: (download them with: python3 data/cached_challenge_fineweb.py --variant sp8192 --repo-id kevclark/parameter-golf)"
-echo "quickstart: training a TINY model on 3,000 documents of the local bench corpus ($bench) instead;"
-echo "quickstart: its val_bpb is a smoke test, not a benchmark (see bench/protocol.sh for that)"
-if [ ! -f data/datasets/bench_sp1024/fineweb_val_000000.bin ]; then
-  python3 data/tokenize_jsonl.py "$bench/docs.jsonl.xz" --out-dir data --name bench_sp1024 \
-    --tokenizer "$bench/tokenizers/bench_1024_bpe.model" --val-docs 400 --max-docs 3000
+if [ -f "$bench/docs.jsonl.xz" ]; then
+  name=bench_sp1024 tokenizer=data/tokenizers/bench_1024_bpe.model
+  echo "quickstart: training a TINY model on 3,000 documents of the bench corpus ($bench) instead"
+  [ -f data/datasets/$name/fineweb_val_000000.bin ] || python3 data/tokenize_jsonl.py "$bench/docs.jsonl.xz" \
+    --out-dir data --name $name --tokenizer "$bench/tokenizers/bench_1024_bpe.model" --val-docs 400 --max-docs 3000
+else
+  name=quickstart_sp1024 tokenizer=data/tokenizers/quickstart_sp1024_bpe.model
+  echo "quickstart: no bench corpus at $bench (BENCH_DIR): training a TINY model on the test corpus instead"
+  [ -f data/datasets/$name/fineweb_val_000000.bin ] || python3 data/tokenize_jsonl.py tests/fixtures/corpus.jsonl.xz \
+    --out-dir data --name $name --vocab-size 1024 --val-docs 12
 fi
-exec env DATA_PATH=data/datasets/bench_sp1024 TOKENIZER_PATH=data/tokenizers/bench_1024_bpe.model \
+echo "quickstart: its val_bpb is a smoke test, not a benchmark (see bench/protocol.sh for that)"
+exec env DATA_PATH=data/datasets/$name TOKENIZER_PATH=$tokenizer \
   VOCAB_SIZE=1024 NUM_LAYERS=4 MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=2 TRAIN_SEQ_LEN=256 \
   TRAIN_BATCH_TOKENS=8192 ITERATIONS=200 MAX_WALLCLOCK_SECONDS=120 WARMUP_STEPS=2 VAL_LOSS_EVERY=100 \
   GPTQ_CALIBRATION_BATCHES=4 GPTQ_RESERVE_SECONDS=10 \
