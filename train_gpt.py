@@ -121,6 +121,10 @@ class ModelConfig:
     loop_start: int = knob(3, "first looped physical layer", 0)
     loop_end: int = knob(5, "last looped physical layer (inclusive)", 0)
     parallel_residual_start: int = knob(7, "layers >= this run attention and MLP in parallel; -1 = never", -1)
+    smear_gate: bool = knob(False, "SmearGate: add to each token's embedding a gated copy of the previous "
+                            "token's, except at a BOS (never across a document start)")
+    attn_gate: bool = knob(False, "SparseGate: scale each head's attention output by a sigmoid gate of the "
+                           "first GATE_WINDOW channels of the block's normed input")
     residual_dtype: str = knob("bfloat16", "dtype of the residual stream under bf16 autocast (CUDA): float32 | "
                                "bfloat16 (half the memory traffic of the norms, mixes and adds); CPU always float32",
                                choices=("float32", "bfloat16"))
@@ -325,6 +329,8 @@ def validate(hp: Hyperparameters):
     need(hp.model_dim % hp.num_heads == 0 and (hp.model_dim // hp.num_heads) % 2 == 0,
          f"MODEL_DIM={hp.model_dim}: must give an even head dim with NUM_HEADS={hp.num_heads}")
     head_dim = hp.model_dim // hp.num_heads
+    need(not (hp.smear_gate or hp.attn_gate) or hp.model_dim >= GATE_WINDOW,
+         f"MODEL_DIM={hp.model_dim}: SMEAR_GATE and ATTN_GATE read {GATE_WINDOW} channels")
     need(hp.rope_dims % 2 == 0 and hp.rope_dims <= head_dim,
          f"ROPE_DIMS={hp.rope_dims}: expected an even number <= head dim {head_dim}")
     need(not hp.num_loops or 0 <= hp.loop_start <= hp.loop_end < hp.num_layers,
@@ -801,6 +807,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims:
     return torch.cat((rot, rest), dim=-1) if rest.numel() else rot
 
 
+BOS_ID = 1  # every document starts with it (data/shards.py)
+GATE_WINDOW = 12  # SmearGate and SparseGate read this many leading channels of their input
+
+
+def smear(e: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """SmearGate: e_t + lam * sigmoid(w . e_t[:GATE_WINDOW]) * e_{t-1} for embeddings e [B,T,d] of
+    tokens idx, except where idx_t is BOS: a document's first token never sees the previous one."""
+    gate = torch.sigmoid(e[..., :GATE_WINDOW] @ w) * (idx != BOS_ID)
+    return e + lam * gate[..., None] * F.pad(e[:, :-1], (0, 0, 1, 0))
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of q [B,T,H,hd] over k, v [B,T,Hkv,hd] (GQA), as [B,T,H,hd]: PyTorch SDPA
     with its own kernel choice. Every attention function the model may be given computes this."""
@@ -828,6 +845,10 @@ class GPT(nn.Module):
         n_skip = cfg.num_skips()
         self.skip_weights = nn.Parameter(torch.ones(n_skip, d))
         self.skip_gates = nn.Parameter(torch.zeros(n_skip, d)) if cfg.skip_gates else None
+        # Zero-init gates: the smear starts off (lam 0), each attention head at half its output.
+        self.smear_w = nn.Parameter(torch.zeros(GATE_WINDOW)) if cfg.smear_gate else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if cfg.smear_gate else None
+        self.attn_gate = nn.Parameter(torch.zeros(L, cfg.num_heads * GATE_WINDOW)) if cfg.attn_gate else None
         inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.ln_scales = [1.0 / math.sqrt(i + 1) if cfg.ln_scale else 1.0 for i in range(L)]
@@ -863,6 +884,9 @@ class GPT(nn.Module):
         y = self.attention(q, k, v)
         if i >= cfg.num_layers - cfg.xsa_last_n:
             y = xsa(y.reshape(B, T, Hkv, H // Hkv, hd), v)
+        if self.attn_gate is not None:
+            gate = torch.sigmoid(x[..., :GATE_WINDOW] @ self.attn_gate[i].view(H, GATE_WINDOW).T.to(x.dtype))
+            y = y.reshape(B, T, H, hd) * gate[..., None].to(y.dtype)
         y = y.reshape(B, T, H * hd)
         if tap is not None:
             tap(("attn_out", i), y)
@@ -902,7 +926,10 @@ class GPT(nn.Module):
         T = idx.size(1)
         freqs = torch.outer(torch.arange(T, device=idx.device, dtype=torch.float32), self.inv_freq)
         cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
-        x = x0 = rms_norm(self.tok_emb(idx)).to(self.residual_dtype(idx.device))
+        e = self.tok_emb(idx)
+        if self.smear_w is not None:
+            e = smear(e, idx, self.smear_w.to(e.dtype), self.smear_lambda.to(e.dtype))
+        x = x0 = rms_norm(e).to(self.residual_dtype(idx.device))
         order = self.cfg.layer_order(looped)
         n_enc = len(order) // 2
         skips = []
@@ -1336,8 +1363,8 @@ def artifact_path(hp: Hyperparameters, run_id: str, over_limit: bool = False) ->
     return Path(hp.artifact_dir) / f"final_model_{run_id}.{suffix}.br"
 
 
-# Artifacts from before RESIDUAL_DTYPE existed were trained with a float32 residual stream.
-LEGACY_MODEL_FIELDS = {"residual_dtype": "float32"}
+# Artifacts from before a field existed were trained without it (RESIDUAL_DTYPE: a float32 stream).
+LEGACY_MODEL_FIELDS = {"residual_dtype": "float32", "smear_gate": False, "attn_gate": False}
 
 
 def read_artifact(path: Path) -> tuple[dict, dict]:
@@ -2120,7 +2147,8 @@ def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, T
     log(f"features: xsa_last_n:{cfg.xsa_last_n} qk_gain_init:{cfg.qk_gain_init} num_loops:{cfg.num_loops} "
         f"loop:{cfg.loop_start}-{cfg.loop_end}@{hp.enable_looping_at} parallel_residual_start:{cfg.parallel_residual_start} "
         f"rope_dims:{model.rope_dims} ln_scale:{int(cfg.ln_scale)} skip_gates:{int(cfg.skip_gates)} "
-        f"mlp_leaky_slope:{cfg.mlp_leaky_slope} muon_row_normalize:{int(hp.muon_row_normalize)} "
+        f"mlp_leaky_slope:{cfg.mlp_leaky_slope} smear_gate:{int(cfg.smear_gate)} attn_gate:{int(cfg.attn_gate)} "
+        f"muon_row_normalize:{int(hp.muon_row_normalize)} "
         f"muon_ns_schedule:{hp.muon_ns_schedule} ema_decay:{hp.ema_decay} parallel_muon_world:{dctx.world_size}")
     log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
         f"compile:{int(trainer.compiled)}")
