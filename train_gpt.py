@@ -570,21 +570,26 @@ def load_val_tokens(files: list[str], vocab_size: int, max_tokens: int) -> np.nd
     return tokens[:max_tokens + 1] if max_tokens else tokens
 
 
-def sidecar_path(token_file: str) -> Path:
-    """fineweb_val_000003.bin -> fineweb_val_bytes_000003.bin: per-token original byte counts (CaseOps data)."""
+BOS_ID = 1  # every document of a shard starts with it
+
+
+def sidecar_path(token_file: str) -> Path | None:
+    """fineweb_val_000003.bin -> fineweb_val_bytes_000003.bin: per-token original byte counts (CaseOps
+    data); None for a name without the _NNNNNN.bin ending, which cannot have one."""
     path = Path(token_file)
-    return path.with_name(re.sub(r"_(\d+)\.bin$", r"_bytes_\1.bin", path.name))
+    m = re.fullmatch(r"(.*)_(\d+)\.bin", path.name)
+    return path.with_name(f"{m[1]}_bytes_{m[2]}.bin") if m else None
 
 
 def load_val_sidecars(files: list[str], n_tokens: int) -> np.ndarray | None:
     """The byte sidecars of the val shards, concatenated and cut like the tokens; None when there are
     none. A sidecar is a shard (same header) of uint16 byte counts, one per token of its token shard."""
     sidecars = [sidecar_path(f) for f in files]
-    present = [s.is_file() for s in sidecars]
+    present = [s is not None and s.is_file() for s in sidecars]
     if not any(present):
         return None
     if not all(present):
-        missing = sidecars[present.index(False)]
+        missing = sidecars[present.index(False)] or files[present.index(False)]
         raise UserError(f"byte sidecar {missing}: missing, but other val shards have one (all or none)")
     parts = []
     for f, s in zip(files, sidecars):
@@ -685,7 +690,22 @@ def build_byte_lut(sp, vocab_size: int) -> ByteLUT:
 
 def is_caseops(sp) -> bool:
     """A tokenizer with case-operator pieces: its pieces are lower-cased text, so only a sidecar knows the bytes."""
-    return all(sp.piece_to_id(op) != sp.unk_id() for op in CASE_OPERATORS)
+    return any(sp.piece_to_id(op) != sp.unk_id() for op in CASE_OPERATORS)
+
+
+def check_sidecar(token_bytes: np.ndarray, tokens: np.ndarray, lut: ByteLUT, files: list[str]):
+    """Sidecars that belong to these tokens: BOS carries no bytes, and no token more original bytes
+    than its piece spells (a space, spelled as the 3-byte U+2581, is 1); a shifted sidecar, one of
+    another tokenization or a tokenizer of other pieces breaks these."""
+    where = f"byte sidecars of {sidecar_path(files[0]).parent}"
+    if int(token_bytes.sum()) == 0:
+        raise UserError(f"{where}: 0 bytes in total")
+    wrong = (token_bytes > lut.base_bytes[tokens] + lut.has_leading_space[tokens]) | \
+        ((tokens == BOS_ID) & (token_bytes != 0))
+    if wrong.any():
+        bad = int(np.argmax(wrong))
+        raise UserError(f"{where} do not match the tokens or TOKENIZER_PATH: token {bad} (id {tokens[bad]}) is "
+                        f"charged {token_bytes[bad]} bytes")
 
 
 # -----------------------------------------------------------------------------------------
@@ -807,7 +827,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims:
     return torch.cat((rot, rest), dim=-1) if rest.numel() else rot
 
 
-BOS_ID = 1  # every document starts with it (data/shards.py)
 GATE_WINDOW = 12  # SmearGate and SparseGate read this many leading channels of their input
 
 
@@ -1345,7 +1364,8 @@ NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, err
 
 def link_no_clobber(tmp: Path, path: Path):
     """Give tmp the name path unless path exists, without a check-then-write race: a hard link where
-    the filesystem has them, else an O_EXCL claim of the name and a rename over the empty claim."""
+    the filesystem has them, else an O_EXCL claim of the name and a rename over the empty claim (an
+    empty file is visible in between)."""
     try:
         os.link(tmp, path)
         return
@@ -1355,7 +1375,11 @@ def link_no_clobber(tmp: Path, path: Path):
         if e.errno not in NO_HARD_LINKS:
             raise
     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:  # never leave the empty claim behind: it would block a rerun
+        path.unlink(missing_ok=True)
+        raise
 
 
 def artifact_path(hp: Hyperparameters, run_id: str, over_limit: bool = False) -> Path:
@@ -2116,12 +2140,15 @@ def load_val(hp: Hyperparameters, vocab_size: int, sp) -> tuple[ValSet, list[str
         raise UserError(f"val shards {files[0]}...: {len(tokens)} tokens, need > TRAIN_SEQ_LEN and EVAL_SEQ_LEN "
                         f"(one window)")
     token_bytes = load_val_sidecars(files, len(tokens))
+    lut = build_byte_lut(sp, vocab_size)
     if token_bytes is not None:
+        check_sidecar(token_bytes, tokens, lut, files)
         return ValSet.from_sidecar(tokens, token_bytes), files
     if is_caseops(sp):
         raise UserError(f"tokenizer {hp.tokenizer_path} is a CaseOps tokenizer, but the val shards have no byte "
-                        f"sidecars ({sidecar_path(files[0]).name}): its pieces do not tell the original bytes")
-    return ValSet.from_lut(tokens, build_byte_lut(sp, vocab_size)), files
+                        f"sidecars (fineweb_val_bytes_NNNNNN.bin beside each fineweb_val_NNNNNN.bin): its pieces "
+                        f"do not tell the original bytes")
+    return ValSet.from_lut(tokens, lut), files
 
 
 def load_evaluator(hp: Hyperparameters, dctx: Dist, log, vocab_size: int,

@@ -410,7 +410,7 @@ def run(args, stage: Path) -> None:
         raise SystemExit(f"error: {args.input}: {n_docs['val']} documents, need more than "
                          f"--val-docs={args.val_docs} to leave a train split")
     split_info = dict(input=args.input.name, input_sha256=input_sha256, val_docs=n_docs["val"],
-                      train_docs=n_docs["train"], max_docs=args.max_docs, caseops=args.caseops,
+                      train_docs=n_docs["train"], max_docs=args.max_docs, caseops=args.caseops, lossless=sidecars,
                       tokenizer=tok_files[0])
     (stage / "split.json").write_text(json.dumps(split_info, indent=1) + "\n", encoding="utf-8")
 

@@ -166,7 +166,7 @@ def test_sidecars_line_up_with_token_shards(built):
     assert not list(ds.glob("fineweb_train_bytes_*"))  # sidecars are for val only
     split = json.loads((ds / "split.json").read_text())
     assert split == dict(input="docs.jsonl.xz", input_sha256=hashlib.sha256(src.read_bytes()).hexdigest(),
-                         val_docs=17, train_docs=len(texts) - 17, max_docs=None, caseops=True,
+                         val_docs=17, train_docs=len(texts) - 17, max_docs=None, caseops=True, lossless=True,
                          tokenizer="co_bpe.model")
 
 

@@ -59,3 +59,18 @@ def test_artifact_from_before_a_legacy_field_gets_its_old_default(tmp_path):
     qstate, meta, path = artifact(small_cfg(residual_dtype="float32"), "residual_dtype", tmp_path)
     model = train_gpt.artifact_model(qstate, meta, path, torch.device("cpu"), train_gpt.causal_attention)
     assert model.cfg.residual_dtype == "float32"
+
+
+def test_a_failed_rename_after_the_claim_leaves_nothing(tmp_path, monkeypatch):
+    """Without hard links the name is claimed first; if the rename then fails, the empty claim is
+    removed too, so a rerun is not blocked by an empty 'existing' artifact."""
+    def no_links(*_):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    def full_disk(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train_gpt.os, "link", no_links)
+    monkeypatch.setattr(train_gpt.os, "replace", full_disk)
+    with pytest.raises(train_gpt.UserError, match="write failed \\(No space left on device\\); nothing was written"):
+        train_gpt.write_atomic(tmp_path / "final_model_x.int6.br", b"model bytes", overwrite=False)
+    assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,7 @@ import torch
 import train_gpt
 from conftest import VAL_DOCS, corpus_docs, parse_log, run_script, tiny_env
 from data import tokenize_jsonl
-from data.shards import read_shard, read_sidecar, token_shards, write_shard
+from data.shards import read_shard, read_sidecar, sidecar_path, token_shards, write_shard
 from test_model import randomized, small_cfg
 
 
@@ -77,8 +77,7 @@ def copy_val(data, dest, with_sidecars):
     for f in token_shards(data, "val"):
         shutil.copy(f, dest / f.name)
         if with_sidecars:
-            side = f.with_name(f.name.replace("_val_", "_val_bytes_"))
-            shutil.copy(side, dest / side.name)
+            shutil.copy(sidecar_path(f), dest / sidecar_path(f).name)
     return dest
 
 
@@ -87,8 +86,15 @@ def test_caseops_tokenizer_without_sidecars_is_refused(caseops_data, tmp_path):
     bare = copy_val(data, tmp_path / "bare", with_sidecars=False)
     sp = train_gpt.load_tokenizer(str(tok), 1024)
     with pytest.raises(train_gpt.UserError, match="is a CaseOps tokenizer, but the val shards have no byte "
-                                                  "sidecars \\(fineweb_val_bytes_000000.bin\\)"):
+                                                  "sidecars \\(fineweb_val_bytes_NNNNNN.bin beside each"):
         train_gpt.load_val(hp_for(bare, tok), 1024, sp)
+    # a val file named without the _NNNNNN.bin ending has no sidecar (it is never its own)
+    one = tmp_path / "val.bin"
+    shutil.copy(data / "fineweb_val_000000.bin", one)
+    shutil.copy(data / "fineweb_val_bytes_000000.bin", tmp_path / "val_bytes.bin")
+    assert train_gpt.sidecar_path(str(one)) is None
+    with pytest.raises(train_gpt.UserError, match="is a CaseOps tokenizer, but the val shards have no byte"):
+        train_gpt.load_val(hp_for(tmp_path, tok, VAL_FILES=str(one)), 1024, sp)
 
 
 def test_plain_tokenizer_counts_its_pieces(tiny_data):
@@ -101,7 +107,7 @@ def test_plain_tokenizer_counts_its_pieces(tiny_data):
     assert np.array_equal(val.target_bytes, lut.target_bytes(val.tokens[:-1], val.tokens[1:]))
 
 
-@pytest.mark.parametrize("damage", ["one_missing", "count"])
+@pytest.mark.parametrize("damage", ["one_missing", "count", "shifted", "zeros"])
 def test_sidecars_that_do_not_match_are_refused(caseops_data, tmp_path, damage):
     data, tok = caseops_data
     d = copy_val(data, tmp_path / "val", with_sidecars=True)
@@ -109,15 +115,32 @@ def test_sidecars_that_do_not_match_are_refused(caseops_data, tmp_path, damage):
     if damage == "one_missing":
         side.unlink()
         msg = f"byte sidecar {side}: missing, but other val shards have one (all or none)"
-    else:
+    elif damage == "count":
         counts = np.asarray(read_shard(side))
         write_shard(side, counts[:-1])
         msg = (f"byte sidecar {side}: {len(counts) - 1} entries, but {d / 'fineweb_val_000001.bin'} holds "
                f"{len(counts)} tokens")
+    elif damage == "shifted":  # one position late: a BOS is charged its document's first bytes
+        write_shard(side, np.roll(np.asarray(read_shard(side)), 1))
+        msg = f"byte sidecars of {d} do not match the tokens or TOKENIZER_PATH: token "
+    else:
+        for f in d.glob("fineweb_val_bytes_*.bin"):
+            write_shard(f, np.zeros(len(read_shard(f)), dtype=np.uint16))
+        msg = f"byte sidecars of {d}: 0 bytes in total"
     sp = train_gpt.load_tokenizer(str(tok), 1024)
     with pytest.raises(train_gpt.UserError) as e:
         train_gpt.load_val(hp_for(d, tok), 1024, sp)
-    assert str(e.value) == msg
+    assert str(e.value).startswith(msg) if damage == "shifted" else str(e.value) == msg
+
+
+def test_sidecars_of_another_tokenizer_are_refused(caseops_data, tokenizer):
+    """A plain tokenizer of the same vocab size with CaseOps shards and their sidecars: its pieces cannot
+    spell the bytes the sidecars charge."""
+    data, _ = caseops_data
+    plain = tokenizer(1024)
+    sp = train_gpt.load_tokenizer(str(plain), 1024)
+    with pytest.raises(train_gpt.UserError, match="do not match the tokens or TOKENIZER_PATH"):
+        train_gpt.load_val(hp_for(data, plain), 1024, sp)
 
 
 def test_a_run_on_caseops_data_logs_its_byte_source(caseops_data, tiny_data, tmp_path):
@@ -158,12 +181,13 @@ def test_lossless_plain_data_is_scored_over_the_original_bytes(lossless_data):
     assert int(pieces.sum()) == original_val_bytes() - sum(d.startswith(" ") for d in docs)
 
 
-def test_lossless_refuses_a_normalizing_tokenizer_and_caseops_together(lossless_data, tokenizer, tmp_path):
+def test_lossless_refuses_a_normalizing_tokenizer_and_caseops_together(lossless_data, tokenizer, tmp_path, capsys):
     _, _, src = lossless_data
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match="is not lossless .*--lossless needs identity normalization"):
         tokenize_jsonl.main([str(src), "--out-dir", str(out), "--lossless", "--tokenizer", str(tokenizer(1024)),
                              "--val-docs", str(VAL_DOCS), "--workers", "1"])
     assert not out.exists()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         tokenize_jsonl.main([str(src), "--out-dir", str(out), "--lossless", "--caseops", "--vocab-size", "1024"])
+    assert e.value.code == 2 and "--caseops already implies a lossless tokenizer" in capsys.readouterr().err
