@@ -74,9 +74,10 @@ def test_quantize_state_routes_tensors():
 
 def test_clip_search_lands_under_the_cap(monkeypatch):
     """Shrink the cap below the first try: the search must raise the clip until the blob fits, and
-    the returned blob is the smallest-clip one that fits."""
+    the returned blob is the smallest-clip one that fits. One layer is enough: its Q/O and MLP banks are
+    past the fp16 pass-through size (here 4 tries, the bisection over the cap once after a fit)."""
     torch.manual_seed(0)
-    cfg = train_gpt.ModelConfig(vocab_size=256, num_layers=2, model_dim=192, num_heads=4, num_kv_heads=2, mlp_mult=2,
+    cfg = train_gpt.ModelConfig(vocab_size=256, num_layers=1, model_dim=192, num_heads=4, num_kv_heads=2, mlp_mult=2,
                                 mlp_leaky_slope=0.5, rope_base=1e4, rope_dims=0, logit_softcap=30.0, qk_gain_init=1.0,
                                 tied_embed_init_std=0.5, ln_scale=True, skip_gates=True, xsa_last_n=0, num_loops=0,
                                 loop_start=0, loop_end=0, parallel_residual_start=-1)
