@@ -125,6 +125,8 @@ class ModelConfig:
                             "token's, except at a BOS (never across a document start)")
     attn_gate: bool = knob(False, "SparseGate: scale each head's attention output by a sigmoid gate of the "
                            "first GATE_WINDOW channels of the block's normed input")
+    asym_logit: bool = knob(False, "AsymLogit: separate softcaps for positive and negative logits, both starting "
+                            "at LOGIT_SOFTCAP; training keeps the one fixed cap, so only TTT moves them")
     residual_dtype: str = knob("bfloat16", "dtype of the residual stream under bf16 autocast (CUDA): float32 | "
                                "bfloat16 (half the memory traffic of the norms, mixes and adds); CPU always float32",
                                choices=("float32", "bfloat16"))
@@ -790,6 +792,15 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         return (grad_z * (1 - t * t)).to(logits.dtype), None, None
 
 
+def asym_softcap_nll(logits: torch.Tensor, targets: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy of logits softcapped by caps[0] where positive and caps[1] where negative
+    (AsymLogit); equal caps give SoftcapCrossEntropy's values."""
+    z = logits.float()
+    cap = torch.where(z >= 0, caps[0], caps[1])
+    z = cap * torch.tanh(z / cap)
+    return F.cross_entropy(z.view(-1, z.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
+
+
 # XSA (exclusive self-attention): each head's attention output y minus its component along the
 # token's own value vector v, y - (y.v / v.v) v, for y [B,T,Hkv,G,hd] (the G query heads of a KV
 # head) and v [B,T,Hkv,hd], so K/V are never repeated; v.v is clamped at XSA_EPS, i.e. v is
@@ -868,6 +879,7 @@ class GPT(nn.Module):
         self.smear_w = nn.Parameter(torch.zeros(GATE_WINDOW)) if cfg.smear_gate else None
         self.smear_lambda = nn.Parameter(torch.zeros(1)) if cfg.smear_gate else None
         self.attn_gate = nn.Parameter(torch.zeros(L, cfg.num_heads * GATE_WINDOW)) if cfg.attn_gate else None
+        self.logit_caps = nn.Parameter(torch.full((2,), cfg.logit_softcap)) if cfg.asym_logit else None  # (+, -)
         inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.ln_scales = [1.0 / math.sqrt(i + 1) if cfg.ln_scale else 1.0 for i in range(L)]
@@ -966,17 +978,21 @@ class GPT(nn.Module):
                 skips.append(x)
         return rms_norm(x)
 
-    def nll_from_hidden(self, h: torch.Tensor, targets: torch.Tensor, tap=None) -> torch.Tensor:
-        """Tied head + softcap + per-token cross entropy (float32, shape like targets)."""
+    def nll_from_hidden(self, h: torch.Tensor, targets: torch.Tensor, tap=None, fixed_cap: bool = False) -> torch.Tensor:
+        """Tied head + softcap + per-token cross entropy (float32, shape like targets). With AsymLogit the
+        two learned caps apply unless fixed_cap (training: the fused one-cap loss, so they stay put)."""
         if tap is not None:
             tap(("head_in",), h)  # the tied embedding is quantized as the output head
         logits = F.linear(h, self.tok_emb.weight)
+        if self.logit_caps is not None and not fixed_cap:
+            return asym_softcap_nll(logits, targets, self.logit_caps)
         return SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                          self.cfg.logit_softcap).view_as(targets)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor, looped: bool, tap=None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, looped: bool, tap=None,
+                fixed_cap: bool = False) -> torch.Tensor:
         """Per-token NLL in nats, float32, shape like targets."""
-        return self.nll_from_hidden(self.hidden(idx, looped, tap), targets, tap)
+        return self.nll_from_hidden(self.hidden(idx, looped, tap), targets, tap, fixed_cap)
 
 
 # -----------------------------------------------------------------------------------------
@@ -1106,9 +1122,12 @@ class ParallelMuon(torch.optim.Optimizer):
         self.pending = []
 
 
+TEST_TIME_ONLY = ("logit_caps",)  # parameters only TTT moves: training neither uses nor updates them
+
+
 def build_optimizers(model: GPT, hp: Hyperparameters, dctx: Dist, direction=muon_direction):
     banks = [getattr(model, b) for b in BANKS]
-    scalars = [p for n, p in model.named_parameters() if p.ndim < 3 and n != "tok_emb.weight"]
+    scalars = [p for n, p in model.named_parameters() if p.ndim < 3 and n != "tok_emb.weight" and n not in TEST_TIME_ONLY]
     adam = torch.optim.AdamW(
         [dict(params=[model.tok_emb.weight], lr=hp.tied_embed_lr, weight_decay=hp.embed_wd),
          dict(params=scalars, lr=hp.scalar_lr, weight_decay=hp.adam_wd)],
@@ -1388,7 +1407,7 @@ def artifact_path(hp: Hyperparameters, run_id: str, over_limit: bool = False) ->
 
 
 # Artifacts from before a field existed were trained without it (RESIDUAL_DTYPE: a float32 stream).
-LEGACY_MODEL_FIELDS = {"residual_dtype": "float32", "smear_gate": False, "attn_gate": False}
+LEGACY_MODEL_FIELDS = {"residual_dtype": "float32", "smear_gate": False, "attn_gate": False, "asym_logit": False}
 
 
 def read_artifact(path: Path) -> tuple[dict, dict]:
@@ -1826,8 +1845,10 @@ class Trainer:
         direction = torch.compile(muon_direction, dynamic=False) if self.compiled else muon_direction
         self.optimizers = build_optimizers(model, hp, dctx, direction)
         self.adam, self.muon = self.optimizers
-        self.replicated = [p for p in model.parameters() if p.ndim < 3]  # Adam's: all-reduced whole
-        self.forward = torch.compile(model, fullgraph=True) if self.compiled else model
+        # Adam's parameters: their grads are all-reduced whole
+        self.replicated = [p for n, p in model.named_parameters() if p.ndim < 3 and n not in TEST_TIME_ONLY]
+        forward = torch.compile(model, fullgraph=True) if self.compiled else model
+        self.forward = lambda x, y, looped: forward(x, y, looped, fixed_cap=True)  # training keeps one softcap
         self.micro_seqs, self.accum = plan_batches(hp, dctx.world_size, dctx.device)
         self.local_seqs = self.micro_seqs * self.accum
         self.global_seqs = self.local_seqs * dctx.world_size
@@ -2175,6 +2196,7 @@ def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, T
         f"loop:{cfg.loop_start}-{cfg.loop_end}@{hp.enable_looping_at} parallel_residual_start:{cfg.parallel_residual_start} "
         f"rope_dims:{model.rope_dims} ln_scale:{int(cfg.ln_scale)} skip_gates:{int(cfg.skip_gates)} "
         f"mlp_leaky_slope:{cfg.mlp_leaky_slope} smear_gate:{int(cfg.smear_gate)} attn_gate:{int(cfg.attn_gate)} "
+        f"asym_logit:{int(cfg.asym_logit)} "
         f"muon_row_normalize:{int(hp.muon_row_normalize)} "
         f"muon_ns_schedule:{hp.muon_ns_schedule} ema_decay:{hp.ema_decay} parallel_muon_world:{dctx.world_size}")
     log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
