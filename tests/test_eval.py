@@ -19,9 +19,9 @@ EVAL_ENV = dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="4", TTT_CHU
                 TTT_BATCH_SEQS="2", TTT_EPOCHS="2", TTT_LR="0.05", SLOT_STEPS="3", SLOT_LR="0.1")
 
 
-def setup(n_tokens=301, seed=0):
+def setup(n_tokens=301, seed=0, cfg=None):
     hp = train_gpt.Hyperparameters(EVAL_ENV)
-    model = randomized(small_cfg())
+    model = randomized(cfg or small_cfg())
     rng = np.random.default_rng(seed)
     tokens = rng.integers(4, 64, size=n_tokens).astype(np.uint16)
     tokens[::37] = 1  # some BOS boundaries
@@ -158,12 +158,17 @@ def test_sliding_phase_runs_without_ttt_whatever_eval_sliding_says():
     assert out["final_val_bpb"] == out["sliding_val_bpb"]
 
 
+# The compile tests' model: every feature of small_cfg (XSA, a loop, parallel residuals, skip gates) in
+# 3 layers, so that inductor (CPU here) builds and compiles a third of small_cfg's graph.
+COMPILE_CFG = small_cfg(num_layers=3, xsa_last_n=3, loop_start=1, loop_end=1, num_loops=1, parallel_residual_start=2)
+
+
 def test_phase_lines_count_compiled_graphs():
     """With EVAL_COMPILE=1 the first phase builds the graph and the sliding phase reuses it (new_graphs:0);
     eager phases report 0. The log line is where a GPU run shows a phase that recompiled."""
     for flag, expect in (("0", ["0", "0"]), ("1", ["1", "0"])):
         hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_COMPILE": flag, "TTT_ENABLED": "0", "EVAL_BATCH_SEQS": "5"})
-        _, model, tokens, val = setup()
+        _, model, tokens, val = setup(cfg=COMPILE_CFG)
         torch._dynamo.reset()
         lines = []
         train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
@@ -179,7 +184,7 @@ def test_compiled_eval_scores_like_eager():
     outs, graphs = {}, []
     for flag in ("0", "auto", "1"):  # auto compiles where training does (CUDA): eager here
         hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_COMPILE": flag, "EVAL_BATCH_SEQS": "5"})
-        _, model, tokens, val = setup()
+        _, model, tokens, val = setup(cfg=COMPILE_CFG)
         torch._dynamo.reset()
         outs[flag] = []
         for ttt in (False, True):
