@@ -221,6 +221,14 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
          "scored targets themselves: leaks, logged valid:0)", choices=("off", "context", "full")),
     Knob("SLOT_STEPS", 8, "AdamW steps fitting each window's hidden-state delta", 1),
     Knob("SLOT_LR", 0.005, "SLOT AdamW learning rate", 0),
+    Knob("NGRAM_TILT", False, "token-only n-gram tilt of the sliding, TTT and SLOT scores: where the previous "
+         "NGRAM_ORDER-1 val tokens were followed, earlier in the stream, mostly by one token, that token's "
+         "probability is multiplied by e^NGRAM_BETA and the distribution renormalized (TTT trains on the plain loss)"),
+    Knob("NGRAM_ORDER", 16, "n-gram order of the tilt: its context is the previous NGRAM_ORDER-1 tokens", 2),
+    Knob("NGRAM_THRESHOLD", 0.8, "the tilt hints only where the context's most frequent continuation so far has at "
+         "least this share of its continuations", 0, 1),
+    Knob("NGRAM_BETA", 2.625, "the tilt's boost of the hinted token: e^NGRAM_BETA times its probability, "
+         "before renormalizing", 0),
     Knob("DUMP_TOKEN_NLL", "", "write per-target NLL (float32) and bytes (uint16) of the final phase, in val order"),
     Knob("LEGALITY_CHECK", False, "before scoring, prove each enabled eval mode causal on a val prefix"),
     Knob("EVAL_BUDGET_SECONDS", 600.0, "evaluation time budget (8-GPU scale): phases are timed against it", 0),
@@ -764,6 +772,13 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def softcap_logits_lse(logits: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 softcapped logits z = cap*tanh(logits/cap) [tokens, vocab] and their log-sum-exp per token."""
+    z = cap * torch.tanh(logits.float() / cap)
+    lse = cap + torch.exp(z - cap).sum(-1).log() if cap <= 40 else torch.logsumexp(z, dim=-1)
+    return z, lse
+
+
 class SoftcapCrossEntropy(torch.autograd.Function):
     """Per-token cross entropy (float32) of the softcapped logits cap*tanh(logits/cap).
 
@@ -776,8 +791,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
-        z = cap * torch.tanh(logits.float() / cap)
-        lse = cap + torch.exp(z - cap).sum(-1).log() if cap <= 40 else torch.logsumexp(z, dim=-1)
+        z, lse = softcap_logits_lse(logits, cap)
         ctx.save_for_backward(logits, targets, lse)
         ctx.cap = cap
         return lse - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -792,12 +806,16 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         return (grad_z * (1 - t * t)).to(logits.dtype), None, None
 
 
-def asym_softcap_nll(logits: torch.Tensor, targets: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
-    """Per-token cross entropy of logits softcapped by caps[0] where positive and caps[1] where negative
-    (AsymLogit); equal caps give SoftcapCrossEntropy's values."""
+def asym_softcap(logits: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+    """Float32 logits softcapped by caps[0] where positive and caps[1] where negative (AsymLogit)."""
     z = logits.float()
     cap = torch.where(z >= 0, caps[0], caps[1])
-    z = cap * torch.tanh(z / cap)
+    return cap * torch.tanh(z / cap)
+
+
+def asym_softcap_nll(logits: torch.Tensor, targets: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy under asym_softcap; equal caps give SoftcapCrossEntropy's values."""
+    z = asym_softcap(logits, caps)
     return F.cross_entropy(z.view(-1, z.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
 
 
@@ -988,6 +1006,18 @@ class GPT(nn.Module):
             return asym_softcap_nll(logits, targets, self.logit_caps)
         return SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                          self.cfg.logit_softcap).view_as(targets)
+
+    def nll_of_ids(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """-log p(id) for each of the ids [..., K] at every position of h [..., d] (no gradient): several
+        entries of one distribution from a single head pass, each as nll_from_hidden computes it."""
+        logits = F.linear(h, self.tok_emb.weight)
+        logits = logits.view(-1, logits.size(-1))
+        if self.logit_caps is not None:
+            z = asym_softcap(logits, self.logit_caps)
+            lse = torch.logsumexp(z, dim=-1)
+        else:
+            z, lse = softcap_logits_lse(logits, self.cfg.logit_softcap)
+        return (lse.unsqueeze(-1) - z.gather(-1, ids.reshape(-1, ids.size(-1)))).view_as(ids)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, looped: bool, tap=None,
                 fixed_cap: bool = False) -> torch.Tensor:
@@ -1450,6 +1480,8 @@ def check_artifact_tokenizer(meta: dict, path: Path, tokenizer_sha: str, tokeniz
 # pace, measured from the end of its chunk 0 (which carries compile and warm-up), projects its
 # length; TTT stops adapting, and an optional reference phase is abandoned, when that projection
 # passes the time left in EVAL_BUDGET_SECONDS.
+# The token-only n-gram tilt (NGRAM_TILT) reshapes the scored distribution at target t with a hint
+# drawn from val tokens before t only (see ngram_hints); it moves the scores, never TTT's gradients.
 # -----------------------------------------------------------------------------------------
 
 def autocast_ctx(device: torch.device):
@@ -1491,6 +1523,7 @@ class Phase:
     ttt: bool = False         # score-first test-time training, chunk by chunk
     slot: str = "off"         # SLOT mode (see the SLOT knob)
     reference: bool = False   # not the score: a comparison, run only in the time left
+    tilt: bool = False        # token-only n-gram tilt of the scored NLL (NGRAM_* knobs)
 
     @property
     def legal(self) -> bool:
@@ -1503,16 +1536,16 @@ PACE_CHUNKS = 8  # an abandonable phase without TTT is walked in this many chunk
 def plan_phases(hp: Hyperparameters, train_seq_len: int) -> list[Phase]:
     """roundtrip (plain windows) -> sliding or TTT -> SLOT -> the sliding reference when TTT scores.
     The score is the last legal phase that is not a reference."""
-    stride = hp.eval_stride or hp.eval_seq_len
+    stride, tilt = hp.eval_stride or hp.eval_seq_len, hp.ngram_tilt  # the plain roundtrip is never tilted
     phases = [Phase("roundtrip", train_seq_len, train_seq_len)]
     if hp.eval_stride and not hp.ttt_enabled:
-        phases.append(Phase("sliding", hp.eval_seq_len, stride))
+        phases.append(Phase("sliding", hp.eval_seq_len, stride, tilt=tilt))
     if hp.ttt_enabled:
-        phases.append(Phase("ttt", hp.eval_seq_len, stride, ttt=True))
+        phases.append(Phase("ttt", hp.eval_seq_len, stride, ttt=True, tilt=tilt))
     if hp.slot != "off":
-        phases.append(Phase(f"slot_{hp.slot}", hp.eval_seq_len, stride, ttt=hp.ttt_enabled, slot=hp.slot))
+        phases.append(Phase(f"slot_{hp.slot}", hp.eval_seq_len, stride, ttt=hp.ttt_enabled, slot=hp.slot, tilt=tilt))
     if hp.eval_stride and hp.ttt_enabled and hp.eval_sliding is not False:
-        phases.append(Phase("sliding", hp.eval_seq_len, stride, reference=True))
+        phases.append(Phase("sliding", hp.eval_seq_len, stride, reference=True, tilt=tilt))
     return phases
 
 
@@ -1604,10 +1637,11 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
     chunks = phase_chunks(prev, phase, hp, paced=action == "abandon")
     adapter = TTTUpdater(model, hp, dctx) if phase.ttt else None
     pace, hidden = Pace(dctx, len(chunks)), eval_forward(model, hp, dctx.device)
+    hints = phase_hints(tokens, phase, hp, log)  # inside the phase's clock: it is part of the evaluation
     for c, windows in enumerate(chunks):
         mine = windows[len(windows) * dctx.rank // dctx.world_size:len(windows) * (dctx.rank + 1) // dctx.world_size]
         for w in even_batches(mine, hp.eval_batch_seqs):
-            score_windows(model, hidden, tokens, ends[w], prev[w], phase, out, hp)
+            score_windows(model, hidden, tokens, ends[w], prev[w], phase, out, hp, hints)
         if c + 1 == len(chunks) or (adapter is None and action != "abandon"):
             continue
         projected = pace.projected(c) if action else None
@@ -1630,12 +1664,13 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
 
 
 def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, prev_ends: np.ndarray, phase: Phase,
-                  out: TokenScores, hp: Hyperparameters):
+                  out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None = None):
     """Score a batch of windows into `out`, running `hidden` (eval_forward's) for the hidden states.
     A window's scored targets are its last ends-prev_ends, so the head and loss run on the batch's
     longest such tail only. With SLOT, a per-window delta on the final hidden states is fitted
     first: on the window's context targets (scored by earlier windows) or, for `full`, on the very
-    targets being scored (which leaks them)."""
+    targets being scored (which leaks them). With hints (ngram_hints' of the stream), the NLL is the
+    n-gram tilt's."""
     L = min(phase.seq_len, int(ends[0]))
     starts = torch.from_numpy(ends - L).to(tokens.device)
     idx = starts[:, None] + torch.arange(L + 1, device=tokens.device)
@@ -1650,11 +1685,114 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
         h = fit_slot_delta(model, h.clone(), y, scored if phase.slot == "full" else ~scored, hp)
     cut = L - int(n_scored.max())
     x, y, h, scored = x[:, cut:], y[:, cut:], h[:, cut:], scored[:, cut:]
+    pos = starts[:, None] + 1 + cut + torch.arange(L - cut, device=tokens.device)[None, :]  # stream position of y
     with torch.inference_mode(), autocast_ctx(tokens.device):
-        nll = model.nll_from_hidden(h, y)
-    t = (starts[:, None] + 1 + cut + torch.arange(L - cut, device=tokens.device)[None, :])[scored] - 1
+        nll = model.nll_from_hidden(h, y) if hints is None else tilted_scores(model, h, y, hints[pos], hp.ngram_beta)
+    t = pos[scored] - 1
     out.nll.index_add_(0, t, nll[scored].double())
     out.count.index_add_(0, t, torch.ones_like(t, dtype=torch.int32))
+
+
+# Token-only n-gram tilt. For each position t of the val stream, a hint: the continuation seen most
+# often after the same NGRAM_ORDER-1 tokens earlier in the stream, kept when its share of that
+# context's continuations so far reaches NGRAM_THRESHOLD. The scored distribution at t becomes
+#   p'(a) = p(a) e^(beta [a = hint]) / (1 - p(hint) + p(hint) e^beta),
+# a full distribution over the vocabulary, normalized exactly, and fixed before target t is read.
+# Both the hint and whether to give one read tokens < t only: a gate on any property of the target
+# itself (say, whether it starts a word) would leak it, and the future-perturbation check cannot
+# see that (the target is never perturbed), so tests check the hints' causality directly.
+
+NGRAM_HASH_SEED = 20240501  # fixed, so that the hints are a function of the tokens alone
+
+
+def context_hashes(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """A 64-bit hash of tokens[t-k:t] for each t = k..N-1: the sum of (token + 1) times a random odd
+    multiplier per offset, wrapping like all int64 arithmetic. Two contexts collide with negligible
+    chance, and a collision only merges two contexts' counts, still of earlier tokens."""
+    n = len(tokens)
+    mult = np.random.default_rng(NGRAM_HASH_SEED).integers(1, 2**61, size=k) * 2 + 1
+    shifted = tokens.long() + 1  # so that token 0 still moves the hash
+    h = torch.zeros(n - k, dtype=torch.int64, device=tokens.device)
+    for j in range(1, k + 1):
+        h += shifted[k - j:n - j] * int(mult[j - 1])
+    return h
+
+
+def first_of_runs(sorted_keys: torch.Tensor) -> torch.Tensor:
+    """True where a run of equal keys starts."""
+    return torch.cat((torch.ones(1, dtype=torch.bool, device=sorted_keys.device), sorted_keys[1:] != sorted_keys[:-1]))
+
+
+def run_starts(first: torch.Tensor) -> torch.Tensor:
+    """The index where each element's run starts (`first` marks run starts)."""
+    i = torch.arange(len(first), device=first.device)
+    return torch.where(first, i, 0).cummax(0).values
+
+
+def running_count(keys: torch.Tensor) -> torch.Tensor:
+    """For each element, how many elements up to and including it carry its key."""
+    sorted_keys, order = torch.sort(keys, stable=True)  # stable: equal keys keep their order
+    count = torch.empty_like(keys)
+    count[order] = torch.arange(len(keys), device=keys.device) - run_starts(first_of_runs(sorted_keys)) + 1
+    return count
+
+
+def ngram_hints(tokens: torch.Tensor, order: int, threshold: float) -> torch.Tensor:
+    """hints[t]: the token the tilt proposes at position t of the stream, -1 for none. The same as one
+    left-to-right pass that at each t looks up the context tokens[t-order+1:t] in a table of
+    continuation counts of the positions before t, proposes the context's most frequent continuation
+    (the first to reach the top count) when the top count is at least `threshold` of the context's
+    total, and only then adds tokens[t] to the table; computed with two stable sorts instead of a
+    Python loop, so that it costs seconds on the whole val stream, on the scoring device."""
+    n, k = len(tokens), order - 1
+    hints = torch.full((n,), -1, dtype=torch.int64, device=tokens.device)
+    if n <= k:
+        return hints
+    ctx, by_ctx = torch.sort(context_hashes(tokens, k), stable=True)  # each context's occurrences in stream order
+    nxt = tokens[k:].long()[by_ctx]  # the continuation at each occurrence
+    first = first_of_runs(ctx)
+    group = first.long().cumsum(0) - 1  # dense context id
+    i = torch.arange(n - k, device=tokens.device)
+    seen = i - run_starts(first)  # the context's continuations before this occurrence
+    count = running_count(group * (int(nxt.max()) + 1) + nxt)  # this continuation's count, this occurrence included
+    # The top count before each occurrence: the running max of count within its context, one step
+    # behind. Adding group * (n + 1) keeps each context's values above all earlier contexts', so one
+    # cumulative max over the whole array never carries a value across contexts.
+    offset = group * (n + 1)
+    top_before = torch.where(first, 0, ((count + offset).cummax(0).values - offset).roll(1))
+    # The most frequent continuation is the last one to raise the top count (ties keep the earlier).
+    last_raise = torch.where(count > top_before, i, -1).cummax(0).values
+    best_before = nxt[last_raise.roll(1)]
+    hinted = ~first & (top_before >= threshold * seen)
+    hints[k + by_ctx[hinted]] = best_before[hinted]
+    return hints
+
+
+def tilted_nll(nll: torch.Tensor, hint_nll: torch.Tensor, hit: torch.Tensor, beta: float) -> torch.Tensor:
+    """-log p'(y) for p'(a) = p(a) e^(beta [a = hint]) / Z, from -log p(y), -log p(hint) and [y = hint].
+    Z = 1 - p(hint) + p(hint) e^beta = 1 + p(hint) (e^beta - 1) is what makes p' sum to 1."""
+    return nll - beta * hit.to(nll.dtype) + torch.log1p(torch.exp(-hint_nll) * math.expm1(beta))
+
+
+def tilted_scores(model: GPT, h: torch.Tensor, y: torch.Tensor, hint: torch.Tensor, beta: float) -> torch.Tensor:
+    """The tilted NLL of targets y where a hint (>= 0) is given, the model's own NLL elsewhere. p(y) and
+    p(hint) come from one head pass, each as nll_from_hidden computes it."""
+    nll = model.nll_of_ids(h, torch.stack((y, hint.clamp_min(0)), dim=-1))
+    return torch.where(hint >= 0, tilted_nll(nll[..., 0], nll[..., 1], y == hint, beta), nll[..., 0])
+
+
+def phase_hints(tokens: torch.Tensor, phase: Phase, hp: Hyperparameters, log=None) -> torch.Tensor | None:
+    """The phase's n-gram hints (None when it is not tilted); logs how many targets get one and the time."""
+    if not phase.tilt:
+        return None
+    t0 = time.perf_counter()
+    hints = ngram_hints(tokens, hp.ngram_order, hp.ngram_threshold)
+    n_hinted, n = int((hints[1:] >= 0).sum()), len(tokens) - 1  # position 0 is no target
+    if log is not None:
+        log(f"ngram_tilt:{phase.name} ngram_order:{hp.ngram_order} ngram_threshold:{hp.ngram_threshold} "
+            f"ngram_beta:{hp.ngram_beta} hinted:{n_hinted}/{n} hinted_frac:{n_hinted / max(n, 1):.4f} "
+            f"precompute:{time.perf_counter() - t0:.2f}s")
+    return hints
 
 
 def fit_slot_delta(model: GPT, h: torch.Tensor, y: torch.Tensor, fit_mask: torch.Tensor, hp) -> torch.Tensor:

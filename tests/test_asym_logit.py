@@ -70,3 +70,12 @@ def test_legacy_artifact_and_legality(tmp_path):
     path.write_bytes(train_gpt.pack_artifact(qstate, dict(model=fields)))
     back = train_gpt.artifact_model(*train_gpt.read_artifact(path), path, torch.device("cpu"), train_gpt.causal_attention)
     assert back.logit_caps is None
+
+
+def test_the_tilt_reads_the_asym_caps():
+    """nll_of_ids (the n-gram tilt's head pass) gives the same NLL as nll_from_hidden under AsymLogit."""
+    model = randomized(small_cfg(asym_logit=True))
+    with torch.no_grad():
+        model.logit_caps.copy_(torch.tensor([12.0, 40.0]))
+        h, y = torch.randn(2, 5, 32), torch.randint(0, 64, (2, 5))
+        torch.testing.assert_close(model.nll_of_ids(h, torch.stack((y, y), -1))[..., 0], model.nll_from_hidden(h, y))
