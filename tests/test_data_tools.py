@@ -369,7 +369,7 @@ def test_trained_tokenizer_and_round_trip(tiny):
     split = json.loads((ds / "split.json").read_text())
     src = out.parent / "docs.jsonl.xz"
     assert split == dict(input="docs.jsonl.xz", input_sha256=hashlib.sha256(src.read_bytes()).hexdigest(),
-                         val_docs=20, train_docs=len(texts) - 20, max_docs=None, caseops=False,
+                         val_docs=20, train_docs=len(texts) - 20, max_docs=None, caseops=False, lossless=False,
                          tokenizer="custom_sp300_bpe.model")
 
 
