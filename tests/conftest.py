@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -22,6 +23,10 @@ import train_gpt  # noqa: E402
 from data.shards import write_shard  # noqa: E402
 from scripts.runlog import read_log  # noqa: E402
 import forkserver  # noqa: E402  (tests/ is on sys.path: pytest puts a rootless conftest's folder there)
+
+# The in-process tests run torch on one thread, as the tiny runs do (tiny_env's OMP_NUM_THREADS=1): their
+# tensors are too small for a second one to help, and on a 2-core machine it spun against the runs.
+torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CORPUS = FIXTURES / "corpus.jsonl.xz"
