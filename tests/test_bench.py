@@ -136,10 +136,11 @@ def test_compare_runs_rejects_logs_it_cannot_compare(tmp_path):
         assert res.returncode == 2 and res.stderr.startswith("error:") and message in res.stderr, res.stderr
 
 
-def test_scaling_script_runs_two_ranks_against_one(tiny_data, tmp_path):
+def test_scaling_script_runs_two_ranks_against_one(tiny_data, tmp_path, launcher):
     """bench/scaling.sh 2 end to end on CPU (two gloo ranks, then one process accumulating the same
     batch), on the tiny shards laid out where bench/protocol.sh looks for its built ones: each run writes
-    one log and one artifact, and the two loss curves agree."""
+    one log and one artifact, and the two loss curves agree. The torchrun on PATH is tests/bin/torchrun:
+    the ranks are forked by tests/forkserver.py (test_train's two-process test runs the real one)."""
     data, tok = tiny_data
     bench_data = tmp_path / "benchdata"
     (bench_data / "datasets").mkdir(parents=True)
@@ -147,6 +148,8 @@ def test_scaling_script_runs_two_ranks_against_one(tiny_data, tmp_path):
     (bench_data / "datasets" / "bench_sp8192").symlink_to(data)
     (bench_data / "tokenizers" / "bench_8192_bpe.model").symlink_to(tok)
     env = tiny_env(tiny_data, tmp_path) | dict(BENCH_DATA=str(bench_data), SCALING_OUT=str(tmp_path / "out"))
+    launcher.ready()
+    env |= dict(PATH=f"{ROOT / 'tests' / 'bin'}{os.pathsep}{env['PATH']}", FORKSERVER_SOCKET=str(launcher.socket))
     res = subprocess.run(["bash", "bench/scaling.sh", "2", "VOCAB_SIZE=1024", "TRAIN_BATCH_TOKENS=1024",
                           "MICRO_BATCH_TOKENS=512", "ITERATIONS=6", "TRAIN_LOG_EVERY=1",
                           "CLIP_SEARCH_STEPS=0", "TTT_ENABLED=0", "EVAL_STRIDE=0"],  # cheaper, and beside the point here

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import parse_log, tiny_env
+from conftest import parse_log, run_script, tiny_env
 from data.shards import write_shard
 
 
@@ -217,17 +217,17 @@ def test_readme_env_reference_is_current():
 
 
 def test_two_process_run_matches_one_process(tiny_data, tmp_path, launcher):
-    """The whole pipeline on two ranks (train loop and its shared clock, Hessians, GPTQ, eval and TTT
+    """The whole pipeline under torchrun (train loop and its shared clock, Hessians, GPTQ, eval and TTT
     split across ranks, rank-0-only files) scores like one process with accumulation. With no eval budget
     left, both ranks stop TTT's updates at the same chunk (one decision for all), as one process does
-    (that TTT runs all its updates with time to spare is tests/test_eval.py's). The ranks are started
-    with torchrun's variables by tests/forkserver.py; test_bench's bench/scaling.sh test runs
-    train_gpt.py on two ranks under torchrun itself."""
+    (that TTT runs all its updates with time to spare is tests/test_eval.py's). Under the real torchrun:
+    the other multi-rank tests fork their ranks (tests/forkserver.py)."""
     env = tiny_env(tiny_data, tmp_path, MICRO_BATCH_TOKENS=512, TTT_ENABLED=1, EVAL_SLIDING=1,
                    EVAL_BUDGET_SECONDS=0)
     one = launcher.run(env | dict(RUN_ID="one"))
     assert one.returncode == 0, one.stderr
-    two = launcher.run(env | dict(RUN_ID="two"), nproc=2)
+    two = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_gpt.py"],
+                     env | dict(RUN_ID="two"))
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = parse_log(tmp_path / "logs" / "one.txt"), parse_log(tmp_path / "logs" / "two.txt")
     assert "world_size:2" in (tmp_path / "logs" / "two.txt").read_text()
