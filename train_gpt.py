@@ -243,6 +243,10 @@ EXPORT_KNOBS = [
     Knob("GPTQ_CALIBRATION_BATCHES", 16, "training micro-batches per rank for the GPTQ Hessians; 0 = plain rounding", 0),
     Knob("GPTQ_RESERVE_SECONDS", 6.0, "taken off MAX_WALLCLOCK_SECONDS so Hessians are collected within it", 0),
     Knob("CLIP_SEARCH_STEPS", 4, "extra GPTQ tries moving MATRIX_CLIP_SIGMAS to land just under the cap; 0 = off", 0),
+    Knob("LQER_TOP_K", 0, "LQER: the N GPTQ'd matrices (bank slices, embedding) with the largest Frobenius norm of "
+         "their error W - Wq get a low-rank correction of it (INT2 x INT4 factors, inside the cap); 0 = off", 0),
+    Knob("LQER_RANK", 4, "rank of each LQER correction", 1),
+    Knob("LQER_GROUP", 64, "LQER: values of the flattened INT4 factor per fp16 scale", 1),
 ]
 KNOBS = RUN_KNOBS + SCHEDULE_KNOBS + MODEL_KNOBS + OPTIMIZER_KNOBS + EVAL_KNOBS + EXPORT_KNOBS
 
@@ -1193,7 +1197,8 @@ def muon_momentum(step: int, hp: Hyperparameters) -> float:
 # tr((W-Q) H (W-Q)^T) far better than rounding each weight. SDClip sets one scale per row,
 # s = k * std(row) / (2^(bits-1) - 1): k trades accuracy for entropy (compressed size), so it
 # is the knob that lands the artifact under the cap. Hessians come from training batches
-# only, collected inside the training budget. Small tensors pass through as fp16.
+# only, collected inside the training budget. Small tensors pass through as fp16. LQER (off
+# unless LQER_TOP_K) adds low-rank corrections of the largest GPTQ errors, inside the same cap.
 # The artifact is a self-describing binary (magic, version, JSON tensor table, raw
 # little-endian data), byte-shuffled per element size and brotli-compressed in parallel
 # streams. Nothing in it is executed or unpickled on load.
@@ -1302,8 +1307,183 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict | None, num_la
 
 
 def dequantize_state(qstate: dict[str, dict]) -> dict[str, torch.Tensor]:
-    return {name: e["w"].float() if e["kind"] == "fp16" else dequantize_rows(e["q"], e["scale"])
-            for name, e in qstate.items()}
+    return {name: e["w"].float() if e["kind"] == "fp16" else dequantize_matrix(e) for name, e in qstate.items()}
+
+
+def dequantize_matrix(entry: dict) -> torch.Tensor:
+    """GPTQ'd rows plus the LQER correction of each slice that has one."""
+    W = dequantize_rows(entry["q"], entry["scale"])
+    slices = W.view(-1, *W.shape[-2:])  # a view: adding to a slice adds to W
+    for k, fields in lqer_slices(entry).items():
+        A, B = lqer_factors(fields, *W.shape[-2:])
+        slices[k] += A @ B
+    return W
+
+
+# LQER (low-rank quantization error reconstruction). GPTQ's error E = W - dequant(q) of the matrices
+# where it is largest is approximated by a rank-r product A B, so that W ~ dequant(q) + A B.
+# A "matrix" is one slice of a bank (one role of one layer) or the embedding. A (rows x r) is
+# stored as INT2 codes in [-2, 1] under one fp16 scale, B (r x cols) as INT4 codes in [-8, 7] with
+# one fp16 scale per group of LQER_GROUP values of the flattened B, as in the record that
+# introduced it. The factors are extra fields of the matrix's own artifact entry (lqer{slice}.a,
+# .a_scale, .b, .b_scale) whose shapes say the rank and the group, so the artifact stays
+# self-describing and one without them reads exactly as before.
+# Storage: A's codes are packed four to a byte (mostly zeros: packing lets brotli skip them), B's
+# are left one to a byte (near-uniform 4-bit values: brotli does slightly better on them unpacked).
+
+LQER_FIELD = re.compile(r"lqer(\d+)\.(a|a_scale|b|b_scale)")
+LQER_A_BITS, LQER_B_BITS = 2, 4
+# The largest |A| maps to 1.5 codes (the record's choice): it rounds to the edge code, which keeps
+# the few large entries of A and zeroes most small ones.
+LQER_A_RANGE = 1.5
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed `bits`-bit codes [..., n] -> int8 bytes [..., ceil(n * bits / 8)], first code in the
+    lowest bits; the last byte of a row is padded with the code for 0."""
+    per = 8 // bits
+    u = codes.to(torch.int32) + (1 << (bits - 1))  # offset to unsigned so the fields do not borrow
+    u = F.pad(u, (0, -u.size(-1) % per), value=1 << (bits - 1))
+    u = u.reshape(*u.shape[:-1], -1, per)
+    packed = sum(u[..., j] << (bits * j) for j in range(per))
+    return packed.to(torch.uint8).view(torch.int8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The inverse of pack_codes: int8 bytes [..., m] -> int8 codes [..., n]."""
+    per = 8 // bits
+    u = packed.view(torch.uint8).to(torch.int32)
+    fields = torch.stack([(u >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], dim=-1)
+    return (fields.reshape(*u.shape[:-1], -1)[..., :n] - (1 << (bits - 1))).to(torch.int8)
+
+
+def lqer_fit(E: torch.Tensor, rank: int, group: int) -> dict[str, torch.Tensor]:
+    """The quantized factors of a rank-`rank` approximation of E [rows, cols] (float32, any device).
+    A = U S from the SVD (the record's split); B is then refitted by least squares to the
+    quantized A instead of taken as V^T, which can only lower ||E - A B|| before B's rounding."""
+    rank = min(rank, *E.shape)
+    U, S, _ = torch.linalg.svd(E, full_matrices=False)
+    A = U[:, :rank] * S[:rank]
+    lo, hi = -(1 << (LQER_A_BITS - 1)), (1 << (LQER_A_BITS - 1)) - 1
+    a_scale = (A.abs().max() / LQER_A_RANGE).clamp_min(1e-7).half()  # fp16 before rounding: load sees the same
+    a_codes = torch.clamp(torch.round(A / a_scale.float()), lo, hi)
+    B = torch.linalg.pinv(a_codes * a_scale.float()) @ E
+    b_codes, b_scale = quantize_groups(B.reshape(-1), group, LQER_B_BITS)
+    return {"a": pack_codes(a_codes.T.to(torch.int8), LQER_A_BITS).cpu(), "a_scale": a_scale.reshape(1).cpu(),
+            "b": b_codes.cpu(), "b_scale": b_scale.cpu()}
+
+
+def quantize_groups(x: torch.Tensor, group: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat x -> (int8 codes [groups, group] in [-2^(bits-1), 2^(bits-1)-1], fp16 scales [groups]);
+    x is zero-padded to whole groups, and a group's largest |x| maps to qmax + 0.5 codes."""
+    qmax = (1 << (bits - 1)) - 1
+    g = F.pad(x, (0, -x.numel() % group)).reshape(-1, group)
+    scale = (g.abs().amax(dim=1) / (qmax + 0.5)).half()
+    codes = torch.clamp(torch.round(g / scale.float().clamp_min(1e-30)[:, None]), -qmax - 1, qmax)
+    return codes.to(torch.int8), scale
+
+
+def lqer_factors(fields: dict[str, torch.Tensor], rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored factor fields (checked by lqer_slices) -> (A [rows, r], B [r, cols]) in float32."""
+    A = unpack_codes(fields["a"], LQER_A_BITS, rows).T.float() * fields["a_scale"].float()
+    r = A.size(1)
+    B = (fields["b"].float() * fields["b_scale"].float()[:, None]).reshape(-1)[:r * cols].reshape(r, cols)
+    return A, B
+
+
+def lqer_slices(entry: dict) -> dict[int, dict[str, torch.Tensor]]:
+    """slice -> its four LQER fields, checked against each other and the matrix's shape; ValueError
+    says what is inconsistent (a corrupted or hand-edited artifact)."""
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    for field, t in entry.items():
+        m = LQER_FIELD.fullmatch(field)
+        if m:
+            found.setdefault(int(m[1]), {})[m[2]] = t
+    if not found:
+        return found
+    if "q" not in entry or entry["q"].ndim < 2:
+        raise ValueError("LQER factors on a tensor that is not a GPTQ'd matrix")
+    rows, cols = entry["q"].shape[-2:]
+    for k, f in sorted(found.items()):
+        problem = lqer_problem(f, rows, cols, entry["q"].numel() // (rows * cols), k)
+        if problem:
+            raise ValueError(f"lqer{k}: {problem}")
+    return found
+
+
+def lqer_problem(f: dict[str, torch.Tensor], rows: int, cols: int, n_slices: int, k: int) -> str | None:
+    """What is wrong with slice k's LQER fields for a [n_slices, rows, cols] matrix, if anything."""
+    if k >= n_slices:
+        return f"slice {k} of a tensor of {n_slices}"
+    if set(f) != {"a", "a_scale", "b", "b_scale"}:
+        return f"has fields {', '.join(sorted(f))}; expected a, a_scale, b, b_scale"
+    if [f[x].dtype for x in ("a", "a_scale", "b", "b_scale")] != [torch.int8, torch.float16, torch.int8, torch.float16]:
+        return "unexpected element types"
+    a, b = f["a"], f["b"]
+    if a.ndim != 2 or a.size(0) < 1 or a.size(1) != -(-rows * LQER_A_BITS // 8):
+        return f"a has shape {list(a.shape)} for {rows} rows"
+    if b.ndim != 2 or b.size(1) < 1 or b.size(0) != -(-a.size(0) * cols // b.size(1)):
+        return f"b has shape {list(b.shape)} for rank {a.size(0)} and {cols} columns"
+    if tuple(f["a_scale"].shape) != (1,) or tuple(f["b_scale"].shape) != (b.size(0),):
+        return "scales do not match the factors"
+    if not (torch.isfinite(f["a_scale"].float()).all() and torch.isfinite(f["b_scale"].float()).all()):
+        return "non-finite scale"
+    return None
+
+
+def slice_label(name: str, k: int, num_layers: int) -> str:
+    """A bank slice by role and layer (mlp_up_bank[3] -> up.3); other tensors by name."""
+    if name not in BANKS:
+        return name.removesuffix(".weight")
+    return f"{bank_roles(name)[k // num_layers]}.{k % num_layers}"
+
+
+def gptq_errors(state: dict[str, torch.Tensor], qstate: dict[str, dict]) -> list[tuple[float, str, int]]:
+    """(||W - dequant(q)||_F, name, slice) of every GPTQ'd matrix, largest first (ties by name, slice)."""
+    out = []
+    for name, e in qstate.items():
+        if "q" not in e:
+            continue
+        W = state[name].detach().float()
+        E = W - dequantize_rows(e["q"].to(W.device), e["scale"].to(W.device))
+        norms = torch.linalg.matrix_norm(E.reshape(-1, *W.shape[-2:])).tolist()
+        out += [(n, name, k) for k, n in enumerate(norms)]
+    return sorted(out, key=lambda t: (-t[0], t[1], t[2]))
+
+
+def apply_lqer(state: dict[str, torch.Tensor], qstate: dict[str, dict], top_k: int, rank: int, group: int,
+               num_layers: int) -> list[dict]:
+    """Add LQER factor fields to the entries of the top_k matrices by GPTQ error (in place). A
+    correction whose rounding leaves the error no smaller is dropped. Returns what was done, per
+    chosen matrix: name, slice, label, error before and after, kept."""
+    report = []
+    for before, name, k in gptq_errors(state, qstate)[:top_k]:
+        e = qstate[name]
+        W = state[name].detach().float()
+        rows, cols = W.shape[-2:]
+        W_k = W.reshape(-1, rows, cols)[k]
+        E = W_k - dequantize_rows(e["q"].reshape(-1, rows, cols)[k].to(W.device),
+                                  e["scale"].reshape(-1, rows)[k].to(W.device))
+        fields = lqer_fit(E, rank, group)
+        A, B = lqer_factors(fields, rows, cols)  # exactly what loading will add
+        after = torch.linalg.matrix_norm(E.cpu() - A @ B).item()
+        kept = after < before
+        if kept:
+            e.update({f"lqer{k}.{f}": t for f, t in fields.items()})
+        report.append(dict(name=name, slice=k, label=slice_label(name, k, num_layers), before=before,
+                           after=after if kept else before, kept=kept))
+    return report
+
+
+def lqer_bytes(qstate: dict[str, dict]) -> int:
+    """What the LQER fields add to the artifact, about: their tensor table rows and data compressed
+    alone (exact would take a second pack of the whole artifact)."""
+    fields = [(name, f, t) for name, e in qstate.items() for f, t in e.items() if LQER_FIELD.fullmatch(f)]
+    if not fields:
+        return 0
+    rows = json.dumps([dict(name=name, field=f, dtype=str(t.dtype), shape=list(t.shape)) for name, f, t in fields])
+    raw = b"".join(byte_shuffle(t.contiguous().numpy().tobytes(), t.element_size()) for _, _, t in fields)
+    return len(brotli.compress(rows.encode() + raw, quality=11))
 
 
 def byte_shuffle(buf: bytes, itemsize: int) -> bytes:
@@ -1372,6 +1552,11 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
         raw = byte_unshuffle(data[e["offset"]:e["offset"] + e["nbytes"]], np.dtype(ndtype).itemsize)
         arr = np.frombuffer(raw, dtype=ndtype).reshape(e["shape"]).copy()
         qstate.setdefault(e["name"], {"kind": e["kind"]})[e["field"]] = torch.from_numpy(arr)
+    for name, entry in qstate.items():
+        try:
+            lqer_slices(entry)
+        except ValueError as err:
+            raise UserError(f"{source}: corrupted LQER entry {name}: {err}") from None
     return qstate, meta["config"]
 
 
@@ -2220,13 +2405,17 @@ def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: i
 
 def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hyperparameters, code_bytes: int,
                            log, meta: dict | None = None) -> tuple[bytes, float]:
-    """GPTQ + pack at MATRIX_CLIP_SIGMAS; then, for up to CLIP_SEARCH_STEPS more tries, move the clip
-    (size falls as it rises) to land under the cap with less than CLIP_SEARCH_HEADROOM to spare.
-    `meta` (e.g. the tokenizer's hash) goes into the artifact's config. Returns the smallest-clip blob
-    that fits, else the last one tried."""
+    """GPTQ (+ LQER) + pack at MATRIX_CLIP_SIGMAS; then, for up to CLIP_SEARCH_STEPS more tries, move
+    the clip (size falls as it rises) to land under the cap with less than CLIP_SEARCH_HEADROOM to
+    spare. Every try measures the whole blob, LQER's factors included. `meta` (e.g. the tokenizer's
+    hash) goes into the artifact's config. Returns the smallest-clip blob that fits, else the last
+    one tried."""
     def attempt(k: float) -> bytes:
         t0 = time.perf_counter()
         q = quantize_state(state, hessians, cfg.num_layers, hp.matrix_bits, k, hp.embed_bits, hp.embed_clip_sigmas)
+        if hp.lqer_top_k:
+            report = apply_lqer(state, q, hp.lqer_top_k, hp.lqer_rank, hp.lqer_group, cfg.num_layers)
+            log(lqer_line(report, q, hp))
         t1 = time.perf_counter()
         config = dict(model=dataclasses.asdict(cfg), train_seq_len=hp.train_seq_len, matrix_clip_sigmas=k) | (meta or {})
         blob = pack_artifact(q, config)
@@ -2248,6 +2437,14 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
             lo = k
         k = (lo + hi) / 2 if lo is not None and hi is not None else (k / 1.15 if spare >= 0 else k * 1.15)
     return best or (blob, lo)
+
+
+def lqer_line(report: list[dict], qstate: dict[str, dict], hp: Hyperparameters) -> str:
+    """The `lqer:` log line: each chosen matrix (by role.layer) with its GPTQ error norm before -> after
+    (`dropped` where the correction did not help), and about how many bytes the factors add."""
+    parts = [f"{r['label']}:{r['before']:.4f}->" + (f"{r['after']:.4f}" if r["kept"] else "dropped") for r in report]
+    return (f"lqer: top_k:{hp.lqer_top_k} rank:{hp.lqer_rank} group:{hp.lqer_group} {' '.join(parts)} "
+            f"bytes:{lqer_bytes(qstate)}")
 
 
 def configure_inductor():
