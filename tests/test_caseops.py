@@ -21,7 +21,7 @@ from data import caseops, tokenize_jsonl
 from data.caseops import ALLCAPS, CAPNEXT, ESC, TITLE
 from data.shards import (ShardError, is_sidecar, read_header, read_shard, read_sidecar, sidecar_path,
                          token_shards, write_shard)
-from test_data_tools import FakeHub
+from test_data_tools import FakeHub, hub_env
 
 TRICKY = [
     "", "a", "A", "I", "Hello", "hello", "HELLO", "HeLLo", "hELLO", "iPhone", "McDonald", "ABc", "aB", "AB",
@@ -312,11 +312,7 @@ def caseops_hub(tmp_path):
     (repo / "tokenizers" / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model").write_bytes(b"model")
     (repo / "manifest.json").write_text(json.dumps({"datasets": [{"name": "fineweb10B_sp1024", "train_shards": 1,
                                                                   "val_shards": 1}]}))
-    env = {k: v for k, v in os.environ.items()
-           if not (k.startswith(("HF_", "HUGGINGFACE_", "MATCHED_FINEWEB_")) or k.lower().endswith("_proxy"))}
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}", HF_HOME=str(tmp_path / "hf"),
-               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1")
-    yield ds, env, tmp_path / "local"
+    yield ds, hub_env(server, tmp_path), tmp_path / "local"
     server.shutdown()
     server.server_close()
 

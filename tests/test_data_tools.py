@@ -178,13 +178,18 @@ def hub(tmp_path):
     (repo / "tokenizers" / "fineweb_1024_bpe.model").write_bytes(b"model bytes")
     (repo / "tokenizers" / "fineweb_1024_bpe.vocab").write_bytes(b"vocab bytes")
     set_manifest(repo, 3, 1)
+    yield repo, hub_env(server, tmp_path), tmp_path / "local"
+    server.shutdown()
+    server.server_close()
+
+
+def hub_env(server, tmp_path: Path) -> dict:
+    """The environment of a download from the local fake hub: none of the caller's hub settings or proxies."""
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith(("HF_", "HUGGINGFACE_", "MATCHED_FINEWEB_")) or k.lower().endswith("_proxy"))}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}", HF_HOME=str(tmp_path / "hf"),
                HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1")
-    yield repo, env, tmp_path / "local"
-    server.shutdown()
-    server.server_close()
+    return env
 
 
 def set_manifest(repo: Path, train: int, val: int, published_schema: bool = False):
