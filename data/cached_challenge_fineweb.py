@@ -195,11 +195,22 @@ def check_caseops(ds_dir: Path, n_train: int, n_avail: int) -> None:
             read_sidecar(f)
         except ShardError as e:
             raise SystemExit(f"error: {e}; the CaseOps val bytes sidecar must match its val shard") from None
+    # Shards beyond the export's count come from elsewhere (a leaky local prep writes 1499); fewer
+    # fetched this time than an earlier run left is a smaller --train-shards, not a mix.
     present = token_shards(ds_dir, "train")
-    if len(present) != n_train:
-        raise SystemExit(f"error: {ds_dir} holds {len(present)} train shards, {n_train} were fetched (the manifest "
-                         f"lists {n_avail}): shards of another export are mixed in (a local prep?); delete the "
-                         f"folder and rerun")
+    foreign = [f for f in present if shard_index(f) >= n_avail]
+    if foreign or len(present) > n_avail:
+        raise SystemExit(f"error: {ds_dir} holds {len(present)} train shards, e.g. {(foreign or present)[-1].name}, "
+                         f"but the export has {n_avail}: shards of another export are mixed in (a local prep?); "
+                         f"delete the folder and rerun")
+    if len(present) > n_train:
+        print(f"note: {ds_dir} holds {len(present)} train shards, {n_train} fetched now (the rest from an earlier run)")
+
+
+def shard_index(path: Path) -> int:
+    """fineweb_train_000012.bin -> 12 (-1 for a name without the number)."""
+    digits = path.stem.rpartition("_")[2]
+    return int(digits) if digits.isdigit() else -1
 
 
 def main(argv=None) -> None:
@@ -215,7 +226,7 @@ def main(argv=None) -> None:
     except (ValueError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: {manifest_path}: not valid JSON ({e})") from None
     listed = any(isinstance(d, dict) and d.get("name") == f"fineweb10B_{args.variant}"
-                 for d in (manifest.get("datasets") or [] if isinstance(manifest, dict) else []))
+                 for d in ((manifest.get("datasets") or []) if isinstance(manifest, dict) else []))
     if args.variant == CASEOPS and not listed and args.repo_id == KNOWN_REPOS[CASEOPS]:
         print(f"note: {manifest_path} does not list fineweb10B_{CASEOPS}; using the published CaseOps layout "
               f"({CASEOPS_LAYOUT[0]} train shards, {CASEOPS_LAYOUT[1]} val shard and its byte sidecar)")

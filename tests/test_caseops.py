@@ -334,12 +334,16 @@ def test_caseops_download(caseops_hub):
     assert "using the published CaseOps layout (80 train shards, 1 val shard and its byte sidecar)" in r.stdout
     assert "2 train shards (63 tokens) and 1 val shard(s) (100,000 tokens) OK" in r.stdout
 
-    # A train shard that is not part of this export (a local prep's 1499 shards, say) is refused.
-    write_shard(got / "fineweb_train_000002.bin", [1, 2, 3])
+    # A rerun with fewer train shards keeps the earlier ones: not a mix.
+    r = fetch_caseops(env, local, "--train-shards", "1")
+    assert r.returncode == 0, r.stderr
+    assert f"note: {got} holds 2 train shards, 1 fetched now (the rest from an earlier run)" in r.stdout
+    # A train shard beyond the export's 80 (a local prep's 1499 shards, say) is refused.
+    write_shard(got / "fineweb_train_000080.bin", [1, 2, 3])
     r = fetch_caseops(env, local)
     assert r.returncode == 1 and r.stderr.strip() == (
-        f"error: {got} holds 3 train shards, 2 were fetched (the manifest lists 80): shards of another export "
-        f"are mixed in (a local prep?); delete the folder and rerun")
+        f"error: {got} holds 3 train shards, e.g. fineweb_train_000080.bin, but the export has 80: shards of "
+        f"another export are mixed in (a local prep?); delete the folder and rerun")
 
 
 @pytest.mark.parametrize("damage", ["leaky val", "sidecar count", "sidecar header", "no sidecar"])
