@@ -2352,7 +2352,10 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
     """Train until ITERATIONS or the clock cap; validate every VAL_LOSS_EVERY steps (off the clock).
     The CPU queues step k+1 before reading step k's loss, so the GPU never waits for the host; the
     clock is read at those loss reads (see TrainClock)."""
+    t0 = time.perf_counter()
     prime_compile(trainer, hp, train_files, log)
+    warmup_s = dctx.all_reduce_max(time.perf_counter() - t0)  # compile and warm-up: before the clock, not free
+    log(f"warmup_done time:{warmup_s:.1f}s")
     cap_ms = 1000 * (hp.max_wallclock_seconds - hp.gptq_reserve_seconds) if hp.max_wallclock_seconds else 0
     if cap_ms:
         log(f"train_clock_cap:{cap_ms / 1000:.1f}s (MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS)")
@@ -2382,7 +2385,7 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
         queued = (step, PendingScalar(loss_t), flops_done)
     stop_reason = "wallclock_cap" if step < hp.iterations else "iterations"
     log(f"stopping:{stop_reason} step:{step} train_time:{clock.ms / 1000:.3f}s")
-    return dict(steps=step, train_ms=clock.ms, stop_reason=stop_reason, val=last_val)
+    return dict(steps=step, train_ms=clock.ms, stop_reason=stop_reason, val=last_val, warmup_s=warmup_s)
 
 
 @torch.no_grad()
@@ -2607,6 +2610,7 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
     scores = evaluator.score(artifact_model(qstate, meta, artifact, dctx.device, attention), meta["train_seq_len"])
     return scores | figures | dict(prequant_val_bpb=prequant[1], quant_gap_bpb=scores["roundtrip_val_bpb"] - prequant[1],
                                    steps=result["steps"], train_seconds=result["train_ms"] / 1000,
+                                   warmup_seconds=result["warmup_s"],
                                    stop_reason=result["stop_reason"])
 
 
