@@ -214,7 +214,7 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("TTT_LR", 0.005, "TTT SGD learning rate (cosine over chunks)", 0),
     Knob("TTT_EPOCHS", 3, "TTT passes over each already-scored chunk", 1),
     Knob("TTT_CHUNK_TOKENS", 32768, "TTT chunk size in targets (a multiple of EVAL_STRIDE)", 64),
-    Knob("TTT_FREEZE_BLOCKS", 0, "physical layers 0..N-1 are not updated by TTT", 0),
+    Knob("TTT_FREEZE_BLOCKS", 0, "the matrices of physical layers 0..N-1 are not updated by TTT (their gains are)", 0),
     Knob("TTT_GRAD_CLIP", 1.0, "TTT gradient norm clip; 0 = off", 0),
     Knob("TTT_BATCH_SEQS", 32, "TTT training sequences per step (global)", 1),
     Knob("SLOT", "off", "off | context (fit a per-window delta on already-scored positions) | full (on the "
@@ -323,6 +323,7 @@ class Hyperparameters:
                 raise UserError(f"env {name} is not supported: {why}")
         knobs = {kn.name for kn in KNOBS}
         self.warnings = [f"env {k} is set but no knob reads it (typo?)" for k in sorted(env) if looks_like_knob(k, knobs)]
+        self.explicit = sorted(knobs & set(env))  # set in the environment, not defaults
         for kn in KNOBS:
             setattr(self, kn.name.lower(), _parse(kn, env[kn.name]) if kn.name in env else kn.default)
         validate(self)
@@ -331,7 +332,7 @@ class Hyperparameters:
         return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
 
     def items(self):
-        return sorted((k, v) for k, v in vars(self).items() if k != "warnings")
+        return sorted((k, v) for k, v in vars(self).items() if k not in ("warnings", "explicit"))
 
 
 def validate(hp: Hyperparameters):
@@ -357,6 +358,8 @@ def validate(hp: Hyperparameters):
     need(not hp.max_wallclock_seconds or hp.max_wallclock_seconds > hp.gptq_reserve_seconds,
          f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: must exceed GPTQ_RESERVE_SECONDS="
          f"{hp.gptq_reserve_seconds} (the Hessians' share of the clock), or be 0 for no cap")
+    need(not hp.ngram_tilt or hp.ttt_enabled or hp.eval_stride or hp.slot != "off",
+         "NGRAM_TILT=1: no phase to tilt (the roundtrip is never tilted): enable TTT, EVAL_STRIDE or SLOT")
     need(hp.eval_stride <= hp.eval_seq_len,
          f"EVAL_STRIDE={hp.eval_stride}: must be <= EVAL_SEQ_LEN={hp.eval_seq_len}")
     stride = hp.eval_stride or hp.eval_seq_len
@@ -2104,7 +2107,10 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
     for phase in phases:
         t0, graphs0 = time.perf_counter(), compiled_graph_count()
         time_left = max(hp.eval_budget_seconds - elapsed, 0.0)
-        scores = eval_tokens(copy.deepcopy(model) if phase.ttt else model, val, dctx, hp, phase, log, time_left)
+        scored_by = copy.deepcopy(model) if phase.ttt else model  # TTT adapts a copy: each phase starts fresh
+        scores = eval_tokens(scored_by, val, dctx, hp, phase, log, time_left)
+        if phase.ttt and scored_by.logit_caps is not None:
+            log(f"{phase.name}_logit_caps:{','.join(f'{c:.4f}' for c in scored_by.logit_caps.tolist())}")
         secs = dctx.all_reduce_max(time.perf_counter() - t0)  # one clock for all ranks: equal time_left, one decision
         elapsed += secs
         if scores is None:
@@ -2621,6 +2627,10 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     vocab = meta.get("model", {}).get("vocab_size", hp.vocab_size)
     evaluator, tokenizer_sha = load_evaluator(hp, dctx, log, vocab, vocab_owner=f"the vocab of artifact {path}")
     check_artifact_tokenizer(meta, path, tokenizer_sha, hp.tokenizer_path)
+    trained = LEGACY_MODEL_FIELDS | meta.get("model", {})
+    for k in hp.explicit:  # model knobs cannot change a trained model: say so rather than ignore them silently
+        if k.lower() in trained and trained[k.lower()] != getattr(hp, k.lower()):
+            log(f"warning:env {k}={getattr(hp, k.lower())} ignored: EVAL_ONLY scores the artifact's {k}={trained[k.lower()]}")
     if "tokenizer_sha256" not in meta:
         log("warning:artifact_records_no_tokenizer (written before artifacts did): make sure TOKENIZER_PATH is the one "
             "it was trained with")

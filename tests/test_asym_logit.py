@@ -79,3 +79,16 @@ def test_the_tilt_reads_the_asym_caps():
         model.logit_caps.copy_(torch.tensor([12.0, 40.0]))
         h, y = torch.randn(2, 5, 32), torch.randint(0, 64, (2, 5))
         torch.testing.assert_close(model.nll_of_ids(h, torch.stack((y, y), -1))[..., 0], model.nll_from_hidden(h, y))
+
+
+def test_the_caps_ttt_ends_with_are_logged():
+    hp = train_gpt.Hyperparameters(dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="64",
+                                        TTT_BATCH_SEQS="2", TTT_EPOCHS="1", TTT_LR="0.5", EVAL_SLIDING="0"))
+    model = randomized(small_cfg(asym_logit=True))
+    tokens = np.random.default_rng(0).integers(4, 64, size=161).astype(np.uint16)
+    val = train_gpt.ValSet(tokens, np.ones(160, dtype=np.int32), "tokenizer")
+    lines = []
+    train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
+    caps = [line for line in lines if line.startswith("ttt_logit_caps:")]
+    logged = [float(c) for c in caps[0].split(":")[1].split(",")] if len(caps) == 1 else None
+    assert logged is not None and logged != [round(c, 4) for c in model.logit_caps.tolist()]  # TTT moved them

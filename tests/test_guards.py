@@ -74,3 +74,9 @@ def test_a_failed_rename_after_the_claim_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(train_gpt.UserError, match="write failed \\(No space left on device\\); nothing was written"):
         train_gpt.write_atomic(tmp_path / "final_model_x.int6.br", b"model bytes", overwrite=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tilt_with_no_phase_to_tilt_is_refused():
+    with pytest.raises(train_gpt.UserError, match="NGRAM_TILT=1: no phase to tilt"):
+        train_gpt.Hyperparameters(dict(NGRAM_TILT="1", TTT_ENABLED="0", EVAL_STRIDE="0"))
+    assert train_gpt.Hyperparameters(dict(NGRAM_TILT="1", TTT_ENABLED="0")).ngram_tilt

@@ -134,9 +134,12 @@ def test_records_tokenizer_and_never_reuses_a_run_id(tiny_data, tmp_path, launch
     assert artifact.read_bytes() == before and "train_loss" not in (tmp_path / "other_logs" / "rec.txt").read_text()
 
     evaluate = {k: v for k, v in env.items() if k not in ("VOCAB_SIZE", "TTT_LRR")} | dict(EVAL_ONLY=str(artifact))
-    ok = launcher.run(evaluate | dict(RUN_ID="ev_ok"), timeout=120)
+    ok = launcher.run(evaluate | dict(RUN_ID="ev_ok", NUM_LAYERS="5"), timeout=120)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert parse_log(tmp_path / "logs" / "ev_ok.txt")["final_val_bpb"] == summary["final_val_bpb"]
+    # a model knob cannot change a trained artifact: it is named in a warning, not silently dropped
+    assert "warning:env NUM_LAYERS=5 ignored: EVAL_ONLY scores the artifact's NUM_LAYERS=4" in \
+        (tmp_path / "logs" / "ev_ok.txt").read_text().splitlines()
     other_tok = doctored(artifact, tmp_path, "other_tok.br", tokenizer_sha256="0" * 64)
     one_error_line(launcher.run(evaluate | dict(RUN_ID="ev_tok", EVAL_ONLY=str(other_tok)), timeout=120),
                    "trained with tokenizer sha256 0000000000000000", "TOKENIZER_PATH")
