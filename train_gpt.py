@@ -820,10 +820,37 @@ def asym_softcap(logits: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
     return cap * torch.tanh(z / cap)
 
 
+class AsymSoftcapCrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy under asym_softcap, with gradients for the logits and both caps. Like
+    SoftcapCrossEntropy it keeps only the logits and one log-sum-exp per token for backward: autograd
+    through the formula would keep several float32 [tokens, vocab] tensors (TTT's steps use this)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
+        z = asym_softcap(logits, caps)
+        lse = torch.logsumexp(z, dim=-1)
+        ctx.save_for_backward(logits, targets, lse, caps)
+        return lse - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad_nll: torch.Tensor):
+        logits, targets, lse, caps = ctx.saved_tensors
+        x = logits.float()
+        pos = x >= 0
+        c = torch.where(pos, caps[0], caps[1])
+        t = torch.tanh(x / c)
+        hit = torch.arange(x.size(-1), device=x.device) == targets.unsqueeze(-1)
+        g = (torch.exp(c * t - lse.unsqueeze(-1)) - hit.float()) * grad_nll.unsqueeze(-1)  # dNLL/dz
+        dz_dc = t - x / c * (1 - t * t)  # d(c tanh(x/c))/dc
+        gc = g * dz_dc
+        grad_caps = torch.stack((gc[pos].sum(), gc[~pos].sum())).to(caps.dtype)
+        return (g * (1 - t * t)).to(logits.dtype), None, grad_caps
+
+
 def asym_softcap_nll(logits: torch.Tensor, targets: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
     """Per-token cross entropy under asym_softcap; equal caps give SoftcapCrossEntropy's values."""
-    z = asym_softcap(logits, caps)
-    return F.cross_entropy(z.view(-1, z.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
+    flat = AsymSoftcapCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), caps)
+    return flat.view_as(targets)
 
 
 # XSA (exclusive self-attention): each head's attention output y minus its component along the

@@ -92,3 +92,19 @@ def test_the_caps_ttt_ends_with_are_logged():
     caps = [line for line in lines if line.startswith("ttt_logit_caps:")]
     logged = [float(c) for c in caps[0].split(":")[1].split(",")] if len(caps) == 1 else None
     assert logged is not None and logged != [round(c, 4) for c in model.logit_caps.tolist()]  # TTT moved them
+
+
+def test_the_fused_loss_has_the_formula_gradients():
+    """AsymSoftcapCrossEntropy against autograd through the formula, for the logits and both caps."""
+    torch.manual_seed(1)
+    logits = (torch.randn(6, 50, dtype=torch.float64) * 30).requires_grad_()
+    targets = torch.randint(0, 50, (6,))
+    caps = torch.tensor([20.0, 35.0], dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64)
+    (train_gpt.AsymSoftcapCrossEntropy.apply(logits, targets, caps) * w).sum().backward()
+    fused = (logits.grad.clone(), caps.grad.clone())
+    logits.grad, caps.grad = None, None
+    z = torch.where(logits >= 0, caps[0] * torch.tanh(logits / caps[0]), caps[1] * torch.tanh(logits / caps[1]))
+    (F.cross_entropy(z, targets, reduction="none") * w).sum().backward()
+    torch.testing.assert_close(fused[0], logits.grad)
+    torch.testing.assert_close(fused[1], caps.grad)
