@@ -2018,8 +2018,8 @@ def fit_slot_delta(model: GPT, h: torch.Tensor, y: torch.Tensor, fit_mask: torch
     for _ in range(hp.slot_steps):
         with torch.enable_grad(), autocast_ctx(h.device):
             loss = (model.nll_from_hidden(h + delta, y) * weight).sum()
-        opt.zero_grad()
-        loss.backward()
+        # Only delta's gradient: backward() would also fill the head's and the caps' .grad, unused.
+        (delta.grad,) = torch.autograd.grad(loss, [delta])
         opt.step()
     return (h + delta).detach()
 
