@@ -610,9 +610,9 @@ def load_val_sidecars(files: list[str], n_tokens: int) -> np.ndarray | None:
         raise UserError(f"byte sidecar {missing}: missing, but other val shards have one (all or none)")
     parts = []
     for f, s in zip(files, sidecars):
-        counts = open_shard(s)
-        if len(counts) != len(open_shard(f)):
-            raise UserError(f"byte sidecar {s}: {len(counts)} entries, but {f} holds {len(open_shard(f))} tokens")
+        counts, n = open_shard(s), len(open_shard(f))
+        if len(counts) != n:
+            raise UserError(f"byte sidecar {s}: {len(counts)} entries, but {f} holds {n} tokens")
         parts.append(np.asarray(counts))
     return np.concatenate(parts)[:n_tokens]
 
@@ -714,7 +714,7 @@ def check_sidecar(token_bytes: np.ndarray, tokens: np.ndarray, lut: ByteLUT, fil
     """Sidecars that belong to these tokens: BOS carries no bytes, and no token more original bytes
     than its piece spells (a space, spelled as the 3-byte U+2581, is 1); a shifted sidecar, one of
     another tokenization or a tokenizer of other pieces breaks these."""
-    where = f"byte sidecars of {sidecar_path(files[0]).parent}"
+    where = f"byte sidecars of {Path(files[0]).parent}"
     if int(token_bytes.sum()) == 0:
         raise UserError(f"{where}: 0 bytes in total")
     wrong = (token_bytes > lut.base_bytes[tokens] + lut.has_leading_space[tokens]) | \
@@ -1189,9 +1189,14 @@ class ParallelMuon(torch.optim.Optimizer):
 TEST_TIME_ONLY = ("logit_caps",)  # parameters only TTT moves: training neither uses nor updates them
 
 
+def adam_params(model: GPT) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of what Adam trains: all but the banks (Muon's) and the test-time-only ones."""
+    return [(n, p) for n, p in model.named_parameters() if p.ndim < 3 and n not in TEST_TIME_ONLY]
+
+
 def build_optimizers(model: GPT, hp: Hyperparameters, dctx: Dist, direction=muon_direction):
     banks = [getattr(model, b) for b in BANKS]
-    scalars = [p for n, p in model.named_parameters() if p.ndim < 3 and n != "tok_emb.weight" and n not in TEST_TIME_ONLY]
+    scalars = [p for n, p in adam_params(model) if n != "tok_emb.weight"]
     adam = torch.optim.AdamW(
         [dict(params=[model.tok_emb.weight], lr=hp.tied_embed_lr, weight_decay=hp.embed_wd),
          dict(params=scalars, lr=hp.scalar_lr, weight_decay=hp.adam_wd)],
@@ -2201,8 +2206,7 @@ class Trainer:
         direction = torch.compile(muon_direction, dynamic=False) if self.compiled else muon_direction
         self.optimizers = build_optimizers(model, hp, dctx, direction)
         self.adam, self.muon = self.optimizers
-        # Adam's parameters: their grads are all-reduced whole
-        self.replicated = [p for n, p in model.named_parameters() if p.ndim < 3 and n not in TEST_TIME_ONLY]
+        self.replicated = [p for _, p in adam_params(model)]  # their grads are all-reduced whole
         forward = torch.compile(model, fullgraph=True) if self.compiled else model
         self.forward = lambda x, y, looped: forward(x, y, looped, fixed_cap=True)  # training keeps one softcap
         self.micro_seqs, self.accum = plan_batches(hp, dctx.world_size, dctx.device)
