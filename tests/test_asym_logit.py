@@ -3,11 +3,11 @@ training and move only under TTT."""
 import dataclasses
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
 import train_gpt
+from test_eval import EVAL_ENV, setup
 from test_model import randomized, small_cfg
 
 
@@ -57,11 +57,8 @@ def test_training_leaves_the_caps_and_ttt_moves_them():
 
 
 def test_legacy_artifact_and_legality(tmp_path):
-    hp = train_gpt.Hyperparameters(dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="64",
-                                        TTT_BATCH_SEQS="2", TTT_EPOCHS="1", TTT_LR="0.05"))
-    model = randomized(small_cfg(asym_logit=True))
-    tokens = np.random.default_rng(0).integers(4, 64, size=161).astype(np.uint16)
-    val = train_gpt.ValSet(tokens, np.ones(160, dtype=np.int32), "tokenizer")
+    _, model, _, val = setup(161, cfg=small_cfg(asym_logit=True))
+    hp = train_gpt.Hyperparameters(EVAL_ENV | dict(TTT_EPOCHS="1"))
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, train_gpt.Phase("t", 32, 8, ttt=True))
     cfg = small_cfg()
     qstate = train_gpt.quantize_state(train_gpt.GPT(cfg).state_dict(), None, cfg.num_layers, 6, 12.85, 8, 20.0)
@@ -82,11 +79,8 @@ def test_the_tilt_reads_the_asym_caps():
 
 
 def test_the_caps_ttt_ends_with_are_logged():
-    hp = train_gpt.Hyperparameters(dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="64",
-                                        TTT_BATCH_SEQS="2", TTT_EPOCHS="1", TTT_LR="0.5", EVAL_SLIDING="0"))
-    model = randomized(small_cfg(asym_logit=True))
-    tokens = np.random.default_rng(0).integers(4, 64, size=161).astype(np.uint16)
-    val = train_gpt.ValSet(tokens, np.ones(160, dtype=np.int32), "tokenizer")
+    _, model, _, val = setup(161, cfg=small_cfg(asym_logit=True))
+    hp = train_gpt.Hyperparameters(EVAL_ENV | dict(TTT_EPOCHS="1", TTT_LR="0.5", EVAL_SLIDING="0"))
     lines = []
     train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
     caps = [line for line in lines if line.startswith("ttt_logit_caps:")]

@@ -2,11 +2,11 @@
 that the model stays causal and legal with them, that they train, and that they survive the artifact."""
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
 import train_gpt
+from test_eval import EVAL_ENV, setup
 from test_model import randomized, small_cfg
 
 GATES = dict(smear_gate=True, attn_gate=True)
@@ -78,13 +78,8 @@ def test_causal_with_the_gates(looped):
 
 @pytest.mark.parametrize("ttt", [False, True])
 def test_eval_with_the_gates_passes_the_perturbation_check(ttt):
-    hp = train_gpt.Hyperparameters(dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="4",
-                                        TTT_CHUNK_TOKENS="64", TTT_BATCH_SEQS="2", TTT_EPOCHS="1", TTT_LR="0.05"))
-    model = randomized(small_cfg(**GATES))
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(4, 64, size=161).astype(np.uint16)
-    tokens[::37] = BOS
-    val = train_gpt.ValSet(tokens, np.ones(160, dtype=np.int32), "tokenizer")
+    _, model, _, val = setup(161, cfg=small_cfg(**GATES))
+    hp = train_gpt.Hyperparameters(EVAL_ENV | dict(TTT_EPOCHS="1"))
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, train_gpt.Phase("t", 32, 8, ttt=ttt))
 
 

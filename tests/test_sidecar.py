@@ -1,19 +1,17 @@
 """Scoring with byte sidecars (CaseOps data): train_gpt charges each val target the original bytes its
 sidecar records, refuses a CaseOps tokenizer without sidecars and sidecars that do not match their
 token shards, and logs which byte source a score used."""
-import json
-import lzma
 import shutil
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 
 import train_gpt
 from conftest import VAL_DOCS, corpus_docs, parse_log, run_script, tiny_env
 from data import tokenize_jsonl
 from data.shards import read_shard, read_sidecar, sidecar_path, token_shards, write_shard
+from test_caseops import write_jsonl
 from test_model import randomized, small_cfg
 
 
@@ -22,8 +20,7 @@ def caseops_data(tmp_path_factory):
     """CaseOps shards of the shipped corpus (val = its first VAL_DOCS documents, cut into 2,000-token
     shards so that documents straddle sidecars), with a trained lossless tokenizer of 1024 pieces."""
     tmp = tmp_path_factory.mktemp("caseops_score")
-    src = tmp / "docs.jsonl.xz"
-    src.write_bytes(lzma.compress("".join(json.dumps({"text": t}) + "\n" for t in corpus_docs()).encode()))
+    src = write_jsonl(tmp / "docs.jsonl.xz", corpus_docs())
     tokenize_jsonl.main([str(src), "--out-dir", str(tmp / "out"), "--caseops", "--vocab-size", "1024",
                          "--val-docs", str(VAL_DOCS), "--shard-tokens", "2000", "--workers", "2", "--name", "co"])
     return tmp / "out" / "datasets" / "co", tmp / "out" / "tokenizers" / "co_bpe.model"
@@ -159,8 +156,7 @@ def test_a_run_on_caseops_data_logs_its_byte_source(caseops_data, tiny_data, tmp
 def lossless_data(tmp_path_factory):
     """--lossless shards of the shipped corpus: a lossless tokenizer without case operators, sidecars."""
     tmp = tmp_path_factory.mktemp("lossless")
-    src = tmp / "docs.jsonl.xz"
-    src.write_bytes(lzma.compress("".join(json.dumps({"text": t}) + "\n" for t in corpus_docs()).encode()))
+    src = write_jsonl(tmp / "docs.jsonl.xz", corpus_docs())
     tokenize_jsonl.main([str(src), "--out-dir", str(tmp / "out"), "--lossless", "--vocab-size", "1024",
                          "--val-docs", str(VAL_DOCS), "--workers", "2", "--name", "ll"])
     return tmp / "out" / "datasets" / "ll", tmp / "out" / "tokenizers" / "ll_bpe.model", src
