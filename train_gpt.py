@@ -217,6 +217,15 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("TTT_FREEZE_BLOCKS", 0, "the matrices of physical layers 0..N-1 are not updated by TTT (their gains are)", 0),
     Knob("TTT_GRAD_CLIP", 1.0, "TTT gradient norm clip; 0 = off", 0),
     Knob("TTT_BATCH_SEQS", 32, "TTT training sequences per step (global)", 1),
+    Knob("TTT_LORA_RANK", 0, "per-document LoRA TTT: the TTT phase scores each chunk's documents (split at BOS) "
+         "with adapters of this rank on Q, K, V, O, MLP of every virtual layer and on the head, one set per "
+         "document, stepped on each of its chunks once scored; then the global TTT update runs on those documents; "
+         "0 = off (sliding windows)", 0),
+    Knob("TTT_LORA_LR", 1e-4, "AdamW learning rate of the per-document adapters", 0),
+    Knob("TTT_LORA_CHUNK", 48, "targets a document scores between two steps of its adapters", 1),
+    Knob("TTT_LORA_DOCS", 64, "documents adapted side by side in one batch", 1),
+    Knob("ASYM_LOGIT_LR", 1.0, "TTT SGD learning rate of the two AsymLogit caps (their gradient is tiny next to a "
+         "weight's: at TTT_LR they would not move)", 0),
     Knob("SLOT", "off", "off | context (fit a per-window delta on already-scored positions) | full (on the "
          "scored targets themselves: leaks, logged valid:0)", choices=("off", "context", "full")),
     Knob("SLOT_STEPS", 8, "AdamW steps fitting each window's hidden-state delta", 1),
@@ -366,6 +375,8 @@ def validate(hp: Hyperparameters):
     need(not hp.ttt_enabled or hp.ttt_chunk_tokens % stride == 0,
          f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens}: must be a multiple of EVAL_STRIDE={stride} (a chunk holds "
          "whole windows)")
+    need(not hp.ttt_lora_rank or (hp.ttt_enabled and hp.ttt_lora_chunk <= hp.eval_seq_len),
+         f"TTT_LORA_RANK={hp.ttt_lora_rank}: needs TTT_ENABLED=1 and TTT_LORA_CHUNK <= EVAL_SEQ_LEN")
     need(not hp.val_max_tokens or hp.val_max_tokens > max(hp.train_seq_len, hp.eval_seq_len),
          f"VAL_MAX_TOKENS={hp.val_max_tokens}: must exceed TRAIN_SEQ_LEN and EVAL_SEQ_LEN (one window)")
 
@@ -908,6 +919,42 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return y.transpose(1, 2)
 
 
+# Per-document LoRA (TTT_LORA_RANK): row b of a batch gets its own low-rank update of each adapted
+# matrix, x -> x W^T + (alpha / r) (x A_b^T) B_b^T, with one (A, B) per role and virtual layer slot
+# (a looped layer adapts separately on each pass) and one on the tied head. B starts at zero, so a
+# fresh adapter is the identity; A ~ U(+-1/sqrt(in)).
+LORA_ALPHA, LORA_SEED = 144.0, 0
+LORA_ROLES = ("q", "k", "v", "o", "mlp")  # "mlp": a parallel adapter from the MLP's input to its output
+
+
+class LoRA(nn.Module):
+    def __init__(self, cfg: ModelConfig, batch: int, rank: int, device: torch.device):
+        super().__init__()
+        d, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
+        shapes = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d)}  # (in, out)
+        slots = len(cfg.layer_order(True))
+        dims = {f"{r}{j}": shapes[r] for j in range(slots) for r in LORA_ROLES} | {"head": (d, cfg.vocab_size)}
+        self.a = nn.ParameterDict({k: nn.Parameter(torch.empty(batch, rank, i, device=device)) for k, (i, o) in dims.items()})
+        self.b = nn.ParameterDict({k: nn.Parameter(torch.empty(batch, o, rank, device=device)) for k, (i, o) in dims.items()})
+        self.scale = LORA_ALPHA / rank
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self):
+        """Every row starts from the same A, drawn from a fixed seed: a document's scores do not depend
+        on the batch or row it lands in."""
+        g = torch.Generator().manual_seed(LORA_SEED)
+        for a in self.a.values():
+            a.copy_((torch.rand(a.shape[1:], generator=g) * 2 - 1) * a.size(-1) ** -0.5)
+        for b in self.b.values():
+            b.zero_()
+
+    def __call__(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """The update of adapter `key` for x [n,T,in]: rows 0..n-1 of the batch."""
+        n = x.size(0)
+        return torch.bmm(torch.bmm(x, self.a[key][:n].transpose(1, 2)), self.b[key][:n].transpose(1, 2)) * self.scale
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, attention=causal_attention):
         super().__init__()
@@ -952,15 +999,19 @@ class GPT(nn.Module):
             for i in range(self.cfg.num_layers):
                 self.w(role, i).zero_()
 
-    def _attention(self, i: int, x: torch.Tensor, cos, sin, tap) -> torch.Tensor:
+    def _linear(self, role: str, i: int, x: torch.Tensor, lora: LoRA | None, slot: int) -> torch.Tensor:
+        y = F.linear(x, self.w(role, i))
+        return y if lora is None else y + lora(f"{role}{slot}", x)
+
+    def _attention(self, i: int, x: torch.Tensor, cos, sin, tap, lora=None, slot=0) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         if tap is not None:
             tap(("attn_in", i), x)
-        q = F.linear(x, self.w("q", i)).view(B, T, H, hd)
-        k = F.linear(x, self.w("k", i)).view(B, T, Hkv, hd)
-        v = F.linear(x, self.w("v", i)).view(B, T, Hkv, hd)
+        q = self._linear("q", i, x, lora, slot).view(B, T, H, hd)
+        k = self._linear("k", i, x, lora, slot).view(B, T, Hkv, hd)
+        v = self._linear("v", i, x, lora, slot).view(B, T, Hkv, hd)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rope(rms_norm(q), cos, sin, self.rope_dims) * self.q_gain[i].to(q.dtype)[:, None]
         k = apply_rope(rms_norm(k), cos, sin, self.rope_dims)
@@ -973,7 +1024,7 @@ class GPT(nn.Module):
         y = y.reshape(B, T, H * hd)
         if tap is not None:
             tap(("attn_out", i), y)
-        return F.linear(y, self.w("o", i))
+        return self._linear("o", i, y, lora, slot)
 
     def _mlp(self, i: int, x: torch.Tensor, tap) -> torch.Tensor:
         if tap is not None:
@@ -984,18 +1035,21 @@ class GPT(nn.Module):
             tap(("mlp_act", i), h)
         return F.linear(h, self.w("down", i))
 
-    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin, tap) -> torch.Tensor:
+    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin, tap, lora=None, slot=0) -> torch.Tensor:
         # Autocast runs the matmuls in bf16; the gains are cast to the residual stream's dtype
         # (RESIDUAL_DTYPE) so that float32 gains do not promote a bf16 stream back to float32.
         mix, attn_scale, mlp_scale = (t[i].to(x.dtype) for t in (self.resid_mix, self.attn_scale, self.mlp_scale))
         x = mix[0] * x + mix[1] * x0
         s = self.ln_scales[i]
         attn_in = rms_norm(x) * s
-        attn = attn_scale * self._attention(i, attn_in, cos, sin, tap)
-        if 0 <= self.cfg.parallel_residual_start <= i:  # GPT-J style: both read the same input
-            return x + attn + mlp_scale * self._mlp(i, attn_in, tap)
+        attn = attn_scale * self._attention(i, attn_in, cos, sin, tap, lora, slot)
+        parallel = 0 <= self.cfg.parallel_residual_start <= i  # GPT-J style: both read the same input
         x = x + attn
-        return x + mlp_scale * self._mlp(i, rms_norm(x) * s, tap)
+        mlp_in = attn_in if parallel else rms_norm(x) * s
+        mlp = self._mlp(i, mlp_in, tap)
+        if lora is not None:
+            mlp = mlp + lora(f"mlp{slot}", mlp_in)
+        return x + mlp_scale * mlp
 
     def residual_dtype(self, device: torch.device) -> torch.dtype:
         """bfloat16 only where autocast runs the matmuls in bf16 (CUDA); float32 otherwise."""
@@ -1003,9 +1057,9 @@ class GPT(nn.Module):
             and torch.get_autocast_dtype(device.type) == torch.bfloat16
         return torch.bfloat16 if bf16 else torch.float32
 
-    def hidden(self, idx: torch.Tensor, looped: bool, tap=None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, looped: bool, tap=None, lora: LoRA | None = None) -> torch.Tensor:
         """Final normed hidden states [B,T,d]; looped = with depth recurrence. tap(key, x), if given,
-        sees the input of every matrix multiply (GPTQ's Hessians)."""
+        sees the input of every matrix multiply (GPTQ's Hessians); lora adapts each row of the batch."""
         T = idx.size(1)
         freqs = torch.outer(torch.arange(T, device=idx.device, dtype=torch.float32), self.inv_freq)
         cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
@@ -1025,26 +1079,31 @@ class GPT(nn.Module):
                     x = g * x + (1 - g) * w
                 else:
                     x = x + w
-            x = self._block(i, x, x0, cos, sin, tap)
+            x = self._block(i, x, x0, cos, sin, tap, lora, j)
             if j < n_enc:
                 skips.append(x)
         return rms_norm(x)
 
-    def nll_from_hidden(self, h: torch.Tensor, targets: torch.Tensor, tap=None, fixed_cap: bool = False) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, lora: LoRA | None = None) -> torch.Tensor:
+        logits = F.linear(h, self.tok_emb.weight)
+        return logits if lora is None else logits + lora("head", h)
+
+    def nll_from_hidden(self, h: torch.Tensor, targets: torch.Tensor, tap=None, fixed_cap: bool = False,
+                        lora: LoRA | None = None) -> torch.Tensor:
         """Tied head + softcap + per-token cross entropy (float32, shape like targets). With AsymLogit the
         two learned caps apply unless fixed_cap (training: the fused one-cap loss, so they stay put)."""
         if tap is not None:
             tap(("head_in",), h)  # the tied embedding is quantized as the output head
-        logits = F.linear(h, self.tok_emb.weight)
+        logits = self.logits(h, lora)
         if self.logit_caps is not None and not fixed_cap:
             return asym_softcap_nll(logits, targets, self.logit_caps)
         return SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                          self.cfg.logit_softcap).view_as(targets)
 
-    def nll_of_ids(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def nll_of_ids(self, h: torch.Tensor, ids: torch.Tensor, lora: LoRA | None = None) -> torch.Tensor:
         """-log p(id) for each of the ids [..., K] at every position of h [..., d] (no gradient): several
         entries of one distribution from a single head pass, each as nll_from_hidden computes it."""
-        logits = F.linear(h, self.tok_emb.weight)
+        logits = self.logits(h, lora)
         logits = logits.view(-1, logits.size(-1))
         if self.logit_caps is not None:
             z = asym_softcap(logits, self.logit_caps)
@@ -1744,6 +1803,7 @@ class Phase:
     slot: str = "off"         # SLOT mode (see the SLOT knob)
     reference: bool = False   # not the score: a comparison, run only in the time left
     tilt: bool = False        # token-only n-gram tilt of the scored NLL (NGRAM_* knobs)
+    lora: bool = False        # TTT scores whole documents with per-document LoRA (TTT_LORA_* knobs)
 
     @property
     def legal(self) -> bool:
@@ -1761,7 +1821,7 @@ def plan_phases(hp: Hyperparameters, train_seq_len: int) -> list[Phase]:
     if hp.eval_stride and not hp.ttt_enabled:
         phases.append(Phase("sliding", hp.eval_seq_len, stride, tilt=tilt))
     if hp.ttt_enabled:
-        phases.append(Phase("ttt", hp.eval_seq_len, stride, ttt=True, tilt=tilt))
+        phases.append(Phase("ttt", hp.eval_seq_len, stride, ttt=True, tilt=tilt, lora=hp.ttt_lora_rank > 0))
     if hp.slot != "off":
         phases.append(Phase(f"slot_{hp.slot}", hp.eval_seq_len, stride, ttt=hp.ttt_enabled, slot=hp.slot, tilt=tilt))
     if hp.eval_stride and hp.ttt_enabled and hp.eval_sliding is not False:
@@ -1777,14 +1837,35 @@ def window_ends(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
     return np.minimum(L + stride * np.arange(k + 1), last)
 
 
-def phase_chunks(prev_ends: np.ndarray, phase: Phase, hp: Hyperparameters, paced: bool) -> list[np.ndarray]:
-    """The phase's window indices, chunk by chunk (see above); paced = a phase without TTT whose pace is
-    measured (one that may be abandoned) walks PACE_CHUNKS chunks, any other one chunk."""
+def phase_chunks(prev_ends: np.ndarray, phase: Phase, hp: Hyperparameters, paced: bool,
+                 n: int) -> list[tuple[np.ndarray, int, int]]:
+    """The phase's windows chunk by chunk (see above), each as (window indices, lo, hi): TTT's chunk
+    holds the targets lo+1..hi. paced = a phase without TTT whose pace is measured (one that may be
+    abandoned) walks PACE_CHUNKS chunks, any other one chunk."""
+    C = hp.ttt_chunk_tokens
     if phase.ttt:
-        chunk_of = prev_ends // hp.ttt_chunk_tokens
-        return [np.nonzero(chunk_of == c)[0] for c in range(int(chunk_of[-1]) + 1)]
+        chunk_of = prev_ends // C
+        return [(np.nonzero(chunk_of == c)[0], c * C, min((c + 1) * C, n)) for c in range(int(chunk_of[-1]) + 1)]
     k = PACE_CHUNKS if paced else 1
-    return np.array_split(np.arange(len(prev_ends)), min(k, len(prev_ends)))
+    return [(w, 0, 0) for w in np.array_split(np.arange(len(prev_ends)), min(k, len(prev_ends)))]
+
+
+def doc_spans(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the stream's documents: one starts at each BOS (and at position 0) and holds
+    the targets start+1..end, end being the next document's BOS or the last token, so that every
+    target belongs to exactly one document."""
+    starts = np.flatnonzero(tokens[:-1] == BOS_ID)
+    if len(starts) == 0 or starts[0] != 0:
+        starts = np.concatenate(([0], starts))
+    return starts, np.append(starts[1:], len(tokens) - 1)
+
+
+def doc_chunks(starts: np.ndarray, ends: np.ndarray, chunk_tokens: int) -> list[tuple[np.ndarray, int, int]]:
+    """Documents grouped by where they start (TTT_CHUNK_TOKENS apart), as (document indices, lo, hi):
+    the chunk holds the targets lo+1..hi, its documents' targets."""
+    chunk_of = starts // chunk_tokens
+    groups = [np.flatnonzero(chunk_of == c) for c in np.unique(chunk_of)]
+    return [(d, int(starts[d[0]]), int(ends[d[-1]])) for d in groups]
 
 
 def budget_action(phase: Phase, hp: Hyperparameters) -> str | None:
@@ -1829,17 +1910,19 @@ def even_batches(items: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device):
-    """The looped model's hidden states, compiled per EVAL_COMPILE with the batch dim dynamic (one
-    graph for every batch size)."""
-    def hidden(x):
-        return model.hidden(x, looped=True)
+    """The looped model's hidden states (per-document adapted with a LoRA), compiled per EVAL_COMPILE
+    with the batch dim dynamic (one graph for every batch size), and the length too with a LoRA."""
+    def hidden(x, lora=None):
+        return model.hidden(x, looped=True, lora=lora)
     if not (hp.eval_compile is True or (hp.eval_compile == AUTO and compile_applies(hp, device))):
         return hidden
     compiled = torch.compile(hidden, fullgraph=True)
 
-    def dynamic_hidden(x):
+    def dynamic_hidden(x, lora=None):
         torch._dynamo.mark_dynamic(x, 0)
-        return compiled(x)
+        if lora is not None:
+            torch._dynamo.maybe_mark_dynamic(x, 1)
+        return compiled(x, lora)
     return dynamic_hidden
 
 
@@ -1851,17 +1934,30 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
     tokens = torch.from_numpy(val.tokens.astype(np.int64)).to(dctx.device)
     n = len(val.tokens) - 1
     out = TokenScores.zeros(n, dctx.device)
-    ends = window_ends(len(val.tokens), phase.seq_len, phase.stride)
-    prev = np.concatenate(([0], ends[:-1]))
     action = budget_action(phase, hp) if time_left is not None else None
-    chunks = phase_chunks(prev, phase, hp, paced=action == "abandon")
+    if phase.lora:
+        starts, ends = doc_spans(val.tokens)
+        chunks = doc_chunks(starts, ends, hp.ttt_chunk_tokens)
+        lora = LoRA(model.cfg, hp.ttt_lora_docs, hp.ttt_lora_rank, dctx.device)
+        if log is not None:
+            log(f"ttt_lora rank:{hp.ttt_lora_rank} lr:{hp.ttt_lora_lr} chunk:{hp.ttt_lora_chunk} "
+                f"batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} global_chunks:{len(chunks)}")
+    else:
+        ends = window_ends(len(val.tokens), phase.seq_len, phase.stride)
+        prev = np.concatenate(([0], ends[:-1]))
+        chunks = phase_chunks(prev, phase, hp, action == "abandon", n)
     adapter = TTTUpdater(model, hp, dctx) if phase.ttt else None
     pace, hidden = Pace(dctx, len(chunks)), eval_forward(model, hp, dctx.device)
     hints = phase_hints(tokens, phase, hp, log)  # inside the phase's clock: it is part of the evaluation
-    for c, windows in enumerate(chunks):
-        mine = windows[len(windows) * dctx.rank // dctx.world_size:len(windows) * (dctx.rank + 1) // dctx.world_size]
-        for w in even_batches(mine, hp.eval_batch_seqs):
-            score_windows(model, hidden, tokens, ends[w], prev[w], phase, out, hp, hints)
+    for c, (items, lo, hi) in enumerate(chunks):
+        mine = items[len(items) * dctx.rank // dctx.world_size:len(items) * (dctx.rank + 1) // dctx.world_size]
+        if phase.lora:
+            with frozen(model):
+                score_docs(model, hidden, tokens, starts[mine], ends[mine], phase, out, hp, hints,
+                           lora if adapter is not None else None)
+        else:
+            for w in even_batches(mine, hp.eval_batch_seqs):
+                score_windows(model, hidden, tokens, ends[w], prev[w], phase, out, hp, hints)
         if c + 1 == len(chunks) or (adapter is None and action != "abandon"):
             continue
         projected = pace.projected(c) if action else None
@@ -1873,7 +1969,6 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
             adapter, action = None, None
             continue
         if adapter is not None:
-            lo, hi = c * hp.ttt_chunk_tokens, min((c + 1) * hp.ttt_chunk_tokens, n)
             adapter.update(tokens, lo, hi, c, len(chunks), out.count)
             if log is not None and (c + 1) % 10 == 0:
                 log(f"ttt_chunk:{c + 1}/{len(chunks)} time:{pace.elapsed():.1f}s")
@@ -1911,6 +2006,77 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
     t = pos[scored] - 1
     out.nll.index_add_(0, t, nll[scored].double())
     out.count.index_add_(0, t, torch.ones_like(t, dtype=torch.int32))
+
+
+LORA_BETAS, LORA_EPS, LORA_WD = (0.0, 0.99), 1e-10, 0.5  # AdamW of the per-document adapters
+
+
+@contextlib.contextmanager
+def frozen(model: GPT):
+    """The model's own weights need no gradient while only the adapters train."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, ends: np.ndarray, phase: Phase,
+               out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None, lora: LoRA | None):
+    """Score whole documents (targets start+1..end each) into `out`, longest first, TTT_LORA_DOCS side by
+    side. A batch walks its documents in chunks of TTT_LORA_CHUNK targets: a chunk is scored with up to
+    seq_len tokens of its own document before it, then every document's adapter (row of `lora`) takes one
+    AdamW step on the mean NLL of its chunk, whose targets are all scored now. Without lora (TTT stopped
+    by the budget) a chunk is a whole window and nothing trains."""
+    step = hp.ttt_lora_chunk if lora is not None else phase.seq_len
+    order = np.argsort(starts - ends, kind="stable")  # longest first, so a batch's active rows are its first
+    for batch in even_batches(order, hp.ttt_lora_docs):
+        s, e = starts[batch], ends[batch]
+        longest = int((e - s).max())
+        opt = None
+        if lora is not None:
+            lora.reset()
+            opt = torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS,
+                                    weight_decay=LORA_WD)
+        for done in range(0, longest, step):  # targets start+done+1 .. start+done+step
+            k = int(((e - s) > done).sum())
+            last = np.minimum(s[:k] + done + step, e[:k])
+            nll, scored = score_doc_chunk(model, hidden, tokens, s[:k], s[:k] + done, last, phase, out, hp, hints, lora)
+            if opt is not None and done + step < longest:
+                loss = ((nll * scored).sum(1) / scored.sum(1)).sum()  # per document: rows stay independent
+                params = list(lora.parameters())
+                for p, g in zip(params, torch.autograd.grad(loss, params)):
+                    p.grad = g
+                opt.step()
+
+
+def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, start: np.ndarray, prev: np.ndarray, last: np.ndarray,
+                    phase: Phase, out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None,
+                    lora: LoRA | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score targets prev+1..last of each row's document (which starts at `start`) into `out`, the window
+    of inputs being max(start, last - seq_len)..last-1; rows are right-padded with zeros, which causal
+    attention never lets back. Returns the plain NLL [rows, L] (with grad under a lora) and the scored mask."""
+    dev = tokens.device
+    begin = np.maximum(start, last - phase.seq_len)
+    L = int((last - begin).max())
+    pos = torch.from_numpy(begin).to(dev)[:, None] + 1 + torch.arange(L, device=dev)  # stream position of y
+    last_t = torch.from_numpy(last).to(dev)[:, None]
+    valid = pos <= last_t
+    inside = pos.clamp(max=len(tokens) - 1)  # the padding's positions may run past the stream
+    x, y = torch.where(valid, tokens[inside - 1], 0), torch.where(valid, tokens[inside], 0)
+    scored = valid & (pos > torch.from_numpy(prev).to(dev)[:, None])
+    with torch.enable_grad() if lora is not None else torch.inference_mode(), autocast_ctx(dev):
+        h = hidden(x, lora)
+        nll = model.nll_from_hidden(h, y, lora=lora)
+    with torch.no_grad(), autocast_ctx(dev):
+        score = nll.detach() if hints is None else \
+            tilted_scores(model, h.detach(), y, hints[inside], hp.ngram_beta, lora)
+    t = pos[scored] - 1
+    out.nll.index_add_(0, t, score[scored].double())
+    out.count.index_add_(0, t, torch.ones_like(t, dtype=torch.int32))
+    return nll, scored
 
 
 # Token-only n-gram tilt. For each position t of the val stream, a hint: the continuation seen most
@@ -1994,10 +2160,11 @@ def tilted_nll(nll: torch.Tensor, hint_nll: torch.Tensor, hit: torch.Tensor, bet
     return nll - beta * hit.to(nll.dtype) + torch.log1p(torch.exp(-hint_nll) * math.expm1(beta))
 
 
-def tilted_scores(model: GPT, h: torch.Tensor, y: torch.Tensor, hint: torch.Tensor, beta: float) -> torch.Tensor:
+def tilted_scores(model: GPT, h: torch.Tensor, y: torch.Tensor, hint: torch.Tensor, beta: float,
+                  lora: LoRA | None = None) -> torch.Tensor:
     """The tilted NLL of targets y where a hint (>= 0) is given, the model's own NLL elsewhere. p(y) and
     p(hint) come from one head pass, each as nll_from_hidden computes it."""
-    nll = model.nll_of_ids(h, torch.stack((y, hint.clamp_min(0)), dim=-1))
+    nll = model.nll_of_ids(h, torch.stack((y, hint.clamp_min(0)), dim=-1), lora)
     return torch.where(hint >= 0, tilted_nll(nll[..., 0], nll[..., 1], y == hint, beta), nll[..., 0])
 
 
@@ -2037,7 +2204,11 @@ class TTTUpdater:
         self.params = list(model.parameters())
         for p in self.params:
             p.grad = torch.zeros_like(p)
-        self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=TTT_MOMENTUM)
+        caps = model.logit_caps
+        groups = [dict(params=[p for p in self.params if p is not caps], base_lr=hp.ttt_lr)]
+        if caps is not None:
+            groups.append(dict(params=[caps], base_lr=hp.asym_logit_lr))
+        self.opt = torch.optim.SGD(groups, lr=hp.ttt_lr, momentum=TTT_MOMENTUM)
         L = model.cfg.num_layers
         frozen = list(range(min(hp.ttt_freeze_blocks, L)))
         self.frozen_rows = {getattr(model, b): bank_rows(b, frozen, L) for b in BANKS}
@@ -2050,7 +2221,7 @@ class TTTUpdater:
             raise RuntimeError(f"TTT legality: chunk {chunk} has unscored targets before its update")
         hp, world, rank = self.hp, self.dctx.world_size, self.dctx.rank
         for g in self.opt.param_groups:
-            g["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(n_chunks - 1, 1)))
+            g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * chunk / max(n_chunks - 1, 1)))
         starts = list(range(lo, hi - 1, hp.eval_seq_len))
         for _ in range(hp.ttt_epochs):
             for b in range(0, len(starts), hp.ttt_batch_seqs):
@@ -2076,12 +2247,29 @@ class TTTUpdater:
         self.opt.step()
 
 
+def perturbation_point(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) -> int:
+    """A position near the middle that one scoring step straddles: a window (or a document's chunk)
+    scores targets on both sides of it."""
+    mid = len(tokens) // 2
+    if not phase.lora:
+        return mid // phase.stride * phase.stride + phase.stride // 2
+    starts, ends = doc_spans(tokens)
+    d = np.searchsorted(ends, mid)  # the document holding target mid
+    s, C = int(starts[d]), hp.ttt_lora_chunk
+    return min(s + (mid - s - 1) // C * C + C // 2, int(ends[d]) - 1)
+
+
 def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase) -> bool:
     """Score two val streams equal up to token p and different after it: every target <= p must get
-    the identical NLL. A method that looks at targets before scoring them fails this."""
-    p = len(val.tokens) // 2 // phase.stride * phase.stride + phase.stride // 2  # a window scores both sides of p
+    the identical NLL. A method that looks at targets before scoring them fails this. Per-document
+    scoring keeps the document boundaries (BOS) in place: they decide which documents share a batch,
+    hence the shapes of the arithmetic, not what any score sees."""
+    p = perturbation_point(val.tokens, phase, hp)
     other = val.tokens.copy()
-    other[p + 1:] = np.random.default_rng(0).permutation(other[p + 1:])
+    moved = np.arange(p + 1, len(other))
+    if phase.lora:
+        moved = moved[other[moved] != BOS_ID]
+    other[moved] = np.random.default_rng(0).permutation(other[moved])
     runs = [eval_tokens(copy.deepcopy(model), v, dctx, hp, phase).nll[:p] for v in (val, val.with_tokens(other))]
     return bool(torch.equal(*runs))
 

@@ -1,0 +1,155 @@
+"""Per-document LoRA TTT (TTT_LORA_RANK): documents split at BOS, every target scored once with its own
+document's context only, adapters trained only on scored chunks, rows of a batch independent."""
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from test_eval import EVAL_ENV, setup
+from test_model import randomized, small_cfg
+
+LORA_ENV = EVAL_ENV | dict(TTT_LORA_RANK="4", TTT_LORA_LR="0.01", TTT_LORA_CHUNK="8", TTT_LORA_DOCS="3")
+
+
+def lora_phase():
+    return train_gpt.Phase("ttt", 32, 8, ttt=True, lora=True)
+
+
+def lora_setup(**env):
+    _, model, tokens, val = setup()
+    return train_gpt.Hyperparameters(LORA_ENV | env), model, tokens, val
+
+
+def test_doc_spans_hold_every_target_once():
+    tokens = np.array([5, 1, 7, 8, 1, 9, 1, 1, 4, 1])
+    starts, ends = train_gpt.doc_spans(tokens)
+    assert starts.tolist() == [0, 1, 4, 6, 7] and ends.tolist() == [1, 4, 6, 7, 9]
+    owned = np.concatenate([np.arange(s + 1, e + 1) for s, e in zip(starts, ends)])
+    assert np.array_equal(owned, np.arange(1, len(tokens)))  # targets 1..N-1, each once, in order
+
+
+def test_doc_chunks_group_documents_by_start():
+    starts, ends = np.array([0, 10, 70, 75, 200]), np.array([10, 70, 75, 200, 260])
+    chunks = train_gpt.doc_chunks(starts, ends, 64)
+    assert [(d.tolist(), lo, hi) for d, lo, hi in chunks] == [([0, 1], 0, 70), ([2, 3], 70, 200), ([4], 200, 260)]
+
+
+def test_untrained_adapters_score_each_target_with_its_documents_context():
+    """lr 0 and no global updates: an adapter stays the identity (B = 0), so each target's NLL is the
+    model's with the tokens of its own document before it (at most EVAL_SEQ_LEN of them)."""
+    hp, model, tokens, val = lora_setup(TTT_LORA_LR="0", TTT_LR="0")
+    scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase())
+    assert (scores.count == 1).all()
+    starts, ends = train_gpt.doc_spans(tokens)
+    for t in (3, 40, 74, 75, 111, 300):
+        s = int(starts[np.searchsorted(ends, t)])  # the document holding target t
+        a = max(s, t - 32)
+        x = torch.from_numpy(tokens[a:t].astype(np.int64))[None]
+        y = torch.from_numpy(tokens[a + 1:t + 1].astype(np.int64))[None]
+        with torch.no_grad():
+            direct = model(x, y, looped=True)[0, -1].item()
+        assert abs(scores.nll[t - 1].item() - direct) < 1e-4, t
+
+
+def test_adapters_move_the_scores_and_learn_a_repeated_document():
+    """One long document repeating a short phrase: the adapters, trained on the scored chunks, make the
+    later repeats cheaper than a frozen model finds them."""
+    hp, model, _, _ = lora_setup(TTT_LR="0", TTT_LORA_LR="0.02")
+    tokens = np.concatenate(([1], np.tile(np.array([9, 33, 17, 52, 41, 8, 60]), 40))).astype(np.uint16)
+    lut = train_gpt.ByteLUT(np.ones(64, dtype=np.int32), np.zeros(64, bool), np.arange(64) < 4)
+    val = train_gpt.ValSet.from_lut(tokens, lut)
+    frozen = train_gpt.eval_tokens(model, val, train_gpt.Dist(), train_gpt.Hyperparameters(
+        LORA_ENV | dict(TTT_LR="0", TTT_LORA_LR="0")), lora_phase()).nll
+    adapted = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase()).nll
+    assert torch.equal(adapted[:8], frozen[:8])  # the first chunk is scored before any step
+    assert adapted[-100:].mean() < frozen[-100:].mean() - 0.05
+
+
+def test_documents_score_the_same_alone_or_in_a_batch():
+    """Each document's adapter trains on its own row only and starts like every other: batching
+    documents together changes no score (up to float rounding of the different shapes)."""
+    hp, model, tokens, val = lora_setup(TTT_LR="0")
+    starts, ends = train_gpt.doc_spans(tokens)
+    n, cpu = len(tokens) - 1, torch.device("cpu")
+    together, alone = train_gpt.TokenScores.zeros(n, cpu), train_gpt.TokenScores.zeros(n, cpu)
+    args = (model, train_gpt.eval_forward(model, hp, cpu), torch.from_numpy(tokens.astype(np.int64)))
+    lora = train_gpt.LoRA(model.cfg, 3, 4, cpu)
+    train_gpt.score_docs(*args, starts[1:4], ends[1:4], lora_phase(), together, hp, None, lora)
+    for d in range(1, 4):
+        train_gpt.score_docs(*args, starts[d:d + 1], ends[d:d + 1], lora_phase(), alone, hp, None, lora)
+    t = slice(int(starts[1]), int(ends[3]))
+    assert (together.count[t] == 1).all() and (alone.count[t] == 1).all()
+    torch.testing.assert_close(together.nll[t], alone.nll[t], rtol=0, atol=1e-5)
+    frozen = train_gpt.TokenScores.zeros(n, cpu)
+    train_gpt.score_docs(*args, starts[1:4], ends[1:4], lora_phase(), frozen,
+                         train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_LR="0")), None, lora)
+    assert (together.nll[t] - frozen.nll[t]).abs().max() > 1e-3  # the adapters did train
+
+
+@pytest.mark.parametrize("tilt", [False, True])
+def test_lora_ttt_passes_the_future_perturbation_check(tilt):
+    hp, model, tokens, val = lora_setup(NGRAM_TILT=str(int(tilt)), NGRAM_ORDER="3", NGRAM_THRESHOLD="0.3")
+    ph = train_gpt.Phase("ttt", 32, 8, ttt=True, lora=True, tilt=tilt)
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, ph)
+
+
+def test_a_leaky_adapter_step_fails_the_check(monkeypatch):
+    """Stepping the adapters on a chunk before scoring it must be caught."""
+    hp, model, tokens, val = lora_setup(TTT_LR="0")
+    real = train_gpt.score_doc_chunk
+
+    def peek_then_score(model, hidden, tokens, start, prev, last, phase, out, hp, hints, lora):
+        if lora is not None:
+            scratch = train_gpt.TokenScores.zeros(len(out.nll), out.nll.device)
+            nll, scored = real(model, hidden, tokens, start, prev, last, phase, scratch, hp, hints, lora)
+            params = list(lora.parameters())
+            for p, g in zip(params, torch.autograd.grad((nll * scored).sum(), params)):
+                p.data -= 1.0 * g
+        return real(model, hidden, tokens, start, prev, last, phase, out, hp, hints, lora)
+    monkeypatch.setattr(train_gpt, "score_doc_chunk", peek_then_score)
+    assert not train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase())
+
+
+def test_asym_logit_caps_move_at_their_own_rate():
+    cfg = small_cfg(asym_logit=True)
+    _, _, _, val = setup(cfg=cfg)
+    moved = {}
+    for lr in ("0", "5"):
+        m = randomized(cfg)
+        with torch.no_grad():
+            m.logit_caps.fill_(cfg.logit_softcap)
+        train_gpt.eval_tokens(m, val, train_gpt.Dist(), train_gpt.Hyperparameters(EVAL_ENV | dict(ASYM_LOGIT_LR=lr)),
+                              train_gpt.Phase("test", 32, 8, ttt=True))
+        moved[lr] = (m.logit_caps.detach() - cfg.logit_softcap).abs().max().item()
+    assert moved["0"] == 0 and moved["5"] > 1e-3
+
+
+def test_score_phases_runs_lora_ttt_and_checks_it():
+    hp, model, tokens, val = lora_setup(LEGALITY_CHECK="1", NGRAM_TILT="1", NGRAM_ORDER="3")
+    assert [(p.name, p.lora) for p in train_gpt.plan_phases(hp, 32)] == [
+        ("roundtrip", False), ("ttt", True), ("sliding", False)]
+    lines = []
+    out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
+    text = "\n".join(lines)
+    docs = len(train_gpt.doc_spans(tokens)[0])
+    for key in ("legality_check phase:ttt passed:1", f"ttt_lora rank:4 lr:0.01 chunk:8 batch_docs:3 docs:{docs} ",
+                "ngram_tilt:ttt ", "ttt val_loss:"):
+        assert key in text, key
+    assert out["final_phase"] == "ttt" and out["final_val_bpb"] == out["ttt_val_bpb"]
+
+
+def test_lora_ttt_stopped_by_the_budget_scores_the_rest_unadapted(monkeypatch):
+    """Past the budget neither the adapters nor the global weights train; every target is still scored."""
+    hp, model, tokens, val = lora_setup(TTT_CHUNK_TOKENS="64")
+    monkeypatch.setattr(train_gpt.Pace, "projected", lambda self, c: None if c == 0 else 1e9)
+    lines = []
+    scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase(), lines.append, time_left=10.0)
+    assert (scores.count == 1).all()
+    assert any(line.startswith("ttt:updates_stopped after_chunk:2/") for line in lines)
+
+
+def test_lora_knobs_are_checked():
+    with pytest.raises(train_gpt.UserError, match="TTT_LORA_RANK=8: needs TTT_ENABLED=1"):
+        train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_ENABLED="0"))
+    with pytest.raises(train_gpt.UserError, match="TTT_LORA_CHUNK <= EVAL_SEQ_LEN"):
+        train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_LORA_CHUNK="4096"))
