@@ -1970,7 +1970,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
             continue
         if adapter is not None:
             adapter.update(tokens, lo, hi, c, len(chunks), out.count)
-            if log is not None and (c + 1) % 10 == 0:
+            if log is not None and (phase.lora or (c + 1) % 10 == 0):
                 log(f"ttt_chunk:{c + 1}/{len(chunks)} time:{pace.elapsed():.1f}s")
     for t in (out.nll, out.count):
         dctx.all_reduce_sum(t)
@@ -2056,11 +2056,11 @@ def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, start: np.ndarray,
                     phase: Phase, out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None,
                     lora: LoRA | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Score targets prev+1..last of each row's document (which starts at `start`) into `out`, the window
-    of inputs being max(start, last - seq_len)..last-1; rows are right-padded with zeros, which causal
-    attention never lets back. Returns the plain NLL [rows, L] (with grad under a lora) and the scored mask."""
+    of inputs being max(start, last - seq_len)..last-1; rows are right-padded with zeros (to a power of two),
+    which causal attention never lets back. Returns the plain NLL [rows, L] (with grad under a lora) and the scored mask."""
     dev = tokens.device
     begin = np.maximum(start, last - phase.seq_len)
-    L = int((last - begin).max())
+    L = min(1 << (int((last - begin).max()) - 1).bit_length(), phase.seq_len)  # a few lengths: a few graphs
     pos = torch.from_numpy(begin).to(dev)[:, None] + 1 + torch.arange(L, device=dev)  # stream position of y
     last_t = torch.from_numpy(last).to(dev)[:, None]
     valid = pos <= last_t
