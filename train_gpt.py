@@ -160,9 +160,7 @@ RUN_KNOBS = [
     Knob("DEVICE", "auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu")),
     Knob("COMPILE", True, "torch.compile the model on CUDA (0 for debugging; never on CPU)"),
     Knob("ATTN_BACKEND", "auto", "auto (CUDA: FlashAttention 4, else 3, else cuDNN SDPA, by what is importable; "
-         "CPU: SDPA) | fa4 | fa3 | fa2 | sdpa (torch's choice) | sdpa_cudnn | sdpa_flash | sdpa_efficient | "
-         "sdpa_math", choices=("auto", "fa4", "fa3", "fa2", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
-                               "sdpa_math")),
+         "CPU: SDPA) | fa4 | fa3 | sdpa (torch's choice) | sdpa_cudnn", choices=("auto", "fa4", "fa3", "sdpa", "sdpa_cudnn")),
 ]
 SCHEDULE_KNOBS = [
     Knob("ITERATIONS", 20000, "max optimizer steps", 1),
@@ -2872,48 +2870,31 @@ def _xsa_backward(ctx, grad):
 xsa.register_autograd(_xsa_backward, setup_context=_xsa_setup_context)
 
 
+# Attention kernels: each takes q [B,T,H,hd] and k, v [B,T,Hkv,hd] (GQA) and returns causal attention
+# [B,T,H,hd]. cuDNN is pinned with sdpa_kernel() around the call: torch.compile records that in the graph,
+# so a graph cached on disk under another kernel is not reused (global backend flags are not in the
+# cache key). Math stays allowed as the fallback for shapes cuDNN rejects.
 
-# Attention kernels. Each takes q [B,T,H,hd] and k, v [B,T,Hkv,hd] and returns causal attention
-# [B,T,H,hd]. FlashAttention 3 / 2 take GQA natively. An SDPA kernel is pinned with sdpa_kernel()
-# around the call: torch.compile records that in the graph, so a compiled graph cached on disk
-# under another kernel is not reused (global backend flags are not part of the cache key). The
-# math kernel stays allowed as the fallback for shapes the pinned one rejects; kernels without
-# GQA support get K/V repeated to the query heads.
-
-FLASH_KERNELS = {"fa4": "flash-attention 4 (flash_attn.cute)",
-                 "fa3": "flash-attention 3 (flash_attn_interface)", "fa2": "flash-attention 2 (flash_attn)"}
-SDPA_KERNELS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
-                "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
+FLASH_KERNELS = {"fa4": "flash-attention 4 (flash_attn.cute)", "fa3": "flash-attention 3 (flash_attn_interface)"}
 
 
-def sdpa_attention(kernel: str | None = None, expand_kv: bool = False, fallback: bool = True):
-    """SDPA pinned to `kernel` (plus math if fallback); None = torch's own choice."""
+def cudnn_attention(fallback: bool = True):
+    """causal_attention pinned to SDPA's cuDNN kernel (plus math if fallback)."""
     SDPBackend = torch.nn.attention.SDPBackend
-    backends = None
-    if kernel is not None:
-        backends = [getattr(SDPBackend, SDPA_KERNELS[kernel])]
-        if fallback and kernel != "sdpa_math":
-            backends.append(SDPBackend.MATH)
+    backends = [SDPBackend.CUDNN_ATTENTION] + [SDPBackend.MATH] * fallback
 
     def attend(q, k, v):
-        if expand_kv and k.size(2) != q.size(2):
-            k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
-        with torch.nn.attention.sdpa_kernel(backends) if backends else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=k.size(2) != q.size(2))
-        return y.transpose(1, 2)
+        with torch.nn.attention.sdpa_kernel(backends):
+            return causal_attention(q, k, v)
     return attend
 
 
 def flash_attention(name: str):
-    """Causal attention of FlashAttention 4 (fa4), 3 (fa3) or 2 (fa2); None when the package is missing."""
+    """Causal attention of FlashAttention 4 (fa4) or 3 (fa3); None when the package is missing."""
     try:
         if name == "fa4":
             return fa4_attention()
-        if name == "fa3":
-            from flash_attn_interface import flash_attn_func
-        else:
-            from flash_attn import flash_attn_func
+        from flash_attn_interface import flash_attn_func
     except ImportError:
         return None
 
@@ -2987,14 +2968,14 @@ def select_attention(choice: str, device: torch.device) -> tuple[str, object]:
             raise UserError(f"env ATTN_BACKEND={choice}: {FLASH_KERNELS[choice]} is not importable on "
                             f"{device.type} (use auto or sdpa)")
         return choice, attend
-    if choice in SDPA_KERNELS:
-        return choice, sdpa_attention(choice, expand_kv=choice == "sdpa_efficient")
+    if choice == "sdpa_cudnn":
+        return choice, cudnn_attention()
     if choice == "sdpa" or device.type != "cuda":
         return "sdpa", causal_attention
     for name in ("fa4", "fa3"):
         if (attend := runs_on(device, lambda: flash_attention(name))) is not None:
             return name, attend
-    return "sdpa_cudnn", sdpa_attention("sdpa_cudnn")
+    return "sdpa_cudnn", cudnn_attention()
 
 
 def runs_on(device: torch.device, make):
