@@ -6,14 +6,11 @@ Every knob is an environment variable (`python train_gpt.py --help` lists them);
 are the configuration we submit.
 
   8 GPUs:   torchrun --standalone --nproc_per_node=8 train_gpt.py
-  1 GPU:    torchrun --standalone --nproc_per_node=1 train_gpt.py   (same global batch,
-            more gradient accumulation)
+  1 GPU:    torchrun --standalone --nproc_per_node=1 train_gpt.py   (same global batch, more accumulation)
   CPU:      python train_gpt.py   (float32, no compile; for tests and tiny configs)
 
-The score (final_val_bpb) is the exact tokenizer-agnostic bits per byte of the model reloaded
-from the artifact, from its scoring phase (plain windows -> sliding windows -> score-first TTT).
-Artifact bytes = model file bytes + the bytes of the file that runs: ship the deterministic
-packed form from scripts/pack_code.py, which counts itself.
+The score (final_val_bpb) is the exact tokenizer-agnostic bits per byte of the model reloaded from
+the artifact. Artifact bytes = model file + the file that runs (ship scripts/pack_code.py's packed form).
 """
 
 from __future__ import annotations
@@ -67,11 +64,9 @@ class Interrupted(UserError):
 
 # -----------------------------------------------------------------------------------------
 # Knobs
-# Every environment knob is declared once, with its type, default and meaning: the run's knobs
-# in the tables below, the model's as the fields of ModelConfig (which the artifact records).
-# Nothing else in the file reads os.environ for configuration (torchrun's variables aside).
-# A knob's type is its default's: bool (0/1), int, float, str; `choices` make it an enum of
-# words; "auto" knobs are auto | 0 | 1 (None, False, True).
+# Every environment knob is declared once: the run's in the tables below, the model's as the fields
+# of ModelConfig (which the artifact records). Nothing else reads os.environ for configuration.
+# A knob's type is its default's: bool (0/1), int, float, str, an enum (`choices`) or auto | 0 | 1.
 # -----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +82,7 @@ class Knob:
 class Auto(str):
     """The type of a tri-state knob's default: `auto`, told apart from an enum's word "auto"."""
 
-    def __bool__(self):  # `if hp.eval_compile:` would read "auto" as on: compare with AUTO/True/False instead
+    def __bool__(self):  # `if hp.eval_compile:` would read "auto" as on
         raise TypeError("an auto knob has no truth value: compare it with AUTO, True or False")
 
 
@@ -121,15 +116,11 @@ class ModelConfig:
     loop_start: int = knob(3, "first looped physical layer", 0)
     loop_end: int = knob(5, "last looped physical layer (inclusive)", 0)
     parallel_residual_start: int = knob(7, "layers >= this run attention and MLP in parallel; -1 = never", -1)
-    smear_gate: bool = knob(False, "SmearGate: add to each token's embedding a gated copy of the previous "
-                            "token's, except at a BOS (never across a document start)")
-    attn_gate: bool = knob(False, "SparseGate: scale each head's attention output by a sigmoid gate of the "
-                           "first GATE_WINDOW channels of the block's normed input")
-    asym_logit: bool = knob(False, "AsymLogit: separate softcaps for positive and negative logits, both starting "
-                            "at LOGIT_SOFTCAP; training keeps the one fixed cap, so only TTT moves them")
-    residual_dtype: str = knob("bfloat16", "dtype of the residual stream under bf16 autocast (CUDA): float32 | "
-                               "bfloat16 (half the memory traffic of the norms, mixes and adds); CPU always float32",
-                               choices=("float32", "bfloat16"))
+    smear_gate: bool = knob(False, "SmearGate: add a gated copy of the previous token's embedding (never across a BOS)")
+    attn_gate: bool = knob(False, "SparseGate: gate each head's output by a sigmoid of GATE_WINDOW input channels")
+    asym_logit: bool = knob(False, "AsymLogit: separate softcaps for positive and negative logits; only TTT moves them")
+    residual_dtype: str = knob("bfloat16", "residual stream dtype under bf16 autocast (CUDA; CPU always float32): "
+                               "float32 | bfloat16", choices=("float32", "bfloat16"))
 
     @property
     def head_dim(self):
@@ -164,11 +155,9 @@ RUN_KNOBS = [
 ]
 SCHEDULE_KNOBS = [
     Knob("ITERATIONS", 20000, "max optimizer steps", 1),
-    Knob("MAX_WALLCLOCK_SECONDS", 600.0, "training clock cap including GPTQ's Hessians (compile warm-up and val "
-         "excluded); 0 = none; must exceed GPTQ_RESERVE_SECONDS", 0),
+    Knob("MAX_WALLCLOCK_SECONDS", 600.0, "training clock cap incl. GPTQ's Hessians (not compile or val); 0 = none", 0),
     Knob("WARMUP_STEPS", 20, "compile-priming steps, undone afterwards (not an LR warmup)", 0),
-    Knob("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, identical for any world size "
-         "(a multiple of TRAIN_SEQ_LEN * WORLD_SIZE)", 1),
+    Knob("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, for any world size", 1),
     Knob("TRAIN_SEQ_LEN", 2048, "training sequence length", 8),
     Knob("MICRO_BATCH_TOKENS", 0, "max tokens per forward/backward per GPU; 0 = auto (98304 CUDA, 16384 CPU)", 0),
     Knob("VAL_LOSS_EVERY", 1000, "validate every N steps (and at the end); 0 = only at the end", 0),
@@ -184,9 +173,8 @@ OPTIMIZER_KNOBS = [
     Knob("MUON_MOMENTUM_WARMUP_START", 0.92, "Muon momentum at step 0", 0, 1),
     Knob("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps to warm momentum up linearly", 0),
     Knob("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations", 1),
-    Knob("MUON_NS_SCHEDULE", "polar", "Newton-Schulz coefficients: polar (Polar Express, one polynomial per "
-         "iteration; needs MUON_BACKEND_STEPS >= 5) | quintic (Muon's original fixed polynomial)",
-         choices=("polar", "quintic")),
+    Knob("MUON_NS_SCHEDULE", "polar", "Newton-Schulz coefficients: polar (Polar Express; needs MUON_BACKEND_STEPS "
+         ">= 5) | quintic (Muon's original)", choices=("polar", "quintic")),
     Knob("MUON_ROW_NORMALIZE", True, "MuonEq-R: normalize update rows before Newton-Schulz"),
     Knob("MUON_WD", 0.095, "decoupled weight decay on Muon matrices", 0),
     Knob("EMBED_WD", 0.085, "AdamW weight decay on the embedding", 0),
@@ -200,14 +188,11 @@ OPTIMIZER_KNOBS = [
 ]
 EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("EVAL_SEQ_LEN", 2048, "window length of sliding and TTT evaluation", 8),
-    Knob("EVAL_STRIDE", 64, "sliding-window stride, <= EVAL_SEQ_LEN: each window scores its last STRIDE targets; "
-         "0 = no sliding phase", 0),
-    Knob("EVAL_SLIDING", AUTO, "with TTT on, also score a plain sliding phase after it (a reference: TTT scores the "
-         "same windows): 1, 0, or auto = in the time left, abandoned once its pace projects past "
-         "EVAL_BUDGET_SECONDS. Without TTT the sliding phase is the score and always runs"),
+    Knob("EVAL_STRIDE", 64, "sliding-window stride: each window scores its last STRIDE targets; 0 = no sliding", 0),
+    Knob("EVAL_SLIDING", AUTO, "with TTT, also score plain sliding windows as a reference: 1, 0, or auto = while "
+         "the pace fits EVAL_BUDGET_SECONDS"),
     Knob("EVAL_BATCH_SEQS", 32, "windows per forward in sliding/TTT evaluation", 1),
-    Knob("EVAL_COMPILE", AUTO, "torch.compile the hidden-state forward of each eval phase (batch dim dynamic): "
-         "auto = where COMPILE applies (CUDA) | 1 (CPU too) | 0 = eager"),
+    Knob("EVAL_COMPILE", AUTO, "torch.compile the eval forward: auto = where COMPILE applies (CUDA) | 1 | 0"),
     Knob("TTT_ENABLED", True, "score-first test-time training over the sliding windows"),
     Knob("TTT_LR", 0.005, "TTT SGD learning rate (cosine over chunks)", 0),
     Knob("TTT_EPOCHS", 3, "TTT passes over each already-scored chunk", 1),
@@ -216,22 +201,18 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("TTT_GRAD_CLIP", 1.0, "TTT gradient norm clip; 0 = off", 0),
     Knob("TTT_BATCH_SEQS", 32, "TTT training sequences per step (global)", 1),
     Knob("SLOT", "off", "off | context (fit a per-window delta on already-scored positions) | full (on the "
-         "scored targets themselves: leaks, logged valid:0)", choices=("off", "context", "full")),
+         "scored targets: leaks, valid:0)", choices=("off", "context", "full")),
     Knob("SLOT_STEPS", 8, "AdamW steps fitting each window's hidden-state delta", 1),
     Knob("SLOT_LR", 0.005, "SLOT AdamW learning rate", 0),
-    Knob("NGRAM_TILT", False, "token-only n-gram tilt of the sliding, TTT and SLOT scores: where the previous "
-         "NGRAM_ORDER-1 val tokens were followed, earlier in the stream, mostly by one token, that token's "
-         "probability is multiplied by e^NGRAM_BETA and the distribution renormalized (TTT trains on the plain loss)"),
+    Knob("NGRAM_TILT", False, "token-only n-gram tilt of the sliding, TTT and SLOT scores (not TTT's loss): boost "
+         "the token that mostly followed the same context earlier in the val stream"),
     Knob("NGRAM_ORDER", 16, "n-gram order of the tilt: its context is the previous NGRAM_ORDER-1 tokens", 2),
-    Knob("NGRAM_THRESHOLD", 0.8, "the tilt hints only where the context's most frequent continuation so far has at "
-         "least this share of its continuations", 0, 1),
-    Knob("NGRAM_BETA", 2.625, "the tilt's boost of the hinted token: e^NGRAM_BETA times its probability, "
-         "before renormalizing", 0),
+    Knob("NGRAM_THRESHOLD", 0.8, "hint only where the top continuation so far has at least this share", 0, 1),
+    Knob("NGRAM_BETA", 2.625, "the hinted token's probability is multiplied by e^NGRAM_BETA, then renormalized", 0),
     Knob("DUMP_TOKEN_NLL", "", "write per-target NLL (float32) and bytes (uint16) of the final phase, in val order"),
     Knob("LEGALITY_CHECK", False, "before scoring, prove each enabled eval mode causal on a val prefix"),
     Knob("EVAL_BUDGET_SECONDS", 600.0, "evaluation time budget (8-GPU scale): phases are timed against it", 0),
-    Knob("TTT_BUDGET_STOP", True, "stop TTT's updates once its measured pace projects it past EVAL_BUDGET_SECONDS; "
-         "the remaining chunks are scored with the weights adapted so far (still legal); 0 = never stop"),
+    Knob("TTT_BUDGET_STOP", True, "stop TTT's updates (still scoring) once its pace projects past EVAL_BUDGET_SECONDS"),
 ]
 EXPORT_KNOBS = [
     Knob("MATRIX_BITS", 6, "GPTQ bits of the block matrices", 2, 8),
@@ -241,8 +222,7 @@ EXPORT_KNOBS = [
     Knob("GPTQ_CALIBRATION_BATCHES", 16, "training micro-batches per rank for the GPTQ Hessians; 0 = plain rounding", 0),
     Knob("GPTQ_RESERVE_SECONDS", 6.0, "taken off MAX_WALLCLOCK_SECONDS so Hessians are collected within it", 0),
     Knob("CLIP_SEARCH_STEPS", 4, "extra GPTQ tries moving MATRIX_CLIP_SIGMAS to land just under the cap; 0 = off", 0),
-    Knob("LQER_TOP_K", 0, "LQER: the N GPTQ'd matrices (bank slices, embedding) with the largest Frobenius norm of "
-         "their error W - Wq get a low-rank correction of it (INT2 x INT4 factors, inside the cap); 0 = off", 0),
+    Knob("LQER_TOP_K", 0, "LQER: low-rank INT2 x INT4 corrections of the N largest GPTQ errors W - Wq; 0 = off", 0),
     Knob("LQER_RANK", 4, "rank of each LQER correction", 1),
     Knob("LQER_GROUP", 64, "LQER: values of the flattened INT4 factor per fp16 scale", 1),
 ]
@@ -264,8 +244,8 @@ RETIRED_KNOBS = {
     "TTT_MOMENTUM": f"now the constant TTT_MOMENTUM={TTT_MOMENTUM}",
     "CLIP_SEARCH_HEADROOM": f"now the constant CLIP_SEARCH_HEADROOM={CLIP_SEARCH_HEADROOM}",
 }
-# The first words of knob names (TTT_, EVAL_, ...): an env var that starts like a knob but names
-# none is probably a typo, unless the word is too common a start to tell.
+# An env var that starts like a knob (TTT_, EVAL_, ...) but names none is probably a typo,
+# unless the word is too common a start to tell.
 KNOB_PREFIXES = tuple(sorted({k.split("_")[0] + "_" for k in [kn.name for kn in KNOBS] + list(RETIRED_KNOBS)
                               if "_" in k} - {"MAX_", "MIN_"}))
 TYPO_PREFIXES = tuple(sorted(set(KNOB_PREFIXES) - {"DATA_", "ENABLE_", "LOG_", "NUM_", "RUN_"}))
@@ -283,6 +263,8 @@ def looks_like_knob(name: str, knobs: set[str]) -> bool:
     """A set env var that names no knob but starts like one or nearly spells one."""
     return name not in knobs and (name.startswith(TYPO_PREFIXES) or any(one_edit_apart(name, k) for k in knobs)
                                   or bool(difflib.get_close_matches(name, knobs, n=1, cutoff=0.8)))
+
+
 BOOL_WORDS = {"1": True, "true": True, "0": False, "false": False}
 
 
@@ -358,8 +340,7 @@ def validate(hp: Hyperparameters):
          f"{hp.gptq_reserve_seconds} (the Hessians' share of the clock), or be 0 for no cap")
     need(not hp.ngram_tilt or hp.ttt_enabled or hp.eval_stride or hp.slot != "off",
          "NGRAM_TILT=1: no phase to tilt (the roundtrip is never tilted): enable TTT, EVAL_STRIDE or SLOT")
-    need(hp.eval_stride <= hp.eval_seq_len,
-         f"EVAL_STRIDE={hp.eval_stride}: must be <= EVAL_SEQ_LEN={hp.eval_seq_len}")
+    need(hp.eval_stride <= hp.eval_seq_len, f"EVAL_STRIDE={hp.eval_stride}: must be <= EVAL_SEQ_LEN={hp.eval_seq_len}")
     stride = hp.eval_stride or hp.eval_seq_len
     need(not hp.ttt_enabled or hp.ttt_chunk_tokens % stride == 0,
          f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens}: must be a multiple of EVAL_STRIDE={stride} (a chunk holds "
@@ -370,10 +351,9 @@ def validate(hp: Hyperparameters):
 
 def knob_reference() -> str:
     """Markdown table of every knob (README's env reference is generated from this)."""
-    def shown(v):
-        return int(v) if isinstance(v, bool) else v
     rows = ["| variable | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{k.name}` | `{shown(k.default)}` | {k.doc.replace('|', chr(92) + '|')} |" for k in KNOBS]
+    rows += [f"| `{k.name}` | `{int(k.default) if isinstance(k.default, bool) else k.default}` | "
+             f"{k.doc.replace('|', chr(92) + '|')} |" for k in KNOBS]
     return "\n".join(rows)
 
 
@@ -409,10 +389,8 @@ class Dist:
         flat = self.all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
         if divisor != 1:
             flat.div_(divisor)
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
 
     def all_reduce_max(self, value: float) -> float:
         """Max of a host number over ranks, through the CPU group: no wait on queued GPU work."""
@@ -423,10 +401,9 @@ class Dist:
         return t.item()
 
     def broadcast_object(self, obj):
-        if not self.enabled:
-            return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        if self.enabled:
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def barrier(self):
@@ -469,29 +446,26 @@ class RunLog:
 
     def __init__(self, path: Path | None):
         self.path, self.file = path, None
-        if path is None:
-            return
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "x", encoding="utf-8")
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(path, "x", encoding="utf-8")
         except FileExistsError:
             raise UserError(f"log {path} already exists: RUN_ID is taken, choose another") from None
         except OSError as e:
             raise UserError(f"env LOG_DIR: cannot create log {path} ({e.strerror})") from None
 
     def __call__(self, msg: str, console: bool = True):
-        if self.file is None:
-            return
-        if console:
-            print(msg, flush=True)
-        self.file.write(msg + "\n")
-        self.file.flush()
+        if self.file is not None:
+            if console:
+                print(msg, flush=True)
+            self.file.write(msg + "\n")
+            self.file.flush()
 
 
 # -----------------------------------------------------------------------------------------
 # Data: shards, the training stream, validation tokens
-# Shard = 256 little-endian int32 header words (magic, version, token count) + uint16 tokens
-# (written by data/shards.py).
+# Shard = 256 little-endian int32 header words (magic, version, token count) + uint16 tokens.
 # -----------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
@@ -531,13 +505,9 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, name: str):
 
 
 class TrainStream:
-    """Deterministic stream of (seq_len+1)-token windows from the train shards.
-
-    Each epoch draws (from SEED and the epoch number) a random phase per shard and a random
-    permutation of all windows, so data order depends only on SEED. Every rank computes the
-    same global batch and reads only its own rows: the global batch is identical for any
-    world size, which is what makes 1 GPU + accumulation equal 8 GPUs.
-    """
+    """Deterministic stream of (seq_len+1)-token windows from the train shards. Each epoch draws (from
+    SEED and the epoch) a random phase per shard and a permutation of all windows. Every rank computes
+    the same global batch and reads only its rows: 1 GPU + accumulation equals 8 GPUs."""
 
     def __init__(self, files: list[str], seq_len: int, seed: int, vocab_size: int = 65536):
         self.files, self.vocab_size = files, vocab_size
@@ -589,16 +559,14 @@ BOS_ID = 1  # every document of a shard starts with it
 
 
 def sidecar_path(token_file: str) -> Path | None:
-    """fineweb_val_000003.bin -> fineweb_val_bytes_000003.bin: per-token original byte counts (CaseOps
-    data); None for a name without the _NNNNNN.bin ending, which cannot have one."""
+    """fineweb_val_000003.bin -> fineweb_val_bytes_000003.bin (per-token original bytes); None if no _NNNNNN.bin."""
     path = Path(token_file)
     m = re.fullmatch(r"(.*)_(\d+)\.bin", path.name)
     return path.with_name(f"{m[1]}_bytes_{m[2]}.bin") if m else None
 
 
 def load_val_sidecars(files: list[str], n_tokens: int) -> np.ndarray | None:
-    """The byte sidecars of the val shards, concatenated and cut like the tokens; None when there are
-    none. A sidecar is a shard (same header) of uint16 byte counts, one per token of its token shard."""
+    """The val shards' byte sidecars (shards of one uint16 byte count per token), cut like the tokens; or None."""
     sidecars = [sidecar_path(f) for f in files]
     present = [s is not None and s.is_file() for s in sidecars]
     if not any(present):
@@ -617,12 +585,10 @@ def load_val_sidecars(files: list[str], n_tokens: int) -> np.ndarray | None:
 
 # -----------------------------------------------------------------------------------------
 # Tokenizer-agnostic bits per byte
-# val_bpb = sum of NLL in bits / sum of UTF-8 bytes of the text. Each val target carries a byte
-# count, fixed before any scoring. By default it comes from the tokenizer's pieces: '▁' is one
-# space byte, byte-fallback pieces exactly one byte, control/unknown pieces none; a leading '▁'
-# right after a boundary (BOS) is not charged, because SentencePiece drops that space when
-# decoding a document. CaseOps data (text lower-cased with case-operator tokens) ships a byte
-# sidecar instead: each token's bytes in the original text, 0 for BOS and the operators.
+# val_bpb = NLL in bits / UTF-8 bytes of the text; each target's byte count is fixed before scoring.
+# By default from the pieces: '▁' is one byte, byte-fallback pieces one, control/unknown none; a
+# leading '▁' right after a boundary (BOS) is free, as SentencePiece drops it when decoding. CaseOps
+# data (lower-cased text with case-operator tokens) ships a byte sidecar: each token's original bytes.
 # -----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -709,9 +675,7 @@ def is_caseops(sp) -> bool:
 
 
 def check_sidecar(token_bytes: np.ndarray, tokens: np.ndarray, lut: ByteLUT, files: list[str]):
-    """Sidecars that belong to these tokens: BOS carries no bytes, and no token more original bytes
-    than its piece spells (a space, spelled as the 3-byte U+2581, is 1); a shifted sidecar, one of
-    another tokenization or a tokenizer of other pieces breaks these."""
+    """Refuse sidecars of other tokens: BOS carries no bytes, no token more than its piece spells ('▁' = 1)."""
     where = f"byte sidecars of {Path(files[0]).parent}"
     if int(token_bytes.sum()) == 0:
         raise UserError(f"{where}: 0 bytes in total")
@@ -725,18 +689,15 @@ def check_sidecar(token_bytes: np.ndarray, tokens: np.ndarray, lut: ByteLUT, fil
 
 # -----------------------------------------------------------------------------------------
 # Model
-# A U-Net-shaped GPT: the first half of the (virtual) layers push their outputs, the second
-# half pops them back in through (gated) skip weights. Features of the record stack (XSA,
-# QK-gain, partial RoPE, LN scale, depth recurrence, parallel residuals, skip gates) are each
-# switched by one ModelConfig knob. Pure math: the attention function is given at construction
-# (fast kernels are chosen in the last section), depth recurrence is an argument of the forward,
-# and GPTQ's statistics are taken by a `tap` the caller passes in.
+# A U-Net-shaped GPT: the first half of the (virtual) layers push their outputs, the second half
+# pops them back in through (gated) skip weights. Each feature of the record stack is one
+# ModelConfig knob. Pure math: the attention function is given at construction, depth recurrence
+# is an argument of the forward, and GPTQ's statistics are taken by a `tap` the caller passes in.
 # -----------------------------------------------------------------------------------------
 
-# Weight roles. The block matrices live in four banks (one slice per layer and role), which lets
-# Muon orthogonalize a whole bank at once: role -> (bank, part), the matrix of layer i is
-# bank[part * num_layers + i]. ROLE_INPUTS names the activation each role multiplies (GPTQ's
-# Hessian of a matrix is X^T X of its input).
+# The block matrices live in four banks so that Muon orthogonalizes a whole bank at once: role ->
+# (bank, part), layer i's matrix is bank[part * num_layers + i]. ROLE_INPUTS: the activation each
+# role multiplies (GPTQ's Hessian is X^T X of it).
 ROLES = {"q": ("qo_bank", 0), "o": ("qo_bank", 1), "k": ("kv_bank", 0), "v": ("kv_bank", 1),
          "up": ("mlp_up_bank", 0), "down": ("mlp_down_bank", 0)}
 ROLE_INPUTS = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out", "up": "mlp_in", "down": "mlp_act"}
@@ -754,9 +715,8 @@ def bank_rows(bank: str, layers: list[int], num_layers: int) -> list[int]:
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int, looped: bool) -> float:
-    """Training FLOPs per token (forward + backward): 6 x matmul weights used per token (looped
-    layers count per visit, plus the tied head) + 12 x layers x width x seq_len for attention
-    (the PaLM convention, not halved for causality)."""
+    """Training FLOPs per token: 6 x matmul weights per token (per visit, plus the head) + 12 x layers x
+    width x seq_len for attention (PaLM's convention, not halved for causality)."""
     d, kv, hidden = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, cfg.mlp_mult * cfg.model_dim
     per_layer = 2 * d * d + 2 * kv * d + 2 * hidden * d
     n_virtual = len(cfg.layer_order(looped))
@@ -785,14 +745,10 @@ def softcap_logits_lse(logits: torch.Tensor, cap: float) -> tuple[torch.Tensor, 
 
 
 class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token cross entropy (float32) of the softcapped logits cap*tanh(logits/cap).
-
-    Autograd through the plain formula keeps the float32 softcapped logits [tokens, vocab], the
-    step's largest activation, for backward. This keeps only the (bf16) logits and one log-sum-exp
-    per token and recomputes the rest, so the compiled loss reads the logits once forward and once
-    backward (the softcap's derivative is 1 - tanh^2). The softcap bounds the logits by cap, so
-    cap + log(sum(exp(z - cap))) needs no row max (one pass instead of two) while exp(-2 cap) is
-    a normal float32 (cap <= 40)."""
+    """Per-token cross entropy (float32) of the softcapped logits cap*tanh(logits/cap). Autograd would
+    keep the float32 softcapped logits, the step's largest activation; this keeps the (bf16) logits and
+    one log-sum-exp per token and recomputes the rest. As |z| <= cap, lse = cap + log(sum(exp(z - cap)))
+    needs no row max (one pass, not two) while exp(-2 cap) is a normal float32 (cap <= 40)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
@@ -819,9 +775,8 @@ def asym_softcap(logits: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
 
 
 class AsymSoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token cross entropy under asym_softcap, with gradients for the logits and both caps. Like
-    SoftcapCrossEntropy it keeps only the logits and one log-sum-exp per token for backward: autograd
-    through the formula would keep several float32 [tokens, vocab] tensors (TTT's steps use this)."""
+    """Per-token cross entropy under asym_softcap, with gradients for the logits and both caps; keeps
+    only the logits and one log-sum-exp per token, like SoftcapCrossEntropy (TTT's steps use this)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
@@ -851,12 +806,10 @@ def asym_softcap_nll(logits: torch.Tensor, targets: torch.Tensor, caps: torch.Te
     return flat.view_as(targets)
 
 
-# XSA (exclusive self-attention): each head's attention output y minus its component along the
-# token's own value vector v, y - (y.v / v.v) v, for y [B,T,Hkv,G,hd] (the G query heads of a KV
-# head) and v [B,T,Hkv,hd], so K/V are never repeated; v.v is clamped at XSA_EPS, i.e. v is
-# normalized as F.normalize does it. xsa_reference is the definition; the model calls the op
-# `xsa` (Fast paths), which runs a Triton kernel each way on CUDA and this formula elsewhere.
-# Float32 arithmetic at least.
+# XSA (exclusive self-attention): each head's output y minus its component along the token's own
+# value v, y - (y.v / v.v) v, for y [B,T,Hkv,G,hd] (G query heads per KV head) and v [B,T,Hkv,hd];
+# v.v is clamped at XSA_EPS as F.normalize does. xsa_reference is the definition (float32 at least);
+# the model calls the op `xsa` (Fast paths), a Triton kernel each way on CUDA.
 
 XSA_EPS = 1e-24
 
@@ -1064,13 +1017,10 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------------------
 
 # Newton-Schulz schedules: (safety, coefficients). Iteration k applies X <- aX + (bA + cA^2)X, A = XX^T,
-# with the k-th (a, b, c); iterations past the end repeat the last. "quintic" is Muon's original fixed
-# polynomial, which leaves singular values anywhere in ~[0.7, 1.2]. "polar" is Polar Express (Amsel et
-# al. 2025, arXiv:2505.16932; the records since PR #1344): a minimax-optimal polynomial per iteration,
-# built for five. After five it has them in ~[0.86, 1.14], half the quintic's mean distance from 1
-# (tests/test_model.py); after fewer it is far off, so the knobs require >= 5. Its first polynomial
-# climbs steeply above 1, so the input is scaled to a spectral norm below 1/safety: bf16 rounding cannot
-# push a singular value out of the range it was built for.
+# with the k-th (a, b, c), the last repeating. "quintic" (Muon's original) leaves singular values in
+# ~[0.7, 1.2]. "polar" is Polar Express (arXiv:2505.16932): one minimax polynomial per iteration, built
+# for five, after which they are in ~[0.86, 1.14]; fewer are far off. The input is scaled below 1/safety
+# so that bf16 rounding cannot push a singular value out of the range the first polynomial was built for.
 NS_SCHEDULES = {
     "quintic": (1.0, ((3.4445, -4.7750, 2.0315),)),
     "polar": (1.02, ((8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -1109,13 +1059,9 @@ def muon_direction(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor
 
 
 class ParallelMuon(torch.optim.Optimizer):
-    """Muon over parameter banks [B, rows, cols], with the work sharded across ranks.
-
-    reduce_scatter() starts, right after backward, one reduce-scatter per bank (its gradient padded
-    along B to a multiple of the world size), so each rank receives the summed gradient of its own
-    B_pad/world matrices. step() then runs momentum, Nesterov, MuonEq-R and Newton-Schulz on that
-    shard only and all-gathers the updates. No DDP; world size 1 is the same path without
-    communication. Momentum buffers are per-shard."""
+    """Muon over parameter banks [B, rows, cols], sharded across ranks: reduce_scatter() hands each rank
+    the summed gradient of its B_pad/world matrices (B padded to a multiple of the world size); step()
+    runs the direction on that shard only and all-gathers the updates. No DDP; momentum is per shard."""
 
     def __init__(self, banks, lr, momentum, backend_steps, row_normalize, ns_schedule, weight_decay, direction,
                  dctx):
@@ -1124,9 +1070,8 @@ class ParallelMuon(torch.optim.Optimizer):
         self.direction = direction
         self.dctx, self.pending = dctx, []
         self.momentum = torch.zeros((), device=dctx.device)  # the group's momentum, as direction() takes it
-        # Overlap communication with Newton-Schulz on GPUs (NCCL). Gloo's async collectives on CPU
-        # intermittently abort at exit ("terminate called without an active exception"), so the
-        # CPU path waits for each collective where it is issued; the arithmetic is identical.
+        # Overlap communication with Newton-Schulz on GPUs. Gloo's async collectives intermittently abort
+        # at exit, so on CPU each collective is waited for where it is issued (same arithmetic).
         self.overlap = dctx.device.type == "cuda"
 
     def _shard_size(self, p):
@@ -1224,17 +1169,13 @@ def muon_momentum(step: int, hp: Hyperparameters) -> float:
 
 # -----------------------------------------------------------------------------------------
 # Quantization and packing
-# Full-Hessian GPTQ: each matrix W [rows, cols] is quantized column by column (largest Hessian
-# diagonal first), and each column's rounding error is pushed onto the columns not yet
-# quantized, weighted by the inverse Hessian of the layer's inputs, which minimizes
-# tr((W-Q) H (W-Q)^T) far better than rounding each weight. SDClip sets one scale per row,
-# s = k * std(row) / (2^(bits-1) - 1): k trades accuracy for entropy (compressed size), so it
-# is the knob that lands the artifact under the cap. Hessians come from training batches
-# only, collected inside the training budget. Small tensors pass through as fp16. LQER (off
-# unless LQER_TOP_K) adds low-rank corrections of the largest GPTQ errors, inside the same cap.
-# The artifact is a self-describing binary (magic, version, JSON tensor table, raw
-# little-endian data), byte-shuffled per element size and brotli-compressed in parallel
-# streams. Nothing in it is executed or unpickled on load.
+# Full-Hessian GPTQ: each matrix W is quantized column by column (largest Hessian diagonal first),
+# each column's rounding error pushed onto the columns not yet quantized through the inverse Hessian
+# of the inputs, minimizing tr((W-Q) H (W-Q)^T). SDClip's row scale k * std(row) / (2^(bits-1) - 1)
+# trades accuracy for compressed size: k lands the artifact under the cap. Hessians come from
+# training batches only, inside the training budget. Small tensors pass as fp16.
+# The artifact: magic, version, JSON tensor table and raw little-endian data, byte-shuffled and
+# brotli-compressed in parallel streams. Nothing in it is executed or unpickled on load.
 # -----------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFART", 1
@@ -1353,22 +1294,16 @@ def dequantize_matrix(entry: dict) -> torch.Tensor:
     return W
 
 
-# LQER (low-rank quantization error reconstruction). GPTQ's error E = W - dequant(q) of the matrices
-# where it is largest is approximated by a rank-r product A B, so that W ~ dequant(q) + A B.
-# A "matrix" is one slice of a bank (one role of one layer) or the embedding. A (rows x r) is
-# stored as INT2 codes in [-2, 1] under one fp16 scale, B (r x cols) as INT4 codes in [-8, 7] with
-# one fp16 scale per group of LQER_GROUP values of the flattened B, as in the record that
-# introduced it. The factors are extra fields of the matrix's own artifact entry (lqer{slice}.a,
-# .a_scale, .b, .b_scale) whose shapes say the rank and the group, so the artifact stays
-# self-describing and one without them reads exactly as before.
-# Storage: A's codes are packed four to a byte (mostly zeros: packing lets brotli skip them), B's
-# are left one to a byte (near-uniform 4-bit values: brotli does slightly better on them unpacked).
+# LQER: where GPTQ's error E = W - dequant(q) is largest (per bank slice or the embedding), a rank-r
+# A B ~ E is added back. A (rows x r) is INT2 under one fp16 scale, B (r x cols) INT4 with one fp16
+# scale per LQER_GROUP values, stored as extra fields of the matrix's entry (lqer{slice}.a, .a_scale,
+# .b, .b_scale) whose shapes give rank and group: an artifact without them reads as before. A's codes
+# are packed four to a byte (mostly zeros, which brotli then skips); B's near-uniform ones compress
+# slightly better unpacked.
 
 LQER_FIELD = re.compile(r"lqer(\d+)\.(a|a_scale|b|b_scale)")
 LQER_A_BITS, LQER_B_BITS = 2, 4
-# The largest |A| maps to 1.5 codes (the record's choice): it rounds to the edge code, which keeps
-# the few large entries of A and zeroes most small ones.
-LQER_A_RANGE = 1.5
+LQER_A_RANGE = 1.5  # the largest |A| maps to 1.5 codes: the few large entries survive, most small ones round to 0
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
