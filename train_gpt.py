@@ -1624,17 +1624,14 @@ def check_artifact_tokenizer(meta: dict, path: Path, tokenizer_sha: str, tokeniz
 
 # -----------------------------------------------------------------------------------------
 # Evaluation: sliding windows, score-first TTT and SLOT
-# Target t (token t of the val stream, t = 1..N-1) is scored exactly once: by the window whose
-# last target e_k = min(L + k*stride, N-1) is the first to reach it; that window sees the
-# L tokens before e_k, so every target gets at least L - stride tokens of context.
-# A phase walks its windows in chunks. TTT's chunk c holds the windows whose first scored target
-# lies in [c, c+1) * TTT_CHUNK_TOKENS: they are scored (inference mode) BEFORE the model trains on
-# the chunk's tokens, whose targets are then all already scored. One budget mechanism: a phase's
-# pace, measured from the end of its chunk 0 (which carries compile and warm-up), projects its
-# length; TTT stops adapting, and an optional reference phase is abandoned, when that projection
-# passes the time left in EVAL_BUDGET_SECONDS.
-# The token-only n-gram tilt (NGRAM_TILT) reshapes the scored distribution at target t with a hint
-# drawn from val tokens before t only (see ngram_hints); it moves the scores, never TTT's gradients.
+# Target t (t = 1..N-1 of the val stream) is scored exactly once, by the first window whose last
+# target e_k = min(L + k*stride, N-1) reaches it; it sees the L tokens before e_k, so at least
+# L - stride tokens of context. TTT's chunk c holds the windows whose first scored target lies in
+# [c, c+1) * TTT_CHUNK_TOKENS: they are scored (inference mode) BEFORE the model trains on the
+# chunk, whose targets are then all already scored. A phase's pace, timed from the end of chunk 0
+# (compile, warm-up), projects its length: past the time left in EVAL_BUDGET_SECONDS, TTT stops
+# adapting and a reference phase is abandoned. The n-gram tilt (NGRAM_TILT) reshapes the scored
+# distribution at t with a hint from val tokens before t only; it never moves TTT's gradients.
 # -----------------------------------------------------------------------------------------
 
 def autocast_ctx(device: torch.device):
@@ -1711,8 +1708,7 @@ def window_ends(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
 
 
 def phase_chunks(prev_ends: np.ndarray, phase: Phase, hp: Hyperparameters, paced: bool) -> list[np.ndarray]:
-    """The phase's window indices, chunk by chunk (see above); paced = a phase without TTT whose pace is
-    measured (one that may be abandoned) walks PACE_CHUNKS chunks, any other one chunk."""
+    """The phase's window indices, chunk by chunk; without TTT, PACE_CHUNKS chunks if paced, else one."""
     if phase.ttt:
         chunk_of = prev_ends // hp.ttt_chunk_tokens
         return [np.nonzero(chunk_of == c)[0] for c in range(int(chunk_of[-1]) + 1)]
@@ -1730,14 +1726,12 @@ def budget_action(phase: Phase, hp: Hyperparameters) -> str | None:
 
 
 def projected_seconds(elapsed: float, since_chunk0: float, c: int, n_chunks: int) -> float:
-    """A chunked phase's projected length once chunk c >= 1 is scored: the time so far plus the
-    n_chunks-1-c steps (update + chunk scoring) left, at their mean pace since chunk 0 was scored."""
+    """A phase's length projected after chunk c >= 1: the chunks left at their mean pace since chunk 0."""
     return elapsed + since_chunk0 / c * (n_chunks - 1 - c)
 
 
 class Pace:
-    """Projects a phase's length after each chunk; every rank takes the slowest rank's projection,
-    so all ranks act at the same chunk."""
+    """Projects a phase's length after each chunk; all ranks take the slowest's, so they act at one chunk."""
 
     def __init__(self, dctx: Dist, n_chunks: int):
         self.dctx, self.n_chunks, self.t0, self.t_first = dctx, n_chunks, time.perf_counter(), None
@@ -1755,15 +1749,13 @@ class Pace:
 
 
 def even_batches(items: np.ndarray, size: int) -> list[np.ndarray]:
-    """Consecutive batches of at most `size`, as equal as possible: a fixed size would leave a
-    remainder, and a batch of one window costs the compiled forward a recompile (torch.compile
-    specializes dims of size 1) even though the batch dim is dynamic."""
+    """Batches of at most `size`, as equal as possible: a remainder batch of one window would cost a
+    recompile (torch.compile specializes dims of size 1, dynamic or not)."""
     return np.array_split(items, -(-len(items) // size)) if len(items) else []
 
 
 def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device):
-    """The looped model's hidden states, compiled per EVAL_COMPILE with the batch dim dynamic (one
-    graph for every batch size)."""
+    """The looped model's hidden states, compiled per EVAL_COMPILE with a dynamic batch dim (one graph)."""
     def hidden(x):
         return model.hidden(x, looped=True)
     if not (hp.eval_compile is True or (hp.eval_compile == AUTO and compile_applies(hp, device))):
@@ -1846,22 +1838,19 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
     out.count.index_add_(0, t, torch.ones_like(t, dtype=torch.int32))
 
 
-# Token-only n-gram tilt. For each position t of the val stream, a hint: the continuation seen most
-# often after the same NGRAM_ORDER-1 tokens earlier in the stream, kept when its share of that
-# context's continuations so far reaches NGRAM_THRESHOLD. The scored distribution at t becomes
-#   p'(a) = p(a) e^(beta [a = hint]) / (1 - p(hint) + p(hint) e^beta),
-# a full distribution over the vocabulary, normalized exactly, and fixed before target t is read.
-# Both the hint and whether to give one read tokens < t only: a gate on any property of the target
-# itself (say, whether it starts a word) would leak it, and the future-perturbation check cannot
-# see that (the target is never perturbed), so tests check the hints' causality directly.
+# Token-only n-gram tilt. The hint at position t is the continuation seen most often after the same
+# NGRAM_ORDER-1 tokens earlier in the stream, kept when its share of that context's continuations
+# reaches NGRAM_THRESHOLD. The scored distribution becomes p'(a) = p(a) e^(beta [a = hint]) / Z,
+# Z = 1 - p(hint) + p(hint) e^beta: normalized exactly over the vocabulary, fixed before target t is
+# read. Hint and gate read tokens < t only: a gate on the target itself (say, whether it starts a
+# word) would leak it unseen by the future-perturbation check, so tests check causality directly.
 
 NGRAM_HASH_SEED = 20240501  # fixed, so that the hints are a function of the tokens alone
 
 
 def context_hashes(tokens: torch.Tensor, k: int) -> torch.Tensor:
-    """A 64-bit hash of tokens[t-k:t] for each t = k..N-1: the sum of (token + 1) times a random odd
-    multiplier per offset, wrapping like all int64 arithmetic. Two contexts collide with negligible
-    chance, and a collision only merges two contexts' counts, still of earlier tokens."""
+    """A 64-bit hash of tokens[t-k:t] for t = k..N-1: sum of (token + 1) times a random odd multiplier per
+    offset (int64 wraps). A rare collision only merges two contexts' counts, still of earlier tokens."""
     n = len(tokens)
     mult = np.random.default_rng(NGRAM_HASH_SEED).integers(1, 2**61, size=k) * 2 + 1
     shifted = tokens.long() + 1  # so that token 0 still moves the hash
@@ -1891,12 +1880,10 @@ def running_count(keys: torch.Tensor) -> torch.Tensor:
 
 
 def ngram_hints(tokens: torch.Tensor, order: int, threshold: float) -> torch.Tensor:
-    """hints[t]: the token the tilt proposes at position t of the stream, -1 for none. The same as one
-    left-to-right pass that at each t looks up the context tokens[t-order+1:t] in a table of
-    continuation counts of the positions before t, proposes the context's most frequent continuation
-    (the first to reach the top count) when the top count is at least `threshold` of the context's
-    total, and only then adds tokens[t] to the table; computed with two stable sorts instead of a
-    Python loop, so that it costs seconds on the whole val stream, on the scoring device."""
+    """hints[t]: the tilt's token at position t, -1 for none. Equal to a left-to-right pass that looks up
+    the context tokens[t-order+1:t] among the counts of positions before t, proposes its most frequent
+    continuation (the first to reach the top count) if that has `threshold` of the total, and only then
+    counts tokens[t]; done with two stable sorts (seconds for the whole val stream on the device)."""
     n, k = len(tokens), order - 1
     hints = torch.full((n,), -1, dtype=torch.int64, device=tokens.device)
     if n <= k:
@@ -1922,14 +1909,12 @@ def ngram_hints(tokens: torch.Tensor, order: int, threshold: float) -> torch.Ten
 
 
 def tilted_nll(nll: torch.Tensor, hint_nll: torch.Tensor, hit: torch.Tensor, beta: float) -> torch.Tensor:
-    """-log p'(y) for p'(a) = p(a) e^(beta [a = hint]) / Z, from -log p(y), -log p(hint) and [y = hint].
-    Z = 1 - p(hint) + p(hint) e^beta = 1 + p(hint) (e^beta - 1) is what makes p' sum to 1."""
+    """-log p'(y) from -log p(y), -log p(hint) and [y = hint]; log Z = log1p(p(hint) (e^beta - 1))."""
     return nll - beta * hit.to(nll.dtype) + torch.log1p(torch.exp(-hint_nll) * math.expm1(beta))
 
 
 def tilted_scores(model: GPT, h: torch.Tensor, y: torch.Tensor, hint: torch.Tensor, beta: float) -> torch.Tensor:
-    """The tilted NLL of targets y where a hint (>= 0) is given, the model's own NLL elsewhere. p(y) and
-    p(hint) come from one head pass, each as nll_from_hidden computes it."""
+    """The tilted NLL of targets y where a hint (>= 0) is given, else the plain NLL; one head pass."""
     nll = model.nll_of_ids(h, torch.stack((y, hint.clamp_min(0)), dim=-1))
     return torch.where(hint >= 0, tilted_nll(nll[..., 0], nll[..., 1], y == hint, beta), nll[..., 0])
 
@@ -2010,8 +1995,8 @@ class TTTUpdater:
 
 
 def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase) -> bool:
-    """Score two val streams equal up to token p and different after it: every target <= p must get
-    the identical NLL. A method that looks at targets before scoring them fails this."""
+    """Score two val streams equal up to token p and different after it: every target <= p must get the
+    identical NLL. A method that looks at targets before scoring them fails this."""
     p = len(val.tokens) // 2 // phase.stride * phase.stride + phase.stride // 2  # a window scores both sides of p
     other = val.tokens.copy()
     other[p + 1:] = np.random.default_rng(0).permutation(other[p + 1:])
@@ -2020,8 +2005,7 @@ def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, pha
 
 
 def compiled_graph_count() -> int:
-    """Graphs torch.compile has built in this process: a phase's share of the eval time that went on
-    compiling shows in its log line as new_graphs (0 when eager or reusing an earlier phase's graph)."""
+    """Graphs torch.compile built so far: a phase logs its new_graphs (time that went on compiling)."""
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
 
@@ -2058,8 +2042,7 @@ class Evaluator:
 
 def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hyperparameters, log,
                  full_val: bool = True) -> dict:
-    """Run plan_phases' phases against the eval budget and log each; the final score is the last legal
-    non-reference phase's. A non-finite phase is invalid and stops the run with an error."""
+    """Run plan_phases' phases against the eval budget, logging each; a non-finite one stops the run."""
     phases = plan_phases(hp, train_seq_len)
     if hp.legality_check:
         prefix = val.prefix(4 * max(hp.ttt_chunk_tokens, hp.eval_seq_len) + 1)
@@ -2109,10 +2092,8 @@ def dump_token_scores(path: Path, scores: TokenScores):
 # -----------------------------------------------------------------------------------------
 
 def plan_batches(hp: Hyperparameters, world_size: int, device: torch.device) -> tuple[int, int]:
-    """(sequences per micro-batch, accumulation steps) for one rank's share of the global batch.
-
-    The global batch is fixed; each rank's share is split into the fewest equal micro-batches
-    that fit MICRO_BATCH_TOKENS, so a small batch is not needlessly chopped up."""
+    """(sequences per micro-batch, accumulation steps): a rank's share of the fixed global batch in the
+    fewest equal micro-batches that fit MICRO_BATCH_TOKENS."""
     seqs, rem = divmod(hp.train_batch_tokens, hp.train_seq_len * world_size)
     if rem or not seqs:
         raise UserError(f"env TRAIN_BATCH_TOKENS={hp.train_batch_tokens}: must be a positive multiple of "
@@ -2168,9 +2149,8 @@ class Trainer:
         return batch
 
     def _sync_grads(self):
-        """Bank grads: reduce-scattered for Parallel Muon. Other grads: one flat all-reduce
-        (gloo has no AVG, so SUM then divide). Clipping uses the true global norm of the mean
-        gradient, so the update is the same for any world size."""
+        """Banks' grads reduce-scattered (Parallel Muon), the rest in one flat all-reduce (gloo has no AVG);
+        clipped by the global norm of the mean gradient, so the update is the same for any world size."""
         self.muon.reduce_scatter()
         grads = [p.grad for p in self.replicated]
         self.dctx.all_reduce_flat_(grads, divisor=self.dctx.world_size)
@@ -2182,9 +2162,8 @@ class Trainer:
             torch._foreach_mul_(grads + shards, scale)
 
     def step(self, step: int, lr_mul: float, looped: bool) -> torch.Tensor:
-        """Queue one optimizer step on the next global batch (looped = with depth recurrence). Returns
-        the global mean train loss as a device scalar; nothing here waits for the GPU, so the caller
-        decides when to read it."""
+        """Queue one optimizer step on the next global batch; the mean train loss as a device scalar
+        (nothing here waits for the GPU: the caller decides when to read it)."""
         batch = self._next_batch if self._next_batch is not None else self._load_batch()
         loss_sum = torch.zeros((), device=self.dctx.device)
         for m in range(self.accum):
@@ -2208,7 +2187,8 @@ class Trainer:
         return self.dctx.all_reduce_sum(loss_sum) / (self.accum * self.dctx.world_size)
 
     def snapshot(self):
-        return clone_state(self.model.state_dict()), [clone_state(opt.state_dict()) for opt in self.optimizers]
+        """Copies of the weights and optimizer states, so that warm-up can be undone."""
+        return copy.deepcopy(self.model.state_dict()), [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
 
     def restore(self, snap):
         model_state, opt_states = snap
@@ -2224,23 +2204,10 @@ class Trainer:
                 for p, e in zip(self.model.parameters(), self.ema):
                     p.copy_(e)
 
-def clone_state(state):
-    """Deep-copy a state_dict (tensors cloned) so warm-up can be undone."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().clone()
-    if isinstance(state, dict):
-        return {k: clone_state(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [clone_state(v) for v in state]
-    return state
-
-
 class PendingScalar:
-    """A device scalar on its way to the host. The copy is queued behind the work that produces the
-    value, and read() waits for that work only. A plain .item() queues its copy behind everything
-    queued since, i.e. the next step too, so reading each loss one step late would still drain the
-    GPU's queue every step (0.7 ms/step on an H100). read() gives the value at construction on any
-    device (later in-place changes to the tensor do not show)."""
+    """A device scalar on its way to the host: the copy is queued behind the work that produces it, and
+    read() waits for that work only. A late .item() would wait for everything queued since, the next
+    step too, draining the GPU's queue every step (0.7 ms/step on an H100)."""
 
     def __init__(self, t: torch.Tensor):
         self.event = None
@@ -2259,9 +2226,8 @@ class PendingScalar:
 
 
 class TrainClock:
-    """Training wall time in ms. It is read only where the host waits for the GPU anyway (a loss
-    read), so it runs at most one queued step behind the GPU; it pauses for validation; every rank
-    takes the slowest rank's reading, so all ranks stop on the same step."""
+    """Training wall time in ms, read only where the host waits for the GPU anyway (a loss read), paused
+    for validation; all ranks take the slowest rank's reading, so they stop on the same step."""
 
     def __init__(self, dctx: Dist):
         self.dctx, self.ms, self.t0 = dctx, 0.0, time.perf_counter()
@@ -2276,8 +2242,7 @@ class TrainClock:
 
 
 def prime_compile(trainer: Trainer, hp: Hyperparameters, train_files, log):
-    """Run WARMUP_STEPS real steps (plain and looped graphs) so compilation is off the clock, then
-    undo them all: weights, optimizer state, EMA and data order start fresh."""
+    """Run WARMUP_STEPS real steps (plain and looped) so compilation is off the clock, then undo them all."""
     if hp.warmup_steps:
         snap = trainer.snapshot()
         trainer.reset_stream(train_files)
@@ -2296,8 +2261,8 @@ LR_KNOBS = ("MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR")
 
 
 def divergence_lr_hint(hp: Hyperparameters) -> str:
-    """Which learning rate to lower after the loss diverged: those raised above their defaults, where
-    any is (a NaN spreads to every weight within a step, so the weights cannot tell), else all."""
+    """After a divergence, lower the learning rates raised above their defaults, else all (a NaN spreads
+    to every weight within a step, so the weights cannot tell which)."""
     raised = [k for k in LR_KNOBS if getattr(hp, k.lower()) > next(kn.default for kn in KNOBS if kn.name == k)]
     return f"lower {' or '.join(raised or LR_KNOBS)}, or set GRAD_CLIP_NORM"
 
@@ -2319,9 +2284,8 @@ def log_train_step(hp: Hyperparameters, dctx: Dist, clock: TrainClock, cap_ms: f
 
 
 def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evaluator: Evaluator, log) -> dict:
-    """Train until ITERATIONS or the clock cap; validate every VAL_LOSS_EVERY steps (off the clock).
-    The CPU queues step k+1 before reading step k's loss, so the GPU never waits for the host; the
-    clock is read at those loss reads (see TrainClock)."""
+    """Train until ITERATIONS or the clock cap, validating every VAL_LOSS_EVERY steps (off the clock).
+    Step k+1 is queued before step k's loss is read, so the GPU never waits for the host."""
     t0 = time.perf_counter()
     prime_compile(trainer, hp, train_files, log)
     warmup_s = dctx.all_reduce_max(time.perf_counter() - t0)  # compile and warm-up: before the clock, not free
@@ -2360,8 +2324,8 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
 
 @torch.no_grad()
 def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: int, dctx: Dist) -> dict:
-    """Input Hessians X^T X of every GPTQ'd matrix, from fresh training batches through the looped
-    model (never validation data), summed over ranks so every rank quantizes identically."""
+    """Input Hessians X^T X of every GPTQ'd matrix from fresh training batches (never val data) through
+    the looped model, summed over ranks so every rank quantizes identically."""
     if not hp.gptq_calibration_batches:
         return {}
     stream = TrainStream(train_files, hp.train_seq_len, hp.seed + 1, hp.vocab_size)
@@ -2378,11 +2342,9 @@ def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: i
 
 def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hyperparameters, code_bytes: int,
                            log, meta: dict | None = None) -> tuple[bytes, float]:
-    """GPTQ (+ LQER) + pack at MATRIX_CLIP_SIGMAS; then, for up to CLIP_SEARCH_STEPS more tries, move
-    the clip (size falls as it rises) to land under the cap with less than CLIP_SEARCH_HEADROOM to
-    spare. Every try measures the whole blob, LQER's factors included. `meta` (e.g. the tokenizer's
-    hash) goes into the artifact's config. Returns the smallest-clip blob that fits, else the last
-    one tried."""
+    """GPTQ (+ LQER) + pack at MATRIX_CLIP_SIGMAS, then up to CLIP_SEARCH_STEPS tries moving the clip to
+    land under the cap within CLIP_SEARCH_HEADROOM, each measuring the whole blob. `meta` goes into the
+    artifact's config. Returns the smallest-clip blob that fits, else the last one tried."""
     def attempt(k: float) -> bytes:
         t0 = time.perf_counter()
         q = quantize_state(state, hessians, cfg.num_layers, hp.matrix_bits, k, hp.embed_bits, hp.embed_clip_sigmas)
@@ -2413,17 +2375,15 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
 
 
 def lqer_line(report: list[dict], qstate: dict[str, dict], hp: Hyperparameters) -> str:
-    """The `lqer:` log line: each chosen matrix (by role.layer) with its GPTQ error norm before -> after
-    (`dropped` where the correction did not help), and about how many bytes the factors add."""
+    """The `lqer:` log line: each chosen matrix's GPTQ error norm before -> after (or `dropped`), and bytes."""
     parts = [f"{r['label']}:{r['before']:.4f}->" + (f"{r['after']:.4f}" if r["kept"] else "dropped") for r in report]
     return (f"lqer: top_k:{hp.lqer_top_k} rank:{hp.lqer_rank} group:{hp.lqer_group} {' '.join(parts)} "
             f"bytes:{lqer_bytes(qstate)}")
 
 
 def configure_inductor():
-    """torch 2.11's mix-order reductions fused the per-channel gains' column sums into the RMSNorm
-    backward kernels (a dozen accumulators each); on an H100 those kernels ran at a small fraction
-    of memory speed: 124 -> 115 ms/step (plain) and 198 -> 169 ms/step (looped) with them off."""
+    """torch 2.11's mix-order reductions fused the gains' column sums into the RMSNorm backward kernels,
+    which then ran far below memory speed on an H100: 124 -> 115 (plain), 198 -> 169 ms/step (looped) off."""
     import torch._inductor.config as inductor_config
     if hasattr(inductor_config.triton, "mix_order_reduction"):
         inductor_config.triton.mix_order_reduction = False
@@ -2504,8 +2464,7 @@ def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, T
         f"loop:{cfg.loop_start}-{cfg.loop_end}@{hp.enable_looping_at} parallel_residual_start:{cfg.parallel_residual_start} "
         f"rope_dims:{model.rope_dims} ln_scale:{int(cfg.ln_scale)} skip_gates:{int(cfg.skip_gates)} "
         f"mlp_leaky_slope:{cfg.mlp_leaky_slope} smear_gate:{int(cfg.smear_gate)} attn_gate:{int(cfg.attn_gate)} "
-        f"asym_logit:{int(cfg.asym_logit)} "
-        f"muon_row_normalize:{int(hp.muon_row_normalize)} "
+        f"asym_logit:{int(cfg.asym_logit)} muon_row_normalize:{int(hp.muon_row_normalize)} "
         f"muon_ns_schedule:{hp.muon_ns_schedule} ema_decay:{hp.ema_decay} parallel_muon_world:{dctx.world_size}")
     log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
         f"compile:{int(trainer.compiled)}")
@@ -2514,9 +2473,8 @@ def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, T
 
 def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, result: dict, code: bytes, run_id: str,
            tokenizer_sha: str, log) -> tuple[Path, dict]:
-    """EMA weights -> Hessians (train data, inside the training budget) -> GPTQ -> the artifact file,
-    written by rank 0 and never over an existing one. An artifact over the cap is kept under a name
-    that says so, and the run stops with an error."""
+    """EMA weights -> Hessians (train data, inside the training budget) -> GPTQ -> the artifact, written by
+    rank 0, never over an existing file; one over the cap is kept under a name that says so."""
     model = trainer.model
     trainer.apply_ema()
     t0 = time.perf_counter()
@@ -2535,8 +2493,7 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
         f"limit:{ARTIFACT_LIMIT_BYTES} headroom:{ARTIFACT_LIMIT_BYTES - total} matrix_clip_sigmas:{clip:.4f}")
     if dctx.is_main:
         write_atomic(artifact, blob, overwrite=False)
-    figures = dict(artifact_bytes=total, model_bytes=len(blob), code_bytes=len(code))
-    return artifact, figures
+    return artifact, dict(artifact_bytes=total, model_bytes=len(blob), code_bytes=len(code))
 
 
 def check_outputs(hp: Hyperparameters, run_id: str) -> str | None:
@@ -2564,9 +2521,8 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
     model, trainer = build_model(hp, dctx, attention, log)
     result = train(hp, dctx, trainer, train_files, evaluator, log)
     if dctx.device.type == "cuda":
-        mib = 2 ** 20
-        log(f"peak_mem_allocated_mib:{torch.cuda.max_memory_allocated() // mib} "
-            f"peak_mem_reserved_mib:{torch.cuda.max_memory_reserved() // mib}")
+        log(f"peak_mem_allocated_mib:{torch.cuda.max_memory_allocated() >> 20} "
+            f"peak_mem_reserved_mib:{torch.cuda.max_memory_reserved() >> 20}")
     artifact, figures = export(hp, dctx, trainer, train_files, result, code, run_id, tokenizer_sha, log)
     # Before the cap check, so that a run whose artifact is over the cap still reports its model.
     prequant = evaluator.quick(model, hp.train_seq_len) if hp.ema_decay else result["val"]
@@ -2580,8 +2536,7 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
     scores = evaluator.score(artifact_model(qstate, meta, artifact, dctx.device, attention), meta["train_seq_len"])
     return scores | figures | dict(prequant_val_bpb=prequant[1], quant_gap_bpb=scores["roundtrip_val_bpb"] - prequant[1],
                                    steps=result["steps"], train_seconds=result["train_ms"] / 1000,
-                                   warmup_seconds=result["warmup_s"],
-                                   stop_reason=result["stop_reason"])
+                                   warmup_seconds=result["warmup_s"], stop_reason=result["stop_reason"])
 
 
 def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
@@ -2672,16 +2627,13 @@ def main(argv=None) -> int:
 
 # -----------------------------------------------------------------------------------------
 # Fast paths
-# Custom kernels behind the model's math: the XSA op (a Triton kernel each way on CUDA, the
-# torch formula elsewhere) and the attention kernels the model can be given. Each is tested
-# against its reference (xsa_reference, causal_attention) in tests/test_model.py.
+# Custom kernels behind the model's math: the XSA op and the attention kernels the model can be
+# given, each tested against its reference (xsa_reference, causal_attention) in tests/test_model.py.
 # -----------------------------------------------------------------------------------------
 
-# XSA as the custom op train_gpt::xsa with a written-out backward: on CUDA one Triton kernel each
-# way reads y (and the gradient) once, 1.74 ms per step for 11 layers on an H200 (forward 0.65,
-# backward 1.09; bench/profile_step.py). Autograd of the normalize-then-project formula took five
-# kernels (5.2 ms/step on an H100), and this formula as an autograd.Function under inductor still
-# four, and was slower in the step.
+# XSA as the custom op train_gpt::xsa with a written-out backward: on CUDA one Triton kernel each way
+# reads y (and the gradient) once: 1.74 ms per step for 11 layers on an H200 (bench/profile_step.py).
+# Autograd of the formula took five kernels (5.2 ms/step on an H100), an autograd.Function four.
 
 def xsa_backward_reference(grad: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # out_g = y_g - c_g v with c_g = (y_g.v) r, r = 1/(v.v); with a_g = (grad_g.v) r:
@@ -2794,15 +2746,8 @@ def _(grad, y, v):
     return torch.empty(y.shape, dtype=y.dtype, device=y.device), torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
-def _xsa_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _xsa_backward(ctx, grad):
-    return xsa_backward(grad, *ctx.saved_tensors)
-
-
-xsa.register_autograd(_xsa_backward, setup_context=_xsa_setup_context)
+xsa.register_autograd(lambda ctx, grad: xsa_backward(grad, *ctx.saved_tensors),
+                      setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
 
 # Attention kernels: each takes q [B,T,H,hd] and k, v [B,T,Hkv,hd] (GQA) and returns causal attention
@@ -2839,10 +2784,9 @@ def flash_attention(name: str):
     return attend
 
 
-# FlashAttention 4 (package flash-attn-4: CuTe DSL kernels, JIT-built for Hopper and Blackwell) as a
-# torch custom op with its own backward, so torch.compile keeps it inside one graph (FA4's autograd
-# Function is not traceable). The ops call FA4's forward/backward entry points, a private API checked
-# against flash-attn-4 4.0.0b36 (torch 2.11's own FA4 registration for SDPA does not match that release).
+# FlashAttention 4 (flash-attn-4, CuTe DSL) as a custom op with its own backward, so torch.compile keeps
+# it in one graph (FA4's autograd Function is not traceable). Its forward/backward entry points are a
+# private API, checked against 4.0.0b36 (torch 2.11's own FA4 hook for SDPA does not match that release).
 
 @torch.library.custom_op("train_gpt::fa4_causal", mutates_args=())
 def fa4_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2871,15 +2815,8 @@ def _(dout, q, k, v, out, lse):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _fa4_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)
-
-
-def _fa4_backward(ctx, dout, _dlse):
-    return fa4_causal_backward(dout.contiguous(), *ctx.saved_tensors)
-
-
-fa4_causal.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
+fa4_causal.register_autograd(lambda ctx, dout, _dlse: fa4_causal_backward(dout.contiguous(), *ctx.saved_tensors),
+                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output))
 
 
 def fa4_attention():
@@ -2889,10 +2826,8 @@ def fa4_attention():
 
 
 def select_attention(choice: str, device: torch.device) -> tuple[str, object]:
-    """(name, attention function) for ATTN_BACKEND: a named kernel as asked (an error if it cannot
-    load); `auto` on CUDA takes the first of FlashAttention 4, FlashAttention 3 and cuDNN SDPA that
-    imports and runs a small causal call, a static order (bench/attention.py measures them); on
-    CPU, and for `sdpa`, SDPA with torch's own kernel choice."""
+    """(name, attention function) for ATTN_BACKEND: a named kernel as asked (an error if it cannot load);
+    `auto` on CUDA the first of FA4, FA3 and cuDNN SDPA that imports and runs a small call; on CPU, SDPA."""
     if choice in FLASH_KERNELS:
         try:
             attend = flash_attention(choice) if device.type == "cuda" else None
