@@ -48,11 +48,9 @@ import torch.nn.functional as F
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: compressed model + this file
 DOWNLOAD_HINT = "python3 data/cached_challenge_fineweb.py --variant sp8192 --repo-id kevclark/parameter-golf"
 
-
 class UserError(Exception):
     """Bad input or configuration: reported as one line on stderr, exit code 2."""
     exit_code = 2
-
 
 class Interrupted(UserError):
     """SIGTERM/SIGINT: logged, exit 128+signal; artifacts are only ever renamed into place whole."""
@@ -78,21 +76,17 @@ class Knob:
     hi: float | None = None
     choices: tuple | None = None
 
-
 class Auto(str):
     """The type of a tri-state knob's default: `auto`, told apart from an enum's word "auto"."""
 
     def __bool__(self):  # `if hp.eval_compile:` would read "auto" as on
         raise TypeError("an auto knob has no truth value: compare it with AUTO, True or False")
 
-
 AUTO = Auto("auto")
-
 
 def knob(default, doc: str, lo=None, hi=None, choices=None):
     """A ModelConfig field that is also a knob (its env name is the field name in capitals)."""
     return dataclasses.field(default=default, metadata=dict(doc=doc, lo=lo, hi=hi, choices=choices))
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -135,7 +129,6 @@ class ModelConfig:
 
     def num_skips(self) -> int:
         return max(min(len(o) // 2, len(o) - len(o) // 2) for o in (self.layer_order(False), self.layer_order(True)))
-
 
 MODEL_KNOBS = [Knob(f.name.upper(), f.default, f.metadata["doc"], f.metadata["lo"], f.metadata["hi"],
                     f.metadata["choices"]) for f in dataclasses.fields(ModelConfig)]
@@ -250,7 +243,6 @@ KNOB_PREFIXES = tuple(sorted({k.split("_")[0] + "_" for k in [kn.name for kn in 
                               if "_" in k} - {"MAX_", "MIN_"}))
 TYPO_PREFIXES = tuple(sorted(set(KNOB_PREFIXES) - {"DATA_", "ENABLE_", "LOG_", "NUM_", "RUN_"}))
 
-
 def one_edit_apart(a: str, b: str) -> bool:
     """One substitution, insertion or deletion turns a into b (SEDD -> SEED)."""
     if abs(len(a) - len(b)) > 1 or a == b:
@@ -258,15 +250,12 @@ def one_edit_apart(a: str, b: str) -> bool:
     i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     return a[i + 1:] == b[i + 1:] or a[i:] == b[i + 1:] or a[i + 1:] == b[i:]
 
-
 def looks_like_knob(name: str, knobs: set[str]) -> bool:
     """A set env var that names no knob but starts like one or nearly spells one."""
     return name not in knobs and (name.startswith(TYPO_PREFIXES) or any(one_edit_apart(name, k) for k in knobs)
                                   or bool(difflib.get_close_matches(name, knobs, n=1, cutoff=0.8)))
 
-
 BOOL_WORDS = {"1": True, "true": True, "0": False, "false": False}
-
 
 def _parse(knob: Knob, raw: str):
     text = raw.strip()
@@ -292,7 +281,6 @@ def _parse(knob: Knob, raw: str):
         raise UserError(f"env {knob.name}={raw!r}: expected one of {'|'.join(knob.choices)}")
     return value
 
-
 class Hyperparameters:
     """All knobs as lower-case attributes; `warnings` lists env vars that look like knobs but are not."""
 
@@ -313,7 +301,6 @@ class Hyperparameters:
 
     def items(self):
         return sorted((k, v) for k, v in vars(self).items() if k not in ("warnings", "explicit"))
-
 
 def validate(hp: Hyperparameters):
     """Rules between knobs, checked before any compute is spent (WORLD_SIZE's in plan_batches)."""
@@ -347,7 +334,6 @@ def validate(hp: Hyperparameters):
          "whole windows)")
     need(not hp.val_max_tokens or hp.val_max_tokens > max(hp.train_seq_len, hp.eval_seq_len),
          f"VAL_MAX_TOKENS={hp.val_max_tokens}: must exceed TRAIN_SEQ_LEN and EVAL_SEQ_LEN (one window)")
-
 
 def knob_reference() -> str:
     """Markdown table of every knob (README's env reference is generated from this)."""
@@ -410,9 +396,7 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
-
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
 
 def setup_distributed(hp: Hyperparameters, env=None) -> Dist:
     env = os.environ if env is None else env
@@ -439,7 +423,6 @@ def setup_distributed(hp: Hyperparameters, env=None) -> Dist:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
         cpu_group = dist.new_group(backend="gloo") if use_cuda else None
     return Dist(rank, world_size, local_rank, device, cpu_group)
-
 
 class RunLog:
     """Rank 0 writes `key:value` lines to LOG_DIR/RUN_ID.txt and the console; never overwrites."""
@@ -471,7 +454,6 @@ class RunLog:
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
 HEADER_BYTES = HEADER_WORDS * 4
 
-
 def open_shard(path: str | Path) -> np.ndarray:
     """Memory-map a shard's tokens after checking its header and exact file size."""
     path = Path(path)
@@ -488,7 +470,6 @@ def open_shard(path: str | Path) -> np.ndarray:
         raise UserError(f"shard {path}: size {size} != {HEADER_BYTES} + 2*{n} tokens from its header")
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
 
-
 def shard_files(data_path: str, split: str, pattern: str = "") -> list[str]:
     pattern = pattern or os.path.join(data_path, f"fineweb_{split}_*.bin")
     files = sorted(f for f in glob.glob(pattern) if "_bytes_" not in os.path.basename(f))
@@ -497,12 +478,10 @@ def shard_files(data_path: str, split: str, pattern: str = "") -> list[str]:
                         f"(python3 data/tokenize_jsonl.py DOCS.jsonl --out-dir data)")
     return files
 
-
 def check_token_range(tokens: np.ndarray, vocab_size: int, name: str):
     if len(tokens) and int(tokens.max()) >= vocab_size:
         bad = int(np.argmax(tokens >= vocab_size))
         raise UserError(f"shard {name}: token {int(tokens[bad])} at offset {bad} >= VOCAB_SIZE={vocab_size}")
-
 
 class TrainStream:
     """Deterministic stream of (seq_len+1)-token windows from the train shards. Each epoch draws (from
@@ -544,7 +523,6 @@ class TrainStream:
             out.append(window)
         return np.stack(out)
 
-
 def load_val_tokens(files: list[str], vocab_size: int, max_tokens: int) -> np.ndarray:
     parts = []
     for f in files:
@@ -554,16 +532,13 @@ def load_val_tokens(files: list[str], vocab_size: int, max_tokens: int) -> np.nd
     tokens = np.concatenate(parts)
     return tokens[:max_tokens + 1] if max_tokens else tokens
 
-
 BOS_ID = 1  # every document of a shard starts with it
-
 
 def sidecar_path(token_file: str) -> Path | None:
     """fineweb_val_000003.bin -> fineweb_val_bytes_000003.bin (per-token original bytes); None if no _NNNNNN.bin."""
     path = Path(token_file)
     m = re.fullmatch(r"(.*)_(\d+)\.bin", path.name)
     return path.with_name(f"{m[1]}_bytes_{m[2]}.bin") if m else None
-
 
 def load_val_sidecars(files: list[str], n_tokens: int) -> np.ndarray | None:
     """The val shards' byte sidecars (shards of one uint16 byte count per token), cut like the tokens; or None."""
@@ -601,7 +576,6 @@ class ByteLUT:
         space = self.has_leading_space[tgt] & ~self.is_boundary[prev]
         return self.base_bytes[tgt] + space.astype(np.int32)
 
-
 @dataclasses.dataclass
 class ValSet:
     """The val token stream and the bytes each target is charged (target t is tokens[t + 1])."""
@@ -624,10 +598,8 @@ class ValSet:
         """Other tokens charged the same bytes (the legality check's perturbed stream)."""
         return dataclasses.replace(self, tokens=tokens)
 
-
 # Private-use characters a CaseOps tokenizer reserves as pieces (TITLE, ALLCAPS, CAPNEXT, ESC).
 CASE_OPERATORS = tuple(chr(c) for c in range(0xE001, 0xE005))
-
 
 def load_tokenizer(path: str, vocab_size: int, vocab_owner: str = "VOCAB_SIZE"):
     """vocab_owner names where vocab_size came from, for the error: the env knob or an artifact."""
@@ -646,10 +618,8 @@ def load_tokenizer(path: str, vocab_size: int, vocab_owner: str = "VOCAB_SIZE"):
         raise UserError(f"tokenizer {path}: no standalone '\u2581' piece, byte accounting would be wrong")
     return sp
 
-
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
 
 def build_byte_lut(sp, vocab_size: int) -> ByteLUT:
     base = np.zeros(vocab_size, dtype=np.int32)
@@ -668,11 +638,9 @@ def build_byte_lut(sp, vocab_size: int) -> ByteLUT:
         base[i] = len(piece.encode("utf-8"))
     return ByteLUT(base, space, boundary)
 
-
 def is_caseops(sp) -> bool:
     """A tokenizer with case-operator pieces: its pieces are lower-cased text, so only a sidecar knows the bytes."""
     return any(sp.piece_to_id(op) != sp.unk_id() for op in CASE_OPERATORS)
-
 
 def check_sidecar(token_bytes: np.ndarray, tokens: np.ndarray, lut: ByteLUT, files: list[str]):
     """Refuse sidecars of other tokens: BOS carries no bytes, no token more than its piece spells ('▁' = 1)."""
@@ -703,16 +671,13 @@ ROLES = {"q": ("qo_bank", 0), "o": ("qo_bank", 1), "k": ("kv_bank", 0), "v": ("k
 ROLE_INPUTS = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out", "up": "mlp_in", "down": "mlp_act"}
 BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 
-
 def bank_roles(bank: str) -> list[str]:
     """The roles a bank holds, in the order of their parts."""
     return sorted((r for r, (b, _) in ROLES.items() if b == bank), key=lambda r: ROLES[r][1])
 
-
 def bank_rows(bank: str, layers: list[int], num_layers: int) -> list[int]:
     """Rows of `bank` holding any role's matrix of the given layers."""
     return [ROLES[r][1] * num_layers + i for r in bank_roles(bank) for i in layers]
-
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int, looped: bool) -> float:
     """Training FLOPs per token: 6 x matmul weights per token (per visit, plus the head) + 12 x layers x
@@ -722,9 +687,7 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int, looped: bool) -> float
     n_virtual = len(cfg.layer_order(looped))
     return 6 * (n_virtual * per_layer + cfg.vocab_size * d) + 12 * n_virtual * d * seq_len
 
-
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense spec peaks, for MFU
-
 
 def device_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
@@ -732,17 +695,14 @@ def device_peak_flops(device: torch.device) -> float | None:
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
-
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
-
 
 def softcap_logits_lse(logits: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 softcapped logits z = cap*tanh(logits/cap) [tokens, vocab] and their log-sum-exp per token."""
     z = cap * torch.tanh(logits.float() / cap)
     lse = cap + torch.exp(z - cap).sum(-1).log() if cap <= 40 else torch.logsumexp(z, dim=-1)
     return z, lse
-
 
 class SoftcapCrossEntropy(torch.autograd.Function):
     """Per-token cross entropy (float32) of the softcapped logits cap*tanh(logits/cap). Autograd would
@@ -766,13 +726,11 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         grad_z = (p - hit.float()) * grad_nll.unsqueeze(-1)
         return (grad_z * (1 - t * t)).to(logits.dtype), None, None
 
-
 def asym_softcap(logits: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
     """Float32 logits softcapped by caps[0] where positive and caps[1] where negative (AsymLogit)."""
     z = logits.float()
     cap = torch.where(z >= 0, caps[0], caps[1])
     return cap * torch.tanh(z / cap)
-
 
 class AsymSoftcapCrossEntropy(torch.autograd.Function):
     """Per-token cross entropy under asym_softcap, with gradients for the logits and both caps; keeps
@@ -799,12 +757,10 @@ class AsymSoftcapCrossEntropy(torch.autograd.Function):
         grad_caps = torch.stack((gc[pos].sum(), gc[~pos].sum())).to(caps.dtype)
         return (g * (1 - t * t)).to(logits.dtype), None, grad_caps
 
-
 def asym_softcap_nll(logits: torch.Tensor, targets: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
     """Per-token cross entropy under asym_softcap; equal caps give SoftcapCrossEntropy's values."""
     flat = AsymSoftcapCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), caps)
     return flat.view_as(targets)
-
 
 # XSA (exclusive self-attention): each head's output y minus its component along the token's own
 # value v, y - (y.v / v.v) v, for y [B,T,Hkv,G,hd] (G query heads per KV head) and v [B,T,Hkv,hd];
@@ -813,11 +769,9 @@ def asym_softcap_nll(logits: torch.Tensor, targets: torch.Tensor, caps: torch.Te
 
 XSA_EPS = 1e-24
 
-
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """x in float32, or in its own dtype where that is wider (float64 in tests)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
 
 def _xsa_dots(y: torch.Tensor, v: torch.Tensor, *others: torch.Tensor):
     """(v.v, 1/max(v.v, eps), [[x_g.v / v.v for each group g] for x in (y, *others)])."""
@@ -826,12 +780,10 @@ def _xsa_dots(y: torch.Tensor, v: torch.Tensor, *others: torch.Tensor):
     return n2, r, [[(_wide(x[..., g, :]) * v).sum(-1, keepdim=True) * r for g in range(x.size(-2))]
                    for x in (y, *others)]
 
-
 def xsa_reference(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     vf = _wide(v)
     _, _, (c,) = _xsa_dots(y, vf)
     return torch.stack([_wide(y[..., g, :]) - c[g] * vf for g in range(y.size(-2))], dim=-2).to(y.dtype)
-
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims: int) -> torch.Tensor:
     """Rotate the first rope_dims of the head dim (half-split pairs); pass the rest through."""
@@ -840,9 +792,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims:
     rot = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
     return torch.cat((rot, rest), dim=-1) if rest.numel() else rot
 
-
 GATE_WINDOW = 12  # SmearGate and SparseGate read this many leading channels of their input
-
 
 def smear(e: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """SmearGate: e_t + lam * sigmoid(w . e_t[:GATE_WINDOW]) * e_{t-1} for embeddings e [B,T,d] of
@@ -850,14 +800,12 @@ def smear(e: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, lam: torch.Tensor
     gate = torch.sigmoid(e[..., :GATE_WINDOW] @ w) * (idx != BOS_ID)
     return e + lam * gate[..., None] * F.pad(e[:, :-1], (0, 0, 1, 0))
 
-
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of q [B,T,H,hd] over k, v [B,T,Hkv,hd] (GQA), as [B,T,H,hd]: PyTorch SDPA
     with its own kernel choice. Every attention function the model may be given computes this."""
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
-
 
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, attention=causal_attention):
@@ -1030,7 +978,6 @@ NS_SCHEDULES = {
                      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))),
 }
 
-
 def newton_schulz(G: torch.Tensor, steps: int, schedule: str, eps: float = 1e-7) -> torch.Tensor:
     """Approximate U V^T of each matrix in a batch [..., rows, cols] (bf16 on CUDA)."""
     safety, coeffs = NS_SCHEDULES[schedule]
@@ -1045,7 +992,6 @@ def newton_schulz(G: torch.Tensor, steps: int, schedule: str, eps: float = 1e-7)
         X = a * X + (b * A + c * A @ A) @ X
     return (X.mT if tall else X).to(G.dtype)
 
-
 def muon_direction(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor, steps: int,
                    row_normalize: bool, schedule: str) -> torch.Tensor:
     """One bank shard's update direction: Nesterov momentum (buf updated in place), MuonEq-R row
@@ -1056,7 +1002,6 @@ def muon_direction(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor
     if row_normalize:  # MuonEq-R
         update = update / update.norm(dim=-1, keepdim=True).clamp_min(1e-7)
     return newton_schulz(update, steps, schedule)
-
 
 class ParallelMuon(torch.optim.Optimizer):
     """Muon over parameter banks [B, rows, cols], sharded across ranks: reduce_scatter() hands each rank
@@ -1128,14 +1073,11 @@ class ParallelMuon(torch.optim.Optimizer):
             p.add_(full[:p.size(0)], alpha=-lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5)
         self.pending = []
 
-
 TEST_TIME_ONLY = ("logit_caps",)  # parameters only TTT moves: training neither uses nor updates them
-
 
 def adam_params(model: GPT) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of what Adam trains: all but the banks (Muon's) and the test-time-only ones."""
     return [(n, p) for n, p in model.named_parameters() if p.ndim < 3 and n not in TEST_TIME_ONLY]
-
 
 def build_optimizers(model: GPT, hp: Hyperparameters, dctx: Dist, direction=muon_direction):
     banks = [getattr(model, b) for b in BANKS]
@@ -1152,13 +1094,11 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dctx: Dist, direction=muon
             g["base_lr"] = g["lr"]
     return [adam, muon]
 
-
 def lr_multiplier(progress: float, warmdown_frac: float, min_lr: float) -> float:
     """1 until the last warmdown_frac of training, then linear down to min_lr."""
     if warmdown_frac <= 0 or progress < 1 - warmdown_frac:
         return 1.0
     return max((1 - progress) / warmdown_frac, min_lr)
-
 
 def muon_momentum(step: int, hp: Hyperparameters) -> float:
     if hp.muon_momentum_warmup_steps <= 0:
@@ -1181,7 +1121,6 @@ def muon_momentum(step: int, hp: Hyperparameters) -> float:
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFART", 1
 PASSTHROUGH_MAX_NUMEL = 65536
 COMPRESS_CHUNK_BYTES = 4 << 20  # independent brotli streams, compressed in parallel threads
-
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, clip_sigmas: float,
@@ -1219,7 +1158,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, clip_sigma
     scale = scale.half()
     return (Q[0], scale[0]) if squeeze else (Q, scale)
 
-
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damping)^-1 per matrix. Damping starts at damp * mean(diag H);
     a matrix whose factorization fails (ill-conditioned in float32) retries with 10x more."""
@@ -1237,10 +1175,8 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
         scale = torch.where(bad, scale * 10, scale)
     raise RuntimeError("GPTQ: Hessian not positive definite even with heavy damping")
 
-
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[..., None]
-
 
 def hessian_keys(name: str, num_layers: int) -> list[tuple] | None:
     """The recorded input Hessian of each matrix of a parameter, in bank order (None: not GPTQ'd)."""
@@ -1249,7 +1185,6 @@ def hessian_keys(name: str, num_layers: int) -> list[tuple] | None:
     if name not in BANKS:
         return None
     return [(ROLE_INPUTS[role], i) for role in bank_roles(name) for i in range(num_layers)]
-
 
 class HessianRecorder:
     """A model tap (GPT.hidden's `tap`) that sums X^T X of every matrix input it sees, per key
@@ -1261,7 +1196,6 @@ class HessianRecorder:
     def __call__(self, key: tuple, x: torch.Tensor):
         x = x.detach().reshape(-1, x.size(-1)).float()
         self.hessians[key] = self.hessians.get(key, 0) + x.T @ x
-
 
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict | None, num_layers: int,
                    matrix_bits: int, matrix_clip: float, embed_bits: int, embed_clip: float) -> dict[str, dict]:
@@ -1279,10 +1213,8 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict | None, num_la
         out[name] = {"kind": f"int{bits}_rows", "q": q.reshape(t.shape).cpu(), "scale": s.reshape(t.shape[:-1]).cpu()}
     return out
 
-
 def dequantize_state(qstate: dict[str, dict]) -> dict[str, torch.Tensor]:
     return {name: e["w"].float() if e["kind"] == "fp16" else dequantize_matrix(e) for name, e in qstate.items()}
-
 
 def dequantize_matrix(entry: dict) -> torch.Tensor:
     """GPTQ'd rows plus the LQER correction of each slice that has one."""
@@ -1292,7 +1224,6 @@ def dequantize_matrix(entry: dict) -> torch.Tensor:
         A, B = lqer_factors(fields, *W.shape[-2:])
         slices[k] += A @ B
     return W
-
 
 # LQER: where GPTQ's error E = W - dequant(q) is largest (per bank slice or the embedding), a rank-r
 # A B ~ E is added back. A (rows x r) is INT2 under one fp16 scale, B (r x cols) INT4 with one fp16
@@ -1305,7 +1236,6 @@ LQER_FIELD = re.compile(r"lqer(\d+)\.(a|a_scale|b|b_scale)")
 LQER_A_BITS, LQER_B_BITS = 2, 4
 LQER_A_RANGE = 1.5  # the largest |A| maps to 1.5 codes: the few large entries survive, most small ones round to 0
 
-
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed `bits`-bit codes [..., n] -> int8 bytes [..., ceil(n * bits / 8)], first code in the
     lowest bits; the last byte of a row is padded with the code for 0."""
@@ -1316,14 +1246,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     packed = sum(u[..., j] << (bits * j) for j in range(per))
     return packed.to(torch.uint8).view(torch.int8)
 
-
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """The inverse of pack_codes: int8 bytes [..., m] -> int8 codes [..., n]."""
     per = 8 // bits
     u = packed.view(torch.uint8).to(torch.int32)
     fields = torch.stack([(u >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], dim=-1)
     return (fields.reshape(*u.shape[:-1], -1)[..., :n] - (1 << (bits - 1))).to(torch.int8)
-
 
 def lqer_fit(E: torch.Tensor, rank: int, group: int) -> dict[str, torch.Tensor]:
     """The quantized factors of a rank-`rank` approximation of E [rows, cols] (float32, any device).
@@ -1340,7 +1268,6 @@ def lqer_fit(E: torch.Tensor, rank: int, group: int) -> dict[str, torch.Tensor]:
     return {"a": pack_codes(a_codes.T.to(torch.int8), LQER_A_BITS).cpu(), "a_scale": a_scale.reshape(1).cpu(),
             "b": b_codes.cpu(), "b_scale": b_scale.cpu()}
 
-
 def quantize_groups(x: torch.Tensor, group: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat x -> (int8 codes [groups, group] in [-2^(bits-1), 2^(bits-1)-1], fp16 scales [groups]);
     x is zero-padded to whole groups, and a group's largest |x| maps to qmax + 0.5 codes."""
@@ -1350,14 +1277,12 @@ def quantize_groups(x: torch.Tensor, group: int, bits: int) -> tuple[torch.Tenso
     codes = torch.clamp(torch.round(g / scale.float().clamp_min(1e-30)[:, None]), -qmax - 1, qmax)
     return codes.to(torch.int8), scale
 
-
 def lqer_factors(fields: dict[str, torch.Tensor], rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored factor fields (checked by lqer_slices) -> (A [rows, r], B [r, cols]) in float32."""
     A = unpack_codes(fields["a"], LQER_A_BITS, rows).T.float() * fields["a_scale"].float()
     r = A.size(1)
     B = (fields["b"].float() * fields["b_scale"].float()[:, None]).reshape(-1)[:r * cols].reshape(r, cols)
     return A, B
-
 
 def lqer_slices(entry: dict) -> dict[int, dict[str, torch.Tensor]]:
     """slice -> its four LQER fields, checked against each other and the matrix's shape; ValueError
@@ -1378,7 +1303,6 @@ def lqer_slices(entry: dict) -> dict[int, dict[str, torch.Tensor]]:
             raise ValueError(f"lqer{k}: {problem}")
     return found
 
-
 def lqer_problem(f: dict[str, torch.Tensor], rows: int, cols: int, n_slices: int, k: int) -> str | None:
     """What is wrong with slice k's LQER fields for a [n_slices, rows, cols] matrix, if anything."""
     if k >= n_slices:
@@ -1398,13 +1322,11 @@ def lqer_problem(f: dict[str, torch.Tensor], rows: int, cols: int, n_slices: int
         return "non-finite scale"
     return None
 
-
 def slice_label(name: str, k: int, num_layers: int) -> str:
     """A bank slice by role and layer (mlp_up_bank[3] -> up.3); other tensors by name."""
     if name not in BANKS:
         return name.removesuffix(".weight")
     return f"{bank_roles(name)[k // num_layers]}.{k % num_layers}"
-
 
 def gptq_errors(state: dict[str, torch.Tensor], qstate: dict[str, dict]) -> list[tuple[float, str, int]]:
     """(||W - dequant(q)||_F, name, slice) of every GPTQ'd matrix, largest first (ties by name, slice)."""
@@ -1417,7 +1339,6 @@ def gptq_errors(state: dict[str, torch.Tensor], qstate: dict[str, dict]) -> list
         norms = torch.linalg.matrix_norm(E.reshape(-1, *W.shape[-2:])).tolist()
         out += [(n, name, k) for k, n in enumerate(norms)]
     return sorted(out, key=lambda t: (-t[0], t[1], t[2]))
-
 
 def apply_lqer(state: dict[str, torch.Tensor], qstate: dict[str, dict], top_k: int, rank: int, group: int,
                num_layers: int) -> list[dict]:
@@ -1442,7 +1363,6 @@ def apply_lqer(state: dict[str, torch.Tensor], qstate: dict[str, dict], top_k: i
                            after=after if kept else before, kept=kept))
     return report
 
-
 def lqer_bytes(qstate: dict[str, dict]) -> int:
     """What the LQER fields add to the artifact, about: their tensor table rows and data compressed
     alone (exact would take a second pack of the whole artifact)."""
@@ -1453,22 +1373,18 @@ def lqer_bytes(qstate: dict[str, dict]) -> int:
     raw = b"".join(byte_shuffle(t.contiguous().numpy().tobytes(), t.element_size()) for _, _, t in fields)
     return len(brotli.compress(rows.encode() + raw, quality=11))
 
-
 def byte_shuffle(buf: bytes, itemsize: int) -> bytes:
     """Group byte k of every element together: exponents and mantissas compress separately."""
     if itemsize == 1:
         return buf
     return np.frombuffer(buf, np.uint8).reshape(-1, itemsize).T.tobytes()
 
-
 def byte_unshuffle(buf: bytes, itemsize: int) -> bytes:
     if itemsize == 1:
         return buf
     return np.frombuffer(buf, np.uint8).reshape(itemsize, -1).T.tobytes()
 
-
 _DTYPES = {"int8": np.int8, "float16": np.float16}  # the only element types an artifact may hold
-
 
 def pack_artifact(qstate: dict[str, dict], config: dict) -> bytes:
     table, chunks, offset = [], [], 0
@@ -1492,7 +1408,6 @@ def pack_artifact(qstate: dict[str, dict], config: dict) -> bytes:
     payload = b"".join(streams)  # brotli has no checksum of its own: sha256 guards the payload
     return (ARTIFACT_MAGIC + struct.pack("<II", ARTIFACT_VERSION, len(streams))
             + struct.pack(f"<{len(streams)}I", *map(len, streams)) + hashlib.sha256(payload).digest() + payload)
-
 
 def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, dict], dict]:
     head = len(ARTIFACT_MAGIC) + 8
@@ -1527,7 +1442,6 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
             raise UserError(f"{source}: corrupted LQER entry {name}: {err}") from None
     return qstate, meta["config"]
 
-
 def check_writable(folder: Path, knob: str):
     """Fail before training, not after it, if an output cannot be written."""
     try:
@@ -1537,7 +1451,6 @@ def check_writable(folder: Path, knob: str):
         (folder / f".write_test.{os.getpid()}").unlink()
     except OSError as e:
         raise UserError(f"{knob} {folder}: not writable ({e.strerror})") from None
-
 
 def write_atomic(path: Path, data: bytes, overwrite: bool = True):
     """temp file + fsync + rename: readers never see a half-written file, and a failed write (a full
@@ -1559,10 +1472,8 @@ def write_atomic(path: Path, data: bytes, overwrite: bool = True):
     finally:
         tmp.unlink(missing_ok=True)
 
-
 # What link(2) answers where the filesystem has no hard links (some network and FUSE filesystems).
 NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EXDEV}
-
 
 def link_no_clobber(tmp: Path, path: Path):
     """Give tmp the name path unless path exists, without a check-then-write race: a hard link where
@@ -1583,21 +1494,17 @@ def link_no_clobber(tmp: Path, path: Path):
         path.unlink(missing_ok=True)
         raise
 
-
 def artifact_path(hp: Hyperparameters, run_id: str, over_limit: bool = False) -> Path:
     suffix = "OVER_LIMIT_NOT_VALID" if over_limit else f"int{hp.matrix_bits}"
     return Path(hp.artifact_dir) / f"final_model_{run_id}.{suffix}.br"
 
-
 # Artifacts from before a field existed were trained without it (RESIDUAL_DTYPE: a float32 stream).
 LEGACY_MODEL_FIELDS = {"residual_dtype": "float32", "smear_gate": False, "attn_gate": False, "asym_logit": False}
-
 
 def read_artifact(path: Path) -> tuple[dict, dict]:
     if not path.is_file():
         raise UserError(f"env EVAL_ONLY={path}: artifact file not found")
     return unpack_artifact(path.read_bytes(), str(path))
-
 
 def artifact_model(qstate: dict, meta: dict, path: Path, device: torch.device, attention) -> GPT:
     """The dequantized model of an unpacked artifact, running `attention`."""
@@ -1612,7 +1519,6 @@ def artifact_model(qstate: dict, meta: dict, path: Path, device: torch.device, a
     except (KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"artifact {path}: tensors do not match its model config ({str(e)[:120]})") from None
     return model
-
 
 def check_artifact_tokenizer(meta: dict, path: Path, tokenizer_sha: str, tokenizer_path: str):
     """An artifact scored with another tokenizer gives a meaningless bpb: refuse it."""
@@ -1639,11 +1545,9 @@ def autocast_ctx(device: torch.device):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
-
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
 
 @dataclasses.dataclass
 class TokenScores:
@@ -1706,7 +1610,6 @@ def window_ends(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
     k = max(0, -(-(last - L) // stride))
     return np.minimum(L + stride * np.arange(k + 1), last)
 
-
 def phase_chunks(prev_ends: np.ndarray, phase: Phase, hp: Hyperparameters, paced: bool) -> list[np.ndarray]:
     """The phase's window indices, chunk by chunk; without TTT, PACE_CHUNKS chunks if paced, else one."""
     if phase.ttt:
@@ -1714,7 +1617,6 @@ def phase_chunks(prev_ends: np.ndarray, phase: Phase, hp: Hyperparameters, paced
         return [np.nonzero(chunk_of == c)[0] for c in range(int(chunk_of[-1]) + 1)]
     k = PACE_CHUNKS if paced else 1
     return np.array_split(np.arange(len(prev_ends)), min(k, len(prev_ends)))
-
 
 def budget_action(phase: Phase, hp: Hyperparameters) -> str | None:
     """What a phase does when its pace projects past the time left: stop adapting, be abandoned, or run on."""
@@ -1724,11 +1626,9 @@ def budget_action(phase: Phase, hp: Hyperparameters) -> str | None:
         return "abandon"
     return None
 
-
 def projected_seconds(elapsed: float, since_chunk0: float, c: int, n_chunks: int) -> float:
     """A phase's length projected after chunk c >= 1: the chunks left at their mean pace since chunk 0."""
     return elapsed + since_chunk0 / c * (n_chunks - 1 - c)
-
 
 class Pace:
     """Projects a phase's length after each chunk; all ranks take the slowest's, so they act at one chunk."""
@@ -1747,12 +1647,10 @@ class Pace:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
-
 def even_batches(items: np.ndarray, size: int) -> list[np.ndarray]:
     """Batches of at most `size`, as equal as possible: a remainder batch of one window would cost a
     recompile (torch.compile specializes dims of size 1, dynamic or not)."""
     return np.array_split(items, -(-len(items) // size)) if len(items) else []
-
 
 def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device):
     """The looped model's hidden states, compiled per EVAL_COMPILE with a dynamic batch dim (one graph)."""
@@ -1847,7 +1745,6 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
 
 NGRAM_HASH_SEED = 20240501  # fixed, so that the hints are a function of the tokens alone
 
-
 def context_hashes(tokens: torch.Tensor, k: int) -> torch.Tensor:
     """A 64-bit hash of tokens[t-k:t] for t = k..N-1: sum of (token + 1) times a random odd multiplier per
     offset (int64 wraps). A rare collision only merges two contexts' counts, still of earlier tokens."""
@@ -1859,17 +1756,14 @@ def context_hashes(tokens: torch.Tensor, k: int) -> torch.Tensor:
         h += shifted[k - j:n - j] * int(mult[j - 1])
     return h
 
-
 def first_of_runs(sorted_keys: torch.Tensor) -> torch.Tensor:
     """True where a run of equal keys starts."""
     return torch.cat((torch.ones(1, dtype=torch.bool, device=sorted_keys.device), sorted_keys[1:] != sorted_keys[:-1]))
-
 
 def run_starts(first: torch.Tensor) -> torch.Tensor:
     """The index where each element's run starts (`first` marks run starts)."""
     i = torch.arange(len(first), device=first.device)
     return torch.where(first, i, 0).cummax(0).values
-
 
 def running_count(keys: torch.Tensor) -> torch.Tensor:
     """For each element, how many elements up to and including it carry its key."""
@@ -1877,7 +1771,6 @@ def running_count(keys: torch.Tensor) -> torch.Tensor:
     count = torch.empty_like(keys)
     count[order] = torch.arange(len(keys), device=keys.device) - run_starts(first_of_runs(sorted_keys)) + 1
     return count
-
 
 def ngram_hints(tokens: torch.Tensor, order: int, threshold: float) -> torch.Tensor:
     """hints[t]: the tilt's token at position t, -1 for none. Equal to a left-to-right pass that looks up
@@ -1907,17 +1800,14 @@ def ngram_hints(tokens: torch.Tensor, order: int, threshold: float) -> torch.Ten
     hints[k + by_ctx[hinted]] = best_before[hinted]
     return hints
 
-
 def tilted_nll(nll: torch.Tensor, hint_nll: torch.Tensor, hit: torch.Tensor, beta: float) -> torch.Tensor:
     """-log p'(y) from -log p(y), -log p(hint) and [y = hint]; log Z = log1p(p(hint) (e^beta - 1))."""
     return nll - beta * hit.to(nll.dtype) + torch.log1p(torch.exp(-hint_nll) * math.expm1(beta))
-
 
 def tilted_scores(model: GPT, h: torch.Tensor, y: torch.Tensor, hint: torch.Tensor, beta: float) -> torch.Tensor:
     """The tilted NLL of targets y where a hint (>= 0) is given, else the plain NLL; one head pass."""
     nll = model.nll_of_ids(h, torch.stack((y, hint.clamp_min(0)), dim=-1))
     return torch.where(hint >= 0, tilted_nll(nll[..., 0], nll[..., 1], y == hint, beta), nll[..., 0])
-
 
 def phase_hints(tokens: torch.Tensor, phase: Phase, hp: Hyperparameters, log=None) -> torch.Tensor | None:
     """The phase's n-gram hints (None when it is not tilted); logs how many targets get one and the time."""
@@ -1931,7 +1821,6 @@ def phase_hints(tokens: torch.Tensor, phase: Phase, hp: Hyperparameters, log=Non
             f"ngram_beta:{hp.ngram_beta} hinted:{n_hinted}/{n} hinted_frac:{n_hinted / max(n, 1):.4f} "
             f"precompute:{time.perf_counter() - t0:.2f}s")
     return hints
-
 
 def fit_slot_delta(model: GPT, h: torch.Tensor, y: torch.Tensor, fit_mask: torch.Tensor, hp) -> torch.Tensor:
     delta = torch.zeros(h.size(0), 1, h.size(-1), device=h.device, requires_grad=True)
@@ -2003,12 +1892,10 @@ def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, pha
     runs = [eval_tokens(copy.deepcopy(model), v, dctx, hp, phase).nll[:p] for v in (val, val.with_tokens(other))]
     return bool(torch.equal(*runs))
 
-
 def compiled_graph_count() -> int:
     """Graphs torch.compile built so far: a phase logs its new_graphs (time that went on compiling)."""
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
-
 
 def divergence_hint(phase: Phase, hp: Hyperparameters) -> str:
     if phase.slot != "off":
@@ -2016,7 +1903,6 @@ def divergence_hint(phase: Phase, hp: Hyperparameters) -> str:
     if phase.ttt:
         return "lower TTT_LR" + ("" if hp.ttt_grad_clip else " or set TTT_GRAD_CLIP > 0")
     return "the model itself scores non-finite: check the training log"
-
 
 @dataclasses.dataclass
 class Evaluator:
@@ -2038,7 +1924,6 @@ class Evaluator:
 
     def score(self, model: GPT, train_seq_len: int) -> dict:
         return score_phases(model, train_seq_len, self.val, self.dctx, self.hp, self.log, self.full_val)
-
 
 def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hyperparameters, log,
                  full_val: bool = True) -> dict:
@@ -2079,7 +1964,6 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
     return dict(final_phase=final[0], final_val_loss=final[1], final_val_bpb=final[2], final_valid=int(full_val),
                 eval_seconds=elapsed) | results
 
-
 def dump_token_scores(path: Path, scores: TokenScores):
     """npz with nll (float32 nats) and bytes (uint16) per target, in val order."""
     buf = io.BytesIO()
@@ -2103,11 +1987,9 @@ def plan_batches(hp: Hyperparameters, world_size: int, device: torch.device) -> 
     accum = next(k for k in range(1, seqs + 1) if seqs % k == 0 and seqs // k <= cap_seqs)
     return seqs // accum, accum
 
-
 def compile_applies(hp: Hyperparameters, device: torch.device) -> bool:
     """COMPILE: torch.compile on CUDA only (CPU runs are tests and tiny configs)."""
     return hp.compile and device.type == "cuda"
-
 
 class Trainer:
     """The model's optimizers, data stream, EMA and (compiled) forward; step() is one optimizer step."""
@@ -2224,7 +2106,6 @@ class PendingScalar:
             self.event.synchronize()
         return self.host.item()
 
-
 class TrainClock:
     """Training wall time in ms, read only where the host waits for the GPU anyway (a loss read), paused
     for validation; all ranks take the slowest rank's reading, so they stop on the same step."""
@@ -2239,7 +2120,6 @@ class TrainClock:
 
     def resume(self):
         self.t0 = time.perf_counter()
-
 
 def prime_compile(trainer: Trainer, hp: Hyperparameters, train_files, log):
     """Run WARMUP_STEPS real steps (plain and looped) so compilation is off the clock, then undo them all."""
@@ -2256,16 +2136,13 @@ def prime_compile(trainer: Trainer, hp: Hyperparameters, train_files, log):
     trainer.reset_stream(train_files)
     synchronize(trainer.dctx.device)  # the priming steps were queued asynchronously; none may reach the clock
 
-
 LR_KNOBS = ("MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR")
-
 
 def divergence_lr_hint(hp: Hyperparameters) -> str:
     """After a divergence, lower the learning rates raised above their defaults, else all (a NaN spreads
     to every weight within a step, so the weights cannot tell which)."""
     raised = [k for k in LR_KNOBS if getattr(hp, k.lower()) > next(kn.default for kn in KNOBS if kn.name == k)]
     return f"lower {' or '.join(raised or LR_KNOBS)}, or set GRAD_CLIP_NORM"
-
 
 def log_train_step(hp: Hyperparameters, dctx: Dist, clock: TrainClock, cap_ms: float, entry, log):
     """Wait for queued step `entry` = (k, pending loss, model FLOPs of steps 1..k); read the clock; log."""
@@ -2281,7 +2158,6 @@ def log_train_step(hp: Hyperparameters, dctx: Dist, clock: TrainClock, cap_ms: f
         mfu = f" mfu:{100 * flops_done / (clock.ms / 1000) / (peak * dctx.world_size):.1f}%" if peak else ""
         log(f"step:{k}/{hp.iterations} train_loss:{loss:.4f} train_time:{clock.ms / 1000:.1f}s "
             f"step_avg:{avg:.2f}ms tok_s:{hp.train_batch_tokens / avg * 1000:.0f} eta:{max(eta, 0):.0f}s{mfu}")
-
 
 def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evaluator: Evaluator, log) -> dict:
     """Train until ITERATIONS or the clock cap, validating every VAL_LOSS_EVERY steps (off the clock).
@@ -2321,7 +2197,6 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
     log(f"stopping:{stop_reason} step:{step} train_time:{clock.ms / 1000:.3f}s")
     return dict(steps=step, train_ms=clock.ms, stop_reason=stop_reason, val=last_val, warmup_s=warmup_s)
 
-
 @torch.no_grad()
 def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: int, dctx: Dist) -> dict:
     """Input Hessians X^T X of every GPTQ'd matrix from fresh training batches (never val data) through
@@ -2338,7 +2213,6 @@ def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: i
     for key in sorted(recorder.hessians):
         dctx.all_reduce_sum(recorder.hessians[key])
     return recorder.hessians
-
 
 def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hyperparameters, code_bytes: int,
                            log, meta: dict | None = None) -> tuple[bytes, float]:
@@ -2373,13 +2247,11 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
         k = (lo + hi) / 2 if lo is not None and hi is not None else (k / 1.15 if spare >= 0 else k * 1.15)
     return best or (blob, lo)
 
-
 def lqer_line(report: list[dict], qstate: dict[str, dict], hp: Hyperparameters) -> str:
     """The `lqer:` log line: each chosen matrix's GPTQ error norm before -> after (or `dropped`), and bytes."""
     parts = [f"{r['label']}:{r['before']:.4f}->" + (f"{r['after']:.4f}" if r["kept"] else "dropped") for r in report]
     return (f"lqer: top_k:{hp.lqer_top_k} rank:{hp.lqer_rank} group:{hp.lqer_group} {' '.join(parts)} "
             f"bytes:{lqer_bytes(qstate)}")
-
 
 def configure_inductor():
     """torch 2.11's mix-order reductions fused the gains' column sums into the RMSNorm backward kernels,
@@ -2419,7 +2291,6 @@ def describe_environment(hp: Hyperparameters, dctx: Dist, code: bytes) -> list[s
     lines.append(f"device:{dctx.device.type} device_name:{name.replace(' ', '_')} world_size:{dctx.world_size}")
     return lines
 
-
 def load_val(hp: Hyperparameters, vocab_size: int, sp) -> tuple[ValSet, list[str]]:
     """The val tokens and their byte counts: from the byte sidecars where the shards have them, else
     from the tokenizer's pieces (refused for a CaseOps tokenizer, whose pieces are not the text)."""
@@ -2439,7 +2310,6 @@ def load_val(hp: Hyperparameters, vocab_size: int, sp) -> tuple[ValSet, list[str
                         f"do not tell the original bytes")
     return ValSet.from_lut(tokens, lut), files
 
-
 def load_evaluator(hp: Hyperparameters, dctx: Dist, log, vocab_size: int,
                    vocab_owner: str = "VOCAB_SIZE") -> tuple[Evaluator, str]:
     """The val set with its byte counts, and the tokenizer's sha256 (the log and the artifact record it)."""
@@ -2450,7 +2320,6 @@ def load_evaluator(hp: Hyperparameters, dctx: Dist, log, vocab_size: int,
     log(f"val_shards:{len(files)} val_tokens:{len(val.tokens) - 1} val_bytes:{int(val.target_bytes.sum())} "
         f"val_byte_source:{val.byte_source} full_val:{int(not hp.val_max_tokens)} data:{hp.data_path}")
     return Evaluator(val, dctx, hp, log), sha
-
 
 def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, Trainer]:
     cfg = hp.model_config()
@@ -2469,7 +2338,6 @@ def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, T
     log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
         f"compile:{int(trainer.compiled)}")
     return model, trainer
-
 
 def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, result: dict, code: bytes, run_id: str,
            tokenizer_sha: str, log) -> tuple[Path, dict]:
@@ -2495,7 +2363,6 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
         write_atomic(artifact, blob, overwrite=False)
     return artifact, dict(artifact_bytes=total, model_bytes=len(blob), code_bytes=len(code))
 
-
 def check_outputs(hp: Hyperparameters, run_id: str) -> str | None:
     """Why this run could not write its artifact (under either name), or None."""
     try:
@@ -2506,7 +2373,6 @@ def check_outputs(hp: Hyperparameters, run_id: str) -> str | None:
         if path.exists():
             return f"artifact {path} already exists: it is never overwritten (choose another RUN_ID or ARTIFACT_DIR)"
     return None
-
 
 def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: str) -> dict:
     problem = check_outputs(hp, run_id) if dctx.is_main else None  # before any compute is spent
@@ -2538,7 +2404,6 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
                                    steps=result["steps"], train_seconds=result["train_ms"] / 1000,
                                    warmup_seconds=result["warmup_s"], stop_reason=result["stop_reason"])
 
-
 def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     """EVAL_ONLY: score an existing artifact; its model config (and vocab) come from the artifact."""
     path = Path(hp.eval_only)
@@ -2558,7 +2423,6 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     scores = evaluator.score(artifact_model(qstate, meta, path, dctx.device, attention), meta["train_seq_len"])
     size = path.stat().st_size
     return scores | dict(model_bytes=size, code_bytes=len(code), artifact_bytes=size + len(code))
-
 
 def run(hp: Hyperparameters) -> dict:
     t_start = time.perf_counter()
@@ -2588,12 +2452,10 @@ def run(hp: Hyperparameters) -> dict:
         log(f"error:{e}" if isinstance(e, UserError) else f"error:{type(e).__name__}: {e}")
         raise
 
-
 USAGE = """usage: [torchrun --standalone --nproc_per_node=N] train_gpt.py [--help]
 
 Trains, quantizes and scores a model; configured by environment variables only:
 """
-
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -2647,7 +2509,6 @@ def xsa_backward_reference(grad: torch.Tensor, y: torch.Tensor, v: torch.Tensor)
     dv = dv + 2 * (n2 > XSA_EPS) * sum(a[g] * c[g] for g in range(G)) * vf
     return dy.to(y.dtype), dv.to(v.dtype)
 
-
 try:
     import triton
     import triton.language as tl
@@ -2696,9 +2557,7 @@ if triton is not None:
         dv = 2.0 * tl.where(n2 > EPS, ac, 0.0)[:, None] * v - dv
         tl.store(DV + rows[:, None] * HD + d, dv.to(DV.dtype.element_ty), mask=live)
 
-
 XSA_BLOCK_ROWS = 32
-
 
 def _xsa_kernel_args(y: torch.Tensor, v: torch.Tensor):
     """(y contiguous, v with its head_dim and head strides packed, v's per-token stride, grid, consts),
@@ -2712,7 +2571,6 @@ def _xsa_kernel_args(y: torch.Tensor, v: torch.Tensor):
     return (y.contiguous(), v, v.stride(1), (triton.cdiv(rows, XSA_BLOCK_ROWS),),
             dict(HKV=Hkv, G=G, HD=hd, BLOCK=XSA_BLOCK_ROWS, EPS=XSA_EPS), rows)
 
-
 @torch.library.custom_op("train_gpt::xsa", mutates_args=())
 def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """XSA of y [B,T,Hkv,G,hd] against v [B,T,Hkv,hd] (see above); differentiable in y and v."""
@@ -2724,11 +2582,9 @@ def xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     _xsa_fwd_kernel[grid](yc, vc, out, rows, v_stride, **consts)
     return out
 
-
 @xsa.register_fake
 def _(y, v):
     return torch.empty(y.shape, dtype=y.dtype, device=y.device)
-
 
 @torch.library.custom_op("train_gpt::xsa_backward", mutates_args=())
 def xsa_backward(grad: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2740,15 +2596,12 @@ def xsa_backward(grad: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[
     _xsa_bwd_kernel[grid](grad.contiguous(), yc, vc, dy, dv, rows, v_stride, **consts)
     return dy, dv
 
-
 @xsa_backward.register_fake
 def _(grad, y, v):
     return torch.empty(y.shape, dtype=y.dtype, device=y.device), torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
-
 xsa.register_autograd(lambda ctx, grad: xsa_backward(grad, *ctx.saved_tensors),
                       setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
-
 
 # Attention kernels: each takes q [B,T,H,hd] and k, v [B,T,Hkv,hd] (GQA) and returns causal attention
 # [B,T,H,hd]. cuDNN is pinned with sdpa_kernel() around the call: torch.compile records that in the graph,
@@ -2756,7 +2609,6 @@ xsa.register_autograd(lambda ctx, grad: xsa_backward(grad, *ctx.saved_tensors),
 # cache key). Math stays allowed as the fallback for shapes cuDNN rejects.
 
 FLASH_KERNELS = {"fa4": "flash-attention 4 (flash_attn.cute)", "fa3": "flash-attention 3 (flash_attn_interface)"}
-
 
 def cudnn_attention(fallback: bool = True):
     """causal_attention pinned to SDPA's cuDNN kernel (plus math if fallback)."""
@@ -2767,7 +2619,6 @@ def cudnn_attention(fallback: bool = True):
         with torch.nn.attention.sdpa_kernel(backends):
             return causal_attention(q, k, v)
     return attend
-
 
 def flash_attention(name: str):
     """Causal attention of FlashAttention 4 (fa4) or 3 (fa3); None when the package is missing."""
@@ -2783,7 +2634,6 @@ def flash_attention(name: str):
         return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the LSE
     return attend
 
-
 # FlashAttention 4 (flash-attn-4, CuTe DSL) as a custom op with its own backward, so torch.compile keeps
 # it in one graph (FA4's autograd Function is not traceable). Its forward/backward entry points are a
 # private API, checked against 4.0.0b36 (torch 2.11's own FA4 hook for SDPA does not match that release).
@@ -2795,12 +2645,10 @@ def fa4_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch
     out, lse = fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
     return out, lse
 
-
 @fa4_causal.register_fake
 def _(q, k, v):
     B, T, H, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, H, T), dtype=torch.float32)
-
 
 @torch.library.custom_op("train_gpt::fa4_causal_backward", mutates_args=())
 def fa4_causal_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -2809,21 +2657,17 @@ def fa4_causal_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     dq, dk, dv = fa4._flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
     return dq, dk, dv
 
-
 @fa4_causal_backward.register_fake
 def _(dout, q, k, v, out, lse):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
-
 fa4_causal.register_autograd(lambda ctx, dout, _dlse: fa4_causal_backward(dout.contiguous(), *ctx.saved_tensors),
                              setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output))
-
 
 def fa4_attention():
     """attend() over fa4_causal; ImportError when flash-attn-4 is missing."""
     import flash_attn.cute.interface  # noqa: F401
     return lambda q, k, v: fa4_causal(q.contiguous(), k.contiguous(), v.contiguous())[0]
-
 
 def select_attention(choice: str, device: torch.device) -> tuple[str, object]:
     """(name, attention function) for ATTN_BACKEND: a named kernel as asked (an error if it cannot load);
@@ -2847,7 +2691,6 @@ def select_attention(choice: str, device: torch.device) -> tuple[str, object]:
             return name, attend
     return "sdpa_cudnn", cudnn_attention()
 
-
 def runs_on(device: torch.device, make):
     """make()'s attention if it imports and runs one small causal call on `device`, else None: optional
     packages fail in their own ways (a missing CUDA toolkit flavour at import, a JIT error at first call)."""
@@ -2859,7 +2702,6 @@ def runs_on(device: torch.device, make):
         return attend
     except Exception:
         return None
-
 
 if __name__ == "__main__":
     sys.exit(main())
