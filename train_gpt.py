@@ -144,7 +144,8 @@ RUN_KNOBS = [
     Knob("DEVICE", "auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu")),
     Knob("COMPILE", True, "torch.compile the model on CUDA (0 for debugging; never on CPU)"),
     Knob("ATTN_BACKEND", "auto", "auto (CUDA: FlashAttention 4, else 3, else cuDNN SDPA, by what is importable; "
-         "CPU: SDPA) | fa4 | fa3 | sdpa (torch's choice) | sdpa_cudnn", choices=("auto", "fa4", "fa3", "sdpa", "sdpa_cudnn")),
+         "CPU: SDPA) | fa4 | fa3 | sdpa (torch's choice) | sdpa_cudnn",
+         choices=("auto", "fa4", "fa3", "sdpa", "sdpa_cudnn")),
 ]
 SCHEDULE_KNOBS = [
     Knob("ITERATIONS", 20000, "max optimizer steps", 1),
@@ -690,9 +691,7 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int, looped: bool) -> float
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense spec peaks, for MFU
 
 def device_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -1159,8 +1158,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, clip_sigma
     return (Q[0], scale[0]) if squeeze else (Q, scale)
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damping)^-1 per matrix. Damping starts at damp * mean(diag H);
-    a matrix whose factorization fails (ill-conditioned in float32) retries with 10x more."""
+    """Upper Cholesky factor of (H + damp * mean(diag H))^-1 per matrix; a failed one retries with 10x damping."""
     eye = torch.eye(H.size(-1), device=H.device)
     mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(dim=-1)
     scale = torch.full_like(mean_diag, damp)
@@ -1187,8 +1185,7 @@ def hessian_keys(name: str, num_layers: int) -> list[tuple] | None:
     return [(ROLE_INPUTS[role], i) for role in bank_roles(name) for i in range(num_layers)]
 
 class HessianRecorder:
-    """A model tap (GPT.hidden's `tap`) that sums X^T X of every matrix input it sees, per key
-    (every visit of a looped layer adds)."""
+    """A model `tap` summing X^T X of every matrix input per key (each visit of a looped layer adds)."""
 
     def __init__(self):
         self.hessians: dict[tuple, torch.Tensor] = {}
@@ -1254,9 +1251,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return (fields.reshape(*u.shape[:-1], -1)[..., :n] - (1 << (bits - 1))).to(torch.int8)
 
 def lqer_fit(E: torch.Tensor, rank: int, group: int) -> dict[str, torch.Tensor]:
-    """The quantized factors of a rank-`rank` approximation of E [rows, cols] (float32, any device).
-    A = U S from the SVD (the record's split); B is then refitted by least squares to the
-    quantized A instead of taken as V^T, which can only lower ||E - A B|| before B's rounding."""
+    """The quantized factors of a rank-`rank` approximation of E [rows, cols]: A = U S from the SVD, then B
+    refitted by least squares to the quantized A (not V^T), which can only lower ||E - A B||."""
     rank = min(rank, *E.shape)
     U, S, _ = torch.linalg.svd(E, full_matrices=False)
     A = U[:, :rank] * S[:rank]
@@ -1285,8 +1281,7 @@ def lqer_factors(fields: dict[str, torch.Tensor], rows: int, cols: int) -> tuple
     return A, B
 
 def lqer_slices(entry: dict) -> dict[int, dict[str, torch.Tensor]]:
-    """slice -> its four LQER fields, checked against each other and the matrix's shape; ValueError
-    says what is inconsistent (a corrupted or hand-edited artifact)."""
+    """slice -> its four LQER fields, checked against each other and the matrix (ValueError if not)."""
     found: dict[int, dict[str, torch.Tensor]] = {}
     for field, t in entry.items():
         m = LQER_FIELD.fullmatch(field)
@@ -1342,9 +1337,8 @@ def gptq_errors(state: dict[str, torch.Tensor], qstate: dict[str, dict]) -> list
 
 def apply_lqer(state: dict[str, torch.Tensor], qstate: dict[str, dict], top_k: int, rank: int, group: int,
                num_layers: int) -> list[dict]:
-    """Add LQER factor fields to the entries of the top_k matrices by GPTQ error (in place). A
-    correction whose rounding leaves the error no smaller is dropped. Returns what was done, per
-    chosen matrix: name, slice, label, error before and after, kept."""
+    """Add LQER fields to the entries of the top_k matrices by GPTQ error, in place, unless the rounded
+    correction leaves the error no smaller. Returns per matrix: name, slice, label, before, after, kept."""
     report = []
     for before, name, k in gptq_errors(state, qstate)[:top_k]:
         e = qstate[name]
@@ -1364,8 +1358,7 @@ def apply_lqer(state: dict[str, torch.Tensor], qstate: dict[str, dict], top_k: i
     return report
 
 def lqer_bytes(qstate: dict[str, dict]) -> int:
-    """What the LQER fields add to the artifact, about: their tensor table rows and data compressed
-    alone (exact would take a second pack of the whole artifact)."""
+    """About what the LQER fields add to the artifact: their table rows and data compressed alone."""
     fields = [(name, f, t) for name, e in qstate.items() for f, t in e.items() if LQER_FIELD.fullmatch(f)]
     if not fields:
         return 0
@@ -1375,14 +1368,10 @@ def lqer_bytes(qstate: dict[str, dict]) -> int:
 
 def byte_shuffle(buf: bytes, itemsize: int) -> bytes:
     """Group byte k of every element together: exponents and mantissas compress separately."""
-    if itemsize == 1:
-        return buf
-    return np.frombuffer(buf, np.uint8).reshape(-1, itemsize).T.tobytes()
+    return buf if itemsize == 1 else np.frombuffer(buf, np.uint8).reshape(-1, itemsize).T.tobytes()
 
 def byte_unshuffle(buf: bytes, itemsize: int) -> bytes:
-    if itemsize == 1:
-        return buf
-    return np.frombuffer(buf, np.uint8).reshape(itemsize, -1).T.tobytes()
+    return buf if itemsize == 1 else np.frombuffer(buf, np.uint8).reshape(itemsize, -1).T.tobytes()
 
 _DTYPES = {"int8": np.int8, "float16": np.float16}  # the only element types an artifact may hold
 
@@ -1453,8 +1442,8 @@ def check_writable(folder: Path, knob: str):
         raise UserError(f"{knob} {folder}: not writable ({e.strerror})") from None
 
 def write_atomic(path: Path, data: bytes, overwrite: bool = True):
-    """temp file + fsync + rename: readers never see a half-written file, and a failed write (a full
-    disk) leaves nothing behind. With overwrite=False an existing file is never replaced."""
+    """temp file + fsync + rename: never a half-written file, nothing left by a failed write; with
+    overwrite=False an existing file is never replaced."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -1476,9 +1465,8 @@ def write_atomic(path: Path, data: bytes, overwrite: bool = True):
 NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EXDEV}
 
 def link_no_clobber(tmp: Path, path: Path):
-    """Give tmp the name path unless path exists, without a check-then-write race: a hard link where
-    the filesystem has them, else an O_EXCL claim of the name and a rename over the empty claim (an
-    empty file is visible in between)."""
+    """Give tmp the name path unless path exists, with no check-then-write race: a hard link, or where
+    there are none an O_EXCL claim of the name and a rename over the empty claim."""
     try:
         os.link(tmp, path)
         return
@@ -1541,9 +1529,7 @@ def check_artifact_tokenizer(meta: dict, path: Path, tokenizer_sha: str, tokeniz
 # -----------------------------------------------------------------------------------------
 
 def autocast_ctx(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 def synchronize(device: torch.device):
     if device.type == "cuda":
