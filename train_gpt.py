@@ -6,14 +6,11 @@ Every knob is an environment variable (`python train_gpt.py --help` lists them);
 are the configuration we submit.
 
   8 GPUs:   torchrun --standalone --nproc_per_node=8 train_gpt.py
-  1 GPU:    torchrun --standalone --nproc_per_node=1 train_gpt.py   (same global batch,
-            more gradient accumulation)
+  1 GPU:    torchrun --standalone --nproc_per_node=1 train_gpt.py   (same global batch, more accumulation)
   CPU:      python train_gpt.py   (float32, no compile; for tests and tiny configs)
 
-The score (final_val_bpb) is the exact tokenizer-agnostic bits per byte of the model reloaded
-from the artifact, from its scoring phase (plain windows -> sliding windows -> score-first TTT).
-Artifact bytes = model file bytes + the bytes of the file that runs: ship the deterministic
-packed form from scripts/pack_code.py, which counts itself.
+The score (final_val_bpb) is the exact tokenizer-agnostic bits per byte of the model reloaded from
+the artifact. Artifact bytes = model file + the file that runs (ship scripts/pack_code.py's packed form).
 """
 
 from __future__ import annotations
@@ -67,11 +64,9 @@ class Interrupted(UserError):
 
 # -----------------------------------------------------------------------------------------
 # Knobs
-# Every environment knob is declared once, with its type, default and meaning: the run's knobs
-# in the tables below, the model's as the fields of ModelConfig (which the artifact records).
-# Nothing else in the file reads os.environ for configuration (torchrun's variables aside).
-# A knob's type is its default's: bool (0/1), int, float, str; `choices` make it an enum of
-# words; "auto" knobs are auto | 0 | 1 (None, False, True).
+# Every environment knob is declared once: the run's in the tables below, the model's as the fields
+# of ModelConfig (which the artifact records). Nothing else reads os.environ for configuration.
+# A knob's type is its default's: bool (0/1), int, float, str, an enum (`choices`) or auto | 0 | 1.
 # -----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +82,7 @@ class Knob:
 class Auto(str):
     """The type of a tri-state knob's default: `auto`, told apart from an enum's word "auto"."""
 
-    def __bool__(self):  # `if hp.eval_compile:` would read "auto" as on: compare with AUTO/True/False instead
+    def __bool__(self):  # `if hp.eval_compile:` would read "auto" as on
         raise TypeError("an auto knob has no truth value: compare it with AUTO, True or False")
 
 
@@ -121,15 +116,11 @@ class ModelConfig:
     loop_start: int = knob(3, "first looped physical layer", 0)
     loop_end: int = knob(5, "last looped physical layer (inclusive)", 0)
     parallel_residual_start: int = knob(7, "layers >= this run attention and MLP in parallel; -1 = never", -1)
-    smear_gate: bool = knob(False, "SmearGate: add to each token's embedding a gated copy of the previous "
-                            "token's, except at a BOS (never across a document start)")
-    attn_gate: bool = knob(False, "SparseGate: scale each head's attention output by a sigmoid gate of the "
-                           "first GATE_WINDOW channels of the block's normed input")
-    asym_logit: bool = knob(False, "AsymLogit: separate softcaps for positive and negative logits, both starting "
-                            "at LOGIT_SOFTCAP; training keeps the one fixed cap, so only TTT moves them")
-    residual_dtype: str = knob("bfloat16", "dtype of the residual stream under bf16 autocast (CUDA): float32 | "
-                               "bfloat16 (half the memory traffic of the norms, mixes and adds); CPU always float32",
-                               choices=("float32", "bfloat16"))
+    smear_gate: bool = knob(False, "SmearGate: add a gated copy of the previous token's embedding (never across a BOS)")
+    attn_gate: bool = knob(False, "SparseGate: gate each head's output by a sigmoid of GATE_WINDOW input channels")
+    asym_logit: bool = knob(False, "AsymLogit: separate softcaps for positive and negative logits; only TTT moves them")
+    residual_dtype: str = knob("bfloat16", "residual stream dtype under bf16 autocast (CUDA; CPU always float32): "
+                               "float32 | bfloat16", choices=("float32", "bfloat16"))
 
     @property
     def head_dim(self):
@@ -160,17 +151,14 @@ RUN_KNOBS = [
     Knob("DEVICE", "auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu")),
     Knob("COMPILE", True, "torch.compile the model on CUDA (0 for debugging; never on CPU)"),
     Knob("ATTN_BACKEND", "auto", "auto (CUDA: FlashAttention 4, else 3, else cuDNN SDPA, by what is importable; "
-         "CPU: SDPA) | fa4 | fa3 | fa2 | sdpa (torch's choice) | sdpa_cudnn | sdpa_flash | sdpa_efficient | "
-         "sdpa_math", choices=("auto", "fa4", "fa3", "fa2", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient",
-                               "sdpa_math")),
+         "CPU: SDPA) | fa4 | fa3 | sdpa (torch's choice) | sdpa_cudnn",
+         choices=("auto", "fa4", "fa3", "sdpa", "sdpa_cudnn")),
 ]
 SCHEDULE_KNOBS = [
     Knob("ITERATIONS", 20000, "max optimizer steps", 1),
-    Knob("MAX_WALLCLOCK_SECONDS", 600.0, "training clock cap including GPTQ's Hessians (compile warm-up and val "
-         "excluded); 0 = none; must exceed GPTQ_RESERVE_SECONDS", 0),
+    Knob("MAX_WALLCLOCK_SECONDS", 600.0, "training clock cap incl. GPTQ's Hessians (not compile or val); 0 = none", 0),
     Knob("WARMUP_STEPS", 20, "compile-priming steps, undone afterwards (not an LR warmup)", 0),
-    Knob("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, identical for any world size "
-         "(a multiple of TRAIN_SEQ_LEN * WORLD_SIZE)", 1),
+    Knob("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, for any world size", 1),
     Knob("TRAIN_SEQ_LEN", 2048, "training sequence length", 8),
     Knob("MICRO_BATCH_TOKENS", 0, "max tokens per forward/backward per GPU; 0 = auto (98304 CUDA, 16384 CPU)", 0),
     Knob("VAL_LOSS_EVERY", 1000, "validate every N steps (and at the end); 0 = only at the end", 0),
@@ -186,9 +174,8 @@ OPTIMIZER_KNOBS = [
     Knob("MUON_MOMENTUM_WARMUP_START", 0.92, "Muon momentum at step 0", 0, 1),
     Knob("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps to warm momentum up linearly", 0),
     Knob("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations", 1),
-    Knob("MUON_NS_SCHEDULE", "polar", "Newton-Schulz coefficients: polar (Polar Express, one polynomial per "
-         "iteration; needs MUON_BACKEND_STEPS >= 5) | quintic (Muon's original fixed polynomial)",
-         choices=("polar", "quintic")),
+    Knob("MUON_NS_SCHEDULE", "polar", "Newton-Schulz coefficients: polar (Polar Express; needs MUON_BACKEND_STEPS "
+         ">= 5) | quintic (Muon's original)", choices=("polar", "quintic")),
     Knob("MUON_ROW_NORMALIZE", True, "MuonEq-R: normalize update rows before Newton-Schulz"),
     Knob("MUON_WD", 0.095, "decoupled weight decay on Muon matrices", 0),
     Knob("EMBED_WD", 0.085, "AdamW weight decay on the embedding", 0),
@@ -202,14 +189,11 @@ OPTIMIZER_KNOBS = [
 ]
 EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("EVAL_SEQ_LEN", 2048, "window length of sliding and TTT evaluation", 8),
-    Knob("EVAL_STRIDE", 64, "sliding-window stride, <= EVAL_SEQ_LEN: each window scores its last STRIDE targets; "
-         "0 = no sliding phase", 0),
-    Knob("EVAL_SLIDING", AUTO, "with TTT on, also score a plain sliding phase after it (a reference: TTT scores the "
-         "same windows): 1, 0, or auto = in the time left, abandoned once its pace projects past "
-         "EVAL_BUDGET_SECONDS. Without TTT the sliding phase is the score and always runs"),
+    Knob("EVAL_STRIDE", 64, "sliding-window stride: each window scores its last STRIDE targets; 0 = no sliding", 0),
+    Knob("EVAL_SLIDING", AUTO, "with TTT, also score plain sliding windows as a reference: 1, 0, or auto = while "
+         "the pace fits EVAL_BUDGET_SECONDS"),
     Knob("EVAL_BATCH_SEQS", 32, "windows per forward in sliding/TTT evaluation", 1),
-    Knob("EVAL_COMPILE", AUTO, "torch.compile the hidden-state forward of each eval phase (batch dim dynamic): "
-         "auto = where COMPILE applies (CUDA) | 1 (CPU too) | 0 = eager"),
+    Knob("EVAL_COMPILE", AUTO, "torch.compile the eval forward: auto = where COMPILE applies (CUDA) | 1 | 0"),
     Knob("TTT_ENABLED", True, "score-first test-time training over the sliding windows"),
     Knob("TTT_LR", 0.005, "TTT SGD learning rate (cosine over chunks)", 0),
     Knob("TTT_EPOCHS", 3, "TTT passes over each already-scored chunk", 1),
@@ -227,22 +211,18 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("ASYM_LOGIT_LR", 1.0, "TTT SGD learning rate of the two AsymLogit caps (their gradient is tiny next to a "
          "weight's: at TTT_LR they would not move)", 0),
     Knob("SLOT", "off", "off | context (fit a per-window delta on already-scored positions) | full (on the "
-         "scored targets themselves: leaks, logged valid:0)", choices=("off", "context", "full")),
+         "scored targets: leaks, valid:0)", choices=("off", "context", "full")),
     Knob("SLOT_STEPS", 8, "AdamW steps fitting each window's hidden-state delta", 1),
     Knob("SLOT_LR", 0.005, "SLOT AdamW learning rate", 0),
-    Knob("NGRAM_TILT", False, "token-only n-gram tilt of the sliding, TTT and SLOT scores: where the previous "
-         "NGRAM_ORDER-1 val tokens were followed, earlier in the stream, mostly by one token, that token's "
-         "probability is multiplied by e^NGRAM_BETA and the distribution renormalized (TTT trains on the plain loss)"),
+    Knob("NGRAM_TILT", False, "token-only n-gram tilt of the sliding, TTT and SLOT scores (not TTT's loss): boost "
+         "the token that mostly followed the same context earlier in the val stream"),
     Knob("NGRAM_ORDER", 16, "n-gram order of the tilt: its context is the previous NGRAM_ORDER-1 tokens", 2),
-    Knob("NGRAM_THRESHOLD", 0.8, "the tilt hints only where the context's most frequent continuation so far has at "
-         "least this share of its continuations", 0, 1),
-    Knob("NGRAM_BETA", 2.625, "the tilt's boost of the hinted token: e^NGRAM_BETA times its probability, "
-         "before renormalizing", 0),
+    Knob("NGRAM_THRESHOLD", 0.8, "hint only where the top continuation so far has at least this share", 0, 1),
+    Knob("NGRAM_BETA", 2.625, "the hinted token's probability is multiplied by e^NGRAM_BETA, then renormalized", 0),
     Knob("DUMP_TOKEN_NLL", "", "write per-target NLL (float32) and bytes (uint16) of the final phase, in val order"),
     Knob("LEGALITY_CHECK", False, "before scoring, prove each enabled eval mode causal on a val prefix"),
     Knob("EVAL_BUDGET_SECONDS", 600.0, "evaluation time budget (8-GPU scale): phases are timed against it", 0),
-    Knob("TTT_BUDGET_STOP", True, "stop TTT's updates once its measured pace projects it past EVAL_BUDGET_SECONDS; "
-         "the remaining chunks are scored with the weights adapted so far (still legal); 0 = never stop"),
+    Knob("TTT_BUDGET_STOP", True, "stop TTT's updates (still scoring) once its pace projects past EVAL_BUDGET_SECONDS"),
 ]
 EXPORT_KNOBS = [
     Knob("MATRIX_BITS", 6, "GPTQ bits of the block matrices", 2, 8),
@@ -252,8 +232,7 @@ EXPORT_KNOBS = [
     Knob("GPTQ_CALIBRATION_BATCHES", 16, "training micro-batches per rank for the GPTQ Hessians; 0 = plain rounding", 0),
     Knob("GPTQ_RESERVE_SECONDS", 6.0, "taken off MAX_WALLCLOCK_SECONDS so Hessians are collected within it", 0),
     Knob("CLIP_SEARCH_STEPS", 4, "extra GPTQ tries moving MATRIX_CLIP_SIGMAS to land just under the cap; 0 = off", 0),
-    Knob("LQER_TOP_K", 0, "LQER: the N GPTQ'd matrices (bank slices, embedding) with the largest Frobenius norm of "
-         "their error W - Wq get a low-rank correction of it (INT2 x INT4 factors, inside the cap); 0 = off", 0),
+    Knob("LQER_TOP_K", 0, "LQER: low-rank INT2 x INT4 corrections of the N largest GPTQ errors W - Wq; 0 = off", 0),
     Knob("LQER_RANK", 4, "rank of each LQER correction", 1),
     Knob("LQER_GROUP", 64, "LQER: values of the flattened INT4 factor per fp16 scale", 1),
 ]
@@ -275,8 +254,8 @@ RETIRED_KNOBS = {
     "TTT_MOMENTUM": f"now the constant TTT_MOMENTUM={TTT_MOMENTUM}",
     "CLIP_SEARCH_HEADROOM": f"now the constant CLIP_SEARCH_HEADROOM={CLIP_SEARCH_HEADROOM}",
 }
-# The first words of knob names (TTT_, EVAL_, ...): an env var that starts like a knob but names
-# none is probably a typo, unless the word is too common a start to tell.
+# An env var that starts like a knob (TTT_, EVAL_, ...) but names none is probably a typo,
+# unless the word is too common a start to tell.
 KNOB_PREFIXES = tuple(sorted({k.split("_")[0] + "_" for k in [kn.name for kn in KNOBS] + list(RETIRED_KNOBS)
                               if "_" in k} - {"MAX_", "MIN_"}))
 TYPO_PREFIXES = tuple(sorted(set(KNOB_PREFIXES) - {"DATA_", "ENABLE_", "LOG_", "NUM_", "RUN_"}))
@@ -294,6 +273,8 @@ def looks_like_knob(name: str, knobs: set[str]) -> bool:
     """A set env var that names no knob but starts like one or nearly spells one."""
     return name not in knobs and (name.startswith(TYPO_PREFIXES) or any(one_edit_apart(name, k) for k in knobs)
                                   or bool(difflib.get_close_matches(name, knobs, n=1, cutoff=0.8)))
+
+
 BOOL_WORDS = {"1": True, "true": True, "0": False, "false": False}
 
 
@@ -369,8 +350,7 @@ def validate(hp: Hyperparameters):
          f"{hp.gptq_reserve_seconds} (the Hessians' share of the clock), or be 0 for no cap")
     need(not hp.ngram_tilt or hp.ttt_enabled or hp.eval_stride or hp.slot != "off",
          "NGRAM_TILT=1: no phase to tilt (the roundtrip is never tilted): enable TTT, EVAL_STRIDE or SLOT")
-    need(hp.eval_stride <= hp.eval_seq_len,
-         f"EVAL_STRIDE={hp.eval_stride}: must be <= EVAL_SEQ_LEN={hp.eval_seq_len}")
+    need(hp.eval_stride <= hp.eval_seq_len, f"EVAL_STRIDE={hp.eval_stride}: must be <= EVAL_SEQ_LEN={hp.eval_seq_len}")
     stride = hp.eval_stride or hp.eval_seq_len
     need(not hp.ttt_enabled or hp.ttt_chunk_tokens % stride == 0,
          f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens}: must be a multiple of EVAL_STRIDE={stride} (a chunk holds "
@@ -383,10 +363,9 @@ def validate(hp: Hyperparameters):
 
 def knob_reference() -> str:
     """Markdown table of every knob (README's env reference is generated from this)."""
-    def shown(v):
-        return int(v) if isinstance(v, bool) else v
     rows = ["| variable | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{k.name}` | `{shown(k.default)}` | {k.doc.replace('|', chr(92) + '|')} |" for k in KNOBS]
+    rows += [f"| `{k.name}` | `{int(k.default) if isinstance(k.default, bool) else k.default}` | "
+             f"{k.doc.replace('|', chr(92) + '|')} |" for k in KNOBS]
     return "\n".join(rows)
 
 
@@ -422,10 +401,8 @@ class Dist:
         flat = self.all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
         if divisor != 1:
             flat.div_(divisor)
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
 
     def all_reduce_max(self, value: float) -> float:
         """Max of a host number over ranks, through the CPU group: no wait on queued GPU work."""
@@ -436,10 +413,9 @@ class Dist:
         return t.item()
 
     def broadcast_object(self, obj):
-        if not self.enabled:
-            return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        if self.enabled:
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def barrier(self):
@@ -482,29 +458,26 @@ class RunLog:
 
     def __init__(self, path: Path | None):
         self.path, self.file = path, None
-        if path is None:
-            return
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "x", encoding="utf-8")
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(path, "x", encoding="utf-8")
         except FileExistsError:
             raise UserError(f"log {path} already exists: RUN_ID is taken, choose another") from None
         except OSError as e:
             raise UserError(f"env LOG_DIR: cannot create log {path} ({e.strerror})") from None
 
     def __call__(self, msg: str, console: bool = True):
-        if self.file is None:
-            return
-        if console:
-            print(msg, flush=True)
-        self.file.write(msg + "\n")
-        self.file.flush()
+        if self.file is not None:
+            if console:
+                print(msg, flush=True)
+            self.file.write(msg + "\n")
+            self.file.flush()
 
 
 # -----------------------------------------------------------------------------------------
 # Data: shards, the training stream, validation tokens
-# Shard = 256 little-endian int32 header words (magic, version, token count) + uint16 tokens
-# (written by data/shards.py).
+# Shard = 256 little-endian int32 header words (magic, version, token count) + uint16 tokens.
 # -----------------------------------------------------------------------------------------
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_WORDS = 20240520, 1, 256
@@ -544,13 +517,9 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, name: str):
 
 
 class TrainStream:
-    """Deterministic stream of (seq_len+1)-token windows from the train shards.
-
-    Each epoch draws (from SEED and the epoch number) a random phase per shard and a random
-    permutation of all windows, so data order depends only on SEED. Every rank computes the
-    same global batch and reads only its own rows: the global batch is identical for any
-    world size, which is what makes 1 GPU + accumulation equal 8 GPUs.
-    """
+    """Deterministic stream of (seq_len+1)-token windows from the train shards. Each epoch draws (from
+    SEED and the epoch) a random phase per shard and a permutation of all windows. Every rank computes
+    the same global batch and reads only its rows: 1 GPU + accumulation equals 8 GPUs."""
 
     def __init__(self, files: list[str], seq_len: int, seed: int, vocab_size: int = 65536):
         self.files, self.vocab_size = files, vocab_size
@@ -602,16 +571,14 @@ BOS_ID = 1  # every document of a shard starts with it
 
 
 def sidecar_path(token_file: str) -> Path | None:
-    """fineweb_val_000003.bin -> fineweb_val_bytes_000003.bin: per-token original byte counts (CaseOps
-    data); None for a name without the _NNNNNN.bin ending, which cannot have one."""
+    """fineweb_val_000003.bin -> fineweb_val_bytes_000003.bin (per-token original bytes); None if no _NNNNNN.bin."""
     path = Path(token_file)
     m = re.fullmatch(r"(.*)_(\d+)\.bin", path.name)
     return path.with_name(f"{m[1]}_bytes_{m[2]}.bin") if m else None
 
 
 def load_val_sidecars(files: list[str], n_tokens: int) -> np.ndarray | None:
-    """The byte sidecars of the val shards, concatenated and cut like the tokens; None when there are
-    none. A sidecar is a shard (same header) of uint16 byte counts, one per token of its token shard."""
+    """The val shards' byte sidecars (shards of one uint16 byte count per token), cut like the tokens; or None."""
     sidecars = [sidecar_path(f) for f in files]
     present = [s is not None and s.is_file() for s in sidecars]
     if not any(present):
@@ -630,12 +597,10 @@ def load_val_sidecars(files: list[str], n_tokens: int) -> np.ndarray | None:
 
 # -----------------------------------------------------------------------------------------
 # Tokenizer-agnostic bits per byte
-# val_bpb = sum of NLL in bits / sum of UTF-8 bytes of the text. Each val target carries a byte
-# count, fixed before any scoring. By default it comes from the tokenizer's pieces: '▁' is one
-# space byte, byte-fallback pieces exactly one byte, control/unknown pieces none; a leading '▁'
-# right after a boundary (BOS) is not charged, because SentencePiece drops that space when
-# decoding a document. CaseOps data (text lower-cased with case-operator tokens) ships a byte
-# sidecar instead: each token's bytes in the original text, 0 for BOS and the operators.
+# val_bpb = NLL in bits / UTF-8 bytes of the text; each target's byte count is fixed before scoring.
+# By default from the pieces: '▁' is one byte, byte-fallback pieces one, control/unknown none; a
+# leading '▁' right after a boundary (BOS) is free, as SentencePiece drops it when decoding. CaseOps
+# data (lower-cased text with case-operator tokens) ships a byte sidecar: each token's original bytes.
 # -----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -722,9 +687,7 @@ def is_caseops(sp) -> bool:
 
 
 def check_sidecar(token_bytes: np.ndarray, tokens: np.ndarray, lut: ByteLUT, files: list[str]):
-    """Sidecars that belong to these tokens: BOS carries no bytes, and no token more original bytes
-    than its piece spells (a space, spelled as the 3-byte U+2581, is 1); a shifted sidecar, one of
-    another tokenization or a tokenizer of other pieces breaks these."""
+    """Refuse sidecars of other tokens: BOS carries no bytes, no token more than its piece spells ('▁' = 1)."""
     where = f"byte sidecars of {Path(files[0]).parent}"
     if int(token_bytes.sum()) == 0:
         raise UserError(f"{where}: 0 bytes in total")
@@ -738,18 +701,15 @@ def check_sidecar(token_bytes: np.ndarray, tokens: np.ndarray, lut: ByteLUT, fil
 
 # -----------------------------------------------------------------------------------------
 # Model
-# A U-Net-shaped GPT: the first half of the (virtual) layers push their outputs, the second
-# half pops them back in through (gated) skip weights. Features of the record stack (XSA,
-# QK-gain, partial RoPE, LN scale, depth recurrence, parallel residuals, skip gates) are each
-# switched by one ModelConfig knob. Pure math: the attention function is given at construction
-# (fast kernels are chosen in the last section), depth recurrence is an argument of the forward,
-# and GPTQ's statistics are taken by a `tap` the caller passes in.
+# A U-Net-shaped GPT: the first half of the (virtual) layers push their outputs, the second half
+# pops them back in through (gated) skip weights. Each feature of the record stack is one
+# ModelConfig knob. Pure math: the attention function is given at construction, depth recurrence
+# is an argument of the forward, and GPTQ's statistics are taken by a `tap` the caller passes in.
 # -----------------------------------------------------------------------------------------
 
-# Weight roles. The block matrices live in four banks (one slice per layer and role), which lets
-# Muon orthogonalize a whole bank at once: role -> (bank, part), the matrix of layer i is
-# bank[part * num_layers + i]. ROLE_INPUTS names the activation each role multiplies (GPTQ's
-# Hessian of a matrix is X^T X of its input).
+# The block matrices live in four banks so that Muon orthogonalizes a whole bank at once: role ->
+# (bank, part), layer i's matrix is bank[part * num_layers + i]. ROLE_INPUTS: the activation each
+# role multiplies (GPTQ's Hessian is X^T X of it).
 ROLES = {"q": ("qo_bank", 0), "o": ("qo_bank", 1), "k": ("kv_bank", 0), "v": ("kv_bank", 1),
          "up": ("mlp_up_bank", 0), "down": ("mlp_down_bank", 0)}
 ROLE_INPUTS = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out", "up": "mlp_in", "down": "mlp_act"}
@@ -767,9 +727,8 @@ def bank_rows(bank: str, layers: list[int], num_layers: int) -> list[int]:
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int, looped: bool) -> float:
-    """Training FLOPs per token (forward + backward): 6 x matmul weights used per token (looped
-    layers count per visit, plus the tied head) + 12 x layers x width x seq_len for attention
-    (the PaLM convention, not halved for causality)."""
+    """Training FLOPs per token: 6 x matmul weights per token (per visit, plus the head) + 12 x layers x
+    width x seq_len for attention (PaLM's convention, not halved for causality)."""
     d, kv, hidden = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim, cfg.mlp_mult * cfg.model_dim
     per_layer = 2 * d * d + 2 * kv * d + 2 * hidden * d
     n_virtual = len(cfg.layer_order(looped))
@@ -780,9 +739,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense spec
 
 
 def device_peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
@@ -798,14 +755,10 @@ def softcap_logits_lse(logits: torch.Tensor, cap: float) -> tuple[torch.Tensor, 
 
 
 class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token cross entropy (float32) of the softcapped logits cap*tanh(logits/cap).
-
-    Autograd through the plain formula keeps the float32 softcapped logits [tokens, vocab], the
-    step's largest activation, for backward. This keeps only the (bf16) logits and one log-sum-exp
-    per token and recomputes the rest, so the compiled loss reads the logits once forward and once
-    backward (the softcap's derivative is 1 - tanh^2). The softcap bounds the logits by cap, so
-    cap + log(sum(exp(z - cap))) needs no row max (one pass instead of two) while exp(-2 cap) is
-    a normal float32 (cap <= 40)."""
+    """Per-token cross entropy (float32) of the softcapped logits cap*tanh(logits/cap). Autograd would
+    keep the float32 softcapped logits, the step's largest activation; this keeps the (bf16) logits and
+    one log-sum-exp per token and recomputes the rest. As |z| <= cap, lse = cap + log(sum(exp(z - cap)))
+    needs no row max (one pass, not two) while exp(-2 cap) is a normal float32 (cap <= 40)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
@@ -832,9 +785,8 @@ def asym_softcap(logits: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
 
 
 class AsymSoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token cross entropy under asym_softcap, with gradients for the logits and both caps. Like
-    SoftcapCrossEntropy it keeps only the logits and one log-sum-exp per token for backward: autograd
-    through the formula would keep several float32 [tokens, vocab] tensors (TTT's steps use this)."""
+    """Per-token cross entropy under asym_softcap, with gradients for the logits and both caps; keeps
+    only the logits and one log-sum-exp per token, like SoftcapCrossEntropy (TTT's steps use this)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
@@ -863,13 +815,11 @@ def asym_softcap_nll(logits: torch.Tensor, targets: torch.Tensor, caps: torch.Te
     flat = AsymSoftcapCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), caps)
     return flat.view_as(targets)
 
+# XSA (exclusive self-attention): each head's output y minus its component along the token's own
+# value v, y - (y.v / v.v) v, for y [B,T,Hkv,G,hd] (G query heads per KV head) and v [B,T,Hkv,hd];
+# v.v is clamped at XSA_EPS as F.normalize does. xsa_reference is the definition (float32 at least);
+# the model calls the op `xsa` (Fast paths), a Triton kernel each way on CUDA.
 
-# XSA (exclusive self-attention): each head's attention output y minus its component along the
-# token's own value vector v, y - (y.v / v.v) v, for y [B,T,Hkv,G,hd] (the G query heads of a KV
-# head) and v [B,T,Hkv,hd], so K/V are never repeated; v.v is clamped at XSA_EPS, i.e. v is
-# normalized as F.normalize does it. xsa_reference is the definition; the model calls the op
-# `xsa` (Fast paths), which runs a Triton kernel each way on CUDA and this formula elsewhere.
-# Float32 arithmetic at least.
 
 XSA_EPS = 1e-24
 
@@ -1125,13 +1075,10 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------------------
 
 # Newton-Schulz schedules: (safety, coefficients). Iteration k applies X <- aX + (bA + cA^2)X, A = XX^T,
-# with the k-th (a, b, c); iterations past the end repeat the last. "quintic" is Muon's original fixed
-# polynomial, which leaves singular values anywhere in ~[0.7, 1.2]. "polar" is Polar Express (Amsel et
-# al. 2025, arXiv:2505.16932; the records since PR #1344): a minimax-optimal polynomial per iteration,
-# built for five. After five it has them in ~[0.86, 1.14], half the quintic's mean distance from 1
-# (tests/test_model.py); after fewer it is far off, so the knobs require >= 5. Its first polynomial
-# climbs steeply above 1, so the input is scaled to a spectral norm below 1/safety: bf16 rounding cannot
-# push a singular value out of the range it was built for.
+# with the k-th (a, b, c), the last repeating. "quintic" (Muon's original) leaves singular values in
+# ~[0.7, 1.2]. "polar" is Polar Express (arXiv:2505.16932): one minimax polynomial per iteration, built
+# for five, after which they are in ~[0.86, 1.14]; fewer are far off. The input is scaled below 1/safety
+# so that bf16 rounding cannot push a singular value out of the range the first polynomial was built for.
 NS_SCHEDULES = {
     "quintic": (1.0, ((3.4445, -4.7750, 2.0315),)),
     "polar": (1.02, ((8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -1170,13 +1117,9 @@ def muon_direction(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor
 
 
 class ParallelMuon(torch.optim.Optimizer):
-    """Muon over parameter banks [B, rows, cols], with the work sharded across ranks.
-
-    reduce_scatter() starts, right after backward, one reduce-scatter per bank (its gradient padded
-    along B to a multiple of the world size), so each rank receives the summed gradient of its own
-    B_pad/world matrices. step() then runs momentum, Nesterov, MuonEq-R and Newton-Schulz on that
-    shard only and all-gathers the updates. No DDP; world size 1 is the same path without
-    communication. Momentum buffers are per-shard."""
+    """Muon over parameter banks [B, rows, cols], sharded across ranks: reduce_scatter() hands each rank
+    the summed gradient of its B_pad/world matrices (B padded to a multiple of the world size); step()
+    runs the direction on that shard only and all-gathers the updates. No DDP; momentum is per shard."""
 
     def __init__(self, banks, lr, momentum, backend_steps, row_normalize, ns_schedule, weight_decay, direction,
                  dctx):
@@ -1185,9 +1128,8 @@ class ParallelMuon(torch.optim.Optimizer):
         self.direction = direction
         self.dctx, self.pending = dctx, []
         self.momentum = torch.zeros((), device=dctx.device)  # the group's momentum, as direction() takes it
-        # Overlap communication with Newton-Schulz on GPUs (NCCL). Gloo's async collectives on CPU
-        # intermittently abort at exit ("terminate called without an active exception"), so the
-        # CPU path waits for each collective where it is issued; the arithmetic is identical.
+        # Overlap communication with Newton-Schulz on GPUs. Gloo's async collectives intermittently abort
+        # at exit, so on CPU each collective is waited for where it is issued (same arithmetic).
         self.overlap = dctx.device.type == "cuda"
 
     def _shard_size(self, p):
@@ -1285,17 +1227,13 @@ def muon_momentum(step: int, hp: Hyperparameters) -> float:
 
 # -----------------------------------------------------------------------------------------
 # Quantization and packing
-# Full-Hessian GPTQ: each matrix W [rows, cols] is quantized column by column (largest Hessian
-# diagonal first), and each column's rounding error is pushed onto the columns not yet
-# quantized, weighted by the inverse Hessian of the layer's inputs, which minimizes
-# tr((W-Q) H (W-Q)^T) far better than rounding each weight. SDClip sets one scale per row,
-# s = k * std(row) / (2^(bits-1) - 1): k trades accuracy for entropy (compressed size), so it
-# is the knob that lands the artifact under the cap. Hessians come from training batches
-# only, collected inside the training budget. Small tensors pass through as fp16. LQER (off
-# unless LQER_TOP_K) adds low-rank corrections of the largest GPTQ errors, inside the same cap.
-# The artifact is a self-describing binary (magic, version, JSON tensor table, raw
-# little-endian data), byte-shuffled per element size and brotli-compressed in parallel
-# streams. Nothing in it is executed or unpickled on load.
+# Full-Hessian GPTQ: each matrix W is quantized column by column (largest Hessian diagonal first),
+# each column's rounding error pushed onto the columns not yet quantized through the inverse Hessian
+# of the inputs, minimizing tr((W-Q) H (W-Q)^T). SDClip's row scale k * std(row) / (2^(bits-1) - 1)
+# trades accuracy for compressed size: k lands the artifact under the cap. Hessians come from
+# training batches only, inside the training budget. Small tensors pass as fp16.
+# The artifact: magic, version, JSON tensor table and raw little-endian data, byte-shuffled and
+# brotli-compressed in parallel streams. Nothing in it is executed or unpickled on load.
 # -----------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFART", 1
@@ -1341,8 +1279,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, clip_sigma
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damping)^-1 per matrix. Damping starts at damp * mean(diag H);
-    a matrix whose factorization fails (ill-conditioned in float32) retries with 10x more."""
+    """Upper Cholesky factor of (H + damp * mean(diag H))^-1 per matrix; a failed one retries with 10x damping."""
     eye = torch.eye(H.size(-1), device=H.device)
     mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(dim=-1)
     scale = torch.full_like(mean_diag, damp)
@@ -1372,8 +1309,7 @@ def hessian_keys(name: str, num_layers: int) -> list[tuple] | None:
 
 
 class HessianRecorder:
-    """A model tap (GPT.hidden's `tap`) that sums X^T X of every matrix input it sees, per key
-    (every visit of a looped layer adds)."""
+    """A model `tap` summing X^T X of every matrix input per key (each visit of a looped layer adds)."""
 
     def __init__(self):
         self.hessians: dict[tuple, torch.Tensor] = {}
@@ -1413,23 +1349,17 @@ def dequantize_matrix(entry: dict) -> torch.Tensor:
         slices[k] += A @ B
     return W
 
+# LQER: where GPTQ's error E = W - dequant(q) is largest (per bank slice or the embedding), a rank-r
+# A B ~ E is added back. A (rows x r) is INT2 under one fp16 scale, B (r x cols) INT4 with one fp16
+# scale per LQER_GROUP values, stored as extra fields of the matrix's entry (lqer{slice}.a, .a_scale,
+# .b, .b_scale) whose shapes give rank and group: an artifact without them reads as before. A's codes
+# are packed four to a byte (mostly zeros, which brotli then skips); B's near-uniform ones compress
+# slightly better unpacked.
 
-# LQER (low-rank quantization error reconstruction). GPTQ's error E = W - dequant(q) of the matrices
-# where it is largest is approximated by a rank-r product A B, so that W ~ dequant(q) + A B.
-# A "matrix" is one slice of a bank (one role of one layer) or the embedding. A (rows x r) is
-# stored as INT2 codes in [-2, 1] under one fp16 scale, B (r x cols) as INT4 codes in [-8, 7] with
-# one fp16 scale per group of LQER_GROUP values of the flattened B, as in the record that
-# introduced it. The factors are extra fields of the matrix's own artifact entry (lqer{slice}.a,
-# .a_scale, .b, .b_scale) whose shapes say the rank and the group, so the artifact stays
-# self-describing and one without them reads exactly as before.
-# Storage: A's codes are packed four to a byte (mostly zeros: packing lets brotli skip them), B's
-# are left one to a byte (near-uniform 4-bit values: brotli does slightly better on them unpacked).
 
 LQER_FIELD = re.compile(r"lqer(\d+)\.(a|a_scale|b|b_scale)")
 LQER_A_BITS, LQER_B_BITS = 2, 4
-# The largest |A| maps to 1.5 codes (the record's choice): it rounds to the edge code, which keeps
-# the few large entries of A and zeroes most small ones.
-LQER_A_RANGE = 1.5
+LQER_A_RANGE = 1.5  # the largest |A| maps to 1.5 codes: the few large entries survive, most small ones round to 0
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -1452,9 +1382,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def lqer_fit(E: torch.Tensor, rank: int, group: int) -> dict[str, torch.Tensor]:
-    """The quantized factors of a rank-`rank` approximation of E [rows, cols] (float32, any device).
-    A = U S from the SVD (the record's split); B is then refitted by least squares to the
-    quantized A instead of taken as V^T, which can only lower ||E - A B|| before B's rounding."""
+    """The quantized factors of a rank-`rank` approximation of E [rows, cols]: A = U S from the SVD, then B
+    refitted by least squares to the quantized A (not V^T), which can only lower ||E - A B||."""
     rank = min(rank, *E.shape)
     U, S, _ = torch.linalg.svd(E, full_matrices=False)
     A = U[:, :rank] * S[:rank]
@@ -1486,8 +1415,7 @@ def lqer_factors(fields: dict[str, torch.Tensor], rows: int, cols: int) -> tuple
 
 
 def lqer_slices(entry: dict) -> dict[int, dict[str, torch.Tensor]]:
-    """slice -> its four LQER fields, checked against each other and the matrix's shape; ValueError
-    says what is inconsistent (a corrupted or hand-edited artifact)."""
+    """slice -> its four LQER fields, checked against each other and the matrix (ValueError if not)."""
     found: dict[int, dict[str, torch.Tensor]] = {}
     for field, t in entry.items():
         m = LQER_FIELD.fullmatch(field)
@@ -1547,9 +1475,8 @@ def gptq_errors(state: dict[str, torch.Tensor], qstate: dict[str, dict]) -> list
 
 def apply_lqer(state: dict[str, torch.Tensor], qstate: dict[str, dict], top_k: int, rank: int, group: int,
                num_layers: int) -> list[dict]:
-    """Add LQER factor fields to the entries of the top_k matrices by GPTQ error (in place). A
-    correction whose rounding leaves the error no smaller is dropped. Returns what was done, per
-    chosen matrix: name, slice, label, error before and after, kept."""
+    """Add LQER fields to the entries of the top_k matrices by GPTQ error, in place, unless the rounded
+    correction leaves the error no smaller. Returns per matrix: name, slice, label, before, after, kept."""
     report = []
     for before, name, k in gptq_errors(state, qstate)[:top_k]:
         e = qstate[name]
@@ -1570,8 +1497,7 @@ def apply_lqer(state: dict[str, torch.Tensor], qstate: dict[str, dict], top_k: i
 
 
 def lqer_bytes(qstate: dict[str, dict]) -> int:
-    """What the LQER fields add to the artifact, about: their tensor table rows and data compressed
-    alone (exact would take a second pack of the whole artifact)."""
+    """About what the LQER fields add to the artifact: their table rows and data compressed alone."""
     fields = [(name, f, t) for name, e in qstate.items() for f, t in e.items() if LQER_FIELD.fullmatch(f)]
     if not fields:
         return 0
@@ -1582,15 +1508,11 @@ def lqer_bytes(qstate: dict[str, dict]) -> int:
 
 def byte_shuffle(buf: bytes, itemsize: int) -> bytes:
     """Group byte k of every element together: exponents and mantissas compress separately."""
-    if itemsize == 1:
-        return buf
-    return np.frombuffer(buf, np.uint8).reshape(-1, itemsize).T.tobytes()
+    return buf if itemsize == 1 else np.frombuffer(buf, np.uint8).reshape(-1, itemsize).T.tobytes()
 
 
 def byte_unshuffle(buf: bytes, itemsize: int) -> bytes:
-    if itemsize == 1:
-        return buf
-    return np.frombuffer(buf, np.uint8).reshape(itemsize, -1).T.tobytes()
+    return buf if itemsize == 1 else np.frombuffer(buf, np.uint8).reshape(itemsize, -1).T.tobytes()
 
 
 _DTYPES = {"int8": np.int8, "float16": np.float16}  # the only element types an artifact may hold
@@ -1666,8 +1588,8 @@ def check_writable(folder: Path, knob: str):
 
 
 def write_atomic(path: Path, data: bytes, overwrite: bool = True):
-    """temp file + fsync + rename: readers never see a half-written file, and a failed write (a full
-    disk) leaves nothing behind. With overwrite=False an existing file is never replaced."""
+    """temp file + fsync + rename: never a half-written file, nothing left by a failed write; with
+    overwrite=False an existing file is never replaced."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -1691,9 +1613,8 @@ NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, err
 
 
 def link_no_clobber(tmp: Path, path: Path):
-    """Give tmp the name path unless path exists, without a check-then-write race: a hard link where
-    the filesystem has them, else an O_EXCL claim of the name and a rename over the empty claim (an
-    empty file is visible in between)."""
+    """Give tmp the name path unless path exists, with no check-then-write race: a hard link, or where
+    there are none an O_EXCL claim of the name and a rename over the empty claim."""
     try:
         os.link(tmp, path)
         return
@@ -1750,23 +1671,18 @@ def check_artifact_tokenizer(meta: dict, path: Path, tokenizer_sha: str, tokeniz
 
 # -----------------------------------------------------------------------------------------
 # Evaluation: sliding windows, score-first TTT and SLOT
-# Target t (token t of the val stream, t = 1..N-1) is scored exactly once: by the window whose
-# last target e_k = min(L + k*stride, N-1) is the first to reach it; that window sees the
-# L tokens before e_k, so every target gets at least L - stride tokens of context.
-# A phase walks its windows in chunks. TTT's chunk c holds the windows whose first scored target
-# lies in [c, c+1) * TTT_CHUNK_TOKENS: they are scored (inference mode) BEFORE the model trains on
-# the chunk's tokens, whose targets are then all already scored. One budget mechanism: a phase's
-# pace, measured from the end of its chunk 0 (which carries compile and warm-up), projects its
-# length; TTT stops adapting, and an optional reference phase is abandoned, when that projection
-# passes the time left in EVAL_BUDGET_SECONDS.
-# The token-only n-gram tilt (NGRAM_TILT) reshapes the scored distribution at target t with a hint
-# drawn from val tokens before t only (see ngram_hints); it moves the scores, never TTT's gradients.
+# Target t (t = 1..N-1 of the val stream) is scored exactly once, by the first window whose last
+# target e_k = min(L + k*stride, N-1) reaches it; it sees the L tokens before e_k, so at least
+# L - stride tokens of context. TTT's chunk c holds the windows whose first scored target lies in
+# [c, c+1) * TTT_CHUNK_TOKENS: they are scored (inference mode) BEFORE the model trains on the
+# chunk, whose targets are then all already scored. A phase's pace, timed from the end of chunk 0
+# (compile, warm-up), projects its length: past the time left in EVAL_BUDGET_SECONDS, TTT stops
+# adapting and a reference phase is abandoned. The n-gram tilt (NGRAM_TILT) reshapes the scored
+# distribution at t with a hint from val tokens before t only; it never moves TTT's gradients.
 # -----------------------------------------------------------------------------------------
 
 def autocast_ctx(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def synchronize(device: torch.device):
@@ -1878,14 +1794,12 @@ def budget_action(phase: Phase, hp: Hyperparameters) -> str | None:
 
 
 def projected_seconds(elapsed: float, since_chunk0: float, c: int, n_chunks: int) -> float:
-    """A chunked phase's projected length once chunk c >= 1 is scored: the time so far plus the
-    n_chunks-1-c steps (update + chunk scoring) left, at their mean pace since chunk 0 was scored."""
+    """A phase's length projected after chunk c >= 1: the chunks left at their mean pace since chunk 0."""
     return elapsed + since_chunk0 / c * (n_chunks - 1 - c)
 
 
 class Pace:
-    """Projects a phase's length after each chunk; every rank takes the slowest rank's projection,
-    so all ranks act at the same chunk."""
+    """Projects a phase's length after each chunk; all ranks take the slowest's, so they act at one chunk."""
 
     def __init__(self, dctx: Dist, n_chunks: int):
         self.dctx, self.n_chunks, self.t0, self.t_first = dctx, n_chunks, time.perf_counter(), None
@@ -1903,9 +1817,8 @@ class Pace:
 
 
 def even_batches(items: np.ndarray, size: int) -> list[np.ndarray]:
-    """Consecutive batches of at most `size`, as equal as possible: a fixed size would leave a
-    remainder, and a batch of one window costs the compiled forward a recompile (torch.compile
-    specializes dims of size 1) even though the batch dim is dynamic."""
+    """Batches of at most `size`, as equal as possible: a remainder batch of one window would cost a
+    recompile (torch.compile specializes dims of size 1, dynamic or not)."""
     return np.array_split(items, -(-len(items) // size)) if len(items) else []
 
 
@@ -2079,22 +1992,19 @@ def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, start: np.ndarray,
     return nll, scored
 
 
-# Token-only n-gram tilt. For each position t of the val stream, a hint: the continuation seen most
-# often after the same NGRAM_ORDER-1 tokens earlier in the stream, kept when its share of that
-# context's continuations so far reaches NGRAM_THRESHOLD. The scored distribution at t becomes
-#   p'(a) = p(a) e^(beta [a = hint]) / (1 - p(hint) + p(hint) e^beta),
-# a full distribution over the vocabulary, normalized exactly, and fixed before target t is read.
-# Both the hint and whether to give one read tokens < t only: a gate on any property of the target
-# itself (say, whether it starts a word) would leak it, and the future-perturbation check cannot
-# see that (the target is never perturbed), so tests check the hints' causality directly.
+# Token-only n-gram tilt. The hint at position t is the continuation seen most often after the same
+# NGRAM_ORDER-1 tokens earlier in the stream, kept when its share of that context's continuations
+# reaches NGRAM_THRESHOLD. The scored distribution becomes p'(a) = p(a) e^(beta [a = hint]) / Z,
+# Z = 1 - p(hint) + p(hint) e^beta: normalized exactly over the vocabulary, fixed before target t is
+# read. Hint and gate read tokens < t only: a gate on the target itself (say, whether it starts a
+# word) would leak it unseen by the future-perturbation check, so tests check causality directly.
 
 NGRAM_HASH_SEED = 20240501  # fixed, so that the hints are a function of the tokens alone
 
 
 def context_hashes(tokens: torch.Tensor, k: int) -> torch.Tensor:
-    """A 64-bit hash of tokens[t-k:t] for each t = k..N-1: the sum of (token + 1) times a random odd
-    multiplier per offset, wrapping like all int64 arithmetic. Two contexts collide with negligible
-    chance, and a collision only merges two contexts' counts, still of earlier tokens."""
+    """A 64-bit hash of tokens[t-k:t] for t = k..N-1: sum of (token + 1) times a random odd multiplier per
+    offset (int64 wraps). A rare collision only merges two contexts' counts, still of earlier tokens."""
     n = len(tokens)
     mult = np.random.default_rng(NGRAM_HASH_SEED).integers(1, 2**61, size=k) * 2 + 1
     shifted = tokens.long() + 1  # so that token 0 still moves the hash
@@ -2124,12 +2034,10 @@ def running_count(keys: torch.Tensor) -> torch.Tensor:
 
 
 def ngram_hints(tokens: torch.Tensor, order: int, threshold: float) -> torch.Tensor:
-    """hints[t]: the token the tilt proposes at position t of the stream, -1 for none. The same as one
-    left-to-right pass that at each t looks up the context tokens[t-order+1:t] in a table of
-    continuation counts of the positions before t, proposes the context's most frequent continuation
-    (the first to reach the top count) when the top count is at least `threshold` of the context's
-    total, and only then adds tokens[t] to the table; computed with two stable sorts instead of a
-    Python loop, so that it costs seconds on the whole val stream, on the scoring device."""
+    """hints[t]: the tilt's token at position t, -1 for none. Equal to a left-to-right pass that looks up
+    the context tokens[t-order+1:t] among the counts of positions before t, proposes its most frequent
+    continuation (the first to reach the top count) if that has `threshold` of the total, and only then
+    counts tokens[t]; done with two stable sorts (seconds for the whole val stream on the device)."""
     n, k = len(tokens), order - 1
     hints = torch.full((n,), -1, dtype=torch.int64, device=tokens.device)
     if n <= k:
@@ -2155,8 +2063,7 @@ def ngram_hints(tokens: torch.Tensor, order: int, threshold: float) -> torch.Ten
 
 
 def tilted_nll(nll: torch.Tensor, hint_nll: torch.Tensor, hit: torch.Tensor, beta: float) -> torch.Tensor:
-    """-log p'(y) for p'(a) = p(a) e^(beta [a = hint]) / Z, from -log p(y), -log p(hint) and [y = hint].
-    Z = 1 - p(hint) + p(hint) e^beta = 1 + p(hint) (e^beta - 1) is what makes p' sum to 1."""
+    """-log p'(y) from -log p(y), -log p(hint) and [y = hint]; log Z = log1p(p(hint) (e^beta - 1))."""
     return nll - beta * hit.to(nll.dtype) + torch.log1p(torch.exp(-hint_nll) * math.expm1(beta))
 
 
@@ -2275,8 +2182,7 @@ def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, pha
 
 
 def compiled_graph_count() -> int:
-    """Graphs torch.compile has built in this process: a phase's share of the eval time that went on
-    compiling shows in its log line as new_graphs (0 when eager or reusing an earlier phase's graph)."""
+    """Graphs torch.compile built so far: a phase logs its new_graphs (time that went on compiling)."""
     from torch._dynamo.utils import counters
     return int(counters["stats"]["unique_graphs"])
 
@@ -2313,8 +2219,7 @@ class Evaluator:
 
 def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hyperparameters, log,
                  full_val: bool = True) -> dict:
-    """Run plan_phases' phases against the eval budget and log each; the final score is the last legal
-    non-reference phase's. A non-finite phase is invalid and stops the run with an error."""
+    """Run plan_phases' phases against the eval budget, logging each; a non-finite one stops the run."""
     phases = plan_phases(hp, train_seq_len)
     if hp.legality_check:
         prefix = val.prefix(4 * max(hp.ttt_chunk_tokens, hp.eval_seq_len) + 1)
@@ -2364,10 +2269,8 @@ def dump_token_scores(path: Path, scores: TokenScores):
 # -----------------------------------------------------------------------------------------
 
 def plan_batches(hp: Hyperparameters, world_size: int, device: torch.device) -> tuple[int, int]:
-    """(sequences per micro-batch, accumulation steps) for one rank's share of the global batch.
-
-    The global batch is fixed; each rank's share is split into the fewest equal micro-batches
-    that fit MICRO_BATCH_TOKENS, so a small batch is not needlessly chopped up."""
+    """(sequences per micro-batch, accumulation steps): a rank's share of the fixed global batch in the
+    fewest equal micro-batches that fit MICRO_BATCH_TOKENS."""
     seqs, rem = divmod(hp.train_batch_tokens, hp.train_seq_len * world_size)
     if rem or not seqs:
         raise UserError(f"env TRAIN_BATCH_TOKENS={hp.train_batch_tokens}: must be a positive multiple of "
@@ -2423,9 +2326,8 @@ class Trainer:
         return batch
 
     def _sync_grads(self):
-        """Bank grads: reduce-scattered for Parallel Muon. Other grads: one flat all-reduce
-        (gloo has no AVG, so SUM then divide). Clipping uses the true global norm of the mean
-        gradient, so the update is the same for any world size."""
+        """Banks' grads reduce-scattered (Parallel Muon), the rest in one flat all-reduce (gloo has no AVG);
+        clipped by the global norm of the mean gradient, so the update is the same for any world size."""
         self.muon.reduce_scatter()
         grads = [p.grad for p in self.replicated]
         self.dctx.all_reduce_flat_(grads, divisor=self.dctx.world_size)
@@ -2437,9 +2339,8 @@ class Trainer:
             torch._foreach_mul_(grads + shards, scale)
 
     def step(self, step: int, lr_mul: float, looped: bool) -> torch.Tensor:
-        """Queue one optimizer step on the next global batch (looped = with depth recurrence). Returns
-        the global mean train loss as a device scalar; nothing here waits for the GPU, so the caller
-        decides when to read it."""
+        """Queue one optimizer step on the next global batch; the mean train loss as a device scalar
+        (nothing here waits for the GPU: the caller decides when to read it)."""
         batch = self._next_batch if self._next_batch is not None else self._load_batch()
         loss_sum = torch.zeros((), device=self.dctx.device)
         for m in range(self.accum):
@@ -2463,7 +2364,8 @@ class Trainer:
         return self.dctx.all_reduce_sum(loss_sum) / (self.accum * self.dctx.world_size)
 
     def snapshot(self):
-        return clone_state(self.model.state_dict()), [clone_state(opt.state_dict()) for opt in self.optimizers]
+        """Copies of the weights and optimizer states, so that warm-up can be undone."""
+        return copy.deepcopy(self.model.state_dict()), [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
 
     def restore(self, snap):
         model_state, opt_states = snap
@@ -2479,23 +2381,11 @@ class Trainer:
                 for p, e in zip(self.model.parameters(), self.ema):
                     p.copy_(e)
 
-def clone_state(state):
-    """Deep-copy a state_dict (tensors cloned) so warm-up can be undone."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().clone()
-    if isinstance(state, dict):
-        return {k: clone_state(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [clone_state(v) for v in state]
-    return state
-
 
 class PendingScalar:
-    """A device scalar on its way to the host. The copy is queued behind the work that produces the
-    value, and read() waits for that work only. A plain .item() queues its copy behind everything
-    queued since, i.e. the next step too, so reading each loss one step late would still drain the
-    GPU's queue every step (0.7 ms/step on an H100). read() gives the value at construction on any
-    device (later in-place changes to the tensor do not show)."""
+    """A device scalar on its way to the host: the copy is queued behind the work that produces it, and
+    read() waits for that work only. A late .item() would wait for everything queued since, the next
+    step too, draining the GPU's queue every step (0.7 ms/step on an H100)."""
 
     def __init__(self, t: torch.Tensor):
         self.event = None
@@ -2514,9 +2404,8 @@ class PendingScalar:
 
 
 class TrainClock:
-    """Training wall time in ms. It is read only where the host waits for the GPU anyway (a loss
-    read), so it runs at most one queued step behind the GPU; it pauses for validation; every rank
-    takes the slowest rank's reading, so all ranks stop on the same step."""
+    """Training wall time in ms, read only where the host waits for the GPU anyway (a loss read), paused
+    for validation; all ranks take the slowest rank's reading, so they stop on the same step."""
 
     def __init__(self, dctx: Dist):
         self.dctx, self.ms, self.t0 = dctx, 0.0, time.perf_counter()
@@ -2531,8 +2420,7 @@ class TrainClock:
 
 
 def prime_compile(trainer: Trainer, hp: Hyperparameters, train_files, log):
-    """Run WARMUP_STEPS real steps (plain and looped graphs) so compilation is off the clock, then
-    undo them all: weights, optimizer state, EMA and data order start fresh."""
+    """Run WARMUP_STEPS real steps (plain and looped) so compilation is off the clock, then undo them all."""
     if hp.warmup_steps:
         snap = trainer.snapshot()
         trainer.reset_stream(train_files)
@@ -2551,8 +2439,8 @@ LR_KNOBS = ("MATRIX_LR", "SCALAR_LR", "TIED_EMBED_LR")
 
 
 def divergence_lr_hint(hp: Hyperparameters) -> str:
-    """Which learning rate to lower after the loss diverged: those raised above their defaults, where
-    any is (a NaN spreads to every weight within a step, so the weights cannot tell), else all."""
+    """After a divergence, lower the learning rates raised above their defaults, else all (a NaN spreads
+    to every weight within a step, so the weights cannot tell which)."""
     raised = [k for k in LR_KNOBS if getattr(hp, k.lower()) > next(kn.default for kn in KNOBS if kn.name == k)]
     return f"lower {' or '.join(raised or LR_KNOBS)}, or set GRAD_CLIP_NORM"
 
@@ -2574,9 +2462,8 @@ def log_train_step(hp: Hyperparameters, dctx: Dist, clock: TrainClock, cap_ms: f
 
 
 def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evaluator: Evaluator, log) -> dict:
-    """Train until ITERATIONS or the clock cap; validate every VAL_LOSS_EVERY steps (off the clock).
-    The CPU queues step k+1 before reading step k's loss, so the GPU never waits for the host; the
-    clock is read at those loss reads (see TrainClock)."""
+    """Train until ITERATIONS or the clock cap, validating every VAL_LOSS_EVERY steps (off the clock).
+    Step k+1 is queued before step k's loss is read, so the GPU never waits for the host."""
     t0 = time.perf_counter()
     prime_compile(trainer, hp, train_files, log)
     warmup_s = dctx.all_reduce_max(time.perf_counter() - t0)  # compile and warm-up: before the clock, not free
@@ -2615,8 +2502,8 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
 
 @torch.no_grad()
 def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: int, dctx: Dist) -> dict:
-    """Input Hessians X^T X of every GPTQ'd matrix, from fresh training batches through the looped
-    model (never validation data), summed over ranks so every rank quantizes identically."""
+    """Input Hessians X^T X of every GPTQ'd matrix from fresh training batches (never val data) through
+    the looped model, summed over ranks so every rank quantizes identically."""
     if not hp.gptq_calibration_batches:
         return {}
     stream = TrainStream(train_files, hp.train_seq_len, hp.seed + 1, hp.vocab_size)
@@ -2633,11 +2520,9 @@ def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: i
 
 def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hyperparameters, code_bytes: int,
                            log, meta: dict | None = None) -> tuple[bytes, float]:
-    """GPTQ (+ LQER) + pack at MATRIX_CLIP_SIGMAS; then, for up to CLIP_SEARCH_STEPS more tries, move
-    the clip (size falls as it rises) to land under the cap with less than CLIP_SEARCH_HEADROOM to
-    spare. Every try measures the whole blob, LQER's factors included. `meta` (e.g. the tokenizer's
-    hash) goes into the artifact's config. Returns the smallest-clip blob that fits, else the last
-    one tried."""
+    """GPTQ (+ LQER) + pack at MATRIX_CLIP_SIGMAS, then up to CLIP_SEARCH_STEPS tries moving the clip to
+    land under the cap within CLIP_SEARCH_HEADROOM, each measuring the whole blob. `meta` goes into the
+    artifact's config. Returns the smallest-clip blob that fits, else the last one tried."""
     def attempt(k: float) -> bytes:
         t0 = time.perf_counter()
         q = quantize_state(state, hessians, cfg.num_layers, hp.matrix_bits, k, hp.embed_bits, hp.embed_clip_sigmas)
@@ -2668,17 +2553,15 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
 
 
 def lqer_line(report: list[dict], qstate: dict[str, dict], hp: Hyperparameters) -> str:
-    """The `lqer:` log line: each chosen matrix (by role.layer) with its GPTQ error norm before -> after
-    (`dropped` where the correction did not help), and about how many bytes the factors add."""
+    """The `lqer:` log line: each chosen matrix's GPTQ error norm before -> after (or `dropped`), and bytes."""
     parts = [f"{r['label']}:{r['before']:.4f}->" + (f"{r['after']:.4f}" if r["kept"] else "dropped") for r in report]
     return (f"lqer: top_k:{hp.lqer_top_k} rank:{hp.lqer_rank} group:{hp.lqer_group} {' '.join(parts)} "
             f"bytes:{lqer_bytes(qstate)}")
 
 
 def configure_inductor():
-    """torch 2.11's mix-order reductions fused the per-channel gains' column sums into the RMSNorm
-    backward kernels (a dozen accumulators each); on an H100 those kernels ran at a small fraction
-    of memory speed: 124 -> 115 ms/step (plain) and 198 -> 169 ms/step (looped) with them off."""
+    """torch 2.11's mix-order reductions fused the gains' column sums into the RMSNorm backward kernels,
+    which then ran far below memory speed on an H100: 124 -> 115 (plain), 198 -> 169 ms/step (looped) off."""
     import torch._inductor.config as inductor_config
     if hasattr(inductor_config.triton, "mix_order_reduction"):
         inductor_config.triton.mix_order_reduction = False
@@ -2759,8 +2642,7 @@ def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, T
         f"loop:{cfg.loop_start}-{cfg.loop_end}@{hp.enable_looping_at} parallel_residual_start:{cfg.parallel_residual_start} "
         f"rope_dims:{model.rope_dims} ln_scale:{int(cfg.ln_scale)} skip_gates:{int(cfg.skip_gates)} "
         f"mlp_leaky_slope:{cfg.mlp_leaky_slope} smear_gate:{int(cfg.smear_gate)} attn_gate:{int(cfg.attn_gate)} "
-        f"asym_logit:{int(cfg.asym_logit)} "
-        f"muon_row_normalize:{int(hp.muon_row_normalize)} "
+        f"asym_logit:{int(cfg.asym_logit)} muon_row_normalize:{int(hp.muon_row_normalize)} "
         f"muon_ns_schedule:{hp.muon_ns_schedule} ema_decay:{hp.ema_decay} parallel_muon_world:{dctx.world_size}")
     log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
         f"compile:{int(trainer.compiled)}")
@@ -2769,9 +2651,8 @@ def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, T
 
 def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, result: dict, code: bytes, run_id: str,
            tokenizer_sha: str, log) -> tuple[Path, dict]:
-    """EMA weights -> Hessians (train data, inside the training budget) -> GPTQ -> the artifact file,
-    written by rank 0 and never over an existing one. An artifact over the cap is kept under a name
-    that says so, and the run stops with an error."""
+    """EMA weights -> Hessians (train data, inside the training budget) -> GPTQ -> the artifact, written by
+    rank 0, never over an existing file; one over the cap is kept under a name that says so."""
     model = trainer.model
     trainer.apply_ema()
     t0 = time.perf_counter()
@@ -2790,8 +2671,7 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
         f"limit:{ARTIFACT_LIMIT_BYTES} headroom:{ARTIFACT_LIMIT_BYTES - total} matrix_clip_sigmas:{clip:.4f}")
     if dctx.is_main:
         write_atomic(artifact, blob, overwrite=False)
-    figures = dict(artifact_bytes=total, model_bytes=len(blob), code_bytes=len(code))
-    return artifact, figures
+    return artifact, dict(artifact_bytes=total, model_bytes=len(blob), code_bytes=len(code))
 
 
 def check_outputs(hp: Hyperparameters, run_id: str) -> str | None:
@@ -2819,9 +2699,8 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
     model, trainer = build_model(hp, dctx, attention, log)
     result = train(hp, dctx, trainer, train_files, evaluator, log)
     if dctx.device.type == "cuda":
-        mib = 2 ** 20
-        log(f"peak_mem_allocated_mib:{torch.cuda.max_memory_allocated() // mib} "
-            f"peak_mem_reserved_mib:{torch.cuda.max_memory_reserved() // mib}")
+        log(f"peak_mem_allocated_mib:{torch.cuda.max_memory_allocated() >> 20} "
+            f"peak_mem_reserved_mib:{torch.cuda.max_memory_reserved() >> 20}")
     artifact, figures = export(hp, dctx, trainer, train_files, result, code, run_id, tokenizer_sha, log)
     # Before the cap check, so that a run whose artifact is over the cap still reports its model.
     prequant = evaluator.quick(model, hp.train_seq_len) if hp.ema_decay else result["val"]
@@ -2835,8 +2714,7 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
     scores = evaluator.score(artifact_model(qstate, meta, artifact, dctx.device, attention), meta["train_seq_len"])
     return scores | figures | dict(prequant_val_bpb=prequant[1], quant_gap_bpb=scores["roundtrip_val_bpb"] - prequant[1],
                                    steps=result["steps"], train_seconds=result["train_ms"] / 1000,
-                                   warmup_seconds=result["warmup_s"],
-                                   stop_reason=result["stop_reason"])
+                                   warmup_seconds=result["warmup_s"], stop_reason=result["stop_reason"])
 
 
 def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
@@ -2927,16 +2805,13 @@ def main(argv=None) -> int:
 
 # -----------------------------------------------------------------------------------------
 # Fast paths
-# Custom kernels behind the model's math: the XSA op (a Triton kernel each way on CUDA, the
-# torch formula elsewhere) and the attention kernels the model can be given. Each is tested
-# against its reference (xsa_reference, causal_attention) in tests/test_model.py.
+# Custom kernels behind the model's math: the XSA op and the attention kernels the model can be
+# given, each tested against its reference (xsa_reference, causal_attention) in tests/test_model.py.
 # -----------------------------------------------------------------------------------------
 
-# XSA as the custom op train_gpt::xsa with a written-out backward: on CUDA one Triton kernel each
-# way reads y (and the gradient) once, 1.74 ms per step for 11 layers on an H200 (forward 0.65,
-# backward 1.09; bench/profile_step.py). Autograd of the normalize-then-project formula took five
-# kernels (5.2 ms/step on an H100), and this formula as an autograd.Function under inductor still
-# four, and was slower in the step.
+# XSA as the custom op train_gpt::xsa with a written-out backward: on CUDA one Triton kernel each way
+# reads y (and the gradient) once: 1.74 ms per step for 11 layers on an H200 (bench/profile_step.py).
+# Autograd of the formula took five kernels (5.2 ms/step on an H100), an autograd.Function four.
 
 def xsa_backward_reference(grad: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # out_g = y_g - c_g v with c_g = (y_g.v) r, r = 1/(v.v); with a_g = (grad_g.v) r:
@@ -2999,7 +2874,6 @@ if triton is not None:
         dv = 2.0 * tl.where(n2 > EPS, ac, 0.0)[:, None] * v - dv
         tl.store(DV + rows[:, None] * HD + d, dv.to(DV.dtype.element_ty), mask=live)
 
-
 XSA_BLOCK_ROWS = 32
 
 
@@ -3049,59 +2923,34 @@ def _(grad, y, v):
     return torch.empty(y.shape, dtype=y.dtype, device=y.device), torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
-def _xsa_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+xsa.register_autograd(lambda ctx, grad: xsa_backward(grad, *ctx.saved_tensors),
+                      setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+
+# Attention kernels: each takes q [B,T,H,hd] and k, v [B,T,Hkv,hd] (GQA) and returns causal attention
+# [B,T,H,hd]. cuDNN is pinned with sdpa_kernel() around the call: torch.compile records that in the graph,
+# so a graph cached on disk under another kernel is not reused (global backend flags are not in the
+# cache key). Math stays allowed as the fallback for shapes cuDNN rejects.
+
+FLASH_KERNELS = {"fa4": "flash-attention 4 (flash_attn.cute)", "fa3": "flash-attention 3 (flash_attn_interface)"}
 
 
-def _xsa_backward(ctx, grad):
-    return xsa_backward(grad, *ctx.saved_tensors)
-
-
-xsa.register_autograd(_xsa_backward, setup_context=_xsa_setup_context)
-
-
-
-# Attention kernels. Each takes q [B,T,H,hd] and k, v [B,T,Hkv,hd] and returns causal attention
-# [B,T,H,hd]. FlashAttention 3 / 2 take GQA natively. An SDPA kernel is pinned with sdpa_kernel()
-# around the call: torch.compile records that in the graph, so a compiled graph cached on disk
-# under another kernel is not reused (global backend flags are not part of the cache key). The
-# math kernel stays allowed as the fallback for shapes the pinned one rejects; kernels without
-# GQA support get K/V repeated to the query heads.
-
-FLASH_KERNELS = {"fa4": "flash-attention 4 (flash_attn.cute)",
-                 "fa3": "flash-attention 3 (flash_attn_interface)", "fa2": "flash-attention 2 (flash_attn)"}
-SDPA_KERNELS = {"sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_flash": "FLASH_ATTENTION",
-                "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
-
-
-def sdpa_attention(kernel: str | None = None, expand_kv: bool = False, fallback: bool = True):
-    """SDPA pinned to `kernel` (plus math if fallback); None = torch's own choice."""
+def cudnn_attention(fallback: bool = True):
+    """causal_attention pinned to SDPA's cuDNN kernel (plus math if fallback)."""
     SDPBackend = torch.nn.attention.SDPBackend
-    backends = None
-    if kernel is not None:
-        backends = [getattr(SDPBackend, SDPA_KERNELS[kernel])]
-        if fallback and kernel != "sdpa_math":
-            backends.append(SDPBackend.MATH)
+    backends = [SDPBackend.CUDNN_ATTENTION] + [SDPBackend.MATH] * fallback
 
     def attend(q, k, v):
-        if expand_kv and k.size(2) != q.size(2):
-            k, v = (t.repeat_interleave(q.size(2) // k.size(2), dim=2) for t in (k, v))
-        with torch.nn.attention.sdpa_kernel(backends) if backends else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, enable_gqa=k.size(2) != q.size(2))
-        return y.transpose(1, 2)
+        with torch.nn.attention.sdpa_kernel(backends):
+            return causal_attention(q, k, v)
     return attend
 
 
 def flash_attention(name: str):
-    """Causal attention of FlashAttention 4 (fa4), 3 (fa3) or 2 (fa2); None when the package is missing."""
+    """Causal attention of FlashAttention 4 (fa4) or 3 (fa3); None when the package is missing."""
     try:
         if name == "fa4":
             return fa4_attention()
-        if name == "fa3":
-            from flash_attn_interface import flash_attn_func
-        else:
-            from flash_attn import flash_attn_func
+        from flash_attn_interface import flash_attn_func
     except ImportError:
         return None
 
@@ -3110,11 +2959,10 @@ def flash_attention(name: str):
         return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the LSE
     return attend
 
+# FlashAttention 4 (flash-attn-4, CuTe DSL) as a custom op with its own backward, so torch.compile keeps
+# it in one graph (FA4's autograd Function is not traceable). Its forward/backward entry points are a
+# private API, checked against 4.0.0b36 (torch 2.11's own FA4 hook for SDPA does not match that release).
 
-# FlashAttention 4 (package flash-attn-4: CuTe DSL kernels, JIT-built for Hopper and Blackwell) as a
-# torch custom op with its own backward, so torch.compile keeps it inside one graph (FA4's autograd
-# Function is not traceable). The ops call FA4's forward/backward entry points, a private API checked
-# against flash-attn-4 4.0.0b36 (torch 2.11's own FA4 registration for SDPA does not match that release).
 
 @torch.library.custom_op("train_gpt::fa4_causal", mutates_args=())
 def fa4_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -3143,15 +2991,8 @@ def _(dout, q, k, v, out, lse):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _fa4_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)
-
-
-def _fa4_backward(ctx, dout, _dlse):
-    return fa4_causal_backward(dout.contiguous(), *ctx.saved_tensors)
-
-
-fa4_causal.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
+fa4_causal.register_autograd(lambda ctx, dout, _dlse: fa4_causal_backward(dout.contiguous(), *ctx.saved_tensors),
+                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output))
 
 
 def fa4_attention():
@@ -3161,10 +3002,8 @@ def fa4_attention():
 
 
 def select_attention(choice: str, device: torch.device) -> tuple[str, object]:
-    """(name, attention function) for ATTN_BACKEND: a named kernel as asked (an error if it cannot
-    load); `auto` on CUDA takes the first of FlashAttention 4, FlashAttention 3 and cuDNN SDPA that
-    imports and runs a small causal call, a static order (bench/attention.py measures them); on
-    CPU, and for `sdpa`, SDPA with torch's own kernel choice."""
+    """(name, attention function) for ATTN_BACKEND: a named kernel as asked (an error if it cannot load);
+    `auto` on CUDA the first of FA4, FA3 and cuDNN SDPA that imports and runs a small call; on CPU, SDPA."""
     if choice in FLASH_KERNELS:
         try:
             attend = flash_attention(choice) if device.type == "cuda" else None
@@ -3175,14 +3014,14 @@ def select_attention(choice: str, device: torch.device) -> tuple[str, object]:
             raise UserError(f"env ATTN_BACKEND={choice}: {FLASH_KERNELS[choice]} is not importable on "
                             f"{device.type} (use auto or sdpa)")
         return choice, attend
-    if choice in SDPA_KERNELS:
-        return choice, sdpa_attention(choice, expand_kv=choice == "sdpa_efficient")
+    if choice == "sdpa_cudnn":
+        return choice, cudnn_attention()
     if choice == "sdpa" or device.type != "cuda":
         return "sdpa", causal_attention
     for name in ("fa4", "fa3"):
         if (attend := runs_on(device, lambda: flash_attention(name))) is not None:
             return name, attend
-    return "sdpa_cudnn", sdpa_attention("sdpa_cudnn")
+    return "sdpa_cudnn", cudnn_attention()
 
 
 def runs_on(device: torch.device, make):

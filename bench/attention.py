@@ -3,11 +3,13 @@
 
 usage: python3 bench/attention.py [--batch 48] [--seq 2048] [--heads 8] [--kv-heads 4] [--head-dim 64]
 
-One line per (backend, gqa) pair: gqa:native passes K/V with fewer heads (enable_gqa),
-gqa:expand repeats them to the query heads first (the repeat is inside the timed region).
+One line per (backend, gqa) pair, for the SDPA kernels ATTN_BACKEND offers (sdpa: torch's choice,
+sdpa_cudnn) and FlashAttention 4: gqa:native passes K/V with fewer heads (enable_gqa), gqa:expand
+repeats them to the query heads first (the repeat is inside the timed region).
 Also prints the bf16 matmul rate of an 8192^3 product, the practical peak for MFU figures.
 """
 import argparse
+import contextlib
 import sys
 import time
 
@@ -15,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+BACKENDS = {"sdpa": None, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}  # None: torch's own kernel choice
 
 
 def timed(fn, reps: int = 20) -> float:
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     def sdpa(backend, gqa):
         def fwd():
             kk, vv = (k, v) if gqa == "native" else (k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1))
-            with sdpa_kernel(backend):
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
                 return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa == "native")
         return fwd
 

@@ -373,17 +373,16 @@ def reference_attention(q, k, v):
     return torch.einsum("bhts,bshd->bthd", causal_scores(q, k).softmax(-1), repeat_kv(v, q))
 
 
-@pytest.mark.parametrize("name", [*train_gpt.FLASH_KERNELS, *train_gpt.SDPA_KERNELS])
-@pytest.mark.parametrize("expand_kv", [False, True])
-def test_attention_backends_match_reference(name, expand_kv):
-    """Every attention kernel this machine has (pinned alone, no fallback) against plain attention."""
+@pytest.mark.parametrize("name", [*train_gpt.FLASH_KERNELS, "sdpa", "sdpa_cudnn"])
+def test_attention_backends_match_reference(name):
+    """Every attention kernel this machine has (cuDNN pinned alone, no fallback) against plain attention."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name in train_gpt.FLASH_KERNELS:
-        attend = train_gpt.flash_attention(name) if device.type == "cuda" and not expand_kv else None
+        attend = train_gpt.flash_attention(name) if device.type == "cuda" else None
         if attend is None:
             pytest.skip(f"{name} is not importable here (or needs CUDA)")
     else:
-        attend = train_gpt.sdpa_attention(name, expand_kv, fallback=False)
+        attend = train_gpt.cudnn_attention(fallback=False) if name == "sdpa_cudnn" else train_gpt.causal_attention
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q = torch.randn(2, 40, 4, 16, device=device, dtype=dtype)
@@ -391,7 +390,7 @@ def test_attention_backends_match_reference(name, expand_kv):
     try:
         out = attend(q, k, v)
     except RuntimeError as e:
-        pytest.skip(f"{name} (expand_kv={expand_kv}) does not run here: {str(e)[:60]}")
+        pytest.skip(f"{name} does not run here: {str(e)[:60]}")
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out.float(), reference_attention(q, k, v), atol=tol, rtol=tol)
     if name == "fa4":  # the fake-tensor rule and backward against the real kernels
@@ -463,17 +462,15 @@ def test_fa4_missing_is_none():
 
 
 def test_sdpa_kernels_that_must_run_on_cpu():
-    """The suite exercises the math and flash kernels and torch's own choice for real; a kernel CPU
-    lacks raises when pinned without fallback and falls back to math with it."""
+    """torch's own SDPA choice runs on CPU for real; cuDNN, which CPU lacks, raises when pinned without
+    fallback and falls back to math with it."""
     q = torch.randn(1, 8, 4, 8)
     k = v = torch.randn(1, 8, 2, 8)
     ref = reference_attention(q, k, v)
-    for attend in (train_gpt.sdpa_attention("sdpa_math", fallback=False),
-                   train_gpt.sdpa_attention("sdpa_flash", fallback=False), train_gpt.sdpa_attention()):
-        torch.testing.assert_close(attend(q, k, v), ref)
+    torch.testing.assert_close(train_gpt.causal_attention(q, k, v), ref)
     with pytest.raises(RuntimeError):
-        train_gpt.sdpa_attention("sdpa_cudnn", fallback=False)(q, k, v)
-    torch.testing.assert_close(train_gpt.sdpa_attention("sdpa_cudnn")(q, k, v), ref)
+        train_gpt.cudnn_attention(fallback=False)(q, k, v)
+    torch.testing.assert_close(train_gpt.cudnn_attention()(q, k, v), ref)
 
 
 def test_pinned_sdpa_kernel_is_part_of_the_compiled_graph():
@@ -489,12 +486,12 @@ def test_pinned_sdpa_kernel_is_part_of_the_compiled_graph():
 
     q = torch.randn(1, 8, 4, 8)
     k = v = torch.randn(1, 8, 2, 8)
-    for name in ("sdpa_flash", "sdpa_math"):
+    for name, attend in (("sdpa_cudnn", train_gpt.cudnn_attention()), ("sdpa", train_gpt.causal_attention)):
         torch._dynamo.reset()
-        torch.compile(train_gpt.sdpa_attention(name), fullgraph=True, backend=capture(name))(q, k, v)
+        torch.compile(attend, fullgraph=True, backend=capture(name))(q, k, v)
     entered = {n: code.split("scaled_dot_product_attention")[0] for n, code in graphs.items()}  # before the call
-    assert "FLASH_ATTENTION" in entered["sdpa_flash"] and "FLASH_ATTENTION" not in entered["sdpa_math"]
-    assert "MATH" in entered["sdpa_math"]
+    assert "CUDNN_ATTENTION" in entered["sdpa_cudnn"] and "CUDNN_ATTENTION" not in entered["sdpa"]
+    assert "MATH" in entered["sdpa_cudnn"]
 
 
 def test_auto_attention_is_a_static_choice_by_availability(monkeypatch):
@@ -503,18 +500,17 @@ def test_auto_attention_is_a_static_choice_by_availability(monkeypatch):
     (FA4 without its CUDA toolkit flavour) or at its first call is passed over under auto, and is a
     one-line UserError when asked for by name."""
     cuda = torch.device("cuda")
-    monkeypatch.setattr(train_gpt, "sdpa_attention", lambda kernel=None, expand_kv=False, fallback=True:
-                        (kernel, expand_kv))
+    monkeypatch.setattr(train_gpt, "cudnn_attention", lambda fallback=True: ("sdpa_cudnn", fallback))
     available = {}
     monkeypatch.setattr(train_gpt, "flash_attention", lambda name: available.get(name))
     monkeypatch.setattr(train_gpt, "runs_on", lambda device, make: make())
-    assert train_gpt.select_attention("auto", cuda) == ("sdpa_cudnn", ("sdpa_cudnn", False))
+    assert train_gpt.select_attention("auto", cuda) == ("sdpa_cudnn", ("sdpa_cudnn", True))
     available["fa3"] = "fa3_fn"
     assert train_gpt.select_attention("auto", cuda) == ("fa3", "fa3_fn")
     available["fa4"] = "fa4_fn"
     assert train_gpt.select_attention("auto", cuda) == ("fa4", "fa4_fn")
     assert train_gpt.select_attention("sdpa", cuda) == ("sdpa", train_gpt.causal_attention)
-    assert train_gpt.select_attention("sdpa_flash", cuda) == ("sdpa_flash", ("sdpa_flash", False))
+    assert train_gpt.select_attention("sdpa_cudnn", cuda) == ("sdpa_cudnn", ("sdpa_cudnn", True))
 
     def broken(name):
         raise RuntimeError("No CTK flavor installed")
@@ -540,9 +536,9 @@ def test_select_attention_on_cpu_and_bad_choice():
     assert train_gpt.select_attention("auto", cpu) == ("sdpa", train_gpt.causal_attention)
     with pytest.raises(train_gpt.UserError, match="ATTN_BACKEND=fa3: flash-attention 3 .* is not importable"):
         train_gpt.select_attention("fa3", cpu)
-    name, attend = train_gpt.select_attention("sdpa_math", cpu)
+    name, attend = train_gpt.select_attention("sdpa_cudnn", cpu)  # falls back to math on CPU
     q = torch.randn(1, 8, 4, 8)
-    assert name == "sdpa_math"
+    assert name == "sdpa_cudnn"
     torch.testing.assert_close(attend(q, q[:, :, :2], q[:, :, :2]), reference_attention(q, q[:, :, :2], q[:, :, :2]))
 
 
