@@ -815,11 +815,11 @@ def asym_softcap_nll(logits: torch.Tensor, targets: torch.Tensor, caps: torch.Te
     flat = AsymSoftcapCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), caps)
     return flat.view_as(targets)
 
+
 # XSA (exclusive self-attention): each head's output y minus its component along the token's own
 # value v, y - (y.v / v.v) v, for y [B,T,Hkv,G,hd] (G query heads per KV head) and v [B,T,Hkv,hd];
 # v.v is clamped at XSA_EPS as F.normalize does. xsa_reference is the definition (float32 at least);
 # the model calls the op `xsa` (Fast paths), a Triton kernel each way on CUDA.
-
 
 XSA_EPS = 1e-24
 
@@ -899,7 +899,7 @@ class LoRA(nn.Module):
         for b in self.b.values():
             b.zero_()
 
-    def __call__(self, key: str, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """The update of adapter `key` for x [n,T,in]: rows 0..n-1 of the batch."""
         n = x.size(0)
         return torch.bmm(torch.bmm(x, self.a[key][:n].transpose(1, 2)), self.b[key][:n].transpose(1, 2)) * self.scale
@@ -1349,13 +1349,13 @@ def dequantize_matrix(entry: dict) -> torch.Tensor:
         slices[k] += A @ B
     return W
 
+
 # LQER: where GPTQ's error E = W - dequant(q) is largest (per bank slice or the embedding), a rank-r
 # A B ~ E is added back. A (rows x r) is INT2 under one fp16 scale, B (r x cols) INT4 with one fp16
 # scale per LQER_GROUP values, stored as extra fields of the matrix's entry (lqer{slice}.a, .a_scale,
 # .b, .b_scale) whose shapes give rank and group: an artifact without them reads as before. A's codes
 # are packed four to a byte (mostly zeros, which brotli then skips); B's near-uniform ones compress
 # slightly better unpacked.
-
 
 LQER_FIELD = re.compile(r"lqer(\d+)\.(a|a_scale|b|b_scale)")
 LQER_A_BITS, LQER_B_BITS = 2, 4
@@ -1702,6 +1702,11 @@ class TokenScores:
         return cls(torch.zeros(n, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.int32, device=device),
                    torch.zeros(n, dtype=torch.int32, device=device))
 
+    def add(self, targets: torch.Tensor, nll: torch.Tensor):
+        """Count one more scoring of each target (stream positions t >= 1) with its NLL."""
+        self.nll.index_add_(0, targets - 1, nll.double())
+        self.count.index_add_(0, targets - 1, torch.ones_like(targets, dtype=torch.int32))
+
     def totals(self) -> tuple[float, float]:
         if not bool((self.count == 1).all()):
             raise RuntimeError(f"scoring bug: {int((self.count != 1).sum())} targets not scored exactly once")
@@ -1916,9 +1921,7 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
     pos = starts[:, None] + 1 + cut + torch.arange(L - cut, device=tokens.device)[None, :]  # stream position of y
     with torch.inference_mode(), autocast_ctx(tokens.device):
         nll = model.nll_from_hidden(h, y) if hints is None else tilted_scores(model, h, y, hints[pos], hp.ngram_beta)
-    t = pos[scored] - 1
-    out.nll.index_add_(0, t, nll[scored].double())
-    out.count.index_add_(0, t, torch.ones_like(t, dtype=torch.int32))
+    out.add(pos[scored], nll[scored])
 
 
 LORA_BETAS, LORA_EPS, LORA_WD = (0.0, 0.99), 1e-10, 0.5  # AdamW of the per-document adapters
@@ -1951,15 +1954,14 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
         opt = None
         if lora is not None:
             lora.reset()
-            opt = torch.optim.AdamW(lora.parameters(), lr=hp.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS,
-                                    weight_decay=LORA_WD)
+            params = list(lora.parameters())
+            opt = torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS, weight_decay=LORA_WD)
         for done in range(0, longest, step):  # targets start+done+1 .. start+done+step
             k = int(((e - s) > done).sum())
             last = np.minimum(s[:k] + done + step, e[:k])
             nll, scored = score_doc_chunk(model, hidden, tokens, s[:k], s[:k] + done, last, phase, out, hp, hints, lora)
             if opt is not None and done + step < longest:
                 loss = ((nll * scored).sum(1) / scored.sum(1)).sum()  # per document: rows stay independent
-                params = list(lora.parameters())
                 for p, g in zip(params, torch.autograd.grad(loss, params)):
                     p.grad = g
                 opt.step()
@@ -1986,9 +1988,7 @@ def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, start: np.ndarray,
     with torch.no_grad(), autocast_ctx(dev):
         score = nll.detach() if hints is None else \
             tilted_scores(model, h.detach(), y, hints[inside], hp.ngram_beta, lora)
-    t = pos[scored] - 1
-    out.nll.index_add_(0, t, score[scored].double())
-    out.count.index_add_(0, t, torch.ones_like(t, dtype=torch.int32))
+    out.add(pos[scored], score[scored])
     return nll, scored
 
 
@@ -2874,6 +2874,7 @@ if triton is not None:
         dv = 2.0 * tl.where(n2 > EPS, ac, 0.0)[:, None] * v - dv
         tl.store(DV + rows[:, None] * HD + d, dv.to(DV.dtype.element_ty), mask=live)
 
+
 XSA_BLOCK_ROWS = 32
 
 
@@ -2926,6 +2927,7 @@ def _(grad, y, v):
 xsa.register_autograd(lambda ctx, grad: xsa_backward(grad, *ctx.saved_tensors),
                       setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
 
+
 # Attention kernels: each takes q [B,T,H,hd] and k, v [B,T,Hkv,hd] (GQA) and returns causal attention
 # [B,T,H,hd]. cuDNN is pinned with sdpa_kernel() around the call: torch.compile records that in the graph,
 # so a graph cached on disk under another kernel is not reused (global backend flags are not in the
@@ -2937,7 +2939,7 @@ FLASH_KERNELS = {"fa4": "flash-attention 4 (flash_attn.cute)", "fa3": "flash-att
 def cudnn_attention(fallback: bool = True):
     """causal_attention pinned to SDPA's cuDNN kernel (plus math if fallback)."""
     SDPBackend = torch.nn.attention.SDPBackend
-    backends = [SDPBackend.CUDNN_ATTENTION] + [SDPBackend.MATH] * fallback
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH] if fallback else [SDPBackend.CUDNN_ATTENTION]
 
     def attend(q, k, v):
         with torch.nn.attention.sdpa_kernel(backends):
@@ -2959,10 +2961,10 @@ def flash_attention(name: str):
         return out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the LSE
     return attend
 
+
 # FlashAttention 4 (flash-attn-4, CuTe DSL) as a custom op with its own backward, so torch.compile keeps
 # it in one graph (FA4's autograd Function is not traceable). Its forward/backward entry points are a
 # private API, checked against 4.0.0b36 (torch 2.11's own FA4 hook for SDPA does not match that release).
-
 
 @torch.library.custom_op("train_gpt::fa4_causal", mutates_args=())
 def fa4_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
