@@ -207,6 +207,8 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
          "0 = off (sliding windows)", 0),
     Knob("TTT_LORA_LR", 1e-4, "AdamW learning rate of the per-document adapters", 0),
     Knob("TTT_LORA_CHUNK", 48, "targets a document scores between two steps of its adapters", 1),
+    Knob("TTT_LORA_STEPS", 64, "most adapter steps per document: a longer one scores larger chunks (its "
+         "length / this), which bounds the sequential steps of a batch", 1),
     Knob("TTT_LORA_DOCS", 64, "documents adapted side by side in one batch", 1),
     Knob("ASYM_LOGIT_LR", 1.0, "TTT SGD learning rate of the two AsymLogit caps (their gradient is tiny next to a "
          "weight's: at TTT_LR they would not move)", 0),
@@ -1859,7 +1861,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         lora = LoRA(model.cfg, hp.ttt_lora_docs, hp.ttt_lora_rank, dctx.device)
         if log is not None:
             log(f"ttt_lora rank:{hp.ttt_lora_rank} lr:{hp.ttt_lora_lr} chunk:{hp.ttt_lora_chunk} "
-                f"batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} global_chunks:{len(chunks)}")
+                f"steps:{hp.ttt_lora_steps} batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} global_chunks:{len(chunks)}")
     else:
         ends = window_ends(len(val.tokens), phase.seq_len, phase.stride)
         prev = np.concatenate(([0], ends[:-1]))
@@ -1939,29 +1941,39 @@ def frozen(model: GPT):
             p.requires_grad_(flag)
 
 
+def doc_chunk_sizes(lengths: np.ndarray, hp: Hyperparameters, adapting: bool, seq_len: int) -> np.ndarray:
+    """Targets per scoring step of each document: TTT_LORA_CHUNK, larger for a document that would need
+    more than TTT_LORA_STEPS steps; a whole window when nothing adapts."""
+    if not adapting:
+        return np.full(len(lengths), seq_len)
+    return np.maximum(hp.ttt_lora_chunk, -(-lengths // hp.ttt_lora_steps))
+
+
 def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, ends: np.ndarray, phase: Phase,
                out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None, lora: LoRA | None):
     """Score whole documents (targets start+1..end each) into `out`, longest first, TTT_LORA_DOCS side by
-    side. A batch walks its documents in chunks of TTT_LORA_CHUNK targets: a chunk is scored with up to
-    seq_len tokens of its own document before it, then every document's adapter (row of `lora`) takes one
-    AdamW step on the mean NLL of its chunk, whose targets are all scored now. Without lora (TTT stopped
-    by the budget) a chunk is a whole window and nothing trains."""
-    step = hp.ttt_lora_chunk if lora is not None else phase.seq_len
-    order = np.argsort(starts - ends, kind="stable")  # longest first, so a batch's active rows are its first
+    side. Each document is walked in chunks (doc_chunk_sizes): a chunk is scored with up to seq_len tokens
+    of its own document before it, then every document's adapter (row of `lora`) takes one AdamW step on
+    the mean NLL of its chunk, whose targets are all scored now. A finished document's row stays in the
+    batch with an empty chunk (one batch shape, fewer compiled graphs). Without lora (TTT stopped by the
+    budget) a chunk is a whole window and nothing trains."""
+    order = np.argsort(starts - ends, kind="stable")  # longest first: a batch's documents take similar steps
     for batch in even_batches(order, hp.ttt_lora_docs):
         s, e = starts[batch], ends[batch]
-        longest = int((e - s).max())
+        size = doc_chunk_sizes(e - s, hp, lora is not None, phase.seq_len)
+        n_steps = -(-(e - s) // size)
         opt = None
         if lora is not None:
             lora.reset()
             params = list(lora.parameters())
             opt = torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS, weight_decay=LORA_WD)
-        for done in range(0, longest, step):  # targets start+done+1 .. start+done+step
-            k = int(((e - s) > done).sum())
-            last = np.minimum(s[:k] + done + step, e[:k])
-            nll, scored = score_doc_chunk(model, hidden, tokens, s[:k], s[:k] + done, last, phase, out, hp, hints, lora)
-            if opt is not None and done + step < longest:
-                loss = ((nll * scored).sum(1) / scored.sum(1)).sum()  # per document: rows stay independent
+        for j in range(int(n_steps.max())):
+            live = n_steps > j
+            prev = np.where(live, s + j * size, s + 1)  # a finished row: targets s+2..s+1, none
+            last = np.where(live, np.minimum(prev + size, e), s + 1)
+            nll, scored = score_doc_chunk(model, hidden, tokens, s, prev, last, phase, out, hp, hints, lora)
+            if opt is not None and j + 1 < n_steps.max():
+                loss = ((nll * scored).sum(1) / scored.sum(1).clamp(min=1)).sum()  # per document: rows independent
                 for p, g in zip(params, torch.autograd.grad(loss, params)):
                     p.grad = g
                 opt.step()
@@ -2162,8 +2174,9 @@ def perturbation_point(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) ->
         return mid // phase.stride * phase.stride + phase.stride // 2
     starts, ends = doc_spans(tokens)
     d = np.searchsorted(ends, mid)  # the document holding target mid
-    s, C = int(starts[d]), hp.ttt_lora_chunk
-    return min(s + (mid - s - 1) // C * C + C // 2, int(ends[d]) - 1)
+    s, e = int(starts[d]), int(ends[d])
+    C = int(doc_chunk_sizes(np.array([e - s]), hp, True, phase.seq_len)[0])
+    return min(s + (mid - s - 1) // C * C + C // 2, e - 1)
 
 
 def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase) -> bool:

@@ -34,6 +34,26 @@ def test_doc_chunks_group_documents_by_start():
     assert [(d.tolist(), lo, hi) for d, lo, hi in chunks] == [([0, 1], 0, 70), ([2, 3], 70, 200), ([4], 200, 260)]
 
 
+def test_long_documents_take_larger_chunks_within_the_step_budget(monkeypatch):
+    hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_STEPS="4"))
+    assert train_gpt.doc_chunk_sizes(np.array([10, 32, 33, 1000]), hp, True, 32).tolist() == [8, 8, 9, 250]
+    assert train_gpt.doc_chunk_sizes(np.array([10, 1000]), hp, False, 32).tolist() == [32, 32]
+    hp, model, tokens, val = lora_setup(TTT_LORA_STEPS="2", TTT_CHUNK_TOKENS="100000")
+    calls, real = [], train_gpt.score_doc_chunk
+
+    def counted(*args):
+        calls.append(len(args[3]))
+        return real(*args)
+    monkeypatch.setattr(train_gpt, "score_doc_chunk", counted)
+    scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase())
+    assert (scores.count == 1).all()
+    docs = len(train_gpt.doc_spans(tokens)[0])
+    batches = len(train_gpt.even_batches(np.arange(docs), 3))
+    assert len(calls) == 2 * batches  # every batch: two steps, whatever its documents' lengths
+    ph = train_gpt.Phase("ttt", 32, 8, ttt=True, lora=True)
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, ph)
+
+
 def test_untrained_adapters_score_each_target_with_its_documents_context():
     """lr 0 and no global updates: an adapter stays the identity (B = 0), so each target's NLL is the
     model's with the tokens of its own document before it (at most EVAL_SEQ_LEN of them)."""
@@ -132,7 +152,7 @@ def test_score_phases_runs_lora_ttt_and_checks_it():
     out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
     text = "\n".join(lines)
     docs = len(train_gpt.doc_spans(tokens)[0])
-    for key in ("legality_check phase:ttt passed:1", f"ttt_lora rank:4 lr:0.01 chunk:8 batch_docs:3 docs:{docs} ",
+    for key in ("legality_check phase:ttt passed:1", f"ttt_lora rank:4 lr:0.01 chunk:8 steps:64 batch_docs:3 docs:{docs} ",
                 "ngram_tilt:ttt ", "ttt val_loss:"):
         assert key in text, key
     assert out["final_phase"] == "ttt" and out["final_val_bpb"] == out["ttt_val_bpb"]
