@@ -1984,22 +1984,28 @@ def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, start: np.ndarray,
                     lora: LoRA | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Score targets prev+1..last of each row's document (which starts at `start`) into `out`, the window
     of inputs being max(start, last - seq_len)..last-1; rows are right-padded with zeros (to a power of two),
-    which causal attention never lets back. Returns the plain NLL [rows, L] (with grad under a lora) and the scored mask."""
+    which causal attention never lets back. The head runs on the scored positions only (the window's
+    tail). Returns their plain NLL [rows, M] (with grad under a lora) and the mask of real ones."""
     dev = tokens.device
     begin = np.maximum(start, last - phase.seq_len)
     L = min(1 << (int((last - begin).max()) - 1).bit_length(), phase.seq_len)  # a few lengths: a few graphs
     pos = torch.from_numpy(begin).to(dev)[:, None] + 1 + torch.arange(L, device=dev)  # stream position of y
-    last_t = torch.from_numpy(last).to(dev)[:, None]
-    valid = pos <= last_t
+    valid = pos <= torch.from_numpy(last).to(dev)[:, None]
     inside = pos.clamp(max=len(tokens) - 1)  # the padding's positions may run past the stream
-    x, y = torch.where(valid, tokens[inside - 1], 0), torch.where(valid, tokens[inside], 0)
-    scored = valid & (pos > torch.from_numpy(prev).to(dev)[:, None])
+    x = torch.where(valid, tokens[inside - 1], 0)
+    n_scored = torch.from_numpy(last - prev).to(dev)
+    k = torch.arange(int(n_scored.max()), device=dev)
+    tail = (torch.from_numpy(prev - begin).to(dev)[:, None] + k).clamp(max=L - 1)  # row r's scored targets
+    scored = k < n_scored[:, None]
+    pos = pos.gather(1, tail)
+    y = tokens[pos.clamp(max=len(tokens) - 1)]
     with torch.enable_grad() if lora is not None else torch.inference_mode(), autocast_ctx(dev):
         h = hidden(x, lora)
+        h = h.gather(1, tail[..., None].expand(-1, -1, h.size(-1)))
         nll = model.nll_from_hidden(h, y, lora=lora)
     with torch.no_grad(), autocast_ctx(dev):
         score = nll.detach() if hints is None else \
-            tilted_scores(model, h.detach(), y, hints[inside], hp.ngram_beta, lora)
+            tilted_scores(model, h.detach(), y, hints[pos.clamp(max=len(tokens) - 1)], hp.ngram_beta, lora)
     out.add(pos[scored], score[scored])
     return nll, scored
 
