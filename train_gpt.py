@@ -936,6 +936,12 @@ class GPT(nn.Module):
         self.ln_scales = [1.0 / math.sqrt(i + 1) if cfg.ln_scale else 1.0 for i in range(L)]
         self.reset_parameters()
 
+    def replica(self, attention) -> GPT:
+        """A copy of the model (weights included) computing attention with another function."""
+        other = copy.deepcopy(self)
+        other.attention = attention
+        return other
+
     def w(self, role: str, i: int) -> torch.Tensor:
         """The matrix of `role` (see ROLES) in layer i: a view into its bank."""
         bank, part = ROLES[role]
@@ -2185,19 +2191,47 @@ def perturbation_point(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) ->
     return min(s + (mid - s - 1) // C * C + C // 2, e - 1)
 
 
-def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase) -> bool:
+def reproducible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """causal_attention by SDPA's math kernel, bitwise reproducible forward and backward on a GPU (cuDNN's
+    backward is not: it accumulates in a run-dependent order)."""
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        return causal_attention(q, k, v)
+
+
+@contextlib.contextmanager
+def deterministic_kernels():
+    """PyTorch's deterministic kernels where it has them (a warning where it has none)."""
+    state = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+
+
+def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase) -> bool | None:
     """Score two val streams equal up to token p and different after it: every target <= p must get
     the identical NLL. A method that looks at targets before scoring them fails this. Per-document
     scoring keeps the document boundaries (BOS) in place: they decide which documents share a batch,
-    hence the shapes of the arithmetic, not what any score sees."""
+    hence the shapes of the arithmetic, not what any score sees. Both passes run eager, on deterministic
+    kernels and reproducible attention, so that only the data can tell them apart; where they differ,
+    the unperturbed stream is scored again, and if that differs too the check is inconclusive (None)."""
     p = perturbation_point(val.tokens, phase, hp)
     other = val.tokens.copy()
     moved = np.arange(p + 1, len(other))
     if phase.lora:
         moved = moved[other[moved] != BOS_ID]
     other[moved] = np.random.default_rng(0).permutation(other[moved])
-    runs = [eval_tokens(copy.deepcopy(model), v, dctx, hp, phase).nll[:p] for v in (val, val.with_tokens(other))]
-    return bool(torch.equal(*runs))
+    eager = copy.copy(hp)
+    eager.eval_compile = False
+
+    def scores(v: ValSet) -> torch.Tensor:
+        return eval_tokens(model.replica(reproducible_attention), v, dctx, eager, phase).nll[:p]
+    with deterministic_kernels():
+        first = scores(val)
+        if torch.equal(first, scores(val.with_tokens(other))):
+            return True
+        return False if torch.equal(first, scores(val)) else None
 
 
 def compiled_graph_count() -> int:
@@ -2244,7 +2278,10 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
         prefix = val.prefix(4 * max(hp.ttt_chunk_tokens, hp.eval_seq_len) + 1)
         for phase in phases[1:]:
             ok = legality_check(model, prefix, dctx, hp, phase)
-            log(f"legality_check phase:{phase.name} passed:{int(ok)}")
+            log(f"legality_check phase:{phase.name} passed:{int(bool(ok))}" + (" reproducible:0" if ok is None else ""))
+            if ok is None and phase.legal:
+                raise UserError(f"legality check of phase {phase.name} inconclusive: two scorings of the same "
+                                "stream differ (kernels that are not reproducible on this machine)")
             if not ok and phase.legal:
                 raise UserError(f"legality check failed for phase {phase.name}: scores depend on later tokens")
     results, elapsed, final = {}, 0.0, None

@@ -71,7 +71,30 @@ def test_legal_modes_pass_the_future_perturbation_check(ttt, slot):
 def test_slot_full_fails_the_check():
     """SLOT=full fits on the targets it scores: the check must catch it."""
     hp, model, tokens, val = setup()
-    assert not train_gpt.legality_check(model, val, train_gpt.Dist(), hp, phase(slot="full"))
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, phase(slot="full")) is False
+
+
+def test_the_check_runs_reproducible_kernels_and_says_when_they_are_not(monkeypatch):
+    """Eager, deterministic kernels, math attention (cuDNN's backward is not bitwise reproducible) for
+    both passes; if scoring the same stream twice already differs, the check is inconclusive (None)."""
+    _, model, tokens, val = setup()
+    hp = train_gpt.Hyperparameters(EVAL_ENV | dict(EVAL_COMPILE="1"))
+    real, seen = train_gpt.eval_tokens, []
+
+    def noisy(model, val, dctx, hp, phase, *args):
+        seen.append((model.attention, hp.eval_compile, torch.are_deterministic_algorithms_enabled()))
+        out = real(model, val, dctx, hp, phase, *args)
+        out.nll += torch.rand_like(out.nll) * 1e-9
+        return out
+    monkeypatch.setattr(train_gpt, "eval_tokens", noisy)
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, phase(ttt=True)) is None
+    assert seen == [(train_gpt.reproducible_attention, False, True)] * 3
+    assert not torch.are_deterministic_algorithms_enabled()
+    lines = []
+    with pytest.raises(train_gpt.UserError, match="legality check of phase sliding inconclusive"):
+        train_gpt.score_phases(model, 32, val, train_gpt.Dist(), train_gpt.Hyperparameters(
+            EVAL_ENV | dict(LEGALITY_CHECK="1", TTT_ENABLED="0")), lines.append)
+    assert "legality_check phase:sliding passed:0 reproducible:0" in lines
 
 
 def test_ttt_and_slot_change_scores_only_where_allowed():

@@ -127,7 +127,7 @@ def test_a_leaky_adapter_step_fails_the_check(monkeypatch):
                 p.data -= 1.0 * g
         return real(model, hidden, tokens, start, prev, last, phase, out, hp, hints, lora)
     monkeypatch.setattr(train_gpt, "score_doc_chunk", peek_then_score)
-    assert not train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase())
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase()) is False
 
 
 def test_asym_logit_caps_move_at_their_own_rate():
