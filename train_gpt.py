@@ -208,7 +208,7 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("TTT_LORA_LR", 1e-4, "AdamW learning rate of the per-document adapters", 0),
     Knob("TTT_LORA_CHUNK", 48, "targets a document scores between two steps of its adapters", 1),
     Knob("TTT_LORA_STEPS", 64, "most adapter steps per document: a longer one scores larger chunks (its "
-         "length / this), which bounds the sequential steps of a batch", 1),
+         "length / this, at most EVAL_SEQ_LEN), which bounds the sequential steps of a batch", 1),
     Knob("TTT_LORA_DOCS", 64, "documents adapted side by side in one batch", 1),
     Knob("ASYM_LOGIT_LR", 1.0, "TTT SGD learning rate of the two AsymLogit caps (their gradient is tiny next to a "
          "weight's: at TTT_LR they would not move)", 0),
@@ -1949,10 +1949,10 @@ def frozen(model: GPT):
 
 def doc_chunk_sizes(lengths: np.ndarray, hp: Hyperparameters, adapting: bool, seq_len: int) -> np.ndarray:
     """Targets per scoring step of each document: TTT_LORA_CHUNK, larger for a document that would need
-    more than TTT_LORA_STEPS steps; a whole window when nothing adapts."""
+    more than TTT_LORA_STEPS steps, but never more than a window holds; a whole window when nothing adapts."""
     if not adapting:
         return np.full(len(lengths), seq_len)
-    return np.maximum(hp.ttt_lora_chunk, -(-lengths // hp.ttt_lora_steps))
+    return np.minimum(np.maximum(hp.ttt_lora_chunk, -(-lengths // hp.ttt_lora_steps)), seq_len)
 
 
 def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, ends: np.ndarray, phase: Phase,

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import train_gpt
+from conftest import parse_log, tiny_env
 from test_eval import EVAL_ENV, setup
 from test_model import randomized, small_cfg
 
@@ -36,8 +37,9 @@ def test_doc_chunks_group_documents_by_start():
 
 def test_long_documents_take_larger_chunks_within_the_step_budget(monkeypatch):
     hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_STEPS="4"))
-    assert train_gpt.doc_chunk_sizes(np.array([10, 32, 33, 1000]), hp, True, 32).tolist() == [8, 8, 9, 250]
+    assert train_gpt.doc_chunk_sizes(np.array([10, 32, 33, 1000]), hp, True, 32).tolist() == [8, 8, 9, 32]
     assert train_gpt.doc_chunk_sizes(np.array([10, 1000]), hp, False, 32).tolist() == [32, 32]
+    assert train_gpt.doc_chunk_sizes(np.array([100, 1000]), hp, True, 64).tolist() == [25, 64]  # a window's worth
     hp, model, tokens, val = lora_setup(TTT_LORA_STEPS="2", TTT_CHUNK_TOKENS="100000")
     calls, real = [], train_gpt.score_doc_chunk
 
@@ -173,3 +175,24 @@ def test_lora_knobs_are_checked():
         train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_ENABLED="0"))
     with pytest.raises(train_gpt.UserError, match="TTT_LORA_CHUNK <= EVAL_SEQ_LEN"):
         train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_LORA_CHUNK="4096"))
+
+
+def test_lora_ttt_on_two_ranks_scores_like_one_process(tiny_data, tmp_path, launcher):
+    """Several GPUs split each group's documents between ranks and all-reduce the global update: an
+    artifact scored on two ranks gets one process's score (rows are independent; float rounding apart).
+    At a LoRA rate that makes this tiny model diverge (0.01) the two differ by ~0.03: AdamW with beta1 0
+    and eps 1e-10 takes a full step of either sign on a gradient of rounding noise, so a diverging run
+    amplifies the all-reduce's last bits."""
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="one", TTT_LORA_RANK=4, TTT_LORA_CHUNK=16, TTT_LORA_DOCS=4,
+                   TTT_LORA_LR="0.001", TTT_LORA_STEPS=8, EVAL_SLIDING=0)
+    one = launcher.run(env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    art = tmp_path / "art" / "final_model_one.int6.br"
+    two = launcher.run(env | dict(RUN_ID="two", EVAL_ONLY=str(art)), nproc=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = parse_log(tmp_path / "logs" / "one.txt"), parse_log(tmp_path / "logs" / "two.txt")
+    assert "world_size:2" in (tmp_path / "logs" / "two.txt").read_text()
+    assert a["final_phase"] == b["final_phase"] == "ttt"
+    assert "ttt_lora rank:4" in (tmp_path / "logs" / "two.txt").read_text()
+    assert abs(float(a["ttt_val_bpb"]) - float(b["ttt_val_bpb"])) < 1e-5, (a["ttt_val_bpb"], b["ttt_val_bpb"])
+    assert float(a["ttt_val_bpb"]) < float(a["roundtrip_val_bpb"]) - 0.01  # the adapters did work
