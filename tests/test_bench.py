@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 import train_gpt
-from conftest import ROOT, run_script, tiny_env
+from conftest import ROOT, parse_log, run_script, tiny_env
 from data.shards import write_shard
 
 TINY = ["DEVICE=cpu", "NUM_LAYERS=3", "MODEL_DIM=64", "NUM_HEADS=4", "NUM_KV_HEADS=2", "TRAIN_BATCH_TOKENS=1024",
@@ -166,3 +166,24 @@ def test_scaling_script_runs_two_ranks_against_one(tiny_data, tmp_path, launcher
 def test_scaling_script_rejects_a_gpu_count_that_does_not_divide_8():
     res = subprocess.run(["bash", "bench/scaling.sh", "3"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip() == "error: N=3: expected 2, 4 or 8 GPUs"
+
+
+def test_eval_sweep_scores_one_artifact_under_several_settings(tiny_data, tmp_path, launcher):
+    """bench/eval_sweep.py: one EVAL_ONLY run per variant in one process, each with its own log and line;
+    the variants' knobs are checked before any runs; a bad variant is a one-line error."""
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="art", TTT_ENABLED=0)
+    assert launcher.run(env).returncode == 0
+    sweep = env | dict(RUN_ID="sw", EVAL_ONLY=str(tmp_path / "art" / "final_model_art.int6.br"))
+    res = launcher.run(sweep, "bench/eval_sweep.py", ["plain", "ttt TTT_ENABLED=1 EVAL_SLIDING=0"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("variant:")]  # among the runs' log lines
+    assert [line.split()[:2] for line in lines] == [["variant:plain", "final_phase:sliding"],
+                                                     ["variant:ttt", "final_phase:ttt"]]
+    for line, name in zip(lines, ("plain", "ttt")):
+        log = tmp_path / "logs" / f"sw_{name}.txt"
+        assert line.endswith(f"log:{log}") and parse_log(log)["final_val_bpb"] in line
+    res = launcher.run(sweep | dict(RUN_ID="bad"), "bench/eval_sweep.py", ["ok", "broken TTT_LR=x"])
+    assert res.returncode == 2 and res.stderr.startswith("error: env TTT_LR='x'")
+    assert not (tmp_path / "logs" / "bad_ok.txt").exists()  # nothing ran
+    res = launcher.run(sweep, "bench/eval_sweep.py", ["two words=1=2 x"])
+    assert res.returncode == 2 and res.stderr.startswith("error: variant 'two words=1=2 x'")

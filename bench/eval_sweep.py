@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Score one artifact under several eval settings in one process on one GPU: Python, torch and the
+compiled forward graphs are set up once, so a variant after the first costs little more than its phases.
+
+usage: EVAL_ONLY=ARTIFACT [VAR=value ...] python3 bench/eval_sweep.py 'NAME [K=V ...]' ['NAME K=V ...' ...]
+
+Each variant is train_gpt's EVAL_ONLY run with the environment plus its overrides, logged as
+RUN_ID=<RUN_ID>_<NAME>; every variant's knobs are checked before the first one runs. After each run's own
+log lines it prints one line: variant, final_phase, final_val_bpb, eval_seconds, log. A variant's eval_seconds leave out the
+compiling that an earlier variant already did: time a setting for the eval budget in a run of its own.
+"""
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:  # run as a script: the repository root, once
+    sys.path.insert(0, str(HERE.parent))
+import train_gpt  # noqa: E402
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    name, *pairs = spec.split()
+    if not name.isidentifier() or not all("=" in p and p.split("=", 1)[0] for p in pairs):
+        raise train_gpt.UserError(f"variant {spec!r}: expected 'NAME K=V ...' (NAME letters, digits, _)")
+    return name, dict(p.split("=", 1) for p in pairs)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        if not argv:
+            raise train_gpt.UserError("give at least one variant: 'NAME [K=V ...]'")
+        if not os.environ.get("EVAL_ONLY"):
+            raise train_gpt.UserError("env EVAL_ONLY: the artifact to score is not set")
+        if os.environ.get("WORLD_SIZE", "1") != "1":
+            raise train_gpt.UserError("eval_sweep.py runs one process: start it with python3, not torchrun")
+        base = os.environ.get("RUN_ID") or "sweep"
+        variants = [parse_variant(spec) for spec in argv]
+        if len({name for name, _ in variants}) < len(variants):
+            raise train_gpt.UserError("variant names must differ (each names its log)")
+        runs = [(name, train_gpt.Hyperparameters(dict(os.environ) | pairs | {"RUN_ID": f"{base}_{name}"}))
+                for name, pairs in variants]
+        for name, hp in runs:
+            s = train_gpt.run(hp)
+            print(f"variant:{name} final_phase:{s['final_phase']} final_val_bpb:{s['final_val_bpb']:.8f} "
+                  f"eval_seconds:{s['eval_seconds']:.1f} log:{Path(hp.log_dir) / (hp.run_id + '.txt')}", flush=True)
+    except train_gpt.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
