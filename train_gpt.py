@@ -207,8 +207,8 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
          "0 = off (sliding windows)", 0),
     Knob("TTT_LORA_LR", 1e-4, "AdamW learning rate of the per-document adapters", 0),
     Knob("TTT_LORA_CHUNK", 48, "targets a document scores between two steps of its adapters", 1),
-    Knob("TTT_LORA_STEPS", 64, "most adapter steps per document: a longer one scores larger chunks (its "
-         "length / this, at most EVAL_SEQ_LEN), which bounds the sequential steps of a batch", 1),
+    Knob("TTT_LORA_STEPS", 32, "past this many chunks a document's chunk grows to 1/this of what it has "
+         "scored (at most half a window): a long document takes ~this*ln(length) steps, not length/CHUNK", 1),
     Knob("TTT_LORA_DOCS", 64, "documents adapted side by side in one batch", 1),
     Knob("ASYM_LOGIT_LR", 1.0, "TTT SGD learning rate of the two AsymLogit caps (their gradient is tiny next to a "
          "weight's: at TTT_LR they would not move)", 0),
@@ -1947,27 +1947,34 @@ def frozen(model: GPT):
             p.requires_grad_(flag)
 
 
-def doc_chunk_sizes(lengths: np.ndarray, hp: Hyperparameters, adapting: bool, seq_len: int) -> np.ndarray:
-    """Targets per scoring step of each document: TTT_LORA_CHUNK, larger for a document that would need
-    more than TTT_LORA_STEPS steps, but never more than a window holds; a whole window when nothing adapts."""
-    if not adapting:
-        return np.full(len(lengths), seq_len)
-    return np.minimum(np.maximum(hp.ttt_lora_chunk, -(-lengths // hp.ttt_lora_steps)), seq_len)
+def chunk_bounds(n: int, hp: Hyperparameters, adapting: bool, seq_len: int) -> np.ndarray:
+    """Offsets 0 = o_0 < ... < o_k = n of a document's scoring steps (step j scores targets o_j + 1 .. o_(j+1)).
+    A chunk is TTT_LORA_CHUNK targets, or 1/TTT_LORA_STEPS of what the document has scored if that is more,
+    at most half a window (each target keeps half a window of context): its size follows from the document's
+    past only, not from its length, which a score must not know. Nothing adapting: half-window chunks."""
+    C, S = hp.ttt_lora_chunk, hp.ttt_lora_steps
+    cap = max(C, seq_len // 2)
+    out = [0]
+    while out[-1] < n:
+        done = out[-1]
+        out.append(min(n, done + (min(max(C, -(-done // S)), cap) if adapting else cap)))
+    return np.array(out)
 
 
 def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, ends: np.ndarray, phase: Phase,
                out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None, lora: LoRA | None):
     """Score whole documents (targets start+1..end each) into `out`, longest first, TTT_LORA_DOCS side by
-    side. Each document is walked in chunks (doc_chunk_sizes): a chunk is scored with up to seq_len tokens
+    side. Each document is walked in chunks (chunk_bounds): a chunk is scored with up to seq_len tokens
     of its own document before it, then every document's adapter (row of `lora`) takes one AdamW step on
     the mean NLL of its chunk, whose targets are all scored now. A finished document's row stays in the
     batch with an empty chunk (one batch shape, fewer compiled graphs). Without lora (TTT stopped by the
-    budget) a chunk is a whole window and nothing trains."""
+    budget) nothing trains."""
     order = np.argsort(starts - ends, kind="stable")  # longest first: a batch's documents take similar steps
     for batch in even_batches(order, hp.ttt_lora_docs):
         s, e = starts[batch], ends[batch]
-        size = doc_chunk_sizes(e - s, hp, lora is not None, phase.seq_len)
-        n_steps = -(-(e - s) // size)
+        bounds = [chunk_bounds(int(n), hp, lora is not None, phase.seq_len) for n in e - s]
+        n_steps = np.array([len(b) - 1 for b in bounds])
+        offsets = np.stack([np.pad(b, (0, n_steps.max() + 1 - len(b)), mode="edge") for b in bounds])
         opt = None
         if lora is not None:
             lora.reset()
@@ -1975,8 +1982,8 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
             opt = torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS, weight_decay=LORA_WD)
         for j in range(int(n_steps.max())):
             live = n_steps > j
-            prev = np.where(live, s + j * size, s + 1)  # a finished row: targets s+2..s+1, none
-            last = np.where(live, np.minimum(prev + size, e), s + 1)
+            prev = np.where(live, s + offsets[:, j], s + 1)  # a finished row: targets s+2..s+1, none
+            last = np.where(live, s + offsets[:, j + 1], s + 1)
             nll, scored = score_doc_chunk(model, hidden, tokens, s, prev, last, phase, out, hp, hints, lora)
             if opt is not None and j + 1 < n_steps.max():
                 loss = ((nll * scored).sum(1) / scored.sum(1).clamp(min=1)).sum()  # per document: rows independent
@@ -2004,7 +2011,7 @@ def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, start: np.ndarray,
     tail = (torch.from_numpy(prev - begin).to(dev)[:, None] + k).clamp(max=L - 1)  # row r's scored targets
     scored = k < n_scored[:, None]
     pos = pos.gather(1, tail)
-    y = tokens[pos.clamp(max=len(tokens) - 1)]
+    y = torch.where(scored, tokens[pos.clamp(max=len(tokens) - 1)], 0)  # only scored targets are read
     with torch.enable_grad() if lora is not None else torch.inference_mode(), autocast_ctx(dev):
         h = hidden(x, lora)
         h = h.gather(1, tail[..., None].expand(-1, -1, h.size(-1)))
@@ -2187,8 +2194,9 @@ def perturbation_point(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) ->
     starts, ends = doc_spans(tokens)
     d = np.searchsorted(ends, mid)  # the document holding target mid
     s, e = int(starts[d]), int(ends[d])
-    C = int(doc_chunk_sizes(np.array([e - s]), hp, True, phase.seq_len)[0])
-    return min(s + (mid - s - 1) // C * C + C // 2, e - 1)
+    b = s + chunk_bounds(e - s, hp, True, phase.seq_len)
+    j = np.searchsorted(b, mid) - 1  # the chunk holding target mid: b[j] < mid <= b[j+1]
+    return min(int(b[j] + b[j + 1]) // 2 + 1, e - 1)
 
 
 def reproducible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

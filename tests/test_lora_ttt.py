@@ -35,25 +35,56 @@ def test_doc_chunks_group_documents_by_start():
     assert [(d.tolist(), lo, hi) for d, lo, hi in chunks] == [([0, 1], 0, 70), ([2, 3], 70, 200), ([4], 200, 260)]
 
 
-def test_long_documents_take_larger_chunks_within_the_step_budget(monkeypatch):
+def test_chunks_grow_with_what_a_document_has_scored_never_with_its_length():
     hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_STEPS="4"))
-    assert train_gpt.doc_chunk_sizes(np.array([10, 32, 33, 1000]), hp, True, 32).tolist() == [8, 8, 9, 32]
-    assert train_gpt.doc_chunk_sizes(np.array([10, 1000]), hp, False, 32).tolist() == [32, 32]
-    assert train_gpt.doc_chunk_sizes(np.array([100, 1000]), hp, True, 64).tolist() == [25, 64]  # a window's worth
+    assert train_gpt.chunk_bounds(100, hp, True, 64).tolist() == [0, 8, 16, 24, 32, 40, 50, 63, 79, 99, 100]
+    long = train_gpt.chunk_bounds(5000, hp, True, 64)
+    assert np.diff(long).max() == 32 and len(long) < 5000 // 16  # half a window at most, far fewer steps
+    for n in range(1, 400):  # a shorter document walks the same chunks, cut where it ends
+        b = train_gpt.chunk_bounds(n, hp, True, 64)
+        assert b[-1] == n and np.array_equal(b[:-1], long[:len(b) - 1])
+    assert np.diff(train_gpt.chunk_bounds(100, hp, False, 64)).tolist() == [32, 32, 32, 4]
+
+
+def test_a_batch_keeps_its_rows_until_its_longest_document_ends(monkeypatch):
     hp, model, tokens, val = lora_setup(TTT_LORA_STEPS="2", TTT_CHUNK_TOKENS="100000")
-    calls, real = [], train_gpt.score_doc_chunk
+    rows, real = [], train_gpt.score_doc_chunk
 
     def counted(*args):
-        calls.append(len(args[3]))
+        rows.append(len(args[3]))
         return real(*args)
     monkeypatch.setattr(train_gpt, "score_doc_chunk", counted)
     scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase())
     assert (scores.count == 1).all()
-    docs = len(train_gpt.doc_spans(tokens)[0])
-    batches = len(train_gpt.even_batches(np.arange(docs), 3))
-    assert len(calls) == 2 * batches  # every batch: two steps, whatever its documents' lengths
-    ph = train_gpt.Phase("ttt", 32, 8, ttt=True, lora=True)
-    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, ph)
+    starts, ends = train_gpt.doc_spans(tokens)
+    expected = []
+    for batch in train_gpt.even_batches(np.argsort(starts - ends, kind="stable"), 3):
+        steps = max(len(train_gpt.chunk_bounds(int(n), hp, True, 32)) - 1 for n in ends[batch] - starts[batch])
+        expected += [len(batch)] * steps
+    assert rows == expected
+
+
+def test_a_score_does_not_know_where_its_document_ends(monkeypatch):
+    """Two streams equal up to p whose next BOS after p differs: the targets <= p score alike (up to
+    the rounding of other batch shapes). A chunk size read from the document's length would not."""
+    hp, model, _, _ = lora_setup(TTT_LR="0", TTT_LORA_STEPS="4", TTT_CHUNK_TOKENS="1024")
+    base = np.random.default_rng(0).integers(4, 64, size=300).astype(np.uint16)
+    base[0] = 1
+    lut = train_gpt.ByteLUT(np.ones(64, dtype=np.int32), np.zeros(64, bool), np.arange(64) < 4)
+
+    def scores():
+        out = []
+        for next_bos in (70, 250):
+            t = base.copy()
+            t[next_bos] = 1
+            out.append(train_gpt.eval_tokens(randomized(small_cfg()), train_gpt.ValSet.from_lut(t, lut),
+                                             train_gpt.Dist(), hp, lora_phase()).nll[:60])
+        return (out[0] - out[1]).abs().max().item()
+    assert scores() < 1e-5
+    by_length = lambda n, hp, adapting, seq_len: np.unique(np.append(np.arange(  # noqa: E731
+        0, n, min(max(hp.ttt_lora_chunk, -(-n // hp.ttt_lora_steps)), seq_len)), n))
+    monkeypatch.setattr(train_gpt, "chunk_bounds", by_length)
+    assert scores() > 1e-3  # sizes from the length: caught
 
 
 def test_untrained_adapters_score_each_target_with_its_documents_context():
@@ -154,7 +185,7 @@ def test_score_phases_runs_lora_ttt_and_checks_it():
     out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
     text = "\n".join(lines)
     docs = len(train_gpt.doc_spans(tokens)[0])
-    for key in ("legality_check phase:ttt passed:1", f"ttt_lora rank:4 lr:0.01 chunk:8 steps:64 batch_docs:3 docs:{docs} ",
+    for key in ("legality_check phase:ttt passed:1", f"ttt_lora rank:4 lr:0.01 chunk:8 steps:32 batch_docs:3 docs:{docs} ",
                 "ngram_tilt:ttt ", "ttt val_loss:"):
         assert key in text, key
     assert out["final_phase"] == "ttt" and out["final_val_bpb"] == out["ttt_val_bpb"]
@@ -180,9 +211,9 @@ def test_lora_knobs_are_checked():
 def test_lora_ttt_on_two_ranks_scores_like_one_process(tiny_data, tmp_path, launcher):
     """Several GPUs split each group's documents between ranks and all-reduce the global update: an
     artifact scored on two ranks gets one process's score (rows are independent; float rounding apart).
-    At a LoRA rate that makes this tiny model diverge (0.01) the two differ by ~0.03: AdamW with beta1 0
-    and eps 1e-10 takes a full step of either sign on a gradient of rounding noise, so a diverging run
-    amplifies the all-reduce's last bits."""
+    The rate must keep this tiny model from diverging: AdamW with beta1 0 and a tiny eps takes a full
+    step of either sign on a gradient of rounding noise, so a diverging run amplifies the all-reduce's
+    last bits into visible differences."""
     env = tiny_env(tiny_data, tmp_path, RUN_ID="one", TTT_LORA_RANK=4, TTT_LORA_CHUNK=16, TTT_LORA_DOCS=4,
                    TTT_LORA_LR="0.001", TTT_LORA_STEPS=8, EVAL_SLIDING=0)
     one = launcher.run(env)
