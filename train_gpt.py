@@ -1952,13 +1952,18 @@ def chunk_bounds(n: int, hp: Hyperparameters, adapting: bool, seq_len: int) -> n
     A chunk is TTT_LORA_CHUNK targets, or 1/TTT_LORA_STEPS of what the document has scored if that is more,
     at most half a window (each target keeps half a window of context): its size follows from the document's
     past only, not from its length, which a score must not know. Nothing adapting: half-window chunks."""
-    C, S = hp.ttt_lora_chunk, hp.ttt_lora_steps
-    cap = max(C, seq_len // 2)
     out = [0]
     while out[-1] < n:
-        done = out[-1]
-        out.append(min(n, done + (min(max(C, -(-done // S)), cap) if adapting else cap)))
+        out.append(min(n, out[-1] + chunk_size(out[-1], hp, adapting, seq_len)))
     return np.array(out)
+
+
+def chunk_size(done, hp: Hyperparameters, adapting: bool, seq_len: int) -> np.ndarray:
+    """The size of the chunk after `done` scored targets (chunk_bounds' rule), before a document's end cuts it."""
+    done, cap = np.asarray(done), max(hp.ttt_lora_chunk, seq_len // 2)
+    if not adapting:
+        return np.full_like(done, cap)
+    return np.minimum(np.maximum(hp.ttt_lora_chunk, -(-done // hp.ttt_lora_steps)), cap)
 
 
 def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, ends: np.ndarray, phase: Phase,
@@ -1984,7 +1989,11 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
             live = n_steps > j
             prev = np.where(live, s + offsets[:, j], s + 1)  # a finished row: targets s+2..s+1, none
             last = np.where(live, s + offsets[:, j + 1], s + 1)
-            nll, scored = score_doc_chunk(model, hidden, tokens, s, prev, last, phase, out, hp, hints, lora)
+            # The window reaches back from where the chunk would end uncut: where the document ends (a later
+            # token) must not decide how much context its last chunk sees.
+            reach = prev + chunk_size(offsets[:, j], hp, lora is not None, phase.seq_len)
+            begin = np.where(live, np.maximum(s, reach - phase.seq_len), s)
+            nll, scored = score_doc_chunk(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora)
             if opt is not None and j + 1 < n_steps.max():
                 loss = ((nll * scored).sum(1) / scored.sum(1).clamp(min=1)).sum()  # per document: rows independent
                 for p, g in zip(params, torch.autograd.grad(loss, params)):
@@ -1992,15 +2001,14 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
                 opt.step()
 
 
-def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, start: np.ndarray, prev: np.ndarray, last: np.ndarray,
+def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev: np.ndarray, last: np.ndarray,
                     phase: Phase, out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None,
                     lora: LoRA | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score targets prev+1..last of each row's document (which starts at `start`) into `out`, the window
-    of inputs being max(start, last - seq_len)..last-1; rows are right-padded with zeros (to a power of two),
-    which causal attention never lets back. The head runs on the scored positions only (the window's
-    tail). Returns their plain NLL [rows, M] (with grad under a lora) and the mask of real ones."""
+    """Score targets prev+1..last of each row into `out` from the window of inputs begin..last-1 (at most
+    seq_len, inside the row's document); rows are right-padded with zeros (to a power of two), which causal
+    attention never lets back. The head runs on the scored positions only (the window's tail). Returns
+    their plain NLL [rows, M] (with grad under a lora) and the mask of real ones."""
     dev = tokens.device
-    begin = np.maximum(start, last - phase.seq_len)
     L = min(1 << (int((last - begin).max()) - 1).bit_length(), phase.seq_len)  # a few lengths: a few graphs
     pos = torch.from_numpy(begin).to(dev)[:, None] + 1 + torch.arange(L, device=dev)  # stream position of y
     valid = pos <= torch.from_numpy(last).to(dev)[:, None]
@@ -2195,8 +2203,12 @@ def perturbation_point(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) ->
     d = np.searchsorted(ends, mid)  # the document holding target mid
     s, e = int(starts[d]), int(ends[d])
     b = s + chunk_bounds(e - s, hp, True, phase.seq_len)
-    j = np.searchsorted(b, mid) - 1  # the chunk holding target mid: b[j] < mid <= b[j+1]
-    return min(int(b[j] + b[j + 1]) // 2 + 1, e - 1)
+    movable = np.minimum(b[1:], e - 1) - b[:-1]  # a chunk's targets that the check may change (not the BOS at e)
+    ok = np.flatnonzero(movable >= 2)
+    if len(ok) == 0:  # a document too short to straddle: any position still checks causality
+        return mid
+    j = ok[np.argmin(np.abs(b[ok] - mid))]
+    return int(b[j] + movable[j] // 2)
 
 
 def reproducible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

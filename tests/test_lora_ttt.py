@@ -65,8 +65,9 @@ def test_a_batch_keeps_its_rows_until_its_longest_document_ends(monkeypatch):
 
 
 def test_a_score_does_not_know_where_its_document_ends(monkeypatch):
-    """Two streams equal up to p whose next BOS after p differs: the targets <= p score alike (up to
-    the rounding of other batch shapes). A chunk size read from the document's length would not."""
+    """Two streams equal up to the first one's BOS at 70: every target before it scores alike (up to the
+    rounding of other batch shapes), the last chunk's too. A chunk size read from the document's length
+    would not, nor a window that starts from where a cut chunk ends."""
     hp, model, _, _ = lora_setup(TTT_LR="0", TTT_LORA_STEPS="4", TTT_CHUNK_TOKENS="1024")
     base = np.random.default_rng(0).integers(4, 64, size=300).astype(np.uint16)
     base[0] = 1
@@ -78,7 +79,7 @@ def test_a_score_does_not_know_where_its_document_ends(monkeypatch):
             t = base.copy()
             t[next_bos] = 1
             out.append(train_gpt.eval_tokens(randomized(small_cfg()), train_gpt.ValSet.from_lut(t, lut),
-                                             train_gpt.Dist(), hp, lora_phase()).nll[:60])
+                                             train_gpt.Dist(), hp, lora_phase()).nll[:69])
         return (out[0] - out[1]).abs().max().item()
     assert scores() < 1e-5
     by_length = lambda n, hp, adapting, seq_len: np.unique(np.append(np.arange(  # noqa: E731
@@ -89,14 +90,17 @@ def test_a_score_does_not_know_where_its_document_ends(monkeypatch):
 
 def test_untrained_adapters_score_each_target_with_its_documents_context():
     """lr 0 and no global updates: an adapter stays the identity (B = 0), so each target's NLL is the
-    model's with the tokens of its own document before it (at most EVAL_SEQ_LEN of them)."""
+    model's with the tokens of its own document before it, from where its chunk's window starts: an
+    EVAL_SEQ_LEN back from where the chunk ends uncut."""
     hp, model, tokens, val = lora_setup(TTT_LORA_LR="0", TTT_LR="0")
     scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase())
     assert (scores.count == 1).all()
     starts, ends = train_gpt.doc_spans(tokens)
     for t in (3, 40, 74, 75, 111, 300):
-        s = int(starts[np.searchsorted(ends, t)])  # the document holding target t
-        a = max(s, t - 32)
+        d = np.searchsorted(ends, t)  # the document holding target t
+        s, bounds = int(starts[d]), train_gpt.chunk_bounds(int(ends[d] - starts[d]), hp, True, 32)
+        done = bounds[np.searchsorted(s + bounds, t) - 1]  # its chunk: targets s+done+1 ..
+        a = max(s, s + done + int(train_gpt.chunk_size(done, hp, True, 32)) - 32)
         x = torch.from_numpy(tokens[a:t].astype(np.int64))[None]
         y = torch.from_numpy(tokens[a + 1:t + 1].astype(np.int64))[None]
         with torch.no_grad():
