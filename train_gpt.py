@@ -871,6 +871,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return y.transpose(1, 2)
 
 
+def pinned_attention(*backends):
+    """causal_attention restricted to these SDPA kernels (torch.nn.attention.SDPBackend members)."""
+    def attend(q, k, v):
+        with torch.nn.attention.sdpa_kernel(list(backends)):
+            return causal_attention(q, k, v)
+    return attend
+
+
 # Per-document LoRA (TTT_LORA_RANK): row b of a batch gets its own low-rank update of each adapted
 # matrix, x -> x W^T + (alpha / r) (x A_b^T) B_b^T, with one (A, B) per role and virtual layer slot
 # (a looped layer adapts separately on each pass) and one on the tied head. B starts at zero, so a
@@ -2019,14 +2027,15 @@ def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray,
     tail = (torch.from_numpy(prev - begin).to(dev)[:, None] + k).clamp(max=L - 1)  # row r's scored targets
     scored = k < n_scored[:, None]
     pos = pos.gather(1, tail)
-    y = torch.where(scored, tokens[pos.clamp(max=len(tokens) - 1)], 0)  # only scored targets are read
+    at = pos.clamp(max=len(tokens) - 1)  # unscored tail entries may point past the stream
+    y = torch.where(scored, tokens[at], 0)  # only scored targets are read
     with torch.enable_grad() if lora is not None else torch.inference_mode(), autocast_ctx(dev):
         h = hidden(x, lora)
         h = h.gather(1, tail[..., None].expand(-1, -1, h.size(-1)))
         nll = model.nll_from_hidden(h, y, lora=lora)
     with torch.no_grad(), autocast_ctx(dev):
         score = nll.detach() if hints is None else \
-            tilted_scores(model, h.detach(), y, hints[pos.clamp(max=len(tokens) - 1)], hp.ngram_beta, lora)
+            tilted_scores(model, h.detach(), y, hints[at], hp.ngram_beta, lora)
     out.add(pos[scored], score[scored])
     return nll, scored
 
@@ -2211,11 +2220,9 @@ def perturbation_point(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) ->
     return int(b[j] + movable[j] // 2)
 
 
-def reproducible_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """causal_attention by SDPA's math kernel, bitwise reproducible forward and backward on a GPU (cuDNN's
-    backward is not: it accumulates in a run-dependent order)."""
-    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
-        return causal_attention(q, k, v)
+# The legality check's attention: SDPA's math kernel is bitwise reproducible forward and backward on a GPU
+# (cuDNN's backward is not: it accumulates in a run-dependent order).
+reproducible_attention = pinned_attention(torch.nn.attention.SDPBackend.MATH)
 
 
 @contextlib.contextmanager
@@ -3015,12 +3022,9 @@ FLASH_KERNELS = {"fa4": "flash-attention 4 (flash_attn.cute)", "fa3": "flash-att
 def cudnn_attention(fallback: bool = True):
     """causal_attention pinned to SDPA's cuDNN kernel (plus math if fallback)."""
     SDPBackend = torch.nn.attention.SDPBackend
-    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH] if fallback else [SDPBackend.CUDNN_ATTENTION]
-
-    def attend(q, k, v):
-        with torch.nn.attention.sdpa_kernel(backends):
-            return causal_attention(q, k, v)
-    return attend
+    if fallback:
+        return pinned_attention(SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)
+    return pinned_attention(SDPBackend.CUDNN_ATTENTION)
 
 
 def flash_attention(name: str):

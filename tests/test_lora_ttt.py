@@ -155,14 +155,14 @@ def test_a_leaky_adapter_step_fails_the_check(monkeypatch):
     hp, model, tokens, val = lora_setup(TTT_LR="0")
     real = train_gpt.score_doc_chunk
 
-    def peek_then_score(model, hidden, tokens, start, prev, last, phase, out, hp, hints, lora):
+    def peek_then_score(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora):
         if lora is not None:
             scratch = train_gpt.TokenScores.zeros(len(out.nll), out.nll.device)
-            nll, scored = real(model, hidden, tokens, start, prev, last, phase, scratch, hp, hints, lora)
+            nll, scored = real(model, hidden, tokens, begin, prev, last, phase, scratch, hp, hints, lora)
             params = list(lora.parameters())
             for p, g in zip(params, torch.autograd.grad((nll * scored).sum(), params)):
                 p.data -= 1.0 * g
-        return real(model, hidden, tokens, start, prev, last, phase, out, hp, hints, lora)
+        return real(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora)
     monkeypatch.setattr(train_gpt, "score_doc_chunk", peek_then_score)
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase()) is False
 
