@@ -159,7 +159,10 @@ SCHEDULE_KNOBS = [
     Knob("MAX_WALLCLOCK_SECONDS", 600.0, "training clock cap incl. GPTQ's Hessians (not compile or val); 0 = none", 0),
     Knob("WARMUP_STEPS", 20, "compile-priming steps, undone afterwards (not an LR warmup)", 0),
     Knob("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, for any world size", 1),
-    Knob("TRAIN_SEQ_LEN", 2048, "training sequence length", 8),
+    Knob("TRAIN_SEQ_LEN", 2048, "training sequence length (the last one under TRAIN_SEQ_SCHEDULE)", 8),
+    Knob("TRAIN_SEQ_SCHEDULE", "", "progressive context: 'L@f,...' trains at length L until training progress f, "
+         "then at the next, TRAIN_SEQ_LEN after the last (e.g. 1024@0.1,2048@0.7); each switch re-warms the LR "
+         "over SEQ_REWARM_STEPS steps; empty = TRAIN_SEQ_LEN throughout"),
     Knob("MICRO_BATCH_TOKENS", 0, "max tokens per forward/backward per GPU; 0 = auto (98304 CUDA, 16384 CPU)", 0),
     Knob("VAL_LOSS_EVERY", 1000, "validate every N steps (and at the end); 0 = only at the end", 0),
     Knob("VAL_MAX_TOKENS", 0, "score only the first N val tokens (quick runs: logged valid:0); 0 = all", 0),
@@ -205,6 +208,8 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
          "with adapters of this rank on Q, K, V, O, MLP of every virtual layer and on the head, one set per "
          "document, stepped on each of its chunks once scored; then the global TTT update runs on those documents; "
          "0 = off (sliding windows)", 0),
+    Knob("TTT_LORA_TARGETS", "q,k,v,o,mlp,head", "the matrices LoRA TTT adapts, a comma "
+         "list of q, k, v, o, mlp, head"),
     Knob("TTT_LORA_LR", 1e-4, "AdamW learning rate of the per-document adapters", 0),
     Knob("TTT_LORA_CHUNK", 48, "targets a document scores between two steps of its adapters", 1),
     Knob("TTT_LORA_STEPS", 32, "past this many chunks a document's chunk grows to 1/this of what it has "
@@ -243,6 +248,7 @@ KNOBS = RUN_KNOBS + SCHEDULE_KNOBS + MODEL_KNOBS + OPTIMIZER_KNOBS + EVAL_KNOBS 
 # Settings no run needs to change (they were knobs once).
 ADAM_EPS = 1e-8
 TTT_MOMENTUM = 0.9
+SEQ_REWARM_STEPS = 32  # after a TRAIN_SEQ_SCHEDULE switch the LR ramps back up over this many steps
 CLIP_SEARCH_HEADROOM = 100_000  # bytes: the clip search stops once the artifact is this close under the cap
 
 # Names we deliberately do not read: fail loudly instead of silently ignoring.
@@ -359,8 +365,46 @@ def validate(hp: Hyperparameters):
          "whole windows)")
     need(not hp.ttt_lora_rank or (hp.ttt_enabled and hp.ttt_lora_chunk <= hp.eval_seq_len),
          f"TTT_LORA_RANK={hp.ttt_lora_rank}: needs TTT_ENABLED=1 and TTT_LORA_CHUNK <= EVAL_SEQ_LEN")
+    seq_schedule(hp), lora_targets(hp)  # their own errors
     need(not hp.val_max_tokens or hp.val_max_tokens > max(hp.train_seq_len, hp.eval_seq_len),
          f"VAL_MAX_TOKENS={hp.val_max_tokens}: must exceed TRAIN_SEQ_LEN and EVAL_SEQ_LEN (one window)")
+
+
+def seq_schedule(hp: Hyperparameters) -> list[tuple[int, float]]:
+    """TRAIN_SEQ_SCHEDULE as [(length, progress it ends at)], ending with (TRAIN_SEQ_LEN, inf)."""
+    out = []
+    for item in filter(None, hp.train_seq_schedule.replace(" ", "").split(",")):
+        m = re.fullmatch(r"(\d+)@(\d*\.?\d+)", item)
+        if not m or int(m[1]) < 8 or not 0 < float(m[2]) < 1 or (out and float(m[2]) <= out[-1][1]):
+            raise UserError(f"env TRAIN_SEQ_SCHEDULE={hp.train_seq_schedule!r}: expected 'L@f,...' with lengths "
+                            f">= 8 and progress fractions rising within (0, 1), at {item!r}")
+        out.append((int(m[1]), float(m[2])))
+    return out + [(hp.train_seq_len, math.inf)]
+
+
+def seq_len_at(schedule: list[tuple[int, float]], progress: float) -> int:
+    return next(length for length, end in schedule if progress < end)
+
+
+def train_shapes(hp: Hyperparameters) -> list[tuple[int, bool]]:
+    """The (sequence length, looped) shapes that training reaches, in order: each is compiled before the clock."""
+    schedule, shapes, start = seq_schedule(hp), [], 0.0
+    for length, end in schedule:
+        if not hp.num_loops or start < hp.enable_looping_at:
+            shapes.append((length, False))
+        if hp.num_loops and min(end, 1.0) > hp.enable_looping_at:
+            shapes.append((length, True))
+        start = end
+    return shapes
+
+
+def lora_targets(hp: Hyperparameters) -> tuple[str, ...]:
+    """TTT_LORA_TARGETS as a tuple in LORA_TARGETS' order."""
+    names = set(filter(None, hp.ttt_lora_targets.replace(" ", "").split(",")))
+    if not names or names - set(LORA_TARGETS):
+        raise UserError(f"env TTT_LORA_TARGETS={hp.ttt_lora_targets!r}: expected a comma list of "
+                        f"{', '.join(LORA_TARGETS)}")
+    return tuple(t for t in LORA_TARGETS if t in names)
 
 
 def knob_reference() -> str:
@@ -523,7 +567,7 @@ class TrainStream:
     SEED and the epoch) a random phase per shard and a permutation of all windows. Every rank computes
     the same global batch and reads only its rows: 1 GPU + accumulation equals 8 GPUs."""
 
-    def __init__(self, files: list[str], seq_len: int, seed: int, vocab_size: int = 65536):
+    def __init__(self, files: list[str], seq_len: int, seed: int | tuple, vocab_size: int = 65536):
         self.files, self.vocab_size = files, vocab_size
         self.shards = [open_shard(f) for f in files]
         self.seq_len, self.seed = seq_len, seed
@@ -533,7 +577,7 @@ class TrainStream:
 
     def _new_epoch(self):
         self.epoch += 1
-        rng = np.random.default_rng([self.seed, self.epoch])
+        rng = np.random.default_rng([*np.atleast_1d(self.seed), self.epoch])
         self.phase = [int(rng.integers(0, self.seq_len)) if len(s) > 2 * self.seq_len + 1 else 0 for s in self.shards]
         counts = [max(0, (len(s) - 1 - p) // self.seq_len) for s, p in zip(self.shards, self.phase)]
         self.offsets = np.cumsum([0] + counts)
@@ -885,15 +929,18 @@ def pinned_attention(*backends):
 # fresh adapter is the identity; A ~ U(+-1/sqrt(in)).
 LORA_ALPHA, LORA_SEED = 144.0, 0
 LORA_ROLES = ("q", "k", "v", "o", "mlp")  # "mlp": a parallel adapter from the MLP's input to its output
+LORA_TARGETS = LORA_ROLES + ("head",)
 
 
 class LoRA(nn.Module):
-    def __init__(self, cfg: ModelConfig, batch: int, rank: int, device: torch.device):
+    def __init__(self, cfg: ModelConfig, batch: int, rank: int, device: torch.device,
+                 targets: tuple[str, ...] = LORA_TARGETS):
         super().__init__()
         d, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
         shapes = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d)}  # (in, out)
         slots = len(cfg.layer_order(True))
-        dims = {f"{r}{j}": shapes[r] for j in range(slots) for r in LORA_ROLES} | {"head": (d, cfg.vocab_size)}
+        dims = {f"{r}{j}": shapes[r] for j in range(slots) for r in LORA_ROLES if r in targets}
+        dims |= {"head": (d, cfg.vocab_size)} if "head" in targets else {}
         self.a = nn.ParameterDict({k: nn.Parameter(torch.empty(batch, rank, i, device=device)) for k, (i, o) in dims.items()})
         self.b = nn.ParameterDict({k: nn.Parameter(torch.empty(batch, o, rank, device=device)) for k, (i, o) in dims.items()})
         self.scale = LORA_ALPHA / rank
@@ -909,10 +956,12 @@ class LoRA(nn.Module):
         for b in self.b.values():
             b.zero_()
 
-    def forward(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        """The update of adapter `key` for x [n,T,in]: rows 0..n-1 of the batch."""
+    def forward(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus the update of adapter `key` (if adapted) for x [n,T,in]: rows 0..n-1 of the batch."""
+        if key not in self.a:
+            return y
         n = x.size(0)
-        return torch.bmm(torch.bmm(x, self.a[key][:n].transpose(1, 2)), self.b[key][:n].transpose(1, 2)) * self.scale
+        return y + torch.bmm(torch.bmm(x, self.a[key][:n].transpose(1, 2)), self.b[key][:n].transpose(1, 2)) * self.scale
 
 
 class GPT(nn.Module):
@@ -967,7 +1016,7 @@ class GPT(nn.Module):
 
     def _linear(self, role: str, i: int, x: torch.Tensor, lora: LoRA | None, slot: int) -> torch.Tensor:
         y = F.linear(x, self.w(role, i))
-        return y if lora is None else y + lora(f"{role}{slot}", x)
+        return y if lora is None else lora(f"{role}{slot}", x, y)
 
     def _attention(self, i: int, x: torch.Tensor, cos, sin, tap, lora=None, slot=0) -> torch.Tensor:
         cfg = self.cfg
@@ -1014,7 +1063,7 @@ class GPT(nn.Module):
         mlp_in = attn_in if parallel else rms_norm(x) * s
         mlp = self._mlp(i, mlp_in, tap)
         if lora is not None:
-            mlp = mlp + lora(f"mlp{slot}", mlp_in)
+            mlp = lora(f"mlp{slot}", mlp_in, mlp)
         return x + mlp_scale * mlp
 
     def residual_dtype(self, device: torch.device) -> torch.dtype:
@@ -1052,7 +1101,7 @@ class GPT(nn.Module):
 
     def logits(self, h: torch.Tensor, lora: LoRA | None = None) -> torch.Tensor:
         logits = F.linear(h, self.tok_emb.weight)
-        return logits if lora is None else logits + lora("head", h)
+        return logits if lora is None else lora("head", h, logits)
 
     def nll_from_hidden(self, h: torch.Tensor, targets: torch.Tensor, tap=None, fixed_cap: bool = False,
                         lora: LoRA | None = None) -> torch.Tensor:
@@ -1872,9 +1921,10 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
     if phase.lora:
         starts, ends = doc_spans(val.tokens)
         chunks = doc_chunks(starts, ends, hp.ttt_chunk_tokens)
-        lora = LoRA(model.cfg, hp.ttt_lora_docs, hp.ttt_lora_rank, dctx.device)
+        lora = LoRA(model.cfg, hp.ttt_lora_docs, hp.ttt_lora_rank, dctx.device, lora_targets(hp))
         if log is not None:
-            log(f"ttt_lora rank:{hp.ttt_lora_rank} lr:{hp.ttt_lora_lr} chunk:{hp.ttt_lora_chunk} "
+            log(f"ttt_lora rank:{hp.ttt_lora_rank} targets:{','.join(lora_targets(hp))} lr:{hp.ttt_lora_lr} "
+                f"chunk:{hp.ttt_lora_chunk} "
                 f"steps:{hp.ttt_lora_steps} batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} global_chunks:{len(chunks)}")
     else:
         ends = window_ends(len(val.tokens), phase.seq_len, phase.stride)
@@ -2351,15 +2401,18 @@ def dump_token_scores(path: Path, scores: TokenScores):
 # Training
 # -----------------------------------------------------------------------------------------
 
-def plan_batches(hp: Hyperparameters, world_size: int, device: torch.device) -> tuple[int, int]:
-    """(sequences per micro-batch, accumulation steps): a rank's share of the fixed global batch in the
-    fewest equal micro-batches that fit MICRO_BATCH_TOKENS."""
-    seqs, rem = divmod(hp.train_batch_tokens, hp.train_seq_len * world_size)
+def plan_batches(hp: Hyperparameters, world_size: int, device: torch.device,
+                 seq_len: int | None = None) -> tuple[int, int]:
+    """(sequences per micro-batch, accumulation steps) at seq_len (default TRAIN_SEQ_LEN): a rank's share
+    of the fixed global batch in the fewest equal micro-batches that fit MICRO_BATCH_TOKENS."""
+    seq_len = seq_len or hp.train_seq_len
+    name = "TRAIN_SEQ_LEN" if seq_len == hp.train_seq_len else f"length {seq_len} of TRAIN_SEQ_SCHEDULE"
+    seqs, rem = divmod(hp.train_batch_tokens, seq_len * world_size)
     if rem or not seqs:
         raise UserError(f"env TRAIN_BATCH_TOKENS={hp.train_batch_tokens}: must be a positive multiple of "
-                        f"TRAIN_SEQ_LEN*WORLD_SIZE={hp.train_seq_len * world_size}")
+                        f"{name}*WORLD_SIZE={seq_len * world_size}")
     cap = hp.micro_batch_tokens or (98304 if device.type == "cuda" else 16384)
-    cap_seqs = max(1, cap // hp.train_seq_len)
+    cap_seqs = max(1, cap // seq_len)
     accum = next(k for k in range(1, seqs + 1) if seqs % k == 0 and seqs // k <= cap_seqs)
     return seqs // accum, accum
 
@@ -2381,13 +2434,13 @@ class Trainer:
         self.optimizers = build_optimizers(model, hp, dctx, direction)
         self.adam, self.muon = self.optimizers
         self.replicated = [p for _, p in adam_params(model)]  # their grads are all-reduced whole
-        forward = torch.compile(model, fullgraph=True) if self.compiled else model
+        # dynamic=False: each (length, looped) shape of TRAIN_SEQ_SCHEDULE gets a static graph of its own
+        forward = torch.compile(model, fullgraph=True, dynamic=False) if self.compiled else model
         self.forward = lambda x, y, looped: forward(x, y, looped, fixed_cap=True)  # training keeps one softcap
-        self.micro_seqs, self.accum = plan_batches(hp, dctx.world_size, dctx.device)
-        self.local_seqs = self.micro_seqs * self.accum
-        self.global_seqs = self.local_seqs * dctx.world_size
+        self.plans = {L: plan_batches(hp, dctx.world_size, dctx.device, L) for L, _ in seq_schedule(hp)}
         self.ema = [p.detach().float().clone() for p in model.parameters()] if hp.ema_decay else None
-        self.stream = None
+        self.files, self.streams, self.stream = None, {}, None
+        self.use_seq_len(hp.train_seq_len)
 
     @property
     def stream(self):
@@ -2398,7 +2451,24 @@ class Trainer:
         self._stream, self._next_batch = stream, None  # a new stream drops the prefetched batch
 
     def reset_stream(self, files):
-        self.stream = TrainStream(files, self.hp.train_seq_len, self.hp.seed, self.hp.vocab_size)
+        """Fresh streams from the train shards: one per sequence length, each at its start."""
+        self.files, self.streams = files, {}
+        self.use_seq_len(self.seq_len)
+
+    def use_seq_len(self, seq_len: int):
+        """Train on sequences of seq_len from the next step: same tokens per step, other micro-batches. A
+        length other than TRAIN_SEQ_LEN draws from a stream of its own seed (a permutation of its windows)."""
+        self.seq_len = seq_len
+        self.micro_seqs, self.accum = self.plans[seq_len]
+        self.local_seqs = self.micro_seqs * self.accum
+        self.global_seqs = self.local_seqs * self.dctx.world_size
+        if self.files is None:
+            return
+        if seq_len not in self.streams:
+            seed = self.hp.seed if seq_len == self.hp.train_seq_len else (self.hp.seed, seq_len)
+            self.streams[seq_len] = TrainStream(self.files, seq_len, seed, self.hp.vocab_size)
+        if self.stream is not self.streams[seq_len]:
+            self.stream = self.streams[seq_len]
 
     def _load_batch(self) -> torch.Tensor:
         """This rank's rows of the next global batch, on its way to the device (async on CUDA)."""
@@ -2425,6 +2495,8 @@ class Trainer:
         """Queue one optimizer step on the next global batch; the mean train loss as a device scalar
         (nothing here waits for the GPU: the caller decides when to read it)."""
         batch = self._next_batch if self._next_batch is not None else self._load_batch()
+        if batch.size(0) != self.local_seqs or batch.size(1) != self.seq_len + 1:  # prefetched at another length
+            batch = self._load_batch()
         loss_sum = torch.zeros((), device=self.dctx.device)
         for m in range(self.accum):
             mb = batch[m * self.micro_seqs:(m + 1) * self.micro_seqs]
@@ -2503,17 +2575,21 @@ class TrainClock:
 
 
 def prime_compile(trainer: Trainer, hp: Hyperparameters, train_files, log):
-    """Run WARMUP_STEPS real steps (plain and looped) so compilation is off the clock, then undo them all."""
+    """Run WARMUP_STEPS real steps over every shape training reaches (train_shapes) so compilation is off
+    the clock, then undo them all."""
+    shapes = train_shapes(hp)
     if hp.warmup_steps:
         snap = trainer.snapshot()
         trainer.reset_stream(train_files)
-        phases = [False, True] if hp.num_loops else [False]
         for k in range(hp.warmup_steps):
-            looped = phases[k * len(phases) // hp.warmup_steps]
+            seq_len, looped = shapes[k * len(shapes) // hp.warmup_steps]
+            trainer.use_seq_len(seq_len)
             trainer.step(0, 1.0, looped)
             if k + 1 == hp.warmup_steps or (k + 1) % 10 == 0:
-                log(f"warmup_step:{k + 1}/{hp.warmup_steps} looped:{int(looped)}")
+                log(f"warmup_step:{k + 1}/{hp.warmup_steps} looped:{int(looped)}"
+                    + (f" seq_len:{seq_len}" if hp.train_seq_schedule else ""))
         trainer.restore(snap)
+    trainer.use_seq_len(shapes[0][0])
     trainer.reset_stream(train_files)
     synchronize(trainer.dctx.device)  # the priming steps were queued asynchronously; none may reach the clock
 
@@ -2554,13 +2630,17 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
     cap_ms = 1000 * (hp.max_wallclock_seconds - hp.gptq_reserve_seconds) if hp.max_wallclock_seconds else 0
     if cap_ms:
         log(f"train_clock_cap:{cap_ms / 1000:.1f}s (MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS)")
-    clock = TrainClock(dctx)
-    step, looped, last_val, queued, flops_done = 0, False, None, None, 0.0
+    clock, schedule = TrainClock(dctx), seq_schedule(hp)
+    step, looped, last_val, queued, flops_done, switched_at = 0, False, None, None, 0.0, None
     while True:
         progress = clock.ms / cap_ms if cap_ms else step / hp.iterations
         if hp.num_loops and not looped and progress >= hp.enable_looping_at:
             looped = True
             log(f"layer_loop:enabled step:{step} progress:{progress:.3f}")
+        if seq_len_at(schedule, progress) != trainer.seq_len:
+            trainer.use_seq_len(seq_len_at(schedule, progress))
+            switched_at = step
+            log(f"seq_len:{trainer.seq_len} step:{step} progress:{progress:.3f}")
         done = step >= hp.iterations or (cap_ms and clock.ms >= cap_ms)
         if done or (hp.val_loss_every and step and step % hp.val_loss_every == 0):
             if queued:
@@ -2572,9 +2652,12 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
             clock.resume()
         if done:
             break
-        loss_t = trainer.step(step, lr_multiplier(progress, hp.warmdown_frac, hp.min_lr), looped)
+        lr_mul = lr_multiplier(progress, hp.warmdown_frac, hp.min_lr)
+        if switched_at is not None:  # a new length re-warms the LR
+            lr_mul *= min(1.0, (step - switched_at + 1) / SEQ_REWARM_STEPS)
+        loss_t = trainer.step(step, lr_mul, looped)
         step += 1
-        flops_done += hp.train_batch_tokens * model_flops_per_token(trainer.model.cfg, hp.train_seq_len, looped)
+        flops_done += hp.train_batch_tokens * model_flops_per_token(trainer.model.cfg, trainer.seq_len, looped)
         if queued:
             log_train_step(hp, dctx, clock, cap_ms, queued, log)
         queued = (step, PendingScalar(loss_t), flops_done)
@@ -2739,7 +2822,7 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
     model = trainer.model
     trainer.apply_ema()
     t0 = time.perf_counter()
-    hessians = collect_hessians(model, train_files, hp, trainer.micro_seqs, dctx)
+    hessians = collect_hessians(model, train_files, hp, trainer.plans[hp.train_seq_len][0], dctx)
     hess_s = time.perf_counter() - t0
     log(f"gptq_hessians:{len(hessians)} batches:{hp.gptq_calibration_batches} time:{hess_s:.1f}s "
         f"train_data_last_touched:{result['train_ms'] / 1000 + hess_s:.1f}s")

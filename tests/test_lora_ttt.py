@@ -189,7 +189,8 @@ def test_score_phases_runs_lora_ttt_and_checks_it():
     out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
     text = "\n".join(lines)
     docs = len(train_gpt.doc_spans(tokens)[0])
-    for key in ("legality_check phase:ttt passed:1", f"ttt_lora rank:4 lr:0.01 chunk:8 steps:32 batch_docs:3 docs:{docs} ",
+    for key in ("legality_check phase:ttt passed:1",
+                f"ttt_lora rank:4 targets:q,k,v,o,mlp,head lr:0.01 chunk:8 steps:32 batch_docs:3 docs:{docs} ",
                 "ngram_tilt:ttt ", "ttt val_loss:"):
         assert key in text, key
     assert out["final_phase"] == "ttt" and out["final_val_bpb"] == out["ttt_val_bpb"]
@@ -210,6 +211,27 @@ def test_lora_knobs_are_checked():
         train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_ENABLED="0"))
     with pytest.raises(train_gpt.UserError, match="TTT_LORA_CHUNK <= EVAL_SEQ_LEN"):
         train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_LORA_CHUNK="4096"))
+
+
+def test_lora_targets_adapt_only_the_matrices_named():
+    """TTT_LORA_TARGETS: only the named roles get adapters; a head-only LoRA leaves the hidden states as
+    they were and moves the logits, a V-only one moves the hidden states."""
+    hp, model, tokens, _ = lora_setup(TTT_LORA_TARGETS="head, v")
+    assert train_gpt.lora_targets(hp) == ("v", "head")
+    cpu, x = torch.device("cpu"), torch.from_numpy(tokens[:33].astype(np.int64))[None]
+    for targets, moves_hidden in ((("head",), False), (("v",), True)):
+        lora = train_gpt.LoRA(model.cfg, 1, 4, cpu, targets)
+        assert {k.rstrip("0123456789") for k in lora.a} == set(targets)
+        with torch.no_grad():
+            for b in lora.b.values():
+                b.normal_()
+            base, adapted = model.hidden(x, looped=True), model.hidden(x, looped=True, lora=lora)
+            assert torch.equal(base, adapted) != moves_hidden
+            moved = (model.logits(adapted, lora) - model.logits(adapted)).abs().max()
+            assert (moved > 0) == ("head" in targets)
+    for bad in ("", "q,x", "mlp,,heads"):
+        with pytest.raises(train_gpt.UserError, match="TTT_LORA_TARGETS"):
+            train_gpt.Hyperparameters(dict(TTT_LORA_TARGETS=bad))
 
 
 def test_lora_ttt_on_two_ranks_scores_like_one_process(tiny_data, tmp_path, launcher):

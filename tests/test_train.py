@@ -88,6 +88,60 @@ def test_lr_schedule():
     assert train_gpt.lr_multiplier(1.0, 0.5, 0.1) == 0.1
 
 
+# --- progressive context (TRAIN_SEQ_SCHEDULE) ----------------------------------------------------
+
+def test_seq_schedule_shapes_and_errors():
+    hp = train_gpt.Hyperparameters(dict(TRAIN_SEQ_SCHEDULE="1024@0.1, 2048@0.7", TRAIN_SEQ_LEN="3072",
+                                        TRAIN_BATCH_TOKENS="98304"))
+    schedule = train_gpt.seq_schedule(hp)
+    assert schedule == [(1024, 0.1), (2048, 0.7), (3072, math.inf)]
+    assert [train_gpt.seq_len_at(schedule, p) for p in (0.0, 0.0999, 0.1, 0.69, 0.7, 1.0, 1.5)] == \
+        [1024, 1024, 2048, 2048, 3072, 3072, 3072]
+    # looping turns on at 0.35, inside the 2048 stretch: both of its shapes, the others one each
+    assert train_gpt.train_shapes(hp) == [(1024, False), (2048, False), (2048, True), (3072, True)]
+    flat = train_gpt.Hyperparameters(dict(NUM_LOOPS="0", TRAIN_SEQ_SCHEDULE="1024@0.5"))
+    assert train_gpt.train_shapes(flat) == [(1024, False), (2048, False)]
+    assert train_gpt.train_shapes(train_gpt.Hyperparameters({})) == [(2048, False), (2048, True)]
+    for bad in ("1024", "1024@0", "1024@1", "2048@0.5,1024@0.5", "4@0.1", "1024@0.1.2", "x@0.5"):
+        with pytest.raises(train_gpt.UserError, match="TRAIN_SEQ_SCHEDULE"):
+            train_gpt.Hyperparameters(dict(TRAIN_SEQ_SCHEDULE=bad))
+    with pytest.raises(train_gpt.UserError, match="length 1000 of TRAIN_SEQ_SCHEDULE"):
+        train_gpt.plan_batches(train_gpt.Hyperparameters(dict(TRAIN_SEQ_SCHEDULE="1000@0.5")), 1,
+                               torch.device("cpu"), 1000)
+
+
+def test_seq_schedule_trains_each_length_in_turn_and_rewarms_the_lr(tiny_data, monkeypatch):
+    """Warm-up visits every shape, training switches length where the schedule says (same tokens per
+    step), and each switch restarts the LR from 1/SEQ_REWARM_STEPS of its value."""
+    data, _ = tiny_data
+    hp = train_gpt.Hyperparameters(dict(DEVICE="cpu", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2",
+                                        NUM_KV_HEADS="1", VOCAB_SIZE="1024", TRAIN_SEQ_LEN="32",
+                                        TRAIN_SEQ_SCHEDULE="8@0.25,16@0.5", TRAIN_BATCH_TOKENS="128",
+                                        ITERATIONS="8", WARMUP_STEPS="3", VAL_LOSS_EVERY="0", EMA_DECAY="0",
+                                        NUM_LOOPS="0", MAX_WALLCLOCK_SECONDS="0", DATA_PATH=str(data)))
+    dctx = train_gpt.setup_distributed(hp)
+    trainer = train_gpt.Trainer(hp, dctx, train_gpt.GPT(hp.model_config()))
+    shapes, lrs = [], []
+    real_forward, real_step = trainer.forward, trainer.step
+    monkeypatch.setattr(trainer, "forward",
+                        lambda x, y, looped: shapes.append(tuple(x.shape)) or real_forward(x, y, looped))
+    monkeypatch.setattr(trainer, "step", lambda k, lr, looped: lrs.append(lr) or real_step(k, lr, looped))
+
+    class NoVal:
+        def quick(self, model, seq_len):
+            return 0.0, 0.0
+    lines = []
+    result = train_gpt.train(hp, dctx, trainer, train_gpt.shard_files(str(data), "train"), NoVal(), lines.append)
+    assert result["steps"] == 8
+    assert shapes == [(16, 8), (8, 16), (4, 32)] + [(16, 8)] * 2 + [(8, 16)] * 2 + [(4, 32)] * 4
+    assert [ln for ln in lines if ln.startswith("seq_len:")] == ["seq_len:16 step:2 progress:0.250",
+                                                                 "seq_len:32 step:4 progress:0.500"]
+    base = [train_gpt.lr_multiplier(k / 8, hp.warmdown_frac, hp.min_lr) for k in range(8)]
+    since_switch = [None, None, 1, 2, 1, 2, 3, 4]  # steps into the current length, counting this one
+    assert lrs[3:] == pytest.approx([b * (1 if r is None else r / train_gpt.SEQ_REWARM_STEPS)
+                                     for b, r in zip(base, since_switch)])
+
+
 # --- distributed: N gloo processes (Parallel Muon) == 1 process with accumulation --------------
 
 @pytest.mark.parametrize("nproc", [2, 4])
