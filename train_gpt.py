@@ -161,8 +161,8 @@ SCHEDULE_KNOBS = [
     Knob("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, for any world size", 1),
     Knob("TRAIN_SEQ_LEN", 2048, "training sequence length (the last one under TRAIN_SEQ_SCHEDULE)", 8),
     Knob("TRAIN_SEQ_SCHEDULE", "", "progressive context: 'L@f,...' trains at length L until training progress f, "
-         "then at the next, TRAIN_SEQ_LEN after the last (e.g. 1024@0.1,2048@0.7); each switch re-warms the LR "
-         "over SEQ_REWARM_STEPS steps; empty = TRAIN_SEQ_LEN throughout"),
+         "then at the next, TRAIN_SEQ_LEN after the last (e.g. 1024@0.1,2048@0.7 with TRAIN_SEQ_LEN=3072); each "
+         "switch re-warms the LR over SEQ_REWARM_STEPS steps; empty = TRAIN_SEQ_LEN throughout"),
     Knob("MICRO_BATCH_TOKENS", 0, "max tokens per forward/backward per GPU; 0 = auto (98304 CUDA, 16384 CPU)", 0),
     Knob("VAL_LOSS_EVERY", 1000, "validate every N steps (and at the end); 0 = only at the end", 0),
     Knob("VAL_MAX_TOKENS", 0, "score only the first N val tokens (quick runs: logged valid:0); 0 = all", 0),
@@ -249,6 +249,7 @@ KNOBS = RUN_KNOBS + SCHEDULE_KNOBS + MODEL_KNOBS + OPTIMIZER_KNOBS + EVAL_KNOBS 
 ADAM_EPS = 1e-8
 TTT_MOMENTUM = 0.9
 SEQ_REWARM_STEPS = 32  # after a TRAIN_SEQ_SCHEDULE switch the LR ramps back up over this many steps
+MAX_TRAIN_SHAPES = 8  # torch.compile's recompile limit for one function (fullgraph fails past it)
 CLIP_SEARCH_HEADROOM = 100_000  # bytes: the clip search stops once the artifact is this close under the cap
 
 # Names we deliberately do not read: fail loudly instead of silently ignoring.
@@ -365,7 +366,9 @@ def validate(hp: Hyperparameters):
          "whole windows)")
     need(not hp.ttt_lora_rank or (hp.ttt_enabled and hp.ttt_lora_chunk <= hp.eval_seq_len),
          f"TTT_LORA_RANK={hp.ttt_lora_rank}: needs TTT_ENABLED=1 and TTT_LORA_CHUNK <= EVAL_SEQ_LEN")
-    seq_schedule(hp), lora_targets(hp)  # their own errors
+    lora_targets(hp)  # its own errors
+    need(len(train_shapes(hp)) <= MAX_TRAIN_SHAPES, f"TRAIN_SEQ_SCHEDULE={hp.train_seq_schedule!r}: training "
+         f"would reach {len(train_shapes(hp))} (length, looped) shapes, each a compiled graph; at most {MAX_TRAIN_SHAPES}")
     need(not hp.val_max_tokens or hp.val_max_tokens > max(hp.train_seq_len, hp.eval_seq_len),
          f"VAL_MAX_TOKENS={hp.val_max_tokens}: must exceed TRAIN_SEQ_LEN and EVAL_SEQ_LEN (one window)")
 
@@ -379,7 +382,11 @@ def seq_schedule(hp: Hyperparameters) -> list[tuple[int, float]]:
             raise UserError(f"env TRAIN_SEQ_SCHEDULE={hp.train_seq_schedule!r}: expected 'L@f,...' with lengths "
                             f">= 8 and progress fractions rising within (0, 1), at {item!r}")
         out.append((int(m[1]), float(m[2])))
-    return out + [(hp.train_seq_len, math.inf)]
+    out.append((hp.train_seq_len, math.inf))
+    if any(a[0] == b[0] for a, b in zip(out, out[1:])):
+        raise UserError(f"env TRAIN_SEQ_SCHEDULE={hp.train_seq_schedule!r}: two stretches in a row at one length "
+                        f"(the last one is TRAIN_SEQ_LEN={hp.train_seq_len})")
+    return out
 
 
 def seq_len_at(schedule: list[tuple[int, float]], progress: float) -> int:
@@ -573,7 +580,8 @@ class TrainStream:
         self.seq_len, self.seed = seq_len, seed
         self.epoch, self.order, self.pos = -1, np.empty(0, dtype=np.int64), 0
         if sum(len(s) for s in self.shards) < 2 * (seq_len + 1):
-            raise UserError(f"train shards hold too few tokens for TRAIN_SEQ_LEN={seq_len}")
+            raise UserError(f"train shards hold too few tokens for sequences of {seq_len} (TRAIN_SEQ_LEN, "
+                            "TRAIN_SEQ_SCHEDULE)")
 
     def _new_epoch(self):
         self.epoch += 1
@@ -2495,8 +2503,6 @@ class Trainer:
         """Queue one optimizer step on the next global batch; the mean train loss as a device scalar
         (nothing here waits for the GPU: the caller decides when to read it)."""
         batch = self._next_batch if self._next_batch is not None else self._load_batch()
-        if batch.size(0) != self.local_seqs or batch.size(1) != self.seq_len + 1:  # prefetched at another length
-            batch = self._load_batch()
         loss_sum = torch.zeros((), device=self.dctx.device)
         for m in range(self.accum):
             mb = batch[m * self.micro_seqs:(m + 1) * self.micro_seqs]
@@ -2575,18 +2581,19 @@ class TrainClock:
 
 
 def prime_compile(trainer: Trainer, hp: Hyperparameters, train_files, log):
-    """Run WARMUP_STEPS real steps over every shape training reaches (train_shapes) so compilation is off
-    the clock, then undo them all."""
+    """Run WARMUP_STEPS real steps (at least one per shape training reaches: train_shapes) so compilation
+    is off the clock, then undo them all."""
     shapes = train_shapes(hp)
-    if hp.warmup_steps:
+    n = max(hp.warmup_steps, len(shapes)) if hp.warmup_steps else 0  # every shape at least once
+    if n:
         snap = trainer.snapshot()
         trainer.reset_stream(train_files)
-        for k in range(hp.warmup_steps):
-            seq_len, looped = shapes[k * len(shapes) // hp.warmup_steps]
+        for k in range(n):
+            seq_len, looped = shapes[k * len(shapes) // n]
             trainer.use_seq_len(seq_len)
             trainer.step(0, 1.0, looped)
-            if k + 1 == hp.warmup_steps or (k + 1) % 10 == 0:
-                log(f"warmup_step:{k + 1}/{hp.warmup_steps} looped:{int(looped)}"
+            if k + 1 == n or (k + 1) % 10 == 0:
+                log(f"warmup_step:{k + 1}/{n} looped:{int(looped)}"
                     + (f" seq_len:{seq_len}" if hp.train_seq_schedule else ""))
         trainer.restore(snap)
     trainer.use_seq_len(shapes[0][0])
@@ -2637,10 +2644,6 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
         if hp.num_loops and not looped and progress >= hp.enable_looping_at:
             looped = True
             log(f"layer_loop:enabled step:{step} progress:{progress:.3f}")
-        if seq_len_at(schedule, progress) != trainer.seq_len:
-            trainer.use_seq_len(seq_len_at(schedule, progress))
-            switched_at = step
-            log(f"seq_len:{trainer.seq_len} step:{step} progress:{progress:.3f}")
         done = step >= hp.iterations or (cap_ms and clock.ms >= cap_ms)
         if done or (hp.val_loss_every and step and step % hp.val_loss_every == 0):
             if queued:
@@ -2652,6 +2655,10 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
             clock.resume()
         if done:
             break
+        if seq_len_at(schedule, progress) != trainer.seq_len:  # a new stream: its prefetched batch is dropped
+            trainer.use_seq_len(seq_len_at(schedule, progress))
+            switched_at = step
+            log(f"seq_len:{trainer.seq_len} step:{step} progress:{progress:.3f}")
         lr_mul = lr_multiplier(progress, hp.warmdown_frac, hp.min_lr)
         if switched_at is not None:  # a new length re-warms the LR
             lr_mul *= min(1.0, (step - switched_at + 1) / SEQ_REWARM_STEPS)

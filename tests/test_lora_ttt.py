@@ -216,7 +216,7 @@ def test_lora_knobs_are_checked():
 def test_lora_targets_adapt_only_the_matrices_named():
     """TTT_LORA_TARGETS: only the named roles get adapters; a head-only LoRA leaves the hidden states as
     they were and moves the logits, a V-only one moves the hidden states."""
-    hp, model, tokens, _ = lora_setup(TTT_LORA_TARGETS="head, v")
+    hp, model, tokens, val = lora_setup(TTT_LORA_TARGETS="head, v")
     assert train_gpt.lora_targets(hp) == ("v", "head")
     cpu, x = torch.device("cpu"), torch.from_numpy(tokens[:33].astype(np.int64))[None]
     for targets, moves_hidden in ((("head",), False), (("v",), True)):
@@ -229,6 +229,12 @@ def test_lora_targets_adapt_only_the_matrices_named():
             assert torch.equal(base, adapted) != moves_hidden
             moved = (model.logits(adapted, lora) - model.logits(adapted)).abs().max()
             assert (moved > 0) == ("head" in targets)
+    # the phase builds its adapters from the knob: a head-only LoRA scores differently from the full set
+    full = train_gpt.eval_tokens(model, val, train_gpt.Dist(), train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LR="0")),
+                                 lora_phase()).nll
+    head = train_gpt.eval_tokens(model, val, train_gpt.Dist(), train_gpt.Hyperparameters(
+        LORA_ENV | dict(TTT_LR="0", TTT_LORA_TARGETS="head")), lora_phase()).nll
+    assert (full - head).abs().max() > 1e-4
     for bad in ("", "q,x", "mlp,,heads"):
         with pytest.raises(train_gpt.UserError, match="TTT_LORA_TARGETS"):
             train_gpt.Hyperparameters(dict(TTT_LORA_TARGETS=bad))

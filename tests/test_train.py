@@ -102,7 +102,9 @@ def test_seq_schedule_shapes_and_errors():
     flat = train_gpt.Hyperparameters(dict(NUM_LOOPS="0", TRAIN_SEQ_SCHEDULE="1024@0.5"))
     assert train_gpt.train_shapes(flat) == [(1024, False), (2048, False)]
     assert train_gpt.train_shapes(train_gpt.Hyperparameters({})) == [(2048, False), (2048, True)]
-    for bad in ("1024", "1024@0", "1024@1", "2048@0.5,1024@0.5", "4@0.1", "1024@0.1.2", "x@0.5"):
+    for bad in ("1024", "1024@0", "1024@1", "2048@0.5,1024@0.5", "4@0.1", "1024@0.1.2", "x@0.5",
+                "1024@0.2,1024@0.5", "2048@0.5",  # a length twice in a row (2048 is TRAIN_SEQ_LEN)
+                "8@0.1,16@0.2,24@0.3,32@0.34,40@0.5,48@0.6,56@0.7"):  # 9 shapes: past the recompile limit
         with pytest.raises(train_gpt.UserError, match="TRAIN_SEQ_SCHEDULE"):
             train_gpt.Hyperparameters(dict(TRAIN_SEQ_SCHEDULE=bad))
     with pytest.raises(train_gpt.UserError, match="length 1000 of TRAIN_SEQ_SCHEDULE"):
@@ -111,13 +113,13 @@ def test_seq_schedule_shapes_and_errors():
 
 
 def test_seq_schedule_trains_each_length_in_turn_and_rewarms_the_lr(tiny_data, monkeypatch):
-    """Warm-up visits every shape, training switches length where the schedule says (same tokens per
-    step), and each switch restarts the LR from 1/SEQ_REWARM_STEPS of its value."""
+    """Warm-up visits every shape (even with fewer WARMUP_STEPS), training switches length where the schedule
+    says (same tokens per step), and each switch restarts the LR from 1/SEQ_REWARM_STEPS of its value."""
     data, _ = tiny_data
     hp = train_gpt.Hyperparameters(dict(DEVICE="cpu", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2",
                                         NUM_KV_HEADS="1", VOCAB_SIZE="1024", TRAIN_SEQ_LEN="32",
                                         TRAIN_SEQ_SCHEDULE="8@0.25,16@0.5", TRAIN_BATCH_TOKENS="128",
-                                        ITERATIONS="8", WARMUP_STEPS="3", VAL_LOSS_EVERY="0", EMA_DECAY="0",
+                                        ITERATIONS="8", WARMUP_STEPS="2", VAL_LOSS_EVERY="0", EMA_DECAY="0",
                                         NUM_LOOPS="0", MAX_WALLCLOCK_SECONDS="0", DATA_PATH=str(data)))
     dctx = train_gpt.setup_distributed(hp)
     trainer = train_gpt.Trainer(hp, dctx, train_gpt.GPT(hp.model_config()))
