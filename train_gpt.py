@@ -367,8 +367,9 @@ def validate(hp: Hyperparameters):
     need(not hp.ttt_lora_rank or (hp.ttt_enabled and hp.ttt_lora_chunk <= hp.eval_seq_len),
          f"TTT_LORA_RANK={hp.ttt_lora_rank}: needs TTT_ENABLED=1 and TTT_LORA_CHUNK <= EVAL_SEQ_LEN")
     lora_targets(hp)  # its own errors
-    need(len(train_shapes(hp)) <= MAX_TRAIN_SHAPES, f"TRAIN_SEQ_SCHEDULE={hp.train_seq_schedule!r}: training "
-         f"would reach {len(train_shapes(hp))} (length, looped) shapes, each a compiled graph; at most {MAX_TRAIN_SHAPES}")
+    shapes = len(train_shapes(hp))
+    need(shapes <= MAX_TRAIN_SHAPES, f"TRAIN_SEQ_SCHEDULE={hp.train_seq_schedule!r}: training would reach {shapes} "
+         f"(length, looped) shapes, each a compiled graph; at most {MAX_TRAIN_SHAPES}")
     need(not hp.val_max_tokens or hp.val_max_tokens > max(hp.train_seq_len, hp.eval_seq_len),
          f"VAL_MAX_TOKENS={hp.val_max_tokens}: must exceed TRAIN_SEQ_LEN and EVAL_SEQ_LEN (one window)")
 
