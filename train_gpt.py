@@ -2033,6 +2033,37 @@ def chunk_size(done, hp: Hyperparameters, adapting: bool, seq_len: int) -> np.nd
     return np.minimum(np.maximum(hp.ttt_lora_chunk, -(-done // hp.ttt_lora_steps)), cap)
 
 
+def doc_batches(starts: np.ndarray, ends: np.ndarray, size: int) -> list[np.ndarray]:
+    """Documents (indices) in batches of at most `size`, longest first: a batch's documents take similar steps."""
+    return even_batches(np.argsort(starts - ends, kind="stable"), size)
+
+
+def doc_steps(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
+              seq_len: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The scoring steps of a batch of documents (targets s+1..e each), as (begin, prev, last) per row: step
+    j scores targets prev+1..last from inputs begin..last-1. Chunks follow chunk_bounds; a finished row
+    scores nothing (targets s+2..s+1)."""
+    bounds = [chunk_bounds(int(n), hp, adapting, seq_len) for n in e - s]
+    n_steps = np.array([len(b) - 1 for b in bounds])
+    offsets = np.stack([np.pad(b, (0, n_steps.max() + 1 - len(b)), mode="edge") for b in bounds])
+    steps = []
+    for j in range(int(n_steps.max())):
+        live = n_steps > j
+        prev = np.where(live, s + offsets[:, j], s + 1)
+        last = np.where(live, s + offsets[:, j + 1], s + 1)
+        # The window reaches back from where the chunk would end uncut: where the document ends (a later
+        # token) must not decide how much context its last chunk sees.
+        reach = prev + chunk_size(offsets[:, j], hp, adapting, seq_len)
+        steps.append((np.where(live, np.maximum(s, reach - seq_len), s), prev, last))
+    return steps
+
+
+def window_len(begin: np.ndarray, last: np.ndarray, seq_len: int) -> int:
+    """The padded input length of a step of doc_steps: its longest window, to a power of two (a few
+    lengths, a few compiled graphs), at most seq_len."""
+    return min(1 << (int((last - begin).max()) - 1).bit_length(), seq_len)
+
+
 def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, ends: np.ndarray, phase: Phase,
                out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None, lora: LoRA | None):
     """Score whole documents (targets start+1..end each) into `out`, longest first, TTT_LORA_DOCS side by
@@ -2041,27 +2072,16 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
     the mean NLL of its chunk, whose targets are all scored now. A finished document's row stays in the
     batch with an empty chunk (one batch shape, fewer compiled graphs). Without lora (TTT stopped by the
     budget) nothing trains."""
-    order = np.argsort(starts - ends, kind="stable")  # longest first: a batch's documents take similar steps
-    for batch in even_batches(order, hp.ttt_lora_docs):
-        s, e = starts[batch], ends[batch]
-        bounds = [chunk_bounds(int(n), hp, lora is not None, phase.seq_len) for n in e - s]
-        n_steps = np.array([len(b) - 1 for b in bounds])
-        offsets = np.stack([np.pad(b, (0, n_steps.max() + 1 - len(b)), mode="edge") for b in bounds])
+    for batch in doc_batches(starts, ends, hp.ttt_lora_docs):
         opt = None
         if lora is not None:
             lora.reset()
             params = list(lora.parameters())
             opt = torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS, weight_decay=LORA_WD)
-        for j in range(int(n_steps.max())):
-            live = n_steps > j
-            prev = np.where(live, s + offsets[:, j], s + 1)  # a finished row: targets s+2..s+1, none
-            last = np.where(live, s + offsets[:, j + 1], s + 1)
-            # The window reaches back from where the chunk would end uncut: where the document ends (a later
-            # token) must not decide how much context its last chunk sees.
-            reach = prev + chunk_size(offsets[:, j], hp, lora is not None, phase.seq_len)
-            begin = np.where(live, np.maximum(s, reach - phase.seq_len), s)
+        steps = doc_steps(starts[batch], ends[batch], hp, lora is not None, phase.seq_len)
+        for j, (begin, prev, last) in enumerate(steps):
             nll, scored = score_doc_chunk(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora)
-            if opt is not None and j + 1 < n_steps.max():
+            if opt is not None and j + 1 < len(steps):
                 loss = ((nll * scored).sum(1) / scored.sum(1).clamp(min=1)).sum()  # per document: rows independent
                 for p, g in zip(params, torch.autograd.grad(loss, params)):
                     p.grad = g
@@ -2076,7 +2096,7 @@ def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray,
     attention never lets back. The head runs on the scored positions only (the window's tail). Returns
     their plain NLL [rows, M] (with grad under a lora) and the mask of real ones."""
     dev = tokens.device
-    L = min(1 << (int((last - begin).max()) - 1).bit_length(), phase.seq_len)  # a few lengths: a few graphs
+    L = window_len(begin, last, phase.seq_len)
     pos = torch.from_numpy(begin).to(dev)[:, None] + 1 + torch.arange(L, device=dev)  # stream position of y
     valid = pos <= torch.from_numpy(last).to(dev)[:, None]
     inside = pos.clamp(max=len(tokens) - 1)  # the padding's positions may run past the stream

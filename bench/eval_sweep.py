@@ -26,29 +26,37 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, dict(p.split("=", 1) for p in pairs)
 
 
-def main(argv: list[str]) -> int:
+def variant_knobs(argv: list[str], env: dict, after=lambda name: {}) -> list[tuple[str, train_gpt.Hyperparameters]]:
+    """Each variant's knobs (env, then its K=V pairs, then after(name)), all checked before any runs."""
+    if not argv:
+        raise train_gpt.UserError("give at least one variant: 'NAME [K=V ...]'")
+    variants = [parse_variant(spec) for spec in argv]
+    if len({name for name, _ in variants}) < len(variants):
+        raise train_gpt.UserError("variant names must differ (each names its log)")
+    return [(name, train_gpt.Hyperparameters(env | pairs | after(name))) for name, pairs in variants]
+
+
+def cli(body, argv: list[str]) -> int:
+    """Run body(argv); a UserError is one `error:` line on stderr and its exit code."""
     try:
-        if not argv:
-            raise train_gpt.UserError("give at least one variant: 'NAME [K=V ...]'")
-        if not os.environ.get("EVAL_ONLY"):
-            raise train_gpt.UserError("env EVAL_ONLY: the artifact to score is not set")
-        if os.environ.get("WORLD_SIZE", "1") != "1":
-            raise train_gpt.UserError("eval_sweep.py runs one process: start it with python3, not torchrun")
-        base = os.environ.get("RUN_ID") or "sweep"
-        variants = [parse_variant(spec) for spec in argv]
-        if len({name for name, _ in variants}) < len(variants):
-            raise train_gpt.UserError("variant names must differ (each names its log)")
-        runs = [(name, train_gpt.Hyperparameters(dict(os.environ) | pairs | {"RUN_ID": f"{base}_{name}"}))
-                for name, pairs in variants]
-        for name, hp in runs:
-            s = train_gpt.run(hp)
-            print(f"variant:{name} final_phase:{s['final_phase']} final_val_bpb:{s['final_val_bpb']:.8f} "
-                  f"eval_seconds:{s['eval_seconds']:.1f} log:{Path(hp.log_dir) / (hp.run_id + '.txt')}", flush=True)
+        body(argv)
     except train_gpt.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
 
 
+def sweep(argv: list[str]):
+    if not os.environ.get("EVAL_ONLY"):
+        raise train_gpt.UserError("env EVAL_ONLY: the artifact to score is not set")
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        raise train_gpt.UserError("eval_sweep.py runs one process: start it with python3, not torchrun")
+    base = os.environ.get("RUN_ID") or "sweep"
+    for name, hp in variant_knobs(argv, dict(os.environ), lambda name: {"RUN_ID": f"{base}_{name}"}):
+        s = train_gpt.run(hp)
+        print(f"variant:{name} final_phase:{s['final_phase']} final_val_bpb:{s['final_val_bpb']:.8f} "
+              f"eval_seconds:{s['eval_seconds']:.1f} log:{Path(hp.log_dir) / (hp.run_id + '.txt')}", flush=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(cli(sweep, sys.argv[1:]))

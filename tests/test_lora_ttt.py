@@ -1,11 +1,14 @@
 """Per-document LoRA TTT (TTT_LORA_RANK): documents split at BOS, every target scored once with its own
 document's context only, adapters trained only on scored chunks, rows of a batch independent."""
+import os
+
 import numpy as np
 import pytest
 import torch
 
 import train_gpt
 from conftest import parse_log, tiny_env
+from data.shards import write_shard
 from test_eval import EVAL_ENV, setup
 from test_model import randomized, small_cfg
 
@@ -259,3 +262,36 @@ def test_lora_ttt_on_two_ranks_scores_like_one_process(tiny_data, tmp_path, laun
     assert "ttt_lora rank:4" in (tmp_path / "logs" / "two.txt").read_text()
     assert abs(float(a["ttt_val_bpb"]) - float(b["ttt_val_bpb"])) < 1e-5, (a["ttt_val_bpb"], b["ttt_val_bpb"])
     assert float(a["ttt_val_bpb"]) < float(a["roundtrip_val_bpb"]) - 0.01  # the adapters did work
+
+
+def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeypatch):
+    """bench/lora_cost.py counts, without a model, the forward calls, adapter updates and padded tokens
+    that the LoRA phase really runs (here counted inside eval_tokens) on the same val stream."""
+    hp, model, tokens, val = lora_setup(TTT_LR="0", TTT_LORA_CHUNK="4", TTT_LORA_STEPS="4", TTT_CHUNK_TOKENS="128")
+    seen = dict(steps=0, forward_tokens=0, updates=0)
+    real_chunk, real_step = train_gpt.score_doc_chunk, torch.optim.AdamW.step
+
+    def chunk(model, hidden, tokens, begin, prev, last, phase, *rest):
+        seen["steps"] += 1
+        seen["forward_tokens"] += len(begin) * train_gpt.window_len(begin, last, phase.seq_len)
+        return real_chunk(model, hidden, tokens, begin, prev, last, phase, *rest)
+
+    def step(opt, *args, **kwargs):
+        seen["updates"] += 1
+        return real_step(opt, *args, **kwargs)
+    monkeypatch.setattr(train_gpt, "score_doc_chunk", chunk)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    phase = train_gpt.plan_phases(hp, 32)[1]
+    assert phase.lora and phase.seq_len == hp.eval_seq_len
+    train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, phase)
+    assert seen["steps"] > seen["updates"] > 10
+    write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(train_gpt.KNOB_PREFIXES)}
+    env |= LORA_ENV | dict(TTT_LR="0", TTT_CHUNK_TOKENS="128", DATA_PATH=str(tmp_path), VOCAB_SIZE="64")
+    res = launcher.run(env, "bench/lora_cost.py", ["a TTT_LORA_CHUNK=4 TTT_LORA_STEPS=4", "b"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = {ln.split()[0]: dict(kv.split(":") for kv in ln.split()[1:]) for ln in res.stdout.splitlines()}
+    a, b = lines["variant:a"], lines["variant:b"]
+    assert {k: int(a[k]) for k in seen} == seen
+    assert int(a["scored"]) == len(tokens) - 1 and int(a["docs"]) == len(train_gpt.doc_spans(tokens)[0])
+    assert int(b["steps"]) < int(a["steps"])  # TTT_LORA_CHUNK=8: fewer, larger steps
