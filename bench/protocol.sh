@@ -2,7 +2,7 @@
 # Bench protocol v1 (../shared/bench/README.md): one GPU, 240 s of training, sp8192 bench shards,
 # TRAIN_BATCH_TOKENS = one GPU's share of the configuration's 8-GPU batch.
 #
-#   bench/protocol.sh CONFIG [VAR=value ...]      CONFIG: default | baseline
+#   bench/protocol.sh CONFIG [VAR=value ...]      CONFIG: default | candidate | baseline
 #
 # baseline = bench/baseline.env: the public naive baseline's shape and optimizer (9x512, MLP 2x,
 # relu^2, seq 1024, QK gain 1.5, no XSA/loops/parallel/gates/EMA/WD) on vocab 8192.
@@ -12,10 +12,12 @@
 # BENCH_VARIANT=caseops runs on the CaseOps sp8192 bench data instead, BENCH_VARIANT=lossless on its plain
 # counterpart (bench/sidecar_data.sh: the same documents and split, a lossless tokenizer with or without
 # the case operators, val bpb over the original bytes by sidecar).
+# candidate = default + bench/candidate.env: the post-April levers under test for the next default (an ablation
+# switches one of them back off: bench/protocol.sh candidate SMEAR_GATE=0).
 # Extra VAR=value pairs override anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-config=${1:?usage: bench/protocol.sh default|baseline [VAR=value ...]}
+config=${1:?usage: bench/protocol.sh default|candidate|baseline [VAR=value ...]}
 shift
 bench_dir=${BENCH_DIR:-../shared/bench}
 data=${BENCH_DATA:-/tmp/benchdata}
@@ -36,7 +38,8 @@ esac
 common=("${paths[@]}" VOCAB_SIZE=8192 MAX_WALLCLOCK_SECONDS=240 SEED=1337)
 case "$config" in
   default) cfg=(TRAIN_BATCH_TOKENS=98304) ;;
+  candidate) mapfile -t cfg < bench/candidate.env; cfg=(TRAIN_BATCH_TOKENS=98304 "${cfg[@]}") ;;
   baseline) mapfile -t cfg < bench/baseline.env ;;
-  *) echo "error: unknown CONFIG '$config' (expected default or baseline)" >&2; exit 2 ;;
+  *) echo "error: unknown CONFIG '$config' (expected default, candidate or baseline)" >&2; exit 2 ;;
 esac
 exec env "${common[@]}" "${cfg[@]}" "$@" torchrun --standalone --nproc_per_node="${NPROC:-1}" "${SCRIPT:-train_gpt.py}"

@@ -62,6 +62,30 @@ def test_bench_configs_are_valid_knobs():
     env = dict(line.split("=", 1) for line in (ROOT / "bench" / "baseline.env").read_text().split())
     hp = train_gpt.Hyperparameters(env)
     assert hp.warnings == [] and hp.num_layers == 9 and hp.num_loops == 0
+    env = dict(line.split("=", 1) for line in (ROOT / "bench" / "candidate.env").read_text().split())
+    hp = train_gpt.Hyperparameters(env)
+    assert hp.warnings == [] and len(hp.explicit) == len(env)  # every line a knob, none a default
+    assert all(str(getattr(hp, k.lower())) != str(next(kn.default for kn in train_gpt.KNOBS if kn.name == k))
+               for k in env)
+
+
+def test_protocol_candidate_is_the_default_plus_its_env_and_overrides_win(tmp_path):
+    """bench/protocol.sh candidate: the default's batch, every line of bench/candidate.env, then the
+    command line's VAR=value (an ablation switches one lever back off). torchrun is a stub printing its env."""
+    val = tmp_path / "data" / "datasets" / "bench_sp8192" / "fineweb_val_000000.bin"
+    val.parent.mkdir(parents=True)
+    val.touch()  # present: the protocol builds no shards
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "torchrun").write_text("#!/bin/sh\nenv\n")
+    (tmp_path / "bin" / "torchrun").chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", BENCH_DATA=str(tmp_path / "data"))
+    res = subprocess.run(["bash", "bench/protocol.sh", "candidate", "SMEAR_GATE=0"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    seen = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
+    lever = dict(line.split("=", 1) for line in (ROOT / "bench" / "candidate.env").read_text().split())
+    assert seen["TRAIN_BATCH_TOKENS"] == "98304" and seen["MAX_WALLCLOCK_SECONDS"] == "240"
+    assert {k: seen[k] for k in lever} == lever | {"SMEAR_GATE": "0"}
 
 
 def test_plain_config_is_the_default_shape_with_the_baseline_features():
