@@ -15,8 +15,9 @@ TINY = ["DEVICE=cpu", "NUM_LAYERS=3", "MODEL_DIM=64", "NUM_HEADS=4", "NUM_KV_HEA
 
 
 def bench_script(launcher, script: str, *args: str):
-    """`python3 bench/SCRIPT args` (as a forked process of tests/forkserver.py: no torch import of its own)."""
-    return launcher.run(dict(os.environ), f"bench/{script}", args)
+    """`python3 bench/SCRIPT args` (as a forked process of tests/forkserver.py: no torch import of its own)
+    on one torch thread, as the tiny runs (tiny_env): these shapes are too small for a second one."""
+    return launcher.run(dict(os.environ, OMP_NUM_THREADS="1"), f"bench/{script}", args)
 
 
 def test_speed_script_prints_one_line_per_config(launcher):

@@ -248,9 +248,10 @@ def test_lora_ttt_on_two_ranks_scores_like_one_process(tiny_data, tmp_path, laun
     artifact scored on two ranks gets one process's score (rows are independent; float rounding apart).
     The rate must keep this tiny model from diverging: AdamW with beta1 0 and a tiny eps takes a full
     step of either sign on a gradient of rounding noise, so a diverging run amplifies the all-reduce's
-    last bits into visible differences."""
+    last bits into visible differences. Half of TINY_ENV's val tokens: 5 documents in two global TTT
+    chunks (2 + 3), so each rank still scores documents of both and all-reduces two updates."""
     env = tiny_env(tiny_data, tmp_path, RUN_ID="one", TTT_LORA_RANK=4, TTT_LORA_CHUNK=16, TTT_LORA_DOCS=4,
-                   TTT_LORA_LR="0.001", TTT_LORA_STEPS=8, EVAL_SLIDING=0)
+                   TTT_LORA_LR="0.001", TTT_LORA_STEPS=8, EVAL_SLIDING=0, VAL_MAX_TOKENS=2048)
     one = launcher.run(env)
     assert one.returncode == 0, one.stderr[-2000:]
     art = tmp_path / "art" / "final_model_one.int6.br"

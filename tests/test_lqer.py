@@ -1,6 +1,7 @@
 """LQER: low-rank corrections of the largest GPTQ errors, their INT2/INT4 storage and the artifact."""
 import copy
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -35,6 +36,17 @@ def hessians(cfg, seed=0):
 
 def quantized(cfg, state, hess):
     return train_gpt.quantize_state(state, hess, cfg.num_layers, 6, 12.85, 8, 20.0)
+
+
+@pytest.fixture
+def quick_pack(monkeypatch):
+    """pack_artifact at brotli quality 1 instead of 11 (~1.5 s a pack of these matrices): for the tests
+    that only need a blob to read back or compare. Lossless compression maps different bodies to
+    different blobs at any quality, and unpacking does not depend on it."""
+    real = train_gpt.brotli
+    monkeypatch.setattr(train_gpt, "brotli", types.SimpleNamespace(
+        compress=lambda data, quality=11: real.compress(data, quality=1), decompress=real.decompress,
+        __version__=real.__version__))
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +138,7 @@ def test_a_correction_that_does_not_help_is_dropped(setup, monkeypatch):
     assert "->dropped" in train_gpt.lqer_line(report, q, train_gpt.Hyperparameters({"LQER_TOP_K": "2"}))
 
 
-def test_lqer_survives_the_artifact(setup, tmp_path):
+def test_lqer_survives_the_artifact(setup, tmp_path, quick_pack):
     cfg, state, q = setup
     q = copy.deepcopy(q)
     train_gpt.apply_lqer(state, q, 3, 4, 16, cfg.num_layers)
@@ -140,7 +152,7 @@ def test_lqer_survives_the_artifact(setup, tmp_path):
         assert torch.equal(t, expect[name]), name
 
 
-def test_knob_off_writes_todays_bytes(setup):
+def test_knob_off_writes_todays_bytes(setup, quick_pack):
     """LQER_TOP_K=0 must not change a byte: the blob equals GPTQ + pack without any LQER code."""
     cfg, state, _ = setup
     hess = {}
@@ -201,7 +213,7 @@ def corruptions(q):
     yield "not a GPTQ'd matrix", bad
 
 
-def test_a_corrupted_lqer_entry_is_a_one_line_error(setup):
+def test_a_corrupted_lqer_entry_is_a_one_line_error(setup, quick_pack):
     cfg, state, q = setup
     q = copy.deepcopy(q)
     train_gpt.apply_lqer(state, q, 2, 4, 64, cfg.num_layers)

@@ -266,7 +266,9 @@ def test_polar_express_is_closer_to_orthogonal_than_quintic():
 def test_muon_direction_compiled_matches_eager_without_recompiling():
     """The Trainer compiles muon_direction on CUDA; the momentum is a 0-d tensor so that its warm-up
     schedule (a new value every step) reuses one graph. Here on CPU (inductor): the compiled update and
-    momentum buffer match eager for two momenta, and the second momentum builds no new graph."""
+    momentum buffer match eager for two momenta, and the second momentum builds no new graph. Two
+    Newton-Schulz steps, not the default five: each step's coefficients are constants of its own kernels
+    (a compile each on CPU), and two steps already take the schedule's per-step coefficients."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     compiled = torch.compile(train_gpt.muon_direction, dynamic=False)
@@ -276,8 +278,8 @@ def test_muon_direction_compiled_matches_eager_without_recompiling():
     graphs = []
     for mom in (0.92, 0.95):
         m = torch.tensor(mom)
-        ref = train_gpt.muon_direction(grad, buf_eager, m, 5, True, "polar")
-        out = compiled(grad, buf_compiled, m, 5, True, "polar")
+        ref = train_gpt.muon_direction(grad, buf_eager, m, 2, True, "polar")
+        out = compiled(grad, buf_compiled, m, 2, True, "polar")
         graphs.append(train_gpt.compiled_graph_count())
         assert torch.allclose(out, ref, atol=1e-4) and torch.allclose(buf_compiled, buf_eager, atol=1e-6)
     assert graphs[1] == graphs[0]  # a new momentum value: no recompile

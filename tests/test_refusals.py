@@ -71,17 +71,20 @@ def test_command_line(args, rc, out, launcher):
     assert res.returncode == rc and out in res.stdout + res.stderr
 
 
-def test_startup_refusals_in_a_process(tiny_data, tmp_path):
+def test_startup_refusals_in_a_process(tiny_data, tmp_path, launcher):
     """Each is one error line and exit 2 before any training: a LOG_DIR that cannot be created (under a
     file: root can write anywhere else), WORLD_SIZE without torchrun, a bare run without the tokenizer
-    (which says how to download it)."""
+    (which says how to download it). The bare run is a `python3 train_gpt.py` of its own, so that what
+    the interpreter and the imports print is in its stderr too; the other two are forked runs
+    (tests/forkserver.py), each its own process with its own environment, output and exit status."""
     blocker = tmp_path / "file"
     blocker.write_text("x")
     cases = [(dict(LOG_DIR=str(blocker / "logs")), ("env LOG_DIR: cannot create log",)),
-             (dict(WORLD_SIZE="2"), ("WORLD_SIZE=2 without RANK", "torchrun")),
-             (dict(TOKENIZER_PATH=str(tmp_path / "none.model")), ("file not found", "--repo-id kevclark/parameter-golf"))]
+             (dict(WORLD_SIZE="2"), ("WORLD_SIZE=2 without RANK", "torchrun"))]
     for overrides, needles in cases:
-        one_error_line(run_script(["train_gpt.py"], tiny_env(tiny_data, tmp_path, **overrides), timeout=120), *needles)
+        one_error_line(launcher.run(tiny_env(tiny_data, tmp_path, **overrides), timeout=120), *needles)
+    bare = tiny_env(tiny_data, tmp_path, TOKENIZER_PATH=str(tmp_path / "none.model"))
+    one_error_line(run_script(["train_gpt.py"], bare, timeout=120), "file not found", "--repo-id kevclark/parameter-golf")
     assert not (tmp_path / "art").exists() or not any((tmp_path / "art").iterdir())
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import VAL_DOCS, corpus_docs, parse_log, run_script, tiny_env
+from conftest import VAL_DOCS, corpus_docs, parse_log, tiny_env
 from data import tokenize_jsonl
 from data.shards import read_shard, read_sidecar, sidecar_path, token_shards, write_shard
 from test_caseops import write_jsonl
@@ -140,11 +140,11 @@ def test_sidecars_of_another_tokenizer_are_refused(caseops_data, tokenizer):
         train_gpt.load_val(hp_for(data, plain), 1024, sp)
 
 
-def test_a_run_on_caseops_data_logs_its_byte_source(caseops_data, tiny_data, tmp_path):
+def test_a_run_on_caseops_data_logs_its_byte_source(caseops_data, tiny_data, tmp_path, launcher):
     data, tok = caseops_data
     env = tiny_env(tiny_data, tmp_path, DATA_PATH=data, TOKENIZER_PATH=tok, RUN_ID="co", ITERATIONS=2,
                    TTT_ENABLED=0, EVAL_STRIDE=0)
-    res = run_script(["train_gpt.py"], env)
+    res = launcher.run(env)
     assert res.returncode == 0, res.stderr[-2000:]
     log = (tmp_path / "logs" / "co.txt").read_text()
     side = np.concatenate([np.asarray(read_sidecar(f)) for f in token_shards(data, "val")]).astype(np.int64)
