@@ -49,7 +49,8 @@ def test_chunks_grow_with_what_a_document_has_scored_never_with_its_length():
     assert np.diff(train_gpt.chunk_bounds(100, hp, False, 64)).tolist() == [32, 32, 32, 4]
 
 
-def test_a_batch_keeps_its_rows_until_its_longest_document_ends(monkeypatch):
+def test_a_batch_drops_each_document_once_it_is_scored(monkeypatch):
+    """Each step runs only the documents that still score (a batch's longest ones: rows i keep adapter i)."""
     hp, model, tokens, val = lora_setup(TTT_LORA_STEPS="2", TTT_CHUNK_TOKENS="100000")
     rows, real = [], train_gpt.score_doc_chunk
 
@@ -62,9 +63,9 @@ def test_a_batch_keeps_its_rows_until_its_longest_document_ends(monkeypatch):
     starts, ends = train_gpt.doc_spans(tokens)
     expected = []
     for batch in train_gpt.even_batches(np.argsort(starts - ends, kind="stable"), 3):
-        steps = max(len(train_gpt.chunk_bounds(int(n), hp, True, 32)) - 1 for n in ends[batch] - starts[batch])
-        expected += [len(batch)] * steps
-    assert rows == expected
+        steps = [len(train_gpt.chunk_bounds(int(n), hp, True, 32)) - 1 for n in ends[batch] - starts[batch]]
+        expected += [sum(s > j for s in steps) for j in range(max(steps))]
+    assert rows == expected and min(rows) < 3  # some steps ran fewer rows than the batch holds
 
 
 def test_a_score_does_not_know_where_its_document_ends(monkeypatch):
