@@ -2058,13 +2058,14 @@ def doc_steps(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
     return steps
 
 
-def live_rows(prev: np.ndarray, last: np.ndarray) -> int:
-    """How many rows of a doc_steps step still score: a prefix, since a batch's documents come longest first
-    (doc_batches) and a longer document never takes fewer steps (chunk_bounds)."""
+def step_rows(prev: np.ndarray, last: np.ndarray) -> int:
+    """How many rows of a doc_steps step run: those that still score, a prefix since a batch's documents
+    come longest first (doc_batches) and a longer document never takes fewer steps (chunk_bounds); at
+    least two where the batch has them, as a batch of one would compile a graph of its own."""
     n = int((last > prev).sum())
     if not (last[:n] > prev[:n]).all():
         raise RuntimeError("scoring bug: a LoRA batch's documents must come longest first")
-    return n
+    return max(n, min(2, len(prev)))
 
 
 def window_len(begin: np.ndarray, last: np.ndarray, seq_len: int) -> int:
@@ -2078,9 +2079,9 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
     """Score whole documents (targets start+1..end each) into `out`, longest first, TTT_LORA_DOCS side by
     side. Each document is walked in chunks (chunk_bounds): a chunk is scored with up to seq_len tokens
     of its own document before it, then every document's adapter (row of `lora`) takes one AdamW step on
-    the mean NLL of its chunk, whose targets are all scored now. A finished document leaves the batch: the
-    longest documents come first and take the most steps, so the live rows are always the batch's first
-    ones and row i keeps adapter row i. Without lora (TTT stopped by the budget) nothing trains."""
+    the mean NLL of its chunk, whose targets are all scored now. A finished document leaves the batch
+    (step_rows): the longest documents come first and take the most steps, so the live rows are always the
+    batch's first ones and row i keeps adapter row i. Without lora (TTT stopped by the budget) nothing trains."""
     for batch in doc_batches(starts, ends, hp.ttt_lora_docs):
         opt = None
         if lora is not None:
@@ -2089,7 +2090,7 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
             opt = torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS, weight_decay=LORA_WD)
         steps = doc_steps(starts[batch], ends[batch], hp, lora is not None, phase.seq_len)
         for j, (begin, prev, last) in enumerate(steps):
-            n = live_rows(prev, last)
+            n = step_rows(prev, last)
             nll, scored = score_doc_chunk(model, hidden, tokens, begin[:n], prev[:n], last[:n], phase, out, hp, hints,
                                           lora)
             if opt is not None and j + 1 < len(steps):

@@ -31,7 +31,7 @@ def lora_cost(tokens, hp: train_gpt.Hyperparameters) -> dict:
         for batch in train_gpt.doc_batches(starts[docs], ends[docs], hp.ttt_lora_docs):
             steps = train_gpt.doc_steps(starts[docs][batch], ends[docs][batch], hp, True, hp.eval_seq_len)
             for j, (begin, prev, last) in enumerate(steps):
-                work = train_gpt.live_rows(prev, last) * train_gpt.window_len(begin, last, hp.eval_seq_len)
+                work = train_gpt.step_rows(prev, last) * train_gpt.window_len(begin, last, hp.eval_seq_len)
                 out["steps"] += 1
                 out["forward_tokens"] += work
                 out["scored"] += int((last - prev).sum())

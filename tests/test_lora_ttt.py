@@ -50,8 +50,14 @@ def test_chunks_grow_with_what_a_document_has_scored_never_with_its_length():
 
 
 def test_a_batch_drops_each_document_once_it_is_scored(monkeypatch):
-    """Each step runs only the documents that still score (a batch's longest ones: rows i keep adapter i)."""
-    hp, model, tokens, val = lora_setup(TTT_LORA_STEPS="2", TTT_CHUNK_TOKENS="100000")
+    """Each step runs only the documents that still score (a batch's longest ones: rows i keep adapter i),
+    and at least two rows where the batch has them (a batch of one is a graph of its own)."""
+    hp, model, _, _ = lora_setup(TTT_LORA_STEPS="2", TTT_CHUNK_TOKENS="100000")
+    lengths = [70, 25, 15, 40, 12, 30, 9, 5]  # documents of unequal lengths: batches that thin out to one
+    tokens = np.random.default_rng(3).integers(4, 64, size=sum(lengths) + 1).astype(np.uint16)
+    tokens[np.cumsum([0] + lengths[:-1])] = 1
+    val = train_gpt.ValSet.from_lut(tokens, train_gpt.ByteLUT(np.ones(64, np.int32), np.zeros(64, bool),
+                                                                np.arange(64) < 4))
     rows, real = [], train_gpt.score_doc_chunk
 
     def counted(*args):
@@ -61,11 +67,13 @@ def test_a_batch_drops_each_document_once_it_is_scored(monkeypatch):
     scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase())
     assert (scores.count == 1).all()
     starts, ends = train_gpt.doc_spans(tokens)
-    expected = []
+    expected, alone = [], 0
     for batch in train_gpt.even_batches(np.argsort(starts - ends, kind="stable"), 3):
         steps = [len(train_gpt.chunk_bounds(int(n), hp, True, 32)) - 1 for n in ends[batch] - starts[batch]]
-        expected += [sum(s > j for s in steps) for j in range(max(steps))]
-    assert rows == expected and min(rows) < 3  # some steps ran fewer rows than the batch holds
+        live = [sum(s > j for s in steps) for j in range(max(steps))]
+        expected += [max(n, min(2, len(batch))) for n in live]
+        alone += live.count(1)
+    assert rows == expected and min(rows) < 3 and alone > 0  # steps with one live document run two rows
 
 
 def test_a_score_does_not_know_where_its_document_ends(monkeypatch):
