@@ -1863,6 +1863,12 @@ def doc_chunks(starts: np.ndarray, ends: np.ndarray, chunk_tokens: int) -> list[
     return [(d, int(starts[d[0]]), int(ends[d[-1]])) for d in groups]
 
 
+def rank_share(items: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """A rank's part of a chunk's windows or documents: contiguous, equal counts to within one (not equal
+    tokens: documents differ in length)."""
+    return items[len(items) * rank // world_size:len(items) * (rank + 1) // world_size]
+
+
 def budget_action(phase: Phase, hp: Hyperparameters) -> str | None:
     """What a phase does when its pace projects past the time left: stop adapting, be abandoned, or run on."""
     if phase.ttt and hp.ttt_budget_stop:
@@ -1943,7 +1949,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
     pace, hidden = Pace(dctx, len(chunks)), eval_forward(model, hp, dctx.device)
     hints = phase_hints(tokens, phase, hp, log)  # inside the phase's clock: it is part of the evaluation
     for c, (items, lo, hi) in enumerate(chunks):
-        mine = items[len(items) * dctx.rank // dctx.world_size:len(items) * (dctx.rank + 1) // dctx.world_size]
+        mine = rank_share(items, dctx.rank, dctx.world_size)
         if phase.lora:
             with frozen(model):
                 score_docs(model, hidden, tokens, starts[mine], ends[mine], phase, out, hp, hints,
