@@ -200,19 +200,23 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("TTT_ENABLED", True, "score-first test-time training over the sliding windows"),
     Knob("TTT_LR", 0.005, "TTT SGD learning rate (cosine over chunks)", 0),
     Knob("TTT_EPOCHS", 3, "TTT passes over each already-scored chunk", 1),
-    Knob("TTT_CHUNK_TOKENS", 32768, "TTT chunk size in targets (a multiple of EVAL_STRIDE)", 64),
+    Knob("TTT_CHUNK_TOKENS", 32768, "windowed TTT (TTT_LORA_RANK=0): targets between two updates (a multiple of "
+         "EVAL_STRIDE)", 64),
     Knob("TTT_FREEZE_BLOCKS", 0, "the matrices of physical layers 0..N-1 are not updated by TTT (their gains are)", 0),
     Knob("TTT_GRAD_CLIP", 1.0, "TTT gradient norm clip; 0 = off", 0),
     Knob("TTT_BATCH_SEQS", 32, "TTT training sequences per step (global)", 1),
-    Knob("TTT_LORA_RANK", 0, "per-document LoRA TTT: the TTT phase scores each chunk's documents (split at BOS) "
+    Knob("TTT_LORA_RANK", 80, "per-document LoRA TTT: the TTT phase scores each chunk's documents (split at BOS) "
          "with adapters of this rank on Q, K, V, O, MLP of every virtual layer and on the head, one set per "
          "document, stepped on each of its chunks once scored; then the global TTT update runs on those documents; "
-         "0 = off (sliding windows)", 0),
+         "0 = windowed TTT (sliding windows, TTT_CHUNK_TOKENS)", 0),
+    Knob("TTT_LORA_PHASE_TOKENS", 131072, "LoRA TTT: between two global TTT updates each GPU scores the documents "
+         "that start in this many tokens (the global chunk is this x GPUs: a rank's LoRA steps run one after "
+         "another, so a chunk shared by more GPUs would add steps, not split them)", 1),
     Knob("TTT_LORA_TARGETS", "q,k,v,o,mlp,head", "the matrices LoRA TTT adapts, a comma "
          "list of q, k, v, o, mlp, head"),
     Knob("TTT_LORA_LR", 1e-4, "AdamW learning rate of the per-document adapters", 0),
     Knob("TTT_LORA_CHUNK", 48, "targets a document scores between two steps of its adapters", 1),
-    Knob("TTT_LORA_STEPS", 32, "past this many chunks a document's chunk grows to 1/this of what it has "
+    Knob("TTT_LORA_STEPS", 8, "past this many chunks a document's chunk grows to 1/this of what it has "
          "scored (at most half a window): a long document takes ~this*ln(length) steps, not length/CHUNK", 1),
     Knob("TTT_LORA_DOCS", 64, "documents adapted side by side in one batch", 1),
     Knob("ASYM_LOGIT_LR", 1.0, "TTT SGD learning rate of the two AsymLogit caps (their gradient is tiny next to a "
@@ -364,8 +368,9 @@ def validate(hp: Hyperparameters):
     need(not hp.ttt_enabled or hp.ttt_chunk_tokens % stride == 0,
          f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens}: must be a multiple of EVAL_STRIDE={stride} (a chunk holds "
          "whole windows)")
-    need(not hp.ttt_lora_rank or (hp.ttt_enabled and hp.ttt_lora_chunk <= hp.eval_seq_len),
-         f"TTT_LORA_RANK={hp.ttt_lora_rank}: needs TTT_ENABLED=1 and TTT_LORA_CHUNK <= EVAL_SEQ_LEN")
+    need(not (hp.ttt_enabled and hp.ttt_lora_rank) or hp.ttt_lora_chunk <= hp.eval_seq_len,
+         f"TTT_LORA_CHUNK={hp.ttt_lora_chunk}: LoRA TTT (TTT_LORA_RANK={hp.ttt_lora_rank}) needs it <= "
+         f"EVAL_SEQ_LEN={hp.eval_seq_len}, or TTT_LORA_RANK=0")
     lora_targets(hp)  # its own errors
     shapes = len(train_shapes(hp))
     need(shapes <= MAX_TRAIN_SHAPES, f"TRAIN_SEQ_SCHEDULE={hp.train_seq_schedule!r}: training would reach {shapes} "
@@ -1863,6 +1868,12 @@ def doc_chunks(starts: np.ndarray, ends: np.ndarray, chunk_tokens: int) -> list[
     return [(d, int(starts[d[0]]), int(ends[d[-1]])) for d in groups]
 
 
+def lora_chunk_tokens(hp: Hyperparameters, world_size: int) -> int:
+    """LoRA TTT's global chunk: each rank's TTT_LORA_PHASE_TOKENS. A rank's LoRA steps per chunk depend on
+    its longest documents, not on its token count, so the chunk grows with the ranks to keep their number."""
+    return hp.ttt_lora_phase_tokens * world_size
+
+
 def rank_share(items: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """A rank's part of a chunk's windows or documents: contiguous, equal counts to within one (not equal
     tokens: documents differ in length)."""
@@ -1935,12 +1946,13 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
     action = budget_action(phase, hp) if time_left is not None else None
     if phase.lora:
         starts, ends = doc_spans(val.tokens)
-        chunks = doc_chunks(starts, ends, hp.ttt_chunk_tokens)
+        chunks = doc_chunks(starts, ends, lora_chunk_tokens(hp, dctx.world_size))
         lora = LoRA(model.cfg, hp.ttt_lora_docs, hp.ttt_lora_rank, dctx.device, lora_targets(hp))
         if log is not None:
             log(f"ttt_lora rank:{hp.ttt_lora_rank} targets:{','.join(lora_targets(hp))} lr:{hp.ttt_lora_lr} "
                 f"chunk:{hp.ttt_lora_chunk} "
-                f"steps:{hp.ttt_lora_steps} batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} global_chunks:{len(chunks)}")
+                f"steps:{hp.ttt_lora_steps} batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} global_chunks:{len(chunks)} "
+                f"global_chunk_tokens:{lora_chunk_tokens(hp, dctx.world_size)}")
     else:
         ends = window_ends(len(val.tokens), phase.seq_len, phase.stride)
         prev = np.concatenate(([0], ends[:-1]))
@@ -2399,7 +2411,8 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
     """Run plan_phases' phases against the eval budget, logging each; a non-finite one stops the run."""
     phases = plan_phases(hp, train_seq_len)
     if hp.legality_check:
-        prefix = val.prefix(4 * max(hp.ttt_chunk_tokens, hp.eval_seq_len) + 1)
+        chunk = max(hp.ttt_chunk_tokens, lora_chunk_tokens(hp, dctx.world_size) if hp.ttt_lora_rank else 0)
+        prefix = val.prefix(4 * max(chunk, hp.eval_seq_len) + 1)
         for phase in phases[1:]:
             ok = legality_check(model, prefix, dctx, hp, phase)
             log(f"legality_check phase:{phase.name} passed:{int(bool(ok))}" + (" reproducible:0" if ok is None else ""))

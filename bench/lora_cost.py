@@ -46,7 +46,7 @@ def rank_cost(starts, ends, hp: train_gpt.Hyperparameters) -> dict:
 def lora_cost(tokens, hp: train_gpt.Hyperparameters, world_size: int = 1) -> dict:
     """The counts of eval_tokens' LoRA phase on world_size ranks: per global chunk, the busiest rank's."""
     starts, ends = train_gpt.doc_spans(tokens)
-    chunks = train_gpt.doc_chunks(starts, ends, hp.ttt_chunk_tokens)
+    chunks = train_gpt.doc_chunks(starts, ends, train_gpt.lora_chunk_tokens(hp, world_size))
     out = dict(docs=len(starts), global_chunks=len(chunks)) | dict.fromkeys(COUNTS + ("scored",), 0)
     for docs, _, _ in chunks:
         ranks = [rank_cost(starts[mine], ends[mine], hp)

@@ -38,7 +38,8 @@ def test_training_leaves_the_caps_and_ttt_moves_them():
     hp = train_gpt.Hyperparameters(dict(VOCAB_SIZE="64", NUM_LAYERS="6", MODEL_DIM="32", NUM_HEADS="4",
                                         NUM_KV_HEADS="2", ROPE_DIMS="4", ASYM_LOGIT="1", TRAIN_SEQ_LEN="16",
                                         TRAIN_BATCH_TOKENS="64", EVAL_SEQ_LEN="16", EVAL_STRIDE="8",
-                                        TTT_CHUNK_TOKENS="64", TTT_BATCH_SEQS="2", TTT_EPOCHS="1", TTT_LR="0.5"))
+                                        TTT_CHUNK_TOKENS="64", TTT_BATCH_SEQS="2", TTT_EPOCHS="1", TTT_LR="0.5",
+                                        TTT_LORA_RANK="0"))
     model = randomized(small_cfg(asym_logit=True))
     with torch.no_grad():
         model.logit_caps.fill_(30.0)

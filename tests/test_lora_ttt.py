@@ -12,7 +12,8 @@ from data.shards import write_shard
 from test_eval import EVAL_ENV, setup
 from test_model import randomized, small_cfg
 
-LORA_ENV = EVAL_ENV | dict(TTT_LORA_RANK="4", TTT_LORA_LR="0.01", TTT_LORA_CHUNK="8", TTT_LORA_DOCS="3")
+LORA_ENV = EVAL_ENV | dict(TTT_LORA_RANK="4", TTT_LORA_LR="0.01", TTT_LORA_CHUNK="8", TTT_LORA_DOCS="3",
+                           TTT_LORA_PHASE_TOKENS="64")
 
 
 def lora_phase():
@@ -52,7 +53,7 @@ def test_chunks_grow_with_what_a_document_has_scored_never_with_its_length():
 def test_a_batch_drops_each_document_once_it_is_scored(monkeypatch):
     """Each step runs only the documents that still score (a batch's longest ones: rows i keep adapter i),
     and at least two rows where the batch has them (a batch of one is a graph of its own)."""
-    hp, model, _, _ = lora_setup(TTT_LORA_STEPS="2", TTT_CHUNK_TOKENS="100000")
+    hp, model, _, _ = lora_setup(TTT_LORA_STEPS="2", TTT_LORA_PHASE_TOKENS="100000")
     lengths = [70, 25, 15, 40, 12, 30, 9, 5]  # documents of unequal lengths: batches that thin out to one
     tokens = np.random.default_rng(3).integers(4, 64, size=sum(lengths) + 1).astype(np.uint16)
     tokens[np.cumsum([0] + lengths[:-1])] = 1
@@ -80,7 +81,7 @@ def test_a_score_does_not_know_where_its_document_ends(monkeypatch):
     """Two streams equal up to the first one's BOS at 70: every target before it scores alike (up to the
     rounding of other batch shapes), the last chunk's too. A chunk size read from the document's length
     would not, nor a window that starts from where a cut chunk ends."""
-    hp, model, _, _ = lora_setup(TTT_LR="0", TTT_LORA_STEPS="4", TTT_CHUNK_TOKENS="1024")
+    hp, model, _, _ = lora_setup(TTT_LR="0", TTT_LORA_STEPS="4", TTT_LORA_PHASE_TOKENS="1024")
     base = np.random.default_rng(0).integers(4, 64, size=300).astype(np.uint16)
     base[0] = 1
     lut = train_gpt.ByteLUT(np.ones(64, dtype=np.int32), np.zeros(64, bool), np.arange(64) < 4)
@@ -202,7 +203,7 @@ def test_score_phases_runs_lora_ttt_and_checks_it():
     text = "\n".join(lines)
     docs = len(train_gpt.doc_spans(tokens)[0])
     for key in ("legality_check phase:ttt passed:1",
-                f"ttt_lora rank:4 targets:q,k,v,o,mlp,head lr:0.01 chunk:8 steps:32 batch_docs:3 docs:{docs} ",
+                f"ttt_lora rank:4 targets:q,k,v,o,mlp,head lr:0.01 chunk:8 steps:{hp.ttt_lora_steps} batch_docs:3 docs:{docs} ",
                 "ngram_tilt:ttt ", "ttt val_loss:"):
         assert key in text, key
     assert out["final_phase"] == "ttt" and out["final_val_bpb"] == out["ttt_val_bpb"]
@@ -210,7 +211,7 @@ def test_score_phases_runs_lora_ttt_and_checks_it():
 
 def test_lora_ttt_stopped_by_the_budget_scores_the_rest_unadapted(monkeypatch):
     """Past the budget neither the adapters nor the global weights train; every target is still scored."""
-    hp, model, tokens, val = lora_setup(TTT_CHUNK_TOKENS="64")
+    hp, model, tokens, val = lora_setup(TTT_LORA_PHASE_TOKENS="64")
     monkeypatch.setattr(train_gpt.Pace, "projected", lambda self, c: None if c == 0 else 1e9)
     lines = []
     scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase(), lines.append, time_left=10.0)
@@ -219,10 +220,12 @@ def test_lora_ttt_stopped_by_the_budget_scores_the_rest_unadapted(monkeypatch):
 
 
 def test_lora_knobs_are_checked():
-    with pytest.raises(train_gpt.UserError, match="TTT_LORA_RANK=8: needs TTT_ENABLED=1"):
-        train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_ENABLED="0"))
-    with pytest.raises(train_gpt.UserError, match="TTT_LORA_CHUNK <= EVAL_SEQ_LEN"):
+    off = train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_ENABLED="0"))  # TTT_ENABLED=0 turns off LoRA TTT too
+    assert not any(p.ttt or p.lora for p in train_gpt.plan_phases(off, 64))
+    with pytest.raises(train_gpt.UserError, match=r"TTT_LORA_CHUNK=4096: LoRA TTT \(TTT_LORA_RANK=8\) needs it <= "
+                       "EVAL_SEQ_LEN=2048, or TTT_LORA_RANK=0"):
         train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_LORA_CHUNK="4096"))
+    train_gpt.Hyperparameters(dict(TTT_LORA_RANK="0", TTT_LORA_CHUNK="4096"))  # unused: windowed TTT
 
 
 def test_lora_targets_adapt_only_the_matrices_named():
@@ -258,18 +261,21 @@ def test_lora_ttt_on_two_ranks_scores_like_one_process(tiny_data, tmp_path, laun
     The rate must keep this tiny model from diverging: AdamW with beta1 0 and a tiny eps takes a full
     step of either sign on a gradient of rounding noise, so a diverging run amplifies the all-reduce's
     last bits into visible differences. Half of TINY_ENV's val tokens: 5 documents in two global TTT
-    chunks (2 + 3), so each rank still scores documents of both and all-reduces two updates."""
+    chunks of 1024 tokens (2 + 3), so each rank still scores documents of both and all-reduces two
+    updates. The global chunk is each rank's TTT_LORA_PHASE_TOKENS times the ranks: halved on two."""
     env = tiny_env(tiny_data, tmp_path, RUN_ID="one", TTT_LORA_RANK=4, TTT_LORA_CHUNK=16, TTT_LORA_DOCS=4,
-                   TTT_LORA_LR="0.001", TTT_LORA_STEPS=8, EVAL_SLIDING=0, VAL_MAX_TOKENS=2048)
+                   TTT_LORA_LR="0.001", TTT_LORA_STEPS=8, EVAL_SLIDING=0, VAL_MAX_TOKENS=2048,
+                   TTT_LORA_PHASE_TOKENS=1024)
     one = launcher.run(env)
     assert one.returncode == 0, one.stderr[-2000:]
     art = tmp_path / "art" / "final_model_one.int6.br"
-    two = launcher.run(env | dict(RUN_ID="two", EVAL_ONLY=str(art)), nproc=2)
+    two = launcher.run(env | dict(RUN_ID="two", EVAL_ONLY=str(art), TTT_LORA_PHASE_TOKENS="512"), nproc=2)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = parse_log(tmp_path / "logs" / "one.txt"), parse_log(tmp_path / "logs" / "two.txt")
     assert "world_size:2" in (tmp_path / "logs" / "two.txt").read_text()
     assert a["final_phase"] == b["final_phase"] == "ttt"
-    assert "ttt_lora rank:4" in (tmp_path / "logs" / "two.txt").read_text()
+    for run in ("one", "two"):
+        assert "global_chunks:2 global_chunk_tokens:1024" in (tmp_path / "logs" / f"{run}.txt").read_text()
     assert abs(float(a["ttt_val_bpb"]) - float(b["ttt_val_bpb"])) < 1e-5, (a["ttt_val_bpb"], b["ttt_val_bpb"])
     assert float(a["ttt_val_bpb"]) < float(a["roundtrip_val_bpb"]) - 0.01  # the adapters did work
 
@@ -277,7 +283,7 @@ def test_lora_ttt_on_two_ranks_scores_like_one_process(tiny_data, tmp_path, laun
 def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeypatch):
     """bench/lora_cost.py counts, without a model, the forward calls, adapter updates and padded tokens
     that the LoRA phase really runs (here counted inside eval_tokens) on the same val stream."""
-    hp, model, tokens, val = lora_setup(TTT_LR="0", TTT_LORA_CHUNK="4", TTT_LORA_STEPS="4", TTT_CHUNK_TOKENS="128")
+    hp, model, tokens, val = lora_setup(TTT_LR="0", TTT_LORA_CHUNK="4", TTT_LORA_STEPS="4", TTT_LORA_PHASE_TOKENS="128")
     seen = dict(steps=0, forward_tokens=0, updates=0)
     real_chunk, real_step = train_gpt.score_doc_chunk, torch.optim.AdamW.step
 
@@ -297,7 +303,7 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
     assert seen["steps"] > seen["updates"] > 10
     write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
     env = {k: v for k, v in os.environ.items() if not k.startswith(train_gpt.KNOB_PREFIXES)}
-    env |= LORA_ENV | dict(TTT_LR="0", TTT_CHUNK_TOKENS="128", DATA_PATH=str(tmp_path), VOCAB_SIZE="64")
+    env |= LORA_ENV | dict(TTT_LR="0", TTT_LORA_PHASE_TOKENS="128", DATA_PATH=str(tmp_path), VOCAB_SIZE="64")
     res = launcher.run(env, "bench/lora_cost.py", ["a TTT_LORA_CHUNK=4 TTT_LORA_STEPS=4", "b"])
     assert res.returncode == 0, res.stderr[-2000:]
     lines = {ln.split()[0]: dict(kv.split(":") for kv in ln.split()[1:]) for ln in res.stdout.splitlines()}
@@ -305,3 +311,35 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
     assert {k: int(a[k]) for k in seen} == seen
     assert int(a["scored"]) == len(tokens) - 1 and int(a["docs"]) == len(train_gpt.doc_spans(tokens)[0])
     assert int(b["steps"]) < int(a["steps"])  # TTT_LORA_CHUNK=8: fewer, larger steps
+
+
+def test_ranks_share_a_chunk_evenly_and_the_lora_chunk_grows_with_them():
+    """rank_share partitions a chunk's items in order, counts within one of each other; LoRA's global chunk
+    is each rank's TTT_LORA_PHASE_TOKENS (a rank's steps follow its longest documents, not its tokens)."""
+    items = np.arange(11)
+    for world in (1, 2, 3, 8, 16):
+        shares = [train_gpt.rank_share(items, r, world) for r in range(world)]
+        assert np.array_equal(np.concatenate(shares), items)
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_PHASE_TOKENS="1000"))
+    assert [train_gpt.lora_chunk_tokens(hp, w) for w in (1, 8)] == [1000, 8000]
+
+
+def test_lora_cost_counts_the_busiest_rank_of_each_chunk(tmp_path, launcher):
+    """WORLD_SIZE=N counts N ranks' critical path: all targets still scored once; with as many documents per
+    rank as one process had per chunk, the busiest rank's steps are at most one process's."""
+    _, _, tokens, _ = setup(n_tokens=2001)
+    write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(train_gpt.KNOB_PREFIXES)}
+    env |= LORA_ENV | dict(TTT_LORA_PHASE_TOKENS="256", DATA_PATH=str(tmp_path), VOCAB_SIZE="64")
+    counts = {}
+    for world in ("1", "2"):
+        res = launcher.run(env | dict(WORLD_SIZE=world), "bench/lora_cost.py", ["a"])
+        assert res.returncode == 0, res.stderr[-2000:]
+        counts[world] = dict(kv.split(":") for kv in res.stdout.split()[1:])
+    one, two = counts["1"], counts["2"]
+    assert int(one["scored"]) == int(two["scored"]) == len(tokens) - 1
+    assert int(two["global_chunks"]) == -(-int(one["global_chunks"]) // 2)  # the chunk is 2 x 256 tokens
+    assert 0 < int(two["steps"]) <= int(one["steps"])
+    bad = launcher.run(env | dict(WORLD_SIZE="0"), "bench/lora_cost.py", ["a"])
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: WORLD_SIZE='0'")

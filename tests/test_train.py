@@ -168,7 +168,7 @@ def test_parallel_muon_matches_single_process(tiny_data, tmp_path, launcher, npr
 
 def test_end_to_end_run(tiny_data, tmp_path, launcher):
     env = tiny_env(tiny_data, tmp_path, RUN_ID="e2e", VAL_LOSS_EVERY=3)
-    del env["CLIP_SEARCH_STEPS"], env["TTT_EPOCHS"]  # this run keeps their defaults: the clip search runs
+    del env["CLIP_SEARCH_STEPS"], env["TTT_EPOCHS"], env["TTT_LORA_RANK"]  # this run keeps their defaults: the clip search runs
     res = launcher.run(env)
     assert res.returncode == 0, res.stderr
     log = tmp_path / "logs" / "e2e.txt"
