@@ -197,7 +197,8 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
          "the pace fits EVAL_BUDGET_SECONDS"),
     Knob("EVAL_BATCH_SEQS", 32, "windows per forward in sliding/TTT evaluation", 1),
     Knob("EVAL_COMPILE", AUTO, "torch.compile the eval forward: auto = where COMPILE applies (CUDA) | 1 | 0"),
-    Knob("TTT_ENABLED", True, "score-first test-time training over the sliding windows"),
+    Knob("TTT_ENABLED", True, "score-first test-time training: per-document LoRA (TTT_LORA_RANK) or, at rank 0, "
+         "over sliding windows"),
     Knob("TTT_LR", 0.005, "TTT SGD learning rate (cosine over chunks)", 0),
     Knob("TTT_EPOCHS", 3, "TTT passes over each already-scored chunk", 1),
     Knob("TTT_CHUNK_TOKENS", 32768, "windowed TTT (TTT_LORA_RANK=0): targets between two updates (a multiple of "
@@ -209,9 +210,9 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
          "with adapters of this rank on Q, K, V, O, MLP of every virtual layer and on the head, one set per "
          "document, stepped on each of its chunks once scored; then the global TTT update runs on those documents; "
          "0 = windowed TTT (sliding windows, TTT_CHUNK_TOKENS)", 0),
-    Knob("TTT_LORA_PHASE_TOKENS", 131072, "LoRA TTT: between two global TTT updates each GPU scores the documents "
-         "that start in this many tokens (the global chunk is this x GPUs: a rank's LoRA steps run one after "
-         "another, so a chunk shared by more GPUs would add steps, not split them)", 1),
+    Knob("TTT_LORA_PHASE_TOKENS", 131072, "LoRA TTT: the global TTT update follows the documents that start in "
+         "each span of this x GPUs tokens, each GPU scoring its share of them (by count): a rank's LoRA steps run "
+         "one after another, so a span shared by more GPUs without growing would add steps, not split them", 1),
     Knob("TTT_LORA_TARGETS", "q,k,v,o,mlp,head", "the matrices LoRA TTT adapts, a comma "
          "list of q, k, v, o, mlp, head"),
     Knob("TTT_LORA_LR", 1e-4, "AdamW learning rate of the per-document adapters", 0),
@@ -231,7 +232,8 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("NGRAM_THRESHOLD", 0.8, "hint only where the top continuation so far has at least this share", 0, 1),
     Knob("NGRAM_BETA", 2.625, "the hinted token's probability is multiplied by e^NGRAM_BETA, then renormalized", 0),
     Knob("DUMP_TOKEN_NLL", "", "write per-target NLL (float32) and bytes (uint16) of the final phase, in val order"),
-    Knob("LEGALITY_CHECK", False, "before scoring, prove each enabled eval mode causal on a val prefix"),
+    Knob("LEGALITY_CHECK", False, "before scoring, prove each enabled eval mode causal on a val prefix (four "
+         "TTT chunks, eager, its chunks capped at 8192 tokens: the legal loop is the same at any size)"),
     Knob("EVAL_BUDGET_SECONDS", 600.0, "evaluation time budget (8-GPU scale): phases are timed against it", 0),
     Knob("TTT_BUDGET_STOP", True, "stop TTT's updates (still scoring) once its pace projects past EVAL_BUDGET_SECONDS"),
 ]
@@ -365,10 +367,13 @@ def validate(hp: Hyperparameters):
          "NGRAM_TILT=1: no phase to tilt (the roundtrip is never tilted): enable TTT, EVAL_STRIDE or SLOT")
     need(hp.eval_stride <= hp.eval_seq_len, f"EVAL_STRIDE={hp.eval_stride}: must be <= EVAL_SEQ_LEN={hp.eval_seq_len}")
     stride = hp.eval_stride or hp.eval_seq_len
-    need(not hp.ttt_enabled or hp.ttt_chunk_tokens % stride == 0,
+    lora = hp.ttt_enabled and hp.ttt_lora_rank > 0
+    need(not hp.ttt_enabled or lora or hp.ttt_chunk_tokens % stride == 0,
          f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens}: must be a multiple of EVAL_STRIDE={stride} (a chunk holds "
          "whole windows)")
-    need(not (hp.ttt_enabled and hp.ttt_lora_rank) or hp.ttt_lora_chunk <= hp.eval_seq_len,
+    need(hp.slot == "off" or not lora, f"SLOT={hp.slot}: runs on windowed TTT only: set TTT_LORA_RANK=0 "
+         "(or TTT_ENABLED=0)")
+    need(not lora or hp.ttt_lora_chunk <= hp.eval_seq_len,
          f"TTT_LORA_CHUNK={hp.ttt_lora_chunk}: LoRA TTT (TTT_LORA_RANK={hp.ttt_lora_rank}) needs it <= "
          f"EVAL_SEQ_LEN={hp.eval_seq_len}, or TTT_LORA_RANK=0")
     lora_targets(hp)  # its own errors
@@ -1861,7 +1866,7 @@ def doc_spans(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def doc_chunks(starts: np.ndarray, ends: np.ndarray, chunk_tokens: int) -> list[tuple[np.ndarray, int, int]]:
-    """Documents grouped by where they start (TTT_CHUNK_TOKENS apart), as (document indices, lo, hi):
+    """Documents grouped by where they start (chunk_tokens apart), as (document indices, lo, hi):
     the chunk holds the targets lo+1..hi, its documents' targets."""
     chunk_of = starts // chunk_tokens
     groups = [np.flatnonzero(chunk_of == c) for c in np.unique(chunk_of)]
@@ -1950,9 +1955,8 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         lora = LoRA(model.cfg, hp.ttt_lora_docs, hp.ttt_lora_rank, dctx.device, lora_targets(hp))
         if log is not None:
             log(f"ttt_lora rank:{hp.ttt_lora_rank} targets:{','.join(lora_targets(hp))} lr:{hp.ttt_lora_lr} "
-                f"chunk:{hp.ttt_lora_chunk} "
-                f"steps:{hp.ttt_lora_steps} batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} global_chunks:{len(chunks)} "
-                f"global_chunk_tokens:{lora_chunk_tokens(hp, dctx.world_size)}")
+                f"chunk:{hp.ttt_lora_chunk} steps:{hp.ttt_lora_steps} batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} "
+                f"global_chunks:{len(chunks)} global_chunk_tokens:{lora_chunk_tokens(hp, dctx.world_size)}")
     else:
         ends = window_ends(len(val.tokens), phase.seq_len, phase.stride)
         prev = np.concatenate(([0], ends[:-1]))
@@ -2345,6 +2349,20 @@ def deterministic_kernels():
         torch.use_deterministic_algorithms(state[0], warn_only=state[1])
 
 
+LEGALITY_CHUNK_TOKENS = 8192  # the check's largest TTT chunk: the legal loop is the same at any size
+
+
+def check_knobs(hp: Hyperparameters, world_size: int) -> Hyperparameters:
+    """The legality check's knobs: eager, TTT chunks of at most LEGALITY_CHUNK_TOKENS (both modes), so that
+    an eager pass over its prefix is short and the prefix still holds several global updates."""
+    eager = copy.copy(hp)
+    eager.eval_compile = False
+    stride = hp.eval_stride or hp.eval_seq_len
+    eager.ttt_chunk_tokens = min(hp.ttt_chunk_tokens, max(stride, LEGALITY_CHUNK_TOKENS // stride * stride))
+    eager.ttt_lora_phase_tokens = min(hp.ttt_lora_phase_tokens, max(1, LEGALITY_CHUNK_TOKENS // world_size))
+    return eager
+
+
 def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase) -> bool | None:
     """Score two val streams equal up to token p and different after it: every target <= p must get
     the identical NLL. A method that looks at targets before scoring them fails this. Per-document
@@ -2358,8 +2376,7 @@ def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, pha
     if phase.lora:
         moved = moved[other[moved] != BOS_ID]
     other[moved] = np.random.default_rng(0).permutation(other[moved])
-    eager = copy.copy(hp)
-    eager.eval_compile = False
+    eager = check_knobs(hp, dctx.world_size)
 
     def scores(v: ValSet) -> torch.Tensor:
         return eval_tokens(model.replica(reproducible_attention), v, dctx, eager, phase).nll[:p]
@@ -2411,8 +2428,11 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
     """Run plan_phases' phases against the eval budget, logging each; a non-finite one stops the run."""
     phases = plan_phases(hp, train_seq_len)
     if hp.legality_check:
-        chunk = max(hp.ttt_chunk_tokens, lora_chunk_tokens(hp, dctx.world_size) if hp.ttt_lora_rank else 0)
+        check = check_knobs(hp, dctx.world_size)
+        lora = hp.ttt_enabled and hp.ttt_lora_rank > 0
+        chunk = max(check.ttt_chunk_tokens, lora_chunk_tokens(check, dctx.world_size) if lora else 0)
         prefix = val.prefix(4 * max(chunk, hp.eval_seq_len) + 1)
+        log(f"legality_check tokens:{len(prefix.tokens)} ttt_chunk_tokens:{chunk}")  # eager, chunks of its own
         for phase in phases[1:]:
             ok = legality_check(model, prefix, dctx, hp, phase)
             log(f"legality_check phase:{phase.name} passed:{int(bool(ok))}" + (" reproducible:0" if ok is None else ""))

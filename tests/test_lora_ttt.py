@@ -202,7 +202,7 @@ def test_score_phases_runs_lora_ttt_and_checks_it():
     out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
     text = "\n".join(lines)
     docs = len(train_gpt.doc_spans(tokens)[0])
-    for key in ("legality_check phase:ttt passed:1",
+    for key in ("legality_check tokens:", "legality_check phase:ttt passed:1",
                 f"ttt_lora rank:4 targets:q,k,v,o,mlp,head lr:0.01 chunk:8 steps:{hp.ttt_lora_steps} batch_docs:3 docs:{docs} ",
                 "ngram_tilt:ttt ", "ttt val_loss:"):
         assert key in text, key
@@ -220,6 +220,7 @@ def test_lora_ttt_stopped_by_the_budget_scores_the_rest_unadapted(monkeypatch):
 
 
 def test_lora_knobs_are_checked():
+    assert [p.lora for p in train_gpt.plan_phases(train_gpt.Hyperparameters({}), 2048) if p.ttt] == [True]  # default
     off = train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_ENABLED="0"))  # TTT_ENABLED=0 turns off LoRA TTT too
     assert not any(p.ttt or p.lora for p in train_gpt.plan_phases(off, 64))
     with pytest.raises(train_gpt.UserError, match=r"TTT_LORA_CHUNK=4096: LoRA TTT \(TTT_LORA_RANK=8\) needs it <= "
@@ -265,7 +266,7 @@ def test_lora_ttt_on_two_ranks_scores_like_one_process(tiny_data, tmp_path, laun
     updates. The global chunk is each rank's TTT_LORA_PHASE_TOKENS times the ranks: halved on two."""
     env = tiny_env(tiny_data, tmp_path, RUN_ID="one", TTT_LORA_RANK=4, TTT_LORA_CHUNK=16, TTT_LORA_DOCS=4,
                    TTT_LORA_LR="0.001", TTT_LORA_STEPS=8, EVAL_SLIDING=0, VAL_MAX_TOKENS=2048,
-                   TTT_LORA_PHASE_TOKENS=1024)
+                   TTT_LORA_PHASE_TOKENS=1024, TTT_CHUNK_TOKENS=4096)  # the windowed chunk: not LoRA's
     one = launcher.run(env)
     assert one.returncode == 0, one.stderr[-2000:]
     art = tmp_path / "art" / "final_model_one.int6.br"
@@ -325,21 +326,40 @@ def test_ranks_share_a_chunk_evenly_and_the_lora_chunk_grows_with_them():
     assert [train_gpt.lora_chunk_tokens(hp, w) for w in (1, 8)] == [1000, 8000]
 
 
+def test_the_legality_check_scores_small_chunks_eagerly():
+    """The check's knobs: chunks of at most LEGALITY_CHUNK_TOKENS in both modes (a global chunk across 8 ranks
+    too), eager; the run's own knobs untouched. Smaller chunks stay as set."""
+    hp = train_gpt.Hyperparameters({})
+    check = train_gpt.check_knobs(hp, 8)
+    assert (check.ttt_chunk_tokens, train_gpt.lora_chunk_tokens(check, 8)) == (8192, 8192)
+    assert check.eval_compile is False and hp.eval_compile == train_gpt.AUTO and hp.ttt_lora_phase_tokens == 131072
+    small = train_gpt.check_knobs(train_gpt.Hyperparameters(LORA_ENV), 1)
+    assert (small.ttt_chunk_tokens, small.ttt_lora_phase_tokens) == (64, 64)
+    odd = train_gpt.check_knobs(train_gpt.Hyperparameters(dict(EVAL_STRIDE="48", TTT_CHUNK_TOKENS="48000")), 1)
+    assert odd.ttt_chunk_tokens == 8160 and odd.ttt_chunk_tokens % 48 == 0
+
+
 def test_lora_cost_counts_the_busiest_rank_of_each_chunk(tmp_path, launcher):
-    """WORLD_SIZE=N counts N ranks' critical path: all targets still scored once; with as many documents per
-    rank as one process had per chunk, the busiest rank's steps are at most one process's."""
-    _, _, tokens, _ = setup(n_tokens=2001)
-    write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    """WORLD_SIZE=N counts N ranks' critical path: per global chunk the busiest rank's work, not the sum.
+    Two documents (200 and 10 targets) in one chunk, one per batch: one process takes both one after the
+    other; two ranks take one each, and the long one is the critical path."""
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(4, 64, size=211).astype(np.uint16)
+    tokens[[0, 200]] = 1
+    streams = dict(both=tokens, long=tokens[:201], short=tokens[200:])
     env = {k: v for k, v in os.environ.items() if not k.startswith(train_gpt.KNOB_PREFIXES)}
-    env |= LORA_ENV | dict(TTT_LORA_PHASE_TOKENS="256", DATA_PATH=str(tmp_path), VOCAB_SIZE="64")
+    env |= LORA_ENV | dict(TTT_LORA_PHASE_TOKENS="4096", TTT_LORA_DOCS="1", VOCAB_SIZE="64")
     counts = {}
-    for world in ("1", "2"):
-        res = launcher.run(env | dict(WORLD_SIZE=world), "bench/lora_cost.py", ["a"])
+    for name, world in (("both", "1"), ("both", "2"), ("long", "1"), ("short", "1")):
+        folder = tmp_path / f"{name}{world}"
+        folder.mkdir()
+        write_shard(folder / "fineweb_val_000000.bin", streams[name])
+        res = launcher.run(env | dict(WORLD_SIZE=world, DATA_PATH=str(folder)), "bench/lora_cost.py", ["a"])
         assert res.returncode == 0, res.stderr[-2000:]
-        counts[world] = dict(kv.split(":") for kv in res.stdout.split()[1:])
-    one, two = counts["1"], counts["2"]
-    assert int(one["scored"]) == int(two["scored"]) == len(tokens) - 1
-    assert int(two["global_chunks"]) == -(-int(one["global_chunks"]) // 2)  # the chunk is 2 x 256 tokens
-    assert 0 < int(two["steps"]) <= int(one["steps"])
-    bad = launcher.run(env | dict(WORLD_SIZE="0"), "bench/lora_cost.py", ["a"])
+        counts[name + world] = {k: int(v) for k, v in (kv.split(":") for kv in res.stdout.split()[1:])}
+    one, two, long, short = counts["both1"], counts["both2"], counts["long1"], counts["short1"]
+    assert one["scored"] == two["scored"] == len(tokens) - 1 and one["global_chunks"] == two["global_chunks"] == 1
+    for k in ("steps", "forward_tokens", "updates"):
+        assert one[k] == long[k] + short[k] and two[k] == long[k] > short[k] > 0, k
+    bad = launcher.run(env | dict(WORLD_SIZE="0", DATA_PATH=str(tmp_path / "both1")), "bench/lora_cost.py", ["a"])
     assert bad.returncode != 0 and bad.stderr.strip().startswith("error: WORLD_SIZE='0'")

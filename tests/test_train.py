@@ -167,14 +167,15 @@ def test_parallel_muon_matches_single_process(tiny_data, tmp_path, launcher, npr
 # --- end to end ---------------------------------------------------------------------------------
 
 def test_end_to_end_run(tiny_data, tmp_path, launcher):
-    env = tiny_env(tiny_data, tmp_path, RUN_ID="e2e", VAL_LOSS_EVERY=3)
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="e2e", VAL_LOSS_EVERY=3, TTT_LORA_PHASE_TOKENS=1024)
     del env["CLIP_SEARCH_STEPS"], env["TTT_EPOCHS"], env["TTT_LORA_RANK"]  # this run keeps their defaults: the clip search runs
     res = launcher.run(env)
     assert res.returncode == 0, res.stderr
     log = tmp_path / "logs" / "e2e.txt"
     text = log.read_text()
     for key in ("hyperparameters:", "train_shards:1", "model_params:", "step:6/6 train_loss:", "gptq_hessians:",
-                "step:3/6 val_loss:", "layer_loop:enabled", "roundtrip val_loss:"):
+                "step:3/6 val_loss:", "layer_loop:enabled", "roundtrip val_loss:", "ttt_lora rank:80 ",
+                "global_chunks:4 ", "ttt_chunk:3/4 ", "ttt val_loss:"):
         assert key in text, key
     summary = parse_log(log)
     artifact = tmp_path / "art" / "final_model_e2e.int6.br"
