@@ -14,6 +14,8 @@
 # the case operators, val bpb over the original bytes by sidecar).
 # candidate = default + bench/candidate.env: the post-April levers under test for the next default (an ablation
 # switches one of them back off: bench/protocol.sh candidate SMEAR_GATE=0).
+# EVAL_SHARE=1 (with EVAL_ONLY=ARTIFACT) scores one GPU's share of FineWeb val instead of the bench val, for the
+# eval-time budget: 5,070,000 tokens (40.5M / 8) from the start of the bench train shard (plain data only).
 # Extra VAR=value pairs override anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +23,9 @@ config=${1:?usage: bench/protocol.sh default|candidate|baseline [VAR=value ...]}
 shift
 bench_dir=${BENCH_DIR:-../shared/bench}
 data=${BENCH_DATA:-/tmp/benchdata}
+if [ "${EVAL_SHARE:-0}" = 1 ] && [ "${BENCH_VARIANT:-plain}" != plain ]; then
+  echo "error: EVAL_SHARE=1 needs the plain bench data (BENCH_VARIANT=plain)" >&2; exit 2
+fi
 case "${BENCH_VARIANT:-plain}" in
   plain)
     if [ ! -f "$data/datasets/bench_sp8192/fineweb_val_000000.bin" ]; then
@@ -36,6 +41,9 @@ case "${BENCH_VARIANT:-plain}" in
   *) echo "error: unknown BENCH_VARIANT '$BENCH_VARIANT' (expected plain, caseops or lossless)" >&2; exit 2 ;;
 esac
 common=("${paths[@]}" VOCAB_SIZE=8192 MAX_WALLCLOCK_SECONDS=240 SEED=1337)
+if [ "${EVAL_SHARE:-0}" = 1 ]; then
+  common+=(VAL_FILES="$data/datasets/bench_sp8192/fineweb_train_000000.bin" VAL_MAX_TOKENS=5070000)
+fi
 case "$config" in
   default) cfg=(TRAIN_BATCH_TOKENS=98304) ;;
   candidate) mapfile -t cfg < bench/candidate.env; cfg=(TRAIN_BATCH_TOKENS=98304 "${cfg[@]}") ;;

@@ -87,6 +87,17 @@ def test_protocol_candidate_is_the_default_plus_its_env_and_overrides_win(tmp_pa
     lever = dict(line.split("=", 1) for line in (ROOT / "bench" / "candidate.env").read_text().split())
     assert seen["TRAIN_BATCH_TOKENS"] == "98304" and seen["MAX_WALLCLOCK_SECONDS"] == "240"
     assert {k: seen[k] for k in lever} == lever | {"SMEAR_GATE": "0"}
+    assert "VAL_FILES" not in seen and "VAL_MAX_TOKENS" not in seen
+    # EVAL_SHARE=1: one GPU's share of FineWeb val, read from the bench train shard
+    res = subprocess.run(["bash", "bench/protocol.sh", "default", "EVAL_ONLY=a.br"], cwd=ROOT, env=env | dict(EVAL_SHARE="1"),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    seen = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
+    assert seen["VAL_FILES"] == str(val.parent / "fineweb_train_000000.bin") and seen["VAL_MAX_TOKENS"] == "5070000"
+    assert seen["EVAL_ONLY"] == "a.br"
+    res = subprocess.run(["bash", "bench/protocol.sh", "default"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=env | dict(EVAL_SHARE="1", BENCH_VARIANT="caseops"))
+    assert res.returncode == 2 and res.stderr.strip() == "error: EVAL_SHARE=1 needs the plain bench data (BENCH_VARIANT=plain)"
 
 
 def test_plain_config_is_the_default_shape_with_the_baseline_features():
