@@ -2429,7 +2429,7 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
     phases = plan_phases(hp, train_seq_len)
     if hp.legality_check:
         check = check_knobs(hp, dctx.world_size)
-        lora = hp.ttt_enabled and hp.ttt_lora_rank > 0
+        lora = any(p.lora for p in phases)
         chunk = max(check.ttt_chunk_tokens, lora_chunk_tokens(check, dctx.world_size) if lora else 0)
         prefix = val.prefix(4 * max(chunk, hp.eval_seq_len) + 1)
         log(f"legality_check tokens:{len(prefix.tokens)} ttt_chunk_tokens:{chunk}")  # eager, chunks of its own
