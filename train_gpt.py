@@ -2090,10 +2090,14 @@ def step_rows(prev: np.ndarray, last: np.ndarray) -> int:
     return max(n, min(2, len(prev)))
 
 
+WINDOW_ALIGN = 64  # a step's padded window length is a multiple of this (the compiled graph is dynamic in it)
+
+
 def window_len(begin: np.ndarray, last: np.ndarray, seq_len: int) -> int:
-    """The padded input length of a step of doc_steps: its longest window, to a power of two (a few
-    lengths, a few compiled graphs), at most seq_len."""
-    return min(1 << (int((last - begin).max()) - 1).bit_length(), seq_len)
+    """The padded input length of a step of doc_steps: its longest window rounded up to WINDOW_ALIGN, at
+    most seq_len. eval_forward's graph takes any length: a coarser rounding (powers of two) only pads more
+    tokens through the forward and backward."""
+    return min(-(-int((last - begin).max()) // WINDOW_ALIGN) * WINDOW_ALIGN, seq_len)
 
 
 def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, ends: np.ndarray, phase: Phase,
@@ -2126,7 +2130,7 @@ def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray,
                     phase: Phase, out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None,
                     lora: LoRA | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Score targets prev+1..last of each row into `out` from the window of inputs begin..last-1 (at most
-    seq_len, inside the row's document); rows are right-padded with zeros (to a power of two), which causal
+    seq_len, inside the row's document); rows are right-padded with zeros (window_len), which causal
     attention never lets back. The head runs on the scored positions only (the window's tail). Returns
     their plain NLL [rows, M] (with grad under a lora) and the mask of real ones."""
     dev = tokens.device

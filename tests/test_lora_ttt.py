@@ -9,7 +9,7 @@ import torch
 import train_gpt
 from conftest import parse_log, tiny_env
 from data.shards import write_shard
-from test_eval import EVAL_ENV, setup
+from test_eval import COMPILE_CFG, EVAL_ENV, setup
 from test_model import randomized, small_cfg
 
 LORA_ENV = EVAL_ENV | dict(TTT_LORA_RANK="4", TTT_LORA_LR="0.01", TTT_LORA_CHUNK="8", TTT_LORA_DOCS="3",
@@ -133,6 +133,34 @@ def test_adapters_move_the_scores_and_learn_a_repeated_document():
     adapted = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase()).nll
     assert torch.equal(adapted[:8], frozen[:8])  # the first chunk is scored before any step
     assert adapted[-100:].mean() < frozen[-100:].mean() - 0.05
+
+
+def test_compiled_lora_scoring_takes_every_window_length_in_one_dynamic_graph(monkeypatch):
+    """EVAL_COMPILE=1 (inductor, here on CPU): windows of four padded lengths build no graph per length (each
+    would cost a GPU about a minute of compiling; what window_len's fine padding relies on), and the
+    compiled adapted forward and backward score like the eager ones."""
+    from torch._dynamo.utils import counters
+    lengths = [300, 260, 200, 150, 90, 40]
+    tokens = np.random.default_rng(3).integers(4, 64, size=sum(lengths) + 1).astype(np.uint16)
+    tokens[np.cumsum([0] + lengths[:-1])] = 1
+    starts, ends = train_gpt.doc_spans(tokens)
+    _, model, _, _ = setup(cfg=COMPILE_CFG)
+    cpu, n, ph = torch.device("cpu"), len(tokens) - 1, train_gpt.Phase("ttt", 256, 64, ttt=True, lora=True)
+    seen, window_len = set(), train_gpt.window_len
+    monkeypatch.setattr(train_gpt, "window_len", lambda *a: seen.add(window_len(*a)) or window_len(*a))
+    outs = []
+    for flag in ("0", "1"):
+        hp = train_gpt.Hyperparameters(LORA_ENV | dict(EVAL_COMPILE=flag, TTT_LORA_CHUNK="16", TTT_LORA_STEPS="2"))
+        out = train_gpt.TokenScores.zeros(n, cpu)
+        torch._dynamo.reset()
+        counters.clear()
+        train_gpt.score_docs(model, train_gpt.eval_forward(model, hp, cpu), torch.from_numpy(tokens.astype(np.int64)),
+                             starts, ends, ph, out, hp, None, train_gpt.LoRA(model.cfg, 3, 4, cpu))
+        outs.append(out)
+    assert sorted(seen) == [64, 128, 192, 256]
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2  # a size guard may split small from large batches
+    assert (outs[1].count == 1).all()
+    torch.testing.assert_close(outs[1].nll, outs[0].nll, rtol=0, atol=2e-4)
 
 
 def test_documents_score_the_same_alone_or_in_a_batch():
