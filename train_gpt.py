@@ -220,6 +220,9 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("TTT_LORA_STEPS", 8, "past this many chunks a document's chunk grows to 1/this of what it has "
          "scored (at most half a window): a long document takes ~this*ln(length) steps, not length/CHUNK", 1),
     Knob("TTT_LORA_DOCS", 64, "documents adapted side by side in one batch", 1),
+    Knob("TTT_LORA_GRAD_CONTEXT", 0, "LoRA TTT: an adapter step reads at most this many tokens of context before "
+         "its chunk, in a pass of its own after the chunk is scored with its whole window (a shorter backward, "
+         "one more forward); 0 = all the window's, in the scoring pass", 0),
     Knob("ASYM_LOGIT_LR", 1.0, "TTT SGD learning rate of the two AsymLogit caps (their gradient is tiny next to a "
          "weight's: at TTT_LR they would not move)", 0),
     Knob("SLOT", "off", "off | context (fit a per-window delta on already-scored positions) | full (on the "
@@ -2105,9 +2108,10 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
     """Score whole documents (targets start+1..end each) into `out`, longest first, TTT_LORA_DOCS side by
     side. Each document is walked in chunks (chunk_bounds): a chunk is scored with up to seq_len tokens
     of its own document before it, then every document's adapter (row of `lora`) takes one AdamW step on
-    the mean NLL of its chunk, whose targets are all scored now. A finished document leaves the batch
-    (step_rows): the longest documents come first and take the most steps, so the live rows are always the
-    batch's first ones and row i keeps adapter row i. Without lora (TTT stopped by the budget) nothing trains."""
+    the mean NLL of its chunk, whose targets are all scored now (read with less context where
+    TTT_LORA_GRAD_CONTEXT says so: grad_window). A finished document leaves the batch (step_rows): the
+    longest documents come first and take the most steps, so the live rows are always the batch's first
+    ones and row i keeps adapter row i. Without lora (TTT stopped by the budget) nothing trains."""
     for batch in doc_batches(starts, ends, hp.ttt_lora_docs):
         opt = None
         if lora is not None:
@@ -2117,42 +2121,62 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
         steps = doc_steps(starts[batch], ends[batch], hp, lora is not None, phase.seq_len)
         for j, (begin, prev, last) in enumerate(steps):
             n = step_rows(prev, last)
-            nll, scored = score_doc_chunk(model, hidden, tokens, begin[:n], prev[:n], last[:n], phase, out, hp, hints,
-                                          lora)
-            if opt is not None and j + 1 < len(steps):
+            begin, prev, last = begin[:n], prev[:n], last[:n]
+            stepping = opt is not None and j + 1 < len(steps)
+            grad_begin = grad_window(begin, prev, hp) if stepping else begin
+            apart = (grad_begin > begin).any()  # the step reads less context than the score: a pass of its own
+            nll, scored = score_doc_chunk(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora,
+                                          grad=lora is not None and not apart)
+            if apart:
+                nll, scored = chunk_nll(model, hidden, tokens, grad_begin, prev, last, phase.seq_len, lora, grad=True)[:2]
+            if stepping:
                 loss = ((nll * scored).sum(1) / scored.sum(1).clamp(min=1)).sum()  # per document: rows independent
                 for p, g in zip(params, torch.autograd.grad(loss, params)):
                     p.grad = g
                 opt.step()
 
 
-def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev: np.ndarray, last: np.ndarray,
-                    phase: Phase, out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None,
-                    lora: LoRA | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score targets prev+1..last of each row into `out` from the window of inputs begin..last-1 (at most
-    seq_len, inside the row's document); rows are right-padded with zeros (window_len), which causal
-    attention never lets back. The head runs on the scored positions only (the window's tail). Returns
-    their plain NLL [rows, M] (with grad under a lora) and the mask of real ones."""
+def grad_window(begin: np.ndarray, prev: np.ndarray, hp: Hyperparameters) -> np.ndarray:
+    """Where the inputs of an adapter step start: TTT_LORA_GRAD_CONTEXT tokens before each chunk, at most the
+    scoring window's (0: all of it, so that one pass scores and steps)."""
+    ctx = hp.ttt_lora_grad_context
+    return np.maximum(begin, prev - ctx) if ctx else begin
+
+
+def chunk_nll(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev: np.ndarray, last: np.ndarray,
+              seq_len: int, lora: LoRA | None, grad: bool):
+    """The plain NLL [rows, M] of targets prev+1..last of each row from the window of inputs begin..last-1
+    (inside the row's document, right-padded with zeros to window_len, which causal attention never lets
+    back), with the mask of real targets, their final hidden states, ids and stream positions. The head
+    runs on those positions only (the window's tail)."""
     dev = tokens.device
-    L = window_len(begin, last, phase.seq_len)
+    L = window_len(begin, last, seq_len)
     pos = torch.from_numpy(begin).to(dev)[:, None] + 1 + torch.arange(L, device=dev)  # stream position of y
     valid = pos <= torch.from_numpy(last).to(dev)[:, None]
     inside = pos.clamp(max=len(tokens) - 1)  # the padding's positions may run past the stream
     x = torch.where(valid, tokens[inside - 1], 0)
     n_scored = torch.from_numpy(last - prev).to(dev)
     k = torch.arange(int(n_scored.max()), device=dev)
-    tail = (torch.from_numpy(prev - begin).to(dev)[:, None] + k).clamp(max=L - 1)  # row r's scored targets
+    tail = (torch.from_numpy(prev - begin).to(dev)[:, None] + k).clamp(max=L - 1)  # row r's targets
     scored = k < n_scored[:, None]
     pos = pos.gather(1, tail)
-    at = pos.clamp(max=len(tokens) - 1)  # unscored tail entries may point past the stream
-    y = torch.where(scored, tokens[at], 0)  # only scored targets are read
-    with torch.enable_grad() if lora is not None else torch.inference_mode(), autocast_ctx(dev):
+    y = torch.where(scored, tokens[pos.clamp(max=len(tokens) - 1)], 0)  # only real targets are read
+    with torch.enable_grad() if grad else torch.inference_mode(), autocast_ctx(dev):
         h = hidden(x, lora)
         h = h.gather(1, tail[..., None].expand(-1, -1, h.size(-1)))
         nll = model.nll_from_hidden(h, y, lora=lora)
-    with torch.no_grad(), autocast_ctx(dev):
+    return nll, scored, h, y, pos
+
+
+def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev: np.ndarray, last: np.ndarray,
+                    phase: Phase, out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None,
+                    lora: LoRA | None, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score targets prev+1..last of each row into `out` from the window begin..last-1 (chunk_nll, at most
+    seq_len); returns their plain NLL (with grad if asked) and the mask of real ones."""
+    nll, scored, h, y, pos = chunk_nll(model, hidden, tokens, begin, prev, last, phase.seq_len, lora, grad)
+    with torch.no_grad(), autocast_ctx(tokens.device):
         score = nll.detach() if hints is None else \
-            tilted_scores(model, h.detach(), y, hints[at], hp.ngram_beta, lora)
+            tilted_scores(model, h.detach(), y, hints[pos.clamp(max=len(tokens) - 1)], hp.ngram_beta, lora)
     out.add(pos[scored], score[scored])
     return nll, scored
 
@@ -2320,8 +2344,10 @@ class TTTUpdater:
 
 
 def perturbation_point(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) -> int:
-    """A position near the middle that one scoring step straddles: a window (or a document's chunk)
-    scores targets on both sides of it."""
+    """A position near the middle that one scoring step straddles: a window scores targets on both sides
+    of it; with LoRA, the first target of a document's chunk that follows adapter steps (two where the
+    document has them: the second is the first that has context before its chunk), so that a step which
+    read any target past the chunk it had scored changes the score at the point itself."""
     mid = len(tokens) // 2
     if not phase.lora:
         return mid // phase.stride * phase.stride + phase.stride // 2
@@ -2333,8 +2359,8 @@ def perturbation_point(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) ->
     ok = np.flatnonzero(movable >= 2)
     if len(ok) == 0:  # a document too short to straddle: any position still checks causality
         return mid
-    j = ok[np.argmin(np.abs(b[ok] - mid))]
-    return int(b[j] + movable[j] // 2)
+    ok = ok[np.minimum(ok, 2) == min(ok.max(), 2)]  # as many steps before as the document allows, up to two
+    return int(b[ok[np.argmin(np.abs(b[ok] - mid))]] + 1)
 
 
 # The legality check's attention: SDPA's math kernel is bitwise reproducible forward and backward on a GPU

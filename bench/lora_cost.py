@@ -7,9 +7,9 @@ data (one GPU's share of FineWeb val is timed on 5.07M tokens of the bench train
 usage: [WORLD_SIZE=N] [VAR=value ...] python3 bench/lora_cost.py 'NAME [K=V ...]' ['NAME K=V ...' ...]
 
 Each variant reads the val tokens as train_gpt would (DATA_PATH or VAL_FILES, VAL_MAX_TOKENS). One line per
-variant: tokens, docs, global_chunks, steps (forward calls, one after another), updates (adapter steps),
-forward_tokens and backward_tokens (rows x padded window length, summed over steps), scored (targets, all
-ranks). With WORLD_SIZE=N the documents of every global chunk are split over N ranks as eval_tokens splits
+variant: tokens, docs, global_chunks, steps (scoring steps, one after another), passes (forward calls: a step
+whose update reads less context, TTT_LORA_GRAD_CONTEXT, takes two), updates (adapter steps), forward_tokens
+and backward_tokens (rows x padded window length, summed over passes), scored (targets, all ranks). With WORLD_SIZE=N the documents of every global chunk are split over N ranks as eval_tokens splits
 them, and the ranks wait for each other at each chunk's end (the global update): the counts are then the
 critical path, per chunk the busiest rank's steps plus, separately, the busiest rank's tokens (an upper
 bound when those are two ranks). Many chunks and few documents per rank mean more steps, each smaller.
@@ -24,20 +24,29 @@ if str(HERE.parent) not in sys.path:  # run as a script: the repository root, on
 import train_gpt  # noqa: E402
 from bench.eval_sweep import cli, variant_knobs  # noqa: E402
 
-COUNTS = ("steps", "updates", "forward_tokens", "backward_tokens")
+COUNTS = ("steps", "passes", "updates", "forward_tokens", "backward_tokens")
 
 
 def rank_cost(starts, ends, hp: train_gpt.Hyperparameters) -> dict:
     """One rank's counts for its documents of one global chunk, every update taken (no budget stop)."""
     out = dict.fromkeys(COUNTS + ("scored",), 0)
+    seq_len = hp.eval_seq_len
     for batch in train_gpt.doc_batches(starts, ends, hp.ttt_lora_docs):
-        steps = train_gpt.doc_steps(starts[batch], ends[batch], hp, True, hp.eval_seq_len)
+        steps = train_gpt.doc_steps(starts[batch], ends[batch], hp, True, seq_len)
         for j, (begin, prev, last) in enumerate(steps):
-            work = train_gpt.step_rows(prev, last) * train_gpt.window_len(begin, last, hp.eval_seq_len)
+            n = train_gpt.step_rows(prev, last)
+            begin, prev, last = begin[:n], prev[:n], last[:n]
+            work = n * train_gpt.window_len(begin, last, seq_len)
             out["steps"] += 1
+            out["passes"] += 1
             out["forward_tokens"] += work
             out["scored"] += int((last - prev).sum())
             if j + 1 < len(steps):
+                grad_begin = train_gpt.grad_window(begin, prev, hp)
+                if (grad_begin > begin).any():  # the step's own pass (score_docs)
+                    work = n * train_gpt.window_len(grad_begin, last, seq_len)
+                    out["passes"] += 1
+                    out["forward_tokens"] += work
                 out["updates"] += 1
                 out["backward_tokens"] += work
     return out

@@ -61,9 +61,9 @@ def test_a_batch_drops_each_document_once_it_is_scored(monkeypatch):
                                                                 np.arange(64) < 4))
     rows, real = [], train_gpt.score_doc_chunk
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         rows.append(len(args[3]))
-        return real(*args)
+        return real(*args, **kwargs)
     monkeypatch.setattr(train_gpt, "score_doc_chunk", counted)
     scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase())
     assert (scores.count == 1).all()
@@ -184,11 +184,35 @@ def test_documents_score_the_same_alone_or_in_a_batch():
     assert (together.nll[t] - frozen.nll[t]).abs().max() > 1e-3  # the adapters did train
 
 
-@pytest.mark.parametrize("tilt", [False, True])
-def test_lora_ttt_passes_the_future_perturbation_check(tilt):
-    hp, model, tokens, val = lora_setup(NGRAM_TILT=str(int(tilt)), NGRAM_ORDER="3", NGRAM_THRESHOLD="0.3")
+@pytest.mark.parametrize("tilt,grad_context", [(False, 0), (True, 0), (True, 5)])
+def test_lora_ttt_passes_the_future_perturbation_check(tilt, grad_context):
+    hp, model, tokens, val = lora_setup(NGRAM_TILT=str(int(tilt)), NGRAM_ORDER="3", NGRAM_THRESHOLD="0.3",
+                                        TTT_LORA_GRAD_CONTEXT=str(grad_context))
     ph = train_gpt.Phase("ttt", 32, 8, ttt=True, lora=True, tilt=tilt)
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, ph)
+
+
+def test_an_update_with_less_context_scores_first_chunks_alike_and_still_trains():
+    """TTT_LORA_GRAD_CONTEXT: a step's update reads at most that many tokens before its chunk, in a pass of
+    its own; the score still reads the whole window. Documents' first chunks (scored before any step) score
+    as with the update in the scoring pass, later ones differ, and the adapters still learn. A context as long
+    as the window is the one-pass default exactly."""
+    assert train_gpt.grad_window(np.array([0, 10, 50]), np.array([4, 40, 90]),
+                                 train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_GRAD_CONTEXT="16"))).tolist() == [0, 24, 74]
+    _, model, tokens, val = lora_setup()
+    starts, ends = train_gpt.doc_spans(tokens)
+    first = np.concatenate([np.arange(s, min(s + 8, e)) for s, e in zip(starts, ends)])  # targets s+1..s+8 (a chunk)
+    runs = {}
+    for name, ctx, lr in (("all", 0, "0.01"), ("short", 2, "0.01"), ("window", 32, "0.01"), ("frozen", 0, "0")):
+        hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LR="0", TTT_LORA_GRAD_CONTEXT=str(ctx), TTT_LORA_LR=lr))
+        runs[name] = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase())
+    assert all(bool((r.count == 1).all()) for r in runs.values())
+    assert torch.equal(runs["window"].nll, runs["all"].nll)
+    torch.testing.assert_close(runs["short"].nll[first], runs["all"].nll[first], rtol=0, atol=1e-6)
+    later = (runs["short"].nll - runs["all"].nll).abs()
+    later[first] = 0
+    assert later.max() > 1e-4
+    assert (runs["short"].nll - runs["frozen"].nll).abs().max() > 1e-3
 
 
 def test_a_leaky_adapter_step_fails_the_check(monkeypatch):
@@ -196,15 +220,32 @@ def test_a_leaky_adapter_step_fails_the_check(monkeypatch):
     hp, model, tokens, val = lora_setup(TTT_LR="0")
     real = train_gpt.score_doc_chunk
 
-    def peek_then_score(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora):
+    def peek_then_score(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora, grad):
         if lora is not None:
             scratch = train_gpt.TokenScores.zeros(len(out.nll), out.nll.device)
-            nll, scored = real(model, hidden, tokens, begin, prev, last, phase, scratch, hp, hints, lora)
+            nll, scored = real(model, hidden, tokens, begin, prev, last, phase, scratch, hp, hints, lora, grad=True)
             params = list(lora.parameters())
             for p, g in zip(params, torch.autograd.grad((nll * scored).sum(), params)):
                 p.data -= 1.0 * g
-        return real(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora)
+        return real(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora, grad)
     monkeypatch.setattr(train_gpt, "score_doc_chunk", peek_then_score)
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase()) is False
+
+
+def test_an_update_that_reads_past_its_chunk_fails_the_check(monkeypatch):
+    """An adapter step that reads even two targets past the chunk it has scored must be caught: the check
+    perturbs from the first target of a chunk that follows a document's second step. With
+    TTT_LORA_GRAD_CONTEXT=5 every step after a document's first reads its chunk in a pass of its own
+    (prev > begin): only those passes are made to read ahead."""
+    hp, model, tokens, val = lora_setup(TTT_LR="0", TTT_LORA_GRAD_CONTEXT="5")
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase())
+    real = train_gpt.chunk_nll
+
+    def reads_ahead(model, hidden, tokens, begin, prev, last, seq_len, lora, grad):
+        if grad and (begin < prev).all():
+            last = np.minimum(last + 2, len(tokens) - 1)
+        return real(model, hidden, tokens, begin, prev, last, seq_len, lora, grad)
+    monkeypatch.setattr(train_gpt, "chunk_nll", reads_ahead)
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase()) is False
 
 
@@ -310,36 +351,58 @@ def test_lora_ttt_on_two_ranks_scores_like_one_process(tiny_data, tmp_path, laun
 
 
 def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeypatch):
-    """bench/lora_cost.py counts, without a model, the forward calls, adapter updates and padded tokens
-    that the LoRA phase really runs (here counted inside eval_tokens) on the same val stream."""
-    hp, model, tokens, val = lora_setup(TTT_LR="0", TTT_LORA_CHUNK="4", TTT_LORA_STEPS="4", TTT_LORA_PHASE_TOKENS="128")
-    seen = dict(steps=0, forward_tokens=0, updates=0)
-    real_chunk, real_step = train_gpt.score_doc_chunk, torch.optim.AdamW.step
+    """bench/lora_cost.py counts, without a model, the scoring steps, forward passes, adapter updates and
+    padded tokens that the LoRA phase really runs (here counted inside eval_tokens) on the same val stream,
+    with the update in the scoring pass or (TTT_LORA_GRAD_CONTEXT) in a shorter pass of its own."""
+    knobs = dict(a="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4", c="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=40")
+    real_score, real_nll, real_step = train_gpt.score_doc_chunk, train_gpt.chunk_nll, torch.optim.AdamW.step
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(4, 64, size=1201).astype(np.uint16)
+    tokens[::300] = 1  # documents long enough for windows of several padded lengths (EVAL_SEQ_LEN=256)
+    val = train_gpt.ValSet.from_lut(tokens, train_gpt.ByteLUT(np.ones(64, np.int32), np.zeros(64, bool),
+                                                              np.arange(64) < 4))
+    model, env, seen = setup()[1], dict(TTT_LR="0", TTT_LORA_PHASE_TOKENS="600", EVAL_SEQ_LEN="256"), {}
+    for name in ("a", "c"):
+        hp = train_gpt.Hyperparameters(LORA_ENV | env | dict(kv.split("=") for kv in knobs[name].split()))
+        count = seen[name] = dict.fromkeys(("steps", "passes", "forward_tokens", "backward_tokens", "updates"), 0)
+        grad_work = []  # the latest pass with grad: the one an update backpropagates through
 
-    def chunk(model, hidden, tokens, begin, prev, last, phase, *rest):
-        seen["steps"] += 1
-        seen["forward_tokens"] += len(begin) * train_gpt.window_len(begin, last, phase.seq_len)
-        return real_chunk(model, hidden, tokens, begin, prev, last, phase, *rest)
+        def score(*args, **kwargs):
+            count["steps"] += 1
+            return real_score(*args, **kwargs)
 
-    def step(opt, *args, **kwargs):
-        seen["updates"] += 1
-        return real_step(opt, *args, **kwargs)
-    monkeypatch.setattr(train_gpt, "score_doc_chunk", chunk)
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    phase = train_gpt.plan_phases(hp, 32)[1]
-    assert phase.lora and phase.seq_len == hp.eval_seq_len
-    train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, phase)
-    assert seen["steps"] > seen["updates"] > 10
+        def nll(model, hidden, tokens, begin, prev, last, seq_len, lora, grad):
+            count["passes"] += 1
+            work = len(begin) * train_gpt.window_len(begin, last, seq_len)
+            count["forward_tokens"] += work
+            grad_work[:] = [work] if grad else grad_work
+            return real_nll(model, hidden, tokens, begin, prev, last, seq_len, lora, grad)
+
+        def step(opt, *args, **kwargs):
+            count["updates"] += 1
+            count["backward_tokens"] += grad_work[0]
+            return real_step(opt, *args, **kwargs)
+        monkeypatch.setattr(train_gpt, "score_doc_chunk", score)
+        monkeypatch.setattr(train_gpt, "chunk_nll", nll)
+        monkeypatch.setattr(torch.optim.AdamW, "step", step)
+        phase = train_gpt.plan_phases(hp, 32)[1]
+        assert phase.lora and phase.seq_len == hp.eval_seq_len == 256
+        train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, phase)
+        monkeypatch.undo()
+    assert seen["a"]["steps"] > seen["a"]["updates"] > 10 and seen["a"]["passes"] == seen["a"]["steps"]
+    assert seen["c"]["passes"] > seen["c"]["steps"] == seen["a"]["steps"]  # some updates read less context
+    assert seen["c"]["backward_tokens"] < seen["a"]["backward_tokens"]
     write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(train_gpt.KNOB_PREFIXES)}
-    env |= LORA_ENV | dict(TTT_LR="0", TTT_LORA_PHASE_TOKENS="128", DATA_PATH=str(tmp_path), VOCAB_SIZE="64")
-    res = launcher.run(env, "bench/lora_cost.py", ["a TTT_LORA_CHUNK=4 TTT_LORA_STEPS=4", "b"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(train_gpt.KNOB_PREFIXES)} | LORA_ENV | env
+    env |= dict(DATA_PATH=str(tmp_path), VOCAB_SIZE="64")
+    res = launcher.run(env, "bench/lora_cost.py", [f"{k} {v}" for k, v in knobs.items()] + ["b TTT_LORA_CHUNK=32 TTT_LORA_STEPS=4"])
     assert res.returncode == 0, res.stderr[-2000:]
     lines = {ln.split()[0]: dict(kv.split(":") for kv in ln.split()[1:]) for ln in res.stdout.splitlines()}
+    for name in ("a", "c"):
+        assert {k: int(lines[f"variant:{name}"][k]) for k in seen[name]} == seen[name]
     a, b = lines["variant:a"], lines["variant:b"]
-    assert {k: int(a[k]) for k in seen} == seen
     assert int(a["scored"]) == len(tokens) - 1 and int(a["docs"]) == len(train_gpt.doc_spans(tokens)[0])
-    assert int(b["steps"]) < int(a["steps"])  # TTT_LORA_CHUNK=8: fewer, larger steps
+    assert int(b["steps"]) < int(a["steps"])  # larger chunks: fewer steps
 
 
 def test_ranks_share_a_chunk_evenly_and_the_lora_chunk_grows_with_them():
