@@ -138,29 +138,35 @@ def test_adapters_move_the_scores_and_learn_a_repeated_document():
 def test_compiled_lora_scoring_takes_every_window_length_in_one_dynamic_graph(monkeypatch):
     """EVAL_COMPILE=1 (inductor, here on CPU): windows of four padded lengths build no graph per length (each
     would cost a GPU about a minute of compiling; what window_len's fine padding relies on), and the
-    compiled adapted forward and backward score like the eager ones."""
+    compiled adapted forward and backward score like the eager ones, with the update in the scoring pass or
+    (TTT_LORA_GRAD_CONTEXT) in one of its own: first chunks alike, later ones apart by the steps' rounding."""
     from torch._dynamo.utils import counters
     lengths = [300, 260, 200, 150, 90, 40]
     tokens = np.random.default_rng(3).integers(4, 64, size=sum(lengths) + 1).astype(np.uint16)
     tokens[np.cumsum([0] + lengths[:-1])] = 1
     starts, ends = train_gpt.doc_spans(tokens)
+    first = np.concatenate([np.arange(s, min(s + 16, e)) for s, e in zip(starts, ends)])  # before any step
     _, model, _, _ = setup(cfg=COMPILE_CFG)
     cpu, n, ph = torch.device("cpu"), len(tokens) - 1, train_gpt.Phase("ttt", 256, 64, ttt=True, lora=True)
     seen, window_len = set(), train_gpt.window_len
     monkeypatch.setattr(train_gpt, "window_len", lambda *a: seen.add(window_len(*a)) or window_len(*a))
-    outs = []
-    for flag in ("0", "1"):
-        hp = train_gpt.Hyperparameters(LORA_ENV | dict(EVAL_COMPILE=flag, TTT_LORA_CHUNK="16", TTT_LORA_STEPS="2"))
-        out = train_gpt.TokenScores.zeros(n, cpu)
-        torch._dynamo.reset()
-        counters.clear()
-        train_gpt.score_docs(model, train_gpt.eval_forward(model, hp, cpu), torch.from_numpy(tokens.astype(np.int64)),
-                             starts, ends, ph, out, hp, None, train_gpt.LoRA(model.cfg, 3, 4, cpu))
-        outs.append(out)
+    outs, graphs = {}, []
+    torch._dynamo.reset()
+    for ctx in ("0", "32"):
+        for flag in ("0", "1"):
+            hp = train_gpt.Hyperparameters(LORA_ENV | dict(EVAL_COMPILE=flag, TTT_LORA_CHUNK="16", TTT_LORA_STEPS="2",
+                                                           TTT_LORA_GRAD_CONTEXT=ctx))
+            out = outs[ctx, flag] = train_gpt.TokenScores.zeros(n, cpu)
+            counters.clear()
+            train_gpt.score_docs(model, train_gpt.eval_forward(model, hp, cpu), torch.from_numpy(tokens.astype(np.int64)),
+                                 starts, ends, ph, out, hp, None, train_gpt.LoRA(model.cfg, 3, 4, cpu))
+            graphs.append(counters["stats"]["unique_graphs"])
     assert sorted(seen) == [64, 128, 192, 256]
-    assert 1 <= counters["stats"]["unique_graphs"] <= 2  # a size guard may split small from large batches
-    assert (outs[1].count == 1).all()
-    torch.testing.assert_close(outs[1].nll, outs[0].nll, rtol=0, atol=2e-4)
+    assert graphs[0] == graphs[2] == 0 and 1 <= graphs[1] <= 2  # a size guard may split small from large batches
+    for ctx, atol in (("0", 2e-4), ("32", 2e-3)):
+        assert (outs[ctx, "1"].count == 1).all()
+        torch.testing.assert_close(outs[ctx, "1"].nll[first], outs[ctx, "0"].nll[first], rtol=0, atol=1e-5)
+        torch.testing.assert_close(outs[ctx, "1"].nll, outs[ctx, "0"].nll, rtol=0, atol=atol)
 
 
 def test_documents_score_the_same_alone_or_in_a_batch():
