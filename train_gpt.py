@@ -1882,10 +1882,15 @@ def lora_chunk_tokens(hp: Hyperparameters, world_size: int) -> int:
     return hp.ttt_lora_phase_tokens * world_size
 
 
-def rank_share(items: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """A rank's part of a chunk's windows or documents: contiguous, equal counts to within one (not equal
-    tokens: documents differ in length)."""
-    return items[len(items) * rank // world_size:len(items) * (rank + 1) // world_size]
+def rank_share(items: np.ndarray, rank: int, world_size: int, lengths: np.ndarray | None = None) -> np.ndarray:
+    """A rank's part of a chunk's windows (contiguous, equal counts to within one) or, given their lengths,
+    of its documents: dealt longest first in snake order (ranks 0..W-1, then W-1..0, ...), so that every
+    rank gets alike lengths and so alike LoRA work (the chunk waits for its busiest rank); in stream order."""
+    if lengths is None:
+        return items[len(items) * rank // world_size:len(items) * (rank + 1) // world_size]
+    lap = np.arange(len(items)) % (2 * world_size)
+    dealt = np.minimum(lap, 2 * world_size - 1 - lap)  # the rank that the i-th longest document goes to
+    return np.sort(items[np.argsort(-lengths, kind="stable")[dealt == rank]])
 
 
 def budget_action(phase: Phase, hp: Hyperparameters) -> str | None:
@@ -1968,7 +1973,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
     pace, hidden = Pace(dctx, len(chunks)), eval_forward(model, hp, dctx.device)
     hints = phase_hints(tokens, phase, hp, log)  # inside the phase's clock: it is part of the evaluation
     for c, (items, lo, hi) in enumerate(chunks):
-        mine = rank_share(items, dctx.rank, dctx.world_size)
+        mine = rank_share(items, dctx.rank, dctx.world_size, ends[items] - starts[items] if phase.lora else None)
         if phase.lora:
             with frozen(model):
                 score_docs(model, hidden, tokens, starts[mine], ends[mine], phase, out, hp, hints,

@@ -59,7 +59,8 @@ def lora_cost(tokens, hp: train_gpt.Hyperparameters, world_size: int = 1) -> dic
     out = dict(docs=len(starts), global_chunks=len(chunks)) | dict.fromkeys(COUNTS + ("scored",), 0)
     for docs, _, _ in chunks:
         ranks = [rank_cost(starts[mine], ends[mine], hp)
-                 for mine in (train_gpt.rank_share(docs, r, world_size) for r in range(world_size))]
+                 for mine in (train_gpt.rank_share(docs, r, world_size, ends[docs] - starts[docs])
+                              for r in range(world_size))]
         for k in COUNTS:
             out[k] += max(r[k] for r in ranks)
         out["scored"] += sum(r["scored"] for r in ranks)
