@@ -1789,10 +1789,12 @@ class TokenScores:
         return cls(torch.zeros(n, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.int32, device=device),
                    torch.zeros(n, dtype=torch.int32, device=device))
 
-    def add(self, targets: torch.Tensor, nll: torch.Tensor):
-        """Count one more scoring of each target (stream positions t >= 1) with its NLL."""
-        self.nll.index_add_(0, targets - 1, nll.double())
-        self.count.index_add_(0, targets - 1, torch.ones_like(targets, dtype=torch.int32))
+    def add(self, targets: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor):
+        """Count one more scoring of each target (stream positions t >= 1) where mask holds, with its NLL. The
+        rest add nothing where they point (clamped into the stream): no boolean indexing, which waits for the GPU."""
+        at, mask = (targets.reshape(-1) - 1).clamp(0, len(self.nll) - 1), mask.reshape(-1)
+        self.nll.index_add_(0, at, torch.where(mask, nll.reshape(-1).double(), 0.0))
+        self.count.index_add_(0, at, mask.int())
 
     def totals(self) -> tuple[float, float]:
         if not bool((self.count == 1).all()):
@@ -2026,7 +2028,7 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
     pos = starts[:, None] + 1 + cut + torch.arange(L - cut, device=tokens.device)[None, :]  # stream position of y
     with torch.inference_mode(), autocast_ctx(tokens.device):
         nll = model.nll_from_hidden(h, y) if hints is None else tilted_scores(model, h, y, hints[pos], hp.ngram_beta)
-    out.add(pos[scored], nll[scored])
+    out.add(pos, nll, scored)
 
 
 LORA_BETAS, LORA_EPS, LORA_WD = (0.0, 0.99), 1e-10, 0.5  # AdamW of the per-document adapters
@@ -2161,7 +2163,7 @@ def chunk_nll(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev:
     inside = pos.clamp(max=len(tokens) - 1)  # the padding's positions may run past the stream
     x = torch.where(valid, tokens[inside - 1], 0)
     n_scored = torch.from_numpy(last - prev).to(dev)
-    k = torch.arange(int(n_scored.max()), device=dev)
+    k = torch.arange(int((last - prev).max()), device=dev)  # from the host's copy: no wait for the GPU
     tail = (torch.from_numpy(prev - begin).to(dev)[:, None] + k).clamp(max=L - 1)  # row r's targets
     scored = k < n_scored[:, None]
     pos = pos.gather(1, tail)
@@ -2182,7 +2184,7 @@ def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray,
     with torch.no_grad(), autocast_ctx(tokens.device):
         score = nll.detach() if hints is None else \
             tilted_scores(model, h.detach(), y, hints[pos.clamp(max=len(tokens) - 1)], hp.ngram_beta, lora)
-    out.add(pos[scored], score[scored])
+    out.add(pos, score, scored)
     return nll, scored
 
 

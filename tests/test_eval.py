@@ -29,6 +29,17 @@ def setup(n_tokens=301, seed=0, cfg=None):
     return hp, model, tokens, train_gpt.ValSet.from_lut(tokens, lut)
 
 
+def test_token_scores_count_only_masked_in_targets():
+    """TokenScores.add counts the targets its mask holds; the others (padding, possibly pointing past the
+    stream, with any value, NaN too) add nothing anywhere."""
+    out = train_gpt.TokenScores.zeros(5, torch.device("cpu"))
+    targets = torch.tensor([[1, 2, 9], [5, 0, 3]])
+    nll = torch.tensor([[0.5, 1.5, float("nan")], [2.0, 7.0, float("inf")]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    out.add(targets, nll, mask)
+    assert out.count.tolist() == [1, 1, 0, 0, 1] and out.nll.tolist() == [0.5, 1.5, 0.0, 0.0, 2.0]
+
+
 @pytest.mark.parametrize("n,L,s", [(301, 32, 8), (33, 32, 8), (20, 32, 8), (1000, 64, 64), (1025, 64, 64), (97, 32, 5)])
 def test_window_ends_cover_each_target_once(n, L, s):
     ends = train_gpt.window_ends(n, L, s)
