@@ -2003,6 +2003,13 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
     return out
 
 
+def on_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on the device without draining its queue: a copy from pageable memory waits for all
+    work queued before it, one from pinned memory (non_blocking) is queued behind it."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, prev_ends: np.ndarray, phase: Phase,
                   out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None = None):
     """Score a batch of windows into `out`, running `hidden` (eval_forward's) for the hidden states.
@@ -2012,12 +2019,11 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
     targets being scored (which leaks them). With hints (ngram_hints' of the stream), the NLL is the
     n-gram tilt's."""
     L = min(phase.seq_len, int(ends[0]))
-    starts = torch.from_numpy(ends - L).to(tokens.device)
+    n_scored = ends - prev_ends  # each window scores its last n_scored positions
+    starts, first_scored = on_device(np.stack((ends - L, L - n_scored)), tokens.device)
     idx = starts[:, None] + torch.arange(L + 1, device=tokens.device)
     win = tokens[idx]
     x, y = win[:, :-1], win[:, 1:]
-    n_scored = ends - prev_ends  # each window scores its last n_scored positions
-    first_scored = torch.from_numpy(L - n_scored).to(tokens.device)
     scored = torch.arange(L, device=tokens.device)[None, :] >= first_scored[:, None]
     with torch.inference_mode(), autocast_ctx(tokens.device):
         h = hidden(x)
@@ -2158,13 +2164,13 @@ def chunk_nll(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev:
     runs on those positions only (the window's tail)."""
     dev = tokens.device
     L = window_len(begin, last, seq_len)
-    pos = torch.from_numpy(begin).to(dev)[:, None] + 1 + torch.arange(L, device=dev)  # stream position of y
-    valid = pos <= torch.from_numpy(last).to(dev)[:, None]
+    first, end, n_scored, skip = on_device(np.stack((begin, last, last - prev, prev - begin)), dev)
+    pos = first[:, None] + 1 + torch.arange(L, device=dev)  # stream position of y
+    valid = pos <= end[:, None]
     inside = pos.clamp(max=len(tokens) - 1)  # the padding's positions may run past the stream
     x = torch.where(valid, tokens[inside - 1], 0)
-    n_scored = torch.from_numpy(last - prev).to(dev)
-    k = torch.arange(int((last - prev).max()), device=dev)  # from the host's copy: no wait for the GPU
-    tail = (torch.from_numpy(prev - begin).to(dev)[:, None] + k).clamp(max=L - 1)  # row r's targets
+    k = torch.arange(int((last - prev).max()), device=dev)  # sized on the host: no wait for the GPU
+    tail = (skip[:, None] + k).clamp(max=L - 1)  # row r's targets
     scored = k < n_scored[:, None]
     pos = pos.gather(1, tail)
     y = torch.where(scored, tokens[pos.clamp(max=len(tokens) - 1)], 0)  # only real targets are read
