@@ -220,9 +220,9 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("TTT_LORA_STEPS", 8, "past this many chunks a document's chunk grows to 1/this of what it has "
          "scored (at most half a window): a long document takes ~this*ln(length) steps, not length/CHUNK", 1),
     Knob("TTT_LORA_DOCS", 64, "documents adapted side by side in one batch", 1),
-    Knob("TTT_LORA_GRAD_CONTEXT", 0, "LoRA TTT: an adapter step reads at most this many tokens of context before "
-         "its chunk, in a pass of its own after the chunk is scored with its whole window (a shorter backward, "
-         "one more forward); 0 = all the window's, in the scoring pass", 0),
+    Knob("TTT_LORA_GRAD_CONTEXT", 0, "LoRA TTT: a step whose chunk has more than this many tokens of context "
+         "before it updates on the last this many only, in a pass of its own after the chunk is scored with its "
+         "whole window (a shorter backward, one more forward and compiled graph); 0 = in the scoring pass", 0),
     Knob("ASYM_LOGIT_LR", 1.0, "TTT SGD learning rate of the two AsymLogit caps (their gradient is tiny next to a "
          "weight's: at TTT_LR they would not move)", 0),
     Knob("SLOT", "off", "off | context (fit a per-window delta on already-scored positions) | full (on the "
@@ -1935,7 +1935,8 @@ def even_batches(items: np.ndarray, size: int) -> list[np.ndarray]:
 
 def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device):
     """The looped model's hidden states (per-document adapted with a LoRA), compiled per EVAL_COMPILE
-    with the batch dim dynamic (one graph for every batch size), and the length too with a LoRA."""
+    with the batch dim dynamic (one graph for every batch size), and the length too with a LoRA (a graph
+    with grad and, for TTT_LORA_GRAD_CONTEXT's scoring passes, one without)."""
     def hidden(x, lora=None):
         return model.hidden(x, looped=True, lora=lora)
     if not (hp.eval_compile is True or (hp.eval_compile == AUTO and compile_applies(hp, device))):
@@ -2141,7 +2142,7 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
             nll, scored = score_doc_chunk(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora,
                                           grad=lora is not None and not apart)
             if apart:
-                nll, scored = chunk_nll(model, hidden, tokens, grad_begin, prev, last, phase.seq_len, lora, grad=True)[:2]
+                nll, scored = chunk_nll(model, hidden, tokens, grad_begin, prev, last, phase.seq_len, lora, True)[:2]
             if stepping:
                 loss = ((nll * scored).sum(1) / scored.sum(1).clamp(min=1)).sum()  # per document: rows independent
                 for p, g in zip(params, torch.autograd.grad(loss, params)):
@@ -2356,24 +2357,32 @@ class TTTUpdater:
         self.opt.step()
 
 
-def perturbation_point(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) -> int:
-    """A position near the middle that one scoring step straddles: a window scores targets on both sides
-    of it; with LoRA, the first target of a document's chunk that follows adapter steps (two where the
-    document has them: the second is the first that has context before its chunk), so that a step which
-    read any target past the chunk it had scored changes the score at the point itself."""
+def perturbation_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) -> list[int]:
+    """The positions p that the legality check perturbs after, one stream each. Windows: near the middle,
+    inside the stride a window scores. LoRA, in the document nearest the middle with three chunks (else the
+    one there): a chunk's middle (a score reading later targets of its own chunk changes), the first target
+    after the document's second step (a step that read two or more targets past its chunk changes it: a
+    step reading one reads target p itself, which no perturbation after p can show) and, with
+    TTT_LORA_GRAD_CONTEXT, the first target after the first step that updates in a pass of its own."""
     mid = len(tokens) // 2
     if not phase.lora:
-        return mid // phase.stride * phase.stride + phase.stride // 2
+        return [mid // phase.stride * phase.stride + phase.stride // 2]
     starts, ends = doc_spans(tokens)
-    d = np.searchsorted(ends, mid)  # the document holding target mid
-    s, e = int(starts[d]), int(ends[d])
-    b = s + chunk_bounds(e - s, hp, True, phase.seq_len)
-    movable = np.minimum(b[1:], e - 1) - b[:-1]  # a chunk's targets that the check may change (not the BOS at e)
-    ok = np.flatnonzero(movable >= 2)
+    bounds = [s + chunk_bounds(e - s, hp, True, phase.seq_len) for s, e in zip(starts, ends)]
+    movable = [np.minimum(b[1:], e - 1) - b[:-1] for b, e in zip(bounds, ends)]  # not the BOS at e
+    usable = [int((m[2:] >= 2).any()) for m in movable]  # a chunk after two steps that the check can straddle
+    d = min(range(len(starts)), key=lambda i: (-usable[i], abs(int(starts[i]) - mid)))
+    b, m = bounds[d], movable[d]
+    ok = np.flatnonzero(m >= 2)
     if len(ok) == 0:  # a document too short to straddle: any position still checks causality
-        return mid
-    ok = ok[np.minimum(ok, 2) == min(ok.max(), 2)]  # as many steps before as the document allows, up to two
-    return int(b[ok[np.argmin(np.abs(b[ok] - mid))]] + 1)
+        return [mid]
+    j = ok[np.minimum(ok, 2) == min(ok.max(), 2)][0]  # as many steps before it as the document allows, up to two
+    points = {int(b[j] + m[j] // 2), int(b[j] + 1)}
+    steps = doc_steps(starts[[d]], ends[[d]], hp, True, phase.seq_len)
+    own = [k for k, (begin, prev, _) in enumerate(steps[:-1]) if (grad_window(begin, prev, hp) > begin).any()]
+    if own and own[0] + 1 < len(m) and m[own[0] + 1] >= 2:
+        points.add(int(b[own[0] + 1] + 1))
+    return sorted(points)
 
 
 # The legality check's attention: SDPA's math kernel is bitwise reproducible forward and backward on a GPU
@@ -2406,28 +2415,32 @@ def check_knobs(hp: Hyperparameters, world_size: int) -> Hyperparameters:
     return eager
 
 
-def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase) -> bool | None:
-    """Score two val streams equal up to token p and different after it: every target <= p must get
-    the identical NLL. A method that looks at targets before scoring them fails this. Per-document
-    scoring keeps the document boundaries (BOS) in place: they decide which documents share a batch,
-    hence the shapes of the arithmetic, not what any score sees. Both passes run eager, on deterministic
-    kernels and reproducible attention, so that only the data can tell them apart; where they differ,
-    the unperturbed stream is scored again, and if that differs too the check is inconclusive (None)."""
-    p = perturbation_point(val.tokens, phase, hp)
-    other = val.tokens.copy()
-    moved = np.arange(p + 1, len(other))
-    if phase.lora:
-        moved = moved[other[moved] != BOS_ID]
-    other[moved] = np.random.default_rng(0).permutation(other[moved])
+def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase,
+                   log=None) -> bool | None:
+    """Score val streams equal up to token p and different after it (p from perturbation_points): every
+    target <= p must get the identical NLL. A method that looks at targets before scoring them fails this.
+    Per-document scoring keeps the document boundaries (BOS) in place: they decide which documents share a
+    batch, hence the shapes of the arithmetic, not what any score sees. Every pass runs eager, on
+    deterministic kernels and reproducible attention, so that only the data can tell them apart; where they
+    differ, the unperturbed stream is scored again, and if that differs too the check is inconclusive (None)."""
+    points = perturbation_points(val.tokens, phase, hp)
+    if log is not None:
+        log(f"legality_check phase:{phase.name} points:{','.join(map(str, points))}")
     eager = check_knobs(hp, dctx.world_size)
 
     def scores(v: ValSet) -> torch.Tensor:
-        return eval_tokens(model.replica(reproducible_attention), v, dctx, eager, phase).nll[:p]
+        return eval_tokens(model.replica(reproducible_attention), v, dctx, eager, phase).nll
     with deterministic_kernels():
         first = scores(val)
-        if torch.equal(first, scores(val.with_tokens(other))):
-            return True
-        return False if torch.equal(first, scores(val)) else None
+        for p in points:
+            other = val.tokens.copy()
+            moved = np.arange(p + 1, len(other))
+            if phase.lora:
+                moved = moved[other[moved] != BOS_ID]
+            other[moved] = np.random.default_rng(0).permutation(other[moved])
+            if not torch.equal(first[:p], scores(val.with_tokens(other))[:p]):
+                return False if torch.equal(first, scores(val)) else None
+    return True
 
 
 def compiled_graph_count() -> int:
@@ -2477,7 +2490,7 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
         prefix = val.prefix(4 * max(chunk, hp.eval_seq_len) + 1)
         log(f"legality_check tokens:{len(prefix.tokens)} ttt_chunk_tokens:{chunk}")  # eager, chunks of its own
         for phase in phases[1:]:
-            ok = legality_check(model, prefix, dctx, hp, phase)
+            ok = legality_check(model, prefix, dctx, hp, phase, log)
             log(f"legality_check phase:{phase.name} passed:{int(bool(ok))}" + (" reproducible:0" if ok is None else ""))
             if ok is None and phase.legal:
                 raise UserError(f"legality check of phase {phase.name} inconclusive: two scorings of the same "

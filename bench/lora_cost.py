@@ -9,8 +9,9 @@ usage: [WORLD_SIZE=N] [VAR=value ...] python3 bench/lora_cost.py 'NAME [K=V ...]
 Each variant reads the val tokens as train_gpt would (DATA_PATH or VAL_FILES, VAL_MAX_TOKENS). One line per
 variant: tokens, docs, global_chunks, steps (scoring steps, one after another), passes (forward calls: a step
 whose update reads less context, TTT_LORA_GRAD_CONTEXT, takes two), updates (adapter steps), forward_tokens
-and backward_tokens (rows x padded window length, summed over passes), scored (targets, all ranks). With WORLD_SIZE=N the documents of every global chunk are split over N ranks as eval_tokens splits
-them, and the ranks wait for each other at each chunk's end (the global update): the counts are then the
+and backward_tokens (rows x padded window length, summed over passes), scored (targets, all ranks). With
+WORLD_SIZE=N the documents of every global chunk are split over N ranks as eval_tokens splits them (dealt by
+length), and the ranks wait for each other at each chunk's end (the global update): the counts are then the
 critical path, per chunk the busiest rank's steps plus, separately, the busiest rank's tokens (an upper
 bound when those are two ranks). Many chunks and few documents per rank mean more steps, each smaller.
 """

@@ -162,7 +162,8 @@ def test_compiled_lora_scoring_takes_every_window_length_in_one_dynamic_graph(mo
                                  starts, ends, ph, out, hp, None, train_gpt.LoRA(model.cfg, 3, 4, cpu))
             graphs.append(counters["stats"]["unique_graphs"])
     assert sorted(seen) == [64, 128, 192, 256]
-    assert graphs[0] == graphs[2] == 0 and 1 <= graphs[1] <= 2  # a size guard may split small from large batches
+    # a size guard may split small from large batches; the update's own pass adds the scoring pass without grad
+    assert graphs[0] == graphs[2] == 0 and 1 <= graphs[1] <= 2 and 1 <= graphs[3] <= 2
     for ctx, atol in (("0", 2e-4), ("32", 2e-3)):
         assert (outs[ctx, "1"].count == 1).all()
         torch.testing.assert_close(outs[ctx, "1"].nll[first], outs[ctx, "0"].nll[first], rtol=0, atol=1e-5)
@@ -214,6 +215,9 @@ def test_an_update_with_less_context_scores_first_chunks_alike_and_still_trains(
         runs[name] = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase())
     assert all(bool((r.count == 1).all()) for r in runs.values())
     assert torch.equal(runs["window"].nll, runs["all"].nll)
+    still = {ctx: train_gpt.eval_tokens(model, val, train_gpt.Dist(), train_gpt.Hyperparameters(
+        LORA_ENV | dict(TTT_LR="0", TTT_LORA_LR="0", TTT_LORA_GRAD_CONTEXT=ctx)), lora_phase()).nll for ctx in ("0", "2")}
+    assert torch.equal(still["0"], still["2"])  # adapters that do not move: the score reads the whole window
     torch.testing.assert_close(runs["short"].nll[first], runs["all"].nll[first], rtol=0, atol=1e-6)
     later = (runs["short"].nll - runs["all"].nll).abs()
     later[first] = 0
@@ -238,20 +242,56 @@ def test_a_leaky_adapter_step_fails_the_check(monkeypatch):
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase()) is False
 
 
-def test_an_update_that_reads_past_its_chunk_fails_the_check(monkeypatch):
-    """An adapter step that reads even two targets past the chunk it has scored must be caught: the check
-    perturbs from the first target of a chunk that follows a document's second step. With
-    TTT_LORA_GRAD_CONTEXT=5 every step after a document's first reads its chunk in a pass of its own
-    (prev > begin): only those passes are made to read ahead."""
-    hp, model, tokens, val = lora_setup(TTT_LR="0", TTT_LORA_GRAD_CONTEXT="5")
+@pytest.mark.parametrize("grad_context,leaky", [("0", "every step"), ("5", "own pass"), ("8", "own pass"),
+                                                 ("20", "own pass")])
+def test_an_update_that_reads_past_its_chunk_fails_the_check(monkeypatch, grad_context, leaky):
+    """An adapter step that reads two targets past the chunk it has scored must be caught, in the scoring
+    pass (TTT_LORA_GRAD_CONTEXT=0) or only where the update has a pass of its own: at 5 (below
+    TTT_LORA_CHUNK) from a document's second step, at 8 and 20 from a later one, which the check perturbs
+    after too. Only the NLL that steps read reads ahead (a score that did would count targets twice)."""
+    hp, model, tokens, val = lora_setup(TTT_LR="0", TTT_LORA_GRAD_CONTEXT=grad_context)
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase())
-    real = train_gpt.chunk_nll
+    real_score, real_nll, scoring = train_gpt.score_doc_chunk, train_gpt.chunk_nll, []
 
-    def reads_ahead(model, hidden, tokens, begin, prev, last, seq_len, lora, grad):
-        if grad and (begin < prev).all():
-            last = np.minimum(last + 2, len(tokens) - 1)
-        return real(model, hidden, tokens, begin, prev, last, seq_len, lora, grad)
-    monkeypatch.setattr(train_gpt, "chunk_nll", reads_ahead)
+    def ahead(model, hidden, tokens, begin, prev, last, seq_len, lora):  # the NLL of the chunk and 2 targets more
+        return real_nll(model, hidden, tokens, begin, prev, np.minimum(last + 2, len(tokens) - 1), seq_len, lora, True)
+
+    def score(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora, grad):
+        scoring.append(1)
+        try:
+            res = real_score(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora, grad)
+        finally:
+            scoring.pop()
+        if leaky == "every step" and grad and (begin < prev).all():  # the step takes this NLL: one reading ahead
+            return ahead(model, hidden, tokens, begin, prev, last, phase.seq_len, lora)[:2]
+        return res
+
+    def own_pass(model, hidden, tokens, begin, prev, last, seq_len, lora, grad):
+        if grad and not scoring:
+            return ahead(model, hidden, tokens, begin, prev, last, seq_len, lora)
+        return real_nll(model, hidden, tokens, begin, prev, last, seq_len, lora, grad)
+    monkeypatch.setattr(train_gpt, "score_doc_chunk", score)
+    monkeypatch.setattr(train_gpt, "chunk_nll", own_pass)
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase()) is False
+
+
+def test_a_chunk_scored_in_two_parts_around_a_peek_fails_the_check(monkeypatch):
+    """A leak inside one chunk: its first target scored cleanly, then a step on the whole chunk, then the
+    rest scored. The check's mid-chunk point sees it (its first-target point alone would not)."""
+    hp, model, tokens, val = lora_setup(TTT_LR="0")
+    real = train_gpt.score_doc_chunk
+
+    def first_then_peek(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora, grad):
+        if lora is None or (last - prev).min() < 2:
+            return real(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora, grad)
+        real(model, hidden, tokens, begin, prev, prev + 1, phase, out, hp, hints, lora, False)
+        scratch = train_gpt.TokenScores.zeros(len(out.nll), out.nll.device)
+        nll, scored = real(model, hidden, tokens, begin, prev, last, phase, scratch, hp, hints, lora, True)
+        params = list(lora.parameters())
+        for p, g in zip(params, torch.autograd.grad((nll * scored).sum(), params)):
+            p.data -= 1.0 * g
+        return real(model, hidden, tokens, begin, prev + 1, last, phase, out, hp, hints, lora, grad)
+    monkeypatch.setattr(train_gpt, "score_doc_chunk", first_then_peek)
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase()) is False
 
 
@@ -277,8 +317,9 @@ def test_score_phases_runs_lora_ttt_and_checks_it():
     out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
     text = "\n".join(lines)
     docs = len(train_gpt.doc_spans(tokens)[0])
-    for key in ("legality_check tokens:", "legality_check phase:ttt passed:1",
-                f"ttt_lora rank:4 targets:q,k,v,o,mlp,head lr:0.01 chunk:8 steps:{hp.ttt_lora_steps} batch_docs:3 docs:{docs} ",
+    points = train_gpt.perturbation_points(val.prefix(4 * 64 + 1).tokens, train_gpt.plan_phases(hp, 32)[1], hp)
+    for key in ("legality_check tokens:", f"legality_check phase:ttt points:{','.join(map(str, points))}\n",
+                "legality_check phase:ttt passed:1", f"ttt_lora rank:4 targets:q,k,v,o,mlp,head lr:0.01 chunk:8 steps:{hp.ttt_lora_steps} batch_docs:3 docs:{docs} ",
                 "ngram_tilt:ttt ", "ttt val_loss:"):
         assert key in text, key
     assert out["final_phase"] == "ttt" and out["final_val_bpb"] == out["ttt_val_bpb"]
@@ -429,7 +470,8 @@ def test_ranks_share_a_chunk_evenly_and_the_lora_chunk_grows_with_them():
         assert sorted(next(r for r, d in enumerate(docs) if i in d) for i in longest) == list(range(min(world, 11)))
         totals = [lengths[d - 100].sum() for d in docs if len(d)]
         assert max(totals) - min(totals) <= lengths.max()
-    assert train_gpt.rank_share(items, 1, 2, lengths).tolist() != train_gpt.rank_share(items, 1, 2).tolist()
+    dealt = [train_gpt.rank_share(np.arange(7), r, 2, np.array([9, 8, 7, 6, 5, 4, 3])).tolist() for r in (0, 1)]
+    assert dealt == [[0, 3, 4], [1, 2, 5, 6]]  # longest first: ranks 0, 1, 1, 0, 0, 1, 1
     hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_PHASE_TOKENS="1000"))
     assert [train_gpt.lora_chunk_tokens(hp, w) for w in (1, 8)] == [1000, 8000]
 
