@@ -2490,8 +2490,10 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
         prefix = val.prefix(4 * max(chunk, hp.eval_seq_len) + 1)
         log(f"legality_check tokens:{len(prefix.tokens)} ttt_chunk_tokens:{chunk}")  # eager, chunks of its own
         for phase in phases[1:]:
+            t0 = time.perf_counter()
             ok = legality_check(model, prefix, dctx, hp, phase, log)
-            log(f"legality_check phase:{phase.name} passed:{int(bool(ok))}" + (" reproducible:0" if ok is None else ""))
+            log(f"legality_check phase:{phase.name} passed:{int(bool(ok))}" + (" reproducible:0" if ok is None else "")
+                + f" time:{time.perf_counter() - t0:.1f}s")
             if ok is None and phase.legal:
                 raise UserError(f"legality check of phase {phase.name} inconclusive: two scorings of the same "
                                 "stream differ (kernels that are not reproducible on this machine)")
