@@ -2839,20 +2839,39 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
             f"gptq_time:{t1 - t0:.1f}s pack_time:{time.perf_counter() - t1:.1f}s")
         return blob
 
-    k, lo, hi, best = hp.matrix_clip_sigmas, None, None, None  # lo: too big; hi: fits
+    k, tries, best = hp.matrix_clip_sigmas, [], None
     for _ in range(hp.clip_search_steps + 1):
         blob = attempt(k)
-        spare = ARTIFACT_LIMIT_BYTES - len(blob) - code_bytes
+        tries.append((k, len(blob) + code_bytes))
+        spare = ARTIFACT_LIMIT_BYTES - tries[-1][1]
         if spare >= 0:
-            hi = k
             if best is None or k < best[1]:
                 best = (blob, k)
             if spare < CLIP_SEARCH_HEADROOM:
                 break
-        else:
-            lo = k
-        k = (lo + hi) / 2 if lo is not None and hi is not None else (k / 1.15 if spare >= 0 else k * 1.15)
-    return best or (blob, lo)
+        k = next_clip(tries, ARTIFACT_LIMIT_BYTES - CLIP_SEARCH_HEADROOM // 2)
+    return best or (blob, tries[-1][0])
+
+
+CLIP_BYTES_ELASTICITY = 0.3  # an artifact's bytes fall about as clip^-0.3 near the cap: the first step's guess
+
+
+def next_clip(tries: list[tuple[float, int]], target: int) -> float:
+    """The next clip to try for an artifact of `target` bytes, from the (clip, bytes) tried so far (bytes
+    fall as the clip rises): interpolated in log-log between the nearest tries on either side of the target,
+    kept off their ends; else extrapolated from the last two (from one: CLIP_BYTES_ELASTICITY), by a factor of
+    at most 1.15. Each try is a whole GPTQ + pack, so fewer tries than bisection's pay."""
+    target = max(target, 1)  # a cap inside the headroom (tests): aim as low as there is
+    over = [t for t in tries if t[1] > target]
+    under = [t for t in tries if t[1] <= target]
+    if over and under:
+        (k0, b0), (k1, b1) = max(over), min(under)  # the largest clip still too big, the smallest that fits
+        f = math.log(b0 / target) / math.log(b0 / b1) if b0 != b1 else 0.5
+        return math.exp(math.log(k0) + min(max(f, 0.1), 0.9) * math.log(k1 / k0))
+    (k0, b0), (k1, b1) = tries[-2] if len(tries) > 1 else (None, None), tries[-1]
+    slope = math.log(b1 / b0) / math.log(k1 / k0) if k0 and k0 != k1 and b0 != b1 else -CLIP_BYTES_ELASTICITY
+    step = math.log(target / b1) / min(slope, -0.05)  # a flat or rising response still moves the right way
+    return k1 * math.exp(min(max(step, -math.log(1.15)), math.log(1.15)))
 
 
 def lqer_line(report: list[dict], qstate: dict[str, dict], hp: Hyperparameters) -> str:

@@ -75,7 +75,7 @@ def test_quantize_state_routes_tensors():
 def test_clip_search_lands_under_the_cap(monkeypatch):
     """Shrink the cap below the first try: the search must raise the clip until the blob fits, and
     the returned blob is the smallest-clip one that fits. One layer is enough: its Q/O and MLP banks are
-    past the fp16 pass-through size (here 4 tries, the bisection over the cap once after a fit)."""
+    past the fp16 pass-through size."""
     torch.manual_seed(0)
     cfg = train_gpt.ModelConfig(vocab_size=256, num_layers=1, model_dim=192, num_heads=4, num_kv_heads=2, mlp_mult=2,
                                 mlp_leaky_slope=0.5, rope_base=1e4, rope_dims=0, logit_softcap=30.0, qk_gain_init=1.0,
@@ -95,6 +95,31 @@ def test_clip_search_lands_under_the_cap(monkeypatch):
     assert abs(k - min(fitting)) < 1e-3
     sizes = [size for _, size in sorted(tries)]
     assert sizes == sorted(sizes, reverse=True)  # size falls as the clip rises
+
+
+def test_next_clip_interpolates_between_a_fit_and_a_miss_and_steps_at_most_15_percent():
+    cap = 16_000_000
+    k = train_gpt.next_clip([(12.85, 15_849_269), (11.17, 16_533_786)], cap - 50_000)  # bytes fall as the clip rises
+    assert 11.17 + 0.1 * 1.68 < k < 12.85 - 0.1 * 1.68 and abs(k - 12.6) < 0.05  # where bytes cross the target
+    assert train_gpt.next_clip([(12.0, 15_000_000)], cap) == pytest.approx(12.0 / 1.15)  # far under: 15% down
+    assert train_gpt.next_clip([(12.0, 17_000_000)], cap) == pytest.approx(12.0 * 1.15)
+    assert 12.0 < train_gpt.next_clip([(12.0, 16_010_000)], cap) < 12.05  # close: a small step, the right way
+    assert train_gpt.next_clip([(12.0, 16_200_000), (12.2, 16_200_000)], cap) > 12.2  # a flat response still moves
+
+
+def test_clip_search_reaches_the_band_in_fewer_tries_than_bisection():
+    """On a smooth size response (bytes ~ clip^-0.27, about the bench artifacts') the search lands within
+    CLIP_SEARCH_HEADROOM under the cap in 2 tries from a start near it, 3-4 from far (stepping 15% and then
+    bisecting, the search before this one, took 3-5 and 6-7 on the same responses)."""
+    cap, band = 16_000_000, train_gpt.CLIP_SEARCH_HEADROOM
+    for start, scale in ((12.85, 0.99), (12.85, 1.02), (9.0, 1.0), (16.0, 0.995)):
+        size = lambda k: int(scale * 15_849_269 * (k / 12.85) ** -0.27)  # noqa: E731
+        k, tries = start, []
+        while not tries or not 0 <= cap - tries[-1][1] < band:
+            tries.append((k, size(k)))
+            k = train_gpt.next_clip(tries, cap - band // 2)
+            assert len(tries) <= 4, tries
+        assert len(tries) <= (2 if 11 < start < 14 else 4), tries
 
 
 def test_ill_conditioned_hessian_gets_more_damping():
