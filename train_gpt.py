@@ -2137,11 +2137,10 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
             n = step_rows(prev, last)
             begin, prev, last = begin[:n], prev[:n], last[:n]
             stepping = opt is not None and j + 1 < len(steps)
-            grad_begin = grad_window(begin, prev, hp) if stepping else begin
-            apart = (grad_begin > begin).any()  # the step reads less context than the score: a pass of its own
+            grad_begin = grad_window(begin, prev, hp) if stepping else None
             nll, scored = score_doc_chunk(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora,
-                                          grad=lora is not None and not apart)
-            if apart:
+                                          grad=lora is not None and grad_begin is None)
+            if grad_begin is not None:  # the step reads less context than the score: a pass of its own
                 nll, scored = chunk_nll(model, hidden, tokens, grad_begin, prev, last, phase.seq_len, lora, True)[:2]
             if stepping:
                 loss = ((nll * scored).sum(1) / scored.sum(1).clamp(min=1)).sum()  # per document: rows independent
@@ -2150,11 +2149,13 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
                 opt.step()
 
 
-def grad_window(begin: np.ndarray, prev: np.ndarray, hp: Hyperparameters) -> np.ndarray:
-    """Where the inputs of an adapter step start: TTT_LORA_GRAD_CONTEXT tokens before each chunk, at most the
-    scoring window's (0: all of it, so that one pass scores and steps)."""
+def grad_window(begin: np.ndarray, prev: np.ndarray, hp: Hyperparameters) -> np.ndarray | None:
+    """Where the inputs of an adapter step's own pass start: TTT_LORA_GRAD_CONTEXT tokens before each chunk, at
+    most the scoring window's; None where no row would lose context (knob 0, or short contexts so far): then
+    the scoring pass is the step's."""
     ctx = hp.ttt_lora_grad_context
-    return np.maximum(begin, prev - ctx) if ctx else begin
+    start = np.maximum(begin, prev - ctx)
+    return start if ctx and (start > begin).any() else None
 
 
 def chunk_nll(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev: np.ndarray, last: np.ndarray,
@@ -2173,8 +2174,8 @@ def chunk_nll(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev:
     k = torch.arange(int((last - prev).max()), device=dev)  # sized on the host: no wait for the GPU
     tail = (skip[:, None] + k).clamp(max=L - 1)  # row r's targets
     scored = k < n_scored[:, None]
-    pos = pos.gather(1, tail)
-    y = torch.where(scored, tokens[pos.clamp(max=len(tokens) - 1)], 0)  # only real targets are read
+    pos = pos.gather(1, tail).clamp(max=len(tokens) - 1)  # unscored tail entries may point past the stream
+    y = torch.where(scored, tokens[pos], 0)  # only real targets are read
     with torch.enable_grad() if grad else torch.inference_mode(), autocast_ctx(dev):
         h = hidden(x, lora)
         h = h.gather(1, tail[..., None].expand(-1, -1, h.size(-1)))
@@ -2190,7 +2191,7 @@ def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray,
     nll, scored, h, y, pos = chunk_nll(model, hidden, tokens, begin, prev, last, phase.seq_len, lora, grad)
     with torch.no_grad(), autocast_ctx(tokens.device):
         score = nll.detach() if hints is None else \
-            tilted_scores(model, h.detach(), y, hints[pos.clamp(max=len(tokens) - 1)], hp.ngram_beta, lora)
+            tilted_scores(model, h.detach(), y, hints[pos], hp.ngram_beta, lora)
     out.add(pos, score, scored)
     return nll, scored
 
@@ -2379,7 +2380,7 @@ def perturbation_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) -
     j = ok[np.minimum(ok, 2) == min(ok.max(), 2)][0]  # as many steps before it as the document allows, up to two
     points = {int(b[j] + m[j] // 2), int(b[j] + 1)}
     steps = doc_steps(starts[[d]], ends[[d]], hp, True, phase.seq_len)
-    own = [k for k, (begin, prev, _) in enumerate(steps[:-1]) if (grad_window(begin, prev, hp) > begin).any()]
+    own = [k for k, (begin, prev, _) in enumerate(steps[:-1]) if grad_window(begin, prev, hp) is not None]
     if own and own[0] + 1 < len(m) and m[own[0] + 1] >= 2:
         points.add(int(b[own[0] + 1] + 1))
     return sorted(points)
@@ -2866,7 +2867,7 @@ def next_clip(tries: list[tuple[float, int]], target: int) -> float:
     under = [t for t in tries if t[1] <= target]
     if over and under:
         (k0, b0), (k1, b1) = max(over), min(under)  # the largest clip still too big, the smallest that fits
-        f = math.log(b0 / target) / math.log(b0 / b1) if b0 != b1 else 0.5
+        f = math.log(b0 / target) / math.log(b0 / b1)  # b0 > target >= b1
         return math.exp(math.log(k0) + min(max(f, 0.1), 0.9) * math.log(k1 / k0))
     (k0, b0), (k1, b1) = tries[-2] if len(tries) > 1 else (None, None), tries[-1]
     slope = math.log(b1 / b0) / math.log(k1 / k0) if k0 and k0 != k1 and b0 != b1 else -CLIP_BYTES_ELASTICITY

@@ -44,7 +44,7 @@ def rank_cost(starts, ends, hp: train_gpt.Hyperparameters) -> dict:
             out["scored"] += int((last - prev).sum())
             if j + 1 < len(steps):
                 grad_begin = train_gpt.grad_window(begin, prev, hp)
-                if (grad_begin > begin).any():  # the step's own pass (score_docs)
+                if grad_begin is not None:  # the step's own pass (score_docs)
                     work = n * train_gpt.window_len(grad_begin, last, seq_len)
                     out["passes"] += 1
                     out["forward_tokens"] += work

@@ -93,8 +93,8 @@ TINY_ENV = dict(VOCAB_SIZE="1024", NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="4"
                 LOOP_START="1", LOOP_END="2", PARALLEL_RESIDUAL_START="3", ROPE_DIMS="8",
                 MUON_MOMENTUM_WARMUP_STEPS="3", EVAL_SEQ_LEN="64", EVAL_STRIDE="32", TTT_CHUNK_TOKENS="1024",
                 GPTQ_CALIBRATION_BATCHES="2", CLIP_SEARCH_STEPS="0", TTT_EPOCHS="1", TTT_LORA_RANK="0")
-# CLIP_SEARCH_STEPS=0, TTT_EPOCHS=1 and windowed TTT (TTT_LORA_RANK=0): the clip search (5 brotli packs,
-# ~2.5 s a run), the 2nd-3rd TTT epochs and LoRA's many small steps are beside the point of most tiny
+# CLIP_SEARCH_STEPS=0, TTT_EPOCHS=1 and windowed TTT (TTT_LORA_RANK=0): the clip search (more brotli
+# packs), the 2nd-3rd TTT epochs and LoRA's many small steps are beside the point of most tiny
 # runs; test_end_to_end_run puts all three back to their defaults, tests/test_quant.py tests the search
 # itself and tests/test_lora_ttt.py the LoRA phase.
 

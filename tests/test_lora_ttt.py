@@ -206,6 +206,9 @@ def test_an_update_with_less_context_scores_first_chunks_alike_and_still_trains(
     as the window is the one-pass default exactly."""
     assert train_gpt.grad_window(np.array([0, 10, 50]), np.array([4, 40, 90]),
                                  train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_GRAD_CONTEXT="16"))).tolist() == [0, 24, 74]
+    for ctx in ("0", "40"):  # off, or no chunk with more context before it: the scoring pass steps
+        assert train_gpt.grad_window(np.array([0, 10, 50]), np.array([4, 40, 90]),
+                                     train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_GRAD_CONTEXT=ctx))) is None
     _, model, tokens, val = lora_setup()
     starts, ends = train_gpt.doc_spans(tokens)
     first = np.concatenate([np.arange(s, min(s + 8, e)) for s, e in zip(starts, ends)])  # targets s+1..s+8 (a chunk)
