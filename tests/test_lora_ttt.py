@@ -516,3 +516,32 @@ def test_lora_cost_counts_the_busiest_rank_of_each_chunk(tmp_path, launcher):
         assert one[k] == long[k] + short[k] and two[k] == long[k] > short[k] > 0, k
     bad = launcher.run(env | dict(WORLD_SIZE="0", DATA_PATH=str(tmp_path / "both1")), "bench/lora_cost.py", ["a"])
     assert bad.returncode != 0 and bad.stderr.strip().startswith("error: WORLD_SIZE='0'")
+
+
+def test_primed_eval_compiles_nothing_after_training():
+    """prime_eval (EVAL_COMPILE=1, inductor on CPU) scores a made-up stream with a copy of one model; every
+    phase of another model's eval (roundtrip, LoRA TTT with its own update passes, the sliding reference) builds no
+    graph: on a GPU that is the compile time taken off the eval clock. The primed model and the RNG are left
+    as they were."""
+    lengths = [400, 300, 260, 200, 150, 90, 40]  # the sliding phase's pace chunks: two windows or more each
+    tokens = np.random.default_rng(3).integers(4, 64, size=sum(lengths) + 1).astype(np.uint16)
+    tokens[np.cumsum([0] + lengths[:-1])] = 1
+    val = train_gpt.ValSet(tokens, np.ones(len(tokens) - 1, dtype=np.int32), "test")
+    hp = train_gpt.Hyperparameters(LORA_ENV | dict(EVAL_COMPILE="1", EVAL_SEQ_LEN="256", EVAL_STRIDE="64",
+                                                   TTT_LORA_CHUNK="16", TTT_LORA_STEPS="2", TTT_LORA_GRAD_CONTEXT="32",
+                                                   NGRAM_TILT="1"))
+    primed, scored = randomized(COMPILE_CFG), randomized(COMPILE_CFG)
+    with torch.no_grad():
+        for p in scored.parameters():
+            p.mul_(0.9)
+    torch._dynamo.reset()
+    before, rng = {k: v.clone() for k, v in primed.state_dict().items()}, torch.get_rng_state()
+    lines = []
+    assert train_gpt.prime_eval(primed, 256, train_gpt.Dist(), hp, lines.append) > 0
+    assert int(lines[0].split("graphs:")[1].split()[0]) >= 2 and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in primed.state_dict().items())
+    lines = []
+    train_gpt.score_phases(scored, 256, val, train_gpt.Dist(), hp, lines.append)
+    phases = [line for line in lines if " val_bpb:" in line]
+    assert [line.split()[0] for line in phases] == ["roundtrip", "ttt", "sliding"]
+    assert all(line.endswith("new_graphs:0") for line in phases), phases
