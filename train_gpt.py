@@ -2480,13 +2480,14 @@ class Evaluator:
         phase = Phase("val", seq_len, seq_len)
         return eval_tokens(model, self.val, self.dctx, self.hp, phase).totals()
 
-    def score(self, model: GPT, train_seq_len: int) -> dict:
-        return score_phases(model, train_seq_len, self.val, self.dctx, self.hp, self.log, self.full_val)
+    def score(self, model: GPT, train_seq_len: int, load_seconds: float) -> dict:
+        return score_phases(model, train_seq_len, self.val, self.dctx, self.hp, self.log, self.full_val, load_seconds)
 
 
 def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hyperparameters, log,
-                 full_val: bool = True) -> dict:
-    """Run plan_phases' phases against the eval budget, logging each; a non-finite one stops the run."""
+                 full_val: bool = True, load_seconds: float = 0.0) -> dict:
+    """Run plan_phases' phases against the eval budget, logging each; a non-finite one stops the run. The
+    budget's clock starts load_seconds in: the artifact's decompression is evaluation time too."""
     phases = plan_phases(hp, train_seq_len)
     if hp.legality_check:
         check = check_knobs(hp, dctx.world_size)
@@ -2504,7 +2505,7 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
                                 "stream differ (kernels that are not reproducible on this machine)")
             if not ok and phase.legal:
                 raise UserError(f"legality check failed for phase {phase.name}: scores depend on later tokens")
-    results, elapsed, final = {}, 0.0, None
+    results, elapsed, final = {}, load_seconds, None
     for phase in phases:
         t0, graphs0 = time.perf_counter(), compiled_graph_count()
         time_left = max(hp.eval_budget_seconds - elapsed, 0.0)
@@ -3069,8 +3070,12 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
                         f"{figures['code_bytes']}) > limit {ARTIFACT_LIMIT_BYTES}: raise MATRIX_CLIP_SIGMAS (now "
                         f"{hp.matrix_clip_sigmas}) or MUON_WD; kept as {artifact}")
     dctx.barrier()
+    t0 = time.perf_counter()
     qstate, meta = read_artifact(artifact)  # every phase scores the model reloaded from the file
-    scores = evaluator.score(artifact_model(qstate, meta, artifact, dctx.device, attention), meta["train_seq_len"])
+    model = artifact_model(qstate, meta, artifact, dctx.device, attention)
+    load_s = dctx.all_reduce_max(time.perf_counter() - t0)
+    log(f"artifact_load time:{load_s:.1f}s")
+    scores = evaluator.score(model, meta["train_seq_len"], load_s)
     return scores | figures | dict(prequant_val_bpb=prequant[1], quant_gap_bpb=scores["roundtrip_val_bpb"] - prequant[1],
                                    steps=result["steps"], train_seconds=result["train_ms"] / 1000,
                                    warmup_seconds=result["warmup_s"], eval_prime_seconds=prime_s,
@@ -3079,8 +3084,9 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
 
 def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     """EVAL_ONLY: score an existing artifact; its model config (and vocab) come from the artifact."""
-    path = Path(hp.eval_only)
+    path, t0 = Path(hp.eval_only), time.perf_counter()
     qstate, meta = read_artifact(path)
+    read_s = time.perf_counter() - t0
     vocab = meta.get("model", {}).get("vocab_size", hp.vocab_size)
     evaluator, tokenizer_sha = load_evaluator(hp, dctx, log, vocab, vocab_owner=f"the vocab of artifact {path}")
     check_artifact_tokenizer(meta, path, tokenizer_sha, hp.tokenizer_path)
@@ -3093,9 +3099,12 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
             "it was trained with")
     attn_name, attention = select_attention(hp.attn_backend, dctx.device)
     log(f"attention:{attn_name}")
+    t0 = time.perf_counter()
     model = artifact_model(qstate, meta, path, dctx.device, attention)
+    load_s = dctx.all_reduce_max(read_s + time.perf_counter() - t0)
+    log(f"artifact_load time:{load_s:.1f}s")
     prime_s = prime_eval(model, meta["train_seq_len"], dctx, hp, log)  # as a training run does before its clock
-    scores = evaluator.score(model, meta["train_seq_len"])
+    scores = evaluator.score(model, meta["train_seq_len"], load_s)
     size = path.stat().st_size
     return scores | dict(model_bytes=size, code_bytes=len(code), artifact_bytes=size + len(code),
                          eval_prime_seconds=prime_s)

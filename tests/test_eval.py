@@ -176,6 +176,16 @@ def test_sliding_reference_phase_follows_eval_budget(mode, budget, runs_sliding)
     assert phases == ["roundtrip", "ttt"] + ["sliding"] * runs_sliding
 
 
+def test_the_artifact_load_counts_against_the_eval_budget():
+    """The eval clock starts load_seconds in (decompressing the artifact is evaluation time): a load that took
+    the budget leaves the sliding reference no time, where without it the reference runs; the total counts it."""
+    hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_BUDGET_SECONDS": "1000", "TTT_BUDGET_STOP": "0"})
+    _, model, tokens, val = setup()
+    for load, runs_sliding in ((0.0, True), (1000.0, False)):
+        out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, [].append, load_seconds=load)
+        assert ("sliding_val_bpb" in out) == runs_sliding and load <= out["eval_seconds"] < load + 60
+
+
 def test_plan_phases_orders_the_score_before_the_reference():
     hp = train_gpt.Hyperparameters(EVAL_ENV | {"SLOT": "context"})
     names = [(p.name, p.ttt, p.slot, p.reference) for p in train_gpt.plan_phases(hp, 16)]
