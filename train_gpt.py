@@ -217,10 +217,10 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
          "list of q, k, v, o, mlp, head"),
     Knob("TTT_LORA_LR", 1e-4, "AdamW learning rate of the per-document adapters", 0),
     Knob("TTT_LORA_CHUNK", 48, "targets a document scores between two steps of its adapters", 1),
-    Knob("TTT_LORA_STEPS", 8, "past this many chunks a document's chunk grows to 1/this of what it has "
+    Knob("TTT_LORA_STEPS", 32, "past this many chunks a document's chunk grows to 1/this of what it has "
          "scored (at most half a window): a long document takes ~this*ln(length) steps, not length/CHUNK", 1),
     Knob("TTT_LORA_DOCS", 64, "documents adapted side by side in one batch", 1),
-    Knob("TTT_LORA_GRAD_CONTEXT", 0, "LoRA TTT: a step whose chunk has more than this many tokens of context "
+    Knob("TTT_LORA_GRAD_CONTEXT", 128, "LoRA TTT: a step whose chunk has more than this many tokens of context "
          "before it updates on the last this many only, in a pass of its own after the chunk is scored with its "
          "whole window (a shorter backward, one more forward and compiled graph); 0 = in the scoring pass", 0),
     Knob("ASYM_LOGIT_LR", 1.0, "TTT SGD learning rate of the two AsymLogit caps (their gradient is tiny next to a "

@@ -404,7 +404,8 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
     """bench/lora_cost.py counts, without a model, the scoring steps, forward passes, adapter updates and
     padded tokens that the LoRA phase really runs (here counted inside eval_tokens) on the same val stream,
     with the update in the scoring pass or (TTT_LORA_GRAD_CONTEXT) in a shorter pass of its own."""
-    knobs = dict(a="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4", c="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=40")
+    knobs = dict(a="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=0",
+                 c="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=40")
     real_score, real_nll, real_step = train_gpt.score_doc_chunk, train_gpt.chunk_nll, torch.optim.AdamW.step
     rng = np.random.default_rng(5)
     tokens = rng.integers(4, 64, size=1201).astype(np.uint16)
