@@ -6,8 +6,9 @@ usage: EVAL_ONLY=ARTIFACT [VAR=value ...] python3 bench/eval_sweep.py 'NAME [K=V
 
 Each variant is train_gpt's EVAL_ONLY run with the environment plus its overrides, logged as
 RUN_ID=<RUN_ID>_<NAME>; every variant's knobs are checked before the first one runs. After each run's own
-log lines it prints one line: variant, final_phase, final_val_bpb, eval_seconds, log. A variant's eval_seconds leave out the
-compiling that an earlier variant already did: time a setting for the eval budget in a run of its own.
+log lines it prints one line: variant, final_phase, final_val_bpb, eval_seconds, log. Each run compiles its graphs
+before its eval clock (eval_prime, as a training run does before its training clock), a later variant only those
+that an earlier one did not build; its phases then run warm, alone or not (a new_graphs above 0 says otherwise).
 """
 import os
 import sys
