@@ -3072,14 +3072,23 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
     dctx.barrier()
     t0 = time.perf_counter()
     qstate, meta = read_artifact(artifact)  # every phase scores the model reloaded from the file
-    model = artifact_model(qstate, meta, artifact, dctx.device, attention)
-    load_s = dctx.all_reduce_max(time.perf_counter() - t0)
-    log(f"artifact_load time:{load_s:.1f}s")
-    scores = evaluator.score(model, meta["train_seq_len"], load_s)
+    reloaded, load_s = reloaded_model(qstate, meta, artifact, dctx, attention, log, time.perf_counter() - t0)
+    scores = evaluator.score(reloaded, meta["train_seq_len"], load_s)
     return scores | figures | dict(prequant_val_bpb=prequant[1], quant_gap_bpb=scores["roundtrip_val_bpb"] - prequant[1],
                                    steps=result["steps"], train_seconds=result["train_ms"] / 1000,
                                    warmup_seconds=result["warmup_s"], eval_prime_seconds=prime_s,
                                    stop_reason=result["stop_reason"])
+
+
+def reloaded_model(qstate: dict, meta: dict, path: Path, dctx: Dist, attention, log,
+                   read_s: float) -> tuple[GPT, float]:
+    """The model of an artifact read in read_s seconds, running `attention`, and the seconds of reading and
+    dequantizing, logged: they come after training, so they are evaluation time."""
+    t0 = time.perf_counter()
+    model = artifact_model(qstate, meta, path, dctx.device, attention)
+    secs = dctx.all_reduce_max(read_s + time.perf_counter() - t0)
+    log(f"artifact_load time:{secs:.1f}s")
+    return model, secs
 
 
 def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
@@ -3099,10 +3108,7 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
             "it was trained with")
     attn_name, attention = select_attention(hp.attn_backend, dctx.device)
     log(f"attention:{attn_name}")
-    t0 = time.perf_counter()
-    model = artifact_model(qstate, meta, path, dctx.device, attention)
-    load_s = dctx.all_reduce_max(read_s + time.perf_counter() - t0)
-    log(f"artifact_load time:{load_s:.1f}s")
+    model, load_s = reloaded_model(qstate, meta, path, dctx, attention, log, read_s)
     prime_s = prime_eval(model, meta["train_seq_len"], dctx, hp, log)  # as a training run does before its clock
     scores = evaluator.score(model, meta["train_seq_len"], load_s)
     size = path.stat().st_size
