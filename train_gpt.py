@@ -219,7 +219,8 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("TTT_LORA_CHUNK", 48, "targets a document scores between two steps of its adapters", 1),
     Knob("TTT_LORA_STEPS", 32, "past this many chunks a document's chunk grows to 1/this of what it has "
          "scored (at most half a window): a long document takes ~this*ln(length) steps, not length/CHUNK", 1),
-    Knob("TTT_LORA_DOCS", 64, "documents adapted side by side in one batch", 1),
+    Knob("TTT_LORA_DOCS", 64, "documents adapted side by side in one batch (a lone document runs beside a row "
+         "without targets: a batch of one would compile graphs of its own)", 2),
     Knob("TTT_LORA_GRAD_CONTEXT", 128, "LoRA TTT: a step whose chunk has more than this many tokens of context "
          "before it updates on the last this many only, in a pass of its own after the chunk is scored with its "
          "whole window (a shorter backward, one more forward and compiled graph); 0 = in the scoring pass", 0),
@@ -2076,9 +2077,12 @@ def chunk_size(done, hp: Hyperparameters, adapting: bool, seq_len: int) -> np.nd
     return np.minimum(np.maximum(hp.ttt_lora_chunk, -(-done // hp.ttt_lora_steps)), cap)
 
 
-def doc_batches(starts: np.ndarray, ends: np.ndarray, size: int) -> list[np.ndarray]:
-    """Documents (indices) in batches of at most `size`, longest first: a batch's documents take similar steps."""
-    return even_batches(np.argsort(starts - ends, kind="stable"), size)
+def doc_batches(starts: np.ndarray, ends: np.ndarray, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Documents in batches of at most `size`, longest first (a batch's documents take similar steps), as their
+    (starts, ends); a lone document gets a row without targets (start = end) beside it: a batch of one would
+    compile graphs of its own."""
+    batches = [(starts[b], ends[b]) for b in even_batches(np.argsort(starts - ends, kind="stable"), size)]
+    return [(np.append(s, s), np.append(e, s)) if len(s) == 1 else (s, e) for s, e in batches]
 
 
 def doc_steps(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
@@ -2130,13 +2134,13 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
     TTT_LORA_GRAD_CONTEXT says so: grad_window). A finished document leaves the batch (step_rows): the
     longest documents come first and take the most steps, so the live rows are always the batch's first
     ones and row i keeps adapter row i. Without lora (TTT stopped by the budget) nothing trains."""
-    for batch in doc_batches(starts, ends, hp.ttt_lora_docs):
+    for s, e in doc_batches(starts, ends, hp.ttt_lora_docs):
         opt = None
         if lora is not None:
             lora.reset()
             params = list(lora.parameters())
             opt = torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS, weight_decay=LORA_WD)
-        steps = doc_steps(starts[batch], ends[batch], hp, lora is not None, phase.seq_len)
+        steps = doc_steps(s, e, hp, lora is not None, phase.seq_len)
         for j, (begin, prev, last) in enumerate(steps):
             n = step_rows(prev, last)
             begin, prev, last = begin[:n], prev[:n], last[:n]

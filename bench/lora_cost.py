@@ -32,8 +32,8 @@ def rank_cost(starts, ends, hp: train_gpt.Hyperparameters) -> dict:
     """One rank's counts for its documents of one global chunk, every update taken (no budget stop)."""
     out = dict.fromkeys(COUNTS + ("scored",), 0)
     seq_len = hp.eval_seq_len
-    for batch in train_gpt.doc_batches(starts, ends, hp.ttt_lora_docs):
-        steps = train_gpt.doc_steps(starts[batch], ends[batch], hp, True, seq_len)
+    for s, e in train_gpt.doc_batches(starts, ends, hp.ttt_lora_docs):
+        steps = train_gpt.doc_steps(s, e, hp, True, seq_len)
         for j, (begin, prev, last) in enumerate(steps):
             n = train_gpt.step_rows(prev, last)
             begin, prev, last = begin[:n], prev[:n], last[:n]

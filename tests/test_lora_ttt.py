@@ -172,18 +172,20 @@ def test_compiled_lora_scoring_takes_every_window_length_in_one_dynamic_graph(mo
 
 def test_documents_score_the_same_alone_or_in_a_batch():
     """Each document's adapter trains on its own row only and starts like every other: batching
-    documents together changes no score (up to float rounding of the different shapes)."""
+    documents together changes no score (up to float rounding of the different shapes). A document alone
+    runs beside a row without targets: no pass has a batch of one."""
     hp, model, tokens, val = lora_setup(TTT_LR="0")
     starts, ends = train_gpt.doc_spans(tokens)
     n, cpu = len(tokens) - 1, torch.device("cpu")
     together, alone = train_gpt.TokenScores.zeros(n, cpu), train_gpt.TokenScores.zeros(n, cpu)
-    args = (model, train_gpt.eval_forward(model, hp, cpu), torch.from_numpy(tokens.astype(np.int64)))
+    rows, hidden = [], train_gpt.eval_forward(model, hp, cpu)
+    args = (model, lambda x, lora: rows.append(len(x)) or hidden(x, lora), torch.from_numpy(tokens.astype(np.int64)))
     lora = train_gpt.LoRA(model.cfg, 3, 4, cpu)
     train_gpt.score_docs(*args, starts[1:4], ends[1:4], lora_phase(), together, hp, None, lora)
     for d in range(1, 4):
         train_gpt.score_docs(*args, starts[d:d + 1], ends[d:d + 1], lora_phase(), alone, hp, None, lora)
     t = slice(int(starts[1]), int(ends[3]))
-    assert (together.count[t] == 1).all() and (alone.count[t] == 1).all()
+    assert (together.count[t] == 1).all() and (alone.count[t] == 1).all() and min(rows) == 2
     torch.testing.assert_close(together.nll[t], alone.nll[t], rtol=0, atol=1e-5)
     frozen = train_gpt.TokenScores.zeros(n, cpu)
     train_gpt.score_docs(*args, starts[1:4], ends[1:4], lora_phase(), frozen,
@@ -400,6 +402,30 @@ def test_lora_ttt_on_two_ranks_scores_like_one_process(tiny_data, tmp_path, laun
     assert float(a["ttt_val_bpb"]) < float(a["roundtrip_val_bpb"]) - 0.01  # the adapters did work
 
 
+def test_two_ranks_prime_the_compiled_eval_and_score_like_eager(tiny_data, tmp_path, launcher):
+    """EVAL_COMPILE=1 (inductor on CPU) on two ranks: each compiles the eval graphs on its share of the priming
+    stream (eval_prime), the phases then compile nothing more, and the score is the eager one's, LoRA updates
+    in passes of their own included. The model is COMPILE_CFG's shape (less to compile)."""
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="one", TTT_LORA_RANK=4, TTT_LORA_CHUNK=16, TTT_LORA_DOCS=4,
+                   TTT_LORA_LR="0.001", TTT_LORA_STEPS=8, TTT_LORA_GRAD_CONTEXT=16, EVAL_SLIDING=0,
+                   VAL_MAX_TOKENS=2048, TTT_LORA_PHASE_TOKENS=512, TTT_ENABLED=0, NUM_LAYERS=2, XSA_LAST_N=2,
+                   LOOP_START=1, LOOP_END=1, PARALLEL_RESIDUAL_START=1)
+    assert launcher.run(env).returncode == 0
+    scored = env | dict(EVAL_ONLY=str(tmp_path / "art" / "final_model_one.int6.br"), TTT_ENABLED="1")
+    for run, flag in (("eager", "0"), ("compiled", "1")):
+        res = launcher.run(scored | dict(RUN_ID=run, EVAL_COMPILE=flag), nproc=2)
+        assert res.returncode == 0, res.stderr[-2000:]
+    log = (tmp_path / "logs" / "compiled.txt").read_text().splitlines()
+    primed = [line for line in log if line.startswith("eval_prime ")]
+    assert len(primed) == 1 and int(primed[0].split("graphs:")[1].split()[0]) >= 2, primed
+    phases = [line for line in log if " val_bpb:" in line]
+    assert [line.split()[0] for line in phases] == ["roundtrip", "ttt"]
+    assert all(line.endswith("new_graphs:0") for line in phases), phases
+    a, b = parse_log(tmp_path / "logs" / "eager.txt"), parse_log(tmp_path / "logs" / "compiled.txt")
+    assert not any(line.startswith("eval_prime ") for line in (tmp_path / "logs" / "eager.txt").read_text().splitlines())
+    assert abs(float(a["ttt_val_bpb"]) - float(b["ttt_val_bpb"])) < 1e-4, (a["ttt_val_bpb"], b["ttt_val_bpb"])
+
+
 def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeypatch):
     """bench/lora_cost.py counts, without a model, the scoring steps, forward passes, adapter updates and
     padded tokens that the LoRA phase really runs (here counted inside eval_tokens) on the same val stream,
@@ -495,14 +521,15 @@ def test_the_legality_check_scores_small_chunks_eagerly():
 
 def test_lora_cost_counts_the_busiest_rank_of_each_chunk(tmp_path, launcher):
     """WORLD_SIZE=N counts N ranks' critical path: per global chunk the busiest rank's work, not the sum.
-    Two documents (200 and 10 targets) in one chunk, one per batch: one process takes both one after the
-    other; two ranks take one each, and the long one is the critical path."""
+    Three documents (200, 10 and 10 targets) in one chunk, two per batch: one process takes the long one
+    with a short one, then the other short one (beside a row without targets); two ranks take the long one
+    and the two short ones, and the long one is the critical path."""
     rng = np.random.default_rng(5)
-    tokens = rng.integers(4, 64, size=211).astype(np.uint16)
-    tokens[[0, 200]] = 1
-    streams = dict(both=tokens, long=tokens[:201], short=tokens[200:])
+    tokens = rng.integers(4, 64, size=221).astype(np.uint16)
+    tokens[[0, 200, 210]] = 1
+    streams = dict(both=tokens, long=tokens[:201], short=tokens[210:])
     env = {k: v for k, v in os.environ.items() if not k.startswith(train_gpt.KNOB_PREFIXES)}
-    env |= LORA_ENV | dict(TTT_LORA_PHASE_TOKENS="4096", TTT_LORA_DOCS="1", VOCAB_SIZE="64")
+    env |= LORA_ENV | dict(TTT_LORA_PHASE_TOKENS="4096", TTT_LORA_DOCS="2", VOCAB_SIZE="64")
     counts = {}
     for name, world in (("both", "1"), ("both", "2"), ("long", "1"), ("short", "1")):
         folder = tmp_path / f"{name}{world}"
