@@ -1938,10 +1938,11 @@ def eval_compiles(hp: Hyperparameters, device: torch.device) -> bool:
     return hp.eval_compile is True or (hp.eval_compile == AUTO and compile_applies(hp, device))
 
 
-def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device):
+def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device, by_document: bool):
     """The looped model's hidden states (per-document adapted with a LoRA), compiled per EVAL_COMPILE
-    with the batch dim dynamic (one graph for every batch size), and the length too with a LoRA (a graph
-    with grad and, for TTT_LORA_GRAD_CONTEXT's scoring passes, one without)."""
+    with the batch dim dynamic (one graph for every batch size), and the length too where documents are
+    scored (by_document: a graph with the LoRA and grad, for TTT_LORA_GRAD_CONTEXT's scoring passes one
+    without grad, and once the budget stopped the adapting, one without the LoRA)."""
     def hidden(x, lora=None):
         return model.hidden(x, looped=True, lora=lora)
     if not eval_compiles(hp, device):
@@ -1950,7 +1951,7 @@ def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device):
 
     def dynamic_hidden(x, lora=None):
         torch._dynamo.mark_dynamic(x, 0)
-        if lora is not None:
+        if by_document:
             torch._dynamo.maybe_mark_dynamic(x, 1)
         return compiled(x, lora)
     return dynamic_hidden
@@ -1978,7 +1979,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         prev = np.concatenate(([0], ends[:-1]))
         chunks = phase_chunks(prev, phase, hp, action == "abandon", n)
     adapter = TTTUpdater(model, hp, dctx) if phase.ttt else None
-    pace, hidden = Pace(dctx, len(chunks)), eval_forward(model, hp, dctx.device)
+    pace, hidden = Pace(dctx, len(chunks)), eval_forward(model, hp, dctx.device, phase.lora)
     hints = phase_hints(tokens, phase, hp, log)  # inside the phase's clock: it is part of the evaluation
     for c, (items, lo, hi) in enumerate(chunks):
         mine = rank_share(items, dctx.rank, dctx.world_size, ends[items] - starts[items] if phase.lora else None)
@@ -2538,13 +2539,16 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
                 eval_seconds=elapsed) | results
 
 
+PRIME_DOCS = 3  # per rank: LoRA TTT in one global chunk, or in three whose last scores after the budget stop
+
+
 def priming_stream(world_size: int, seq_len: int, vocab_size: int) -> ValSet:
-    """A made-up val stream whose scoring reaches every eval graph on every rank: per rank two documents of
-    two windows each (batches of plain windows; LoRA steps from a first short window up to seq_len, and
-    updates in passes of their own)."""
+    """A made-up val stream whose scoring reaches every eval graph on every rank: per rank PRIME_DOCS
+    documents of two windows each (batches of plain windows; LoRA steps from a first short window up to
+    seq_len, updates in passes of their own)."""
     rng = np.random.default_rng(0)
     docs = [np.concatenate(([BOS_ID], rng.integers(BOS_ID + 1, vocab_size, 2 * seq_len - 1)))
-            for _ in range(2 * world_size)]
+            for _ in range(PRIME_DOCS * world_size)]
     tokens = np.concatenate(docs).astype(np.uint16)
     return ValSet(tokens, np.ones(len(tokens) - 1, dtype=np.int32), "synthetic")
 
@@ -2556,11 +2560,15 @@ def prime_eval(model: GPT, train_seq_len: int, dctx: Dist, hp: Hyperparameters, 
     if not eval_compiles(hp, dctx.device):
         return 0.0
     t0, graphs0 = time.perf_counter(), compiled_graph_count()
-    quiet = copy.copy(hp)
+    quiet, seq_len = copy.copy(hp), max(train_seq_len, hp.eval_seq_len)
     quiet.legality_check, quiet.dump_token_nll, quiet.eval_budget_seconds = False, "", math.inf
-    stream = priming_stream(dctx.world_size, max(train_seq_len, hp.eval_seq_len), model.cfg.vocab_size)
+    stream = priming_stream(dctx.world_size, seq_len, model.cfg.vocab_size)
+    ttt = next((p for p in plan_phases(hp, train_seq_len) if p.lora), None)
     with torch.random.fork_rng(devices=[dctx.device] if dctx.device.type == "cuda" else []):
         score_phases(copy.deepcopy(model), train_seq_len, stream, dctx, quiet, lambda line: None, full_val=False)
+        if ttt is not None and hp.ttt_budget_stop:  # LoRA TTT scoring on once the budget stopped its adapting
+            quiet.ttt_lora_phase_tokens = 2 * seq_len  # three global chunks: stopped after the second
+            eval_tokens(copy.deepcopy(model), stream, dctx, quiet, ttt, lambda line: None, time_left=0.0)
     synchronize(dctx.device)
     if dctx.device.type == "cuda":
         torch.cuda.empty_cache()  # the priming's activations go back: training's memory is as it was

@@ -158,7 +158,7 @@ def test_compiled_lora_scoring_takes_every_window_length_in_one_dynamic_graph(mo
                                                            TTT_LORA_GRAD_CONTEXT=ctx))
             out = outs[ctx, flag] = train_gpt.TokenScores.zeros(n, cpu)
             counters.clear()
-            train_gpt.score_docs(model, train_gpt.eval_forward(model, hp, cpu), torch.from_numpy(tokens.astype(np.int64)),
+            train_gpt.score_docs(model, train_gpt.eval_forward(model, hp, cpu, True), torch.from_numpy(tokens.astype(np.int64)),
                                  starts, ends, ph, out, hp, None, train_gpt.LoRA(model.cfg, 3, 4, cpu))
             graphs.append(counters["stats"]["unique_graphs"])
     assert sorted(seen) == [64, 128, 192, 256]
@@ -178,7 +178,7 @@ def test_documents_score_the_same_alone_or_in_a_batch():
     starts, ends = train_gpt.doc_spans(tokens)
     n, cpu = len(tokens) - 1, torch.device("cpu")
     together, alone = train_gpt.TokenScores.zeros(n, cpu), train_gpt.TokenScores.zeros(n, cpu)
-    rows, hidden = [], train_gpt.eval_forward(model, hp, cpu)
+    rows, hidden = [], train_gpt.eval_forward(model, hp, cpu, True)
     args = (model, lambda x, lora: rows.append(len(x)) or hidden(x, lora), torch.from_numpy(tokens.astype(np.int64)))
     lora = train_gpt.LoRA(model.cfg, 3, 4, cpu)
     train_gpt.score_docs(*args, starts[1:4], ends[1:4], lora_phase(), together, hp, None, lora)
@@ -548,9 +548,9 @@ def test_lora_cost_counts_the_busiest_rank_of_each_chunk(tmp_path, launcher):
 
 def test_primed_eval_compiles_nothing_after_training():
     """prime_eval (EVAL_COMPILE=1, inductor on CPU) scores a made-up stream with a copy of one model; every
-    phase of another model's eval (roundtrip, LoRA TTT with its own update passes, the sliding reference) builds no
-    graph: on a GPU that is the compile time taken off the eval clock. The primed model and the RNG are left
-    as they were."""
+    phase of another model's eval (roundtrip, LoRA TTT with its own update passes, the sliding reference; LoRA TTT
+    scoring on after the budget stopped its adapting) builds no graph: on a GPU that is the compile time taken off
+    the eval clock. The primed model and the RNG are left as they were."""
     lengths = [400, 300, 260, 200, 150, 90, 40]  # the sliding phase's pace chunks: two windows or more each
     tokens = np.random.default_rng(3).integers(4, 64, size=sum(lengths) + 1).astype(np.uint16)
     tokens[np.cumsum([0] + lengths[:-1])] = 1
@@ -573,3 +573,7 @@ def test_primed_eval_compiles_nothing_after_training():
     phases = [line for line in lines if " val_bpb:" in line]
     assert [line.split()[0] for line in phases] == ["roundtrip", "ttt", "sliding"]
     assert all(line.endswith("new_graphs:0") for line in phases), phases
+    graphs, lines = train_gpt.compiled_graph_count(), []  # and TTT scoring on after the budget stopped it
+    train_gpt.eval_tokens(scored, val, train_gpt.Dist(), hp, train_gpt.plan_phases(hp, 256)[1], lines.append, 0.0)
+    assert any(line.startswith("ttt:updates_stopped after_chunk:2/") for line in lines), lines
+    assert train_gpt.compiled_graph_count() == graphs
