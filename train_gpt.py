@@ -1947,6 +1947,7 @@ def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device, by_docum
         return model.hidden(x, looped=True, lora=lora)
     if not eval_compiles(hp, device):
         return hidden
+    configure_inductor()  # as training compiles: an EVAL_ONLY run builds the kernels that a training run's eval does
     compiled = torch.compile(hidden, fullgraph=True)
 
     def dynamic_hidden(x, lora=None):
