@@ -25,6 +25,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import logging
 import math
 import os
 import platform
@@ -150,6 +151,9 @@ RUN_KNOBS = [
     Knob("ARTIFACT_DIR", ".", "where final_model_<RUN_ID>.int<MATRIX_BITS>.br is written (never overwritten)"),
     Knob("DEVICE", "auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu")),
     Knob("COMPILE", True, "torch.compile the model on CUDA (0 for debugging; never on CPU)"),
+    Knob("COMPILE_CACHE", "", "file of torch.compile's caches: loaded at start where it exists (another machine "
+         "then compiles from it, most of the work skipped), written at the end of a successful run; load only "
+         "files you wrote (they are unpickled); empty = off"),
     Knob("ATTN_BACKEND", "auto", "auto (CUDA: FlashAttention 4, else 3, else cuDNN SDPA, by what is importable; "
          "CPU: SDPA) | fa4 | fa3 | sdpa (torch's choice) | sdpa_cudnn",
          choices=("auto", "fa4", "fa3", "sdpa", "sdpa_cudnn")),
@@ -2939,6 +2943,40 @@ def configure_inductor():
         inductor_config.triton.mix_order_reduction = False
 
 
+def compile_cache_counts() -> str:
+    from torch._dynamo.utils import counters
+    return f"fxgraph_hits:{counters['inductor']['fxgraph_cache_hit']} misses:{counters['inductor']['fxgraph_cache_miss']}"
+
+
+def load_compile_cache(path: str, log):
+    """COMPILE_CACHE: torch.compile's caches (inductor graphs, AOTAutograd) from a file, before anything compiles;
+    its folder must take the file that the run writes."""
+    if not path:
+        return
+    check_writable(Path(path).parent, "COMPILE_CACHE's folder")
+    if not os.path.exists(path):
+        return
+    data = Path(path).read_bytes()
+    quiet = logging.getLogger("torch.compiler._cache")  # a file it cannot read: a traceback there, None here
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:
+        loaded = torch.compiler.load_cache_artifacts(data)
+    finally:
+        quiet.level = level
+    if loaded is None:
+        raise UserError(f"env COMPILE_CACHE={path}: not a torch.compile cache of this torch; remove it and the run "
+                        "writes a new one")
+    log(f"compile_cache:loaded path:{path} bytes:{len(data)}")
+
+
+def save_compile_cache(path: str, log):
+    """COMPILE_CACHE: what this process compiled (and what it loaded), for the next run on a fresh machine."""
+    saved = torch.compiler.save_cache_artifacts()
+    if path and saved is not None:
+        write_atomic(Path(path), saved[0])
+        log(f"compile_cache:saved path:{path} bytes:{len(saved[0])} {compile_cache_counts()}")
+
+
 # -----------------------------------------------------------------------------------------
 # Main: setup -> data -> model -> train -> export -> score the artifact
 # -----------------------------------------------------------------------------------------
@@ -3143,7 +3181,10 @@ def run(hp: Hyperparameters) -> dict:
         log(line)
     log(f"run_id:{run_id}")
     try:
+        load_compile_cache(hp.compile_cache, log)
         summary = score_only(hp, dctx, log, code) if hp.eval_only else train_and_score(hp, dctx, log, code, run_id)
+        if dctx.is_main and hp.compile_cache:
+            save_compile_cache(hp.compile_cache, log)
         summary["total_seconds"] = time.perf_counter() - t_start
         for k, v in summary.items():
             log(f"{k}:{v:.8f}" if isinstance(v, float) else f"{k}:{v}")
