@@ -152,8 +152,8 @@ RUN_KNOBS = [
     Knob("DEVICE", "auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu")),
     Knob("COMPILE", True, "torch.compile the model on CUDA (0 for debugging; never on CPU)"),
     Knob("COMPILE_CACHE", "", "file of torch.compile's caches: loaded at start where it exists (another machine "
-         "then compiles from it, most of the work skipped), written at the end of a successful run; load only "
-         "files you wrote (they are unpickled); empty = off"),
+         "then compiles from it, most of the work skipped), else written at the end of a successful run (delete it "
+         "to renew it); load only files you wrote (they are unpickled); empty = off"),
     Knob("ATTN_BACKEND", "auto", "auto (CUDA: FlashAttention 4, else 3, else cuDNN SDPA, by what is importable; "
          "CPU: SDPA) | fa4 | fa3 | sdpa (torch's choice) | sdpa_cudnn",
          choices=("auto", "fa4", "fa3", "sdpa", "sdpa_cudnn")),
@@ -242,7 +242,8 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("DUMP_TOKEN_NLL", "", "write per-target NLL (float32) and bytes (uint16) of the final phase, in val order"),
     Knob("LEGALITY_CHECK", False, "before scoring, prove each enabled eval mode causal on a val prefix (four "
          "TTT chunks, eager, its chunks capped at 8192 tokens: the legal loop is the same at any size)"),
-    Knob("EVAL_BUDGET_SECONDS", 600.0, "evaluation time budget (8-GPU scale): phases are timed against it", 0),
+    Knob("EVAL_BUDGET_SECONDS", 600.0, "evaluation time budget (8-GPU scale), from the artifact's load on: phases "
+         "are timed against it", 0),
     Knob("TTT_BUDGET_STOP", True, "stop TTT's updates (still scoring) once its pace projects past EVAL_BUDGET_SECONDS"),
 ]
 EXPORT_KNOBS = [
@@ -2569,14 +2570,18 @@ def prime_eval(model: GPT, train_seq_len: int, dctx: Dist, hp: Hyperparameters, 
     quiet.legality_check, quiet.dump_token_nll, quiet.eval_budget_seconds = False, "", math.inf
     stream = priming_stream(dctx.world_size, seq_len, model.cfg.vocab_size)
     ttt = next((p for p in plan_phases(hp, train_seq_len) if p.lora), None)
-    with torch.random.fork_rng(devices=[dctx.device] if dctx.device.type == "cuda" else []):
-        score_phases(copy.deepcopy(model), train_seq_len, stream, dctx, quiet, lambda line: None, full_val=False)
-        if ttt is not None and hp.ttt_budget_stop:  # LoRA TTT scoring on once the budget stopped its adapting
-            quiet.ttt_lora_phase_tokens = 2 * seq_len  # three global chunks: stopped after the second
-            eval_tokens(copy.deepcopy(model), stream, dctx, quiet, ttt, lambda line: None, time_left=0.0)
+    try:
+        with torch.random.fork_rng(devices=[dctx.device] if dctx.device.type == "cuda" else []):
+            score_phases(copy.deepcopy(model), train_seq_len, stream, dctx, quiet, lambda line: None, full_val=False)
+            if ttt is not None and hp.ttt_budget_stop:  # LoRA TTT scoring on once the budget stopped its adapting
+                quiet.ttt_lora_phase_tokens = 2 * seq_len  # PRIME_DOCS global chunks: stopped after the second
+                eval_tokens(copy.deepcopy(model), stream, dctx, quiet, ttt, lambda line: None, time_left=0.0)
+    except UserError as e:
+        raise UserError(f"compiling the eval on a made-up stream before the clock (eval_prime): {e}") from None
     synchronize(dctx.device)
     if dctx.device.type == "cuda":
         torch.cuda.empty_cache()  # the priming's activations go back: training's memory is as it was
+        torch.cuda.reset_peak_memory_stats(dctx.device)  # and its peak is training's
     secs = dctx.all_reduce_max(time.perf_counter() - t0)
     log(f"eval_prime time:{secs:.1f}s graphs:{compiled_graph_count() - graphs0} tokens:{len(stream.tokens)}")
     return secs
@@ -2948,33 +2953,44 @@ def compile_cache_counts() -> str:
     return f"fxgraph_hits:{counters['inductor']['fxgraph_cache_hit']} misses:{counters['inductor']['fxgraph_cache_miss']}"
 
 
-def load_compile_cache(path: str, log):
-    """COMPILE_CACHE: torch.compile's caches (inductor graphs, AOTAutograd) from a file, before anything compiles;
-    its folder must take the file that the run writes."""
+def load_compile_cache(path: str, log) -> bool:
+    """COMPILE_CACHE: torch.compile's caches (inductor graphs, AOTAutograd) from the file, before anything compiles;
+    whether there was one. Its folder must take the file that a run without one writes."""
     if not path:
-        return
+        return False
     check_writable(Path(path).parent, "COMPILE_CACHE's folder")
     if not os.path.exists(path):
-        return
-    data = Path(path).read_bytes()
+        return False
     quiet = logging.getLogger("torch.compiler._cache")  # a file it cannot read: a traceback there, None here
-    level, quiet.level = quiet.level, logging.CRITICAL
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
+        data = Path(path).read_bytes()
         loaded = torch.compiler.load_cache_artifacts(data)
+    except Exception as e:
+        raise UserError(f"env COMPILE_CACHE={path}: cannot be loaded ({type(e).__name__}: {str(e)[:120]})") from None
     finally:
-        quiet.level = level
+        quiet.setLevel(level)
     if loaded is None:
         raise UserError(f"env COMPILE_CACHE={path}: not a torch.compile cache of this torch; remove it and the run "
                         "writes a new one")
     log(f"compile_cache:loaded path:{path} bytes:{len(data)}")
+    return True
 
 
-def save_compile_cache(path: str, log):
-    """COMPILE_CACHE: what this process compiled (and what it loaded), for the next run on a fresh machine."""
-    saved = torch.compiler.save_cache_artifacts()
-    if path and saved is not None:
-        write_atomic(Path(path), saved[0])
-        log(f"compile_cache:saved path:{path} bytes:{len(saved[0])} {compile_cache_counts()}")
+def save_compile_cache(path: str, loaded: bool, log):
+    """COMPILE_CACHE: a run that found no file writes what it compiled; one that loaded the file keeps it (torch
+    saves only what a process compiled or used, so rewriting would drop, say, the training graphs after an
+    EVAL_ONLY run). Either way the FX graph cache's hits and misses are logged; a failed write is a warning."""
+    saved = None if loaded else torch.compiler.save_cache_artifacts()
+    if saved is not None:
+        try:
+            write_atomic(Path(path), saved[0])
+        except UserError as e:
+            log(f"warning:compile_cache_not_written {e}")
+            return
+    action = "kept" if loaded else "saved" if saved is not None else "nothing_compiled"
+    log(f"compile_cache:{action} path:{path} bytes:{len(saved[0]) if saved else 0} {compile_cache_counts()}")
 
 
 # -----------------------------------------------------------------------------------------
@@ -3181,10 +3197,10 @@ def run(hp: Hyperparameters) -> dict:
         log(line)
     log(f"run_id:{run_id}")
     try:
-        load_compile_cache(hp.compile_cache, log)
+        cache_loaded = load_compile_cache(hp.compile_cache, log)
         summary = score_only(hp, dctx, log, code) if hp.eval_only else train_and_score(hp, dctx, log, code, run_id)
         if dctx.is_main and hp.compile_cache:
-            save_compile_cache(hp.compile_cache, log)
+            save_compile_cache(hp.compile_cache, cache_loaded, log)
         summary["total_seconds"] = time.perf_counter() - t_start
         for k, v in summary.items():
             log(f"{k}:{v:.8f}" if isinstance(v, float) else f"{k}:{v}")

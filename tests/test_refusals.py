@@ -155,8 +155,8 @@ def test_records_tokenizer_and_never_reuses_a_run_id(tiny_data, tmp_path, launch
 
 def test_compile_cache_lets_a_fresh_machine_compile_from_the_file(tiny_data, tmp_path, launcher):
     """COMPILE_CACHE: a run writes torch.compile's caches to the file; a run whose inductor cache folder is empty
-    (a fresh machine) loads it and builds its graphs from it (FX graph cache hits, no misses). A file that is
-    no cache, or a folder that cannot take one, is refused before any compute, naming the knob."""
+    (a fresh machine) loads it, builds its graphs from it (FX graph cache hits, no misses) and keeps the file as
+    it was. A file that is no cache, or a folder that cannot take one, is refused before any compute."""
     env = tiny_env(tiny_data, tmp_path, RUN_ID="train", TTT_ENABLED=0, EVAL_STRIDE=0, NUM_LAYERS=2, XSA_LAST_N=2,
                    LOOP_START=1, LOOP_END=1, PARALLEL_RESIDUAL_START=1)  # less to compile
     assert launcher.run(env).returncode == 0
@@ -169,8 +169,9 @@ def test_compile_cache_lets_a_fresh_machine_compile_from_the_file(tiny_data, tmp
     first, second = ([line for line in (tmp_path / "logs" / f"{run}.txt").read_text().splitlines()
                       if line.startswith("compile_cache:")] for run in ("first", "second"))
     assert len(first) == 1 and first[0].startswith("compile_cache:saved") and " fxgraph_hits:0 " in first[0], first
-    assert [line.split()[0] for line in second] == ["compile_cache:loaded", "compile_cache:saved"], second
+    assert [line.split()[0] for line in second] == ["compile_cache:loaded", "compile_cache:kept"], second
     assert second[1].endswith(" misses:0") and " fxgraph_hits:0 " not in second[1], second
+    assert f"bytes:{cache.stat().st_size} " in first[0]  # the file is the first run's
     cache.write_bytes(b"not a cache")
     one_error_line(launcher.run(scored | dict(RUN_ID="bad")), f"env COMPILE_CACHE={cache}: not a torch.compile cache")
     blocked = tmp_path / "file"
