@@ -2147,12 +2147,7 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
             lora.reset()
             params = list(lora.parameters())
             opt = torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS, weight_decay=LORA_WD)
-        steps = doc_steps(s, e, hp, lora is not None, phase.seq_len)
-        for j, (begin, prev, last) in enumerate(steps):
-            n = step_rows(prev, last)
-            begin, prev, last = begin[:n], prev[:n], last[:n]
-            stepping = opt is not None and j + 1 < len(steps)
-            grad_begin = grad_window(begin, prev, hp) if stepping else None
+        for begin, prev, last, stepping, grad_begin in step_plan(s, e, hp, lora is not None, phase.seq_len):
             nll, scored = score_doc_chunk(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora,
                                           grad=lora is not None and grad_begin is None)
             if grad_begin is not None:  # the step reads less context than the score: a pass of its own
@@ -2171,6 +2166,18 @@ def grad_window(begin: np.ndarray, prev: np.ndarray, hp: Hyperparameters) -> np.
     ctx = hp.ttt_lora_grad_context
     start = np.maximum(begin, prev - ctx)
     return start if ctx and (start > begin).any() else None
+
+
+def step_plan(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool, seq_len: int):
+    """doc_steps' steps as score_docs runs them: the running rows' (begin, prev, last) (step_rows), whether an
+    adapter update follows (every step but the last, when adapting) and where that update's own pass starts
+    (grad_window; None: the scoring pass is the update's, or there is no update)."""
+    steps = doc_steps(s, e, hp, adapting, seq_len)
+    for j, (begin, prev, last) in enumerate(steps):
+        n = step_rows(prev, last)
+        begin, prev, last = begin[:n], prev[:n], last[:n]
+        stepping = adapting and j + 1 < len(steps)
+        yield begin, prev, last, stepping, grad_window(begin, prev, hp) if stepping else None
 
 
 def chunk_nll(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev: np.ndarray, last: np.ndarray,
@@ -2394,8 +2401,8 @@ def perturbation_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) -
         return [mid]
     j = ok[np.minimum(ok, 2) == min(ok.max(), 2)][0]  # as many steps before it as the document allows, up to two
     points = {int(b[j] + m[j] // 2), int(b[j] + 1)}
-    steps = doc_steps(starts[[d]], ends[[d]], hp, True, phase.seq_len)
-    own = [k for k, (begin, prev, _) in enumerate(steps[:-1]) if grad_window(begin, prev, hp) is not None]
+    plan = step_plan(starts[[d]], ends[[d]], hp, True, phase.seq_len)
+    own = [k for k, (*_, grad_begin) in enumerate(plan) if grad_begin is not None]
     if own and own[0] + 1 < len(m) and m[own[0] + 1] >= 2:
         points.add(int(b[own[0] + 1] + 1))
     return sorted(points)

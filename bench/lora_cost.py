@@ -33,19 +33,15 @@ def rank_cost(starts, ends, hp: train_gpt.Hyperparameters) -> dict:
     out = dict.fromkeys(COUNTS + ("scored",), 0)
     seq_len = hp.eval_seq_len
     for s, e in train_gpt.doc_batches(starts, ends, hp.ttt_lora_docs):
-        steps = train_gpt.doc_steps(s, e, hp, True, seq_len)
-        for j, (begin, prev, last) in enumerate(steps):
-            n = train_gpt.step_rows(prev, last)
-            begin, prev, last = begin[:n], prev[:n], last[:n]
-            work = n * train_gpt.window_len(begin, last, seq_len)
+        for begin, prev, last, stepping, grad_begin in train_gpt.step_plan(s, e, hp, True, seq_len):
+            work = len(begin) * train_gpt.window_len(begin, last, seq_len)
             out["steps"] += 1
             out["passes"] += 1
             out["forward_tokens"] += work
             out["scored"] += int((last - prev).sum())
-            if j + 1 < len(steps):
-                grad_begin = train_gpt.grad_window(begin, prev, hp)
+            if stepping:
                 if grad_begin is not None:  # the step's own pass (score_docs)
-                    work = n * train_gpt.window_len(grad_begin, last, seq_len)
+                    work = len(begin) * train_gpt.window_len(grad_begin, last, seq_len)
                     out["passes"] += 1
                     out["forward_tokens"] += work
                 out["updates"] += 1
