@@ -2989,15 +2989,19 @@ def save_compile_cache(path: str, loaded: bool, log):
     """COMPILE_CACHE: a run that found no file writes what it compiled; one that loaded the file keeps it (torch
     saves only what a process compiled or used, so rewriting would drop, say, the training graphs after an
     EVAL_ONLY run). Either way the FX graph cache's hits and misses are logged; a failed write is a warning."""
-    saved = None if loaded else torch.compiler.save_cache_artifacts()
-    if saved is not None:
-        try:
-            write_atomic(Path(path), saved[0])
-        except UserError as e:
-            log(f"warning:compile_cache_not_written {e}")
-            return
-    action = "kept" if loaded else "saved" if saved is not None else "nothing_compiled"
-    log(f"compile_cache:{action} path:{path} bytes:{len(saved[0]) if saved else 0} {compile_cache_counts()}")
+    if loaded:
+        log(f"compile_cache:kept path:{path} bytes:{Path(path).stat().st_size} {compile_cache_counts()}")
+        return
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        log(f"compile_cache:nothing_compiled path:{path} {compile_cache_counts()}")
+        return
+    try:
+        write_atomic(Path(path), saved[0])
+    except UserError as e:
+        log(f"warning:compile_cache_not_written {e}")
+        return
+    log(f"compile_cache:saved path:{path} bytes:{len(saved[0])} {compile_cache_counts()}")
 
 
 # -----------------------------------------------------------------------------------------
