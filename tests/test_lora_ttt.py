@@ -20,6 +20,13 @@ def lora_phase():
     return train_gpt.Phase("ttt", 32, 8, ttt=True, lora=True)
 
 
+def doc_stream(lengths: list[int]) -> np.ndarray:
+    """Random tokens in documents of these lengths (each from its BOS to the next), and a last token."""
+    tokens = np.random.default_rng(3).integers(4, 64, size=sum(lengths) + 1).astype(np.uint16)
+    tokens[np.cumsum([0] + lengths[:-1])] = 1
+    return tokens
+
+
 def lora_setup(**env):
     _, model, tokens, val = setup()
     return train_gpt.Hyperparameters(LORA_ENV | env), model, tokens, val
@@ -55,8 +62,7 @@ def test_a_batch_drops_each_document_once_it_is_scored(monkeypatch):
     and at least two rows where the batch has them (a batch of one is a graph of its own)."""
     hp, model, _, _ = lora_setup(TTT_LORA_STEPS="2", TTT_LORA_PHASE_TOKENS="100000")
     lengths = [70, 25, 15, 40, 12, 30, 9, 5]  # documents of unequal lengths: batches that thin out to one
-    tokens = np.random.default_rng(3).integers(4, 64, size=sum(lengths) + 1).astype(np.uint16)
-    tokens[np.cumsum([0] + lengths[:-1])] = 1
+    tokens = doc_stream(lengths)
     val = train_gpt.ValSet.from_lut(tokens, train_gpt.ByteLUT(np.ones(64, np.int32), np.zeros(64, bool),
                                                                 np.arange(64) < 4))
     rows, real = [], train_gpt.score_doc_chunk
@@ -142,8 +148,7 @@ def test_compiled_lora_scoring_takes_every_window_length_in_one_dynamic_graph(mo
     (TTT_LORA_GRAD_CONTEXT) in one of its own: first chunks alike, later ones apart by the steps' rounding."""
     from torch._dynamo.utils import counters
     lengths = [300, 260, 200, 150, 90, 40]
-    tokens = np.random.default_rng(3).integers(4, 64, size=sum(lengths) + 1).astype(np.uint16)
-    tokens[np.cumsum([0] + lengths[:-1])] = 1
+    tokens = doc_stream(lengths)
     starts, ends = train_gpt.doc_spans(tokens)
     first = np.concatenate([np.arange(s, min(s + 16, e)) for s, e in zip(starts, ends)])  # before any step
     _, model, _, _ = setup(cfg=COMPILE_CFG)
@@ -552,8 +557,7 @@ def test_primed_eval_compiles_nothing_after_training():
     scoring on after the budget stopped its adapting) builds no graph: on a GPU that is the compile time taken off
     the eval clock. The primed model and the RNG are left as they were."""
     lengths = [400, 300, 260, 200, 150, 90, 40]  # the sliding phase's pace chunks: two windows or more each
-    tokens = np.random.default_rng(3).integers(4, 64, size=sum(lengths) + 1).astype(np.uint16)
-    tokens[np.cumsum([0] + lengths[:-1])] = 1
+    tokens = doc_stream(lengths)
     val = train_gpt.ValSet(tokens, np.ones(len(tokens) - 1, dtype=np.int32), "test")
     hp = train_gpt.Hyperparameters(LORA_ENV | dict(EVAL_COMPILE="1", EVAL_SEQ_LEN="256", EVAL_STRIDE="64",
                                                    TTT_LORA_CHUNK="16", TTT_LORA_STEPS="2", TTT_LORA_GRAD_CONTEXT="32",
