@@ -117,9 +117,9 @@ class ModelConfig:
     loop_start: int = knob(3, "first looped physical layer", 0)
     loop_end: int = knob(5, "last looped physical layer (inclusive)", 0)
     parallel_residual_start: int = knob(7, "layers >= this run attention and MLP in parallel; -1 = never", -1)
-    smear_gate: bool = knob(False, "SmearGate: add a gated copy of the previous token's embedding (never across a BOS)")
-    attn_gate: bool = knob(False, "SparseGate: gate each head's output by a sigmoid of GATE_WINDOW input channels")
-    asym_logit: bool = knob(False, "AsymLogit: separate softcaps for positive and negative logits; only TTT moves them")
+    smear_gate: bool = knob(True, "SmearGate: add a gated copy of the previous token's embedding (never across a BOS)")
+    attn_gate: bool = knob(True, "SparseGate: gate each head's output by a sigmoid of GATE_WINDOW input channels")
+    asym_logit: bool = knob(True, "AsymLogit: separate softcaps for positive and negative logits; only TTT moves them")
     residual_dtype: str = knob("bfloat16", "residual stream dtype under bf16 autocast (CUDA; CPU always float32): "
                                "float32 | bfloat16", choices=("float32", "bfloat16"))
 
@@ -192,7 +192,7 @@ OPTIMIZER_KNOBS = [
     Knob("GRAD_CLIP_NORM", 0.3, "global gradient norm clip; 0 = off", 0),
     Knob("EMA_DECAY", 0.997, "EMA of weights used for export; 0 = off", 0, 1),
     Knob("WARMDOWN_FRAC", 0.72, "LR decays linearly to MIN_LR over the last fraction of the clock", 0, 1),
-    Knob("MIN_LR", 0.0, "LR multiplier floor at the end of warmdown", 0, 1),
+    Knob("MIN_LR", 0.1, "LR multiplier floor at the end of warmdown", 0, 1),
 ]
 EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("EVAL_SEQ_LEN", 2048, "window length of sliding and TTT evaluation", 8),
@@ -234,7 +234,7 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
          "scored targets: leaks, valid:0)", choices=("off", "context", "full")),
     Knob("SLOT_STEPS", 8, "AdamW steps fitting each window's hidden-state delta", 1),
     Knob("SLOT_LR", 0.005, "SLOT AdamW learning rate", 0),
-    Knob("NGRAM_TILT", False, "token-only n-gram tilt of the sliding, TTT and SLOT scores (not TTT's loss): boost "
+    Knob("NGRAM_TILT", True, "token-only n-gram tilt of the sliding, TTT and SLOT scores (not TTT's loss): boost "
          "the token that mostly followed the same context earlier in the val stream"),
     Knob("NGRAM_ORDER", 16, "n-gram order of the tilt: its context is the previous NGRAM_ORDER-1 tokens", 2),
     Knob("NGRAM_THRESHOLD", 0.8, "hint only where the top continuation so far has at least this share", 0, 1),
@@ -249,12 +249,12 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
 EXPORT_KNOBS = [
     Knob("MATRIX_BITS", 6, "GPTQ bits of the block matrices", 2, 8),
     Knob("MATRIX_CLIP_SIGMAS", 12.85, "SDClip k of the matrices: row scale = k*std(row)/(2^(bits-1)-1)", 0.1),
-    Knob("EMBED_BITS", 8, "GPTQ bits of the tied embedding", 2, 8),
-    Knob("EMBED_CLIP_SIGMAS", 20.0, "SDClip k of the embedding", 0.1),
+    Knob("EMBED_BITS", 7, "GPTQ bits of the tied embedding", 2, 8),
+    Knob("EMBED_CLIP_SIGMAS", 14.0, "SDClip k of the embedding", 0.1),
     Knob("GPTQ_CALIBRATION_BATCHES", 16, "training micro-batches per rank for the GPTQ Hessians; 0 = plain rounding", 0),
     Knob("GPTQ_RESERVE_SECONDS", 6.0, "taken off MAX_WALLCLOCK_SECONDS so Hessians are collected within it", 0),
     Knob("CLIP_SEARCH_STEPS", 4, "extra GPTQ tries moving MATRIX_CLIP_SIGMAS to land just under the cap; 0 = off", 0),
-    Knob("LQER_TOP_K", 0, "LQER: low-rank INT2 x INT4 corrections of the N largest GPTQ errors W - Wq; 0 = off", 0),
+    Knob("LQER_TOP_K", 3, "LQER: low-rank INT2 x INT4 corrections of the N largest GPTQ errors W - Wq; 0 = off", 0),
     Knob("LQER_RANK", 4, "rank of each LQER correction", 1),
     Knob("LQER_GROUP", 64, "LQER: values of the flattened INT4 factor per fp16 scale", 1),
 ]
@@ -372,7 +372,7 @@ def validate(hp: Hyperparameters):
     need(not hp.max_wallclock_seconds or hp.max_wallclock_seconds > hp.gptq_reserve_seconds,
          f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: must exceed GPTQ_RESERVE_SECONDS="
          f"{hp.gptq_reserve_seconds} (the Hessians' share of the clock), or be 0 for no cap")
-    need(not hp.ngram_tilt or hp.ttt_enabled or hp.eval_stride or hp.slot != "off",
+    need(not hp.ngram_tilt or "NGRAM_TILT" not in hp.explicit or hp.ttt_enabled or hp.eval_stride or hp.slot != "off",
          "NGRAM_TILT=1: no phase to tilt (the roundtrip is never tilted): enable TTT, EVAL_STRIDE or SLOT")
     need(hp.eval_stride <= hp.eval_seq_len, f"EVAL_STRIDE={hp.eval_stride}: must be <= EVAL_SEQ_LEN={hp.eval_seq_len}")
     stride = hp.eval_stride or hp.eval_seq_len

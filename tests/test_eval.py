@@ -16,7 +16,8 @@ def phase(ttt=False, slot="off"):
     return Phase("test", 32, 8, ttt=ttt, slot=slot)
 
 EVAL_ENV = dict(EVAL_SEQ_LEN="32", EVAL_STRIDE="8", EVAL_BATCH_SEQS="4", TTT_CHUNK_TOKENS="64", TTT_LORA_RANK="0",
-                TTT_BATCH_SEQS="2", TTT_EPOCHS="2", TTT_LR="0.05", SLOT_STEPS="3", SLOT_LR="0.1")
+                TTT_BATCH_SEQS="2", TTT_EPOCHS="2", TTT_LR="0.05", SLOT_STEPS="3", SLOT_LR="0.1",
+                NGRAM_TILT="0")  # the phases as such; the tilt's tests switch it on
 
 
 def setup(n_tokens=301, seed=0, cfg=None):

@@ -15,7 +15,7 @@ L = 2  # layers of the test matrices
 def small_cfg():
     return train_gpt.ModelConfig(vocab_size=512, num_layers=L, model_dim=192, num_heads=4, num_kv_heads=2, mlp_mult=2,
                                  rope_dims=0, xsa_last_n=0, num_loops=0, loop_start=0, loop_end=0,
-                                 parallel_residual_start=-1)
+                                 parallel_residual_start=-1, smear_gate=False, attn_gate=False, asym_logit=False)
 
 
 def random_state(cfg, seed=0):
@@ -156,7 +156,7 @@ def test_knob_off_writes_todays_bytes(setup, quick_pack):
     """LQER_TOP_K=0 must not change a byte: the blob equals GPTQ + pack without any LQER code."""
     cfg, state, _ = setup
     hess = {}
-    hp = train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "0", "LQER_TOP_K": "0"})
+    hp = train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "0", "LQER_TOP_K": "0", "EMBED_BITS": "8", "EMBED_CLIP_SIGMAS": "20"})
     blob, k = train_gpt.quantize_within_budget(state, hess, cfg, hp, 0, lambda line: None)
     config = dict(model=dataclasses.asdict(cfg), train_seq_len=2048, matrix_clip_sigmas=12.85)
     assert blob == train_gpt.pack_artifact(quantized(cfg, state, hess), config)
@@ -167,7 +167,7 @@ def test_budget_counts_the_factors(setup, monkeypatch):
     matrices, their error before -> after, and bytes close to what the artifact grew by."""
     cfg, state, _ = setup
     hess = {}  # plain rounding: quicker, and the budget does not care how the error was made
-    off, _ = train_gpt.quantize_within_budget(state, hess, cfg, train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "0"}),
+    off, _ = train_gpt.quantize_within_budget(state, hess, cfg, train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "0", "LQER_TOP_K": "0"}),
                                               0, lambda line: None)
     lines = []
     hp = train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "0", "LQER_TOP_K": "3"})

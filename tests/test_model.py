@@ -14,7 +14,8 @@ def small_cfg(**kw) -> train_gpt.ModelConfig:
     base = dict(vocab_size=64, num_layers=6, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
                 mlp_leaky_slope=0.5, rope_base=10000.0, rope_dims=4, logit_softcap=30.0, qk_gain_init=5.0,
                 tied_embed_init_std=0.5, ln_scale=True, skip_gates=True, xsa_last_n=6, num_loops=2,
-                loop_start=2, loop_end=3, parallel_residual_start=4)
+                loop_start=2, loop_end=3, parallel_residual_start=4,
+                smear_gate=False, attn_gate=False, asym_logit=False)  # the April stack: the later levers test themselves
     return train_gpt.ModelConfig(**base | kw)
 
 

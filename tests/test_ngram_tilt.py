@@ -221,4 +221,4 @@ def test_ngram_knobs_are_checked():
     with pytest.raises(train_gpt.UserError, match="NGRAM_THRESHOLD"):
         train_gpt.Hyperparameters({"NGRAM_THRESHOLD": "1.5"})
     hp = train_gpt.Hyperparameters({})
-    assert (hp.ngram_tilt, hp.ngram_order, hp.ngram_threshold, hp.ngram_beta) == (False, 16, 0.8, 2.625)
+    assert (hp.ngram_tilt, hp.ngram_order, hp.ngram_threshold, hp.ngram_beta) == (True, 16, 0.8, 2.625)
