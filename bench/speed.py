@@ -10,7 +10,7 @@ train shards (on an H100 these ran 0.8 ms/step slower than random tokens), and a
 (EVAL_SEQ_LEN/EVAL_STRIDE) over --eval-tokens random tokens, after a
 short warm-up eval (so the compiled forward, EVAL_COMPILE=auto on CUDA, is timed without its compile;
 --set EVAL_COMPILE=0 times the eager one).
-Configurations: default = the submitted stack with one H100's share of the batch (98,304 tokens);
+Configurations: default = the default stack with one H100's share of the batch (98,304 tokens);
 default_looped = the same with depth recurrence on; baseline = bench/baseline.env; plain = the default's
 shape (layers, MLP width, sequence length, batch) with the baseline's features and optimizer, so that
 plain vs default is the cost of the record techniques and baseline vs plain that of the shape. --set applies

@@ -5,6 +5,8 @@
 #
 #   bench/variants.sh xsa-function qkv-gemm         # here; then copy .variants along with the tree
 #   for d in . .variants/*; do echo "$d"; python3 "$d/bench/speed.py" --configs default; done   # there
+# (`default` is each revision's own: before 3523d3f it had no SmearGate/SparseGate; --set SMEAR_GATE=0 ATTN_GATE=0
+# on a newer side compares like with like)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -eq 0 ]; then echo "usage: bench/variants.sh REV [REV ...]" >&2; exit 2; fi
