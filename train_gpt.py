@@ -341,12 +341,18 @@ class Hyperparameters:
         for kn in KNOBS:
             setattr(self, kn.name.lower(), _parse(kn, env[kn.name]) if kn.name in env else kn.default)
         validate(self)
+        self.ngram_tilt = self.ngram_tilt and tilt_has_phase(self)  # the default, with nothing to tilt, logs as off
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
 
     def items(self):
         return sorted((k, v) for k, v in vars(self).items() if k not in ("warnings", "explicit"))
+
+
+def tilt_has_phase(hp) -> bool:
+    """Whether a phase the n-gram tilt applies to runs (sliding windows, TTT or SLOT; never the roundtrip)."""
+    return bool(hp.ttt_enabled or hp.eval_stride or hp.slot != "off")
 
 
 def validate(hp: Hyperparameters):
@@ -372,7 +378,7 @@ def validate(hp: Hyperparameters):
     need(not hp.max_wallclock_seconds or hp.max_wallclock_seconds > hp.gptq_reserve_seconds,
          f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: must exceed GPTQ_RESERVE_SECONDS="
          f"{hp.gptq_reserve_seconds} (the Hessians' share of the clock), or be 0 for no cap")
-    need(not hp.ngram_tilt or "NGRAM_TILT" not in hp.explicit or hp.ttt_enabled or hp.eval_stride or hp.slot != "off",
+    need(not hp.ngram_tilt or "NGRAM_TILT" not in hp.explicit or tilt_has_phase(hp),
          "NGRAM_TILT=1: no phase to tilt (the roundtrip is never tilted): enable TTT, EVAL_STRIDE or SLOT")
     need(hp.eval_stride <= hp.eval_seq_len, f"EVAL_STRIDE={hp.eval_stride}: must be <= EVAL_SEQ_LEN={hp.eval_seq_len}")
     stride = hp.eval_stride or hp.eval_seq_len

@@ -80,4 +80,4 @@ def test_a_tilt_with_no_phase_to_tilt_is_refused():
     with pytest.raises(train_gpt.UserError, match="NGRAM_TILT=1: no phase to tilt"):
         train_gpt.Hyperparameters(dict(NGRAM_TILT="1", TTT_ENABLED="0", EVAL_STRIDE="0"))
     assert train_gpt.Hyperparameters(dict(NGRAM_TILT="1", TTT_ENABLED="0")).ngram_tilt
-    assert train_gpt.Hyperparameters(dict(TTT_ENABLED="0", EVAL_STRIDE="0")).ngram_tilt  # the default: nothing to tilt, no error
+    assert not train_gpt.Hyperparameters(dict(TTT_ENABLED="0", EVAL_STRIDE="0")).ngram_tilt  # the default: nothing to tilt, off
