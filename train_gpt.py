@@ -257,6 +257,8 @@ EXPORT_KNOBS = [
     Knob("LQER_TOP_K", 3, "LQER: low-rank INT2 x INT4 corrections of the N largest GPTQ errors W - Wq; 0 = off", 0),
     Knob("LQER_RANK", 4, "rank of each LQER correction", 1),
     Knob("LQER_GROUP", 64, "LQER: values of the flattened INT4 factor per fp16 scale", 1),
+    Knob("AWQ_GROUPS", 0, "AWQ-lite: the N most salient groups of 64 input columns over all GPTQ'd matrices are "
+         "rounded to int8 inside the same GPTQ solve; 0 = off", 0),
 ]
 KNOBS = RUN_KNOBS + SCHEDULE_KNOBS + MODEL_KNOBS + OPTIMIZER_KNOBS + EVAL_KNOBS + EXPORT_KNOBS
 
@@ -1340,15 +1342,25 @@ PASSTHROUGH_MAX_NUMEL = 65536
 COMPRESS_CHUNK_BYTES = 4 << 20  # independent brotli streams, compressed in parallel threads
 
 
+def row_scale(W: torch.Tensor, clip_sigmas: float, bits: int) -> torch.Tensor:
+    """SDClip's per-row scale k * std(row) / (2^(bits-1) - 1), through fp16 as it is stored."""
+    return (clip_sigmas * W.float().std(dim=-1) / (2 ** (bits - 1) - 1)).clamp_min(1e-10).half().float()
+
+
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, clip_sigmas: float,
-                  block: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W [B?, rows, cols], H [B?, cols, cols] or None for plain rounding) -> (q int8, scale fp16 [B?, rows])."""
+                  block: int = 128, damp: float = 0.01,
+                  fine: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [B?, rows, cols], H [B?, cols, cols] or None for plain rounding) -> (q int8, scale fp16 [B?, rows]).
+    fine (bool [B?, cols]): AWQ-lite's columns, rounded on the AWQ_BITS grid (row_scale at AWQ_BITS) in the same solve."""
     squeeze = W.ndim == 2
     W = (W[None] if squeeze else W).float().clone()
     B, rows, cols = W.shape
     qmax = 2 ** (bits - 1) - 1
-    scale = (clip_sigmas * W.std(dim=-1) / qmax).clamp_min(1e-10).half().float()  # [B, rows]
+    scale = row_scale(W, clip_sigmas, bits)  # [B, rows]
+    if fine is not None:
+        fine = (fine[None] if squeeze else fine).to(W.device)
+        fine_scale, fine_max = row_scale(W, clip_sigmas, AWQ_BITS), 2 ** (AWQ_BITS - 1) - 1
     if H is None:
         H = torch.eye(cols, device=W.device).expand(B, cols, cols)
     H = (H[None] if H.ndim == 2 else H).float().clone()
@@ -1358,6 +1370,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, clip_sigma
     perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True)  # act-order
     W = W.gather(2, perm[:, None, :].expand(B, rows, cols))
     H = H.gather(1, perm[:, :, None].expand(B, cols, cols)).gather(2, perm[:, None, :].expand(B, cols, cols))
+    if fine is not None:
+        fine = fine.gather(1, perm)
     Hinv = inverse_hessian_factor(H, damp)
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, block):
@@ -1365,10 +1379,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, clip_sigma
         W1, Hinv1 = W[:, :, i1:i2].clone(), Hinv[:, i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for j in range(i2 - i1):
-            w = W1[:, :, j]
-            q = torch.clamp(torch.round(w / scale), -qmax, qmax)
+            w, s, m = W1[:, :, j], scale, qmax
+            if fine is not None:  # per slice: this column on the fine grid or not
+                f = fine[:, i1 + j, None]
+                s, m = torch.where(f, fine_scale, scale), torch.where(f, float(fine_max), float(qmax))
+            q = torch.clamp(torch.round(w / s), -m, m)
             Q[:, :, i1 + j] = q
-            err = (w - q * scale) / Hinv1[:, j, j][:, None]
+            err = (w - q * s) / Hinv1[:, j, j][:, None]
             W1[:, :, j:] -= err[:, :, None] * Hinv1[:, j, j:][:, None, :]
             Err1[:, :, j] = err
         W[:, :, i2:] -= Err1 @ Hinv[:, i1:i2, i2:]
@@ -1398,6 +1415,14 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[..., None]
 
 
+def dequantize_gptq(entry: dict) -> torch.Tensor:
+    """A GPTQ'd entry's rows, AWQ-lite's columns (awq.cols) at their own row scale (awq.scale)."""
+    W = dequantize_rows(entry["q"], entry["scale"])
+    if "awq.cols" in entry:
+        W = torch.where(entry["awq.cols"].bool()[..., None, :], dequantize_rows(entry["q"], entry["awq.scale"]), W)
+    return W
+
+
 def hessian_keys(name: str, num_layers: int) -> list[tuple] | None:
     """The recorded input Hessian of each matrix of a parameter, in bank order (None: not GPTQ'd)."""
     if name == "tok_emb.weight":
@@ -1408,30 +1433,87 @@ def hessian_keys(name: str, num_layers: int) -> list[tuple] | None:
 
 
 class HessianRecorder:
-    """A model `tap` summing X^T X of every matrix input per key (each visit of a looped layer adds)."""
+    """A model `tap` summing X^T X of every matrix input per key (each visit of a looped layer adds), and
+    how many input rows each sum holds."""
 
     def __init__(self):
         self.hessians: dict[tuple, torch.Tensor] = {}
+        self.rows: dict[tuple, int] = {}
 
     def __call__(self, key: tuple, x: torch.Tensor):
         x = x.detach().reshape(-1, x.size(-1)).float()
         self.hessians[key] = self.hessians.get(key, 0) + x.T @ x
+        self.rows[key] = self.rows.get(key, 0) + x.size(0)
+
+
+# AWQ-lite: where the inputs are loud and the weights large, a group of input columns is rounded on a finer
+# grid inside the same GPTQ solve (its error feedback included); the group's row scale is stored beside.
+AWQ_BITS, AWQ_GROUP_COLS = 8, 64
+AWQ_FIELD = re.compile(r"awq\.(cols|scale)")
+
+
+def awq_select(state: dict[str, torch.Tensor], hessians: dict | None, num_layers: int, top_k: int,
+               bits_of) -> dict[str, torch.Tensor]:
+    """name -> bool [slices, cols]: the top_k groups of AWQ_GROUP_COLS input columns over every GPTQ'd matrix
+    below AWQ_BITS, by saliency: per column the rms of its input (the Hessians are means of x x^T) times the
+    column's mean |w|, summed over the group."""
+    ranked = []
+    for name, t in state.items():
+        keys = hessian_keys(name, num_layers)
+        if not (top_k and hessians and keys) or t.numel() <= PASSTHROUGH_MAX_NUMEL or bits_of(name) >= AWQ_BITS:
+            continue
+        W = t.detach().float().reshape(len(keys), *t.shape[-2:])
+        rms = torch.stack([hessians[k].diagonal() for k in keys]).to(W.device).clamp_min(0).sqrt()
+        n = W.size(-1) // AWQ_GROUP_COLS
+        saliency = (rms * W.abs().mean(dim=1))[:, :n * AWQ_GROUP_COLS].reshape(len(keys), n, -1).sum(-1)
+        ranked += [(-v, name, k, g) for k, row in enumerate(saliency.tolist()) for g, v in enumerate(row)]
+    masks = {}
+    for _, name, k, g in sorted(ranked)[:top_k]:
+        t = state[name]
+        mask = masks.setdefault(name, torch.zeros(t.numel() // t.shape[-1] // t.shape[-2], t.shape[-1], dtype=torch.bool))
+        mask[k, g * AWQ_GROUP_COLS:(g + 1) * AWQ_GROUP_COLS] = True
+    return masks
+
+
+def awq_problem(entry: dict) -> str | None:
+    """What is wrong with an entry's AWQ-lite fields, if anything (an entry may have none)."""
+    f = {k: t for k, t in entry.items() if AWQ_FIELD.fullmatch(k)}
+    if not f:
+        return None
+    if set(f) != {"awq.cols", "awq.scale"} or "q" not in entry or entry["q"].ndim < 2:
+        return "awq.cols and awq.scale belong together, on a GPTQ'd matrix"
+    cols, scale, q = f["awq.cols"], f["awq.scale"], entry["q"]
+    if cols.dtype != torch.int8 or tuple(cols.shape) != (*q.shape[:-2], q.size(-1)) or not ((cols == 0) | (cols == 1)).all():
+        return "awq.cols is not a 0/1 mask over the matrix's input columns"
+    if scale.dtype != torch.float16 or scale.shape != entry["scale"].shape or not torch.isfinite(scale.float()).all():
+        return "awq.scale does not match the row scales"
+    return None
 
 
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict | None, num_layers: int,
-                   matrix_bits: int, matrix_clip: float, embed_bits: int, embed_clip: float) -> dict[str, dict]:
-    """name -> {kind, tensors}: GPTQ for the banks and the tied embedding, fp16 for the rest."""
+                   matrix_bits: int, matrix_clip: float, embed_bits: int, embed_clip: float,
+                   awq_groups: int = 0) -> dict[str, dict]:
+    """name -> {kind, tensors}: GPTQ for the banks and the tied embedding (AWQ-lite's groups on the int8 grid,
+    their row scales zero in slices without one), fp16 for the rest."""
+    def bits_clip(name):
+        return (embed_bits, embed_clip) if name == "tok_emb.weight" else (matrix_bits, matrix_clip)
+    fine = awq_select(state, hessians, num_layers, awq_groups, lambda name: bits_clip(name)[0])
     out = {}
     for name, t in state.items():
         keys = hessian_keys(name, num_layers)
         if keys is None or t.numel() <= PASSTHROUGH_MAX_NUMEL:
             out[name] = {"kind": "fp16", "w": t.detach().cpu().half()}
             continue
-        bits, clip = (embed_bits, embed_clip) if name == "tok_emb.weight" else (matrix_bits, matrix_clip)
+        bits, clip = bits_clip(name)
         H = torch.stack([hessians[k] for k in keys]) if hessians else None
         W = t.detach().float().reshape(len(keys), *t.shape[-2:])
-        q, s = gptq_quantize(W, H.to(W.device) if H is not None else None, bits, clip)
+        q, s = gptq_quantize(W, H.to(W.device) if H is not None else None, bits, clip, fine=fine.get(name))
         out[name] = {"kind": f"int{bits}_rows", "q": q.reshape(t.shape).cpu(), "scale": s.reshape(t.shape[:-1]).cpu()}
+        if name in fine:
+            cols = fine[name]
+            awq_scale = row_scale(W, clip, AWQ_BITS).cpu() * cols.any(dim=1, keepdim=True)
+            out[name] |= {"awq.cols": cols.to(torch.int8).reshape(*t.shape[:-2], -1),
+                          "awq.scale": awq_scale.half().reshape(t.shape[:-1])}
     return out
 
 
@@ -1441,7 +1523,7 @@ def dequantize_state(qstate: dict[str, dict]) -> dict[str, torch.Tensor]:
 
 def dequantize_matrix(entry: dict) -> torch.Tensor:
     """GPTQ'd rows plus the LQER correction of each slice that has one."""
-    W = dequantize_rows(entry["q"], entry["scale"])
+    W = dequantize_gptq(entry)
     slices = W.view(-1, *W.shape[-2:])  # a view: adding to a slice adds to W
     for k, fields in lqer_slices(entry).items():
         A, B = lqer_factors(fields, *W.shape[-2:])
@@ -1566,7 +1648,7 @@ def gptq_errors(state: dict[str, torch.Tensor], qstate: dict[str, dict]) -> list
         if "q" not in e:
             continue
         W = state[name].detach().float()
-        E = W - dequantize_rows(e["q"].to(W.device), e["scale"].to(W.device))
+        E = W - dequantize_gptq(e).to(W.device)
         norms = torch.linalg.matrix_norm(E.reshape(-1, *W.shape[-2:])).tolist()
         out += [(n, name, k) for k, n in enumerate(norms)]
     return sorted(out, key=lambda t: (-t[0], t[1], t[2]))
@@ -1582,8 +1664,7 @@ def apply_lqer(state: dict[str, torch.Tensor], qstate: dict[str, dict], top_k: i
         W = state[name].detach().float()
         rows, cols = W.shape[-2:]
         W_k = W.reshape(-1, rows, cols)[k]
-        E = W_k - dequantize_rows(e["q"].reshape(-1, rows, cols)[k].to(W.device),
-                                  e["scale"].reshape(-1, rows)[k].to(W.device))
+        E = W_k - dequantize_gptq(e).reshape(-1, rows, cols)[k].to(W.device)
         fields = lqer_fit(E, rank, group)
         A, B = lqer_factors(fields, rows, cols)  # exactly what loading will add
         after = torch.linalg.matrix_norm(E.cpu() - A @ B).item()
@@ -1595,9 +1676,10 @@ def apply_lqer(state: dict[str, torch.Tensor], qstate: dict[str, dict], top_k: i
     return report
 
 
-def lqer_bytes(qstate: dict[str, dict]) -> int:
-    """About what the LQER fields add to the artifact: their table rows and data compressed alone."""
-    fields = [(name, f, t) for name, e in qstate.items() for f, t in e.items() if LQER_FIELD.fullmatch(f)]
+def field_bytes(qstate: dict[str, dict], pattern: re.Pattern) -> int:
+    """About what the fields matching `pattern` (LQER's, AWQ-lite's) add to the artifact: their table rows and
+    data compressed alone."""
+    fields = [(name, f, t) for name, e in qstate.items() for f, t in e.items() if pattern.fullmatch(f)]
     if not fields:
         return 0
     rows = json.dumps([dict(name=name, field=f, dtype=str(t.dtype), shape=list(t.shape)) for name, f, t in fields])
@@ -1672,6 +1754,8 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
             lqer_slices(entry)
         except ValueError as err:
             raise UserError(f"{source}: corrupted LQER entry {name}: {err}") from None
+        if problem := awq_problem(entry):
+            raise UserError(f"{source}: corrupted AWQ entry {name}: {problem}")
     return qstate, meta["config"]
 
 
@@ -2877,8 +2961,9 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
 
 @torch.no_grad()
 def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: int, dctx: Dist) -> dict:
-    """Input Hessians X^T X of every GPTQ'd matrix from fresh training batches (never val data) through
-    the looped model, summed over ranks so every rank quantizes identically."""
+    """Input Hessians, the mean of x x^T over the inputs of every GPTQ'd matrix (GPTQ is blind to their scale,
+    AWQ-lite compares them across matrices), from fresh training batches (never val data) through the
+    looped model, summed over ranks so every rank quantizes identically."""
     if not hp.gptq_calibration_batches:
         return {}
     stream = TrainStream(train_files, hp.train_seq_len, hp.seed + 1, hp.vocab_size)
@@ -2890,7 +2975,7 @@ def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: i
             model(batch[:, :-1], batch[:, 1:], looped=True, tap=recorder)
     for key in sorted(recorder.hessians):
         dctx.all_reduce_sum(recorder.hessians[key])
-    return recorder.hessians
+    return {key: H / (recorder.rows[key] * dctx.world_size) for key, H in recorder.hessians.items()}
 
 
 def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hyperparameters, code_bytes: int,
@@ -2900,7 +2985,10 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
     artifact's config. Returns the smallest-clip blob that fits, else the last one tried."""
     def attempt(k: float) -> bytes:
         t0 = time.perf_counter()
-        q = quantize_state(state, hessians, cfg.num_layers, hp.matrix_bits, k, hp.embed_bits, hp.embed_clip_sigmas)
+        q = quantize_state(state, hessians, cfg.num_layers, hp.matrix_bits, k, hp.embed_bits, hp.embed_clip_sigmas,
+                           hp.awq_groups)
+        if hp.awq_groups:
+            log(awq_line(q, cfg.num_layers))
         if hp.lqer_top_k:
             report = apply_lqer(state, q, hp.lqer_top_k, hp.lqer_rank, hp.lqer_group, cfg.num_layers)
             log(lqer_line(report, q, hp))
@@ -2946,11 +3034,21 @@ def next_clip(tries: list[tuple[float, int]], target: int) -> float:
     return k1 * math.exp(min(max(step, -math.log(1.15)), math.log(1.15)))
 
 
+def awq_line(qstate: dict[str, dict], num_layers: int) -> str:
+    """The `awq:` log line: each int8 column group as matrix slice:first column, and the bytes of the mask and
+    scale fields (the int8 codes' own cost is in the artifact's size: compare gptq_try with AWQ_GROUPS=0)."""
+    groups = [f"{slice_label(name, k, num_layers)}:{c}" for name, e in qstate.items() if "awq.cols" in e
+              for k, row in enumerate(e["awq.cols"].reshape(-1, e["awq.cols"].size(-1)).bool())
+              for c in row.nonzero().flatten()[::AWQ_GROUP_COLS].tolist()]
+    return (f"awq: groups:{len(groups)} bits:{AWQ_BITS} cols:{AWQ_GROUP_COLS} {' '.join(groups)} "
+            f"field_bytes:{field_bytes(qstate, AWQ_FIELD)}")
+
+
 def lqer_line(report: list[dict], qstate: dict[str, dict], hp: Hyperparameters) -> str:
     """The `lqer:` log line: each chosen matrix's GPTQ error norm before -> after (or `dropped`), and bytes."""
     parts = [f"{r['label']}:{r['before']:.4f}->" + (f"{r['after']:.4f}" if r["kept"] else "dropped") for r in report]
     return (f"lqer: top_k:{hp.lqer_top_k} rank:{hp.lqer_rank} group:{hp.lqer_group} {' '.join(parts)} "
-            f"bytes:{lqer_bytes(qstate)}")
+            f"bytes:{field_bytes(qstate, LQER_FIELD)}")
 
 
 def configure_inductor():
