@@ -149,6 +149,8 @@ RUN_KNOBS = [
     Knob("SEED", 1337, "seeds init, data order and everything random", 0, 2**31 - 1),
     Knob("LOG_DIR", "logs", "where <RUN_ID>.txt is written"),
     Knob("ARTIFACT_DIR", ".", "where final_model_<RUN_ID>.int<MATRIX_BITS>.br is written (never overwritten)"),
+    Knob("PREQUANT_SAVE", "", "file (never overwritten) to also write what the export quantizes: the EMA weights and "
+         "GPTQ Hessians, for re-exports under other export knobs (bench/eval_sweep.py PREQUANT=); empty = off"),
     Knob("DEVICE", "auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu")),
     Knob("COMPILE", True, "torch.compile the model on CUDA (0 for debugging; never on CPU)"),
     Knob("COMPILE_CACHE", "", "file of torch.compile's caches: loaded at start where it exists (another machine "
@@ -3204,6 +3206,9 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
     if hp.max_wallclock_seconds and result["train_ms"] / 1000 + hess_s > hp.max_wallclock_seconds:
         log(f"warning:hessians_outside_budget raise GPTQ_RESERVE_SECONDS above {hess_s:.1f}")
     meta = dict(tokenizer_sha256=tokenizer_sha)
+    if hp.prequant_save and dctx.is_main:
+        save_prequant(Path(hp.prequant_save), model, hessians, hp.train_seq_len, len(code), meta)
+        log(f"prequant_saved:{hp.prequant_save}")
     blob, clip = quantize_within_budget(model.state_dict(), hessians, model.cfg, hp, len(code), log, meta)
     total = len(blob) + len(code)
     over = total > ARTIFACT_LIMIT_BYTES
@@ -3215,12 +3220,37 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
     return artifact, dict(artifact_bytes=total, model_bytes=len(blob), code_bytes=len(code))
 
 
+def save_prequant(path: Path, model: GPT, hessians: dict, train_seq_len: int, code_bytes: int, meta: dict):
+    """PREQUANT_SAVE: what an export quantizes (EMA weights, Hessians) and what its artifact records, as
+    torch.save of tensors and plain values only (load_prequant reads it with weights_only)."""
+    buf = io.BytesIO()
+    torch.save(dict(state={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    hessians={k: v.cpu() for k, v in hessians.items()}, model=dataclasses.asdict(model.cfg),
+                    train_seq_len=train_seq_len, code_bytes=code_bytes, meta=meta), buf)
+    write_atomic(path, buf.getvalue(), overwrite=False)
+
+
+def load_prequant(path: str) -> dict:
+    """A PREQUANT_SAVE file: state, hessians, model (a ModelConfig), train_seq_len, code_bytes, meta."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved | dict(model=ModelConfig(**saved["model"]))
+    except FileNotFoundError:
+        raise UserError(f"{path}: prequant file not found") from None
+    except Exception as e:
+        raise UserError(f"{path}: not a PREQUANT_SAVE file ({type(e).__name__})") from None
+
+
 def check_outputs(hp: Hyperparameters, run_id: str) -> str | None:
-    """Why this run could not write its artifact (under either name), or None."""
+    """Why this run could not write its artifact (under either name) or its PREQUANT_SAVE file, or None."""
     try:
         check_writable(Path(hp.artifact_dir), "ARTIFACT_DIR")
+        if hp.prequant_save:
+            check_writable(Path(hp.prequant_save).parent, "PREQUANT_SAVE's folder")
     except UserError as e:
         return str(e)
+    if hp.prequant_save and Path(hp.prequant_save).exists():
+        return f"env PREQUANT_SAVE={hp.prequant_save}: the file exists; it is never overwritten"
     for path in (artifact_path(hp, run_id), artifact_path(hp, run_id, over_limit=True)):
         if path.exists():
             return f"artifact {path} already exists: it is never overwritten (choose another RUN_ID or ARTIFACT_DIR)"

@@ -3,6 +3,11 @@
 compiled forward graphs are set up once, so a variant after the first costs little more than its phases.
 
 usage: EVAL_ONLY=ARTIFACT [VAR=value ...] python3 bench/eval_sweep.py 'NAME [K=V ...]' ['NAME K=V ...' ...]
+       PREQUANT=FILE [VAR=value ...] python3 bench/eval_sweep.py 'NAME [K=V ...]' ...
+
+PREQUANT (a training run's PREQUANT_SAVE file: its EMA weights and GPTQ Hessians) re-exports them for each
+variant under its export knobs (GPTQ, clip search, LQER, AWQ-lite; ARTIFACT_DIR receives the artifact, never
+overwritten) and scores that artifact: quantization settings compared on one trained model, without retraining.
 
 Each variant is train_gpt's EVAL_ONLY run with the environment plus its overrides, logged as
 RUN_ID=<RUN_ID>_<NAME>; every variant's knobs are checked before the first one runs. After each run's own
@@ -10,9 +15,12 @@ log lines it prints one line: variant, final_phase, final_val_bpb, eval_seconds,
 before its eval clock (eval_prime, as a training run does before its training clock), a later variant only those
 that an earlier one did not build; its phases then run warm, alone or not (a new_graphs above 0 says otherwise).
 """
+import copy
 import os
 import sys
 from pathlib import Path
+
+import torch
 
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script: the repository root, once
@@ -47,16 +55,39 @@ def cli(body, argv: list[str]) -> int:
     return 0
 
 
+def reexport(saved: dict, hp: train_gpt.Hyperparameters) -> tuple[Path, str]:
+    """The artifact of a PREQUANT file under hp's export knobs, written as a training run's would be (on the GPU
+    where there is one), and its `export:` figures."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    state, hessians = ({k: v.to(device) for k, v in saved[part].items()} for part in ("state", "hessians"))
+    blob, clip = train_gpt.quantize_within_budget(state, hessians, saved["model"], hp, saved["code_bytes"],
+                                                  lambda line: print(line, flush=True), saved["meta"])
+    path = train_gpt.artifact_path(hp, hp.run_id)
+    train_gpt.check_writable(path.parent, "ARTIFACT_DIR")
+    train_gpt.write_atomic(path, blob, overwrite=False)
+    return path, f"artifact_bytes:{len(blob) + saved['code_bytes']} matrix_clip_sigmas:{clip:.4f}"
+
+
 def sweep(argv: list[str]):
-    if not os.environ.get("EVAL_ONLY"):
-        raise train_gpt.UserError("env EVAL_ONLY: the artifact to score is not set")
-    if os.environ.get("WORLD_SIZE", "1") != "1":
+    prequant, env = os.environ.get("PREQUANT"), dict(os.environ)
+    if bool(prequant) == bool(env.get("EVAL_ONLY")):
+        raise train_gpt.UserError("set one of env EVAL_ONLY (the artifact to score) or PREQUANT (weights to re-export)")
+    if env.get("WORLD_SIZE", "1") != "1":
         raise train_gpt.UserError("eval_sweep.py runs one process: start it with python3, not torchrun")
-    base = os.environ.get("RUN_ID") or "sweep"
-    for name, hp in variant_knobs(argv, dict(os.environ), lambda name: {"RUN_ID": f"{base}_{name}"}):
+    saved = train_gpt.load_prequant(prequant) if prequant else None
+    if saved:  # the artifact records the run's training length, as the training run's export did
+        env["TRAIN_SEQ_LEN"] = str(saved["train_seq_len"])
+    base = env.get("RUN_ID") or "sweep"
+    for name, hp in variant_knobs(argv, env, lambda name: {"RUN_ID": f"{base}_{name}"}):
+        export = ""
+        if saved:
+            path, export = reexport(saved, hp)
+            hp = copy.copy(hp)
+            hp.eval_only = str(path)
         s = train_gpt.run(hp)
         print(f"variant:{name} final_phase:{s['final_phase']} final_val_bpb:{s['final_val_bpb']:.8f} "
-              f"eval_seconds:{s['eval_seconds']:.1f} log:{Path(hp.log_dir) / (hp.run_id + '.txt')}", flush=True)
+              f"eval_seconds:{s['eval_seconds']:.1f} {export + ' ' if export else ''}"
+              f"log:{Path(hp.log_dir) / (hp.run_id + '.txt')}", flush=True)
 
 
 if __name__ == "__main__":

@@ -206,9 +206,13 @@ def test_scaling_script_rejects_a_gpu_count_that_does_not_divide_8():
 
 def test_eval_sweep_scores_one_artifact_under_several_settings(tiny_data, tmp_path, launcher):
     """bench/eval_sweep.py: one EVAL_ONLY run per variant in one process, each with its own log and line;
-    the variants' knobs are checked before any runs; a bad variant is a one-line error."""
-    env = tiny_env(tiny_data, tmp_path, RUN_ID="art", TTT_ENABLED=0)
+    the variants' knobs are checked before any runs; a bad variant is a one-line error. With PREQUANT (the
+    training run's PREQUANT_SAVE), each variant re-exports the trained weights under its export knobs: the
+    run's own knobs give its artifact byte for byte, AWQ-lite another one, scored from the file."""
+    pre = tmp_path / "pre" / "art.pt"
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="art", TTT_ENABLED=0, PREQUANT_SAVE=pre, MODEL_DIM=128)  # GPTQ'd embedding
     assert launcher.run(env).returncode == 0
+    assert f"prequant_saved:{pre}" in (tmp_path / "logs" / "art.txt").read_text()
     sweep = env | dict(RUN_ID="sw", EVAL_ONLY=str(tmp_path / "art" / "final_model_art.int6.br"))
     res = launcher.run(sweep, "bench/eval_sweep.py", ["plain", "ttt TTT_ENABLED=1 EVAL_SLIDING=0"])
     assert res.returncode == 0, res.stderr[-2000:]
@@ -223,3 +227,20 @@ def test_eval_sweep_scores_one_artifact_under_several_settings(tiny_data, tmp_pa
     assert not (tmp_path / "logs" / "bad_ok.txt").exists()  # nothing ran
     res = launcher.run(sweep, "bench/eval_sweep.py", ["two words=1=2 x"])
     assert res.returncode == 2 and res.stderr.startswith("error: variant 'two words=1=2 x'")
+    env.pop("PREQUANT_SAVE")
+    redo = env | dict(RUN_ID="re", PREQUANT=str(pre), ARTIFACT_DIR=str(tmp_path / "re"))
+    res = launcher.run(redo, "bench/eval_sweep.py", ["same", "awq AWQ_GROUPS=1"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("variant:")]
+    assert [line.split()[0] for line in lines] == ["variant:same", "variant:awq"]
+    same, awq = (tmp_path / "re" / f"final_model_re_{n}.int6.br" for n in ("same", "awq"))
+    assert same.read_bytes() == (tmp_path / "art" / "final_model_art.int6.br").read_bytes()
+    assert any("awq.cols" in e for e in train_gpt.unpack_artifact(awq.read_bytes())[0].values())
+    code_bytes = int(re.search(r" code_bytes:(\d+)", (tmp_path / "logs" / "art.txt").read_text())[1])
+    for line, path in zip(lines, (same, awq)):
+        assert f" artifact_bytes:{path.stat().st_size + code_bytes} " in line, line
+        assert parse_log(tmp_path / "logs" / f"re_{line.split()[0].split(':')[1]}.txt")["final_val_bpb"] in line
+    res = launcher.run(redo | dict(EVAL_ONLY=str(same)), "bench/eval_sweep.py", ["x"])
+    assert res.returncode == 2 and res.stderr.startswith("error: set one of env EVAL_ONLY")
+    res = launcher.run(redo | dict(PREQUANT=str(same)), "bench/eval_sweep.py", ["x"])
+    assert res.returncode == 2 and res.stderr.startswith(f"error: {same}: not a PREQUANT_SAVE file")

@@ -137,6 +137,11 @@ def test_records_tokenizer_and_never_reuses_a_run_id(tiny_data, tmp_path, launch
     again = launcher.run(env | dict(LOG_DIR=str(tmp_path / "other_logs")), timeout=120)
     one_error_line(again, f"artifact {artifact} already exists")
     assert artifact.read_bytes() == before and "train_loss" not in (tmp_path / "other_logs" / "rec.txt").read_text()
+    taken = tmp_path / "taken.pt"  # a PREQUANT_SAVE file is never overwritten either, refused before training
+    taken.write_bytes(b"x")
+    again = launcher.run(env | dict(RUN_ID="rec2", PREQUANT_SAVE=str(taken)), timeout=120)
+    one_error_line(again, f"env PREQUANT_SAVE={taken}: the file exists")
+    assert taken.read_bytes() == b"x" and not (tmp_path / "art" / "final_model_rec2.int6.br").exists()
 
     evaluate = {k: v for k, v in env.items() if k not in ("VOCAB_SIZE", "TTT_LRR")} | dict(EVAL_ONLY=str(artifact))
     ok = launcher.run(evaluate | dict(RUN_ID="ev_ok", NUM_LAYERS="5"), timeout=120)
