@@ -259,8 +259,8 @@ EXPORT_KNOBS = [
     Knob("LQER_TOP_K", 3, "LQER: low-rank INT2 x INT4 corrections of the N largest GPTQ errors W - Wq; 0 = off", 0),
     Knob("LQER_RANK", 4, "rank of each LQER correction", 1),
     Knob("LQER_GROUP", 64, "LQER: values of the flattened INT4 factor per fp16 scale", 1),
-    Knob("AWQ_GROUPS", 0, "AWQ-lite: the N most salient groups of 64 input columns over all GPTQ'd matrices are "
-         "rounded to int8 inside the same GPTQ solve; 0 = off", 0),
+    Knob("AWQ_GROUPS", 0, "AWQ-lite: the N most salient groups of 64 input columns over the GPTQ'd matrices below 8 "
+         "bits are rounded to int8 inside the same GPTQ solve; 0 = off", 0),
 ]
 KNOBS = RUN_KNOBS + SCHEDULE_KNOBS + MODEL_KNOBS + OPTIMIZER_KNOBS + EVAL_KNOBS + EXPORT_KNOBS
 
@@ -354,6 +354,11 @@ class Hyperparameters:
         return sorted((k, v) for k, v in vars(self).items() if k not in ("warnings", "explicit"))
 
 
+def knob_text(value) -> str:
+    """A knob's value as its environment variable would spell it (bools as 0/1)."""
+    return str(int(value) if isinstance(value, bool) else value)
+
+
 def tilt_has_phase(hp) -> bool:
     """Whether a phase the n-gram tilt applies to runs (sliding windows, TTT or SLOT; never the roundtrip)."""
     return bool(hp.ttt_enabled or hp.eval_stride or hp.slot != "off")
@@ -401,6 +406,9 @@ def validate(hp: Hyperparameters):
          f"(length, looped) shapes, each a compiled graph; at most {MAX_TRAIN_SHAPES}")
     need(not hp.val_max_tokens or hp.val_max_tokens > max(hp.train_seq_len, hp.eval_seq_len),
          f"VAL_MAX_TOKENS={hp.val_max_tokens}: must exceed TRAIN_SEQ_LEN and EVAL_SEQ_LEN (one window)")
+    need(not hp.awq_groups or hp.gptq_calibration_batches,
+         f"AWQ_GROUPS={hp.awq_groups}: ranks columns by the GPTQ Hessians: needs GPTQ_CALIBRATION_BATCHES > 0")
+    need(not (hp.prequant_save and hp.eval_only), f"PREQUANT_SAVE={hp.prequant_save}: an EVAL_ONLY run exports nothing")
 
 
 def seq_schedule(hp: Hyperparameters) -> list[tuple[int, float]]:
@@ -1366,9 +1374,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, clip_sigma
     if H is None:
         H = torch.eye(cols, device=W.device).expand(B, cols, cols)
     H = (H[None] if H.ndim == 2 else H).float().clone()
-    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # inputs that never fire: weight is irrelevant
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)
+    dead = diag == 0  # inputs that never fire: weight is irrelevant
     W.masked_fill_(dead[:, None, :], 0)
-    torch.diagonal(H, dim1=-2, dim2=-1).masked_fill_(dead, 1.0)
+    live_mean = diag.sum(-1, keepdim=True) / (~dead).sum(-1, keepdim=True).clamp(min=1)
+    diag.copy_(torch.where(dead, torch.where(live_mean > 0, live_mean, 1.0), diag))  # on the Hessian's own scale
     perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True)  # act-order
     W = W.gather(2, perm[:, None, :].expand(B, rows, cols))
     H = H.gather(1, perm[:, :, None].expand(B, cols, cols)).gather(2, perm[:, None, :].expand(B, cols, cols))
@@ -3115,7 +3125,7 @@ def save_compile_cache(path: str, loaded: bool, log):
 # -----------------------------------------------------------------------------------------
 
 def describe_environment(hp: Hyperparameters, dctx: Dist, code: bytes) -> list[str]:
-    lines = ["hyperparameters:"] + [f"  {k}: {int(v) if isinstance(v, bool) else v}" for k, v in hp.items()]
+    lines = ["hyperparameters:"] + [f"  {k}: {knob_text(v)}" for k, v in hp.items()]
 
     def git(*args) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
@@ -3206,9 +3216,6 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
     if hp.max_wallclock_seconds and result["train_ms"] / 1000 + hess_s > hp.max_wallclock_seconds:
         log(f"warning:hessians_outside_budget raise GPTQ_RESERVE_SECONDS above {hess_s:.1f}")
     meta = dict(tokenizer_sha256=tokenizer_sha)
-    if hp.prequant_save and dctx.is_main:
-        save_prequant(Path(hp.prequant_save), model, hessians, hp.train_seq_len, len(code), meta)
-        log(f"prequant_saved:{hp.prequant_save}")
     blob, clip = quantize_within_budget(model.state_dict(), hessians, model.cfg, hp, len(code), log, meta)
     total = len(blob) + len(code)
     over = total > ARTIFACT_LIMIT_BYTES
@@ -3217,28 +3224,41 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
         f"limit:{ARTIFACT_LIMIT_BYTES} headroom:{ARTIFACT_LIMIT_BYTES - total} matrix_clip_sigmas:{clip:.4f}")
     if dctx.is_main:
         write_atomic(artifact, blob, overwrite=False)
+        if hp.prequant_save:  # after the artifact: a failure here costs only this extra file
+            try:
+                save_prequant(Path(hp.prequant_save), model, hessians, hp, len(code), meta)
+                log(f"prequant_saved:{hp.prequant_save}")
+            except UserError as e:
+                log(f"warning:prequant_not_saved {e}")
     return artifact, dict(artifact_bytes=total, model_bytes=len(blob), code_bytes=len(code))
 
 
-def save_prequant(path: Path, model: GPT, hessians: dict, train_seq_len: int, code_bytes: int, meta: dict):
-    """PREQUANT_SAVE: what an export quantizes (EMA weights, Hessians) and what its artifact records, as
-    torch.save of tensors and plain values only (load_prequant reads it with weights_only)."""
+PREQUANT_FIELDS = ("state", "hessians", "model", "train_seq_len", "code_bytes", "meta", "export")
+
+
+def save_prequant(path: Path, model: GPT, hessians: dict, hp: Hyperparameters, code_bytes: int, meta: dict):
+    """PREQUANT_SAVE: what an export quantizes (EMA weights, Hessians), its export knobs and what its artifact
+    records, as torch.save of tensors and plain values only (load_prequant reads it with weights_only)."""
     buf = io.BytesIO()
+    export = {kn.name: knob_text(getattr(hp, kn.name.lower())) for kn in EXPORT_KNOBS}
     torch.save(dict(state={k: v.detach().cpu() for k, v in model.state_dict().items()},
                     hessians={k: v.cpu() for k, v in hessians.items()}, model=dataclasses.asdict(model.cfg),
-                    train_seq_len=train_seq_len, code_bytes=code_bytes, meta=meta), buf)
+                    train_seq_len=hp.train_seq_len, code_bytes=code_bytes, meta=meta, export=export), buf)
     write_atomic(path, buf.getvalue(), overwrite=False)
 
 
 def load_prequant(path: str) -> dict:
-    """A PREQUANT_SAVE file: state, hessians, model (a ModelConfig), train_seq_len, code_bytes, meta."""
+    """A PREQUANT_SAVE file (PREQUANT_FIELDS; model as a ModelConfig)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [f for f in PREQUANT_FIELDS if f not in saved]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
         return saved | dict(model=ModelConfig(**saved["model"]))
     except FileNotFoundError:
         raise UserError(f"{path}: prequant file not found") from None
     except Exception as e:
-        raise UserError(f"{path}: not a PREQUANT_SAVE file ({type(e).__name__})") from None
+        raise UserError(f"{path}: not a PREQUANT_SAVE file ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def check_outputs(hp: Hyperparameters, run_id: str) -> str | None:

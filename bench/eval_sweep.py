@@ -5,9 +5,10 @@ compiled forward graphs are set up once, so a variant after the first costs litt
 usage: EVAL_ONLY=ARTIFACT [VAR=value ...] python3 bench/eval_sweep.py 'NAME [K=V ...]' ['NAME K=V ...' ...]
        PREQUANT=FILE [VAR=value ...] python3 bench/eval_sweep.py 'NAME [K=V ...]' ...
 
-PREQUANT (a training run's PREQUANT_SAVE file: its EMA weights and GPTQ Hessians) re-exports them for each
-variant under its export knobs (GPTQ, clip search, LQER, AWQ-lite; ARTIFACT_DIR receives the artifact, never
-overwritten) and scores that artifact: quantization settings compared on one trained model, without retraining.
+PREQUANT (a training run's PREQUANT_SAVE file: its EMA weights, GPTQ Hessians and export knobs) re-exports them
+for each variant under the run's export knobs as the environment and the variant change them (GPTQ, clip search,
+LQER, AWQ-lite; ARTIFACT_DIR receives the artifact, never overwritten, every variant's checked first) and scores
+that artifact: quantization settings compared on one trained model, without retraining. Its lines go to stdout only.
 
 Each variant is train_gpt's EVAL_ONLY run with the environment plus its overrides, logged as
 RUN_ID=<RUN_ID>_<NAME>; every variant's knobs are checked before the first one runs. After each run's own
@@ -57,15 +58,25 @@ def cli(body, argv: list[str]) -> int:
 
 def reexport(saved: dict, hp: train_gpt.Hyperparameters) -> tuple[Path, str]:
     """The artifact of a PREQUANT file under hp's export knobs, written as a training run's would be (on the GPU
-    where there is one), and its `export:` figures."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unless DEVICE=cpu), and its figures for the variant line."""
+    device = "cuda" if hp.device != "cpu" and torch.cuda.is_available() else "cpu"
     state, hessians = ({k: v.to(device) for k, v in saved[part].items()} for part in ("state", "hessians"))
     blob, clip = train_gpt.quantize_within_budget(state, hessians, saved["model"], hp, saved["code_bytes"],
                                                   lambda line: print(line, flush=True), saved["meta"])
-    path = train_gpt.artifact_path(hp, hp.run_id)
-    train_gpt.check_writable(path.parent, "ARTIFACT_DIR")
+    total = len(blob) + saved["code_bytes"]
+    path = train_gpt.artifact_path(hp, hp.run_id, over_limit=total > train_gpt.ARTIFACT_LIMIT_BYTES)
     train_gpt.write_atomic(path, blob, overwrite=False)
-    return path, f"artifact_bytes:{len(blob) + saved['code_bytes']} matrix_clip_sigmas:{clip:.4f}"
+    return path, f"artifact_bytes:{total} matrix_clip_sigmas:{clip:.4f}"
+
+
+def check_reexports(variants: list[tuple[str, train_gpt.Hyperparameters]]):
+    """Before any GPTQ runs: every variant's artifact (either name) and log are new, and ARTIFACT_DIR takes files."""
+    for _, hp in variants:
+        train_gpt.check_writable(Path(hp.artifact_dir), "ARTIFACT_DIR")
+        taken = [p for p in (train_gpt.artifact_path(hp, hp.run_id), train_gpt.artifact_path(hp, hp.run_id, True),
+                             Path(hp.log_dir) / f"{hp.run_id}.txt") if p.exists()]
+        if taken:
+            raise train_gpt.UserError(f"{taken[0]} already exists: it is never overwritten (choose another RUN_ID)")
 
 
 def sweep(argv: list[str]):
@@ -75,10 +86,15 @@ def sweep(argv: list[str]):
     if env.get("WORLD_SIZE", "1") != "1":
         raise train_gpt.UserError("eval_sweep.py runs one process: start it with python3, not torchrun")
     saved = train_gpt.load_prequant(prequant) if prequant else None
-    if saved:  # the artifact records the run's training length, as the training run's export did
-        env["TRAIN_SEQ_LEN"] = str(saved["train_seq_len"])
+    # A re-export starts from the training run's export knobs (the environment and the variant override them)
+    # and records the run's training length, as its own export did.
+    fixed = {"TRAIN_SEQ_LEN": str(saved["train_seq_len"])} if saved else {}
     base = env.get("RUN_ID") or "sweep"
-    for name, hp in variant_knobs(argv, env, lambda name: {"RUN_ID": f"{base}_{name}"}):
+    variants = variant_knobs(argv, (saved["export"] if saved else {}) | env,
+                             lambda name: {"RUN_ID": f"{base}_{name}"} | fixed)
+    if saved:
+        check_reexports(variants)
+    for name, hp in variants:
         export = ""
         if saved:
             path, export = reexport(saved, hp)

@@ -28,6 +28,13 @@ def test_selection_ranks_groups_by_input_rms_times_weight():
     k = train_gpt.hessian_keys("mlp_down_bank", cfg.num_layers).index(key)
     assert list(masks) == ["mlp_down_bank"] and masks["mlp_down_bank"].sum() == G
     assert masks["mlp_down_bank"][k, G:2 * G].all()
+    # rms, not the mean square: inputs 100x louder in power (10x in rms) lose to weights 20x larger
+    down = train_gpt.hessian_keys("mlp_down_bank", cfg.num_layers)
+    flat_h = {k: torch.eye(h.size(0)) for k, h in hess.items()}
+    heavy = dict(state, mlp_down_bank=state["mlp_down_bank"].clone())
+    heavy["mlp_down_bank"][down.index(("mlp_act", 0)), :, 2 * G:3 * G] *= 20
+    masks = train_gpt.awq_select(heavy, loud(flat_h, ("mlp_act", 1), slice(0, G)), cfg.num_layers, 1, lambda name: 6)
+    assert list(masks) == ["mlp_down_bank"] and masks["mlp_down_bank"][down.index(("mlp_act", 0)), 2 * G:3 * G].all()
     flat = {("head_in",): torch.eye(cfg.model_dim)} | {k: torch.eye(h.size(0)) for k, h in hess.items() if k != ("head_in",)}
     big = dict(state, **{"tok_emb.weight": state["tok_emb.weight"].clone()})
     big["tok_emb.weight"][:, 2 * G:3 * G] *= 50
@@ -88,6 +95,15 @@ def test_awq_survives_the_artifact_and_lqer_fits_the_mixed_error(quick_pack):  #
     assert errors[(name, k)] == pytest.approx(torch.linalg.matrix_norm(E).item(), rel=1e-5)
     line = train_gpt.awq_line(q, cfg.num_layers)
     assert line.startswith("awq: groups:2 bits:8 cols:64 ") and int(line.rsplit("field_bytes:", 1)[1]) > 0
+    # LQER corrects the mixed error: each correction's reported error is the loaded matrix's
+    report = train_gpt.apply_lqer(state, q, 13, 4, 64, cfg.num_layers)
+    assert any(r["name"] == name and r["slice"] == k and r["kept"] for r in report)
+    loaded = train_gpt.dequantize_state(q)
+    for r in report:
+        W = state[r["name"]]
+        rows, cols = W.shape[-2:]
+        err = W.reshape(-1, rows, cols)[r["slice"]] - loaded[r["name"]].reshape(-1, rows, cols)[r["slice"]]
+        assert r["after"] == pytest.approx(torch.linalg.matrix_norm(err).item(), rel=1e-4), r
 
 
 @pytest.mark.parametrize("field,value,problem", [
@@ -106,13 +122,28 @@ def test_a_corrupted_awq_entry_is_a_one_line_error(quick_pack, field, value, pro
         train_gpt.unpack_artifact(train_gpt.pack_artifact(q, {"model": {}}))
 
 
-def test_knob_off_writes_todays_entries():
-    """AWQ_GROUPS=0: no awq field anywhere, the codes of today's GPTQ."""
+def test_knob_off_writes_no_fields_and_needs_hessians_when_on():
+    """AWQ_GROUPS=0 (the default): no awq field anywhere. On, it needs the GPTQ Hessians it ranks by."""
     cfg = small_cfg()
     state, hess = random_state(cfg), hessians(cfg)
     off = train_gpt.quantize_state(state, hess, cfg.num_layers, 6, 12.85, 7, 14.0)
     assert not any(f.startswith("awq") for e in off.values() for f in e)
     assert train_gpt.Hyperparameters({}).awq_groups == 0
+    with pytest.raises(train_gpt.UserError, match="AWQ_GROUPS=2: .* needs GPTQ_CALIBRATION_BATCHES > 0"):
+        train_gpt.Hyperparameters({"AWQ_GROUPS": "2", "GPTQ_CALIBRATION_BATCHES": "0"})
+    with pytest.raises(train_gpt.UserError, match="PREQUANT_SAVE=x.pt: an EVAL_ONLY run exports nothing"):
+        train_gpt.Hyperparameters({"PREQUANT_SAVE": "x.pt", "EVAL_ONLY": "a.br"})
+
+
+def test_gptq_is_blind_to_the_hessians_scale_dead_columns_included():
+    """Means or sums of x x^T give the same codes: a dead input's filled diagonal follows the Hessian's scale (a
+    power-of-two scale keeps every float operation exact)."""
+    torch.manual_seed(0)
+    W, H = torch.randn(2, 32, 128), torch.stack([correlated_hessian(128, 512, seed=s) for s in (3, 4)])
+    H[:, 5, :] = H[:, :, 5] = 0  # input 5 never fires
+    q, s = train_gpt.gptq_quantize(W, H, 6, 12.85)
+    q_small, s_small = train_gpt.gptq_quantize(W, H * 2.0 ** -12, 6, 12.85)
+    assert torch.equal(q, q_small) and torch.equal(s, s_small) and (q[:, :, 5] == 0).all()
 
 
 def test_hessians_are_means_over_every_input_row(tiny_data):

@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import train_gpt
 from conftest import ROOT, parse_log, run_script, tiny_env
@@ -207,12 +208,14 @@ def test_scaling_script_rejects_a_gpu_count_that_does_not_divide_8():
 def test_eval_sweep_scores_one_artifact_under_several_settings(tiny_data, tmp_path, launcher):
     """bench/eval_sweep.py: one EVAL_ONLY run per variant in one process, each with its own log and line;
     the variants' knobs are checked before any runs; a bad variant is a one-line error. With PREQUANT (the
-    training run's PREQUANT_SAVE), each variant re-exports the trained weights under its export knobs: the
-    run's own knobs give its artifact byte for byte, AWQ-lite another one, scored from the file."""
+    training run's PREQUANT_SAVE), each variant re-exports the trained weights under the run's export knobs as it
+    changes them: none changed (none repeated either) gives the run's artifact byte for byte, AWQ-lite another,
+    scored from the file; taken outputs are refused before any export."""
     pre = tmp_path / "pre" / "art.pt"
     env = tiny_env(tiny_data, tmp_path, RUN_ID="art", TTT_ENABLED=0, PREQUANT_SAVE=pre, MODEL_DIM=128)  # GPTQ'd embedding
     assert launcher.run(env).returncode == 0
     assert f"prequant_saved:{pre}" in (tmp_path / "logs" / "art.txt").read_text()
+    env = {k: v for k, v in env.items() if k not in ("PREQUANT_SAVE", "CLIP_SEARCH_STEPS")}  # 0 in the file
     sweep = env | dict(RUN_ID="sw", EVAL_ONLY=str(tmp_path / "art" / "final_model_art.int6.br"))
     res = launcher.run(sweep, "bench/eval_sweep.py", ["plain", "ttt TTT_ENABLED=1 EVAL_SLIDING=0"])
     assert res.returncode == 0, res.stderr[-2000:]
@@ -227,7 +230,6 @@ def test_eval_sweep_scores_one_artifact_under_several_settings(tiny_data, tmp_pa
     assert not (tmp_path / "logs" / "bad_ok.txt").exists()  # nothing ran
     res = launcher.run(sweep, "bench/eval_sweep.py", ["two words=1=2 x"])
     assert res.returncode == 2 and res.stderr.startswith("error: variant 'two words=1=2 x'")
-    env.pop("PREQUANT_SAVE")
     redo = env | dict(RUN_ID="re", PREQUANT=str(pre), ARTIFACT_DIR=str(tmp_path / "re"))
     res = launcher.run(redo, "bench/eval_sweep.py", ["same", "awq AWQ_GROUPS=1"])
     assert res.returncode == 0, res.stderr[-2000:]
@@ -244,3 +246,10 @@ def test_eval_sweep_scores_one_artifact_under_several_settings(tiny_data, tmp_pa
     assert res.returncode == 2 and res.stderr.startswith("error: set one of env EVAL_ONLY")
     res = launcher.run(redo | dict(PREQUANT=str(same)), "bench/eval_sweep.py", ["x"])
     assert res.returncode == 2 and res.stderr.startswith(f"error: {same}: not a PREQUANT_SAVE file")
+    partial = tmp_path / "partial.pt"
+    torch.save({"state": {}, "model": {}}, partial)
+    res = launcher.run(redo | dict(PREQUANT=str(partial)), "bench/eval_sweep.py", ["x"])
+    assert res.returncode == 2 and "not a PREQUANT_SAVE file (ValueError: no hessians, train_seq_len" in res.stderr
+    res = launcher.run(redo, "bench/eval_sweep.py", ["fresh AWQ_GROUPS=2", "same"])
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {same} already exists: it is never overwritten " \
+        "(choose another RUN_ID)" and not (tmp_path / "re" / "final_model_re_fresh.int6.br").exists()

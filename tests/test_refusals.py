@@ -141,7 +141,7 @@ def test_records_tokenizer_and_never_reuses_a_run_id(tiny_data, tmp_path, launch
     taken.write_bytes(b"x")
     again = launcher.run(env | dict(RUN_ID="rec2", PREQUANT_SAVE=str(taken)), timeout=120)
     one_error_line(again, f"env PREQUANT_SAVE={taken}: the file exists")
-    assert taken.read_bytes() == b"x" and not (tmp_path / "art" / "final_model_rec2.int6.br").exists()
+    assert taken.read_bytes() == b"x" and "train_loss" not in (tmp_path / "logs" / "rec2.txt").read_text()
 
     evaluate = {k: v for k, v in env.items() if k not in ("VOCAB_SIZE", "TTT_LRR")} | dict(EVAL_ONLY=str(artifact))
     ok = launcher.run(evaluate | dict(RUN_ID="ev_ok", NUM_LAYERS="5"), timeout=120)
