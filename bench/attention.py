@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """Causal attention forward+backward time per backend, at the training shapes (CUDA only).
 
-usage: python3 bench/attention.py [--batch 48] [--seq 2048] [--heads 8] [--kv-heads 4] [--head-dim 64]
+usage: python3 bench/attention.py [--batch 48] [--seq 2048] [--heads 8] [--kv-heads 4] [--head-dim 64] [--shapes N]
 
 One line per (backend, gqa) pair, for the SDPA kernels ATTN_BACKEND offers (sdpa: torch's choice,
 sdpa_cudnn) and FlashAttention 4: gqa:native passes K/V with fewer heads (enable_gqa), gqa:expand
 repeats them to the query heads first (the repeat is inside the timed region).
 Also prints the bf16 matmul rate of an 8192^3 product, the practical peak for MFU figures.
+--shapes N instead: per SDPA kernel (cuDNN, flash, efficient), the first forward+backward at each of N new
+(batch, length) shapes against the same calls again: what a new shape costs (LoRA TTT runs hundreds).
 """
 import argparse
 import contextlib
+import random
 import sys
 import time
 
@@ -55,6 +58,35 @@ def measure(label: str, fwd, g, params, ref, flops):
             p.grad = None
 
 
+def shape_costs(n: int, heads: int, kv_heads: int, head_dim: int):
+    """One line per SDPA kernel: summed seconds of a first call at each of n (batch, length) shapes, then of the
+    same calls warm, and the difference per shape (e.g. an execution plan built per shape)."""
+    rng = random.Random(0)
+    shapes = sorted({(rng.randint(2, 64), 64 * rng.randint(1, 32)) for _ in range(n)})
+
+    def call(b, t, backend) -> float:
+        q = torch.randn(b, heads, t, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(b, kv_heads, t, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(2))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with sdpa_kernel(backend):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        backend = getattr(SDPBackend, name)
+        try:
+            call(4, 128, backend)  # the kernel's own start-up, outside both sums
+        except RuntimeError as e:
+            print(f"shapes backend:{name.lower()} unsupported ({str(e).splitlines()[0][:100]})", flush=True)
+            continue
+        first = sum(call(b, t, backend) for b, t in shapes)
+        warm = sum(call(b, t, backend) for b, t in shapes)
+        print(f"shapes backend:{name.lower()} n:{len(shapes)} first_s:{first:.3f} warm_s:{warm:.3f} "
+              f"per_new_shape_ms:{1000 * (first - warm) / len(shapes):.1f}", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=48)
@@ -62,10 +94,14 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--shapes", type=int, default=0, help="time N new (batch, length) shapes per SDPA kernel instead")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: bench/attention.py needs CUDA", file=sys.stderr)
         return 2
+    if a.shapes:
+        shape_costs(a.shapes, a.heads, a.kv_heads, a.head_dim)
+        return 0
     m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = timed(lambda: m @ m, reps=10)
     print(f"matmul_8192_bf16_tflops:{2 * 8192 ** 3 / ms / 1e9:.0f}")
