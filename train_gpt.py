@@ -1302,8 +1302,9 @@ TEST_TIME_ONLY = ("logit_caps",)  # parameters only TTT moves: training neither 
 
 
 def adam_params(model: GPT) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of what Adam trains: all but the banks (Muon's) and the test-time-only ones."""
-    return [(n, p) for n, p in model.named_parameters() if p.ndim < 3 and n not in TEST_TIME_ONLY]
+    """(name, parameter) of what Adam trains: all but the banks (Muon's), the test-time-only ones and empty ones
+    (a one-layer model's skip weights: nothing reads them, so no gradient ever comes)."""
+    return [(n, p) for n, p in model.named_parameters() if p.ndim < 3 and n not in TEST_TIME_ONLY and p.numel()]
 
 
 def build_optimizers(model: GPT, hp: Hyperparameters, dctx: Dist, direction=muon_direction):
