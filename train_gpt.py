@@ -1380,7 +1380,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, clip_sigma
     W.masked_fill_(dead[:, None, :], 0)
     live_mean = diag.sum(-1, keepdim=True) / (~dead).sum(-1, keepdim=True).clamp(min=1)
     diag.copy_(torch.where(dead, torch.where(live_mean > 0, live_mean, 1.0), diag))  # on the Hessian's own scale
-    perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True)  # act-order
+    perm = torch.argsort(diag, dim=-1, descending=True)  # act-order
     W = W.gather(2, perm[:, None, :].expand(B, rows, cols))
     H = H.gather(1, perm[:, :, None].expand(B, cols, cols)).gather(2, perm[:, None, :].expand(B, cols, cols))
     if fine is not None:

@@ -57,12 +57,11 @@ def cli(body, argv: list[str]) -> int:
 
 
 def reexport(saved: dict, hp: train_gpt.Hyperparameters) -> tuple[Path, str]:
-    """The artifact of a PREQUANT file under hp's export knobs, written as a training run's would be (on the GPU
-    unless DEVICE=cpu), and its figures for the variant line."""
-    device = "cuda" if hp.device != "cpu" and torch.cuda.is_available() else "cpu"
-    state, hessians = ({k: v.to(device) for k, v in saved[part].items()} for part in ("state", "hessians"))
-    blob, clip = train_gpt.quantize_within_budget(state, hessians, saved["model"], hp, saved["code_bytes"],
-                                                  lambda line: print(line, flush=True), saved["meta"])
+    """The artifact of a PREQUANT file under hp's export knobs, written as a training run's would be, and its
+    figures for the variant line."""
+    blob, clip = train_gpt.quantize_within_budget(saved["state"], saved["hessians"], saved["model"], hp,
+                                                  saved["code_bytes"], lambda line: print(line, flush=True),
+                                                  saved["meta"])
     total = len(blob) + saved["code_bytes"]
     path = train_gpt.artifact_path(hp, hp.run_id, over_limit=total > train_gpt.ARTIFACT_LIMIT_BYTES)
     train_gpt.write_atomic(path, blob, overwrite=False)
@@ -72,11 +71,12 @@ def reexport(saved: dict, hp: train_gpt.Hyperparameters) -> tuple[Path, str]:
 def check_reexports(variants: list[tuple[str, train_gpt.Hyperparameters]]):
     """Before any GPTQ runs: every variant's artifact (either name) and log are new, and ARTIFACT_DIR takes files."""
     for _, hp in variants:
-        train_gpt.check_writable(Path(hp.artifact_dir), "ARTIFACT_DIR")
-        taken = [p for p in (train_gpt.artifact_path(hp, hp.run_id), train_gpt.artifact_path(hp, hp.run_id, True),
-                             Path(hp.log_dir) / f"{hp.run_id}.txt") if p.exists()]
-        if taken:
-            raise train_gpt.UserError(f"{taken[0]} already exists: it is never overwritten (choose another RUN_ID)")
+        problem = train_gpt.check_outputs(hp, hp.run_id)
+        if problem:
+            raise train_gpt.UserError(problem)
+        log = Path(hp.log_dir) / f"{hp.run_id}.txt"
+        if log.exists():
+            raise train_gpt.UserError(f"log {log} already exists: RUN_ID is taken, choose another")
 
 
 def sweep(argv: list[str]):
@@ -94,6 +94,9 @@ def sweep(argv: list[str]):
                              lambda name: {"RUN_ID": f"{base}_{name}"} | fixed)
     if saved:
         check_reexports(variants)
+        # once for every variant: the weights and Hessians where GPTQ runs (the GPU unless DEVICE=cpu)
+        device = "cuda" if variants[0][1].device != "cpu" and torch.cuda.is_available() else "cpu"
+        saved |= {part: {k: v.to(device) for k, v in saved[part].items()} for part in ("state", "hessians")}
     for name, hp in variants:
         export = ""
         if saved:

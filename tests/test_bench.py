@@ -251,5 +251,5 @@ def test_eval_sweep_scores_one_artifact_under_several_settings(tiny_data, tmp_pa
     res = launcher.run(redo | dict(PREQUANT=str(partial)), "bench/eval_sweep.py", ["x"])
     assert res.returncode == 2 and "not a PREQUANT_SAVE file (ValueError: no hessians, train_seq_len" in res.stderr
     res = launcher.run(redo, "bench/eval_sweep.py", ["fresh AWQ_GROUPS=2", "same"])
-    assert res.returncode == 2 and res.stderr.strip() == f"error: {same} already exists: it is never overwritten " \
-        "(choose another RUN_ID)" and not (tmp_path / "re" / "final_model_re_fresh.int6.br").exists()
+    assert res.returncode == 2 and res.stderr.strip() == f"error: artifact {same} already exists: it is never " \
+        "overwritten (choose another RUN_ID or ARTIFACT_DIR)" and not (tmp_path / "re" / "final_model_re_fresh.int6.br").exists()
