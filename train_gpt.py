@@ -221,7 +221,7 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
          "one after another, so a span shared by more GPUs without growing would add steps, not split them", 1),
     Knob("TTT_LORA_TARGETS", "q,k,v,o,mlp,head", "the matrices LoRA TTT adapts, a comma "
          "list of q, k, v, o, mlp, head"),
-    Knob("TTT_LORA_LR", 1.5e-4, "AdamW learning rate of the per-document adapters", 0),
+    Knob("TTT_LORA_LR", 3e-4, "AdamW learning rate of the per-document adapters", 0),
     Knob("TTT_LORA_CHUNK", 48, "targets a document scores between two steps of its adapters", 1),
     Knob("TTT_LORA_STEPS", 32, "past this many chunks a document's chunk grows to 1/this of what it has "
          "scored (at most half a window): a long document takes ~this*ln(length) steps, not length/CHUNK", 1),
