@@ -261,6 +261,8 @@ EXPORT_KNOBS = [
     Knob("LQER_GROUP", 64, "LQER: values of the flattened INT4 factor per fp16 scale", 1),
     Knob("AWQ_GROUPS", 0, "AWQ-lite: the N most salient groups of 64 input columns over the GPTQ'd matrices below 8 "
          "bits are rounded to int8 inside the same GPTQ solve; 0 = off", 0),
+    Knob("ARTIFACT_CODER", "rans", "rans (the GPTQ codes of matrices at <= 6 bits by an arithmetic coder of their "
+         "histogram, the rest brotli) | brotli (everything)", choices=("rans", "brotli")),
 ]
 KNOBS = RUN_KNOBS + SCHEDULE_KNOBS + MODEL_KNOBS + OPTIMIZER_KNOBS + EVAL_KNOBS + EXPORT_KNOBS
 
@@ -1345,10 +1347,11 @@ def muon_momentum(step: int, hp: Hyperparameters) -> float:
 # trades accuracy for compressed size: k lands the artifact under the cap. Hessians come from
 # training batches only, inside the training budget. Small tensors pass as fp16.
 # The artifact: magic, version, JSON tensor table and raw little-endian data, byte-shuffled and
-# brotli-compressed in parallel streams. Nothing in it is executed or unpickled on load.
+# brotli-compressed in parallel streams, then the matrices' GPTQ codes as one rANS stream. Nothing in it
+# is executed or unpickled on load.
 # -----------------------------------------------------------------------------------------
 
-ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFART", 1
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFART", 2
 PASSTHROUGH_MAX_NUMEL = 65536
 COMPRESS_CHUNK_BYTES = 4 << 20  # independent brotli streams, compressed in parallel threads
 
@@ -1711,9 +1714,82 @@ def byte_unshuffle(buf: bytes, itemsize: int) -> bytes:
 
 _DTYPES = {"int8": np.int8, "float16": np.float16}  # the only element types an artifact may hold
 
+# rANS (range asymmetric numeral systems) codes the GPTQ codes of matrices at 6 bits or fewer: they have
+# no structure beyond their histogram, which brotli's Huffman codes miss by ~1.4% and an arithmetic coder
+# does not. Independent coders interleave (symbol i goes to lane i mod lanes) so that numpy steps them
+# as vectors: one lane per RANS_LANE_SYMBOLS symbols, at most RANS_MAX_LANES (each lane's final state costs 4
+# bytes); 32-bit states, 16-bit words, frequencies out of 2^RANS_PRECISION.
+RANS_MAX_LANES, RANS_LANE_SYMBOLS, RANS_PRECISION, RANS_LOW = 1024, 16384, 16, 1 << 16
 
-def pack_artifact(qstate: dict[str, dict], config: dict) -> bytes:
-    table, chunks, offset = [], [], 0
+
+def rans_coded(kind: str, field: str) -> bool:
+    bits = re.fullmatch(r"int(\d)_rows", kind)
+    return field == "q" and bits is not None and int(bits[1]) <= 6
+
+
+def rans_frequencies(symbols: np.ndarray) -> np.ndarray:
+    """Each byte value's count scaled to sum 2^RANS_PRECISION, every present value at least 1 (the largest
+    takes the rounding: it is at least 2^RANS_PRECISION/256, more than 256 roundings can take)."""
+    counts = np.bincount(symbols, minlength=256)
+    freq = np.where(counts > 0, np.maximum(1, np.round(counts * ((1 << RANS_PRECISION) / counts.sum()))), 0)
+    freq = freq.astype(np.int64)
+    freq[np.argmax(freq)] += (1 << RANS_PRECISION) - freq.sum()
+    return freq.astype(np.uint64)
+
+
+def rans_lanes(n: int) -> int:
+    return min(RANS_MAX_LANES, max(1, -(-n // RANS_LANE_SYMBOLS)))
+
+
+def rans_encode(symbols: np.ndarray, freq: np.ndarray) -> bytes:
+    """uint8 symbols -> each lane's final state (uint32) + the words the lanes emitted, coded last to
+    first so that decoding runs forward: word k is read at the step and lane that emitted it, in order."""
+    cum, lanes = np.cumsum(freq) - freq, rans_lanes(len(symbols))
+    steps = -(-len(symbols) // lanes)
+    s = np.full(steps * lanes, np.argmax(freq), np.uint8)  # the padding decodes and is dropped
+    s[:len(symbols)] = symbols
+    s = s.reshape(steps, lanes)
+    x = np.full(lanes, RANS_LOW, np.uint64)
+    words, emitted = np.empty((steps, lanes), np.uint16), np.empty((steps, lanes), bool)
+    for t in range(steps - 1, -1, -1):
+        f, c = freq[s[t]], cum[s[t]]
+        emitted[t] = e = x >= f << (32 - RANS_PRECISION)  # past this the state would overflow 32 bits
+        words[t] = x & 0xFFFF
+        x = np.where(e, x >> 16, x)
+        x = (x // f << RANS_PRECISION) + x % f + c
+    return x.astype("<u4").tobytes() + words[emitted].astype("<u2").tobytes()
+
+
+def rans_decode(data: bytes, freq: np.ndarray, n: int) -> np.ndarray:
+    """The inverse of rans_encode: n uint8 symbols. A stream that does not end with every word read and
+    every lane back at its start state is corrupted (ValueError)."""
+    lanes = rans_lanes(n)
+    if len(freq) != 256 or int(freq.sum()) != 1 << RANS_PRECISION or len(data) < 4 * lanes or len(data) % 2:
+        raise ValueError("bad rANS frequencies or stream length")
+    cum, symbol = np.cumsum(freq) - freq, np.repeat(np.arange(256, dtype=np.uint8), freq.astype(np.int64))
+    x = np.frombuffer(data[:4 * lanes], "<u4").astype(np.uint64)
+    words = np.frombuffer(data[4 * lanes:], "<u2").astype(np.uint64)
+    steps, read = -(-n // lanes), 0
+    out = np.empty((steps, lanes), np.uint8)
+    for t in range(steps):
+        slot = x & ((1 << RANS_PRECISION) - 1)
+        out[t] = s = symbol[slot]
+        x = freq[s] * (x >> RANS_PRECISION) + slot - cum[s]
+        need = x < RANS_LOW
+        k = int(need.sum())
+        if read + k > len(words):
+            raise ValueError("rANS stream ends early")
+        x[need] = x[need] << 16 | words[read:read + k]
+        read += k
+    if read != len(words) or (x != RANS_LOW).any():
+        raise ValueError("rANS stream does not end where it began")
+    return out.reshape(-1)[:n]
+
+
+def pack_artifact(qstate: dict[str, dict], config: dict, coder: str = "rans") -> bytes:
+    """The artifact's bytes: fields byte-shuffled and brotli-compressed, but with coder="rans" the GPTQ codes
+    of matrices at <= 6 bits go, concatenated, through one rANS stream of their joint histogram."""
+    table, chunks, coded, offset, n_coded = [], [], [], 0, 0
     for name, entry in qstate.items():
         for field, t in entry.items():
             if field == "kind":
@@ -1721,18 +1797,27 @@ def pack_artifact(qstate: dict[str, dict], config: dict) -> bytes:
             dtype = str(t.dtype).removeprefix("torch.")
             if dtype not in _DTYPES:
                 raise ValueError(f"pack_artifact: {name}.{field} has unsupported dtype {dtype}")
+            row = dict(name=name, kind=entry["kind"], field=field, dtype=dtype, shape=list(t.shape))
+            if coder == "rans" and rans_coded(entry["kind"], field):
+                coded.append(t.contiguous().numpy().view(np.uint8).reshape(-1))
+                table.append(row | dict(coder="rans", offset=n_coded, nbytes=t.numel()))
+                n_coded += t.numel()
+                continue
             raw = byte_shuffle(t.contiguous().numpy().tobytes(), t.element_size())
-            table.append(dict(name=name, kind=entry["kind"], field=field, dtype=dtype,
-                              shape=list(t.shape), offset=offset, nbytes=len(raw)))
+            table.append(row | dict(offset=offset, nbytes=len(raw)))
             chunks.append(raw)
             offset += len(raw)
-    header = json.dumps(dict(config=config, tensors=table), sort_keys=True).encode()
+    symbols = np.concatenate(coded) if coded else np.zeros(0, np.uint8)
+    freq = rans_frequencies(symbols) if coded else None
+    rans = rans_encode(symbols, freq) if coded else b""
+    header = json.dumps(dict(config=config, tensors=table, rans_freq=freq.tolist() if coded else None,
+                             rans_symbols=n_coded), sort_keys=True).encode()
     body = struct.pack("<I", len(header)) + header + b"".join(chunks)
     pieces = [body[i:i + COMPRESS_CHUNK_BYTES] for i in range(0, len(body), COMPRESS_CHUNK_BYTES)]
     with ThreadPoolExecutor(max_workers=min(len(pieces), os.cpu_count() or 1)) as pool:
         streams = list(pool.map(lambda b: brotli.compress(b, quality=11), pieces))  # brotli drops the GIL
-    payload = b"".join(streams)  # brotli has no checksum of its own: sha256 guards the payload
-    return (ARTIFACT_MAGIC + struct.pack("<II", ARTIFACT_VERSION, len(streams))
+    payload = b"".join(streams) + rans  # neither has a checksum of its own: sha256 guards the payload
+    return (ARTIFACT_MAGIC + struct.pack("<III", ARTIFACT_VERSION, len(streams), len(rans))
             + struct.pack(f"<{len(streams)}I", *map(len, streams)) + hashlib.sha256(payload).digest() + payload)
 
 
@@ -1741,26 +1826,35 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
     if len(blob) < head or blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
         raise UserError(f"{source}: not a parameter-golf artifact (bad magic)")
     version, n_streams = struct.unpack("<II", blob[len(ARTIFACT_MAGIC):head])
-    if version != ARTIFACT_VERSION:
-        raise UserError(f"{source}: artifact version {version}, this code reads {ARTIFACT_VERSION}")
+    if version not in (1, ARTIFACT_VERSION):  # version 1: brotli only, no rANS section
+        raise UserError(f"{source}: artifact version {version}, this code reads 1 and {ARTIFACT_VERSION}")
     try:
+        rans_len = struct.unpack("<I", blob[head:head + 4])[0] if version > 1 else 0
+        head += 4 if version > 1 else 0
         sizes = struct.unpack(f"<{n_streams}I", blob[head:head + 4 * n_streams])
         start = head + 4 * n_streams + 32
         ends = np.cumsum((start,) + sizes)
-        if ends[-1] != len(blob) or hashlib.sha256(blob[start:]).digest() != blob[start - 32:start]:
+        if ends[-1] + rans_len != len(blob) or hashlib.sha256(blob[start:]).digest() != blob[start - 32:start]:
             raise ValueError("size or checksum mismatch")
         body = b"".join(brotli.decompress(blob[a:b]) for a, b in zip(ends[:-1], ends[1:]))
         (hlen,) = struct.unpack("<I", body[:4])
         meta = json.loads(body[4:4 + hlen])
+        codes = (rans_decode(blob[ends[-1]:], np.array(meta["rans_freq"], np.uint64), meta["rans_symbols"])
+                 if rans_len else np.zeros(0, np.uint8))
     except Exception:
         raise UserError(f"{source}: corrupted or truncated artifact") from None
     data, qstate = body[4 + hlen:], {}
     for e in meta["tensors"]:
-        if e["dtype"] not in _DTYPES or e["offset"] + e["nbytes"] > len(data):
+        rans = e.get("coder") == "rans"
+        if (e["dtype"] not in _DTYPES or e["offset"] + e["nbytes"] > len(codes if rans else data)
+                or rans and (e["dtype"] != "int8" or e["nbytes"] != math.prod(e["shape"]))):
             raise UserError(f"{source}: corrupted tensor table entry {e.get('name')}")
         ndtype = _DTYPES[e["dtype"]]
-        raw = byte_unshuffle(data[e["offset"]:e["offset"] + e["nbytes"]], np.dtype(ndtype).itemsize)
-        arr = np.frombuffer(raw, dtype=ndtype).reshape(e["shape"]).copy()
+        if rans:
+            arr = codes[e["offset"]:e["offset"] + e["nbytes"]].view(np.int8).reshape(e["shape"]).copy()
+        else:
+            raw = byte_unshuffle(data[e["offset"]:e["offset"] + e["nbytes"]], np.dtype(ndtype).itemsize)
+            arr = np.frombuffer(raw, dtype=ndtype).reshape(e["shape"]).copy()
         qstate.setdefault(e["name"], {"kind": e["kind"]})[e["field"]] = torch.from_numpy(arr)
     for name, entry in qstate.items():
         try:
@@ -3007,7 +3101,7 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
             log(lqer_line(report, q, hp))
         t1 = time.perf_counter()
         config = dict(model=dataclasses.asdict(cfg), train_seq_len=hp.train_seq_len, matrix_clip_sigmas=k) | (meta or {})
-        blob = pack_artifact(q, config)
+        blob = pack_artifact(q, config, hp.artifact_coder)
         log(f"gptq_try matrix_clip_sigmas:{k:.4f} artifact_bytes:{len(blob) + code_bytes} "
             f"gptq_time:{t1 - t0:.1f}s pack_time:{time.perf_counter() - t1:.1f}s")
         return blob

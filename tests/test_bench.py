@@ -253,3 +253,23 @@ def test_eval_sweep_scores_one_artifact_under_several_settings(tiny_data, tmp_pa
     res = launcher.run(redo, "bench/eval_sweep.py", ["fresh AWQ_GROUPS=2", "same"])
     assert res.returncode == 2 and res.stderr.strip() == f"error: artifact {same} already exists: it is never " \
         "overwritten (choose another RUN_ID or ARTIFACT_DIR)" and not (tmp_path / "re" / "final_model_re_fresh.int6.br").exists()
+
+
+def test_artifact_bytes_script_reports_fields_and_both_coders(tmp_path, launcher):
+    """bench/artifact_bytes.py: a line per large field (brotli alone, entropy, coded by rANS or not), then the
+    artifact repacked by each coder, the rANS one as train_gpt writes it; not an artifact is a one-line error."""
+    torch.manual_seed(0)
+    q = train_gpt.quantize_state({"qo_bank": torch.randn(4, 256, 256), "g": torch.randn(8)}, None, 2, 6, 12.85, 8, 20)
+    path = tmp_path / "a.br"
+    path.write_bytes(train_gpt.pack_artifact(q, {"x": 1}))
+    res = launcher.run(dict(os.environ), "bench/artifact_bytes.py", [str(path)])
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"artifact:{path} bytes:{path.stat().st_size}"
+    assert [line.split()[0] for line in lines[1:]] == ["field:qo_bank.q", "coder:brotli", "coder:rans"]
+    assert " numel:262144 " in lines[1] and lines[1].endswith(" rans:1")
+    brotli_bytes, rans_bytes = (int(re.search(r"model_bytes:(\d+)", line)[1]) for line in lines[2:])
+    assert rans_bytes == path.stat().st_size < brotli_bytes
+    path.write_bytes(b"not an artifact")
+    res = launcher.run(dict(os.environ), "bench/artifact_bytes.py", [str(path)])
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {path}: not a parameter-golf artifact (bad magic)"
