@@ -1720,6 +1720,7 @@ _DTYPES = {"int8": np.int8, "float16": np.float16}  # the only element types an 
 # as vectors: one lane per RANS_LANE_SYMBOLS symbols, at most RANS_MAX_LANES (each lane's final state costs 4
 # bytes); 32-bit states, 16-bit words, frequencies out of 2^RANS_PRECISION.
 RANS_MAX_LANES, RANS_LANE_SYMBOLS, RANS_PRECISION, RANS_LOW = 1024, 16384, 16, 1 << 16
+RANS_MAX_SYMBOLS = 1 << 28  # a bound for reading: no artifact under the cap holds more codes
 
 
 def rans_coded(kind: str, field: str) -> bool:
@@ -1764,8 +1765,9 @@ def rans_decode(data: bytes, freq: np.ndarray, n: int) -> np.ndarray:
     """The inverse of rans_encode: n uint8 symbols. A stream that does not end with every word read and
     every lane back at its start state is corrupted (ValueError)."""
     lanes = rans_lanes(n)
-    if len(freq) != 256 or int(freq.sum()) != 1 << RANS_PRECISION or len(data) < 4 * lanes or len(data) % 2:
-        raise ValueError("bad rANS frequencies or stream length")
+    if (freq.shape != (256,) or (freq > 1 << RANS_PRECISION).any() or int(freq.sum()) != 1 << RANS_PRECISION
+            or not 0 < n <= RANS_MAX_SYMBOLS or len(data) < 4 * lanes or len(data) % 2):
+        raise ValueError("bad rANS frequencies, symbol count or stream length")
     cum, symbol = np.cumsum(freq) - freq, np.repeat(np.arange(256, dtype=np.uint8), freq.astype(np.int64))
     x = np.frombuffer(data[:4 * lanes], "<u4").astype(np.uint64)
     words = np.frombuffer(data[4 * lanes:], "<u2").astype(np.uint64)
@@ -1807,10 +1809,10 @@ def pack_artifact(qstate: dict[str, dict], config: dict, coder: str = "rans") ->
             table.append(row | dict(offset=offset, nbytes=len(raw)))
             chunks.append(raw)
             offset += len(raw)
-    symbols = np.concatenate(coded) if coded else np.zeros(0, np.uint8)
-    freq = rans_frequencies(symbols) if coded else None
-    rans = rans_encode(symbols, freq) if coded else b""
-    header = json.dumps(dict(config=config, tensors=table, rans_freq=freq.tolist() if coded else None,
+    symbols = np.concatenate(coded) if n_coded else np.zeros(0, np.uint8)
+    freq = rans_frequencies(symbols) if n_coded else None
+    rans = rans_encode(symbols, freq) if n_coded else b""
+    header = json.dumps(dict(config=config, tensors=table, rans_freq=freq.tolist() if n_coded else None,
                              rans_symbols=n_coded), sort_keys=True).encode()
     body = struct.pack("<I", len(header)) + header + b"".join(chunks)
     pieces = [body[i:i + COMPRESS_CHUNK_BYTES] for i in range(0, len(body), COMPRESS_CHUNK_BYTES)]
@@ -1819,6 +1821,22 @@ def pack_artifact(qstate: dict[str, dict], config: dict, coder: str = "rans") ->
     payload = b"".join(streams) + rans  # neither has a checksum of its own: sha256 guards the payload
     return (ARTIFACT_MAGIC + struct.pack("<III", ARTIFACT_VERSION, len(streams), len(rans))
             + struct.pack(f"<{len(streams)}I", *map(len, streams)) + hashlib.sha256(payload).digest() + payload)
+
+
+def table_entry_problem(e, data_bytes: int, codes: int) -> str | None:
+    """What is wrong with one row of an artifact's tensor table (its slice of the brotli data, or of the rANS
+    codes), or None."""
+    keys = {"name", "kind", "field", "dtype", "shape", "offset", "nbytes"}
+    if not isinstance(e, dict) or set(e) - {"coder"} != keys or e.get("coder", "rans") != "rans" \
+            or e["dtype"] not in _DTYPES or not isinstance(e["shape"], list):
+        return "unknown fields or element type"
+    if not all(type(v) is int and v >= 0 for v in [e["offset"], e["nbytes"], *e["shape"]]):
+        return "offset, size and shape must be integers >= 0"
+    coded = "coder" in e
+    size = math.prod(e["shape"]) * (1 if coded else np.dtype(_DTYPES[e["dtype"]]).itemsize)
+    if e["nbytes"] != size or e["offset"] + size > (codes if coded else data_bytes) or coded and e["dtype"] != "int8":
+        return "its data does not fit its shape or the artifact"
+    return None
 
 
 def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, dict], dict]:
@@ -1839,17 +1857,21 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
         body = b"".join(brotli.decompress(blob[a:b]) for a, b in zip(ends[:-1], ends[1:]))
         (hlen,) = struct.unpack("<I", body[:4])
         meta = json.loads(body[4:4 + hlen])
-        codes = (rans_decode(blob[ends[-1]:], np.array(meta["rans_freq"], np.uint64), meta["rans_symbols"])
-                 if rans_len else np.zeros(0, np.uint8))
+        codes = np.zeros(0, np.uint8)
+        if rans_len:
+            freq, n = meta["rans_freq"], meta["rans_symbols"]
+            if not all(type(v) is int and v >= 0 for v in [n, *freq]):
+                raise ValueError("rANS header")
+            codes = rans_decode(blob[ends[-1]:], np.array(freq, np.uint64), n)
+        tensors = list(meta["tensors"])
     except Exception:
         raise UserError(f"{source}: corrupted or truncated artifact") from None
     data, qstate = body[4 + hlen:], {}
-    for e in meta["tensors"]:
-        rans = e.get("coder") == "rans"
-        if (e["dtype"] not in _DTYPES or e["offset"] + e["nbytes"] > len(codes if rans else data)
-                or rans and (e["dtype"] != "int8" or e["nbytes"] != math.prod(e["shape"]))):
-            raise UserError(f"{source}: corrupted tensor table entry {e.get('name')}")
-        ndtype = _DTYPES[e["dtype"]]
+    for e in tensors:
+        if problem := table_entry_problem(e, len(data), len(codes)):
+            raise UserError(f"{source}: corrupted tensor table entry {e.get('name') if isinstance(e, dict) else e}: "
+                            f"{problem}")
+        ndtype, rans = _DTYPES[e["dtype"]], e.get("coder") == "rans"
         if rans:
             arr = codes[e["offset"]:e["offset"] + e["nbytes"]].view(np.int8).reshape(e["shape"]).copy()
         else:

@@ -1,6 +1,9 @@
 """The artifact's rANS coder: exact round trips, a size at the histogram's entropy, corrupted streams refused,
 and in the artifact: which fields it codes, what they cost against brotli, version-1 artifacts still read."""
+import hashlib
+import json
 import struct
+from pathlib import Path
 
 import brotli
 import numpy as np
@@ -10,6 +13,7 @@ import torch
 import train_gpt
 
 LANES = train_gpt.RANS_MAX_LANES
+FIXTURES = Path(__file__).parent / "fixtures"
 LANE = train_gpt.RANS_LANE_SYMBOLS
 
 
@@ -88,12 +92,69 @@ def test_artifact_codes_the_int6_matrices_only_and_reads_back_bit_identical():
 
 
 def test_version_1_artifacts_still_read():
-    """A version-1 artifact is today's brotli-only layout without the rANS section's length."""
-    q = gptq_state()
-    v2 = train_gpt.pack_artifact(q, {"x": 1}, "brotli")
+    """tests/fixtures/artifact_v1.br was written by the brotli-only code before the coder (e058cfb)."""
+    back, config = train_gpt.unpack_artifact((FIXTURES / "artifact_v1.br").read_bytes())
+    assert config == {"model": {}, "x": 1}
+    assert np.array_equal(back["m"]["q"].numpy(), ((np.arange(512) * 7) % 63 - 31).reshape(4, 8, 16))
+    assert np.array_equal(back["m"]["scale"].numpy(), (np.arange(32, dtype=np.float16) / 64 + 0.01).reshape(4, 8))
+    assert back["m"]["kind"] == "int6_rows" and torch.equal(back["g"]["w"], torch.arange(8, dtype=torch.float16))
+
+
+def forged(blob: bytes, edit) -> bytes:
+    """The artifact with its JSON header changed by edit(meta) and a checksum that matches again: what only a
+    deliberate forgery gets past the sha256 with."""
     magic = len(train_gpt.ARTIFACT_MAGIC)
-    version, n_streams, rans_len = struct.unpack("<III", v2[magic:magic + 12])
-    assert (version, rans_len) == (2, 0)
-    v1 = v2[:magic] + struct.pack("<II", 1, n_streams) + v2[magic + 12:]
-    back, config = train_gpt.unpack_artifact(v1)
-    assert config == {"x": 1} and torch.equal(back["qo_bank"]["q"], q["qo_bank"]["q"])
+    _, n_streams, rans_len = struct.unpack("<III", blob[magic:magic + 12])
+    sizes = struct.unpack(f"<{n_streams}I", blob[magic + 12:magic + 12 + 4 * n_streams])
+    start = magic + 12 + 4 * n_streams + 32
+    body = brotli.decompress(blob[start:start + sum(sizes)]) if n_streams == 1 else None
+    (hlen,) = struct.unpack("<I", body[:4])
+    meta = json.loads(body[4:4 + hlen])
+    edit(meta)
+    header = json.dumps(meta).encode()
+    stream = brotli.compress(struct.pack("<I", len(header)) + header + body[4 + hlen:], quality=1)
+    payload = stream + blob[len(blob) - rans_len:]
+    return (blob[:magic] + struct.pack("<IIII", 2, 1, rans_len, len(stream)) + hashlib.sha256(payload).digest()
+            + payload)
+
+
+@pytest.fixture(scope="module")
+def small_artifact():
+    return train_gpt.pack_artifact(gptq_state(), {"x": 1})
+
+
+def set_entry(field, value, coded=True):
+    def edit(meta):
+        next(e for e in meta["tensors"] if ("coder" in e) == coded)[field] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.update(rans_freq=[2 ** 62] * 4 + [65536] + [0] * 251), "corrupted or truncated"),  # sums to 2^16 mod 2^64
+    (lambda m: m.update(rans_freq=[256.5] * 256), "corrupted or truncated"),
+    (lambda m: m.update(rans_symbols=2_000_000_000), "corrupted or truncated"),
+    (lambda m: m.update(tensors={"a": 1}), "corrupted tensor table entry a: unknown fields"),
+    (set_entry("offset", -4), "integers >= 0"),
+    (set_entry("shape", [2.0, 2]), "integers >= 0"),
+    (set_entry("shape", "ab"), "unknown fields"),
+    (set_entry("offset", True), "integers >= 0"),
+    (set_entry("nbytes", 5), "does not fit"),
+    (set_entry("offset", 10 ** 9, coded=False), "does not fit"),
+    (set_entry("coder", "zstd", coded=True), "unknown fields"),
+    (set_entry("dtype", "float16"), "does not fit"),
+])
+def test_a_forged_header_is_a_clear_error(edit, message, small_artifact):
+    blob = small_artifact
+    assert train_gpt.unpack_artifact(forged(blob, lambda meta: None))[1] == {"x": 1}  # the forger itself is sound
+    with pytest.raises(train_gpt.UserError, match=message):
+        train_gpt.unpack_artifact(forged(blob, edit))
+
+
+def test_awq_values_and_one_value_over_many_lanes_round_trip():
+    """AWQ-lite puts int8-grid codes (beyond +-31) into an int6 matrix's codes; a stream of one value takes no
+    words at all and must still come back at its length over many lanes."""
+    s = gptq_like_codes(300_000)
+    s[::997] = np.array([-120, 127, 90], np.int8).view(np.uint8)[np.arange(len(s[::997])) % 3]
+    for symbols in (s, np.full(40 * LANE + 5, 3, np.uint8)):
+        freq = train_gpt.rans_frequencies(symbols)
+        assert np.array_equal(train_gpt.rans_decode(train_gpt.rans_encode(symbols, freq), freq, len(symbols)), symbols)
