@@ -34,8 +34,11 @@ def hessians(cfg, seed=0):
     return out
 
 
+CLIP = train_gpt.Hyperparameters({}).matrix_clip_sigmas  # where the clip search starts: its first try
+
+
 def quantized(cfg, state, hess):
-    return train_gpt.quantize_state(state, hess, cfg.num_layers, 6, 12.85, 8, 20.0)
+    return train_gpt.quantize_state(state, hess, cfg.num_layers, 6, CLIP, 8, 20.0)
 
 
 @pytest.fixture
@@ -158,7 +161,7 @@ def test_knob_off_writes_todays_bytes(setup, quick_pack):
     hess = {}
     hp = train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "0", "LQER_TOP_K": "0", "EMBED_BITS": "8", "EMBED_CLIP_SIGMAS": "20"})
     blob, k = train_gpt.quantize_within_budget(state, hess, cfg, hp, 0, lambda line: None)
-    config = dict(model=dataclasses.asdict(cfg), train_seq_len=2048, matrix_clip_sigmas=12.85)
+    config = dict(model=dataclasses.asdict(cfg), train_seq_len=2048, matrix_clip_sigmas=CLIP)
     assert blob == train_gpt.pack_artifact(quantized(cfg, state, hess), config)
 
 
@@ -186,7 +189,7 @@ def test_budget_counts_the_factors(setup, monkeypatch):
     monkeypatch.setattr(train_gpt, "ARTIFACT_LIMIT_BYTES", len(on) - added // 2)
     hp = train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "3", "LQER_TOP_K": "3"})
     blob, k = train_gpt.quantize_within_budget(state, hess, cfg, hp, 0, lambda line: None)
-    assert len(blob) <= train_gpt.ARTIFACT_LIMIT_BYTES and k > 12.85
+    assert len(blob) <= train_gpt.ARTIFACT_LIMIT_BYTES and k > CLIP
     assert any(f.startswith("lqer") for e in train_gpt.unpack_artifact(blob)[0].values() for f in e)
 
 
