@@ -1716,10 +1716,11 @@ def byte_unshuffle(buf: bytes, itemsize: int) -> bytes:
 _DTYPES = {"int8": np.int8, "float16": np.float16}  # the only element types an artifact may hold
 
 # rANS (range asymmetric numeral systems) codes the GPTQ codes of matrices at 6 bits or fewer: they have
-# no structure beyond their histogram, which brotli's Huffman codes miss by ~1.4% and an arithmetic coder
-# does not. Independent coders interleave (symbol i goes to lane i mod lanes) so that numpy steps them
-# as vectors: one lane per RANS_LANE_SYMBOLS symbols, at most RANS_MAX_LANES (each lane's final state costs 4
-# bytes); 32-bit states, 16-bit words, frequencies out of 2^RANS_PRECISION.
+# no structure beyond their histogram, and an arithmetic coder of it, unlike brotli's Huffman codes, spends
+# fractional bits per code (results/2026-12-06_rans_coder). Independent coders interleave (symbol i goes to
+# lane i mod lanes) so that numpy steps them as vectors: one lane per RANS_LANE_SYMBOLS symbols, at most
+# RANS_MAX_LANES (each lane's final state costs 4 bytes); 32-bit states, 16-bit words, frequencies out of
+# 2^RANS_PRECISION.
 RANS_MAX_LANES, RANS_LANE_SYMBOLS, RANS_PRECISION, RANS_LOW = 1024, 16384, 16, 1 << 16
 RANS_MAX_SYMBOLS = 1 << 28  # a bound for reading: no artifact under the cap holds more codes
 

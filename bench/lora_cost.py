@@ -9,7 +9,9 @@ usage: [WORLD_SIZE=N] [VAR=value ...] python3 bench/lora_cost.py 'NAME [K=V ...]
 Each variant reads the val tokens as train_gpt would (DATA_PATH or VAL_FILES, VAL_MAX_TOKENS). One line per
 variant: tokens, docs, global_chunks, steps (scoring steps, one after another), passes (forward calls: a step
 whose update reads less context, TTT_LORA_GRAD_CONTEXT, takes two), updates (adapter steps), forward_tokens
-and backward_tokens (rows x padded window length, summed over passes), scored (targets, all ranks). With
+and backward_tokens (rows x padded window length, summed over passes), scored (targets, all ranks), shapes
+(distinct (rows, padded length, backward or not) of the passes: cuDNN attention plans each one the first time
+it meets it; with N ranks the most any one rank meets). With
 WORLD_SIZE=N the documents of every global chunk are split over N ranks as eval_tokens splits them (dealt by
 length), and the ranks wait for each other at each chunk's end (the global update): the counts are then the
 critical path, per chunk the busiest rank's steps plus, separately, the busiest rank's tokens (an upper
@@ -28,25 +30,28 @@ from bench.eval_sweep import cli, variant_knobs  # noqa: E402
 COUNTS = ("steps", "passes", "updates", "forward_tokens", "backward_tokens")
 
 
-def rank_cost(starts, ends, hp: train_gpt.Hyperparameters) -> dict:
-    """One rank's counts for its documents of one global chunk, every update taken (no budget stop)."""
-    out = dict.fromkeys(COUNTS + ("scored",), 0)
+def rank_cost(starts, ends, hp: train_gpt.Hyperparameters) -> tuple[dict, set]:
+    """One rank's counts for its documents of one global chunk, every update taken (no budget stop), and the
+    shapes of its passes."""
+    out, shapes = dict.fromkeys(COUNTS + ("scored",), 0), set()
     seq_len = hp.eval_seq_len
     for s, e in train_gpt.doc_batches(starts, ends, hp.ttt_lora_docs):
         for begin, prev, last, stepping, grad_begin in train_gpt.step_plan(s, e, hp, True, seq_len):
-            work = len(begin) * train_gpt.window_len(begin, last, seq_len)
+            length = train_gpt.window_len(begin, last, seq_len)
             out["steps"] += 1
             out["passes"] += 1
-            out["forward_tokens"] += work
+            out["forward_tokens"] += len(begin) * length
             out["scored"] += int((last - prev).sum())
+            shapes.add((len(begin), length, grad_begin is None))  # score_docs: with grad unless a pass of its own
             if stepping:
                 if grad_begin is not None:  # the step's own pass (score_docs)
-                    work = len(begin) * train_gpt.window_len(grad_begin, last, seq_len)
+                    length = train_gpt.window_len(grad_begin, last, seq_len)
                     out["passes"] += 1
-                    out["forward_tokens"] += work
+                    out["forward_tokens"] += len(begin) * length
+                    shapes.add((len(begin), length, True))
                 out["updates"] += 1
-                out["backward_tokens"] += work
-    return out
+                out["backward_tokens"] += len(begin) * length
+    return out, shapes
 
 
 def lora_cost(tokens, hp: train_gpt.Hyperparameters, world_size: int = 1) -> dict:
@@ -54,14 +59,17 @@ def lora_cost(tokens, hp: train_gpt.Hyperparameters, world_size: int = 1) -> dic
     starts, ends = train_gpt.doc_spans(tokens)
     chunks = train_gpt.doc_chunks(starts, ends, train_gpt.lora_chunk_tokens(hp, world_size))
     out = dict(docs=len(starts), global_chunks=len(chunks)) | dict.fromkeys(COUNTS + ("scored",), 0)
+    shapes = [set() for _ in range(world_size)]  # each rank's own, over all chunks
     for docs, _, _ in chunks:
         ranks = [rank_cost(starts[mine], ends[mine], hp)
                  for mine in (train_gpt.rank_share(docs, r, world_size, ends[docs] - starts[docs])
                               for r in range(world_size))]
         for k in COUNTS:
-            out[k] += max(r[k] for r in ranks)
-        out["scored"] += sum(r["scored"] for r in ranks)
-    return out
+            out[k] += max(r[k] for r, _ in ranks)
+        out["scored"] += sum(r["scored"] for r, _ in ranks)
+        for seen, (_, new) in zip(shapes, ranks):
+            seen |= new
+    return out | dict(shapes=max(map(len, shapes)))
 
 
 def costs(argv: list[str]):

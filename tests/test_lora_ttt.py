@@ -447,7 +447,7 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
     for name in ("a", "c"):
         hp = train_gpt.Hyperparameters(LORA_ENV | env | dict(kv.split("=") for kv in knobs[name].split()))
         count = seen[name] = dict.fromkeys(("steps", "passes", "forward_tokens", "backward_tokens", "updates"), 0)
-        grad_work = []  # the latest pass with grad: the one an update backpropagates through
+        grad_work, shapes = [], set()  # the latest pass with grad: the one an update backpropagates through
 
         def score(*args, **kwargs):
             count["steps"] += 1
@@ -457,6 +457,7 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
             count["passes"] += 1
             work = len(begin) * train_gpt.window_len(begin, last, seq_len)
             count["forward_tokens"] += work
+            shapes.add((len(begin), train_gpt.window_len(begin, last, seq_len), grad))
             grad_work[:] = [work] if grad else grad_work
             return real_nll(model, hidden, tokens, begin, prev, last, seq_len, lora, grad)
 
@@ -471,9 +472,11 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
         assert phase.lora and phase.seq_len == hp.eval_seq_len == 256
         train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, phase)
         monkeypatch.undo()
+        count["shapes"] = len(shapes)
     assert seen["a"]["steps"] > seen["a"]["updates"] > 10 and seen["a"]["passes"] == seen["a"]["steps"]
     assert seen["c"]["passes"] > seen["c"]["steps"] == seen["a"]["steps"]  # some updates read less context
     assert seen["c"]["backward_tokens"] < seen["a"]["backward_tokens"]
+    assert seen["c"]["shapes"] > seen["a"]["shapes"] > 3  # the update passes add shapes of their own
     write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
     env = {k: v for k, v in os.environ.items() if not k.startswith(train_gpt.KNOB_PREFIXES)} | LORA_ENV | env
     env |= dict(DATA_PATH=str(tmp_path), VOCAB_SIZE="64")
