@@ -1497,7 +1497,7 @@ def awq_problem(entry: dict) -> str | None:
     f = {k: t for k, t in entry.items() if AWQ_FIELD.fullmatch(k)}
     if not f:
         return None
-    if set(f) != {"awq.cols", "awq.scale"} or "q" not in entry or entry["q"].ndim < 2:
+    if set(f) != {"awq.cols", "awq.scale"} or "q" not in entry or "scale" not in entry or entry["q"].ndim < 2:
         return "awq.cols and awq.scale belong together, on a GPTQ'd matrix"
     cols, scale, q = f["awq.cols"], f["awq.scale"], entry["q"]
     if cols.dtype != torch.int8 or tuple(cols.shape) != (*q.shape[:-2], q.size(-1)) or not ((cols == 0) | (cols == 1)).all():
@@ -1825,14 +1825,26 @@ def pack_artifact(qstate: dict[str, dict], config: dict, coder: str = "rans") ->
             + struct.pack(f"<{len(streams)}I", *map(len, streams)) + hashlib.sha256(payload).digest() + payload)
 
 
+def decompress_stream(data: bytes, limit: int) -> bytes:
+    """One brotli stream, refused (ValueError) past `limit` bytes of output or unfinished: a forged stream cannot
+    claim more memory than pack_artifact's pieces take."""
+    stream = brotli.Decompressor()
+    out = stream.process(data, output_buffer_limit=limit + 1)
+    if len(out) > limit or not stream.is_finished():
+        raise ValueError("brotli stream too long or unfinished")
+    return out
+
+
 def table_entry_problem(e, data_bytes: int, codes: int) -> str | None:
     """What is wrong with one row of an artifact's tensor table (its slice of the brotli data, or of the rANS
     codes), or None."""
     keys = {"name", "kind", "field", "dtype", "shape", "offset", "nbytes"}
     if not isinstance(e, dict) or set(e) - {"coder"} != keys or e.get("coder", "rans") != "rans" \
-            or e["dtype"] not in _DTYPES or not isinstance(e["shape"], list):
+            or not all(isinstance(e[k], str) for k in ("name", "kind", "field", "dtype")) \
+            or e["dtype"] not in _DTYPES or not isinstance(e["shape"], list) or len(e["shape"]) > 8:
         return "unknown fields or element type"
-    if not all(type(v) is int and v >= 0 for v in [e["offset"], e["nbytes"], *e["shape"]]):
+    if not all(type(v) is int and v >= 0 for v in [e["offset"], e["nbytes"], *e["shape"]]) \
+            or math.prod(max(d, 1) for d in e["shape"]) >= 1 << 40:  # numpy refuses such shapes even when empty
         return "offset, size and shape must be integers >= 0"
     coded = "coder" in e
     size = math.prod(e["shape"]) * (1 if coded else np.dtype(_DTYPES[e["dtype"]]).itemsize)
@@ -1856,9 +1868,12 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
         ends = np.cumsum((start,) + sizes)
         if ends[-1] + rans_len != len(blob) or hashlib.sha256(blob[start:]).digest() != blob[start - 32:start]:
             raise ValueError("size or checksum mismatch")
-        body = b"".join(brotli.decompress(blob[a:b]) for a, b in zip(ends[:-1], ends[1:]))
+        body = b"".join(decompress_stream(blob[a:b], COMPRESS_CHUNK_BYTES) for a, b in zip(ends[:-1], ends[1:]))
         (hlen,) = struct.unpack("<I", body[:4])
         meta = json.loads(body[4:4 + hlen])
+        config = meta["config"]
+        if not isinstance(config, dict) or not isinstance(config.get("model", {}), dict):
+            raise ValueError("config")
         codes = np.zeros(0, np.uint8)
         if rans_len:
             freq, n = meta["rans_freq"], meta["rans_symbols"]
@@ -1887,7 +1902,7 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
             raise UserError(f"{source}: corrupted LQER entry {name}: {err}") from None
         if problem := awq_problem(entry):
             raise UserError(f"{source}: corrupted AWQ entry {name}: {problem}")
-    return qstate, meta["config"]
+    return qstate, config
 
 
 def check_writable(folder: Path, knob: str):

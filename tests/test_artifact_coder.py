@@ -100,22 +100,25 @@ def test_version_1_artifacts_still_read():
     assert back["m"]["kind"] == "int6_rows" and torch.equal(back["g"]["w"], torch.arange(8, dtype=torch.float16))
 
 
-def forged(blob: bytes, edit) -> bytes:
-    """The artifact with its JSON header changed by edit(meta) and a checksum that matches again: what only a
-    deliberate forgery gets past the sha256 with."""
+def forged(blob: bytes, edit, pad: int = 0) -> bytes:
+    """The artifact (version 1 or 2, one brotli stream) with its JSON header changed by edit(meta) and `pad` zero
+    bytes after its data, under a checksum that matches again: what only a deliberate forgery gets past the
+    sha256 with."""
     magic = len(train_gpt.ARTIFACT_MAGIC)
-    _, n_streams, rans_len = struct.unpack("<III", blob[magic:magic + 12])
-    sizes = struct.unpack(f"<{n_streams}I", blob[magic + 12:magic + 12 + 4 * n_streams])
-    start = magic + 12 + 4 * n_streams + 32
-    body = brotli.decompress(blob[start:start + sum(sizes)]) if n_streams == 1 else None
+    version, n_streams = struct.unpack("<II", blob[magic:magic + 8])
+    rans_len = struct.unpack("<I", blob[magic + 8:magic + 12])[0] if version == 2 else 0
+    head = magic + (12 if version == 2 else 8)
+    assert n_streams == 1
+    size = struct.unpack("<I", blob[head:head + 4])[0]
+    body = brotli.decompress(blob[head + 36:head + 36 + size])
     (hlen,) = struct.unpack("<I", body[:4])
     meta = json.loads(body[4:4 + hlen])
     edit(meta)
     header = json.dumps(meta).encode()
-    stream = brotli.compress(struct.pack("<I", len(header)) + header + body[4 + hlen:], quality=1)
+    stream = brotli.compress(struct.pack("<I", len(header)) + header + body[4 + hlen:] + bytes(pad), quality=1)
     payload = stream + blob[len(blob) - rans_len:]
-    return (blob[:magic] + struct.pack("<IIII", 2, 1, rans_len, len(stream)) + hashlib.sha256(payload).digest()
-            + payload)
+    lengths = struct.pack("<III", version, 1, rans_len) if version == 2 else struct.pack("<II", version, 1)
+    return blob[:magic] + lengths + struct.pack("<I", len(stream)) + hashlib.sha256(payload).digest() + payload
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +136,17 @@ def set_entry(field, value, coded=True):
     (lambda m: m.update(rans_freq=[2 ** 62] * 4 + [65536] + [0] * 251), "corrupted or truncated"),  # sums to 2^16 mod 2^64
     (lambda m: m.update(rans_freq=[256.5] * 256), "corrupted or truncated"),
     (lambda m: m.update(rans_symbols=2_000_000_000), "corrupted or truncated"),
+    (lambda m: m.pop("config"), "corrupted or truncated"),
+    (lambda m: m.update(config=[1]), "corrupted or truncated"),
+    (lambda m: m.update(config={"model": [1]}), "corrupted or truncated"),
     (lambda m: m.update(tensors={"a": 1}), "corrupted tensor table entry a: unknown fields"),
     (set_entry("offset", -4), "integers >= 0"),
     (set_entry("shape", [2.0, 2]), "integers >= 0"),
+    (set_entry("shape", [0, 2 ** 63], coded=False), "integers >= 0"),
     (set_entry("shape", "ab"), "unknown fields"),
+    (set_entry("shape", [1] * 9), "unknown fields"),
+    (set_entry("name", ["a"]), "unknown fields"),
+    (set_entry("dtype", ["int8"]), "unknown fields"),
     (set_entry("offset", True), "integers >= 0"),
     (set_entry("nbytes", 5), "does not fit"),
     (set_entry("offset", 10 ** 9, coded=False), "does not fit"),
@@ -148,6 +158,37 @@ def test_a_forged_header_is_a_clear_error(edit, message, small_artifact):
     assert train_gpt.unpack_artifact(forged(blob, lambda meta: None))[1] == {"x": 1}  # the forger itself is sound
     with pytest.raises(train_gpt.UserError, match=message):
         train_gpt.unpack_artifact(forged(blob, edit))
+
+
+def test_a_forged_version_1_header_and_an_oversized_stream_are_clear_errors(small_artifact):
+    """The checks hold for version-1 artifacts too; a brotli stream that inflates past what pack_artifact ever
+    writes in one (COMPRESS_CHUNK_BYTES) is refused before it takes the memory it asks for."""
+    v1 = (FIXTURES / "artifact_v1.br").read_bytes()
+    assert train_gpt.unpack_artifact(forged(v1, lambda meta: None))[1] == {"model": {}, "x": 1}
+    with pytest.raises(train_gpt.UserError, match="corrupted tensor table entry m: offset, size and shape"):
+        train_gpt.unpack_artifact(forged(v1, set_entry("shape", [4.0, 8, 16], coded=False)))
+    bomb = forged(small_artifact, lambda meta: None, pad=train_gpt.COMPRESS_CHUNK_BYTES)
+    assert len(bomb) < len(small_artifact) + 10_000
+    with pytest.raises(train_gpt.UserError, match="corrupted or truncated"):
+        train_gpt.unpack_artifact(bomb)
+
+
+def test_symbol_count_is_bounded_and_awq_fields_without_row_scales_are_refused():
+    """A stream of one value reads no words, so only the bound stops a forged count from decoding (and allocating)
+    for as long as it says; AWQ fields on an entry without its row scales are a problem, not a KeyError."""
+    one = np.zeros(256, np.uint64)
+    one[0] = 1 << train_gpt.RANS_PRECISION
+
+    def start_states(n):  # the whole stream of n symbols of one value: every lane's state, untouched
+        return np.full(train_gpt.rans_lanes(n), train_gpt.RANS_LOW, "<u4").tobytes()
+    n = 3 * LANE + 5
+    assert np.array_equal(train_gpt.rans_decode(start_states(n), one, n), np.zeros(n, np.uint8))
+    n = train_gpt.RANS_MAX_SYMBOLS + 1
+    with pytest.raises(ValueError, match="symbol count"):
+        train_gpt.rans_decode(start_states(n), one, n)
+    q = torch.zeros(2, 8, 16, dtype=torch.int8)
+    entry = {"q": q, "awq.cols": torch.zeros(2, 16, dtype=torch.int8), "awq.scale": torch.zeros(2, 8, dtype=torch.float16)}
+    assert "belong together" in train_gpt.awq_problem(entry)
 
 
 def test_awq_values_and_one_value_over_many_lanes_round_trip():

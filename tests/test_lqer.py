@@ -49,7 +49,7 @@ def quick_pack(monkeypatch):
     real = train_gpt.brotli
     monkeypatch.setattr(train_gpt, "brotli", types.SimpleNamespace(
         compress=lambda data, quality=11: real.compress(data, quality=1), decompress=real.decompress,
-        __version__=real.__version__))
+        Decompressor=real.Decompressor, __version__=real.__version__))
 
 
 @pytest.fixture(scope="module")
