@@ -1886,8 +1886,8 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
     data, qstate = body[4 + hlen:], {}
     for e in tensors:
         if problem := table_entry_problem(e, len(data), len(codes)):
-            raise UserError(f"{source}: corrupted tensor table entry {e.get('name') if isinstance(e, dict) else e}: "
-                            f"{problem}")
+            label = e.get("name") if isinstance(e, dict) else e
+            raise UserError(f"{source}: corrupted tensor table entry {str(label)[:40]}: {problem}")
         ndtype, rans = _DTYPES[e["dtype"]], e.get("coder") == "rans"
         if rans:
             arr = codes[e["offset"]:e["offset"] + e["nbytes"]].view(np.int8).reshape(e["shape"]).copy()
