@@ -3,27 +3,50 @@
 
 usage: python3 scripts/pack_code.py [SRC=train_gpt.py] [-o OUT=build/train_gpt.py]
 
-OUT is three lines: the imports, the lzma-compressed (xz, preset 9e), base85-encoded source decoded and
-entered in linecache, and its exec. Running OUT is running SRC (torchrun OUT ...); train_gpt.py counts its own
-file, so a run from OUT logs OUT's bytes as code_bytes. Deterministic: the same source gives the
-same bytes. SRC stays the canonical, readable file; OUT is a build product (git-ignored).
+The source loses its comments and docstrings (ast.unparse of its syntax tree: the same program, not the same
+text), is brotli-compressed and written as a latin-1 string literal, one source byte per compressed byte (base85
+would add a quarter); OUT decodes it, enters it in linecache and execs it. Running OUT is running SRC (torchrun
+OUT ...); train_gpt.py counts its own file, so a run from OUT logs OUT's bytes as code_bytes. Deterministic: the
+same source gives the same bytes (on the same Python: pack where you run). SRC stays the canonical, readable file;
+OUT is a build product (git-ignored).
 """
 import argparse
-import base64
-import lzma
+import ast
 import sys
 from pathlib import Path
 
+import brotli
 
 # The source is compiled under a name that linecache holds (entries without an mtime are never
 # evicted), so inspect.getsource works on the unpacked code: triton.jit reads each kernel's source.
 PACKED_NAME = b"<packed train_gpt.py>"
+# A str literal in a latin-1 file holds any byte but these, which take an escape.
+ESCAPES = {0: b"\\x00", ord("\\"): b"\\\\", ord("'"): b"\\'", ord("\n"): b"\\n", ord("\r"): b"\\r"}
+
+
+def without_docstrings(tree: ast.Module) -> ast.Module:
+    """The tree with every module, class and function docstring removed (a lone one becomes `pass`)."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body \
+                and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) \
+                and isinstance(node.body[0].value.value, str):
+            node.body = node.body[1:] or [ast.Pass()]
+    return tree
+
+
+def minified(source: bytes) -> bytes:
+    return ast.unparse(without_docstrings(ast.parse(source))).encode() + b"\n"
+
+
+def latin1_literal(blob: bytes) -> bytes:
+    """The body of a '...' str literal that, in a latin-1 source file, holds blob (one char per byte)."""
+    return b"".join(ESCAPES.get(b, bytes([b])) for b in blob)
 
 
 def pack(source: bytes) -> bytes:
-    blob = lzma.compress(source, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=9 | lzma.PRESET_EXTREME)
-    return (b"import lzma as L,base64 as B,linecache as C\ns=L.decompress(B.b85decode(b'" + base64.b85encode(blob)
-            + b"')).decode();n='" + PACKED_NAME + b"';C.cache[n]=(len(s),None,s.splitlines(True),n)\n"
+    literal = latin1_literal(brotli.compress(minified(source), quality=11))
+    return (b"# -*- coding: latin-1 -*-\nimport brotli as B,linecache as C\ns=B.decompress('" + literal
+            + b"'.encode('latin-1')).decode();n='" + PACKED_NAME + b"';C.cache[n]=(len(s),None,s.splitlines(True),n)\n"
             b"exec(compile(s,n,'exec'))\n")
 
 
@@ -38,6 +61,9 @@ def main(argv=None) -> int:
         return 2
     source = src.read_bytes()
     compile(source, str(src), "exec")  # refuse to pack a file that does not even parse
+    if ast.dump(ast.parse(minified(source))) != ast.dump(without_docstrings(ast.parse(source))):
+        print(f"error: {src}: ast.unparse did not give back the same program on this Python", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     packed = pack(source)

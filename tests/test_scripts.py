@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, parse_log, run_script, tiny_env
-from scripts import carry_parts, plot, runlog, summarize
+from scripts import carry_parts, pack_code, plot, runlog, summarize
 
 SCRIPTS = ROOT / "scripts"
 H100_LOG = Path(__file__).parent / "fixtures" / "baseline_shape_log.txt"
@@ -398,6 +398,22 @@ def test_packed_code_runs_and_counts_its_own_bytes(tiny_data, tmp_path):
     res = run_script([str(probe)], env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == [str(out), "def xsa_reference(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:"]
+
+
+def test_packing_drops_comments_and_docstrings_only(tmp_path):
+    """The packed program is the source's syntax tree without its docstrings (a lone one becomes `pass`), its
+    non-ASCII text intact; the latin-1 literal carries every byte value, the escaped ones included."""
+    source = ('"""module doc"""\n# a comment\nclass A:\n    """only a docstring"""\n\n\n'
+              'def f(x):\n    """doc"""\n    return x + "\u00b2\u2192"  # tail comment\n\n\nprint(f("a"), A.__doc__)\n').encode()
+    packed = tmp_path / "p.py"
+    packed.write_bytes(pack_code.pack(source))
+    res = subprocess.run([sys.executable, str(packed)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout == "a\u00b2\u2192 None\n", res.stderr
+    assert not any(text in pack_code.minified(source) for text in (b"comment", b"module doc", b"only a", b'"""'))
+    blob = bytes(range(256)) * 2
+    namespace = {}
+    exec(compile(b"# -*- coding: latin-1 -*-\nx = '" + pack_code.latin1_literal(blob) + b"'\n", "t", "exec"), namespace)
+    assert namespace["x"].encode("latin-1") == blob
 
 
 def test_carry_parts_round_trip_over_several_calls(tmp_path):
