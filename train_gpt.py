@@ -272,7 +272,7 @@ ADAM_EPS = 1e-8
 TTT_MOMENTUM = 0.9
 SEQ_REWARM_STEPS = 32  # after a TRAIN_SEQ_SCHEDULE switch the LR ramps back up over this many steps
 MAX_TRAIN_SHAPES = 8  # torch.compile's recompile limit for one function (fullgraph fails past it)
-CLIP_SEARCH_HEADROOM = 100_000  # bytes: the clip search stops once the artifact is this close under the cap
+CLIP_SEARCH_HEADROOM = 40_000  # bytes: the clip search stops once the artifact is this close under the cap
 
 # Names we deliberately do not read: fail loudly instead of silently ignoring.
 RETIRED_KNOBS = {

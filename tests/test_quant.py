@@ -110,8 +110,8 @@ def test_next_clip_interpolates_between_a_fit_and_a_miss_and_steps_at_most_15_pe
 
 def test_clip_search_reaches_the_band_in_fewer_tries_than_bisection():
     """On a smooth size response (bytes ~ clip^-0.27, about the bench artifacts') the search lands within
-    CLIP_SEARCH_HEADROOM under the cap in 2 tries from a start near it, 3-4 from far (stepping 15% and then
-    bisecting, the search before this one, took 3-5 and 6-7 on the same responses)."""
+    CLIP_SEARCH_HEADROOM under the cap in 2-3 tries from a start near it, 3-4 from far (stepping 15% and
+    then bisecting, the search before this one, took 3-5 and 6-7 on the same responses to land within 100 KB)."""
     cap, band = 16_000_000, train_gpt.CLIP_SEARCH_HEADROOM
     for start, scale in ((12.85, 0.99), (12.85, 1.02), (9.0, 1.0), (16.0, 0.995)):
         size = lambda k: int(scale * 15_849_269 * (k / 12.85) ** -0.27)  # noqa: E731
@@ -120,7 +120,7 @@ def test_clip_search_reaches_the_band_in_fewer_tries_than_bisection():
             tries.append((k, size(k)))
             k = train_gpt.next_clip(tries, cap - band // 2)
             assert len(tries) <= 4, tries
-        assert len(tries) <= (2 if 11 < start < 14 else 4), tries
+        assert len(tries) <= (3 if 11 < start < 14 else 4), tries
 
 
 def test_ill_conditioned_hessian_gets_more_damping():
