@@ -61,7 +61,11 @@ def main(argv=None) -> int:
         return 2
     source = src.read_bytes()
     compile(source, str(src), "exec")  # refuse to pack a file that does not even parse
-    if ast.dump(ast.parse(minified(source))) != ast.dump(without_docstrings(ast.parse(source))):
+    try:
+        same = ast.dump(ast.parse(minified(source))) == ast.dump(without_docstrings(ast.parse(source)))
+    except SyntaxError:
+        same = False
+    if not same:
         print(f"error: {src}: ast.unparse did not give back the same program on this Python", file=sys.stderr)
         return 2
     out = Path(args.out)

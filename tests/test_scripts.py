@@ -400,9 +400,10 @@ def test_packed_code_runs_and_counts_its_own_bytes(tiny_data, tmp_path):
     assert res.stdout.splitlines() == [str(out), "def xsa_reference(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:"]
 
 
-def test_packing_drops_comments_and_docstrings_only(tmp_path):
+def test_packing_drops_comments_and_docstrings_only(tmp_path, monkeypatch, capsys):
     """The packed program is the source's syntax tree without its docstrings (a lone one becomes `pass`), its
-    non-ASCII text intact; the latin-1 literal carries every byte value, the escaped ones included."""
+    non-ASCII text intact; a packing whose program differs is refused; the latin-1 literal carries every byte
+    value, the escaped ones included."""
     source = ('"""module doc"""\n# a comment\nclass A:\n    """only a docstring"""\n\n\n'
               'def f(x):\n    """doc"""\n    return x + "\u00b2\u2192"  # tail comment\n\n\nprint(f("a"), A.__doc__)\n').encode()
     packed = tmp_path / "p.py"
@@ -410,6 +411,11 @@ def test_packing_drops_comments_and_docstrings_only(tmp_path):
     res = subprocess.run([sys.executable, str(packed)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout == "a\u00b2\u2192 None\n", res.stderr
     assert not any(text in pack_code.minified(source) for text in (b"comment", b"module doc", b"only a", b'"""'))
+    src = tmp_path / "m.py"
+    src.write_bytes(source)
+    monkeypatch.setattr(pack_code, "minified", lambda s: b"x = (\n")  # an unparse that went wrong
+    assert pack_code.main([str(src), "-o", str(tmp_path / "bad.py")]) == 2 and not (tmp_path / "bad.py").exists()
+    assert "did not give back the same program" in capsys.readouterr().err
     blob = bytes(range(256)) * 2
     namespace = {}
     exec(compile(b"# -*- coding: latin-1 -*-\nx = '" + pack_code.latin1_literal(blob) + b"'\n", "t", "exec"), namespace)
