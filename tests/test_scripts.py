@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, parse_log, run_script, tiny_env
-from scripts import carry_parts, pack_code, plot, runlog, summarize
+from scripts import split_parts, pack_code, plot, runlog, summarize
 
 SCRIPTS = ROOT / "scripts"
 H100_LOG = Path(__file__).parent / "fixtures" / "baseline_shape_log.txt"
@@ -50,7 +50,7 @@ def write_lines(path: Path, lines) -> Path:
 
 
 def test_scripts_are_executable_and_documented():
-    for name in ("run_seeds.sh", "summarize.py", "plot.py", "carry_parts.py"):
+    for name in ("run_seeds.sh", "summarize.py", "plot.py", "split_parts.py"):
         path = SCRIPTS / name
         assert os.access(path, os.X_OK), name
         assert "usage:" in path.read_text()[:1500], name
@@ -422,15 +422,15 @@ def test_packing_drops_comments_and_docstrings_only(tmp_path, monkeypatch, capsy
     assert namespace["x"].encode("latin-1") == blob
 
 
-def test_carry_parts_round_trip_over_several_calls(tmp_path):
-    """A folder split into parts, each gathered as its own device call would (one part folder at a
-    time, in any order), comes out byte-identical only once the last part is in."""
+def test_split_parts_round_trip_over_several_calls(tmp_path):
+    """A folder split into parts, each gathered on its own (as after its own upload: one part folder at a time,
+    in any order), comes out byte-identical only once the last part is in."""
     src = tmp_path / "wheels"
     src.mkdir()
     blobs = {f"w{i}.whl": os.urandom(n) for i, n in enumerate((70_000, 5, 130_001))}
     for name, data in blobs.items():
         (src / name).write_bytes(data)
-    res = run_script(["scripts/carry_parts.py", "split", str(src), str(tmp_path / "parts"), "--max-mib", "0.05"],
+    res = run_script(["scripts/split_parts.py", "split", str(src), str(tmp_path / "parts"), "--max-mib", "0.05"],
                      env=None)
     assert res.returncode == 0, res.stderr
     parts = sorted((tmp_path / "parts").iterdir(), key=lambda d: int(d.name))
@@ -439,7 +439,7 @@ def test_carry_parts_round_trip_over_several_calls(tmp_path):
     assert all((d / f"part_{d.name}.bin").stat().st_size <= 0.05 * 2**20 for d in parts)
     stash, dest = tmp_path / "stash", tmp_path / "dest"
     for k, d in enumerate(parts[1:] + parts[:1], 1):  # the first part last
-        res = run_script(["scripts/carry_parts.py", "gather", str(d), str(stash), "--into", str(dest)], env=None)
+        res = run_script(["scripts/split_parts.py", "gather", str(d), str(stash), "--into", str(dest)], env=None)
         assert res.returncode == 0, res.stderr
         if k < n:
             assert res.stdout.strip() == f"parts:{k}/{n}" and not dest.exists()
@@ -447,19 +447,19 @@ def test_carry_parts_round_trip_over_several_calls(tmp_path):
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == blobs
 
 
-def test_carry_parts_refuses_bad_parts(tmp_path):
+def test_split_parts_refuses_bad_parts(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.bin").write_bytes(os.urandom(200_000))
-    first, second = carry_parts.split(src, tmp_path / "p", 120_000)
+    first, second = split_parts.split(src, tmp_path / "p", 120_000)
     part = second / "part_2.bin"
     part.write_bytes(part.read_bytes()[:-1] + b"x")  # one byte off
-    with pytest.raises(carry_parts.CarryError, match="does not match its manifest"):
-        carry_parts.gather(second, tmp_path / "stash", tmp_path / "dest")
-    other = carry_parts.split(src, tmp_path / "q", 50_000)[0]  # another split of the same files
-    carry_parts.gather(first, tmp_path / "stash", tmp_path / "dest")
-    with pytest.raises(carry_parts.CarryError, match="holds parts of another split"):
-        carry_parts.gather(other, tmp_path / "stash", tmp_path / "dest")
-    res = run_script(["scripts/carry_parts.py", "split", str(tmp_path / "none"), str(tmp_path / "r")], env=None)
+    with pytest.raises(split_parts.PartsError, match="does not match its manifest"):
+        split_parts.gather(second, tmp_path / "stash", tmp_path / "dest")
+    other = split_parts.split(src, tmp_path / "q", 50_000)[0]  # another split of the same files
+    split_parts.gather(first, tmp_path / "stash", tmp_path / "dest")
+    with pytest.raises(split_parts.PartsError, match="holds parts of another split"):
+        split_parts.gather(other, tmp_path / "stash", tmp_path / "dest")
+    res = run_script(["scripts/split_parts.py", "split", str(tmp_path / "none"), str(tmp_path / "r")], env=None)
     assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path / 'none'}: no files to split"
     assert not (tmp_path / "dest").exists()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Move a folder bigger than one upload's size limit to the benchmark machine in checked parts.
 
-usage: python3 scripts/carry_parts.py split SRC OUT [--max-mib 56]
-       python3 scripts/carry_parts.py gather PART STASH --into DEST
+usage: python3 scripts/split_parts.py split SRC OUT [--max-mib 56]
+       python3 scripts/split_parts.py gather PART STASH --into DEST
 
 split (here): packs the files of SRC (e.g. FlashAttention 4's wheels, whose CUDA 13 DSL library alone
 is 92 MB) into one tar stream cut into parts of at most --max-mib, as OUT/1, OUT/2, ...: each folder
@@ -27,7 +27,7 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 
 
-class CarryError(Exception):
+class PartsError(Exception):
     pass
 
 
@@ -40,7 +40,7 @@ def split(src: Path, out: Path, max_bytes: int) -> list[Path]:
     stream into parts; returns the part folders."""
     files = sorted(p for p in src.iterdir() if p.is_file()) if src.is_dir() else []
     if not files:
-        raise CarryError(f"{src}: no files to split")
+        raise PartsError(f"{src}: no files to split")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for f in files:
@@ -63,7 +63,7 @@ def read_manifest(folder: Path) -> dict:
     try:
         return json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as e:
-        raise CarryError(f"{folder / MANIFEST}: missing or unreadable ({e.__class__.__name__})") from None
+        raise PartsError(f"{folder / MANIFEST}: missing or unreadable ({e.__class__.__name__})") from None
 
 
 def gather(part_dir: Path, stash: Path, dest: Path) -> tuple[int, int, int]:
@@ -71,13 +71,13 @@ def gather(part_dir: Path, stash: Path, dest: Path) -> tuple[int, int, int]:
     manifest = read_manifest(part_dir)
     found = sorted(part_dir.glob("part_*.bin"))
     if len(found) != 1:
-        raise CarryError(f"{part_dir}: expected one part_K.bin, found {len(found)}")
+        raise PartsError(f"{part_dir}: expected one part_K.bin, found {len(found)}")
     k = int(found[0].stem.split("_")[1])
     if not 1 <= k <= len(manifest["parts"]) or sha256(found[0].read_bytes()) != manifest["parts"][k - 1]:
-        raise CarryError(f"{found[0]}: does not match its manifest (corrupt, or from another split)")
+        raise PartsError(f"{found[0]}: does not match its manifest (corrupt, or from another split)")
     stash.mkdir(parents=True, exist_ok=True)
     if (stash / MANIFEST).exists() and read_manifest(stash) != manifest:
-        raise CarryError(f"{stash}: holds parts of another split; empty it first")
+        raise PartsError(f"{stash}: holds parts of another split; empty it first")
     shutil.copyfile(found[0], stash / found[0].name)
     (stash / MANIFEST).write_text(json.dumps(manifest, indent=1))
     n = len(manifest["parts"])
@@ -86,7 +86,7 @@ def gather(part_dir: Path, stash: Path, dest: Path) -> tuple[int, int, int]:
         return len(have), n, 0
     stream = b"".join((stash / f"part_{i}.bin").read_bytes() for i in range(1, n + 1))
     if len(stream) != manifest["total_bytes"] or sha256(stream) != manifest["total_sha256"]:
-        raise CarryError(f"{stash}: the joined parts do not match the manifest")
+        raise PartsError(f"{stash}: the joined parts do not match the manifest")
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(stream), mode="r") as tar:
         tar.extractall(dest, filter="data")
@@ -108,13 +108,13 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "split":
             if args.max_mib <= 0:
-                raise CarryError(f"--max-mib {args.max_mib}: expected a positive size")
+                raise PartsError(f"--max-mib {args.max_mib}: expected a positive size")
             for d in split(args.src, args.out, int(args.max_mib * 2**20)):
                 print(f"part:{d} bytes:{sum(f.stat().st_size for f in d.iterdir())}")
         else:
             have, n, unpacked = gather(args.part, args.stash, args.dest)
             print(f"parts:{have}/{n}" + (f" unpacked:{unpacked} dest:{args.dest}" if unpacked else ""))
-    except CarryError as e:
+    except PartsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
