@@ -1811,10 +1811,12 @@ def pack_artifact(qstate: dict[str, dict], config: dict, coder: str = "rans") ->
             table.append(row | dict(offset=offset, nbytes=len(raw)))
             chunks.append(raw)
             offset += len(raw)
-    symbols = np.concatenate(coded) if n_coded else np.zeros(0, np.uint8)
-    freq = rans_frequencies(symbols) if n_coded else None
-    rans = rans_encode(symbols, freq) if n_coded else b""
-    header = json.dumps(dict(config=config, tensors=table, rans_freq=freq.tolist() if n_coded else None,
+    freq, rans = None, b""
+    if n_coded:
+        symbols = np.concatenate(coded)
+        freq = rans_frequencies(symbols)
+        rans = rans_encode(symbols, freq)
+    header = json.dumps(dict(config=config, tensors=table, rans_freq=None if freq is None else freq.tolist(),
                              rans_symbols=n_coded), sort_keys=True).encode()
     body = struct.pack("<I", len(header)) + header + b"".join(chunks)
     pieces = [body[i:i + COMPRESS_CHUNK_BYTES] for i in range(0, len(body), COMPRESS_CHUNK_BYTES)]
@@ -1888,8 +1890,8 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
         if problem := table_entry_problem(e, len(data), len(codes)):
             label = e.get("name") if isinstance(e, dict) else e
             raise UserError(f"{source}: corrupted tensor table entry {str(label)[:40]}: {problem}")
-        ndtype, rans = _DTYPES[e["dtype"]], e.get("coder") == "rans"
-        if rans:
+        ndtype = _DTYPES[e["dtype"]]
+        if "coder" in e:  # table_entry_problem: the only coder is rans
             arr = codes[e["offset"]:e["offset"] + e["nbytes"]].view(np.int8).reshape(e["shape"]).copy()
         else:
             raw = byte_unshuffle(data[e["offset"]:e["offset"] + e["nbytes"]], np.dtype(ndtype).itemsize)
