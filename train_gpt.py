@@ -547,6 +547,13 @@ def setup_distributed(hp: Hyperparameters, env=None) -> Dist:
     return Dist(rank, world_size, local_rank, device, cpu_group)
 
 
+def log_path(log_dir: str, run_id: str) -> Path:
+    return Path(log_dir) / f"{run_id}.txt"
+
+
+LOG_TAKEN = "log {} already exists: RUN_ID is taken, choose another"
+
+
 class RunLog:
     """Rank 0 writes `key:value` lines to LOG_DIR/RUN_ID.txt and the console; never overwrites."""
 
@@ -557,7 +564,7 @@ class RunLog:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.file = open(path, "x", encoding="utf-8")
         except FileExistsError:
-            raise UserError(f"log {path} already exists: RUN_ID is taken, choose another") from None
+            raise UserError(LOG_TAKEN.format(path)) from None
         except OSError as e:
             raise UserError(f"env LOG_DIR: cannot create log {path} ({e.strerror})") from None
 
@@ -3491,7 +3498,7 @@ def run(hp: Hyperparameters) -> dict:
     np.random.seed(hp.seed)
     code = Path(__file__).read_bytes()
     run_id = dctx.broadcast_object(hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}_seed{hp.seed}")
-    log = RunLog(Path(hp.log_dir) / f"{run_id}.txt" if dctx.is_main else None)
+    log = RunLog(log_path(hp.log_dir, run_id) if dctx.is_main else None)
     for w in hp.warnings:  # first, where they are seen
         log(f"warning:{w}")
     for line in describe_environment(hp, dctx, code):

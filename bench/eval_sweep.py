@@ -74,9 +74,9 @@ def check_reexports(variants: list[tuple[str, train_gpt.Hyperparameters]]):
         problem = train_gpt.check_outputs(hp, hp.run_id)
         if problem:
             raise train_gpt.UserError(problem)
-        log = Path(hp.log_dir) / f"{hp.run_id}.txt"
+        log = train_gpt.log_path(hp.log_dir, hp.run_id)
         if log.exists():
-            raise train_gpt.UserError(f"log {log} already exists: RUN_ID is taken, choose another")
+            raise train_gpt.UserError(train_gpt.LOG_TAKEN.format(log))
 
 
 def sweep(argv: list[str]):
@@ -106,7 +106,7 @@ def sweep(argv: list[str]):
         s = train_gpt.run(hp)
         print(f"variant:{name} final_phase:{s['final_phase']} final_val_bpb:{s['final_val_bpb']:.8f} "
               f"eval_seconds:{s['eval_seconds']:.1f} {export + ' ' if export else ''}"
-              f"log:{Path(hp.log_dir) / (hp.run_id + '.txt')}", flush=True)
+              f"log:{train_gpt.log_path(hp.log_dir, hp.run_id)}", flush=True)
 
 
 if __name__ == "__main__":
