@@ -254,6 +254,8 @@ EXPORT_KNOBS = [
     Knob("MATRIX_BITS", 6, "GPTQ bits of the block matrices", 2, 8),
     Knob("MATRIX_CLIP_SIGMAS", 12.35, "SDClip k of the matrices: row scale = k*std(row)/(2^(bits-1)-1); the clip "
          "search starts here", 0.1),
+    Knob("MLP_CLIP_SCALE", 1.0, "the MLP matrices' SDClip k as a multiple of the attention matrices' (MATRIX_CLIP_SIGMAS); "
+         "the clip search moves both", 0.5, 2.0),
     Knob("EMBED_BITS", 7, "GPTQ bits of the tied embedding", 2, 8),
     Knob("EMBED_CLIP_SIGMAS", 14.0, "SDClip k of the embedding", 0.1),
     Knob("GPTQ_CALIBRATION_BATCHES", 16, "training micro-batches per rank for the GPTQ Hessians; 0 = plain rounding", 0),
@@ -1538,11 +1540,15 @@ def awq_problem(entry: dict) -> str | None:
 
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict | None, num_layers: int,
                    matrix_bits: int, matrix_clip: float, embed_bits: int, embed_clip: float,
-                   awq_groups: int = 0) -> dict[str, dict]:
-    """name -> {kind, tensors}: GPTQ for the banks and the tied embedding (AWQ-lite's groups on the int8 grid,
-    their row scales zero in slices without one), fp16 for the rest."""
+                   awq_groups: int = 0, mlp_clip_scale: float = 1.0) -> dict[str, dict]:
+    """name -> {kind, tensors}: GPTQ for the banks (the MLP's at mlp_clip_scale x matrix_clip) and the tied
+    embedding (AWQ-lite's groups on the int8 grid, their row scales zero in slices without one), fp16 for the rest."""
+    mlp_banks = {ROLES[r][0] for r in ("up", "down")}
+
     def bits_clip(name):
-        return (embed_bits, embed_clip) if name == "tok_emb.weight" else (matrix_bits, matrix_clip)
+        if name == "tok_emb.weight":
+            return embed_bits, embed_clip
+        return matrix_bits, matrix_clip * (mlp_clip_scale if name in mlp_banks else 1.0)
     fine = awq_select(state, hessians, num_layers, awq_groups, lambda name: bits_clip(name)[0])
     out = {}
     for name, t in state.items():
@@ -3164,7 +3170,7 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
     def attempt(k: float) -> bytes:
         t0 = time.perf_counter()
         q = quantize_state(state, hessians, cfg.num_layers, hp.matrix_bits, k, hp.embed_bits, hp.embed_clip_sigmas,
-                           hp.awq_groups)
+                           hp.awq_groups, hp.mlp_clip_scale)
         if hp.awq_groups:
             log(awq_line(q, cfg.num_layers))
         if hp.lqer_top_k:

@@ -72,6 +72,24 @@ def test_quantize_state_routes_tensors():
     assert torch.equal(alone, q["kv_bank"]["q"][row])
 
 
+def test_mlp_clip_scale_moves_the_mlp_banks_clip_only():
+    """MLP_CLIP_SCALE: the MLP banks' row scales follow their clip (SDClip: proportional); the attention
+    banks and the embedding are quantized exactly as without it."""
+    torch.manual_seed(0)
+    state = {"qo_bank": torch.randn(4, 192, 128), "kv_bank": torch.randn(4, 160, 128),
+             "mlp_up_bank": torch.randn(2, 384, 128), "mlp_down_bank": torch.randn(2, 128, 384),
+             "tok_emb.weight": torch.randn(600, 128)}  # each over PASSTHROUGH_MAX_NUMEL: GPTQ'd
+    base = train_gpt.quantize_state(state, None, 2, 6, 12.0, 7, 14.0)
+    tight = train_gpt.quantize_state(state, None, 2, 6, 12.0, 7, 14.0, mlp_clip_scale=0.75)
+    for name in state:
+        ratio = tight[name]["scale"].float() / base[name]["scale"].float()
+        if name.startswith("mlp_"):
+            assert torch.allclose(ratio, torch.full_like(ratio, 0.75), rtol=2e-3)
+            assert not torch.equal(tight[name]["q"], base[name]["q"])
+        else:
+            assert torch.equal(tight[name]["q"], base[name]["q"]) and torch.equal(ratio, torch.ones_like(ratio))
+
+
 def test_clip_search_lands_under_the_cap(monkeypatch):
     """Shrink the cap below the first try: the search must raise the clip until the blob fits, and
     the returned blob is the smallest-clip one that fits. One layer is enough: its Q/O and MLP banks are
