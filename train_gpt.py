@@ -254,8 +254,8 @@ EXPORT_KNOBS = [
     Knob("MATRIX_BITS", 6, "GPTQ bits of the block matrices", 2, 8),
     Knob("MATRIX_CLIP_SIGMAS", 12.35, "SDClip k of the matrices: row scale = k*std(row)/(2^(bits-1)-1); the clip "
          "search starts here", 0.1),
-    Knob("MLP_CLIP_SCALE", 1.0, "the MLP matrices' SDClip k as a multiple of the attention matrices' (MATRIX_CLIP_SIGMAS); "
-         "the clip search moves both", 0.5, 2.0),
+    Knob("MLP_CLIP_SCALE", 1.0, "the MLP matrices' SDClip k as a multiple of the attention matrices' "
+         "(MATRIX_CLIP_SIGMAS); the clip search moves both", 0.5, 2.0),
     Knob("EMBED_BITS", 7, "GPTQ bits of the tied embedding", 2, 8),
     Knob("EMBED_CLIP_SIGMAS", 14.0, "SDClip k of the embedding", 0.1),
     Knob("GPTQ_CALIBRATION_BATCHES", 16, "training micro-batches per rank for the GPTQ Hessians; 0 = plain rounding", 0),
