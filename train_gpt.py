@@ -2216,11 +2216,11 @@ def eval_compiles(hp: Hyperparameters, device: torch.device) -> bool:
     return hp.eval_compile is True or (hp.eval_compile == AUTO and compile_applies(hp, device))
 
 
-def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device, by_document: bool):
-    """The looped model's hidden states (per-document adapted with a LoRA), compiled per EVAL_COMPILE
-    with the batch dim dynamic (one graph for every batch size), and the length too where documents are
-    scored (by_document: a graph with the LoRA and grad, for TTT_LORA_GRAD_CONTEXT's scoring passes one
-    without grad, and once the budget stopped the adapting, one without the LoRA)."""
+def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device):
+    """The looped model's hidden states (per-document adapted with a LoRA), compiled per EVAL_COMPILE with
+    the batch and length dims dynamic: one graph without the LoRA (windows of every phase, and documents once
+    the budget stopped the adapting; the weights frozen in both), one with the LoRA and grad and, for
+    TTT_LORA_GRAD_CONTEXT's scoring passes, one with the LoRA without grad."""
     def hidden(x, lora=None):
         return model.hidden(x, looped=True, lora=lora)
     if not eval_compiles(hp, device):
@@ -2230,8 +2230,7 @@ def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device, by_docum
 
     def dynamic_hidden(x, lora=None):
         torch._dynamo.mark_dynamic(x, 0)
-        if by_document:
-            torch._dynamo.maybe_mark_dynamic(x, 1)
+        torch._dynamo.maybe_mark_dynamic(x, 1)
         return compiled(x, lora)
     return dynamic_hidden
 
@@ -2258,7 +2257,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         prev = np.concatenate(([0], ends[:-1]))
         chunks = phase_chunks(prev, phase, hp, action == "abandon", n)
     adapter = TTTUpdater(model, hp, dctx) if phase.ttt else None
-    pace, hidden = Pace(dctx, len(chunks)), eval_forward(model, hp, dctx.device, phase.lora)
+    pace, hidden = Pace(dctx, len(chunks)), eval_forward(model, hp, dctx.device)
     hints = phase_hints(tokens, phase, hp, log)  # inside the phase's clock: it is part of the evaluation
     for c, (items, lo, hi) in enumerate(chunks):
         mine = rank_share(items, dctx.rank, dctx.world_size, ends[items] - starts[items] if phase.lora else None)
@@ -2267,8 +2266,9 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
                 score_docs(model, hidden, tokens, starts[mine], ends[mine], phase, out, hp, hints,
                            lora if adapter is not None else None)
         else:
-            for w in even_batches(mine, hp.eval_batch_seqs):
-                score_windows(model, hidden, tokens, ends[w], prev[w], phase, out, hp, hints)
+            with frozen(model):
+                for w in even_batches(mine, hp.eval_batch_seqs):
+                    score_windows(model, hidden, tokens, ends[w], prev[w], phase, out, hp, hints)
         if c + 1 == len(chunks) or (adapter is None and action != "abandon"):
             continue
         projected = pace.projected(c) if action else None
@@ -2309,7 +2309,8 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
     starts, first_scored = on_device(np.stack((ends - L, L - n_scored)), tokens.device)
     idx = starts[:, None] + torch.arange(L + 1, device=tokens.device)
     win = tokens[idx]
-    x, y = win[:, :-1], win[:, 1:]
+    # x as chunk_nll's: contiguous, made outside inference mode (the graph guards strides and tensor kind)
+    x, y = win[:, :-1].contiguous(), win[:, 1:]
     scored = torch.arange(L, device=tokens.device)[None, :] >= first_scored[:, None]
     with torch.inference_mode(), autocast_ctx(tokens.device):
         h = hidden(x)
