@@ -31,16 +31,10 @@ import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
 from torch._dynamo.utils import get_compilation_metrics, compile_times  # noqa: E402
 import train_gpt  # noqa: E402
+from default_model import default_model  # noqa: E402
 
 torch.set_num_threads(2)
-hp = train_gpt.Hyperparameters(dict(EVAL_COMPILE="1", TRAIN_SEQ_LEN="256", EVAL_SEQ_LEN="256", DEVICE="cpu"))
-cfg = hp.model_config()
-torch.manual_seed(0)
-model = train_gpt.GPT(cfg)
-with torch.no_grad():
-    for p in model.parameters():
-        if p.dim() >= 2:
-            p.copy_(torch.randn_like(p) * 0.02)
+hp, cfg, model = default_model(256)
 model.requires_grad_(False)  # score_docs' frozen(model)
 lora = train_gpt.LoRA(cfg, hp.ttt_lora_docs, hp.ttt_lora_rank, torch.device("cpu"), train_gpt.lora_targets(hp)) \
     if args.graph != "plain" else None

@@ -44,6 +44,7 @@ import torch._dynamo  # noqa: E402
 from torch._dynamo.backends.debugging import aot_eager, boxed_nop  # noqa: E402
 from torch._functorch.partitioners import min_cut_rematerialization_partition  # noqa: E402
 import train_gpt  # noqa: E402
+from default_model import default_model  # noqa: E402
 
 torch.set_num_threads(args.threads)
 torch._logging.set_logs(recompiles=True, graph_breaks=True)
@@ -136,15 +137,7 @@ if args.bf16:  # the CUDA path's autocast, on CPU: bf16 matmuls and a bf16 resid
     train_gpt.autocast_ctx = lambda device: torch.autocast("cpu", dtype=torch.bfloat16)
 
 # ---------------------------------------------------------------- model, knobs, priming
-env = dict(EVAL_COMPILE="1", TRAIN_SEQ_LEN=str(args.seq), EVAL_SEQ_LEN=str(args.seq), DEVICE="cpu")
-hp = train_gpt.Hyperparameters(env)
-cfg = hp.model_config()
-torch.manual_seed(0)
-model = train_gpt.GPT(cfg)
-with torch.no_grad():
-    for p in model.parameters():
-        if p.dim() >= 2:
-            p.copy_(torch.randn_like(p) * 0.02)
+hp, cfg, model = default_model(args.seq)
 n_params = sum(p.numel() for p in model.parameters())
 print(f"train_gpt {train_gpt.__file__} torch {torch.__version__} threads {torch.get_num_threads()} mode {args.mode} seq {args.seq} "
       f"layers {cfg.num_layers} virtual {len(cfg.layer_order(True))} dim {cfg.model_dim} "
