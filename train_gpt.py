@@ -2915,6 +2915,8 @@ class Trainer:
         # dynamic=False: each (length, looped) shape of TRAIN_SEQ_SCHEDULE gets a static graph of its own
         forward = torch.compile(model, fullgraph=True, dynamic=False) if self.compiled else model
         fp8 = fp8_roles(hp)  # FP8_MATMULS: training steps only
+        if fp8:
+            check_fp8_device(hp, dctx.device)
         self.forward = lambda x, y, looped: forward(x, y, looped, fixed_cap=True, fp8=fp8)  # training keeps one softcap
         self.plans = {L: plan_batches(hp, dctx.world_size, dctx.device, L) for L, _ in seq_schedule(hp)}
         self.ema = [p.detach().float().clone() for p in model.parameters()] if hp.ema_decay else None
@@ -3178,7 +3180,8 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
             report = apply_lqer(state, q, hp.lqer_top_k, hp.lqer_rank, hp.lqer_group, cfg.num_layers)
             log(lqer_line(report, q, hp))
         t1 = time.perf_counter()
-        config = dict(model=dataclasses.asdict(cfg), train_seq_len=hp.train_seq_len, matrix_clip_sigmas=k) | (meta or {})
+        config = dict(model=dataclasses.asdict(cfg), train_seq_len=hp.train_seq_len, matrix_clip_sigmas=k,
+                      mlp_clip_scale=hp.mlp_clip_scale) | (meta or {})
         blob = pack_artifact(q, config, hp.artifact_coder)
         log(f"gptq_try matrix_clip_sigmas:{k:.4f} artifact_bytes:{len(blob) + code_bytes} "
             f"gptq_time:{t1 - t0:.1f}s pack_time:{time.perf_counter() - t1:.1f}s")
@@ -3394,7 +3397,8 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
     over = total > ARTIFACT_LIMIT_BYTES
     artifact = artifact_path(hp, run_id, over_limit=over)
     log(f"artifact:{artifact} model_bytes:{len(blob)} code_bytes:{len(code)} artifact_bytes:{total} "
-        f"limit:{ARTIFACT_LIMIT_BYTES} headroom:{ARTIFACT_LIMIT_BYTES - total} matrix_clip_sigmas:{clip:.4f}")
+        f"limit:{ARTIFACT_LIMIT_BYTES} headroom:{ARTIFACT_LIMIT_BYTES - total} matrix_clip_sigmas:{clip:.4f} "
+        f"mlp_clip_scale:{hp.mlp_clip_scale}")
     if dctx.is_main:
         write_atomic(artifact, blob, overwrite=False)
         if hp.prequant_save:  # after the artifact: a failure here costs only this extra file
@@ -3723,7 +3727,7 @@ def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     """(t / scale in dtype, scale): scale = absmax(t) / dtype's max, a float32 scalar."""
     fmax = torch.finfo(dtype).max
     scale = t.detach().abs().amax().float().clamp(min=1e-30) / fmax
-    return (t.float() / scale).clamp(-fmax, fmax).to(dtype), scale
+    return (t.contiguous().float() / scale).clamp(-fmax, fmax).to(dtype), scale  # row-major, as cuBLAS takes it
 
 
 class FP8Linear(torch.autograd.Function):
@@ -3753,6 +3757,17 @@ class FP8Linear(torch.autograd.Function):
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return FP8Linear.apply(x, w)
+
+
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
+
+
+def check_fp8_device(hp: Hyperparameters, device: torch.device):
+    """FP8_MATMULS on a GPU without FP8 matmuls would fail inside the first compiled step: refuse it first."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UserError(f"env FP8_MATMULS={hp.fp8_matmuls}: this GPU (compute capability {major}.{minor}) has no FP8 "
+                        f"matmuls (needs {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or later, e.g. H100); unset it")
 
 
 # Attention kernels: each takes q [B,T,H,hd] and k, v [B,T,Hkv,hd] (GQA) and returns causal attention

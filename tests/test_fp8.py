@@ -106,3 +106,44 @@ def test_fp8_training_follows_bf16_training():
     plain, fp8 = losses[""], losses["mlp,head"]
     assert plain[-1] < plain[0] - 0.5 and fp8[-1] < fp8[0] - 0.5
     assert max(abs(a - b) for a, b in zip(plain, fp8)) < 0.1
+
+
+def test_fp8_operands_come_out_row_major_from_any_layout():
+    """A column-major view (a transposed gradient, say) is cast to a row-major FP8 tensor, as cuBLAS takes a
+    first operand (elementwise ops alone would keep the view's layout; CPU's _scaled_mm would not mind)."""
+    x = torch.randn(64, 32).t()  # [32, 64], column-major
+    x8, scale = train_gpt.to_fp8(x, torch.float8_e4m3fn)
+    assert x8.is_contiguous() and torch.equal(x8.float(), train_gpt.to_fp8(x.contiguous(), torch.float8_e4m3fn)[0].float())
+
+
+def test_fp8_is_refused_on_a_gpu_without_fp8_matmuls(monkeypatch):
+    hp = knobs(FP8_MATMULS="mlp")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(train_gpt.UserError, match=r"FP8_MATMULS=mlp: this GPU \(compute capability 8.0\)"):
+        train_gpt.check_fp8_device(hp, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    train_gpt.check_fp8_device(hp, torch.device("cuda"))
+    train_gpt.check_fp8_device(hp, torch.device("cpu"))
+
+
+def test_fp8_model_compiles_in_one_graph_and_matches_eager():
+    """The training forward with every FP8 matmul under torch.compile(fullgraph=True) (Dynamo + AOTAutograd:
+    the tracing a GPU run does) gives eager's loss and gradients."""
+    hp = knobs(**TINY)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(hp.model_config())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+    y = torch.roll(x, -1, 1)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    grads = []
+    for fn in (compiled, model):
+        model.zero_grad()
+        loss = fn(x, y, False, fixed_cap=True, fp8=("mlp", "head")).mean()
+        loss.backward()
+        grads.append((loss.detach(), model.mlp_down_bank.grad.clone(), model.tok_emb.weight.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
