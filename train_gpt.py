@@ -171,7 +171,8 @@ SCHEDULE_KNOBS = [
          "switch re-warms the LR over SEQ_REWARM_STEPS steps; empty = TRAIN_SEQ_LEN throughout"),
     Knob("MICRO_BATCH_TOKENS", 0, "max tokens per forward/backward per GPU; 0 = auto (98304 CUDA, 16384 CPU)", 0),
     Knob("FP8_MATMULS", "", "training matmuls in FP8 (e4m3 operands, e5m2 gradients, a scale per tensor; float32 "
-         "master weights; eval, validation and GPTQ stay bf16): a comma list of mlp, head; empty = off"),
+         "master weights; eval, validation and GPTQ stay bf16; GPUs of compute capability 8.9+): a comma list of "
+         "mlp, head; empty = off"),
     Knob("VAL_LOSS_EVERY", 1000, "validate every N steps (and at the end); 0 = only at the end", 0),
     Knob("VAL_MAX_TOKENS", 0, "score only the first N val tokens (quick runs: logged valid:0); 0 = all", 0),
     Knob("TRAIN_LOG_EVERY", 200, "log a train line every N steps (and steps 1-5)", 1),
