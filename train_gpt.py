@@ -2262,12 +2262,11 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
     hints = phase_hints(tokens, phase, hp, log)  # inside the phase's clock: it is part of the evaluation
     for c, (items, lo, hi) in enumerate(chunks):
         mine = rank_share(items, dctx.rank, dctx.world_size, ends[items] - starts[items] if phase.lora else None)
-        if phase.lora:
-            with frozen(model):
+        with frozen(model):  # scoring trains no weight (and the graph guards requires_grad: one for both kinds)
+            if phase.lora:
                 score_docs(model, hidden, tokens, starts[mine], ends[mine], phase, out, hp, hints,
                            lora if adapter is not None else None)
-        else:
-            with frozen(model):
+            else:
                 for w in even_batches(mine, hp.eval_batch_seqs):
                     score_windows(model, hidden, tokens, ends[w], prev[w], phase, out, hp, hints)
         if c + 1 == len(chunks) or (adapter is None and action != "abandon"):
