@@ -161,7 +161,7 @@ def test_knob_off_writes_todays_bytes(setup, quick_pack):
     hess = {}
     hp = train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "0", "LQER_TOP_K": "0", "EMBED_BITS": "8", "EMBED_CLIP_SIGMAS": "20"})
     blob, k = train_gpt.quantize_within_budget(state, hess, cfg, hp, 0, lambda line: None)
-    config = dict(model=dataclasses.asdict(cfg), train_seq_len=2048, matrix_clip_sigmas=CLIP)
+    config = dict(model=dataclasses.asdict(cfg), train_seq_len=2048, matrix_clip_sigmas=CLIP, mlp_clip_scale=1.0)
     assert blob == train_gpt.pack_artifact(quantized(cfg, state, hess), config)
 
 
