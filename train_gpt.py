@@ -458,22 +458,21 @@ def train_shapes(hp: Hyperparameters) -> list[tuple[int, bool]]:
     return shapes
 
 
+def comma_list(knob: str, text: str, allowed: tuple[str, ...], empty_ok: bool) -> tuple[str, ...]:
+    """A knob's comma list of names from `allowed`, as a tuple in allowed's order."""
+    names = set(filter(None, text.replace(" ", "").split(",")))
+    if names - set(allowed) or not (names or empty_ok):
+        raise UserError(f"env {knob}={text!r}: expected a comma list of {', '.join(allowed)}"
+                        + (", or empty" if empty_ok else ""))
+    return tuple(a for a in allowed if a in names)
+
+
 def lora_targets(hp: Hyperparameters) -> tuple[str, ...]:
-    """TTT_LORA_TARGETS as a tuple in LORA_TARGETS' order."""
-    names = set(filter(None, hp.ttt_lora_targets.replace(" ", "").split(",")))
-    if not names or names - set(LORA_TARGETS):
-        raise UserError(f"env TTT_LORA_TARGETS={hp.ttt_lora_targets!r}: expected a comma list of "
-                        f"{', '.join(LORA_TARGETS)}")
-    return tuple(t for t in LORA_TARGETS if t in names)
+    return comma_list("TTT_LORA_TARGETS", hp.ttt_lora_targets, LORA_TARGETS, empty_ok=False)
 
 
 def fp8_roles(hp: Hyperparameters) -> tuple[str, ...]:
-    """FP8_MATMULS as a tuple in FP8_ROLES' order (empty = off)."""
-    names = set(filter(None, hp.fp8_matmuls.replace(" ", "").split(",")))
-    if names - set(FP8_ROLES):
-        raise UserError(f"env FP8_MATMULS={hp.fp8_matmuls!r}: expected a comma list of {', '.join(FP8_ROLES)}, "
-                        "or empty")
-    return tuple(r for r in FP8_ROLES if r in names)
+    return comma_list("FP8_MATMULS", hp.fp8_matmuls, FP8_ROLES, empty_ok=True)  # empty = off
 
 
 def knob_reference() -> str:
@@ -3764,8 +3763,8 @@ FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor co
 
 def check_fp8_device(hp: Hyperparameters, device: torch.device):
     """FP8_MATMULS on a GPU without FP8 matmuls would fail inside the first compiled step: refuse it first."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY:
-        major, minor = torch.cuda.get_device_capability(device)
+    major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else FP8_MIN_CAPABILITY
+    if (major, minor) < FP8_MIN_CAPABILITY:
         raise UserError(f"env FP8_MATMULS={hp.fp8_matmuls}: this GPU (compute capability {major}.{minor}) has no FP8 "
                         f"matmuls (needs {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or later, e.g. H100); unset it")
 
