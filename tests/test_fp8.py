@@ -59,6 +59,13 @@ def test_fp8_knob_parses_and_refuses_what_it_cannot_run():
     knobs(MODEL_DIM=40, NUM_HEADS=2, NUM_KV_HEADS=1)  # without FP8, no such rule
 
 
+def perturb(model: train_gpt.GPT):
+    """Noise on every weight: zero-initialised output projections would hide the MLP."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+
+
 TINY = dict(DEVICE="cpu", NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, VOCAB_SIZE=64, TRAIN_SEQ_LEN=16,
             TRAIN_BATCH_TOKENS=64, EMA_DECAY=0, NUM_LOOPS=0, SMEAR_GATE=0, ATTN_GATE=0)
 
@@ -71,9 +78,7 @@ def test_training_steps_run_fp8_and_nothing_else_does(roles):
     dctx = train_gpt.setup_distributed(hp)
     torch.manual_seed(0)
     model = train_gpt.GPT(hp.model_config())
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)  # zero-init output projections would hide the MLP
+    perturb(model)
     trainer = train_gpt.Trainer(hp, dctx, model)
     x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
     y = torch.roll(x, -1, 1)
@@ -96,12 +101,8 @@ def test_fp8_training_follows_bf16_training():
         trainer = train_gpt.Trainer(hp, dctx, train_gpt.GPT(hp.model_config()))
         gen = torch.Generator().manual_seed(2)
         batch = torch.randint(0, 8, (4, 17), generator=gen)  # a small alphabet: learnable in a few steps
-        trainer._next_batch = batch
-        out = []
-        for k in range(8):
-            trainer._next_batch = batch
-            trainer._load_batch = lambda: batch
-            out.append(trainer.step(k, 1.0, False).item())
+        trainer._load_batch = lambda: batch  # every step trains on this batch
+        out = [trainer.step(k, 1.0, False).item() for k in range(8)]
         losses[roles] = out
     plain, fp8 = losses[""], losses["mlp,head"]
     assert plain[-1] < plain[0] - 0.5 and fp8[-1] < fp8[0] - 0.5
@@ -132,9 +133,7 @@ def test_fp8_model_compiles_in_one_graph_and_matches_eager():
     hp = knobs(**TINY)
     torch.manual_seed(0)
     model = train_gpt.GPT(hp.model_config())
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    perturb(model)
     x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
     y = torch.roll(x, -1, 1)
     torch._dynamo.reset()
