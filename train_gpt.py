@@ -170,9 +170,6 @@ SCHEDULE_KNOBS = [
          "then at the next, TRAIN_SEQ_LEN after the last (e.g. 1024@0.1,2048@0.7 with TRAIN_SEQ_LEN=3072); each "
          "switch re-warms the LR over SEQ_REWARM_STEPS steps; empty = TRAIN_SEQ_LEN throughout"),
     Knob("MICRO_BATCH_TOKENS", 0, "max tokens per forward/backward per GPU; 0 = auto (98304 CUDA, 16384 CPU)", 0),
-    Knob("FP8_MATMULS", "", "training matmuls in FP8 (e4m3 operands, e5m2 gradients, a scale per tensor; float32 "
-         "master weights; eval, validation and GPTQ stay bf16; GPUs of compute capability 8.9+): a comma list of "
-         "mlp, head; empty = off"),
     Knob("VAL_LOSS_EVERY", 1000, "validate every N steps (and at the end); 0 = only at the end", 0),
     Knob("VAL_MAX_TOKENS", 0, "score only the first N val tokens (quick runs: logged valid:0); 0 = all", 0),
     Knob("TRAIN_LOG_EVERY", 200, "log a train line every N steps (and steps 1-5)", 1),
@@ -278,8 +275,6 @@ TTT_MOMENTUM = 0.9
 SEQ_REWARM_STEPS = 32  # after a TRAIN_SEQ_SCHEDULE switch the LR ramps back up over this many steps
 MAX_TRAIN_SHAPES = 8  # torch.compile's recompile limit for one function (fullgraph fails past it)
 CLIP_SEARCH_HEADROOM = 40_000  # bytes: the clip search stops once the artifact is this close under the cap
-FP8_ROLES = ("mlp", "head")  # the matmuls FP8_MATMULS may name: the MLP's two and the tied head
-FP8_MULTIPLE = 16  # FP8 tensor-core matmuls take dims in multiples of this
 
 # Names we deliberately do not read: fail loudly instead of silently ignoring.
 RETIRED_KNOBS = {
@@ -411,11 +406,6 @@ def validate(hp: Hyperparameters):
          f"TTT_LORA_CHUNK={hp.ttt_lora_chunk}: LoRA TTT (TTT_LORA_RANK={hp.ttt_lora_rank}) needs it <= "
          f"EVAL_SEQ_LEN={hp.eval_seq_len}, or TTT_LORA_RANK=0")
     lora_targets(hp)  # its own errors
-    if fp8_roles(hp):  # FP8 matmuls take dims in multiples of 16 (the tokens of a micro-batch: grad_w's inner dim)
-        dims = {"MODEL_DIM": hp.model_dim, "MLP_MULT*MODEL_DIM": hp.mlp_mult * hp.model_dim, "VOCAB_SIZE": hp.vocab_size,
-                **{f"training length {L}": L for L, _ in seq_schedule(hp)}}
-        bad = [f"{k}={v}" for k, v in dims.items() if v % FP8_MULTIPLE]
-        need(not bad, f"FP8_MATMULS={hp.fp8_matmuls}: needs multiples of {FP8_MULTIPLE}, not {', '.join(bad)}")
     shapes = len(train_shapes(hp))
     need(shapes <= MAX_TRAIN_SHAPES, f"TRAIN_SEQ_SCHEDULE={hp.train_seq_schedule!r}: training would reach {shapes} "
          f"(length, looped) shapes, each a compiled graph; at most {MAX_TRAIN_SHAPES}")
@@ -458,21 +448,13 @@ def train_shapes(hp: Hyperparameters) -> list[tuple[int, bool]]:
     return shapes
 
 
-def comma_list(knob: str, text: str, allowed: tuple[str, ...], empty_ok: bool) -> tuple[str, ...]:
-    """A knob's comma list of names from `allowed`, as a tuple in allowed's order."""
-    names = set(filter(None, text.replace(" ", "").split(",")))
-    if names - set(allowed) or not (names or empty_ok):
-        raise UserError(f"env {knob}={text!r}: expected a comma list of {', '.join(allowed)}"
-                        + (", or empty" if empty_ok else ""))
-    return tuple(a for a in allowed if a in names)
-
-
 def lora_targets(hp: Hyperparameters) -> tuple[str, ...]:
-    return comma_list("TTT_LORA_TARGETS", hp.ttt_lora_targets, LORA_TARGETS, empty_ok=False)
-
-
-def fp8_roles(hp: Hyperparameters) -> tuple[str, ...]:
-    return comma_list("FP8_MATMULS", hp.fp8_matmuls, FP8_ROLES, empty_ok=True)  # empty = off
+    """TTT_LORA_TARGETS as a tuple in LORA_TARGETS' order."""
+    names = set(filter(None, hp.ttt_lora_targets.replace(" ", "").split(",")))
+    if not names or names - set(LORA_TARGETS):
+        raise UserError(f"env TTT_LORA_TARGETS={hp.ttt_lora_targets!r}: expected a comma list of "
+                        f"{', '.join(LORA_TARGETS)}")
+    return tuple(t for t in LORA_TARGETS if t in names)
 
 
 def knob_reference() -> str:
@@ -1117,18 +1099,16 @@ class GPT(nn.Module):
             tap(("attn_out", i), y)
         return self._linear("o", i, y, lora, slot)
 
-    def _mlp(self, i: int, x: torch.Tensor, tap, fp8: bool) -> torch.Tensor:
-        linear = fp8_linear if fp8 else F.linear
+    def _mlp(self, i: int, x: torch.Tensor, tap) -> torch.Tensor:
         if tap is not None:
             tap(("mlp_in", i), x)
-        h = linear(x, self.w("up", i))
+        h = F.linear(x, self.w("up", i))
         h = (F.leaky_relu(h, self.cfg.mlp_leaky_slope) if self.cfg.mlp_leaky_slope else F.relu(h)).square()
         if tap is not None:
             tap(("mlp_act", i), h)
-        return linear(h, self.w("down", i))
+        return F.linear(h, self.w("down", i))
 
-    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin, tap, lora=None, slot=0,
-               fp8: tuple[str, ...] = ()) -> torch.Tensor:
+    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin, tap, lora=None, slot=0) -> torch.Tensor:
         # Autocast runs the matmuls in bf16; the gains are cast to the residual stream's dtype
         # (RESIDUAL_DTYPE) so that float32 gains do not promote a bf16 stream back to float32.
         mix, attn_scale, mlp_scale = (t[i].to(x.dtype) for t in (self.resid_mix, self.attn_scale, self.mlp_scale))
@@ -1139,7 +1119,7 @@ class GPT(nn.Module):
         parallel = 0 <= self.cfg.parallel_residual_start <= i  # GPT-J style: both read the same input
         x = x + attn
         mlp_in = attn_in if parallel else rms_norm(x) * s
-        mlp = self._mlp(i, mlp_in, tap, "mlp" in fp8)
+        mlp = self._mlp(i, mlp_in, tap)
         if lora is not None:
             mlp = lora(f"mlp{slot}", mlp_in, mlp)
         return x + mlp_scale * mlp
@@ -1150,11 +1130,9 @@ class GPT(nn.Module):
             and torch.get_autocast_dtype(device.type) == torch.bfloat16
         return torch.bfloat16 if bf16 else torch.float32
 
-    def hidden(self, idx: torch.Tensor, looped: bool, tap=None, lora: LoRA | None = None,
-               fp8: tuple[str, ...] = ()) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, looped: bool, tap=None, lora: LoRA | None = None) -> torch.Tensor:
         """Final normed hidden states [B,T,d]; looped = with depth recurrence. tap(key, x), if given,
-        sees the input of every matrix multiply (GPTQ's Hessians); lora adapts each row of the batch;
-        fp8 names the matmuls run in FP8 (FP8_ROLES: training only)."""
+        sees the input of every matrix multiply (GPTQ's Hessians); lora adapts each row of the batch."""
         T = idx.size(1)
         freqs = torch.outer(torch.arange(T, device=idx.device, dtype=torch.float32), self.inv_freq)
         cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
@@ -1174,22 +1152,22 @@ class GPT(nn.Module):
                     x = g * x + (1 - g) * w
                 else:
                     x = x + w
-            x = self._block(i, x, x0, cos, sin, tap, lora, j, fp8)
+            x = self._block(i, x, x0, cos, sin, tap, lora, j)
             if j < n_enc:
                 skips.append(x)
         return rms_norm(x)
 
-    def logits(self, h: torch.Tensor, lora: LoRA | None = None, fp8: bool = False) -> torch.Tensor:
-        logits = (fp8_linear if fp8 else F.linear)(h, self.tok_emb.weight)
+    def logits(self, h: torch.Tensor, lora: LoRA | None = None) -> torch.Tensor:
+        logits = F.linear(h, self.tok_emb.weight)
         return logits if lora is None else lora("head", h, logits)
 
     def nll_from_hidden(self, h: torch.Tensor, targets: torch.Tensor, tap=None, fixed_cap: bool = False,
-                        lora: LoRA | None = None, fp8: tuple[str, ...] = ()) -> torch.Tensor:
+                        lora: LoRA | None = None) -> torch.Tensor:
         """Tied head + softcap + per-token cross entropy (float32, shape like targets). With AsymLogit the
         two learned caps apply unless fixed_cap (training: the fused one-cap loss, so they stay put)."""
         if tap is not None:
             tap(("head_in",), h)  # the tied embedding is quantized as the output head
-        logits = self.logits(h, lora, "head" in fp8)
+        logits = self.logits(h, lora)
         if self.logit_caps is not None and not fixed_cap:
             return asym_softcap_nll(logits, targets, self.logit_caps)
         return SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.reshape(-1),
@@ -1208,9 +1186,9 @@ class GPT(nn.Module):
         return (lse.unsqueeze(-1) - z.gather(-1, ids.reshape(-1, ids.size(-1)))).view_as(ids)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, looped: bool, tap=None,
-                fixed_cap: bool = False, fp8: tuple[str, ...] = ()) -> torch.Tensor:
+                fixed_cap: bool = False) -> torch.Tensor:
         """Per-token NLL in nats, float32, shape like targets."""
-        return self.nll_from_hidden(self.hidden(idx, looped, tap, fp8=fp8), targets, tap, fixed_cap, fp8=fp8)
+        return self.nll_from_hidden(self.hidden(idx, looped, tap), targets, tap, fixed_cap)
 
 
 # -----------------------------------------------------------------------------------------
@@ -2913,10 +2891,7 @@ class Trainer:
         self.replicated = [p for _, p in adam_params(model)]  # their grads are all-reduced whole
         # dynamic=False: each (length, looped) shape of TRAIN_SEQ_SCHEDULE gets a static graph of its own
         forward = torch.compile(model, fullgraph=True, dynamic=False) if self.compiled else model
-        fp8 = fp8_roles(hp)  # FP8_MATMULS: training steps only
-        if fp8:
-            check_fp8_device(hp, dctx.device)
-        self.forward = lambda x, y, looped: forward(x, y, looped, fixed_cap=True, fp8=fp8)  # training keeps one softcap
+        self.forward = lambda x, y, looped: forward(x, y, looped, fixed_cap=True)  # training keeps one softcap
         self.plans = {L: plan_batches(hp, dctx.world_size, dctx.device, L) for L, _ in seq_schedule(hp)}
         self.ema = [p.detach().float().clone() for p in model.parameters()] if hp.ema_decay else None
         self.files, self.streams, self.stream = None, {}, None
@@ -3373,7 +3348,7 @@ def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, T
         f"asym_logit:{int(cfg.asym_logit)} muon_row_normalize:{int(hp.muon_row_normalize)} "
         f"muon_ns_schedule:{hp.muon_ns_schedule} ema_decay:{hp.ema_decay} parallel_muon_world:{dctx.world_size}")
     log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
-        f"compile:{int(trainer.compiled)} fp8_matmuls:{','.join(fp8_roles(hp)) or 'off'}")
+        f"compile:{int(trainer.compiled)}")
     return model, trainer
 
 
@@ -3715,58 +3690,6 @@ def _(grad, y, v):
 
 xsa.register_autograd(lambda ctx, grad: xsa_backward(grad, *ctx.saved_tensors),
                       setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
-
-
-# FP8 training matmuls (FP8_MATMULS): Hopper multiplies e4m3/e5m2 at twice the bf16 rate. Each operand
-# is scaled by its own absmax (one scale per tensor, on the device: no host sync), so nothing saturates;
-# gradients take e5m2 (range before precision). cuBLAS wants the first operand row-major and the second
-# column-major, hence the transposed copies in the backward (torch.compile fuses them into the casts).
-
-def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t / scale in dtype, scale): scale = absmax(t) / dtype's max, a float32 scalar."""
-    fmax = torch.finfo(dtype).max
-    scale = t.detach().abs().amax().float().clamp(min=1e-30) / fmax
-    return (t.contiguous().float() / scale).clamp(-fmax, fmax).to(dtype), scale  # row-major, as cuBLAS takes it
-
-
-class FP8Linear(torch.autograd.Function):
-    """F.linear(x, w) with x [..., K], w [M, K] as three FP8 matmuls: y = x w^T (e4m3 x e4m3), and
-    grad_x = g w, grad_w = g^T x with the gradient g in e5m2."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        autocast = torch.is_autocast_enabled(x.device.type)
-        out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        x8, sx = to_fp8(x.reshape(-1, x.size(-1)), torch.float8_e4m3fn)
-        w8, sw = to_fp8(w, torch.float8_e4m3fn)
-        ctx.save_for_backward(x8, sx, w8, sw)
-        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, w.dtype
-        y = torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw, out_dtype=out_dtype)
-        return y.view(*x.shape[:-1], w.size(0))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x8, sx, w8, sw = ctx.saved_tensors
-        g8, sg = to_fp8(grad.reshape(-1, grad.size(-1)), torch.float8_e5m2)
-        grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=sg, scale_b=sw, out_dtype=ctx.x_dtype)
-        grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=sg, scale_b=sx,
-                                  out_dtype=ctx.w_dtype)
-        return grad_x.view(ctx.x_shape), grad_w
-
-
-def fp8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return FP8Linear.apply(x, w)
-
-
-FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
-
-
-def check_fp8_device(hp: Hyperparameters, device: torch.device):
-    """FP8_MATMULS on a GPU without FP8 matmuls would fail inside the first compiled step: refuse it first."""
-    major, minor = torch.cuda.get_device_capability(device) if device.type == "cuda" else FP8_MIN_CAPABILITY
-    if (major, minor) < FP8_MIN_CAPABILITY:
-        raise UserError(f"env FP8_MATMULS={hp.fp8_matmuls}: this GPU (compute capability {major}.{minor}) has no FP8 "
-                        f"matmuls (needs {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or later, e.g. H100); unset it")
 
 
 # Attention kernels: each takes q [B,T,H,hd] and k, v [B,T,Hkv,hd] (GQA) and returns causal attention
