@@ -120,6 +120,8 @@ class ModelConfig:
     smear_gate: bool = knob(True, "SmearGate: add a gated copy of the previous token's embedding (never across a BOS)")
     attn_gate: bool = knob(True, "SparseGate: gate each head's output by a sigmoid of GATE_WINDOW input channels")
     asym_logit: bool = knob(True, "AsymLogit: separate softcaps for positive and negative logits; only TTT moves them")
+    doc_attention: bool = knob(False, "attention stays inside a document (a BOS starts one), in training and eval: "
+                               "FlexAttention in compiled CUDA graphs, SDPA with a dense mask elsewhere")
     residual_dtype: str = knob("bfloat16", "residual stream dtype under bf16 autocast (CUDA; CPU always float32): "
                                "float32 | bfloat16", choices=("float32", "bfloat16"))
 
@@ -973,6 +975,26 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return y.transpose(1, 2)
 
 
+def document_mask(idx: torch.Tensor):
+    """DOC_ATTENTION's mask for tokens idx [B,T]: query t sees key s <= t of its own document only (a BOS
+    starts one). Built once per forward: inside a compiled CUDA graph FlexAttention's block mask
+    (flex_document_mask), elsewhere a dense [B,1,T,T] one."""
+    docs = (idx == BOS_ID).cumsum(1)
+    if idx.is_cuda and torch.compiler.is_compiling():
+        return flex_document_mask(docs)
+    T = idx.size(1)
+    return (torch.ones(T, T, dtype=torch.bool, device=idx.device).tril() & (docs[:, :, None] == docs[:, None, :]))[:, None]
+
+
+def doc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """causal_attention under a document_mask: SDPA for the dense mask, FlexAttention for its block mask."""
+    q, k, v, gqa = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), k.size(2) != q.size(2)
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa).transpose(1, 2)
+
+
 def pinned_attention(*backends):
     """causal_attention restricted to these SDPA kernels (torch.nn.attention.SDPBackend members)."""
     def attend(q, k, v):
@@ -1076,7 +1098,7 @@ class GPT(nn.Module):
         y = F.linear(x, self.w(role, i))
         return y if lora is None else lora(f"{role}{slot}", x, y)
 
-    def _attention(self, i: int, x: torch.Tensor, cos, sin, tap, lora=None, slot=0) -> torch.Tensor:
+    def _attention(self, i: int, x: torch.Tensor, cos, sin, mask, tap, lora=None, slot=0) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -1088,7 +1110,7 @@ class GPT(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rope(rms_norm(q), cos, sin, self.rope_dims) * self.q_gain[i].to(q.dtype)[:, None]
         k = apply_rope(rms_norm(k), cos, sin, self.rope_dims)
-        y = self.attention(q, k, v)
+        y = self.attention(q, k, v) if mask is None else doc_attention(q, k, v, mask)
         if i >= cfg.num_layers - cfg.xsa_last_n:
             y = xsa(y.reshape(B, T, Hkv, H // Hkv, hd), v)
         if self.attn_gate is not None:
@@ -1108,14 +1130,14 @@ class GPT(nn.Module):
             tap(("mlp_act", i), h)
         return F.linear(h, self.w("down", i))
 
-    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin, tap, lora=None, slot=0) -> torch.Tensor:
+    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin, mask, tap, lora=None, slot=0) -> torch.Tensor:
         # Autocast runs the matmuls in bf16; the gains are cast to the residual stream's dtype
         # (RESIDUAL_DTYPE) so that float32 gains do not promote a bf16 stream back to float32.
         mix, attn_scale, mlp_scale = (t[i].to(x.dtype) for t in (self.resid_mix, self.attn_scale, self.mlp_scale))
         x = mix[0] * x + mix[1] * x0
         s = self.ln_scales[i]
         attn_in = rms_norm(x) * s
-        attn = attn_scale * self._attention(i, attn_in, cos, sin, tap, lora, slot)
+        attn = attn_scale * self._attention(i, attn_in, cos, sin, mask, tap, lora, slot)
         parallel = 0 <= self.cfg.parallel_residual_start <= i  # GPT-J style: both read the same input
         x = x + attn
         mlp_in = attn_in if parallel else rms_norm(x) * s
@@ -1136,6 +1158,7 @@ class GPT(nn.Module):
         T = idx.size(1)
         freqs = torch.outer(torch.arange(T, device=idx.device, dtype=torch.float32), self.inv_freq)
         cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        mask = document_mask(idx) if self.cfg.doc_attention else None  # None: the given causal attention
         e = self.tok_emb(idx)
         if self.smear_w is not None:
             e = smear(e, idx, self.smear_w.to(e.dtype), self.smear_lambda.to(e.dtype))
@@ -1152,7 +1175,7 @@ class GPT(nn.Module):
                     x = g * x + (1 - g) * w
                 else:
                     x = x + w
-            x = self._block(i, x, x0, cos, sin, tap, lora, j)
+            x = self._block(i, x, x0, cos, sin, mask, tap, lora, j)
             if j < n_enc:
                 skips.append(x)
         return rms_norm(x)
@@ -1981,7 +2004,8 @@ def artifact_path(hp: Hyperparameters, run_id: str, over_limit: bool = False) ->
 
 
 # Artifacts from before a field existed were trained without it (RESIDUAL_DTYPE: a float32 stream).
-LEGACY_MODEL_FIELDS = {"residual_dtype": "float32", "smear_gate": False, "attn_gate": False, "asym_logit": False}
+LEGACY_MODEL_FIELDS = {"residual_dtype": "float32", "smear_gate": False, "attn_gate": False, "asym_logit": False,
+                       "doc_attention": False}
 
 
 def read_artifact(path: Path) -> tuple[dict, dict]:
@@ -3345,8 +3369,9 @@ def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, T
         f"loop:{cfg.loop_start}-{cfg.loop_end}@{hp.enable_looping_at} parallel_residual_start:{cfg.parallel_residual_start} "
         f"rope_dims:{model.rope_dims} ln_scale:{int(cfg.ln_scale)} skip_gates:{int(cfg.skip_gates)} "
         f"mlp_leaky_slope:{cfg.mlp_leaky_slope} smear_gate:{int(cfg.smear_gate)} attn_gate:{int(cfg.attn_gate)} "
-        f"asym_logit:{int(cfg.asym_logit)} muon_row_normalize:{int(hp.muon_row_normalize)} "
-        f"muon_ns_schedule:{hp.muon_ns_schedule} ema_decay:{hp.ema_decay} parallel_muon_world:{dctx.world_size}")
+        f"asym_logit:{int(cfg.asym_logit)} doc_attention:{int(cfg.doc_attention)} "
+        f"muon_row_normalize:{int(hp.muon_row_normalize)} muon_ns_schedule:{hp.muon_ns_schedule} "
+        f"ema_decay:{hp.ema_decay} parallel_muon_world:{dctx.world_size}")
     log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
         f"compile:{int(trainer.compiled)}")
     return model, trainer
@@ -3435,7 +3460,7 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
         raise UserError(problem)
     evaluator, tokenizer_sha = load_evaluator(hp, dctx, log, hp.vocab_size)
     attn_name, attention = select_attention(hp.attn_backend, dctx.device)
-    log(f"attention:{attn_name}")
+    log(f"attention:{attn_name} doc_attention:{int(hp.doc_attention)}")  # doc attention runs its own kernel
     train_files = shard_files(hp.data_path, "train")
     log(f"train_shards:{len(train_files)}")
     model, trainer = build_model(hp, dctx, attention, log)
@@ -3490,7 +3515,7 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
         log("warning:artifact_records_no_tokenizer (written before artifacts did): make sure TOKENIZER_PATH is the one "
             "it was trained with")
     attn_name, attention = select_attention(hp.attn_backend, dctx.device)
-    log(f"attention:{attn_name}")
+    log(f"attention:{attn_name} doc_attention:{int(trained['doc_attention'])}")
     model, load_s = reloaded_model(qstate, meta, path, dctx, attention, log, read_s)
     prime_s = prime_eval(model, meta["train_seq_len"], dctx, hp, log)  # as a training run does before its clock
     scores = evaluator.score(model, meta["train_seq_len"], load_s)
@@ -3569,8 +3594,9 @@ def main(argv=None) -> int:
 
 # -----------------------------------------------------------------------------------------
 # Fast paths
-# Custom kernels behind the model's math: the XSA op and the attention kernels the model can be
-# given, each tested against its reference (xsa_reference, causal_attention) in tests/test_model.py.
+# Custom kernels behind the model's math: the XSA op, the attention kernels the model can be given and
+# FlexAttention's document mask, each tested against its reference (xsa_reference, causal_attention in
+# tests/test_model.py; document_mask's dense form in tests/test_doc_attention.py).
 # -----------------------------------------------------------------------------------------
 
 # XSA as the custom op train_gpt::xsa with a written-out backward: on CUDA one Triton kernel each way
@@ -3698,6 +3724,18 @@ xsa.register_autograd(lambda ctx, grad: xsa_backward(grad, *ctx.saved_tensors),
 # cache key). Math stays allowed as the fallback for shapes cuDNN rejects.
 
 FLASH_KERNELS = {"fa4": "flash-attention 4 (flash_attn.cute)", "fa3": "flash-attention 3 (flash_attn_interface)"}
+
+
+def flex_document_mask(docs: torch.Tensor):
+    """document_mask as FlexAttention's block mask for document numbers docs [B,T]: its kernel skips the key
+    blocks of other documents, so attention costs what the documents' own causal triangles do (fused only
+    inside torch.compile)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, T = docs.shape
+
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+    return create_block_mask(same_document_causal, B, None, T, T, device=docs.device)
 
 
 def cudnn_attention(fallback: bool = True):

@@ -174,7 +174,7 @@ def test_attention_matches_the_plain_composition():
     freqs = torch.outer(torch.arange(T, dtype=torch.float32), model.inv_freq)
     cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
     with torch.no_grad():
-        got = model._attention(i, x, cos, sin, None)
+        got = model._attention(i, x, cos, sin, None, None)
         q = F.linear(x, model.w("q", i)).view(B, T, H, hd)
         k = F.linear(x, model.w("k", i)).view(B, T, Hkv, hd)
         v = F.linear(x, model.w("v", i)).view(B, T, Hkv, hd)

@@ -1,0 +1,168 @@
+"""DOC_ATTENTION: attention that stays inside a document (a BOS starts one), what it computes and where it runs."""
+import dataclasses
+import re
+
+import pytest
+import torch
+
+import train_gpt
+from conftest import tiny_env
+from test_eval import EVAL_ENV, setup
+from test_lora_ttt import LORA_ENV
+from test_model import randomized, reference_attention, small_cfg
+
+BOS = train_gpt.BOS_ID
+
+
+def documents_of(idx: torch.Tensor) -> torch.Tensor:
+    return (idx == BOS).cumsum(1)
+
+
+def per_document_attention(q, k, v, docs):
+    """reference_attention run on each document of each row alone, the outputs put back in place."""
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for b in range(q.size(0)):
+        for d in docs[b].unique():
+            at = (docs[b] == d).nonzero().squeeze(1)
+            out[b, at] = reference_attention(q[b:b + 1, at], k[b:b + 1, at], v[b:b + 1, at])[0]
+    return out
+
+
+def qkv(B=2, T=40, H=4, Hkv=2, hd=8, device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    return [torch.randn(B, T, h, hd, device=device, dtype=dtype) for h in (H, Hkv, Hkv)]
+
+
+DOCS = torch.tensor([[0] * 7 + [1] * 20 + [2] * 13, [3] * 40])  # a row of three documents, a row inside one
+IDX = torch.where(torch.cat((torch.ones(2, 1), DOCS.diff(dim=1)), 1) > 0, BOS, 5)  # BOS where each document starts
+IDX[1, 0] = 5  # the second row starts inside a document
+
+
+def test_document_mask_numbers_documents_from_the_bos():
+    mask = train_gpt.document_mask(IDX)
+    assert mask.shape == (2, 1, 40, 40) and mask[0, 0, 7, 6].item() is False and mask[0, 0, 8, 7].item() is True
+    assert torch.equal(mask[1, 0], torch.ones(40, 40, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize("form", ["dense", "flex"])
+def test_doc_attention_is_causal_attention_of_each_document_alone(form):
+    """The dense mask (SDPA) and FlexAttention's block mask (eager here: its unfused reference) compute the same
+    thing: every document of a row attended to as if it stood alone; a row inside one document is plain causal."""
+    q, k, v = qkv()
+    mask = train_gpt.document_mask(IDX) if form == "dense" else train_gpt.flex_document_mask(DOCS)
+    got = train_gpt.doc_attention(q, k, v, mask)
+    assert torch.allclose(got, per_document_attention(q, k, v, DOCS), atol=1e-5)
+    assert torch.allclose(got[1], reference_attention(q, k, v)[1], atol=1e-5)
+    assert not torch.allclose(got[0], reference_attention(q, k, v)[0], atol=1e-3)  # the mask does something
+
+
+@pytest.mark.parametrize("looped", [False, True])
+def test_a_document_after_another_is_scored_as_if_alone(looped):
+    """With DOC_ATTENTION the hidden states of a document that follows another in a row are those of the
+    document alone (RoPE is relative; SmearGate already stops at the BOS); without it the earlier document
+    shows through."""
+    a, b = torch.randint(2, 64, (1, 15)), torch.randint(2, 64, (1, 12))
+    b[0, 0] = BOS
+    for doc_attention in (True, False):
+        model = randomized(small_cfg(doc_attention=doc_attention, smear_gate=True, attn_gate=True))
+        with torch.no_grad():
+            after = model.hidden(torch.cat((a, b), 1), looped)[:, a.size(1):]
+            alone = model.hidden(b, looped)
+        assert torch.allclose(after, alone, atol=1e-5) == doc_attention
+
+
+def test_doc_attention_keeps_the_model_causal():
+    """A change at position t > BOS position moves nothing before t (the mask adds no leak of its own)."""
+    model = randomized(small_cfg(doc_attention=True))
+    x = torch.randint(2, 64, (2, 24))
+    x[:, 9] = BOS
+    y = x.clone()
+    y[:, 15:] = torch.randint(2, 64, (2, 9))
+    with torch.no_grad():
+        hx, hy = model.hidden(x, True), model.hidden(y, True)
+    assert torch.equal(hx[:, :15], hy[:, :15])
+    assert not torch.allclose(hx[:, 15:], hy[:, 15:])
+
+
+def test_without_doc_attention_the_given_kernel_runs():
+    """DOC_ATTENTION off: the attention the model was given is what runs (the default path is untouched)."""
+    calls = []
+
+    def attend(q, k, v):
+        calls.append(q.shape)
+        return train_gpt.causal_attention(q, k, v)
+    for on, expected in ((False, True), (True, False)):
+        calls.clear()
+        model = train_gpt.GPT(small_cfg(doc_attention=on), attend)
+        with torch.no_grad():
+            model.hidden(torch.randint(0, 64, (1, 8)), False)
+        assert bool(calls) == expected
+
+
+def test_doc_attention_compiles_to_the_eager_result():
+    """Compiled on CPU (the dense path inside the graph), loss and gradients equal eager's."""
+    model = randomized(small_cfg(doc_attention=True))
+    x = torch.randint(2, 64, (2, 32))
+    x[0, 10] = x[1, 3] = BOS
+    results = []
+    for fn in (model, torch.compile(model, fullgraph=True, dynamic=False)):
+        model.zero_grad()
+        loss = fn(x[:, :-1], x[:, 1:], True).mean()
+        loss.backward()
+        results.append((loss.detach(), model.qo_bank.grad.clone()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention's fused kernel)")
+def test_flex_doc_attention_on_cuda_matches_the_reference_with_gradients():
+    """FlexAttention's fused kernel (compiled, on CUDA), the path of every compiled CUDA graph: bf16 outputs and
+    gradients match the float32 per-document reference, at a length that is no multiple of its 128-token blocks."""
+    q, k, v = (t.requires_grad_() for t in qkv(B=2, T=200, H=8, Hkv=4, hd=64, device="cuda", dtype=torch.bfloat16))
+    grad = torch.randn_like(q)
+    docs = (torch.arange(200, device="cuda") >= 90).long().repeat(2, 1)
+    docs[0] = 0  # row 0 inside one document, row 1 two documents
+    out = torch.compile(lambda *a: train_gpt.doc_attention(*a, train_gpt.flex_document_mask(docs)), fullgraph=True)(q, k, v)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = per_document_attention(*(t.cpu() for t in ref_in), docs.cpu()).cuda()
+    want = torch.autograd.grad(ref, ref_in, grad.float())
+    for g, w in ((out, ref), *zip(got, want)):
+        assert (g.float() - w).abs().max() <= 0.02 * w.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("phase", ["sliding", "windowed_ttt", "lora_ttt"])
+def test_eval_with_doc_attention_passes_the_perturbation_check(phase):
+    _, model, _, val = setup(161, cfg=small_cfg(doc_attention=True))
+    env = (LORA_ENV if phase == "lora_ttt" else EVAL_ENV) | dict(TTT_EPOCHS="1")
+    ph = train_gpt.Phase("t", 32, 8, ttt=phase != "sliding", lora=phase == "lora_ttt")
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), train_gpt.Hyperparameters(env), ph)
+
+
+def test_the_artifact_keeps_doc_attention_and_older_ones_load_without_it(tmp_path):
+    cfg = small_cfg(doc_attention=True)
+    qstate = train_gpt.quantize_state(randomized(cfg).state_dict(), None, cfg.num_layers, 6, 12.85, 8, 20.0)
+    for name, fields in (("new", dataclasses.asdict(cfg)),
+                         ("old", {k: v for k, v in dataclasses.asdict(cfg).items() if k != "doc_attention"})):
+        path = tmp_path / f"{name}.br"
+        path.write_bytes(train_gpt.pack_artifact(qstate, dict(model=fields)))
+        back = train_gpt.artifact_model(*train_gpt.read_artifact(path), path, torch.device("cpu"),
+                                        train_gpt.causal_attention)
+        assert back.cfg.doc_attention == (name == "new")
+    assert train_gpt.ModelConfig().doc_attention is False  # off by default until the benchmark decides
+
+
+def test_a_run_with_doc_attention_trains_exports_and_scores_it(tiny_data, tmp_path, launcher):
+    """DOC_ATTENTION=1 end to end on CPU: training, GPTQ (its Hessians through the masked attention), the
+    artifact (which records it), the roundtrip and LoRA TTT phases; EVAL_ONLY of that artifact logs it too."""
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="doc", ITERATIONS=3, DOC_ATTENTION=1, TTT_ENABLED=1,
+                   TTT_LORA_RANK=4, TTT_LORA_PHASE_TOKENS=1024)
+    res = launcher.run(env)
+    assert res.returncode == 0, res.stderr
+    text = (tmp_path / "logs" / "doc.txt").read_text()
+    assert "attention:sdpa doc_attention:1" in text and " doc_attention:1 " in text.split("features:")[1]
+    assert re.search(r"^ttt val_loss:[\d.]+ val_bpb:[\d.]+ ", text, re.M), text[-2000:]  # finite (part of val)
+    art = next((tmp_path / "art").glob("final_model_doc.*.br"))
+    res = launcher.run(env | dict(RUN_ID="doc_eval", EVAL_ONLY=str(art)))
+    assert res.returncode == 0, res.stderr
+    assert "attention:sdpa doc_attention:1" in (tmp_path / "logs" / "doc_eval.txt").read_text()
