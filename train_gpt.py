@@ -986,13 +986,21 @@ def document_mask(idx: torch.Tensor):
     return (torch.ones(T, T, dtype=torch.bool, device=idx.device).tril() & (docs[:, :, None] == docs[:, None, :]))[:, None]
 
 
-def doc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """causal_attention under a document_mask: SDPA for the dense mask, FlexAttention for its block mask."""
-    q, k, v, gqa = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), k.size(2) != q.size(2)
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """causal_attention under a document_mask: FlexAttention for its block mask; SDPA for the dense one, with K/V
+    repeated to the query heads (SDPA's memory-efficient kernel takes a mask but not GQA: math would run)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if isinstance(mask, torch.Tensor):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
+        g = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
     from torch.nn.attention.flex_attention import flex_attention
-    return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa).transpose(1, 2)
+    return flex_attention(q, k, v, block_mask=mask, enable_gqa=k.size(1) != q.size(1)).transpose(1, 2)
+
+
+def attention_label(attn_name: str, doc_attention: bool) -> str:
+    """What the log calls the attention that runs: DOC_ATTENTION's mask replaces the ATTN_BACKEND kernel."""
+    return "document_mask" if doc_attention else attn_name
 
 
 def pinned_attention(*backends):
@@ -1110,7 +1118,7 @@ class GPT(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rope(rms_norm(q), cos, sin, self.rope_dims) * self.q_gain[i].to(q.dtype)[:, None]
         k = apply_rope(rms_norm(k), cos, sin, self.rope_dims)
-        y = self.attention(q, k, v) if mask is None else doc_attention(q, k, v, mask)
+        y = self.attention(q, k, v) if mask is None else document_attention(q, k, v, mask)
         if i >= cfg.num_layers - cfg.xsa_last_n:
             y = xsa(y.reshape(B, T, Hkv, H // Hkv, hd), v)
         if self.attn_gate is not None:
@@ -3460,7 +3468,7 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
         raise UserError(problem)
     evaluator, tokenizer_sha = load_evaluator(hp, dctx, log, hp.vocab_size)
     attn_name, attention = select_attention(hp.attn_backend, dctx.device)
-    log(f"attention:{attn_name} doc_attention:{int(hp.doc_attention)}")  # doc attention runs its own kernel
+    log(f"attention:{attention_label(attn_name, hp.doc_attention)}")
     train_files = shard_files(hp.data_path, "train")
     log(f"train_shards:{len(train_files)}")
     model, trainer = build_model(hp, dctx, attention, log)
@@ -3515,7 +3523,7 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
         log("warning:artifact_records_no_tokenizer (written before artifacts did): make sure TOKENIZER_PATH is the one "
             "it was trained with")
     attn_name, attention = select_attention(hp.attn_backend, dctx.device)
-    log(f"attention:{attn_name} doc_attention:{int(trained['doc_attention'])}")
+    log(f"attention:{attention_label(attn_name, trained['doc_attention'])}")
     model, load_s = reloaded_model(qstate, meta, path, dctx, attention, log, read_s)
     prime_s = prime_eval(model, meta["train_seq_len"], dctx, hp, log)  # as a training run does before its clock
     scores = evaluator.score(model, meta["train_seq_len"], load_s)
@@ -3725,6 +3733,8 @@ xsa.register_autograd(lambda ctx, grad: xsa_backward(grad, *ctx.saved_tensors),
 
 FLASH_KERNELS = {"fa4": "flash-attention 4 (flash_attn.cute)", "fa3": "flash-attention 3 (flash_attn_interface)"}
 
+
+# DOC_ATTENTION's block mask: FlexAttention compiles the mask into its kernel and skips fully masked blocks.
 
 def flex_document_mask(docs: torch.Tensor):
     """document_mask as FlexAttention's block mask for document numbers docs [B,T]: its kernel skips the key

@@ -14,10 +14,6 @@ from test_model import randomized, reference_attention, small_cfg
 BOS = train_gpt.BOS_ID
 
 
-def documents_of(idx: torch.Tensor) -> torch.Tensor:
-    return (idx == BOS).cumsum(1)
-
-
 def per_document_attention(q, k, v, docs):
     """reference_attention run on each document of each row alone, the outputs put back in place."""
     out = torch.empty(q.shape, dtype=torch.float32)
@@ -50,7 +46,7 @@ def test_doc_attention_is_causal_attention_of_each_document_alone(form):
     thing: every document of a row attended to as if it stood alone; a row inside one document is plain causal."""
     q, k, v = qkv()
     mask = train_gpt.document_mask(IDX) if form == "dense" else train_gpt.flex_document_mask(DOCS)
-    got = train_gpt.doc_attention(q, k, v, mask)
+    got = train_gpt.document_attention(q, k, v, mask)
     assert torch.allclose(got, per_document_attention(q, k, v, DOCS), atol=1e-5)
     assert torch.allclose(got[1], reference_attention(q, k, v)[1], atol=1e-5)
     assert not torch.allclose(got[0], reference_attention(q, k, v)[0], atol=1e-3)  # the mask does something
@@ -122,13 +118,35 @@ def test_flex_doc_attention_on_cuda_matches_the_reference_with_gradients():
     grad = torch.randn_like(q)
     docs = (torch.arange(200, device="cuda") >= 90).long().repeat(2, 1)
     docs[0] = 0  # row 0 inside one document, row 1 two documents
-    out = torch.compile(lambda *a: train_gpt.doc_attention(*a, train_gpt.flex_document_mask(docs)), fullgraph=True)(q, k, v)
+    out = torch.compile(lambda *a: train_gpt.document_attention(*a, train_gpt.flex_document_mask(docs)), fullgraph=True)(q, k, v)
     got = torch.autograd.grad(out, (q, k, v), grad)
     ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
     ref = per_document_attention(*(t.cpu() for t in ref_in), docs.cpu()).cuda()
     want = torch.autograd.grad(ref, ref_in, grad.float())
     for g, w in ((out, ref), *zip(got, want)):
         assert (g.float() - w).abs().max() <= 0.02 * w.abs().max() + 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled graph's FlexAttention)")
+def test_the_compiled_cuda_model_takes_the_block_mask_and_matches_eager(monkeypatch):
+    """Compiled on CUDA the model builds FlexAttention's block mask (once per forward), and its bf16 loss and
+    gradients match the eager model's (dense mask) on rows of several documents."""
+    built = []
+    real = train_gpt.flex_document_mask
+    monkeypatch.setattr(train_gpt, "flex_document_mask", lambda docs: built.append(1) or real(docs))
+    model = randomized(small_cfg(doc_attention=True, model_dim=128, num_heads=2, num_kv_heads=1)).cuda()
+    x = torch.randint(2, 64, (2, 257), device="cuda")
+    x[0, 100] = x[1, 7] = x[1, 200] = BOS
+    results = []
+    for fn in (model, torch.compile(model, fullgraph=True, dynamic=False)):
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fn(x[:, :-1], x[:, 1:], True).mean()
+        loss.backward()
+        results.append((loss.detach().float(), model.qo_bank.grad.float().clone()))
+    assert built == [1]  # traced once (the looped forward builds one mask for all its layers)
+    assert (results[0][0] - results[1][0]).abs() < 2e-2
+    assert (results[0][1] - results[1][1]).abs().max() <= 0.05 * results[0][1].abs().max()
 
 
 @pytest.mark.parametrize("phase", ["sliding", "windowed_ttt", "lora_ttt"])
@@ -160,9 +178,9 @@ def test_a_run_with_doc_attention_trains_exports_and_scores_it(tiny_data, tmp_pa
     res = launcher.run(env)
     assert res.returncode == 0, res.stderr
     text = (tmp_path / "logs" / "doc.txt").read_text()
-    assert "attention:sdpa doc_attention:1" in text and " doc_attention:1 " in text.split("features:")[1]
+    assert "\nattention:document_mask\n" in text and " doc_attention:1 " in text.split("features:")[1]
     assert re.search(r"^ttt val_loss:[\d.]+ val_bpb:[\d.]+ ", text, re.M), text[-2000:]  # finite (part of val)
     art = next((tmp_path / "art").glob("final_model_doc.*.br"))
     res = launcher.run(env | dict(RUN_ID="doc_eval", EVAL_ONLY=str(art)))
     assert res.returncode == 0, res.stderr
-    assert "attention:sdpa doc_attention:1" in (tmp_path / "logs" / "doc_eval.txt").read_text()
+    assert "\nattention:document_mask\n" in (tmp_path / "logs" / "doc_eval.txt").read_text()
