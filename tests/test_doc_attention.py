@@ -67,19 +67,6 @@ def test_a_document_after_another_is_scored_as_if_alone(looped):
         assert torch.allclose(after, alone, atol=1e-5) == doc_attention
 
 
-def test_doc_attention_keeps_the_model_causal():
-    """A change at position t > BOS position moves nothing before t (the mask adds no leak of its own)."""
-    model = randomized(small_cfg(doc_attention=True))
-    x = torch.randint(2, 64, (2, 24))
-    x[:, 9] = BOS
-    y = x.clone()
-    y[:, 15:] = torch.randint(2, 64, (2, 9))
-    with torch.no_grad():
-        hx, hy = model.hidden(x, True), model.hidden(y, True)
-    assert torch.equal(hx[:, :15], hy[:, :15])
-    assert not torch.allclose(hx[:, 15:], hy[:, 15:])
-
-
 def test_without_doc_attention_the_given_kernel_runs():
     """DOC_ATTENTION off: the attention the model was given is what runs (the default path is untouched)."""
     calls = []

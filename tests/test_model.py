@@ -37,10 +37,12 @@ def randomized(cfg) -> train_gpt.GPT:
 
 @pytest.mark.parametrize("looped", [False, True])
 @pytest.mark.parametrize("features", [{}, dict(xsa_last_n=0, num_loops=0, parallel_residual_start=-1,
-                                               skip_gates=False, ln_scale=False, rope_dims=0)])
+                                               skip_gates=False, ln_scale=False, rope_dims=0),
+                                      dict(doc_attention=True)])
 def test_causal(looped, features):
     model = randomized(small_cfg(**features))
     x = torch.randint(0, 64, (2, 24))
+    x[:, 6] = train_gpt.BOS_ID  # a second document starts before the change (DOC_ATTENTION masks by it)
     t = 11
     y = x.clone()
     y[:, t + 1:] = torch.randint(0, 64, (2, 24 - t - 1))
