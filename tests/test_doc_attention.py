@@ -136,11 +136,14 @@ def test_the_compiled_cuda_model_takes_the_block_mask_and_matches_eager(monkeypa
     assert (results[0][1] - results[1][1]).abs().max() <= 0.05 * results[0][1].abs().max()
 
 
-@pytest.mark.parametrize("phase", ["sliding", "windowed_ttt", "lora_ttt"])
-def test_eval_with_doc_attention_passes_the_perturbation_check(phase):
-    _, model, _, val = setup(161, cfg=small_cfg(doc_attention=True))
-    env = (LORA_ENV if phase == "lora_ttt" else EVAL_ENV) | dict(TTT_EPOCHS="1")
-    ph = train_gpt.Phase("t", 32, 8, ttt=phase != "sliding", lora=phase == "lora_ttt")
+@pytest.mark.parametrize("phase,tilt", [("sliding", False), ("windowed_ttt", False), ("lora_ttt", False),
+                                        ("sliding", True), ("lora_ttt", True)])
+def test_eval_with_doc_attention_passes_the_perturbation_check(phase, tilt):
+    """Alone and with the other eval-time levers of the default (the gates, the n-gram tilt, LoRA TTT)."""
+    _, model, _, val = setup(161, cfg=small_cfg(doc_attention=True, smear_gate=tilt, attn_gate=tilt))
+    env = (LORA_ENV if phase == "lora_ttt" else EVAL_ENV) | dict(TTT_EPOCHS="1", NGRAM_TILT=str(int(tilt)),
+                                                                  NGRAM_ORDER="3", NGRAM_THRESHOLD="0.3")
+    ph = train_gpt.Phase("t", 32, 8, ttt=phase != "sliding", lora=phase == "lora_ttt", tilt=tilt)
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), train_gpt.Hyperparameters(env), ph)
 
 
