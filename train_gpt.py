@@ -3067,10 +3067,16 @@ def prime_compile(trainer: Trainer, hp: Hyperparameters, train_files, log):
     if n:
         snap = trainer.snapshot()
         trainer.reset_stream(train_files)
+        seen = set()
         for k in range(n):
             seq_len, looped = shapes[k * len(shapes) // n]
             trainer.use_seq_len(seq_len)
+            t0 = time.perf_counter()
             trainer.step(0, 1.0, looped)
+            if (seq_len, looped) not in seen:  # a shape's first step compiles its graph: where start-up goes
+                seen.add((seq_len, looped))
+                synchronize(trainer.dctx.device)
+                log(f"warmup_shape seq_len:{seq_len} looped:{int(looped)} time:{time.perf_counter() - t0:.1f}s")
             if k + 1 == n or (k + 1) % 10 == 0:
                 log(f"warmup_step:{k + 1}/{n} looped:{int(looped)}"
                     + (f" seq_len:{seq_len}" if hp.train_seq_schedule else ""))

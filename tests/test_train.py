@@ -138,6 +138,10 @@ def test_seq_schedule_trains_each_length_in_turn_and_rewarms_the_lr(tiny_data, m
     assert shapes == [(16, 8), (8, 16), (4, 32)] + [(16, 8)] * 2 + [(8, 16)] * 2 + [(4, 32)] * 4
     assert [ln for ln in lines if ln.startswith("seq_len:")] == ["seq_len:16 step:2 progress:0.250",
                                                                  "seq_len:32 step:4 progress:0.500"]
+    # start-up is logged per shape: the first step of each (its compile on a GPU), in the order warm-up meets them
+    timed = [re.fullmatch(r"warmup_shape seq_len:(\d+) looped:0 time:[\d.]+s", ln) for ln in lines
+             if ln.startswith("warmup_shape")]
+    assert [int(m[1]) for m in timed] == [8, 16, 32]
     base = [train_gpt.lr_multiplier(k / 8, hp.warmdown_frac, hp.min_lr) for k in range(8)]
     since_switch = [None, None, 1, 2, 1, 2, 3, 4]  # steps into the current length, counting this one
     assert lrs[3:] == pytest.approx([b * (1 if r is None else r / train_gpt.SEQ_REWARM_STEPS)
