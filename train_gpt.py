@@ -982,8 +982,8 @@ def document_mask(idx: torch.Tensor):
     docs = (idx == BOS_ID).cumsum(1)
     if idx.is_cuda and torch.compiler.is_compiling():
         return flex_document_mask(docs)
-    T = idx.size(1)
-    return (torch.ones(T, T, dtype=torch.bool, device=idx.device).tril() & (docs[:, :, None] == docs[:, None, :]))[:, None]
+    causal = torch.ones(idx.size(1), idx.size(1), dtype=torch.bool, device=idx.device).tril()
+    return (causal & (docs[:, :, None] == docs[:, None, :]))[:, None]
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
@@ -996,11 +996,6 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) 
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
     from torch.nn.attention.flex_attention import flex_attention
     return flex_attention(q, k, v, block_mask=mask, enable_gqa=k.size(1) != q.size(1)).transpose(1, 2)
-
-
-def attention_label(attn_name: str, doc_attention: bool) -> str:
-    """What the log calls the attention that runs: DOC_ATTENTION's mask replaces the ATTN_BACKEND kernel."""
-    return "document_mask" if doc_attention else attn_name
 
 
 def pinned_attention(*backends):
@@ -3839,6 +3834,11 @@ def select_attention(choice: str, device: torch.device) -> tuple[str, object]:
         if (attend := runs_on(device, lambda: flash_attention(name))) is not None:
             return name, attend
     return "sdpa_cudnn", cudnn_attention()
+
+
+def attention_label(attn_name: str, doc_attention: bool) -> str:
+    """What the log calls the attention that runs: DOC_ATTENTION's mask replaces the ATTN_BACKEND kernel."""
+    return "document_mask" if doc_attention else attn_name
 
 
 def runs_on(device: torch.device, make):

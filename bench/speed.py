@@ -19,7 +19,8 @@ sets torch._inductor.config options on top of train_gpt's (e.g. coordinate_desce
 try one before it goes into configure_inductor().
 Prints: config, looped, attention (the kernel ATTN_BACKEND chose, or document_mask under DOC_ATTENTION), ms_step,
 ms_step_read (the same number of steps again, each loss read one step late as train_gpt's loop does), host_ms
-(median time the host takes to queue one step, measured with the GPU idle), tok_s, flops_per_token, mfu (CUDA), peak_mem_mib (CUDA), eval_tok_s.
+(median time the host takes to queue one step, measured with the GPU idle), tok_s, flops_per_token, mfu (CUDA),
+peak_mem_mib (CUDA), eval_tok_s.
 """
 import argparse
 import sys
