@@ -136,6 +136,27 @@ def test_the_compiled_cuda_model_takes_the_block_mask_and_matches_eager(monkeypa
     assert (results[0][1] - results[1][1]).abs().max() <= 0.05 * results[0][1].abs().max()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention in the eval's dynamic graphs)")
+def test_the_eval_graph_takes_every_window_shape_with_one_compile_on_cuda():
+    """The eval forward (batch and length dynamic) with DOC_ATTENTION: windows of several lengths, a multiple of
+    128 or not, and batch sizes score as eager does, from one graph (a block mask that recompiled per length
+    would put LoRA TTT's hundreds of shapes past the recompile limit)."""
+    model = randomized(small_cfg(doc_attention=True, model_dim=128, num_heads=2, num_kv_heads=1)).cuda()
+    hp = train_gpt.Hyperparameters(dict(EVAL_COMPILE="1"))
+    hidden, eager = train_gpt.eval_forward(model, hp, torch.device("cuda")), train_gpt.eval_forward(
+        model, train_gpt.Hyperparameters(dict(EVAL_COMPILE="0")), torch.device("cuda"))
+    torch._dynamo.reset()
+    before = None
+    for B, T in ((4, 256), (3, 200), (6, 320), (2, 1000), (5, 2048)):
+        x = torch.randint(2, 64, (B, T), device="cuda")
+        x[:, T // 3] = BOS
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            got, want = hidden(x).float(), eager(x).float()
+        assert (got - want).abs().max() <= 0.05 * want.abs().max(), (B, T)
+        before = before if before is not None else train_gpt.compiled_graph_count()
+    assert train_gpt.compiled_graph_count() == before  # no graph after the first shape's
+
+
 @pytest.mark.parametrize("phase,tilt", [("sliding", False), ("windowed_ttt", False), ("lora_ttt", False),
                                         ("sliding", True), ("lora_ttt", True)])
 def test_eval_with_doc_attention_passes_the_perturbation_check(phase, tilt):
