@@ -3745,7 +3745,10 @@ def flex_document_mask(docs: torch.Tensor):
     B, T = docs.shape
 
     def same_document_causal(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+        # the fused kernel also evaluates the padding of a partial last block (T not a multiple of its block
+        # size): clamped, those reads stay inside docs (the kernel masks the padding itself)
+        q, kv = q_idx.clamp(max=T - 1), kv_idx.clamp(max=T - 1)
+        return (q_idx >= kv_idx) & (docs[b, q] == docs[b, kv])
     return create_block_mask(same_document_causal, B, None, T, T, device=docs.device)
 
 

@@ -97,6 +97,16 @@ def test_doc_attention_compiles_to_the_eager_result():
     assert torch.allclose(results[0][1], results[1][1], atol=1e-4)
 
 
+def test_the_block_mask_function_reads_inside_docs_for_padded_positions():
+    """FlexAttention's fused kernel evaluates the mask function on the padding of a partial last block too
+    (indices up to the next multiple of its block size): those reads must stay inside docs, or the CUDA kernel
+    reads past the buffer (an illegal memory access on the GPU, an IndexError here)."""
+    T = DOCS.size(1)
+    mask_mod = train_gpt.flex_document_mask(DOCS).mask_mod
+    q, kv = torch.tensor([T - 1, T - 1, T + 5, T + 100]), torch.tensor([30, 3, T + 27, 3])
+    assert mask_mod(torch.tensor(0), torch.tensor(0), q, kv).tolist() == [True, False, False, False]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlexAttention's fused kernel)")
 def test_flex_doc_attention_on_cuda_matches_the_reference_with_gradients():
     """FlexAttention's fused kernel (compiled, on CUDA), the path of every compiled CUDA graph: bf16 outputs and
