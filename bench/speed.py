@@ -20,7 +20,7 @@ try one before it goes into configure_inductor().
 Prints: config, looped, attention (the kernel ATTN_BACKEND chose, or document_mask under DOC_ATTENTION), ms_step,
 ms_step_read (the same number of steps again, each loss read one step late as train_gpt's loop does), host_ms
 (median time the host takes to queue one step, measured with the GPU idle), tok_s, flops_per_token, mfu (CUDA),
-peak_mem_mib (CUDA), eval_tok_s.
+peak_mem_mib (CUDA, the timed training steps), eval_tok_s (printed last, after the eval).
 """
 import argparse
 import sys
@@ -87,7 +87,9 @@ def build_trainer(hp, dctx, data: str = ""):
     return trainer, train_gpt.attention_label(attention, hp.doc_attention)
 
 
-def bench(name: str, overrides: dict, looped: bool, args) -> str:
+def bench(name: str, overrides: dict, looped: bool, args):
+    """Prints the config's line: the training figures as soon as they are measured, then the eval rate
+    on the same line, so that a failing eval leaves the training figures on record."""
     # Each config starts from an empty dynamo cache, as a run of its own would: the compiled Muon
     # update keeps one graph per bank shape, and earlier configs' shapes would use up dynamo's
     # recompile limit (8), leaving later configs' updates eager (seen: baseline 40.1 vs 37.5 ms).
@@ -128,6 +130,11 @@ def bench(name: str, overrides: dict, looped: bool, args) -> str:
     host_ms = 1000 * sorted(host)[len(host) // 2]
     flops = train_gpt.model_flops_per_token(model.cfg, hp.train_seq_len, looped)
     peak = train_gpt.device_peak_flops(dctx.device)
+    line = (f"config:{name} looped:{int(looped)} attention:{attention} ms_step:{ms:.2f} ms_step_read:{ms_read:.2f} "
+            f"host_ms:{host_ms:.1f} tok_s:{tok_s:.0f} flops_per_token:{flops:.4g}")
+    if peak:
+        line += f" mfu:{100 * tok_s * flops / peak:.1f}% peak_mem_mib:{torch.cuda.max_memory_allocated() // 2**20}"
+    print(line, end=" ", flush=True)
     val = np.random.default_rng(1).integers(0, hp.vocab_size, size=args.eval_tokens + 1).astype(np.uint16)
     # Every target charged one byte: the timing does not depend on the byte count.
     val = train_gpt.ValSet(val, np.ones(len(val) - 1, dtype=np.int32), "tokenizer")
@@ -139,13 +146,7 @@ def bench(name: str, overrides: dict, looped: bool, args) -> str:
     t0 = time.perf_counter()
     train_gpt.eval_tokens(model, val, dctx, hp, phase)
     train_gpt.synchronize(dctx.device)
-    eval_tok_s = args.eval_tokens / (time.perf_counter() - t0)
-    line = (f"config:{name} looped:{int(looped)} attention:{attention} ms_step:{ms:.2f} ms_step_read:{ms_read:.2f} "
-            f"host_ms:{host_ms:.1f} tok_s:{tok_s:.0f} "
-            f"flops_per_token:{flops:.4g} eval_tok_s:{eval_tok_s:.0f}")
-    if peak:
-        line += f" mfu:{100 * tok_s * flops / peak:.1f}% peak_mem_mib:{torch.cuda.max_memory_allocated() // 2**20}"
-    return line
+    print(f"eval_tok_s:{args.eval_tokens / (time.perf_counter() - t0):.0f}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
             return 2
         overrides, looped = CONFIGS[name]
         try:
-            print(bench(name, overrides | extra, looped, args), flush=True)
+            bench(name, overrides | extra, looped, args)
         except train_gpt.UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
