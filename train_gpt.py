@@ -120,8 +120,6 @@ class ModelConfig:
     smear_gate: bool = knob(True, "SmearGate: add a gated copy of the previous token's embedding (never across a BOS)")
     attn_gate: bool = knob(True, "SparseGate: gate each head's output by a sigmoid of GATE_WINDOW input channels")
     asym_logit: bool = knob(True, "AsymLogit: separate softcaps for positive and negative logits; only TTT moves them")
-    doc_attention: bool = knob(False, "attention stays inside a document (a BOS starts one), in training and eval: "
-                               "FlexAttention in compiled CUDA graphs, SDPA with a dense mask elsewhere")
     residual_dtype: str = knob("bfloat16", "residual stream dtype under bf16 autocast (CUDA; CPU always float32): "
                                "float32 | bfloat16", choices=("float32", "bfloat16"))
 
@@ -288,6 +286,9 @@ RETIRED_KNOBS = {
     "ADAM_EPS": f"now the constant ADAM_EPS={ADAM_EPS}",
     "TTT_MOMENTUM": f"now the constant TTT_MOMENTUM={TTT_MOMENTUM}",
     "CLIP_SEARCH_HEADROOM": f"now the constant CLIP_SEARCH_HEADROOM={CLIP_SEARCH_HEADROOM}",
+    "DOC_ATTENTION": "removed: FlexAttention's document mask trained slower than causal cuDNN attention "
+                     "(results/2026-12-06_doc_attention_cuda)",
+    "FP8_MATMULS": "removed: FP8 training matmuls were slower at this model size (results/2026-12-06_fp8_clip_h100)",
 }
 # An env var that starts like a knob (TTT_, EVAL_, ...) but names none is probably a typo,
 # unless the word is too common a start to tell.
@@ -975,29 +976,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return y.transpose(1, 2)
 
 
-def document_mask(idx: torch.Tensor):
-    """DOC_ATTENTION's mask for tokens idx [B,T]: query t sees key s <= t of its own document only (a BOS
-    starts one). Built once per forward: inside a compiled CUDA graph FlexAttention's block mask
-    (flex_document_mask), elsewhere a dense [B,1,T,T] one."""
-    docs = (idx == BOS_ID).cumsum(1)
-    if idx.is_cuda and torch.compiler.is_compiling():
-        return flex_document_mask(docs)
-    causal = torch.ones(idx.size(1), idx.size(1), dtype=torch.bool, device=idx.device).tril()
-    return (causal & (docs[:, :, None] == docs[:, None, :]))[:, None]
-
-
-def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """causal_attention under a document_mask: FlexAttention for its block mask; SDPA for the dense one, with K/V
-    repeated to the query heads (SDPA's memory-efficient kernel takes a mask but not GQA: math would run)."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if isinstance(mask, torch.Tensor):
-        g = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
-    from torch.nn.attention.flex_attention import flex_attention
-    return flex_attention(q, k, v, block_mask=mask, enable_gqa=k.size(1) != q.size(1)).transpose(1, 2)
-
-
 def pinned_attention(*backends):
     """causal_attention restricted to these SDPA kernels (torch.nn.attention.SDPBackend members)."""
     def attend(q, k, v):
@@ -1101,7 +1079,7 @@ class GPT(nn.Module):
         y = F.linear(x, self.w(role, i))
         return y if lora is None else lora(f"{role}{slot}", x, y)
 
-    def _attention(self, i: int, x: torch.Tensor, cos, sin, mask, tap, lora=None, slot=0) -> torch.Tensor:
+    def _attention(self, i: int, x: torch.Tensor, cos, sin, tap, lora=None, slot=0) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -1113,7 +1091,7 @@ class GPT(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rope(rms_norm(q), cos, sin, self.rope_dims) * self.q_gain[i].to(q.dtype)[:, None]
         k = apply_rope(rms_norm(k), cos, sin, self.rope_dims)
-        y = self.attention(q, k, v) if mask is None else document_attention(q, k, v, mask)
+        y = self.attention(q, k, v)
         if i >= cfg.num_layers - cfg.xsa_last_n:
             y = xsa(y.reshape(B, T, Hkv, H // Hkv, hd), v)
         if self.attn_gate is not None:
@@ -1133,14 +1111,14 @@ class GPT(nn.Module):
             tap(("mlp_act", i), h)
         return F.linear(h, self.w("down", i))
 
-    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin, mask, tap, lora=None, slot=0) -> torch.Tensor:
+    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin, tap, lora=None, slot=0) -> torch.Tensor:
         # Autocast runs the matmuls in bf16; the gains are cast to the residual stream's dtype
         # (RESIDUAL_DTYPE) so that float32 gains do not promote a bf16 stream back to float32.
         mix, attn_scale, mlp_scale = (t[i].to(x.dtype) for t in (self.resid_mix, self.attn_scale, self.mlp_scale))
         x = mix[0] * x + mix[1] * x0
         s = self.ln_scales[i]
         attn_in = rms_norm(x) * s
-        attn = attn_scale * self._attention(i, attn_in, cos, sin, mask, tap, lora, slot)
+        attn = attn_scale * self._attention(i, attn_in, cos, sin, tap, lora, slot)
         parallel = 0 <= self.cfg.parallel_residual_start <= i  # GPT-J style: both read the same input
         x = x + attn
         mlp_in = attn_in if parallel else rms_norm(x) * s
@@ -1161,7 +1139,6 @@ class GPT(nn.Module):
         T = idx.size(1)
         freqs = torch.outer(torch.arange(T, device=idx.device, dtype=torch.float32), self.inv_freq)
         cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
-        mask = document_mask(idx) if self.cfg.doc_attention else None  # None: the given causal attention
         e = self.tok_emb(idx)
         if self.smear_w is not None:
             e = smear(e, idx, self.smear_w.to(e.dtype), self.smear_lambda.to(e.dtype))
@@ -1178,7 +1155,7 @@ class GPT(nn.Module):
                     x = g * x + (1 - g) * w
                 else:
                     x = x + w
-            x = self._block(i, x, x0, cos, sin, mask, tap, lora, j)
+            x = self._block(i, x, x0, cos, sin, tap, lora, j)
             if j < n_enc:
                 skips.append(x)
         return rms_norm(x)
@@ -2007,8 +1984,25 @@ def artifact_path(hp: Hyperparameters, run_id: str, over_limit: bool = False) ->
 
 
 # Artifacts from before a field existed were trained without it (RESIDUAL_DTYPE: a float32 stream).
-LEGACY_MODEL_FIELDS = {"residual_dtype": "float32", "smear_gate": False, "attn_gate": False, "asym_logit": False,
-                       "doc_attention": False}
+LEGACY_MODEL_FIELDS = {"residual_dtype": "float32", "smear_gate": False, "attn_gate": False, "asym_logit": False}
+# Fields this version no longer has, at their off value: a file that recorded one off loads, one trained with it
+# on cannot (DOC_ATTENTION: slower than cuDNN attention, results/2026-12-06_doc_attention_cuda).
+RETIRED_MODEL_FIELDS = {"doc_attention": False}
+
+
+def saved_model_config(fields: dict, source: str) -> ModelConfig:
+    """The ModelConfig of the model fields an artifact or a PREQUANT_SAVE file recorded."""
+    used = sorted(k.upper() for k, off in RETIRED_MODEL_FIELDS.items() if fields.get(k, off) != off)
+    if used:
+        raise UserError(f"{source}: trained with {', '.join(used)}, which this version of the script no longer has")
+    missing = sorted({f.name for f in dataclasses.fields(ModelConfig)} - set(fields) - set(LEGACY_MODEL_FIELDS))
+    if missing:
+        raise UserError(f"{source}: its model config lacks {', '.join(missing)} (written by a different version of "
+                        f"this script?)")
+    try:
+        return ModelConfig(**LEGACY_MODEL_FIELDS | {k: v for k, v in fields.items() if k not in RETIRED_MODEL_FIELDS})
+    except TypeError as e:  # a field this version does not know
+        raise UserError(f"{source}: its model config does not fit this version of the script ({e})") from None
 
 
 def read_artifact(path: Path) -> tuple[dict, dict]:
@@ -2019,13 +2013,9 @@ def read_artifact(path: Path) -> tuple[dict, dict]:
 
 def artifact_model(qstate: dict, meta: dict, path: Path, device: torch.device, attention) -> GPT:
     """The dequantized model of an unpacked artifact, running `attention`."""
-    fields = meta.get("model", {})
-    missing = sorted({f.name for f in dataclasses.fields(ModelConfig)} - set(fields) - set(LEGACY_MODEL_FIELDS))
-    if missing:
-        raise UserError(f"artifact {path}: its model config lacks {', '.join(missing)} (written by a different "
-                        f"version of this script?)")
+    cfg = saved_model_config(meta.get("model", {}), f"artifact {path}")
     try:
-        model = GPT(ModelConfig(**LEGACY_MODEL_FIELDS | fields), attention).to(device)
+        model = GPT(cfg, attention).to(device)
         model.load_state_dict({k: v.to(device) for k, v in dequantize_state(qstate).items()})
     except (KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"artifact {path}: tensors do not match its model config ({str(e)[:120]})") from None
@@ -3378,9 +3368,8 @@ def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, T
         f"loop:{cfg.loop_start}-{cfg.loop_end}@{hp.enable_looping_at} parallel_residual_start:{cfg.parallel_residual_start} "
         f"rope_dims:{model.rope_dims} ln_scale:{int(cfg.ln_scale)} skip_gates:{int(cfg.skip_gates)} "
         f"mlp_leaky_slope:{cfg.mlp_leaky_slope} smear_gate:{int(cfg.smear_gate)} attn_gate:{int(cfg.attn_gate)} "
-        f"asym_logit:{int(cfg.asym_logit)} doc_attention:{int(cfg.doc_attention)} "
-        f"muon_row_normalize:{int(hp.muon_row_normalize)} muon_ns_schedule:{hp.muon_ns_schedule} "
-        f"ema_decay:{hp.ema_decay} parallel_muon_world:{dctx.world_size}")
+        f"asym_logit:{int(cfg.asym_logit)} muon_row_normalize:{int(hp.muon_row_normalize)} "
+        f"muon_ns_schedule:{hp.muon_ns_schedule} ema_decay:{hp.ema_decay} parallel_muon_world:{dctx.world_size}")
     log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
         f"compile:{int(trainer.compiled)}")
     return model, trainer
@@ -3439,7 +3428,9 @@ def load_prequant(path: str) -> dict:
         missing = [f for f in PREQUANT_FIELDS if f not in saved]
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
-        return saved | dict(model=ModelConfig(**saved["model"]))
+        return saved | dict(model=saved_model_config(saved["model"], path))
+    except UserError:
+        raise
     except FileNotFoundError:
         raise UserError(f"{path}: prequant file not found") from None
     except Exception as e:
@@ -3469,7 +3460,7 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
         raise UserError(problem)
     evaluator, tokenizer_sha = load_evaluator(hp, dctx, log, hp.vocab_size)
     attn_name, attention = select_attention(hp.attn_backend, dctx.device)
-    log(f"attention:{attention_label(attn_name, hp.doc_attention)}")
+    log(f"attention:{attn_name}")
     train_files = shard_files(hp.data_path, "train")
     log(f"train_shards:{len(train_files)}")
     model, trainer = build_model(hp, dctx, attention, log)
@@ -3524,7 +3515,7 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
         log("warning:artifact_records_no_tokenizer (written before artifacts did): make sure TOKENIZER_PATH is the one "
             "it was trained with")
     attn_name, attention = select_attention(hp.attn_backend, dctx.device)
-    log(f"attention:{attention_label(attn_name, trained['doc_attention'])}")
+    log(f"attention:{attn_name}")
     model, load_s = reloaded_model(qstate, meta, path, dctx, attention, log, read_s)
     prime_s = prime_eval(model, meta["train_seq_len"], dctx, hp, log)  # as a training run does before its clock
     scores = evaluator.score(model, meta["train_seq_len"], load_s)
@@ -3603,9 +3594,8 @@ def main(argv=None) -> int:
 
 # -----------------------------------------------------------------------------------------
 # Fast paths
-# Custom kernels behind the model's math: the XSA op, the attention kernels the model can be given and
-# FlexAttention's document mask, each tested against its reference (xsa_reference, causal_attention in
-# tests/test_model.py; document_mask's dense form in tests/test_doc_attention.py).
+# Custom kernels behind the model's math: the XSA op and the attention kernels the model can be
+# given, each tested against its reference (xsa_reference, causal_attention) in tests/test_model.py.
 # -----------------------------------------------------------------------------------------
 
 # XSA as the custom op train_gpt::xsa with a written-out backward: on CUDA one Triton kernel each way
@@ -3735,23 +3725,6 @@ xsa.register_autograd(lambda ctx, grad: xsa_backward(grad, *ctx.saved_tensors),
 FLASH_KERNELS = {"fa4": "flash-attention 4 (flash_attn.cute)", "fa3": "flash-attention 3 (flash_attn_interface)"}
 
 
-# DOC_ATTENTION's block mask: FlexAttention compiles the mask into its kernel and skips fully masked blocks.
-
-def flex_document_mask(docs: torch.Tensor):
-    """document_mask as FlexAttention's block mask for document numbers docs [B,T]: its kernel skips the key
-    blocks of other documents, so attention costs what the documents' own causal triangles do (fused only
-    inside torch.compile)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    B, T = docs.shape
-
-    def same_document_causal(b, h, q_idx, kv_idx):
-        # the fused kernel also evaluates the padding of a partial last block (T not a multiple of its block
-        # size): clamped, those reads stay inside docs (the kernel masks the padding itself)
-        q, kv = q_idx.clamp(max=T - 1), kv_idx.clamp(max=T - 1)
-        return (q_idx >= kv_idx) & (docs[b, q] == docs[b, kv])
-    return create_block_mask(same_document_causal, B, None, T, T, device=docs.device)
-
-
 def cudnn_attention(fallback: bool = True):
     """causal_attention pinned to SDPA's cuDNN kernel (plus math if fallback)."""
     SDPBackend = torch.nn.attention.SDPBackend
@@ -3837,11 +3810,6 @@ def select_attention(choice: str, device: torch.device) -> tuple[str, object]:
         if (attend := runs_on(device, lambda: flash_attention(name))) is not None:
             return name, attend
     return "sdpa_cudnn", cudnn_attention()
-
-
-def attention_label(attn_name: str, doc_attention: bool) -> str:
-    """What the log calls the attention that runs: DOC_ATTENTION's mask replaces the ATTN_BACKEND kernel."""
-    return "document_mask" if doc_attention else attn_name
 
 
 def runs_on(device: torch.device, make):

@@ -17,7 +17,7 @@ plain vs default is the cost of the record techniques and baseline vs plain that
 overrides to every configuration (e.g. --set DEVICE=cpu NUM_LAYERS=2 for a smoke test); --inductor
 sets torch._inductor.config options on top of train_gpt's (e.g. coordinate_descent_tuning=True), to
 try one before it goes into configure_inductor().
-Prints: config, looped, attention (the kernel ATTN_BACKEND chose, or document_mask under DOC_ATTENTION), ms_step,
+Prints: config, looped, attention (the kernel ATTN_BACKEND chose), ms_step,
 ms_step_read (the same number of steps again, each loss read one step late as train_gpt's loop does), host_ms
 (median time the host takes to queue one step, measured with the GPU idle), tok_s, flops_per_token, mfu (CUDA),
 peak_mem_mib (CUDA, the timed training steps), eval_tok_s (printed last, after the eval).
@@ -84,7 +84,7 @@ def build_trainer(hp, dctx, data: str = ""):
     trainer = train_gpt.Trainer(hp, dctx, model)
     trainer.stream = (train_gpt.TrainStream(train_gpt.shard_files(data, "train"), hp.train_seq_len, hp.seed,
                                             hp.vocab_size) if data else RandomStream(hp.vocab_size, hp.train_seq_len))
-    return trainer, train_gpt.attention_label(attention, hp.doc_attention)
+    return trainer, attention
 
 
 def bench(name: str, overrides: dict, looped: bool, args):

@@ -57,8 +57,8 @@ def test_attention_gate_scales_each_head_by_its_sigmoid():
     H, hd = cfg.num_heads, cfg.head_dim
     seen = {}
     with torch.no_grad():
-        gated._attention(1, x, cos, sin, None, lambda k, t: seen.__setitem__(("g",) + k, t))
-        plain._attention(1, x, cos, sin, None, lambda k, t: seen.__setitem__(("p",) + k, t))
+        gated._attention(1, x, cos, sin, lambda k, t: seen.__setitem__(("g",) + k, t))
+        plain._attention(1, x, cos, sin, lambda k, t: seen.__setitem__(("p",) + k, t))
     g = torch.sigmoid(x[..., :12] @ gated.attn_gate[1].view(H, 12).T)
     want = seen[("p", "attn_out", 1)].view(2, 10, H, hd) * g[..., None]
     torch.testing.assert_close(seen[("g", "attn_out", 1)], want.reshape(2, 10, H * hd))

@@ -1,5 +1,5 @@
 """Small guards: knob typos, the auto tri-state, no-clobber writes where hard links are missing, and
-artifacts whose model config lacks a field."""
+artifacts whose model config lacks a field or has a retired one."""
 import dataclasses
 import errno
 
@@ -40,10 +40,10 @@ def test_no_clobber_write_without_hard_links(tmp_path, monkeypatch):
     assert target.read_bytes() == b"model bytes" and [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
-def artifact(cfg, drop: str, tmp_path):
+def artifact(cfg, drop: str, tmp_path, **extra):
     model = train_gpt.GPT(cfg)
     qstate = train_gpt.quantize_state(model.state_dict(), None, cfg.num_layers, 6, 12.85, 8, 20.0)
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != drop}
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != drop} | extra
     path = tmp_path / "a.br"
     path.write_bytes(train_gpt.pack_artifact(qstate, dict(model=fields)))
     return train_gpt.read_artifact(path) + (path,)
@@ -59,6 +59,28 @@ def test_artifact_from_before_a_legacy_field_gets_its_old_default(tmp_path):
     qstate, meta, path = artifact(small_cfg(residual_dtype="float32"), "residual_dtype", tmp_path)
     model = train_gpt.artifact_model(qstate, meta, path, torch.device("cpu"), train_gpt.causal_attention)
     assert model.cfg.residual_dtype == "float32"
+
+
+def test_a_retired_model_field_loads_only_where_it_was_off(tmp_path):
+    """Files written while DOC_ATTENTION existed record doc_attention: off, the artifact and the PREQUANT_SAVE file
+    load as before; on, both are refused (this version cannot run the model they trained), as is a field no
+    version had."""
+    qstate, meta, path = artifact(small_cfg(), "", tmp_path, doc_attention=False)
+    model = train_gpt.artifact_model(qstate, meta, path, torch.device("cpu"), train_gpt.causal_attention)
+    assert model.cfg == small_cfg()
+    for name, extra, message in (("on", dict(doc_attention=True), "trained with DOC_ATTENTION, which this version of "
+                                                                  "the script no longer has"),
+                                 ("new", dict(no_such_field=1), "its model config does not fit this version of the script")):
+        (tmp_path / name).mkdir()
+        qstate, meta, path = artifact(small_cfg(), "", tmp_path / name, **extra)
+        with pytest.raises(train_gpt.UserError, match=f"artifact {path}: {message}"):
+            train_gpt.artifact_model(qstate, meta, path, torch.device("cpu"), train_gpt.causal_attention)
+    saved = dict.fromkeys(train_gpt.PREQUANT_FIELDS, 0) | dict(model=dataclasses.asdict(small_cfg()))
+    for on in (False, True):
+        torch.save(saved | dict(model=saved["model"] | dict(doc_attention=on)), tmp_path / f"pre{on}.pt")
+    assert train_gpt.load_prequant(str(tmp_path / "preFalse.pt"))["model"] == small_cfg()
+    with pytest.raises(train_gpt.UserError, match="preTrue.pt: trained with DOC_ATTENTION"):
+        train_gpt.load_prequant(str(tmp_path / "preTrue.pt"))
 
 
 def test_a_failed_rename_after_the_claim_leaves_nothing(tmp_path, monkeypatch):

@@ -1,6 +1,5 @@
 """Per-document LoRA TTT (TTT_LORA_RANK): documents split at BOS, every target scored once with its own
 document's context only, adapters trained only on scored chunks, rows of a batch independent."""
-import dataclasses
 import os
 
 import numpy as np
@@ -555,21 +554,18 @@ def test_lora_cost_counts_the_busiest_rank_of_each_chunk(tmp_path, launcher):
     assert bad.returncode != 0 and bad.stderr.strip().startswith("error: WORLD_SIZE='0'")
 
 
-@pytest.mark.parametrize("doc_attention", [False, True])
-def test_primed_eval_compiles_nothing_after_training(doc_attention):
+def test_primed_eval_compiles_nothing_after_training():
     """prime_eval (EVAL_COMPILE=1, inductor on CPU) scores a made-up stream with a copy of one model; every
     phase of another model's eval (roundtrip, LoRA TTT with its own update passes, the sliding reference; LoRA TTT
     scoring on after the budget stopped its adapting) builds no graph: on a GPU that is the compile time taken off
-    the eval clock. The primed model and the RNG are left as they were. DOC_ATTENTION's mask (built from each
-    batch's tokens) changes none of that."""
+    the eval clock. The primed model and the RNG are left as they were."""
     lengths = [400, 300, 260, 200, 150, 90, 40]  # the sliding phase's pace chunks: two windows or more each
     tokens = doc_stream(lengths)
     val = train_gpt.ValSet(tokens, np.ones(len(tokens) - 1, dtype=np.int32), "test")
     hp = train_gpt.Hyperparameters(LORA_ENV | dict(EVAL_COMPILE="1", EVAL_SEQ_LEN="256", EVAL_STRIDE="64",
                                                    TTT_LORA_CHUNK="16", TTT_LORA_STEPS="2", TTT_LORA_GRAD_CONTEXT="32",
                                                    NGRAM_TILT="1"))
-    cfg = dataclasses.replace(COMPILE_CFG, doc_attention=doc_attention)
-    primed, scored = randomized(cfg), randomized(cfg)
+    primed, scored = randomized(COMPILE_CFG), randomized(COMPILE_CFG)
     with torch.no_grad():
         for p in scored.parameters():
             p.mul_(0.9)

@@ -37,12 +37,10 @@ def randomized(cfg) -> train_gpt.GPT:
 
 @pytest.mark.parametrize("looped", [False, True])
 @pytest.mark.parametrize("features", [{}, dict(xsa_last_n=0, num_loops=0, parallel_residual_start=-1,
-                                               skip_gates=False, ln_scale=False, rope_dims=0),
-                                      dict(doc_attention=True)])
+                                               skip_gates=False, ln_scale=False, rope_dims=0)])
 def test_causal(looped, features):
     model = randomized(small_cfg(**features))
     x = torch.randint(0, 64, (2, 24))
-    x[:, 6] = train_gpt.BOS_ID  # a second document starts before the change (DOC_ATTENTION masks by it)
     t = 11
     y = x.clone()
     y[:, t + 1:] = torch.randint(0, 64, (2, 24 - t - 1))
@@ -176,7 +174,7 @@ def test_attention_matches_the_plain_composition():
     freqs = torch.outer(torch.arange(T, dtype=torch.float32), model.inv_freq)
     cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
     with torch.no_grad():
-        got = model._attention(i, x, cos, sin, None, None)
+        got = model._attention(i, x, cos, sin, None)
         q = F.linear(x, model.w("q", i)).view(B, T, H, hd)
         k = F.linear(x, model.w("k", i)).view(B, T, Hkv, hd)
         v = F.linear(x, model.w("v", i)).view(B, T, Hkv, hd)

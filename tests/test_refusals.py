@@ -28,6 +28,7 @@ def one_error_line(res, *needles):
     (dict(TTT_ENABLED="yes"), "env TTT_ENABLED='yes': expected 0 | 1"),
     (dict(EVAL_SLIDING="maybe"), "env EVAL_SLIDING='maybe': expected auto | 0 | 1"),
     (dict(ADAM_EPS="1e-6"), "env ADAM_EPS is not supported: now the constant"),
+    (dict(DOC_ATTENTION="1"), "env DOC_ATTENTION is not supported: removed: FlexAttention's document mask"),
 ])
 def test_cross_knob_rules_are_refused_at_startup(env, msg):
     with pytest.raises(train_gpt.UserError, match=msg.replace("(", r"\(").replace("|", r"\|")):
