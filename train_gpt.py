@@ -3504,10 +3504,11 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     path, t0 = Path(hp.eval_only), time.perf_counter()
     qstate, meta = read_artifact(path)
     read_s = time.perf_counter() - t0
-    vocab = meta.get("model", {}).get("vocab_size", hp.vocab_size)
-    evaluator, tokenizer_sha = load_evaluator(hp, dctx, log, vocab, vocab_owner=f"the vocab of artifact {path}")
+    # its model config checked (artifact_model's rules) before the val data is read for it
+    trained = dataclasses.asdict(saved_model_config(meta.get("model", {}), f"artifact {path}"))
+    evaluator, tokenizer_sha = load_evaluator(hp, dctx, log, trained["vocab_size"],
+                                              vocab_owner=f"the vocab of artifact {path}")
     check_artifact_tokenizer(meta, path, tokenizer_sha, hp.tokenizer_path)
-    trained = LEGACY_MODEL_FIELDS | meta.get("model", {})
     for k in hp.explicit:  # model knobs cannot change a trained model: say so rather than ignore them silently
         if k.lower() in trained and trained[k.lower()] != getattr(hp, k.lower()):
             log(f"warning:env {k}={getattr(hp, k.lower())} ignored: EVAL_ONLY scores the artifact's {k}={trained[k.lower()]}")
