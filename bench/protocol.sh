@@ -13,7 +13,7 @@
 # counterpart (bench/sidecar_data.sh: the same documents and split, a lossless tokenizer with or without
 # the case operators, val bpb over the original bytes by sidecar).
 # candidate = default + bench/candidate.env: the levers under test for the next default (an override changes one:
-# bench/protocol.sh candidate TRAIN_SEQ_LEN=2048).
+# bench/protocol.sh candidate QK_GAIN_INIT=5.0).
 # EVAL_SHARE=1 (with EVAL_ONLY=ARTIFACT) scores one GPU's share of FineWeb val instead of the bench val, for the
 # eval-time budget: 5,070,000 tokens (40.5M / 8) from the start of the bench train shard (plain data only).
 # Extra VAR=value pairs override anything.

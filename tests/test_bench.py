@@ -81,13 +81,15 @@ def test_protocol_candidate_is_the_default_plus_its_env_and_overrides_win(tmp_pa
     (tmp_path / "bin" / "torchrun").write_text("#!/bin/sh\nenv\n")
     (tmp_path / "bin" / "torchrun").chmod(0o755)
     env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", BENCH_DATA=str(tmp_path / "data"))
-    res = subprocess.run(["bash", "bench/protocol.sh", "candidate", "TRAIN_SEQ_LEN=2048"], cwd=ROOT, env=env,
+    lever = dict(line.split("=", 1) for line in (ROOT / "bench" / "candidate.env").read_text().split())
+    first = next(iter(lever))
+    off = "1" if lever[first] != "1" else "2"  # the command line's value for the file's first lever
+    res = subprocess.run(["bash", "bench/protocol.sh", "candidate", f"{first}={off}"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     seen = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
-    lever = dict(line.split("=", 1) for line in (ROOT / "bench" / "candidate.env").read_text().split())
     assert seen["TRAIN_BATCH_TOKENS"] == "98304" and seen["MAX_WALLCLOCK_SECONDS"] == "240"
-    assert {k: seen[k] for k in lever} == lever | {"TRAIN_SEQ_LEN": "2048"}
+    assert len(lever) > 1 and {k: seen[k] for k in lever} == lever | {first: off}
     assert "VAL_FILES" not in seen and "VAL_MAX_TOKENS" not in seen
     # EVAL_SHARE=1: one GPU's share of FineWeb val, read from the bench train shard
     res = subprocess.run(["bash", "bench/protocol.sh", "default", "EVAL_ONLY=a.br"], cwd=ROOT, env=env | dict(EVAL_SHARE="1"),
