@@ -2840,7 +2840,7 @@ def prime_eval(model: GPT, train_seq_len: int, dctx: Dist, hp: Hyperparameters, 
     by weights, so the phases after training reuse them (each logs its new_graphs). Returns the seconds."""
     if not eval_compiles(hp, dctx.device):
         return 0.0
-    t0, graphs0 = time.perf_counter(), compiled_graph_count()
+    t0, graphs0, caches0 = time.perf_counter(), compiled_graph_count(), compile_cache_counts()
     quiet, seq_len = copy.copy(hp), max(train_seq_len, hp.eval_seq_len)
     quiet.legality_check, quiet.dump_token_nll, quiet.eval_budget_seconds = False, "", math.inf
     stream = priming_stream(dctx.world_size, seq_len, model.cfg.vocab_size)
@@ -2858,7 +2858,8 @@ def prime_eval(model: GPT, train_seq_len: int, dctx: Dist, hp: Hyperparameters, 
         torch.cuda.empty_cache()  # the priming's activations go back: training's memory is as it was
         torch.cuda.reset_peak_memory_stats(dctx.device)  # and its peak is training's
     secs = dctx.all_reduce_max(time.perf_counter() - t0)
-    log(f"eval_prime time:{secs:.1f}s graphs:{compiled_graph_count() - graphs0} tokens:{len(stream.tokens)}")
+    log(f"eval_prime time:{secs:.1f}s graphs:{compiled_graph_count() - graphs0} tokens:{len(stream.tokens)} "
+        f"{cache_counts_line(caches0)}")
     return secs
 
 
@@ -3100,10 +3101,10 @@ def log_train_step(hp: Hyperparameters, dctx: Dist, clock: TrainClock, cap_ms: f
 def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evaluator: Evaluator, log) -> dict:
     """Train until ITERATIONS or the clock cap, validating every VAL_LOSS_EVERY steps (off the clock).
     Step k+1 is queued before step k's loss is read, so the GPU never waits for the host."""
-    t0 = time.perf_counter()
+    t0, caches0 = time.perf_counter(), compile_cache_counts()
     prime_compile(trainer, hp, train_files, log)
     warmup_s = dctx.all_reduce_max(time.perf_counter() - t0)  # compile and warm-up: before the clock, not free
-    log(f"warmup_done time:{warmup_s:.1f}s")
+    log(f"warmup_done time:{warmup_s:.1f}s" + (f" {cache_counts_line(caches0)}" if trainer.compiled else ""))
     cap_ms = 1000 * (hp.max_wallclock_seconds - hp.gptq_reserve_seconds) if hp.max_wallclock_seconds else 0
     if cap_ms:
         log(f"train_clock_cap:{cap_ms / 1000:.1f}s (MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS)")
@@ -3238,15 +3239,30 @@ def lqer_line(report: list[dict], qstate: dict[str, dict], hp: Hyperparameters) 
 
 def configure_inductor():
     """torch 2.11's mix-order reductions fused the gains' column sums into the RMSNorm backward kernels,
-    which then ran far below memory speed on an H100: 124 -> 115 (plain), 198 -> 169 ms/step (looped) off."""
+    which then ran far below memory speed on an H100: 124 -> 115 (plain), 198 -> 169 ms/step (looped) off.
+    AOTAutograd's cache skips graphs holding an autograd.Function (our softcap losses) unless allowed, so every
+    start re-traced and re-partitioned each training graph; its key holds the Function's traced forward and
+    backward, so an edited Function misses (results/2026-12-06_warm_start_cpu/)."""
+    import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     if hasattr(inductor_config.triton, "mix_order_reduction"):
         inductor_config.triton.mix_order_reduction = False
+    if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
+        functorch_config.autograd_cache_allow_custom_autograd_functions = True
 
 
-def compile_cache_counts() -> str:
+def compile_cache_counts() -> dict[str, int]:
+    """What torch.compile's caches have served in this process: Inductor's FX graphs, AOTAutograd's joint graphs."""
     from torch._dynamo.utils import counters
-    return f"fxgraph_hits:{counters['inductor']['fxgraph_cache_hit']} misses:{counters['inductor']['fxgraph_cache_miss']}"
+    fx, aot = counters["inductor"], counters["aot_autograd"]
+    return dict(fxgraph_hits=fx["fxgraph_cache_hit"], fxgraph_misses=fx["fxgraph_cache_miss"],
+                aot_hits=aot["autograd_cache_hit"], aot_misses=aot["autograd_cache_miss"],
+                aot_bypasses=aot["autograd_cache_bypass"])
+
+
+def cache_counts_line(before: dict[str, int] | None = None) -> str:
+    """compile_cache_counts as key:value fields, since `before` (an earlier reading) where given."""
+    return " ".join(f"{k}:{v - (before or {}).get(k, 0)}" for k, v in compile_cache_counts().items())
 
 
 def load_compile_cache(path: str, log) -> bool:
@@ -3279,18 +3295,18 @@ def save_compile_cache(path: str, loaded: bool, log):
     saves only what a process compiled or used, so rewriting would drop, say, the training graphs after an
     EVAL_ONLY run). Either way the FX graph cache's hits and misses are logged; a failed write is a warning."""
     if loaded:
-        log(f"compile_cache:kept path:{path} bytes:{Path(path).stat().st_size} {compile_cache_counts()}")
+        log(f"compile_cache:kept path:{path} bytes:{Path(path).stat().st_size} {cache_counts_line()}")
         return
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
-        log(f"compile_cache:nothing_compiled path:{path} {compile_cache_counts()}")
+        log(f"compile_cache:nothing_compiled path:{path} {cache_counts_line()}")
         return
     try:
         write_atomic(Path(path), saved[0])
     except UserError as e:
         log(f"warning:compile_cache_not_written {e}")
         return
-    log(f"compile_cache:saved path:{path} bytes:{len(saved[0])} {compile_cache_counts()}")
+    log(f"compile_cache:saved path:{path} bytes:{len(saved[0])} {cache_counts_line()}")
 
 
 # -----------------------------------------------------------------------------------------

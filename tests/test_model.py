@@ -1,6 +1,7 @@
 """Model invariants: causality with every feature on, the loop order, XSA, Newton-Schulz."""
 import dataclasses
 import importlib.util
+import os
 import sys
 import types
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import train_gpt
+from conftest import run_script
 
 
 def small_cfg(**kw) -> train_gpt.ModelConfig:
@@ -333,6 +335,31 @@ def test_softcap_cross_entropy_matches_plain_autograd(compiled, cap):
         assert logits.grad.dtype == dtype
         assert torch.allclose(logits.grad.float(), ref_logits.grad.float(), atol=1e-2 if dtype == torch.bfloat16 else tol)
 
+
+
+WARM_START = """
+import torch, train_gpt
+train_gpt.configure_inductor()
+torch.manual_seed(0)
+logits, targets = torch.randn(6, 32, requires_grad=True), torch.randint(0, 32, (6,))
+caps = torch.tensor([20.0, 25.0], requires_grad=True)
+loss = lambda l, t, c: (train_gpt.SoftcapCrossEntropy.apply(l, t, 30.0) + train_gpt.asym_softcap_nll(l, t, c)).sum()
+torch.compile(loss, fullgraph=True)(logits, targets, caps).backward()
+print(train_gpt.cache_counts_line(), f"grad:{logits.grad.square().sum().item():.6f}:{caps.grad.sum().item():.6f}")
+"""
+
+
+def test_a_warm_start_takes_the_softcap_losses_graph_from_the_autograd_cache(tmp_path):
+    """configure_inductor lets AOTAutograd's cache hold graphs with our autograd.Functions (the softcap losses):
+    a second process on the same Inductor cache folder takes the joint graph from it (before: a bypass, so every
+    start re-traced it), with the same gradients."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1")
+    runs = [run_script(["-c", WARM_START], env, timeout=300) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+    first, second = (dict(f.split(":", 1) for f in r.stdout.split()) for r in runs)
+    assert (first["aot_misses"], first["aot_bypasses"], first["fxgraph_misses"]) == ("1", "0", "2"), first
+    assert (second["aot_hits"], second["aot_misses"], second["aot_bypasses"]) == ("1", "0", "0"), second
+    assert first["grad"] == second["grad"]
 
 def test_residual_dtype_under_bf16_autocast():
     """RESIDUAL_DTYPE=bfloat16 keeps the stream bf16 under bf16 autocast (float32 gains must not promote

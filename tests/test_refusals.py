@@ -177,7 +177,7 @@ def test_compile_cache_lets_a_fresh_machine_compile_from_the_file(tiny_data, tmp
                       if line.startswith("compile_cache:")] for run in ("first", "second"))
     assert len(first) == 1 and first[0].startswith("compile_cache:saved") and " fxgraph_hits:0 " in first[0], first
     assert [line.split()[0] for line in second] == ["compile_cache:loaded", "compile_cache:kept"], second
-    assert second[1].endswith(" misses:0") and " fxgraph_hits:0 " not in second[1], second
+    assert " fxgraph_misses:0 " in second[1] and " fxgraph_hits:0 " not in second[1], second
     assert f"bytes:{cache.stat().st_size} " in first[0] and f"bytes:{cache.stat().st_size} " in second[1]  # kept
     cache.write_bytes(b"not a cache")
     one_error_line(launcher.run(scored | dict(RUN_ID="bad")), f"env COMPILE_CACHE={cache}: not a torch.compile cache")
