@@ -3240,8 +3240,8 @@ def lqer_line(report: list[dict], qstate: dict[str, dict], hp: Hyperparameters) 
 def configure_inductor():
     """torch 2.11's mix-order reductions fused the gains' column sums into the RMSNorm backward kernels,
     which then ran far below memory speed on an H100: 124 -> 115 (plain), 198 -> 169 ms/step (looped) off.
-    AOTAutograd's cache skips graphs holding an autograd.Function (our softcap losses) unless allowed, so every
-    start re-traced and re-partitioned each training graph; its key holds the Function's traced forward and
+    AOTAutograd's cache skips graphs holding an autograd.Function (training's softcap loss) unless allowed, so
+    every start re-traced and re-partitioned each training graph; its key holds the Function's traced forward and
     backward, so an edited Function misses (results/2026-12-06_warm_start_cpu/)."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
@@ -3293,7 +3293,7 @@ def load_compile_cache(path: str, log) -> bool:
 def save_compile_cache(path: str, loaded: bool, log):
     """COMPILE_CACHE: a run that found no file writes what it compiled; one that loaded the file keeps it (torch
     saves only what a process compiled or used, so rewriting would drop, say, the training graphs after an
-    EVAL_ONLY run). Either way the FX graph cache's hits and misses are logged; a failed write is a warning."""
+    EVAL_ONLY run). Either way what the caches served is logged (cache_counts_line); a failed write is a warning."""
     if loaded:
         log(f"compile_cache:kept path:{path} bytes:{Path(path).stat().st_size} {cache_counts_line()}")
         return

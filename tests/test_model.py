@@ -336,7 +336,6 @@ def test_softcap_cross_entropy_matches_plain_autograd(compiled, cap):
         assert torch.allclose(logits.grad.float(), ref_logits.grad.float(), atol=1e-2 if dtype == torch.bfloat16 else tol)
 
 
-
 WARM_START = """
 import torch, train_gpt
 train_gpt.configure_inductor()
@@ -359,6 +358,7 @@ def test_a_warm_start_takes_the_softcap_loss_graph_from_the_autograd_cache(tmp_p
     assert (first["aot_misses"], first["aot_bypasses"], first["fxgraph_misses"]) == ("1", "0", "2"), first
     assert (second["aot_hits"], second["aot_misses"], second["aot_bypasses"]) == ("1", "0", "0"), second
     assert first["grad"] == second["grad"]
+
 
 def test_residual_dtype_under_bf16_autocast():
     """RESIDUAL_DTYPE=bfloat16 keeps the stream bf16 under bf16 autocast (float32 gains must not promote
