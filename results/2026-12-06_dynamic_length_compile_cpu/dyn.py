@@ -4,7 +4,6 @@ per looped state with rows and length dynamic (rows x length fixed). CPU, defaul
 usage: TORCHINDUCTOR_CACHE_DIR=<fresh folder> TORCHINDUCTOR_FX_GRAPH_CACHE=0 python3 dyn.py static|dynamic
 """
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ from torch._dynamo.utils import counters
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent / "2026-12-06_eval_compile_cpu")]
-from default_model import default_model  # noqa: E402
+from default_model import default_model, time_training_loss  # noqa: E402
 
 mode = sys.argv[1]
 hp, cfg, MODEL = default_model(192)
@@ -27,15 +26,5 @@ for T, looped in shapes:
         for a in (x, y):
             torch._dynamo.mark_dynamic(a, 0)
             torch._dynamo.mark_dynamic(a, 1)
-    ref = MODEL(x, y, looped, fixed_cap=True).mean().item()
-    t = time.perf_counter()
-    loss = fn(x, y, looped, fixed_cap=True).mean()
-    loss.backward()
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    loss = fn(x, y, looped, fixed_cap=True).mean()
-    loss.backward()
-    second = time.perf_counter() - t
-    print(f"T:{T} B:{B} looped:{int(looped)} first_s:{first:.1f} second_s:{second:.2f} loss:{loss.item():.6f} "
-          f"eager:{ref:.6f}", flush=True)
+    print(f"T:{T} B:{B} looped:{int(looped)} {time_training_loss(fn, MODEL, x, y, looped)}", flush=True)
 print(f"mode:{mode} graphs:{counters['stats']['unique_graphs']} torch:{torch.__version__}")

@@ -15,7 +15,7 @@ from torch._dynamo.utils import compile_times, counters
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent / "2026-12-06_eval_compile_cpu")]
-from default_model import default_model  # noqa: E402
+from default_model import default_model, time_training_loss  # noqa: E402
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "plain"
 if mode == "precompile":
@@ -26,17 +26,7 @@ torch.manual_seed(0)
 x, y = (torch.randint(0, cfg.vocab_size, (3, 128)) for _ in range(2))
 start = time.perf_counter()
 for looped in (False, True):
-    ref = MODEL(x, y, looped, fixed_cap=True).mean().item()
-    t = time.perf_counter()
-    loss = fn(x, y, looped, fixed_cap=True).mean()
-    loss.backward()
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    loss = fn(x, y, looped, fixed_cap=True).mean()
-    loss.backward()
-    second = time.perf_counter() - t
-    print(f"looped:{int(looped)} first_s:{first:.1f} second_s:{second:.2f} loss:{loss.item():.6f} eager:{ref:.6f}",
-          flush=True)
+    print(f"looped:{int(looped)} {time_training_loss(fn, MODEL, x, y, looped)}", flush=True)
 print(f"mode:{mode} both_s:{time.perf_counter() - start:.1f} fxgraph_hit:{counters['inductor']['fxgraph_cache_hit']} "
       f"fxgraph_miss:{counters['inductor']['fxgraph_cache_miss']} aot_hit:{counters['aot_autograd']['autograd_cache_hit']} "
       f"aot_miss:{counters['aot_autograd']['autograd_cache_miss']} torch:{torch.__version__}")
