@@ -19,8 +19,10 @@ sets torch._inductor.config options on top of train_gpt's (e.g. coordinate_desce
 try one before it goes into configure_inductor().
 Prints: config, looped, attention (the kernel ATTN_BACKEND chose), ms_step,
 ms_step_read (the same number of steps again, each loss read one step late as train_gpt's loop does), host_ms
-(median time the host takes to queue one step, measured with the GPU idle), tok_s, flops_per_token, mfu (CUDA),
-peak_mem_mib (CUDA, the timed training steps), eval_tok_s (printed last, after the eval).
+(median time the host takes to queue one step, measured with the GPU idle), tok_s, flops_per_token, warmup_s
+(the --warmup steps, compile included: run the script twice on one machine for a cold and a warm start),
+mfu (CUDA), peak_mem_mib (CUDA, the timed training steps), what torch.compile's caches served during the warm-up
+(compiled: fxgraph_hits ... aot_bypasses), eval_tok_s (printed last, after the eval).
 """
 import argparse
 import sys
@@ -98,8 +100,11 @@ def bench(name: str, overrides: dict, looped: bool, args):
     dctx = train_gpt.setup_distributed(hp)
     trainer, attention = build_trainer(hp, dctx, args.data)
     model = trainer.model
+    t0, caches0 = time.perf_counter(), train_gpt.compile_cache_counts()
     for _ in range(args.warmup):
         trainer.step(0, 1.0, looped)
+    train_gpt.synchronize(dctx.device)
+    warmup_s = time.perf_counter() - t0  # the first step compiles (or loads the graphs from the caches)
     if dctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     train_gpt.synchronize(dctx.device)
@@ -131,9 +136,11 @@ def bench(name: str, overrides: dict, looped: bool, args):
     flops = train_gpt.model_flops_per_token(model.cfg, hp.train_seq_len, looped)
     peak = train_gpt.device_peak_flops(dctx.device)
     line = (f"config:{name} looped:{int(looped)} attention:{attention} ms_step:{ms:.2f} ms_step_read:{ms_read:.2f} "
-            f"host_ms:{host_ms:.1f} tok_s:{tok_s:.0f} flops_per_token:{flops:.4g}")
+            f"host_ms:{host_ms:.1f} tok_s:{tok_s:.0f} flops_per_token:{flops:.4g} warmup_s:{warmup_s:.1f}")
     if peak:
         line += f" mfu:{100 * tok_s * flops / peak:.1f}% peak_mem_mib:{torch.cuda.max_memory_allocated() // 2**20}"
+    if trainer.compiled:
+        line += f" {train_gpt.cache_counts_line(caches0)}"
     print(line, end=" ", flush=True)
     val = np.random.default_rng(1).integers(0, hp.vocab_size, size=args.eval_tokens + 1).astype(np.uint16)
     # Every target charged one byte: the timing does not depend on the byte count.

@@ -28,7 +28,7 @@ def test_speed_script_prints_one_line_per_config(launcher):
     assert [line.split()[0] for line in lines] == ["config:default", "config:default_looped", "config:baseline"]
     for line in lines:
         assert re.fullmatch(r"config:\w+ looped:[01] attention:sdpa ms_step:[\d.]+ ms_step_read:[\d.]+ host_ms:[\d.]+ tok_s:\d+ "
-                            r"flops_per_token:\S+ eval_tok_s:\d+", line)  # CUDA adds mfu, peak_mem_mib before eval_tok_s
+                            r"flops_per_token:\S+ warmup_s:[\d.]+ eval_tok_s:\d+", line)  # CUDA adds mfu ... before eval_tok_s
     looped = float(lines[1].split()[7].split(":")[1])
     assert looped > float(lines[0].split()[7].split(":")[1])  # recurrence adds FLOPs per token
 
