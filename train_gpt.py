@@ -3011,7 +3011,7 @@ class Trainer:
 class PendingScalar:
     """A device scalar on its way to the host: the copy is queued behind the work that produces it, and
     read() waits for that work only. A late .item() would wait for everything queued since, the next
-    step too, draining the GPU's queue every step (0.7 ms/step on an H100)."""
+    step too, draining the GPU's queue every step (results/2026-11-24_softcap_ce_loss_read/)."""
 
     def __init__(self, t: torch.Tensor):
         self.event = None
@@ -3239,7 +3239,7 @@ def lqer_line(report: list[dict], qstate: dict[str, dict], hp: Hyperparameters) 
 
 def configure_inductor():
     """torch 2.11's mix-order reductions fused the gains' column sums into the RMSNorm backward kernels,
-    which then ran far below memory speed on an H100: 124 -> 115 (plain), 198 -> 169 ms/step (looped) off.
+    which then ran far below memory speed on an H100 (off: results/2026-11-24_speed_profiles_h100/).
     AOTAutograd's cache skips graphs holding an autograd.Function (training's softcap loss) unless allowed, so
     every start re-traced and re-partitioned each training graph; its key holds the Function's traced forward and
     backward, so an edited Function misses (results/2026-12-06_warm_start_cpu/)."""
@@ -3616,8 +3616,8 @@ def main(argv=None) -> int:
 # -----------------------------------------------------------------------------------------
 
 # XSA as the custom op train_gpt::xsa with a written-out backward: on CUDA one Triton kernel each way
-# reads y (and the gradient) once: 1.74 ms per step for 11 layers on an H200 (bench/profile_step.py).
-# Autograd of the formula took five kernels (5.2 ms/step on an H100), an autograd.Function four.
+# reads y (and the gradient) once, where autograd of the formula took five kernels and an autograd.Function
+# four (results/2026-11-30_xsa_kernel_h200/).
 
 def xsa_backward_reference(grad: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # out_g = y_g - c_g v with c_g = (y_g.v) r, r = 1/(v.v); with a_g = (grad_g.v) r:
