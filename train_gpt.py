@@ -257,6 +257,8 @@ EXPORT_KNOBS = [
     Knob("EMBED_BITS", 7, "GPTQ bits of the tied embedding", 2, 8),
     Knob("EMBED_CLIP_SIGMAS", 14.0, "SDClip k of the embedding", 0.1),
     Knob("GPTQ_CALIBRATION_BATCHES", 16, "training micro-batches per rank for the GPTQ Hessians; 0 = plain rounding", 0),
+    Knob("GPTQ_DAMP", "0.01", "GPTQ's damping, a multiple of mean(diag H) added to each Hessian's diagonal: one value, "
+         "or three for the attention, MLP and embedding matrices (e.g. 0.01,0.02,0.005)"),
     Knob("GPTQ_RESERVE_SECONDS", 6.0, "taken off MAX_WALLCLOCK_SECONDS so Hessians are collected within it", 0),
     Knob("CLIP_SEARCH_STEPS", 4, "extra GPTQ tries moving MATRIX_CLIP_SIGMAS to land just under the cap; 0 = off", 0),
     Knob("LQER_TOP_K", 3, "LQER: low-rank INT2 x INT4 corrections of the N largest GPTQ errors W - Wq; 0 = off", 0),
@@ -409,6 +411,7 @@ def validate(hp: Hyperparameters):
          f"TTT_LORA_CHUNK={hp.ttt_lora_chunk}: LoRA TTT (TTT_LORA_RANK={hp.ttt_lora_rank}) needs it <= "
          f"EVAL_SEQ_LEN={hp.eval_seq_len}, or TTT_LORA_RANK=0")
     lora_targets(hp)  # its own errors
+    gptq_damps(hp)
     shapes = len(train_shapes(hp))
     need(shapes <= MAX_TRAIN_SHAPES, f"TRAIN_SEQ_SCHEDULE={hp.train_seq_schedule!r}: training would reach {shapes} "
          f"(length, looped) shapes, each a compiled graph; at most {MAX_TRAIN_SHAPES}")
@@ -458,6 +461,18 @@ def lora_targets(hp: Hyperparameters) -> tuple[str, ...]:
         raise UserError(f"env TTT_LORA_TARGETS={hp.ttt_lora_targets!r}: expected a comma list of "
                         f"{', '.join(LORA_TARGETS)}")
     return tuple(t for t in LORA_TARGETS if t in names)
+
+
+def gptq_damps(hp: Hyperparameters) -> tuple[float, float, float]:
+    """GPTQ_DAMP as (attention, MLP, embedding) dampings."""
+    try:
+        damps = tuple(float(x) for x in hp.gptq_damp.replace(" ", "").split(","))
+    except ValueError:
+        damps = ()
+    if len(damps) not in (1, 3) or not all(0 < d <= 1 for d in damps):
+        raise UserError(f"env GPTQ_DAMP={hp.gptq_damp!r}: expected one damping in (0, 1], or three (attention, "
+                        "MLP, embedding matrices)")
+    return damps * 3 if len(damps) == 1 else damps
 
 
 def knob_reference() -> str:
@@ -1521,26 +1536,30 @@ def awq_problem(entry: dict) -> str | None:
 
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict | None, num_layers: int,
                    matrix_bits: int, matrix_clip: float, embed_bits: int, embed_clip: float,
-                   awq_groups: int = 0, mlp_clip_scale: float = 1.0) -> dict[str, dict]:
+                   awq_groups: int = 0, mlp_clip_scale: float = 1.0,
+                   damps: tuple[float, float, float] = (0.01, 0.01, 0.01)) -> dict[str, dict]:
     """name -> {kind, tensors}: GPTQ for the banks (the MLP's at mlp_clip_scale x matrix_clip) and the tied
-    embedding (AWQ-lite's groups on the int8 grid, their row scales zero in slices without one), fp16 for the rest."""
+    embedding (AWQ-lite's groups on the int8 grid, their row scales zero in slices without one), fp16 for the rest;
+    damps: GPTQ's damping of the attention, MLP and embedding matrices."""
     mlp_banks = {ROLES[r][0] for r in ("up", "down")}
 
-    def bits_clip(name):
+    def bits_clip_damp(name):
         if name == "tok_emb.weight":
-            return embed_bits, embed_clip
-        return matrix_bits, matrix_clip * (mlp_clip_scale if name in mlp_banks else 1.0)
-    fine = awq_select(state, hessians, num_layers, awq_groups, lambda name: bits_clip(name)[0])
+            return embed_bits, embed_clip, damps[2]
+        mlp = name in mlp_banks
+        return matrix_bits, matrix_clip * (mlp_clip_scale if mlp else 1.0), damps[1 if mlp else 0]
+    fine = awq_select(state, hessians, num_layers, awq_groups, lambda name: bits_clip_damp(name)[0])
     out = {}
     for name, t in state.items():
         keys = hessian_keys(name, num_layers)
         if keys is None or t.numel() <= PASSTHROUGH_MAX_NUMEL:
             out[name] = {"kind": "fp16", "w": t.detach().cpu().half()}
             continue
-        bits, clip = bits_clip(name)
+        bits, clip, damp = bits_clip_damp(name)
         H = torch.stack([hessians[k] for k in keys]) if hessians else None
         W = t.detach().float().reshape(len(keys), *t.shape[-2:])
-        q, s = gptq_quantize(W, H.to(W.device) if H is not None else None, bits, clip, fine=fine.get(name))
+        q, s = gptq_quantize(W, H.to(W.device) if H is not None else None, bits, clip, damp=damp,
+                             fine=fine.get(name))
         out[name] = {"kind": f"int{bits}_rows", "q": q.reshape(t.shape).cpu(), "scale": s.reshape(t.shape[:-1]).cpu()}
         if name in fine:
             cols = fine[name]
@@ -3171,7 +3190,7 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
     def attempt(k: float) -> bytes:
         t0 = time.perf_counter()
         q = quantize_state(state, hessians, cfg.num_layers, hp.matrix_bits, k, hp.embed_bits, hp.embed_clip_sigmas,
-                           hp.awq_groups, hp.mlp_clip_scale)
+                           hp.awq_groups, hp.mlp_clip_scale, gptq_damps(hp))
         if hp.awq_groups:
             log(awq_line(q, cfg.num_layers))
         if hp.lqer_top_k:

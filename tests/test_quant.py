@@ -152,3 +152,29 @@ def test_ill_conditioned_hessian_gets_more_damping():
     assert q.abs().max() <= 31 and torch.isfinite(s.float()).all()
     U = train_gpt.inverse_hessian_factor(H, 1e-9)
     assert torch.isfinite(U).all()
+
+
+def test_gptq_damp_reaches_each_class_of_matrix():
+    """GPTQ_DAMP: one value damps every GPTQ'd matrix alike (0.01 is quantize_state's default, bit for bit);
+    three damp the attention, MLP and embedding matrices each with its own, so a change to one moves that
+    class's codes only. Anything else is refused, naming the knob."""
+    from test_lqer import hessians, random_state, small_cfg
+    cfg = small_cfg()
+    state, hess = random_state(cfg), hessians(cfg)
+
+    def codes(damp: str) -> dict:
+        damps = train_gpt.gptq_damps(train_gpt.Hyperparameters(dict(GPTQ_DAMP=damp)))
+        q = train_gpt.quantize_state(state, hess, cfg.num_layers, 6, 12.85, 7, 14.0, damps=damps)
+        return {name: e["q"] for name, e in q.items() if "q" in e}
+
+    base = {name: e["q"] for name, e in train_gpt.quantize_state(state, hess, cfg.num_layers, 6, 12.85, 7, 14.0).items()
+            if "q" in e}
+    assert set(base) == {"qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank", "tok_emb.weight"}
+    assert all(torch.equal(base[n], q) for n, q in codes("0.01").items())
+    assert all(torch.equal(base[n], q) for n, q in codes("0.01, 0.01, 0.01").items())
+    for damp, moved in (("0.5,0.01,0.01", {"qo_bank", "kv_bank"}), ("0.01,0.5,0.01", {"mlp_up_bank", "mlp_down_bank"}),
+                        ("0.01,0.01,0.5", {"tok_emb.weight"})):
+        assert {n for n, q in codes(damp).items() if not torch.equal(base[n], q)} == moved, damp
+    for bad in ("0", "-0.1", "1.5", "x", "0.01,0.02", "0.01,,0.02"):
+        with pytest.raises(train_gpt.UserError, match="GPTQ_DAMP"):
+            train_gpt.Hyperparameters(dict(GPTQ_DAMP=bad))
