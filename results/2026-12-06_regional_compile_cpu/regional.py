@@ -61,8 +61,8 @@ if mode == "region":
     serial_block = torch.compiler.nested_compile_region(serial_block)
 
 
-def block(self, i, x, x0, cos, sin, mask, tap, lora=None, slot=0):
-    assert mask is None and tap is None and lora is None  # (mask: DOC_ATTENTION's, added after this study ran)
+def block(self, i, x, x0, cos, sin, tap, lora=None, slot=0):
+    assert tap is None and lora is None
     # Layer 0 gets x0 itself as x: a region first traced with one tensor in two slots is reused wrongly for two
     # (IndexError inside the stamped-out graph, torch 2.13), so the first block gets a copy.
     x = x * 1.0 if x is x0 else x
