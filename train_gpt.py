@@ -3187,10 +3187,12 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
     """GPTQ (+ LQER) + pack at MATRIX_CLIP_SIGMAS, then up to CLIP_SEARCH_STEPS tries moving the clip to
     land under the cap within CLIP_SEARCH_HEADROOM, each measuring the whole blob. `meta` goes into the
     artifact's config. Returns the smallest-clip blob that fits, else the last one tried."""
+    damps = gptq_damps(hp)
+
     def attempt(k: float) -> bytes:
         t0 = time.perf_counter()
         q = quantize_state(state, hessians, cfg.num_layers, hp.matrix_bits, k, hp.embed_bits, hp.embed_clip_sigmas,
-                           hp.awq_groups, hp.mlp_clip_scale, gptq_damps(hp))
+                           hp.awq_groups, hp.mlp_clip_scale, damps)
         if hp.awq_groups:
             log(awq_line(q, cfg.num_layers))
         if hp.lqer_top_k:

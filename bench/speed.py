@@ -107,7 +107,6 @@ def bench(name: str, overrides: dict, looped: bool, args):
     warmup_s = time.perf_counter() - t0  # the first step compiles (or loads the graphs from the caches)
     if dctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    train_gpt.synchronize(dctx.device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         trainer.step(0, 1.0, looped)
