@@ -241,6 +241,8 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("NGRAM_ORDER", 16, "n-gram order of the tilt: its context is the previous NGRAM_ORDER-1 tokens", 2),
     Knob("NGRAM_THRESHOLD", 0.8, "hint only where the top continuation so far has at least this share", 0, 1),
     Knob("NGRAM_BETA", 2.625, "the hinted token's probability is multiplied by e^NGRAM_BETA, then renormalized", 0),
+    Knob("NGRAM_GAMMA", 0.0, "the boost's exponent shrinks where the model already expects the hint: "
+         "NGRAM_BETA (1 - p(hint))^NGRAM_GAMMA; 0 = NGRAM_BETA everywhere", 0),
     Knob("DUMP_TOKEN_NLL", "", "write per-target NLL (float32) and bytes (uint16) of the final phase, in val order"),
     Knob("LEGALITY_CHECK", False, "before scoring, prove each enabled eval mode causal on a val prefix (four "
          "TTT chunks, eager, its chunks capped at 8192 tokens: the legal loop is the same at any size)"),
@@ -2333,7 +2335,7 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
     x, y, h, scored = x[:, cut:], y[:, cut:], h[:, cut:], scored[:, cut:]
     pos = starts[:, None] + 1 + cut + torch.arange(L - cut, device=tokens.device)[None, :]  # stream position of y
     with torch.inference_mode(), autocast_ctx(tokens.device):
-        nll = model.nll_from_hidden(h, y) if hints is None else tilted_scores(model, h, y, hints[pos], hp.ngram_beta)
+        nll = model.nll_from_hidden(h, y) if hints is None else tilted_scores(model, h, y, hints[pos], hp.ngram_beta, hp.ngram_gamma)
     out.add(pos, nll, scored)
 
 
@@ -2500,7 +2502,7 @@ def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray,
     nll, scored, h, y, pos = chunk_nll(model, hidden, tokens, begin, prev, last, phase.seq_len, lora, grad)
     with torch.no_grad(), autocast_ctx(tokens.device):
         score = nll.detach() if hints is None else \
-            tilted_scores(model, h.detach(), y, hints[pos], hp.ngram_beta, lora)
+            tilted_scores(model, h.detach(), y, hints[pos], hp.ngram_beta, hp.ngram_gamma, lora)
     out.add(pos, score, scored)
     return nll, scored
 
@@ -2575,17 +2577,20 @@ def ngram_hints(tokens: torch.Tensor, order: int, threshold: float) -> torch.Ten
     return hints
 
 
-def tilted_nll(nll: torch.Tensor, hint_nll: torch.Tensor, hit: torch.Tensor, beta: float) -> torch.Tensor:
-    """-log p'(y) from -log p(y), -log p(hint) and [y = hint]; log Z = log1p(p(hint) (e^beta - 1))."""
-    return nll - beta * hit.to(nll.dtype) + torch.log1p(torch.exp(-hint_nll) * math.expm1(beta))
+def tilted_nll(nll: torch.Tensor, hint_nll: torch.Tensor, hit: torch.Tensor, beta: float,
+               gamma: float = 0.0) -> torch.Tensor:
+    """-log p'(y) from -log p(y), -log p(hint) and [y = hint]; log Z = log1p(p(hint) (e^b - 1)) with the boost
+    b = beta (1 - p(hint))^gamma: a function of the context alone, so the tilt stays exactly normalized."""
+    b = beta * (-torch.expm1(-hint_nll)).pow(gamma)  # 1 - p(hint), accurate where p(hint) is near 1
+    return nll - b * hit.to(nll.dtype) + torch.log1p(torch.exp(-hint_nll) * torch.expm1(b))
 
 
-def tilted_scores(model: GPT, h: torch.Tensor, y: torch.Tensor, hint: torch.Tensor, beta: float,
+def tilted_scores(model: GPT, h: torch.Tensor, y: torch.Tensor, hint: torch.Tensor, beta: float, gamma: float = 0.0,
                   lora: LoRA | None = None) -> torch.Tensor:
     """The tilted NLL of targets y where a hint (>= 0) is given, the model's own NLL elsewhere. p(y) and
     p(hint) come from one head pass, each as nll_from_hidden computes it."""
     nll = model.nll_of_ids(h, torch.stack((y, hint.clamp_min(0)), dim=-1), lora)
-    return torch.where(hint >= 0, tilted_nll(nll[..., 0], nll[..., 1], y == hint, beta), nll[..., 0])
+    return torch.where(hint >= 0, tilted_nll(nll[..., 0], nll[..., 1], y == hint, beta, gamma), nll[..., 0])
 
 
 def phase_hints(tokens: torch.Tensor, phase: Phase, hp: Hyperparameters, log=None) -> torch.Tensor | None:
@@ -2597,7 +2602,7 @@ def phase_hints(tokens: torch.Tensor, phase: Phase, hp: Hyperparameters, log=Non
     n_hinted, n = int((hints[1:] >= 0).sum()), len(tokens) - 1  # position 0 is no target
     if log is not None:
         log(f"ngram_tilt:{phase.name} ngram_order:{hp.ngram_order} ngram_threshold:{hp.ngram_threshold} "
-            f"ngram_beta:{hp.ngram_beta} hinted:{n_hinted}/{n} hinted_frac:{n_hinted / max(n, 1):.4f} "
+            f"ngram_beta:{hp.ngram_beta} ngram_gamma:{hp.ngram_gamma} hinted:{n_hinted}/{n} hinted_frac:{n_hinted / max(n, 1):.4f} "
             f"precompute:{time.perf_counter() - t0:.2f}s")
     return hints
 

@@ -101,9 +101,10 @@ def test_the_causality_check_catches_a_gate_on_the_target():
     assert not all(causal_at(leaky, tokens, t, seed=t) for t in range(0, 400, 7))
 
 
-def test_tilted_distribution_is_exactly_normalized():
+@pytest.mark.parametrize("gamma", [0.0, 1.5])
+def test_tilted_distribution_is_exactly_normalized(gamma):
     """Over the whole vocabulary, the tilted probabilities sum to 1 and equal a brute-force softmax of
-    the softcapped logits with beta added to the hinted token's."""
+    the softcapped logits with the boost beta (1 - p(hint))^gamma added to the hinted token's."""
     model, beta = randomized(small_cfg()), 2.625
     V, cap = model.cfg.vocab_size, model.cfg.logit_softcap
     torch.manual_seed(1)
@@ -112,9 +113,13 @@ def test_tilted_distribution_is_exactly_normalized():
     every = torch.arange(V).expand(3, 5, V)  # every candidate target at every position
     with torch.no_grad():
         nll = train_gpt.tilted_scores(model, h[:, :, None].expand(3, 5, V, -1), every, hint[..., None].expand(3, 5, V),
-                                      beta)
+                                      beta, gamma)
         z = cap * torch.tanh(torch.nn.functional.linear(h, model.tok_emb.weight).double() / cap)
-        brute = -torch.log_softmax(z + beta * torch.nn.functional.one_hot(hint, V).double(), dim=-1)
+        p_hint = torch.softmax(z, -1).gather(-1, hint[..., None])
+        boost = beta * (1 - p_hint) ** gamma
+        brute = -torch.log_softmax(z + boost * torch.nn.functional.one_hot(hint, V).double(), dim=-1)
+    if gamma:  # the boost does vary with the context
+        assert boost.std() > 0.01
     torch.testing.assert_close(torch.exp(-nll.double()).sum(-1), torch.ones(3, 5, dtype=torch.float64),
                                rtol=0, atol=1e-5)
     torch.testing.assert_close(nll.double(), brute, rtol=0, atol=1e-4)
@@ -158,8 +163,9 @@ def test_tilt_moves_only_hinted_targets(ttt):
     assert tilted.mean() < plain.mean()  # the hints are mostly right on a repeated passage
 
 
-def test_tilted_scores_follow_the_formula_at_each_hinted_target():
-    hp = train_gpt.Hyperparameters(EVAL_ENV | {"NGRAM_ORDER": "3"})
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_tilted_scores_follow_the_formula_at_each_hinted_target(gamma):
+    hp = train_gpt.Hyperparameters(EVAL_ENV | {"NGRAM_ORDER": "3", "NGRAM_GAMMA": str(gamma)})
     _, model, tokens, val = tilt_setup()
     tilted = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, Phase("t", 32, 8, tilt=True)).nll
     hints = hints_of(tokens, 3)
@@ -174,7 +180,8 @@ def test_tilted_scores_follow_the_formula_at_each_hinted_target():
             h = model.hidden(x, looped=True)[0, t - 1 - (e - 32)]
             logp = torch.log_softmax(30.0 * torch.tanh((model.tok_emb.weight @ h).double() / 30.0), -1)
         p_hint, y = logp[hints[t]].exp(), int(tokens[t])
-        expected = -logp[y] - 2.625 * (y == hints[t]) + torch.log(1 - p_hint + p_hint * np.exp(2.625))
+        beta = 2.625 * (1 - p_hint) ** gamma
+        expected = -logp[y] - beta * (y == hints[t]) + torch.log(1 - p_hint + p_hint * torch.exp(beta))
         assert abs(tilted[t - 1].item() - expected.item()) < 1e-4
 
 
@@ -189,9 +196,10 @@ def test_ttt_trains_on_the_plain_loss():
     assert not torch.equal(plain.qo_bank, model.qo_bank)  # TTT did update
 
 
-@pytest.mark.parametrize("ttt,slot", [(False, "off"), (True, "off"), (False, "context")])
-def test_tilt_passes_the_future_perturbation_check(ttt, slot):
-    hp = train_gpt.Hyperparameters(EVAL_ENV | {"NGRAM_ORDER": "3"})
+@pytest.mark.parametrize("ttt,slot,gamma", [(False, "off", "0"), (True, "off", "0"), (False, "context", "0"),
+                                            (True, "off", "1.5")])
+def test_tilt_passes_the_future_perturbation_check(ttt, slot, gamma):
+    hp = train_gpt.Hyperparameters(EVAL_ENV | {"NGRAM_ORDER": "3", "NGRAM_GAMMA": gamma})
     _, model, tokens, val = tilt_setup(161 if ttt else 301)
     assert (hints_of(tokens, 3)[:len(tokens) // 2] >= 0).mean() > 0.5  # hints fire before the check's split point
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, Phase("t", 32, 8, ttt=ttt, slot=slot, tilt=True))
@@ -220,5 +228,7 @@ def test_ngram_knobs_are_checked():
         train_gpt.Hyperparameters({"NGRAM_ORDER": "1"})
     with pytest.raises(train_gpt.UserError, match="NGRAM_THRESHOLD"):
         train_gpt.Hyperparameters({"NGRAM_THRESHOLD": "1.5"})
+    with pytest.raises(train_gpt.UserError, match="NGRAM_GAMMA"):
+        train_gpt.Hyperparameters({"NGRAM_GAMMA": "-1"})
     hp = train_gpt.Hyperparameters({})
-    assert (hp.ngram_tilt, hp.ngram_order, hp.ngram_threshold, hp.ngram_beta) == (True, 16, 0.8, 2.625)
+    assert (hp.ngram_tilt, hp.ngram_order, hp.ngram_threshold, hp.ngram_beta, hp.ngram_gamma) == (True, 16, 0.8, 2.625, 0)
