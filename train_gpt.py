@@ -3268,13 +3268,19 @@ def configure_inductor():
     which then ran far below memory speed on an H100 (off: results/2026-11-24_speed_profiles_h100/).
     AOTAutograd's cache skips graphs holding an autograd.Function (training's softcap loss) unless allowed, so
     every start re-traced and re-partitioned each training graph; its key holds the Function's traced forward and
-    backward, so an edited Function misses (results/2026-12-06_warm_start_cpu/)."""
+    backward, so an edited Function misses (results/2026-12-06_warm_start_cpu/). It skips them too where
+    sdpa_kernel() pins cuDNN (pinned_attention): the graph then calls two helpers that map kernel names (held in
+    the key) to SDPA's kernel switches, nothing else (results/2026-12-06_warm_start_h200/)."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     if hasattr(inductor_config.triton, "mix_order_reduction"):
         inductor_config.triton.mix_order_reduction = False
     if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
         functorch_config.autograd_cache_allow_custom_autograd_functions = True
+    if hasattr(inductor_config, "unsafe_marked_cacheable_functions"):
+        for helper in ("_backend_from_string", "_sdpa_kernel"):
+            inductor_config.unsafe_marked_cacheable_functions.setdefault(f"torch.nn.attention.{helper}",
+                                                                         torch.__version__)
 
 
 def compile_cache_counts() -> dict[str, int]:

@@ -360,6 +360,34 @@ def test_a_warm_start_takes_the_softcap_loss_graph_from_the_autograd_cache(tmp_p
     assert first["grad"] == second["grad"]
 
 
+WARM_START_PINNED = """
+import sys, torch, train_gpt
+train_gpt.configure_inductor()
+attend = train_gpt.pinned_attention(*[getattr(torch.nn.attention.SDPBackend, n) for n in sys.argv[1].split(",")])
+torch.manual_seed(0)
+q, k, v = torch.randn(2, 16, 4, 8, requires_grad=True), torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
+torch.compile(lambda q, k, v: attend(q, k, v).square().sum(), fullgraph=True)(q, k, v).backward()
+print(train_gpt.cache_counts_line(), f"grad:{q.grad.square().sum().item():.6f}",
+      f"flash_after:{int(torch.backends.cuda.flash_sdp_enabled())}")
+"""
+
+
+def test_a_warm_start_takes_a_pinned_attention_graph_from_the_autograd_cache(tmp_path):
+    """Attention pinned to SDPA kernels (ATTN_BACKEND=sdpa_cudnn) puts sdpa_kernel()'s helpers into the graph,
+    which AOTAutograd's cache skipped unless configure_inductor marks them: a second process takes the graph
+    from the cache with the same gradients and the kernel switches as they were; another kernel list is
+    another graph (a miss, not the first list's graph)."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1")
+    runs = [run_script(["-c", WARM_START_PINNED, kernels], env, timeout=300)
+            for kernels in ("MATH", "MATH", "MATH,FLASH_ATTENTION")]
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    first, second, other = (dict(f.split(":", 1) for f in r.stdout.split()) for r in runs)
+    assert (first["aot_misses"], first["aot_bypasses"]) == ("1", "0"), first
+    assert (second["aot_hits"], second["aot_misses"], second["aot_bypasses"]) == ("1", "0", "0"), second
+    assert (other["aot_hits"], other["aot_misses"]) == ("0", "1"), other
+    assert first["grad"] == second["grad"] and first["flash_after"] == second["flash_after"] == "1"
+
+
 def test_residual_dtype_under_bf16_autocast():
     """RESIDUAL_DTYPE=bfloat16 keeps the stream bf16 under bf16 autocast (float32 gains must not promote
     it back), stays close to the float32 stream, and changes nothing without autocast (CPU runs)."""
