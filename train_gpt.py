@@ -240,9 +240,10 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
          "the token that mostly followed the same context earlier in the val stream"),
     Knob("NGRAM_ORDER", 16, "n-gram order of the tilt: its context is the previous NGRAM_ORDER-1 tokens", 2),
     Knob("NGRAM_THRESHOLD", 0.8, "hint only where the top continuation so far has at least this share", 0, 1),
-    Knob("NGRAM_BETA", 2.625, "the hinted token's probability is multiplied by e^NGRAM_BETA, then renormalized", 0),
-    Knob("NGRAM_GAMMA", 0.0, "the boost's exponent shrinks where the model already expects the hint: "
-         "NGRAM_BETA (1 - p(hint))^NGRAM_GAMMA; 0 = NGRAM_BETA everywhere", 0),
+    Knob("NGRAM_BETA", 3.5, "the hinted token's probability is multiplied by e^(NGRAM_BETA (1 - p(hint))^NGRAM_GAMMA), "
+         "then renormalized", 0),
+    Knob("NGRAM_GAMMA", 1.0, "a boost that shrinks where the model already expects the hint (above); 0 = e^NGRAM_BETA "
+         "everywhere", 0),
     Knob("DUMP_TOKEN_NLL", "", "write per-target NLL (float32) and bytes (uint16) of the final phase, in val order"),
     Knob("LEGALITY_CHECK", False, "before scoring, prove each enabled eval mode causal on a val prefix (four "
          "TTT chunks, eager, its chunks capped at 8192 tokens: the legal loop is the same at any size)"),

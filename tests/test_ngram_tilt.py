@@ -180,7 +180,7 @@ def test_tilted_scores_follow_the_formula_at_each_hinted_target(gamma):
             h = model.hidden(x, looped=True)[0, t - 1 - (e - 32)]
             logp = torch.log_softmax(30.0 * torch.tanh((model.tok_emb.weight @ h).double() / 30.0), -1)
         p_hint, y = logp[hints[t]].exp(), int(tokens[t])
-        beta = 2.625 * (1 - p_hint) ** gamma
+        beta = hp.ngram_beta * (1 - p_hint) ** gamma
         expected = -logp[y] - beta * (y == hints[t]) + torch.log(1 - p_hint + p_hint * torch.exp(beta))
         assert abs(tilted[t - 1].item() - expected.item()) < 1e-4
 
@@ -231,4 +231,4 @@ def test_ngram_knobs_are_checked():
     with pytest.raises(train_gpt.UserError, match="NGRAM_GAMMA"):
         train_gpt.Hyperparameters({"NGRAM_GAMMA": "-1"})
     hp = train_gpt.Hyperparameters({})
-    assert (hp.ngram_tilt, hp.ngram_order, hp.ngram_threshold, hp.ngram_beta, hp.ngram_gamma) == (True, 16, 0.8, 2.625, 0)
+    assert (hp.ngram_tilt, hp.ngram_order, hp.ngram_threshold, hp.ngram_beta, hp.ngram_gamma) == (True, 16, 0.8, 3.5, 1)
