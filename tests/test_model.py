@@ -337,49 +337,29 @@ def test_softcap_cross_entropy_matches_plain_autograd(compiled, cap):
 
 
 WARM_START = """
-import torch, train_gpt
-train_gpt.configure_inductor()
-torch.manual_seed(0)
-logits, targets = torch.randn(6, 32, requires_grad=True), torch.randint(0, 32, (6,))
-loss = torch.compile(lambda l, t: train_gpt.SoftcapCrossEntropy.apply(l, t, 30.0).sum(), fullgraph=True)
-loss(logits, targets).backward()
-print(train_gpt.cache_counts_line(), f"grad:{logits.grad.square().sum().item():.6f}")
-"""
-
-
-def test_a_warm_start_takes_the_softcap_loss_graph_from_the_autograd_cache(tmp_path):
-    """configure_inductor lets AOTAutograd's cache hold graphs with our autograd.Functions (training's softcap
-    loss): a second process on the same Inductor cache folder takes the joint graph from it (before: a bypass, so
-    every start re-traced it), with the same gradients."""
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1")
-    runs = [run_script(["-c", WARM_START], env, timeout=300) for _ in range(2)]
-    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
-    first, second = (dict(f.split(":", 1) for f in r.stdout.split()) for r in runs)
-    assert (first["aot_misses"], first["aot_bypasses"], first["fxgraph_misses"]) == ("1", "0", "2"), first
-    assert (second["aot_hits"], second["aot_misses"], second["aot_bypasses"]) == ("1", "0", "0"), second
-    assert first["grad"] == second["grad"]
-
-
-WARM_START_PINNED = """
 import sys, torch, train_gpt
 train_gpt.configure_inductor()
 attend = train_gpt.pinned_attention(*[getattr(torch.nn.attention.SDPBackend, n) for n in sys.argv[1].split(",")])
 torch.manual_seed(0)
 q, k, v = torch.randn(2, 16, 4, 8, requires_grad=True), torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
-torch.compile(lambda q, k, v: attend(q, k, v).square().sum(), fullgraph=True)(q, k, v).backward()
+head, targets = torch.randn(32, 32), torch.randint(0, 32, (32,))
+def loss(q, k, v):
+    logits = attend(q, k, v).reshape(32, 32) @ head
+    return train_gpt.SoftcapCrossEntropy.apply(logits, targets, 30.0).sum()
+torch.compile(loss, fullgraph=True)(q, k, v).backward()
 print(train_gpt.cache_counts_line(), f"grad:{q.grad.square().sum().item():.6f}",
       f"flash_after:{int(torch.backends.cuda.flash_sdp_enabled())}")
 """
 
 
-def test_a_warm_start_takes_a_pinned_attention_graph_from_the_autograd_cache(tmp_path):
-    """Attention pinned to SDPA kernels (ATTN_BACKEND=sdpa_cudnn) puts sdpa_kernel()'s helpers into the graph,
-    which AOTAutograd's cache skipped unless configure_inductor marks them: a second process takes the graph
-    from the cache with the same gradients and the kernel switches as they were; another kernel list is
-    another graph (a miss, not the first list's graph)."""
+def test_a_warm_start_takes_the_training_graph_from_the_autograd_cache(tmp_path):
+    """configure_inductor lets AOTAutograd's cache hold graphs like training's: with our autograd.Function (the
+    softcap loss) and attention pinned to SDPA kernels (ATTN_BACKEND=sdpa_cudnn: sdpa_kernel()'s helpers in the
+    graph). Either one alone made it skip the graph, so every start re-traced and re-partitioned it. A second
+    process on the same Inductor cache folder takes the joint graph from it, with the same gradients and the
+    kernel switches as they were after the call; another kernel list is another graph (a miss, never the first's)."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1")
-    runs = [run_script(["-c", WARM_START_PINNED, kernels], env, timeout=300)
-            for kernels in ("MATH", "MATH", "MATH,FLASH_ATTENTION")]
+    runs = [run_script(["-c", WARM_START, kernels], env, timeout=300) for kernels in ("MATH", "MATH", "MATH,FLASH_ATTENTION")]
     assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
     first, second, other = (dict(f.split(":", 1) for f in r.stdout.split()) for r in runs)
     assert (first["aot_misses"], first["aot_bypasses"]) == ("1", "0"), first
