@@ -238,7 +238,8 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("SLOT_LR", 0.005, "SLOT AdamW learning rate", 0),
     Knob("NGRAM_TILT", True, "token-only n-gram tilt of the sliding, TTT and SLOT scores (not TTT's loss): boost "
          "the token that mostly followed the same context earlier in the val stream"),
-    Knob("NGRAM_ORDER", 16, "n-gram order of the tilt: its context is the previous NGRAM_ORDER-1 tokens", 2),
+    Knob("NGRAM_ORDER", "16", "n-gram order of the tilt: its context is the previous NGRAM_ORDER-1 tokens; several "
+         "(e.g. 16,8) back off: a position without a hint at one order takes the next order's"),
     Knob("NGRAM_THRESHOLD", 0.8, "hint only where the top continuation so far has at least this share", 0, 1),
     Knob("NGRAM_BETA", 3.5, "the hinted token's probability is multiplied by e^(NGRAM_BETA (1 - p(hint))^NGRAM_GAMMA), "
          "then renormalized", 0),
@@ -415,6 +416,7 @@ def validate(hp: Hyperparameters):
          f"EVAL_SEQ_LEN={hp.eval_seq_len}, or TTT_LORA_RANK=0")
     lora_targets(hp)  # its own errors
     gptq_damps(hp)
+    ngram_orders(hp)
     shapes = len(train_shapes(hp))
     need(shapes <= MAX_TRAIN_SHAPES, f"TRAIN_SEQ_SCHEDULE={hp.train_seq_schedule!r}: training would reach {shapes} "
          f"(length, looped) shapes, each a compiled graph; at most {MAX_TRAIN_SHAPES}")
@@ -476,6 +478,18 @@ def gptq_damps(hp: Hyperparameters) -> tuple[float, float, float]:
         raise UserError(f"env GPTQ_DAMP={hp.gptq_damp!r}: expected one damping in (0, 1], or three (attention, "
                         "MLP, embedding matrices)")
     return damps * 3 if len(damps) == 1 else damps
+
+
+def ngram_orders(hp: Hyperparameters) -> tuple[int, ...]:
+    """NGRAM_ORDER as the n-gram orders the tilt tries, first to last."""
+    try:
+        orders = tuple(int(x) for x in hp.ngram_order.replace(" ", "").split(","))
+    except ValueError:
+        orders = ()
+    if not orders or min(orders) < 2 or len(set(orders)) != len(orders):
+        raise UserError(f"env NGRAM_ORDER={hp.ngram_order!r}: expected an order >= 2, or several different ones "
+                        "(e.g. 16,8)")
+    return orders
 
 
 def knob_reference() -> str:
@@ -2578,6 +2592,14 @@ def ngram_hints(tokens: torch.Tensor, order: int, threshold: float) -> torch.Ten
     return hints
 
 
+def backoff_hints(tokens: torch.Tensor, orders: tuple[int, ...], threshold: float) -> torch.Tensor:
+    """The first order's hint where it has one, else the next order's, and so on (each reads tokens < t only)."""
+    hints = ngram_hints(tokens, orders[0], threshold)
+    for order in orders[1:]:
+        hints = torch.where(hints >= 0, hints, ngram_hints(tokens, order, threshold))
+    return hints
+
+
 def tilted_nll(nll: torch.Tensor, hint_nll: torch.Tensor, hit: torch.Tensor, beta: float,
                gamma: float = 0.0) -> torch.Tensor:
     """-log p'(y) from -log p(y), -log p(hint) and [y = hint]; log Z = log1p(p(hint) (e^b - 1)) with the boost
@@ -2599,7 +2621,7 @@ def phase_hints(tokens: torch.Tensor, phase: Phase, hp: Hyperparameters, log=Non
     if not phase.tilt:
         return None
     t0 = time.perf_counter()
-    hints = ngram_hints(tokens, hp.ngram_order, hp.ngram_threshold)
+    hints = backoff_hints(tokens, ngram_orders(hp), hp.ngram_threshold)
     n_hinted, n = int((hints[1:] >= 0).sum()), len(tokens) - 1  # position 0 is no target
     if log is not None:
         log(f"ngram_tilt:{phase.name} ngram_order:{hp.ngram_order} ngram_threshold:{hp.ngram_threshold} "

@@ -90,6 +90,20 @@ def test_hints_read_only_earlier_tokens():
         assert causal_at(hints_of, tokens, t, seed=t), t
 
 
+def test_backoff_takes_the_first_order_with_a_hint_and_reads_only_earlier_tokens():
+    """NGRAM_ORDER=4,2: order 4's hint where it has one, else order 2's; still causal, and more targets hinted."""
+    rng = np.random.default_rng(5)
+    tokens = np.concatenate([repetitive_stream(200, period=17), rng.integers(4, 9, size=200)]).astype(np.int64)
+    orders = train_gpt.ngram_orders(train_gpt.Hyperparameters({"NGRAM_ORDER": "4, 2"}))
+    assert orders == (4, 2)
+    backoff = lambda toks: train_gpt.backoff_hints(torch.as_tensor(np.asarray(toks)), orders, 0.5).numpy()  # noqa: E731
+    long, short = hints_of(tokens, 4, 0.5), hints_of(tokens, 2, 0.5)
+    assert np.array_equal(backoff(tokens), np.where(long >= 0, long, short))
+    assert (backoff(tokens) >= 0).sum() > (long >= 0).sum() and ((long >= 0) & (short >= 0) & (long != short)).any()
+    for t in range(0, 400, 7):
+        assert causal_at(backoff, tokens, t, seed=t), t
+
+
 def test_the_causality_check_catches_a_gate_on_the_target():
     """The illegal word-start expert's pattern: hint only where the target itself has some property.
     The future-perturbation check never perturbs the scored target, so it is blind to this; the
@@ -224,11 +238,13 @@ def test_score_phases_tilts_the_scored_phases_and_logs_it():
 
 
 def test_ngram_knobs_are_checked():
-    with pytest.raises(train_gpt.UserError, match="NGRAM_ORDER"):
-        train_gpt.Hyperparameters({"NGRAM_ORDER": "1"})
+    for bad in ("1", "16,1", "16,16", "sixteen", ""):
+        with pytest.raises(train_gpt.UserError, match="NGRAM_ORDER"):
+            train_gpt.Hyperparameters({"NGRAM_ORDER": bad})
     with pytest.raises(train_gpt.UserError, match="NGRAM_THRESHOLD"):
         train_gpt.Hyperparameters({"NGRAM_THRESHOLD": "1.5"})
     with pytest.raises(train_gpt.UserError, match="NGRAM_GAMMA"):
         train_gpt.Hyperparameters({"NGRAM_GAMMA": "-1"})
     hp = train_gpt.Hyperparameters({})
-    assert (hp.ngram_tilt, hp.ngram_order, hp.ngram_threshold, hp.ngram_beta, hp.ngram_gamma) == (True, 16, 0.8, 3.5, 1)
+    assert (hp.ngram_tilt, train_gpt.ngram_orders(hp), hp.ngram_threshold, hp.ngram_beta, hp.ngram_gamma) == \
+        (True, (16,), 0.8, 3.5, 1)
