@@ -2350,7 +2350,8 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
     x, y, h, scored = x[:, cut:], y[:, cut:], h[:, cut:], scored[:, cut:]
     pos = starts[:, None] + 1 + cut + torch.arange(L - cut, device=tokens.device)[None, :]  # stream position of y
     with torch.inference_mode(), autocast_ctx(tokens.device):
-        nll = model.nll_from_hidden(h, y) if hints is None else tilted_scores(model, h, y, hints[pos], hp.ngram_beta, hp.ngram_gamma)
+        nll = model.nll_from_hidden(h, y) if hints is None else \
+            tilted_scores(model, h, y, hints[pos], hp.ngram_beta, hp.ngram_gamma)
     out.add(pos, nll, scored)
 
 
@@ -2601,14 +2602,14 @@ def backoff_hints(tokens: torch.Tensor, orders: tuple[int, ...], threshold: floa
 
 
 def tilted_nll(nll: torch.Tensor, hint_nll: torch.Tensor, hit: torch.Tensor, beta: float,
-               gamma: float = 0.0) -> torch.Tensor:
+               gamma: float) -> torch.Tensor:
     """-log p'(y) from -log p(y), -log p(hint) and [y = hint]; log Z = log1p(p(hint) (e^b - 1)) with the boost
     b = beta (1 - p(hint))^gamma: a function of the context alone, so the tilt stays exactly normalized."""
     b = beta * (-torch.expm1(-hint_nll)).pow(gamma)  # 1 - p(hint), accurate where p(hint) is near 1
     return nll - b * hit.to(nll.dtype) + torch.log1p(torch.exp(-hint_nll) * torch.expm1(b))
 
 
-def tilted_scores(model: GPT, h: torch.Tensor, y: torch.Tensor, hint: torch.Tensor, beta: float, gamma: float = 0.0,
+def tilted_scores(model: GPT, h: torch.Tensor, y: torch.Tensor, hint: torch.Tensor, beta: float, gamma: float,
                   lora: LoRA | None = None) -> torch.Tensor:
     """The tilted NLL of targets y where a hint (>= 0) is given, the model's own NLL elsewhere. p(y) and
     p(hint) come from one head pass, each as nll_from_hidden computes it."""
@@ -2625,8 +2626,8 @@ def phase_hints(tokens: torch.Tensor, phase: Phase, hp: Hyperparameters, log=Non
     n_hinted, n = int((hints[1:] >= 0).sum()), len(tokens) - 1  # position 0 is no target
     if log is not None:
         log(f"ngram_tilt:{phase.name} ngram_order:{hp.ngram_order} ngram_threshold:{hp.ngram_threshold} "
-            f"ngram_beta:{hp.ngram_beta} ngram_gamma:{hp.ngram_gamma} hinted:{n_hinted}/{n} hinted_frac:{n_hinted / max(n, 1):.4f} "
-            f"precompute:{time.perf_counter() - t0:.2f}s")
+            f"ngram_beta:{hp.ngram_beta} ngram_gamma:{hp.ngram_gamma} hinted:{n_hinted}/{n} "
+            f"hinted_frac:{n_hinted / max(n, 1):.4f} precompute:{time.perf_counter() - t0:.2f}s")
     return hints
 
 

@@ -146,7 +146,7 @@ def test_without_a_hint_the_score_is_the_models_bit_for_bit():
     with torch.no_grad():
         plain = model.nll_from_hidden(h, y)
         assert torch.equal(model.nll_of_ids(h, y[..., None])[..., 0], plain)
-        assert torch.equal(train_gpt.tilted_scores(model, h, y, torch.full_like(y, -1), 2.625), plain)
+        assert torch.equal(train_gpt.tilted_scores(model, h, y, torch.full_like(y, -1), 3.5, 1.0), plain)
 
 
 def test_tilt_off_or_without_hints_scores_as_before():
