@@ -359,7 +359,8 @@ def test_a_warm_start_takes_the_training_graph_from_the_autograd_cache(tmp_path)
     process on the same Inductor cache folder takes the joint graph from it, with the same gradients and the
     kernel switches as they were after the call; another kernel list is another graph (a miss, never the first's)."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1")
-    runs = [run_script(["-c", WARM_START, kernels], env, timeout=300) for kernels in ("MATH", "MATH", "MATH,FLASH_ATTENTION")]
+    runs = [run_script(["-c", WARM_START, kernels], env, timeout=300)
+            for kernels in ("MATH", "MATH", "MATH,FLASH_ATTENTION")]
     assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
     first, second, other = (dict(f.split(":", 1) for f in r.stdout.split()) for r in runs)
     assert (first["aot_misses"], first["aot_bypasses"]) == ("1", "0"), first
