@@ -468,12 +468,17 @@ def lora_targets(hp: Hyperparameters) -> tuple[str, ...]:
     return tuple(t for t in LORA_TARGETS if t in names)
 
 
+def knob_numbers(text: str, cast) -> tuple:
+    """A knob's comma-separated numbers, each cast; () where one does not parse (an empty item included)."""
+    try:
+        return tuple(cast(x) for x in text.replace(" ", "").split(","))
+    except ValueError:
+        return ()
+
+
 def gptq_damps(hp: Hyperparameters) -> tuple[float, float, float]:
     """GPTQ_DAMP as (attention, MLP, embedding) dampings."""
-    try:
-        damps = tuple(float(x) for x in hp.gptq_damp.replace(" ", "").split(","))
-    except ValueError:
-        damps = ()
+    damps = knob_numbers(hp.gptq_damp, float)
     if len(damps) not in (1, 3) or not all(0 < d <= 1 for d in damps):
         raise UserError(f"env GPTQ_DAMP={hp.gptq_damp!r}: expected one damping in (0, 1], or three (attention, "
                         "MLP, embedding matrices)")
@@ -482,10 +487,7 @@ def gptq_damps(hp: Hyperparameters) -> tuple[float, float, float]:
 
 def ngram_orders(hp: Hyperparameters) -> tuple[int, ...]:
     """NGRAM_ORDER as the n-gram orders the tilt tries, first to last."""
-    try:
-        orders = tuple(int(x) for x in hp.ngram_order.replace(" ", "").split(","))
-    except ValueError:
-        orders = ()
+    orders = knob_numbers(hp.ngram_order, int)
     if not orders or min(orders) < 2 or len(set(orders)) != len(orders):
         raise UserError(f"env NGRAM_ORDER={hp.ngram_order!r}: expected an order >= 2, or several different ones "
                         "(e.g. 16,8)")
