@@ -1352,8 +1352,9 @@ TEST_TIME_ONLY = ("logit_caps",)  # parameters only TTT moves: training neither 
 
 def adam_params(model: GPT) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of what Adam trains: all but the banks (Muon's), the test-time-only ones and empty ones
-    (a one-layer model's skip weights: nothing reads them, so no gradient ever comes)."""
-    return [(n, p) for n, p in model.named_parameters() if p.ndim < 3 and n not in TEST_TIME_ONLY and p.numel()]
+    (a one-layer model's skip weights: nothing reads them, so no gradient ever comes). Chosen by name, not by
+    shape: resid_mix is 3-D and was left to no optimizer while the filter read `ndim < 3`."""
+    return [(n, p) for n, p in model.named_parameters() if n not in BANKS and n not in TEST_TIME_ONLY and p.numel()]
 
 
 def build_optimizers(model: GPT, hp: Hyperparameters, dctx: Dist, direction=muon_direction):

@@ -335,6 +335,44 @@ class CountingStream:
         return np.full((n_seqs, self.seq_len + 1), self.drawn - 1, dtype=np.int64)[rows]
 
 
+class RandomStream:
+    """Stands in for TrainStream: random tokens of a fixed seed."""
+
+    def __init__(self, seq_len: int, vocab: int):
+        self.seq_len, self.vocab, self.rng = seq_len, vocab, np.random.default_rng(0)
+
+    def next_batch(self, n_seqs: int, rows: slice) -> np.ndarray:
+        return self.rng.integers(0, self.vocab, (n_seqs, self.seq_len + 1))[rows]
+
+
+def test_every_parameter_has_one_optimizer_and_moves():
+    """Each trained parameter belongs to exactly one optimizer (Muon: the banks, Adam: the rest), whatever its
+    shape, and a few steps move every one of them; only the test-time-only ones stay out. resid_mix (3-D)
+    once belonged to none and stayed at its initial value through every run."""
+    hp = train_gpt.Hyperparameters(dict(DEVICE="cpu", NUM_LAYERS="3", MODEL_DIM="32", NUM_HEADS="2",
+                                        NUM_KV_HEADS="1", VOCAB_SIZE="64", TRAIN_SEQ_LEN="16", LOOP_START="1",
+                                        LOOP_END="1", PARALLEL_RESIDUAL_START="2", ROPE_DIMS="8", XSA_LAST_N="3",
+                                        TRAIN_BATCH_TOKENS="128", EMA_DECAY="0"))
+    dctx = train_gpt.setup_distributed(hp)
+    model = train_gpt.GPT(hp.model_config())
+    trainer = train_gpt.Trainer(hp, dctx, model)
+    owners = {}
+    for opt in trainer.optimizers:
+        for g in opt.param_groups:
+            for p in g["params"]:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    names = dict(model.named_parameters())
+    assert {n: owners.get(id(p), 0) for n, p in names.items()} == \
+        {n: 0 if n in train_gpt.TEST_TIME_ONLY else 1 for n in names}
+    assert "resid_mix" in names and names["resid_mix"].ndim == 3
+    before = {n: p.detach().clone() for n, p in names.items()}
+    trainer.stream = RandomStream(hp.train_seq_len, hp.vocab_size)
+    for k in range(3):
+        trainer.step(k, 1.0, looped=True)
+    still = [n for n, p in names.items() if torch.equal(p.detach(), before[n])]
+    assert still == list(train_gpt.TEST_TIME_ONLY)
+
+
 def test_prefetch_keeps_the_batch_order_and_a_new_stream_drops_it(monkeypatch):
     """Trainer.step loads the next batch while the current one is on the GPU: step k must still train
     on batch k, and swapping the stream (the warm-up restore does) must not leak a stale batch."""
