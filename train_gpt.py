@@ -117,6 +117,8 @@ class ModelConfig:
     loop_start: int = knob(3, "first looped physical layer", 0)
     loop_end: int = knob(5, "last looped physical layer (inclusive)", 0)
     parallel_residual_start: int = knob(7, "layers >= this run attention and MLP in parallel; -1 = never", -1)
+    x0_mix: bool = knob(False, "learned per-channel mix of the normed embedding x0 into each block's input, x <- a*x + "
+                         "b*x0 from a=1, b=0 (the records'); off, a block reads the residual stream alone")
     smear_gate: bool = knob(True, "SmearGate: add a gated copy of the previous token's embedding (never across a BOS)")
     attn_gate: bool = knob(True, "SparseGate: gate each head's output by a sigmoid of GATE_WINDOW input channels")
     asym_logit: bool = knob(True, "AsymLogit: separate softcaps for positive and negative logits; only TTT moves them")
@@ -1073,7 +1075,7 @@ class GPT(nn.Module):
         self.mlp_down_bank = nn.Parameter(torch.empty(L, d, hidden))
         self.attn_scale = nn.Parameter(torch.ones(L, d))
         self.mlp_scale = nn.Parameter(torch.ones(L, d))
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(L, d), torch.zeros(L, d)), dim=1))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(L, d), torch.zeros(L, d)), dim=1)) if cfg.x0_mix else None
         self.q_gain = nn.Parameter(torch.full((L, cfg.num_heads), cfg.qk_gain_init))
         n_skip = cfg.num_skips()
         self.skip_weights = nn.Parameter(torch.ones(n_skip, d))
@@ -1148,8 +1150,10 @@ class GPT(nn.Module):
     def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin, tap, lora=None, slot=0) -> torch.Tensor:
         # Autocast runs the matmuls in bf16; the gains are cast to the residual stream's dtype
         # (RESIDUAL_DTYPE) so that float32 gains do not promote a bf16 stream back to float32.
-        mix, attn_scale, mlp_scale = (t[i].to(x.dtype) for t in (self.resid_mix, self.attn_scale, self.mlp_scale))
-        x = mix[0] * x + mix[1] * x0
+        attn_scale, mlp_scale = self.attn_scale[i].to(x.dtype), self.mlp_scale[i].to(x.dtype)
+        if self.resid_mix is not None:
+            mix = self.resid_mix[i].to(x.dtype)
+            x = mix[0] * x + mix[1] * x0
         s = self.ln_scales[i]
         attn_in = rms_norm(x) * s
         attn = attn_scale * self._attention(i, attn_in, cos, sin, tap, lora, slot)
@@ -2023,7 +2027,9 @@ def artifact_path(hp: Hyperparameters, run_id: str, over_limit: bool = False) ->
 
 
 # Artifacts from before a field existed were trained without it (RESIDUAL_DTYPE: a float32 stream).
-LEGACY_MODEL_FIELDS = {"residual_dtype": "float32", "smear_gate": False, "attn_gate": False, "asym_logit": False}
+# x0_mix: files from before it was a knob hold resid_mix (never trained then, so at its init: the same function).
+LEGACY_MODEL_FIELDS = {"residual_dtype": "float32", "smear_gate": False, "attn_gate": False, "asym_logit": False,
+                       "x0_mix": True}
 # Fields this version no longer has, at their off value: a file that recorded one off loads, one trained with it
 # on cannot (DOC_ATTENTION: slower than cuDNN attention, results/2026-12-06_doc_attention_cuda).
 RETIRED_MODEL_FIELDS = {"doc_attention": False}

@@ -17,7 +17,7 @@ def small_cfg(**kw) -> train_gpt.ModelConfig:
                 mlp_leaky_slope=0.5, rope_base=10000.0, rope_dims=4, logit_softcap=30.0, qk_gain_init=5.0,
                 tied_embed_init_std=0.5, ln_scale=True, skip_gates=True, xsa_last_n=6, num_loops=2,
                 loop_start=2, loop_end=3, parallel_residual_start=4,
-                smear_gate=False, attn_gate=False, asym_logit=False)  # the April stack: the later levers test themselves
+                smear_gate=False, attn_gate=False, asym_logit=False, x0_mix=True)  # the April stack: the later levers test themselves
     return train_gpt.ModelConfig(**base | kw)
 
 
@@ -209,7 +209,8 @@ def plain_baseline_nll(model, idx, targets):
     for i in range(L):
         if i >= L // 2 and skips:
             x = x + model.skip_weights[i - L // 2] * skips.pop()
-        x = model.resid_mix[i, 0] * x + model.resid_mix[i, 1] * x0
+        if model.resid_mix is not None:
+            x = model.resid_mix[i, 0] * x + model.resid_mix[i, 1] * x0
         h = norm(x)
         q = rope(norm((h @ model.w("q", i).T).view(B, T, H, hd))) * model.q_gain[i][:, None]
         k = rope(norm((h @ model.w("k", i).T).view(B, T, Hkv, hd)))

@@ -352,7 +352,7 @@ def test_every_parameter_has_one_optimizer_and_moves():
     hp = train_gpt.Hyperparameters(dict(DEVICE="cpu", NUM_LAYERS="3", MODEL_DIM="32", NUM_HEADS="2",
                                         NUM_KV_HEADS="1", VOCAB_SIZE="64", TRAIN_SEQ_LEN="16", LOOP_START="1",
                                         LOOP_END="1", PARALLEL_RESIDUAL_START="2", ROPE_DIMS="8", XSA_LAST_N="3",
-                                        TRAIN_BATCH_TOKENS="128", EMA_DECAY="0"))
+                                        TRAIN_BATCH_TOKENS="128", EMA_DECAY="0", X0_MIX="1"))
     dctx = train_gpt.setup_distributed(hp)
     model = train_gpt.GPT(hp.model_config())
     trainer = train_gpt.Trainer(hp, dctx, model)
