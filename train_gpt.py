@@ -680,19 +680,27 @@ class TrainStream:
         self.offsets = np.cumsum([0] + counts)
         self.order, self.pos = rng.permutation(int(self.offsets[-1])), 0
 
+    def _places(self, ids: np.ndarray) -> list[tuple[int, int]]:
+        """(shard, first token) of windows `ids` of the current epoch (its phases and offsets)."""
+        shard = np.searchsorted(self.offsets, ids, side="right") - 1
+        start = np.asarray(self.phase)[shard] + (ids - self.offsets[shard]) * self.seq_len
+        return list(zip(shard.tolist(), start.tolist()))
+
     def next_batch(self, n_seqs: int, rows: slice) -> np.ndarray:
-        """Draw the next global batch of n_seqs windows; return rows[...] of it as int64."""
-        ids = []
-        while len(ids) < n_seqs:
+        """Draw the next global batch of n_seqs windows; return rows[...] of it as int64. A batch that spans two
+        epochs places each window in its own epoch's layout (the phases move from epoch to epoch)."""
+        places = []
+        while len(places) < n_seqs:
             if self.pos >= len(self.order):
                 self._new_epoch()
-            take = min(n_seqs - len(ids), len(self.order) - self.pos)
-            ids.extend(self.order[self.pos:self.pos + take].tolist())
+                if not len(self.order):
+                    raise UserError(f"train shards: none holds a window of {self.seq_len + 1} tokens (TRAIN_SEQ_LEN, "
+                                    "TRAIN_SEQ_SCHEDULE)")
+            take = min(n_seqs - len(places), len(self.order) - self.pos)
+            places += self._places(self.order[self.pos:self.pos + take])
             self.pos += take
         out = []
-        for w in ids[rows]:
-            s = int(np.searchsorted(self.offsets, w, side="right")) - 1
-            start = self.phase[s] + (w - int(self.offsets[s])) * self.seq_len
+        for s, start in places[rows]:
             window = np.asarray(self.shards[s][start:start + self.seq_len + 1], dtype=np.int64)
             if window.max() >= self.vocab_size:  # checked as read: scanning 80 shards up front costs minutes
                 check_token_range(window, self.vocab_size, f"{self.files[s]} (window at token {start})")

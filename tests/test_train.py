@@ -59,6 +59,35 @@ def test_stream_deterministic_and_rank_sliced(tmp_path):
     assert np.array_equal(np.concatenate(ranks), d.next_batch(16, slice(None)))
 
 
+def test_stream_epochs_are_permutations_of_their_own_windows(tmp_path):
+    """A batch that spans two epochs reads each window in its own epoch's layout: the stream is exactly each
+    epoch's permutation of that epoch's windows, one after another. (Mapping the old epoch's ids through the
+    new epoch's phases read shifted windows, and an id past the new epoch's count raised IndexError.)"""
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(200) % 1000)
+    write_shard(tmp_path / "fineweb_train_000001.bin", np.arange(300, 390) % 1000)
+    files = train_gpt.shard_files(str(tmp_path), "train")
+    tokens = [np.asarray(train_gpt.open_shard(f), dtype=np.int64) for f in files]
+    for seed in range(40):
+        stream, layout = train_gpt.TrainStream(files, 16, seed), train_gpt.TrainStream(files, 16, seed)
+        expected = []
+        while len(expected) < 60:
+            layout._new_epoch()
+            for w in layout.order:  # window w of this epoch: shard s, from its phase on
+                s = int(np.searchsorted(layout.offsets, w, side="right")) - 1
+                a = layout.phase[s] + (w - layout.offsets[s]) * 16
+                expected.append(tokens[s][a:a + 17])
+        got = np.concatenate([stream.next_batch(5, slice(None)) for _ in range(12)])
+        assert np.array_equal(got, np.stack(expected[:60])), seed
+
+
+def test_stream_without_a_whole_window_is_an_error(tmp_path):
+    for i in range(3):
+        write_shard(tmp_path / f"fineweb_train_00000{i}.bin", np.arange(32))
+    stream = train_gpt.TrainStream(train_gpt.shard_files(str(tmp_path), "train"), 32, 0)
+    with pytest.raises(train_gpt.UserError, match="none holds a window of 33 tokens"):
+        stream.next_batch(4, slice(None))
+
+
 def test_plan_batches():
     hp = train_gpt.Hyperparameters(dict(TRAIN_BATCH_TOKENS="786432", TRAIN_SEQ_LEN="2048"))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
