@@ -2294,7 +2294,11 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
     action = budget_action(phase, hp) if time_left is not None else None
     if phase.lora:
         starts, ends = doc_spans(val.tokens)
-        chunks = doc_chunks(starts, ends, lora_chunk_tokens(hp, dctx.world_size))
+        C = lora_chunk_tokens(hp, dctx.world_size)
+        chunks = doc_chunks(starts, ends, C)
+        # The schedule's clock is the chunk's span of the stream, not its place in the list: how many spans hold a
+        # document start is decided by later BOS, which no update before them may read.
+        spans, n_spans = [lo // C for _, lo, _ in chunks], (n - 1) // C + 1
         lora = LoRA(model.cfg, hp.ttt_lora_docs, hp.ttt_lora_rank, dctx.device, lora_targets(hp))
         if log is not None:
             log(f"ttt_lora rank:{hp.ttt_lora_rank} targets:{','.join(lora_targets(hp))} lr:{hp.ttt_lora_lr} "
@@ -2304,8 +2308,9 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         ends = window_ends(len(val.tokens), phase.seq_len, phase.stride)
         prev = np.concatenate(([0], ends[:-1]))
         chunks = phase_chunks(prev, phase, hp, action == "abandon", n)
+        spans, n_spans = list(range(len(chunks))), len(chunks)  # chunk c is the stream's span c
     adapter = TTTUpdater(model, hp, dctx) if phase.ttt else None
-    pace, hidden = Pace(dctx, len(chunks)), eval_forward(model, hp, dctx.device)
+    pace, hidden = Pace(dctx, n_spans), eval_forward(model, hp, dctx.device)
     hints = phase_hints(tokens, phase, hp, log)  # inside the phase's clock: it is part of the evaluation
     for c, (items, lo, hi) in enumerate(chunks):
         mine = rank_share(items, dctx.rank, dctx.world_size, ends[items] - starts[items] if phase.lora else None)
@@ -2318,7 +2323,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
                     score_windows(model, hidden, tokens, ends[w], prev[w], phase, out, hp, hints)
         if c + 1 == len(chunks) or (adapter is None and action != "abandon"):
             continue
-        projected = pace.projected(c) if action else None
+        projected = pace.projected(spans[c]) if action else None
         if projected is not None and projected > time_left:
             log(f"{phase.name}:{'abandoned' if action == 'abandon' else 'updates_stopped'} after_chunk:{c + 1}/"
                 f"{len(chunks)} elapsed:{pace.elapsed():.1f}s projected:{projected:.0f}s time_left:{time_left:.0f}s")
@@ -2327,7 +2332,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
             adapter, action = None, None
             continue
         if adapter is not None:
-            adapter.update(tokens, lo, hi, c, len(chunks), out.count)
+            adapter.update(tokens, lo, hi, spans[c], n_spans, out.count)
             if log is not None and (phase.lora or (c + 1) % 10 == 0):
                 log(f"ttt_chunk:{c + 1}/{len(chunks)} time:{pace.elapsed():.1f}s")
     for t in (out.nll, out.count):
@@ -2679,16 +2684,17 @@ class TTTUpdater:
         frozen = list(range(min(hp.ttt_freeze_blocks, L)))
         self.frozen_rows = {getattr(model, b): bank_rows(b, frozen, L) for b in BANKS}
 
-    def update(self, tokens: torch.Tensor, lo: int, hi: int, chunk: int, n_chunks: int, count: torch.Tensor):
-        """Train on targets lo+1..hi (inputs lo..hi-1); refuses unless all of them are scored."""
+    def update(self, tokens: torch.Tensor, lo: int, hi: int, span: int, n_spans: int, count: torch.Tensor):
+        """Train on targets lo+1..hi (inputs lo..hi-1), the chunk of the stream's span `span` of n_spans (its
+        place on the cosine); refuses unless all of them are scored."""
         done = count[lo:hi].clone()
         self.dctx.all_reduce_sum(done)  # every rank's scores of this chunk must be in
         if not bool((done >= 1).all()):
-            raise RuntimeError(f"TTT legality: chunk {chunk} has unscored targets before its update")
+            raise RuntimeError(f"TTT legality: the chunk of span {span} has unscored targets before its update")
         hp, world, rank = self.hp, self.dctx.world_size, self.dctx.rank
         for g in self.opt.param_groups:
-            g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * chunk / max(n_chunks - 1, 1)))
-        starts = list(range(lo, hi - 1, hp.eval_seq_len))
+            g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * span / max(n_spans - 1, 1)))
+        starts = list(range(lo, hi, hp.eval_seq_len))  # the last segment may hold one target (hi)
         for _ in range(hp.ttt_epochs):
             for b in range(0, len(starts), hp.ttt_batch_seqs):
                 batch = starts[b:b + hp.ttt_batch_seqs]

@@ -107,6 +107,21 @@ def test_a_score_does_not_know_where_its_document_ends(monkeypatch):
     assert scores() > 1e-3  # sizes from the length: caught
 
 
+def test_a_global_update_does_not_know_where_later_documents_start():
+    """Two streams of one length, equal up to target 449: the second starts a document at 450 too, so a document
+    starts in span 3 of 128 tokens as well (5 spans hold a start, not 4). The base model's global updates
+    take their rate from the span of the stream they follow, so every earlier target scores alike; a rate from the
+    count of chunks (the spans that hold a start, which later BOS decide) moved earlier scores by up to 1.7 nats."""
+    hp, _, _, _ = lora_setup(TTT_LR="0.05", TTT_LORA_STEPS="4", TTT_LORA_PHASE_TOKENS="128")
+    a = doc_stream([30, 75, 12, 50, 9, 90, 40, 3, 60, 200, 50])
+    b = a.copy()
+    b[450] = 1  # one more BOS, after every target compared
+    lut = train_gpt.ByteLUT(np.ones(64, dtype=np.int32), np.zeros(64, bool), np.arange(64) < 4)
+    nll = [train_gpt.eval_tokens(randomized(small_cfg()), train_gpt.ValSet.from_lut(t, lut), train_gpt.Dist(), hp,
+                                 lora_phase()).nll[:449] for t in (a, b)]
+    assert (nll[0] - nll[1]).abs().max().item() < 1e-5
+
+
 def test_untrained_adapters_score_each_target_with_its_documents_context():
     """lr 0 and no global updates: an adapter stays the identity (B = 0), so each target's NLL is the
     model's with the tokens of its own document before it, from where its chunk's window starts: an
