@@ -652,6 +652,18 @@ def shard_files(data_path: str, split: str, pattern: str = "") -> list[str]:
     return files
 
 
+def scores_whole_val(hp: Hyperparameters) -> bool:
+    """Only a pass over every token of DATA_PATH's val shards is a valid score: not a prefix (VAL_MAX_TOKENS), nor
+    other files (VAL_FILES naming a subset of them, or a train shard)."""
+    if hp.val_max_tokens:
+        return False
+    if not hp.val_files:
+        return True
+    val_split = sorted(os.path.realpath(f) for f in glob.glob(os.path.join(hp.data_path, "fineweb_val_*.bin"))
+                       if "_bytes_" not in os.path.basename(f))
+    return [os.path.realpath(f) for f in shard_files(hp.data_path, "val", hp.val_files)] == val_split
+
+
 def check_token_range(tokens: np.ndarray, vocab_size: int, name: str):
     if len(tokens) and int(tokens.max()) >= vocab_size:
         bad = int(np.argmax(tokens >= vocab_size))
@@ -2829,8 +2841,7 @@ class Evaluator:
 
     @property
     def full_val(self) -> bool:
-        """Only a pass over every val token (VAL_MAX_TOKENS=0) is a valid score."""
-        return not self.hp.val_max_tokens
+        return scores_whole_val(self.hp)
 
     def quick(self, model: GPT, seq_len: int) -> tuple[float, float]:
         """(val_loss, val_bpb) over plain windows: the checks during training."""
@@ -3447,7 +3458,7 @@ def load_evaluator(hp: Hyperparameters, dctx: Dist, log, vocab_size: int,
     log(f"tokenizer:{hp.tokenizer_path} tokenizer_sha256:{sha} vocab_size:{vocab_size}")
     val, files = load_val(hp, vocab_size, sp)
     log(f"val_shards:{len(files)} val_tokens:{len(val.tokens) - 1} val_bytes:{int(val.target_bytes.sum())} "
-        f"val_byte_source:{val.byte_source} full_val:{int(not hp.val_max_tokens)} data:{hp.data_path}")
+        f"val_byte_source:{val.byte_source} full_val:{int(scores_whole_val(hp))} data:{hp.data_path}")
     return Evaluator(val, dctx, hp, log), sha
 
 
@@ -3616,6 +3627,10 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     prime_s = prime_eval(model, meta["train_seq_len"], dctx, hp, log)  # as a training run does before its clock
     scores = evaluator.score(model, meta["train_seq_len"], load_s)
     size = path.stat().st_size
+    if size + len(code) > ARTIFACT_LIMIT_BYTES:  # a training run refuses to write it; scored here, never valid
+        log(f"warning:artifact_over_limit artifact_bytes:{size + len(code)} limit:{ARTIFACT_LIMIT_BYTES} (this code's "
+            f"{len(code)} bytes counted): final_valid:0")
+        scores["final_valid"] = 0
     return scores | dict(model_bytes=size, code_bytes=len(code), artifact_bytes=size + len(code),
                          eval_prime_seconds=prime_s)
 

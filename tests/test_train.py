@@ -88,6 +88,18 @@ def test_stream_without_a_whole_window_is_an_error(tmp_path):
         stream.next_batch(4, slice(None))
 
 
+def test_only_the_whole_val_split_is_a_valid_score(tmp_path):
+    """VAL_MAX_TOKENS (a prefix) or VAL_FILES naming anything but DATA_PATH's val shards (a subset, a train shard)
+    scores something else: such a run logs full_val:0 and final_valid:0."""
+    for name in ("fineweb_val_000000.bin", "fineweb_val_000001.bin", "fineweb_train_000000.bin"):
+        write_shard(tmp_path / name, np.arange(100))
+    whole = lambda **env: train_gpt.scores_whole_val(train_gpt.Hyperparameters(dict(DATA_PATH=str(tmp_path), **env)))  # noqa: E731
+    assert whole() and whole(VAL_FILES=str(tmp_path / "fineweb_val_*.bin"))
+    assert not whole(VAL_MAX_TOKENS="5000")
+    assert not whole(VAL_FILES=str(tmp_path / "fineweb_val_000001.bin"))
+    assert not whole(VAL_FILES=str(tmp_path / "fineweb_train_000000.bin"))
+
+
 def test_plan_batches():
     hp = train_gpt.Hyperparameters(dict(TRAIN_BATCH_TOKENS="786432", TRAIN_SEQ_LEN="2048"))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -269,6 +281,28 @@ def test_reloaded_artifact_scores_like_in_memory_quantized_model(tiny_data, tmp_
     assert a == b
     for k, v in in_memory.state_dict().items():
         assert torch.equal(v, reloaded.state_dict()[k]), k
+
+
+def test_eval_only_of_an_artifact_over_the_cap_is_not_valid(tiny_data, tmp_path):
+    """EVAL_ONLY scores any artifact it is given, but one whose bytes with the code's pass the cap is never a
+    valid score (a training run would have refused to write it)."""
+    data, tok = tiny_data
+    from conftest import TINY_ENV
+    cfg = train_gpt.Hyperparameters(TINY_ENV).model_config()
+    torch.manual_seed(0)
+    qstate = train_gpt.quantize_state(train_gpt.GPT(cfg).state_dict(), None, cfg.num_layers, 6, 12.85, 8, 20.0)
+    path = tmp_path / "a.br"
+    train_gpt.write_atomic(path, train_gpt.pack_artifact(qstate, dict(model=train_gpt.dataclasses.asdict(cfg),
+                                                                     train_seq_len=64)))
+    hp = train_gpt.Hyperparameters(TINY_ENV | dict(EVAL_ONLY=str(path), DATA_PATH=str(data), TOKENIZER_PATH=str(tok),
+                                                   VAL_MAX_TOKENS="0", TTT_ENABLED="0", DEVICE="cpu"))
+    fits_code = bytes(1000)
+    over_code = bytes(train_gpt.ARTIFACT_LIMIT_BYTES - path.stat().st_size + 1)
+    for code, valid in ((fits_code, 1), (over_code, 0)):
+        lines = []
+        summary = train_gpt.score_only(hp, train_gpt.Dist(), lines.append, code)
+        assert summary["final_valid"] == valid
+        assert any(ln.startswith("warning:artifact_over_limit") for ln in lines) == (not valid)
 
 
 def test_artifact_corruption_is_a_clear_error(tmp_path):
