@@ -163,7 +163,8 @@ RUN_KNOBS = [
          choices=("auto", "fa4", "fa3", "sdpa", "sdpa_cudnn")),
 ]
 SCHEDULE_KNOBS = [
-    Knob("ITERATIONS", 20000, "max optimizer steps", 1),
+    Knob("ITERATIONS", 20000, "max optimizer steps; the schedule (warmdown, loop, lengths) runs on the larger of "
+         "steps/ITERATIONS and the clock's share of its cap", 1),
     Knob("MAX_WALLCLOCK_SECONDS", 600.0, "training clock cap incl. GPTQ's Hessians (not compile or val); 0 = none", 0),
     Knob("WARMUP_STEPS", 20, "compile-priming steps, undone afterwards (not an LR warmup)", 0),
     Knob("TRAIN_BATCH_TOKENS", 786432, "global tokens per optimizer step, for any world size", 1),
@@ -3193,7 +3194,8 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
     clock, schedule = TrainClock(dctx), seq_schedule(hp)
     step, looped, last_val, queued, flops_done, switched_at = 0, False, None, None, 0.0, None
     while True:
-        progress = clock.ms / cap_ms if cap_ms else step / hp.iterations
+        # whichever limit binds first ends the schedule: the clock's share or the steps' share of ITERATIONS
+        progress = max(clock.ms / cap_ms if cap_ms else 0.0, step / hp.iterations)
         if hp.num_loops and not looped and progress >= hp.enable_looping_at:
             looped = True
             log(f"layer_loop:enabled step:{step} progress:{progress:.3f}")

@@ -189,6 +189,32 @@ def test_seq_schedule_trains_each_length_in_turn_and_rewarms_the_lr(tiny_data, m
                                      for b, r in zip(base, since_switch)])
 
 
+def test_iterations_that_end_before_the_clock_still_run_the_whole_schedule(tiny_data, monkeypatch):
+    """With both limits set and ITERATIONS reached long before the clock, the schedule follows the steps: the loop
+    turns on at ENABLE_LOOPING_AT of them and the LR warms down (the clock's share alone left both untouched)."""
+    data, _ = tiny_data
+    hp = train_gpt.Hyperparameters(dict(DEVICE="cpu", NUM_LAYERS="3", MODEL_DIM="32", NUM_HEADS="2",
+                                        NUM_KV_HEADS="1", VOCAB_SIZE="1024", TRAIN_SEQ_LEN="32", LOOP_START="1",
+                                        LOOP_END="1", PARALLEL_RESIDUAL_START="2", ROPE_DIMS="8", XSA_LAST_N="3",
+                                        TRAIN_BATCH_TOKENS="128", ITERATIONS="10", WARMUP_STEPS="0",
+                                        VAL_LOSS_EVERY="0", EMA_DECAY="0", MAX_WALLCLOCK_SECONDS="600",
+                                        DATA_PATH=str(data)))
+    dctx = train_gpt.setup_distributed(hp)
+    trainer = train_gpt.Trainer(hp, dctx, train_gpt.GPT(hp.model_config()))
+    lrs, real_step = [], trainer.step
+    monkeypatch.setattr(trainer, "step", lambda k, lr, looped: lrs.append((lr, looped)) or real_step(k, lr, looped))
+
+    class NoVal:
+        def quick(self, model, seq_len):
+            return 0.0, 0.0
+    lines = []
+    result = train_gpt.train(hp, dctx, trainer, train_gpt.shard_files(str(data), "train"), NoVal(), lines.append)
+    assert result["steps"] == 10 and result["stop_reason"] == "iterations"
+    assert "layer_loop:enabled step:4 progress:0.400" in lines
+    assert [looped for _, looped in lrs] == [False] * 4 + [True] * 6
+    assert lrs[-1][0] == pytest.approx(train_gpt.lr_multiplier(0.9, hp.warmdown_frac, hp.min_lr))
+
+
 # --- distributed: N gloo processes (Parallel Muon) == 1 process with accumulation --------------
 
 @pytest.mark.parametrize("nproc", [2, 4])
