@@ -3491,11 +3491,15 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
     trainer.apply_ema()
     t0 = time.perf_counter()
     hessians = collect_hessians(model, train_files, hp, trainer.plans[hp.train_seq_len][0], dctx)
-    hess_s = time.perf_counter() - t0
+    synchronize(dctx.device)  # the last batch's work may still be queued
+    hess_s = dctx.all_reduce_max(time.perf_counter() - t0)
+    data_s = result["train_ms"] / 1000 + hess_s
+    in_budget = not hp.max_wallclock_seconds or data_s <= hp.max_wallclock_seconds
     log(f"gptq_hessians:{len(hessians)} batches:{hp.gptq_calibration_batches} time:{hess_s:.1f}s "
-        f"train_data_last_touched:{result['train_ms'] / 1000 + hess_s:.1f}s")
-    if hp.max_wallclock_seconds and result["train_ms"] / 1000 + hess_s > hp.max_wallclock_seconds:
-        log(f"warning:hessians_outside_budget raise GPTQ_RESERVE_SECONDS above {hess_s:.1f}")
+        f"train_data_last_touched:{data_s:.1f}s")
+    if not in_budget:  # training data read after the training budget: the score cannot count
+        log(f"warning:hessians_outside_budget {data_s:.1f}s > MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: "
+            f"final_valid:0 (raise GPTQ_RESERVE_SECONDS above {hess_s:.1f})")
     meta = dict(tokenizer_sha256=tokenizer_sha)
     blob, clip = quantize_within_budget(model.state_dict(), hessians, model.cfg, hp, len(code), log, meta)
     total = len(blob) + len(code)
@@ -3512,7 +3516,8 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
                 log(f"prequant_saved:{hp.prequant_save}")
             except UserError as e:
                 log(f"warning:prequant_not_saved {e}")
-    return artifact, dict(artifact_bytes=total, model_bytes=len(blob), code_bytes=len(code))
+    return artifact, dict(artifact_bytes=total, model_bytes=len(blob), code_bytes=len(code),
+                          train_data_in_budget=int(in_budget))
 
 
 PREQUANT_FIELDS = ("state", "hessians", "model", "train_seq_len", "code_bytes", "meta", "export")
@@ -3590,6 +3595,7 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
     qstate, meta = read_artifact(artifact)  # every phase scores the model reloaded from the file
     reloaded, load_s = reloaded_model(qstate, meta, artifact, dctx, attention, log, time.perf_counter() - t0)
     scores = evaluator.score(reloaded, meta["train_seq_len"], load_s)
+    scores["final_valid"] = int(scores["final_valid"] and figures["train_data_in_budget"])
     return scores | figures | dict(prequant_val_bpb=prequant[1], quant_gap_bpb=scores["roundtrip_val_bpb"] - prequant[1],
                                    steps=result["steps"], train_seconds=result["train_ms"] / 1000,
                                    warmup_seconds=result["warmup_s"], eval_prime_seconds=prime_s,

@@ -411,6 +411,20 @@ def test_wallclock_cap_stops_training_within_a_step(tiny_data, tmp_path, launche
     assert summary["stop_reason"] == "wallclock_cap" and 5 < steps < 100000
     assert "train_clock_cap:2.0s" in text
     assert 2.0 <= secs < 2.0 + 3 * secs / steps  # at most ~one step (plus a read) past the cap
+    assert summary["train_data_in_budget"] == "1" and "hessians_outside_budget" not in text
+
+
+def test_hessians_past_the_training_budget_make_the_score_invalid(tiny_data, tmp_path, launcher):
+    """GPTQ's Hessians read training data, so they belong inside MAX_WALLCLOCK_SECONDS: a run whose Hessians
+    end past it warns and is never a valid score (VAL_MAX_TOKENS=0 here, so nothing else makes it invalid)."""
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="over", ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=1,
+                   GPTQ_RESERVE_SECONDS=0.001, GPTQ_CALIBRATION_BATCHES=40, VAL_MAX_TOKENS=0, TTT_ENABLED=0,
+                   EVAL_STRIDE=0, TRAIN_LOG_EVERY=1000)
+    res = launcher.run(env)
+    assert res.returncode == 0, res.stderr
+    summary = parse_log(tmp_path / "logs" / "over.txt")
+    assert "warning:hessians_outside_budget" in (tmp_path / "logs" / "over.txt").read_text()
+    assert summary["train_data_in_budget"] == "0" and summary["final_valid"] == "0"
 
 
 class CountingStream:
