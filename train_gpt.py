@@ -2950,7 +2950,7 @@ def dump_token_scores(path: Path, scores: TokenScores):
     """npz with nll (float32 nats) and bytes (uint16) per target, in val order."""
     buf = io.BytesIO()
     np.savez(buf, nll=scores.nll.float().cpu().numpy(), bytes=scores.nbytes.cpu().numpy().astype(np.uint16))
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue(), overwrite=False)
 
 
 # -----------------------------------------------------------------------------------------
@@ -3550,16 +3550,30 @@ def load_prequant(path: str) -> dict:
         raise UserError(f"{path}: not a PREQUANT_SAVE file ({type(e).__name__}: {str(e)[:80]})") from None
 
 
+def check_new_files(hp: Hyperparameters, knobs=("PREQUANT_SAVE", "DUMP_TOKEN_NLL")) -> str | None:
+    """Why this run could not write the files these knobs name (a folder not writable, a file that exists: none
+    is ever overwritten), or None."""
+    for knob in knobs:
+        path = getattr(hp, knob.lower())
+        if not path:
+            continue
+        try:
+            check_writable(Path(path).parent, f"{knob}'s folder")
+        except UserError as e:
+            return str(e)
+        if Path(path).exists():
+            return f"env {knob}={path}: the file exists; it is never overwritten"
+    return None
+
+
 def check_outputs(hp: Hyperparameters, run_id: str) -> str | None:
-    """Why this run could not write its artifact (under either name) or its PREQUANT_SAVE file, or None."""
+    """Why this run could not write its artifact (under either name) or its other files (check_new_files), or None."""
     try:
         check_writable(Path(hp.artifact_dir), "ARTIFACT_DIR")
-        if hp.prequant_save:
-            check_writable(Path(hp.prequant_save).parent, "PREQUANT_SAVE's folder")
     except UserError as e:
         return str(e)
-    if hp.prequant_save and Path(hp.prequant_save).exists():
-        return f"env PREQUANT_SAVE={hp.prequant_save}: the file exists; it is never overwritten"
+    if problem := check_new_files(hp):
+        return problem
     for path in (artifact_path(hp, run_id), artifact_path(hp, run_id, over_limit=True)):
         if path.exists():
             return f"artifact {path} already exists: it is never overwritten (choose another RUN_ID or ARTIFACT_DIR)"
@@ -3615,6 +3629,9 @@ def reloaded_model(qstate: dict, meta: dict, path: Path, dctx: Dist, attention, 
 
 def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     """EVAL_ONLY: score an existing artifact; its model config (and vocab) come from the artifact."""
+    problem = dctx.broadcast_object(check_new_files(hp, ("DUMP_TOKEN_NLL",)) if dctx.is_main else None)
+    if problem:
+        raise UserError(problem)
     path, t0 = Path(hp.eval_only), time.perf_counter()
     qstate, meta = read_artifact(path)
     read_s = time.perf_counter() - t0

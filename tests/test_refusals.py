@@ -148,6 +148,9 @@ def test_records_tokenizer_and_never_reuses_a_run_id(tiny_data, tmp_path, launch
     ok = launcher.run(evaluate | dict(RUN_ID="ev_ok", NUM_LAYERS="5"), timeout=120)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert parse_log(tmp_path / "logs" / "ev_ok.txt")["final_val_bpb"] == summary["final_val_bpb"]
+    dumped = launcher.run(evaluate | dict(RUN_ID="ev_dump", DUMP_TOKEN_NLL=str(taken)), timeout=120)  # nor a dump
+    one_error_line(dumped, f"env DUMP_TOKEN_NLL={taken}: the file exists")
+    assert taken.read_bytes() == b"x"
     # a model knob cannot change a trained artifact: it is named in a warning, not silently dropped
     assert "warning:env NUM_LAYERS=5 ignored: EVAL_ONLY scores the artifact's NUM_LAYERS=4" in \
         (tmp_path / "logs" / "ev_ok.txt").read_text().splitlines()
