@@ -3038,6 +3038,9 @@ class Trainer:
         """Banks' grads reduce-scattered (Parallel Muon), the rest in one flat all-reduce (gloo has no AVG);
         clipped by the global norm of the mean gradient, so the update is the same for any world size."""
         self.muon.reduce_scatter()
+        for p in self.replicated:  # read by no forward this step (a one-layer model's looped-only skip): grad zero
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.replicated]
         self.dctx.all_reduce_flat_(grads, divisor=self.dctx.world_size)
         shards = self.muon.shard_grads()

@@ -476,6 +476,21 @@ def test_every_parameter_has_one_optimizer_and_moves():
     assert still == list(train_gpt.TEST_TIME_ONLY)
 
 
+def test_a_parameter_no_forward_reads_gets_a_zero_gradient():
+    """A one-layer model with depth recurrence has a skip that only the looped order reads: its unlooped steps
+    give that parameter no gradient, which the all-reduce and the clip norm take as zero (it crashed them)."""
+    hp = train_gpt.Hyperparameters(dict(DEVICE="cpu", NUM_LAYERS="1", LOOP_START="0", LOOP_END="0", NUM_LOOPS="2",
+                                        MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", VOCAB_SIZE="64",
+                                        TRAIN_SEQ_LEN="16", TRAIN_BATCH_TOKENS="128", XSA_LAST_N="1",
+                                        PARALLEL_RESIDUAL_START="-1", EMA_DECAY="0"))
+    model = train_gpt.GPT(hp.model_config())
+    trainer = train_gpt.Trainer(hp, train_gpt.setup_distributed(hp), model)
+    trainer.stream = RandomStream(hp.train_seq_len, hp.vocab_size)
+    assert model.skip_weights.numel()
+    losses = [float(trainer.step(k, 1.0, looped=k > 0)) for k in range(2)]
+    assert all(math.isfinite(x) for x in losses)
+
+
 def test_prefetch_keeps_the_batch_order_and_a_new_stream_drops_it(monkeypatch):
     """Trainer.step loads the next batch while the current one is on the GPU: step k must still train
     on batch k, and swapping the stream (the warm-up restore does) must not leak a stale batch."""
