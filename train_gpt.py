@@ -597,12 +597,13 @@ LOG_TAKEN = "log {} already exists: RUN_ID is taken, choose another"
 
 
 class RunLog:
-    """Rank 0 writes `key:value` lines to LOG_DIR/RUN_ID.txt and the console; never overwrites."""
+    """Rank 0 writes `key:value` lines to LOG_DIR/RUN_ID.txt and the console; never overwrites. Other ranks write
+    nothing but the error that stops them (error()): an error only one rank meets must reach the log too."""
 
-    def __init__(self, path: Path | None):
-        self.path, self.file = path, None
+    def __init__(self, path: Path, is_main: bool = True):
+        self.path, self.file, self.is_main = path, None, is_main
         try:
-            if path is not None:
+            if is_main:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.file = open(path, "x", encoding="utf-8")
         except FileExistsError:
@@ -616,6 +617,16 @@ class RunLog:
                 print(msg, flush=True)
             self.file.write(msg + "\n")
             self.file.flush()
+
+    def error(self, msg: str, rank: int):
+        """The error line; from a rank other than 0, appended to rank 0's log as error:rankN:..."""
+        if self.is_main:
+            return self(msg)
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(f"error:rank{rank}:{msg.removeprefix('error:')}\n")
+        except OSError:
+            pass  # its stderr line still says it
 
 
 # -----------------------------------------------------------------------------------------
@@ -3670,7 +3681,7 @@ def run(hp: Hyperparameters) -> dict:
     np.random.seed(hp.seed)
     code = Path(__file__).read_bytes()
     run_id = dctx.broadcast_object(hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}_seed{hp.seed}")
-    log = RunLog(log_path(hp.log_dir, run_id) if dctx.is_main else None)
+    log = RunLog(log_path(hp.log_dir, run_id), dctx.is_main)
     for w in hp.warnings:  # first, where they are seen
         log(f"warning:{w}")
     for line in describe_environment(hp, dctx, code):
@@ -3691,7 +3702,7 @@ def run(hp: Hyperparameters) -> dict:
             dist.destroy_process_group()
         return summary
     except BaseException as e:  # the log keeps what happened; main() prints it and exits non-zero
-        log(f"error:{e}" if isinstance(e, UserError) else f"error:{type(e).__name__}: {e}")
+        log.error(f"error:{e}" if isinstance(e, UserError) else f"error:{type(e).__name__}: {e}", dctx.rank)
         raise
 
 

@@ -57,6 +57,28 @@ def test_eval_only_missing_or_foreign_artifact(tiny_data, tmp_path, launcher):
         assert res.returncode == 2 and msg in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+def test_an_error_only_one_rank_meets_reaches_the_log(tiny_data, tmp_path, launcher):
+    """A train token out of range in a window that only rank 1 of 2 reads: rank 1 stops with the error and
+    torchrun stops rank 0, whose log would say only that it was stopped; rank 1's error line is there too."""
+    import shutil
+    data, tok = tiny_data
+    bad = tmp_path / "data"
+    bad.mkdir()
+    shutil.copy(data / "fineweb_val_000000.bin", bad)
+    files = [str(data / "fineweb_train_000000.bin")]
+    stream = train_gpt.TrainStream(files, 64, 1337, 1024)  # TINY_ENV's shape: 16 rows of 64, rows 8-15 rank 1's
+    stream.next_batch(16, slice(None))
+    (_, start), = stream._places(stream.order[12:13])
+    tokens = np.array(train_gpt.open_shard(files[0]))
+    tokens[start + 10] = 2000
+    write_shard(bad / "fineweb_train_000000.bin", tokens)
+    res = launcher.run(tiny_env(tiny_data, tmp_path, RUN_ID="rank1", DATA_PATH=str(bad)), nproc=2)
+    assert res.returncode != 0
+    errors = [ln for ln in (tmp_path / "logs" / "rank1.txt").read_text().splitlines() if ln.startswith("error:")]
+    assert any(ln.startswith("error:rank1:shard ") and "token 2000 at offset 10 >= VOCAB_SIZE=1024" in ln
+               for ln in errors), errors
+
+
 def test_train_token_out_of_vocab_names_the_shard(tmp_path):
     toks = np.arange(3000) % 1000
     toks[1700] = 5000
