@@ -600,16 +600,18 @@ class RunLog:
     """Rank 0 writes `key:value` lines to LOG_DIR/RUN_ID.txt and the console; never overwrites. Other ranks write
     nothing but the error that stops them (error()): an error only one rank meets must reach the log too."""
 
-    def __init__(self, path: Path, is_main: bool = True):
-        self.path, self.file, self.is_main = path, None, is_main
+    def __init__(self, path: Path, dctx: Dist):
+        self.path, self.file, self.is_main = path, None, dctx.is_main
         try:
-            if is_main:
+            if self.is_main:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self.file = open(path, "x", encoding="utf-8")
         except FileExistsError:
             raise UserError(LOG_TAKEN.format(path)) from None
         except OSError as e:
             raise UserError(f"env LOG_DIR: cannot create log {path} ({e.strerror})") from None
+        # No rank returns before rank 0 has created this run's log: an error line must never land in another's.
+        dctx.broadcast_object(None)
 
     def __call__(self, msg: str, console: bool = True):
         if self.file is not None:
@@ -3681,7 +3683,7 @@ def run(hp: Hyperparameters) -> dict:
     np.random.seed(hp.seed)
     code = Path(__file__).read_bytes()
     run_id = dctx.broadcast_object(hp.run_id or f"{time.strftime('%Y%m%d_%H%M%S', time.gmtime())}_seed{hp.seed}")
-    log = RunLog(log_path(hp.log_dir, run_id), dctx.is_main)
+    log = RunLog(log_path(hp.log_dir, run_id), dctx)
     for w in hp.warnings:  # first, where they are seen
         log(f"warning:{w}")
     for line in describe_environment(hp, dctx, code):
