@@ -397,6 +397,9 @@ def validate(hp: Hyperparameters):
     need(not hp.num_loops or 0 <= hp.loop_start <= hp.loop_end < hp.num_layers,
          f"LOOP_START={hp.loop_start} LOOP_END={hp.loop_end}: expected 0 <= LOOP_START <= LOOP_END < "
          f"NUM_LAYERS={hp.num_layers}")
+    need(not hp.num_loops or hp.enable_looping_at < 1,
+         f"ENABLE_LOOPING_AT={hp.enable_looping_at}: must be < 1 with NUM_LOOPS={hp.num_loops} (the looped model is "
+         "what is exported and scored: it must train), or NUM_LOOPS=0")
     polar_steps = len(NS_SCHEDULES["polar"][1])
     need(hp.muon_ns_schedule != "polar" or hp.muon_backend_steps >= polar_steps,
          f"MUON_BACKEND_STEPS={hp.muon_backend_steps}: Polar Express needs >= {polar_steps} (its early "

@@ -19,6 +19,7 @@ def one_error_line(res, *needles):
 
 @pytest.mark.parametrize("env,msg", [
     (dict(MAX_WALLCLOCK_SECONDS="3", GPTQ_RESERVE_SECONDS="5"), "MAX_WALLCLOCK_SECONDS=3.0: must exceed GPTQ_RESERVE"),
+    (dict(ENABLE_LOOPING_AT="1"), "ENABLE_LOOPING_AT=1.0: must be < 1 with NUM_LOOPS=2"),
     (dict(MAX_WALLCLOCK_SECONDS="5", GPTQ_RESERVE_SECONDS="5"), "MAX_WALLCLOCK_SECONDS=5.0: must exceed GPTQ_RESERVE"),
     (dict(EVAL_STRIDE="512", EVAL_SEQ_LEN="128"), "EVAL_STRIDE=512: must be <= EVAL_SEQ_LEN=128"),
     (dict(TTT_CHUNK_TOKENS="100", EVAL_STRIDE="64", TTT_LORA_RANK="0"),
