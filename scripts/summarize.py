@@ -75,7 +75,14 @@ def parse_log(path: Path) -> dict:
     if fault := log.score_fault():
         raise BadLog(f"{path}: invalid run: {fault}")
     run["invalid"] = log.invalid_reason()  # a complete run whose score is not valid for a submission, or None
+    if run["invalid"] is None and s["artifact_bytes"] > artifact_limit():
+        run["invalid"] = f"artifact_bytes:{s['artifact_bytes']} over the {artifact_limit()}-byte cap"
     return run
+
+
+def artifact_limit() -> int:
+    import train_gpt  # imported late: it pulls in torch (ROOT is on sys.path, as scripts.runlog's import needs)
+    return train_gpt.ARTIFACT_LIMIT_BYTES
 
 
 def load_runs(paths, skip_bad: bool, allow_dup: bool, what: str = "logs",
@@ -184,9 +191,20 @@ def table(runs) -> str:
                      for row in rows)
 
 
+def logged_value(knob, text: str):
+    """A knob's value as the log spells it, typed like its default: on/off knobs log 0/1 (or auto)."""
+    import train_gpt
+    if isinstance(knob.default, (bool, train_gpt.Auto)):
+        return train_gpt.BOOL_WORDS.get(text.lower(), text)
+    try:
+        return type(knob.default)(text)
+    except ValueError:
+        return text
+
+
 def env_overrides(runs) -> dict:
-    """Knobs whose logged value differs from train_gpt.KNOBS' default (compared as typed strings)."""
-    import train_gpt  # imported late: it pulls in torch (ROOT is on sys.path, as scripts.runlog's import needs)
+    """Knobs whose logged value differs from train_gpt.KNOBS' default (both spelled as the environment would)."""
+    import train_gpt
     out, mixed = {}, []
     for knob in train_gpt.KNOBS:
         key = knob.name.lower()
@@ -195,11 +213,8 @@ def env_overrides(runs) -> dict:
             continue
         if len(set(values)) > 1:
             mixed.append(f"{knob.name}={'|'.join(dict.fromkeys(values))}")
-        try:
-            value = type(knob.default)(values[0])
-        except ValueError:
-            value = values[0]
-        if str(value) != str(knob.default):
+        value = logged_value(knob, values[0])
+        if train_gpt.knob_text(value) != train_gpt.knob_text(knob.default):
             out[knob.name] = value
     if mixed:
         print(f"warning: the logs do not share one config (env_overrides uses the first log's): {' '.join(mixed)}",
@@ -254,6 +269,8 @@ def main(argv=None) -> int:
     try:
         runs, skipped = load_runs(args.logs, args.skip_bad, args.allow_duplicate_seeds, "logs", args.allow_invalid)
         invalid = [r for r in runs if r["invalid"]]
+        if args.json and any(Path(args.json).resolve() == Path(p).resolve() for p in args.logs):
+            raise BadLog(f"--json {args.json}: is one of the logs (it would be overwritten)")
         if args.json and invalid:
             raise BadLog(f"not writing {args.json}: {len(invalid)} of {len(runs)} runs have no valid score for a "
                          f"submission ({invalid[0]['path']}: {invalid[0]['invalid']})")
@@ -264,8 +281,9 @@ def main(argv=None) -> int:
             reference = (*mean_std([r["summary"]["final_val_bpb"] for r in refs]), len(refs))
         elif args.reference:
             m, s, n = args.reference
-            if n != int(n) or s < 0:
-                raise BadLog(f"--reference {m} {s} {n}: N must be an integer and STD >= 0")
+            if not (math.isfinite(m) and math.isfinite(s)) or n != int(n) or n < 2 or s < 0:
+                raise BadLog(f"--reference {m} {s} {n}: expected a finite MEAN, a finite STD >= 0 and an integer "
+                             "N >= 2")
             reference = (m, s, int(n))
     except BadLog as e:
         print(f"error: {e}", file=sys.stderr)

@@ -300,13 +300,36 @@ def test_summarize_h100_log_and_optional_columns(tmp_path, capsys):
     text = H100_LOG.read_text().replace("  seed: 1337", "  seed: 7")
     extra = write_lines(tmp_path / "more_seed7.txt", [text.rstrip("\n"), "sliding_val_bpb:1.14000000",
                                                       "ttt_val_bpb:1.13000000", "eval_seconds:321.50000000"])
-    rc, out, _ = summ(capsys, H100_LOG, extra)
+    # this baseline's int8 artifact is over the cap: tabulated only with --allow-invalid, never a submission
+    rc, out, err = summ(capsys, H100_LOG, extra)
+    assert rc == 1 and out == "" and "artifact_bytes:19100350 over the 16000000-byte cap" in err
+    rc, out, _ = summ(capsys, H100_LOG, extra, "--allow-invalid")
     assert rc == 0
     head, row1, row2 = out.splitlines()[:3]
-    assert head.split() == ["log", "seed", "steps", "train_s", "eval_s", "artifact_bytes", "prequant_bpb",
+    assert head.split() == ["log", "seed", "steps", "train_s", "valid", "eval_s", "artifact_bytes", "prequant_bpb",
                             "final_bpb", "sliding_bpb", "ttt_bpb"]
     assert row1.split()[-2:] == ["-", "-"] and row2.split()[-2:] == ["1.14000", "1.13000"]
-    assert row1.split()[4] == "0.8" and row2.split()[4] == "321.5"
+    assert row1.split()[5] == "0.8" and row2.split()[5] == "321.5"
+
+
+def test_submission_overrides_read_on_off_knobs_as_the_log_spells_them():
+    """Logs spell on/off knobs 0/1 (or auto): an off knob whose default is on is an override, a knob logged at
+    its default is not (bool("0") read every logged 0 as on)."""
+    import train_gpt
+    hparams = {k.name.lower(): train_gpt.knob_text(k.default) for k in train_gpt.KNOBS}
+    hparams |= {"ln_scale": "0", "num_layers": "9", "max_wallclock_seconds": "600.0", "ema_decay": "0"}
+    ov = summarize.env_overrides([{"hparams": hparams}])
+    assert ov == {"LN_SCALE": False, "NUM_LAYERS": 9, "EMA_DECAY": 0.0}
+
+
+def test_summarize_refuses_a_reference_that_is_no_number_and_a_json_over_a_log(seed_run, capsys):
+    _, logs = seed_run
+    for ref in (("nan", 0.01, 3), (1.0, "inf", 3), (1.0, 0.01, 1)):
+        rc, _, err = summ(capsys, *logs, "--reference", *ref)
+        assert rc == 1 and "expected a finite MEAN, a finite STD >= 0 and an integer N >= 2" in err
+    before = logs[0].read_text()
+    rc, _, err = summ(capsys, *logs, "--json", logs[0])
+    assert rc == 1 and "is one of the logs" in err and logs[0].read_text() == before
 
 
 def test_log_and_shard_tools_import_without_torch():
