@@ -12,6 +12,7 @@ then
   scaling world_size:<n>/<m> efficiency:<per-GPU tok/s of RUN over REFERENCE's>
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -33,9 +34,14 @@ def parse(path: Path) -> dict:
     train = {s.step: (s.train_loss, s.step_avg_ms) for s in log.steps if s.step_avg_ms is not None}
     if not train or batch is None or not batch.isdigit():
         raise BadInput(f"error: {path}: no train_batch_tokens or step lines: not a train_gpt.py log")
+    world = log.facts.get("world_size", "1")
+    if not world.isdigit():
+        raise BadInput(f"error: {path}: world_size:{world} is not a count of GPUs")
+    # a run that stopped with an error has no score to show, whatever its summary block says
+    final = "failed" if log.errors else log.summary.get("final_val_bpb", "n/a")
     return {"name": path.stem, "train": train, "batch": int(batch),
             "eval": {p.name: p.eval_time for p in log.phases if p.eval_time is not None},
-            "world_size": int(log.facts.get("world_size", 1)), "final": log.summary.get("final_val_bpb", "n/a")}
+            "world_size": int(world), "final": final}
 
 
 def compare(run: dict, ref: dict, max_steps: int) -> list[str]:
@@ -55,7 +61,8 @@ def compare(run: dict, ref: dict, max_steps: int) -> list[str]:
                              *(f"eval_s_{k}:{v:.1f}" for k, v in r["eval"].items()), f"final_val_bpb:{r['final']}"]))
     diffs = [abs(run["train"][k][0] - ref["train"][k][0]) for k in common if k <= max_steps]
     if diffs:
-        out.append(f"curve steps:{len(diffs)} max_abs_diff:{max(diffs):.4f} mean_abs_diff:{sum(diffs) / len(diffs):.4f}")
+        worst = math.nan if any(map(math.isnan, diffs)) else max(diffs)  # max() keeps or drops a NaN by its place
+        out.append(f"curve steps:{len(diffs)} max_abs_diff:{worst:.4f} mean_abs_diff:{sum(diffs) / len(diffs):.4f}")
     out.append(f"scaling world_size:{run['world_size']}/{ref['world_size']} "
                f"efficiency:{per_gpu[0] / per_gpu[1]:.3f}")
     return out

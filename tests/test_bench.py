@@ -163,14 +163,33 @@ def test_compare_runs_reads_scaling_and_curve_agreement(tmp_path):
     assert res.returncode == 0 and re.fullmatch(r"run:no_eval( \S+)+", res.stdout.splitlines()[0]), res.stdout
 
 
+def test_compare_runs_shows_a_diverged_curve_and_a_failed_run(tmp_path):
+    """A NaN train loss makes the curve's max difference nan, wherever it falls (max() kept or dropped it by its
+    place), and a log that ends in an error shows no score."""
+    ref = Path(__file__).parent / "fixtures" / "baseline_shape_log.txt"
+    lines = ref.read_text().splitlines()
+    last = max(i for i, ln in enumerate(lines) if re.match(r"step:\d+/\d+ train_loss:", ln)
+               and int(ln.split("/")[0].removeprefix("step:")) <= 200)
+    lines[last] = re.sub(r"train_loss:\S+", "train_loss:nan", lines[last])
+    lines.append("error:stopped by SIGTERM")
+    run = tmp_path / "diverged.txt"
+    run.write_text("\n".join(lines) + "\n")
+    res = run_script(["bench/compare_runs.py", str(run), str(ref), "--steps", "200"], env=None)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.splitlines()
+    assert out[0].endswith("final_val_bpb:failed") and re.match(r"curve steps:7 max_abs_diff:nan ", out[2]), out
+
+
 def test_compare_runs_rejects_logs_it_cannot_compare(tmp_path):
     ref = Path(__file__).parent / "fixtures" / "baseline_shape_log.txt"
     other = tmp_path / "other.txt"
     other.write_text(ref.read_text().replace("train_batch_tokens: 65536", "train_batch_tokens: 131072"))
     (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "world.txt").write_text(ref.read_text().replace("world_size:1", "world_size:x"))
     for args, message in ([other, ref], "train_batch_tokens differ (131072 vs 65536)"), \
                          ([tmp_path / "missing.txt", ref], "missing.txt: cannot read the log"), \
-                         ([tmp_path / "notes.txt", ref], "notes.txt: no train_batch_tokens or step lines"):
+                         ([tmp_path / "notes.txt", ref], "notes.txt: no train_batch_tokens or step lines"), \
+                         ([tmp_path / "world.txt", ref], "world.txt: world_size:x is not a count of GPUs"):
         res = run_script(["bench/compare_runs.py", *map(str, args)], env=None)
         assert res.returncode == 2 and res.stderr.startswith("error:") and message in res.stderr, res.stderr
 
