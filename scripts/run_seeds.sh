@@ -35,6 +35,8 @@ log_dir=${LOG_DIR:-logs}
 
 declare -A seen=()
 for s in "${seeds[@]}"; do
+  # spelled as train_gpt.py reads it: "01" would be seed 1 again under another log name
+  [[ $s =~ ^-?(0|[1-9][0-9]*)$ ]] || { echo "error: seed '$s': expected an integer without leading zeros" >&2; exit 2; }
   [[ -z ${seen[$s]:-} ]] || { echo "error: seed $s listed twice" >&2; exit 2; }
   seen[$s]=1
   for f in "$log_dir/${name}_seed$s.txt" "$log_dir/${name}_seed$s.console.txt"; do

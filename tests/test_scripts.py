@@ -70,6 +70,9 @@ def test_run_seeds_writes_one_log_and_console_per_seed(seed_run):
     before = logs[0].with_name("tiny_seed1.console.txt").read_text()
     res = run_seeds("tiny", "4 1", env)
     assert res.returncode != 0 and "already exists" in res.stderr
+    res = run_seeds("other", "5 05", env)  # seed 5 twice under two spellings
+    assert res.returncode == 2 and "seed '05': expected an integer without leading zeros" in res.stderr
+    assert not logs[0].with_name("other_seed5.txt").exists()
     assert not logs[0].with_name("tiny_seed4.txt").exists()
     assert logs[0].with_name("tiny_seed1.console.txt").read_text() == before
 
