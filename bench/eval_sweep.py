@@ -12,8 +12,8 @@ that artifact: quantization settings compared on one trained model, without retr
 
 Each variant is train_gpt's EVAL_ONLY run with the environment plus its overrides, logged as
 RUN_ID=<RUN_ID>_<NAME>; every variant's knobs are checked before the first one runs. After each run's own
-log lines it prints one line: variant, final_phase, final_val_bpb, eval_seconds, log. Each run compiles its graphs
-before its eval clock (eval_prime, as a training run does before its training clock), a later variant only those
+log lines it prints one line: variant, final_phase, final_val_bpb, final_valid, eval_seconds, log. Each run compiles
+its graphs before its eval clock (eval_prime, as a training run does before its training clock), a later variant only those
 that an earlier one did not build; its phases then run warm, alone or not (a new_graphs above 0 says otherwise).
 """
 import copy
@@ -105,7 +105,7 @@ def sweep(argv: list[str]):
             hp.eval_only = str(path)
         s = train_gpt.run(hp)
         print(f"variant:{name} final_phase:{s['final_phase']} final_val_bpb:{s['final_val_bpb']:.8f} "
-              f"eval_seconds:{s['eval_seconds']:.1f} {export + ' ' if export else ''}"
+              f"final_valid:{s['final_valid']} eval_seconds:{s['eval_seconds']:.1f} {export + ' ' if export else ''}"
               f"log:{train_gpt.log_path(hp.log_dir, hp.run_id)}", flush=True)
 
 

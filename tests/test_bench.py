@@ -246,6 +246,7 @@ def test_eval_sweep_scores_one_artifact_under_several_settings(tiny_data, tmp_pa
     for line, name in zip(lines, ("plain", "ttt")):
         log = tmp_path / "logs" / f"sw_{name}.txt"
         assert line.endswith(f"log:{log}") and parse_log(log)["final_val_bpb"] in line
+        assert f"final_valid:{parse_log(log)['final_valid']} " in line  # 0 here: TINY_ENV scores a val prefix
     res = launcher.run(sweep | dict(RUN_ID="bad"), "bench/eval_sweep.py", ["ok", "broken TTT_LR=x"])
     assert res.returncode == 2 and res.stderr.startswith("error: env TTT_LR='x'")
     assert not (tmp_path / "logs" / "bad_ok.txt").exists()  # nothing ran
