@@ -116,6 +116,7 @@ class RunLog:
     facts: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    repeated: list[str] = field(default_factory=list)  # summary keys logged twice in the final block
 
     @property
     def name(self) -> str:
@@ -150,6 +151,12 @@ class RunLog:
         bpb = number(self.summary["final_val_bpb"])
         if bpb is None or not math.isfinite(bpb):
             return f"final_val_bpb:{self.summary['final_val_bpb']} is not a finite number"
+        if self.repeated:
+            return f"summary key {self.repeated[0]} logged twice"
+        final = self.phase(self.summary["final_phase"]) if "final_phase" in self.summary else None
+        phase_bpb = number(final.fields.get("val_bpb", "")) if final else None
+        if phase_bpb is not None and abs(phase_bpb - bpb) > 1e-8:
+            return f"final_val_bpb:{self.summary['final_val_bpb']} is not its final phase's ({final.name} {phase_bpb})"
         return None
 
     def invalid_reason(self) -> str | None:
@@ -197,6 +204,10 @@ def parse(text: str, path="<log>") -> RunLog:
             log.phases.append(Phase(m[1], fields(m[2])))
             block = {}
         elif m := SINGLE.match(line):
+            if not block:
+                log.repeated = []  # a new block: only the last one is the summary
+            if m[1] in block:
+                log.repeated.append(m[1])
             block[m[1]] = m[2]
             log.facts[m[1]] = m[2]
         else:

@@ -335,6 +335,20 @@ def test_summarize_refuses_a_reference_that_is_no_number_and_a_json_over_a_log(s
     assert rc == 1 and "is one of the logs" in err and logs[0].read_text() == before
 
 
+def test_a_summary_that_disagrees_with_its_log_is_no_score(seed_run, tmp_path, capsys):
+    """A final_val_bpb logged twice, or one that is not the final phase's val_bpb, is refused (the last line won)."""
+    _, logs = seed_run
+    text = logs[0].read_text()
+    twice = write_lines(tmp_path / "twice_seed1.txt", [text.rstrip("\n"), "final_val_bpb:0.90000000"])
+    rc, _, err = summ(capsys, twice)
+    assert rc == 1 and "summary key final_val_bpb logged twice" in err
+    bpb = parse_log(logs[0])["final_val_bpb"]
+    other = tmp_path / "other_seed1.txt"
+    other.write_text(text.replace(f"\nfinal_val_bpb:{bpb}\n", "\nfinal_val_bpb:0.90000000\n"))
+    rc, _, err = summ(capsys, other)
+    assert rc == 1 and "final_val_bpb:0.90000000 is not its final phase's" in err
+
+
 def test_log_and_shard_tools_import_without_torch():
     code = ("import sys; import scripts.runlog, scripts.summarize, scripts.plot, data.shards; "
             "import bench.compare_runs; print('torch' in sys.modules)")
