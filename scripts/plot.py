@@ -5,7 +5,7 @@ usage: scripts/plot.py LOG... [-o curves.png]
 
 Panels: train loss vs step, train loss vs train time, val bpb vs step, val bpb vs train time.
 Train time is the training clock the log reports (compile warm-up and validation excluded). The
-final quantized (roundtrip) score, when the log has one, is drawn as a star at the last step.
+final score (final_val_bpb: the final phase's, after quantization), when the log has one, is a star at the last step.
 """
 import argparse
 import sys
@@ -35,6 +35,12 @@ def read_curves(path: Path) -> dict:
     return c
 
 
+def labels(paths: list[Path]) -> list[str]:
+    """Each log's legend label: its file stem, or its path where two logs share a stem (one would hide the other)."""
+    stems = [p.stem for p in paths]
+    return [p.stem if stems.count(p.stem) == 1 else str(p) for p in paths]
+
+
 def robust_top(steps, ys):
     """Upper y limit ignoring the first 5% of steps, whose loss spikes would flatten the rest."""
     rest = [y for s, y in zip(steps, ys) if s > 0.05 * max(steps) and y == y] or [y for y in ys if y == y]
@@ -50,7 +56,7 @@ def main(argv=None) -> int:
     if len(paths) < len(args.logs):
         print(f"note: ignoring {len(args.logs) - len(paths)} run_seeds.sh *.console.txt file(s)", file=sys.stderr)
     try:
-        curves = {p.stem: read_curves(p) for p in paths}
+        curves = dict(zip(labels(paths), map(read_curves, paths)))
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -84,7 +90,7 @@ def main(argv=None) -> int:
     for col in range(2):  # val panels share the train panels' x range (runs validated only at the end too)
         axes[1, col].set_xlim(0, 1.04 * max(axes[0, col].get_xlim()[1], axes[1, col].get_xlim()[1]))
     titles = [["train loss vs step", "train loss vs train time"],
-              ["val bpb vs step (* = final quantized)", "val bpb vs train time (* = final quantized)"]]
+              ["val bpb vs step (* = final score)", "val bpb vs train time (* = final score)"]]
     for r, ylabel in enumerate(["train loss (nats/token)", "val bpb"]):
         for col, xlabel in enumerate(["step", "train time (s)"]):
             ax = axes[r, col]

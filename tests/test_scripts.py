@@ -405,6 +405,11 @@ def test_plot_reads_curves():
     assert c["final"] == (4100, 1.16305707, c["val"][0][2])  # the star sits on the last val point's x
 
 
+def test_plot_labels_logs_that_share_a_name_by_their_paths():
+    a, b, c = Path("x/run_seed1.txt"), Path("y/run_seed1.txt"), Path("y/other.txt")
+    assert plot.labels([a, b, c]) == ["x/run_seed1.txt", "y/run_seed1.txt", "other"]
+
+
 def test_plot_writes_png_and_rejects_logs_without_steps(seed_run, tmp_path):
     env, logs = seed_run
     png = tmp_path / "curves.png"
