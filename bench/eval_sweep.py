@@ -68,10 +68,11 @@ def reexport(saved: dict, hp: train_gpt.Hyperparameters) -> tuple[Path, str]:
     return path, f"artifact_bytes:{total} matrix_clip_sigmas:{clip:.4f}"
 
 
-def check_reexports(variants: list[tuple[str, train_gpt.Hyperparameters]]):
-    """Before any GPTQ runs: every variant's artifact (either name) and log are new, and ARTIFACT_DIR takes files."""
+def check_new_outputs(variants: list[tuple[str, train_gpt.Hyperparameters]], reexport: bool):
+    """Before the first variant runs: every variant's log is new, and with re-exports its artifact (either name) too
+    and ARTIFACT_DIR takes files (a taken one would stop the sweep halfway)."""
     for _, hp in variants:
-        problem = train_gpt.check_outputs(hp, hp.run_id)
+        problem = train_gpt.check_outputs(hp, hp.run_id) if reexport else None
         if problem:
             raise train_gpt.UserError(problem)
         log = train_gpt.log_path(hp.log_dir, hp.run_id)
@@ -92,8 +93,8 @@ def sweep(argv: list[str]):
     base = env.get("RUN_ID") or "sweep"
     variants = variant_knobs(argv, (saved["export"] if saved else {}) | env,
                              lambda name: {"RUN_ID": f"{base}_{name}"} | fixed)
+    check_new_outputs(variants, reexport=bool(saved))
     if saved:
-        check_reexports(variants)
         # once for every variant: the weights and Hessians where GPTQ runs (the GPU unless DEVICE=cpu)
         device = "cuda" if variants[0][1].device != "cpu" and torch.cuda.is_available() else "cpu"
         saved |= {part: {k: v.to(device) for k, v in saved[part].items()} for part in ("state", "hessians")}

@@ -247,6 +247,8 @@ def test_eval_sweep_scores_one_artifact_under_several_settings(tiny_data, tmp_pa
         log = tmp_path / "logs" / f"sw_{name}.txt"
         assert line.endswith(f"log:{log}") and parse_log(log)["final_val_bpb"] in line
         assert f"final_valid:{parse_log(log)['final_valid']} " in line  # 0 here: TINY_ENV scores a val prefix
+    res = launcher.run(sweep, "bench/eval_sweep.py", ["new", "ttt"])  # sw_ttt's log is taken: nothing runs
+    assert res.returncode == 2 and "already exists" in res.stderr and not (tmp_path / "logs" / "sw_new.txt").exists()
     res = launcher.run(sweep | dict(RUN_ID="bad"), "bench/eval_sweep.py", ["ok", "broken TTT_LR=x"])
     assert res.returncode == 2 and res.stderr.startswith("error: env TTT_LR='x'")
     assert not (tmp_path / "logs" / "bad_ok.txt").exists()  # nothing ran
