@@ -59,6 +59,7 @@ def parse_log(path: Path) -> dict:
     missing = [k for k in REQUIRED if k not in s] + ([] if "seed" in run["hparams"] else ["seed"])
     if missing:
         why = (f"run failed: {run['error']}" if "error" in run
+               else "an EVAL_ONLY log: it scored an artifact and trained nothing" if run["hparams"].get("eval_only")
                else "no summary block: crashed, still running, or not a train_gpt.py log?")
         raise BadLog(f"{path}: missing {', '.join(missing)} ({why})")
     for k, v in s.items():

@@ -347,6 +347,12 @@ def test_a_summary_that_disagrees_with_its_log_is_no_score(seed_run, tmp_path, c
     other.write_text(text.replace(f"\nfinal_val_bpb:{bpb}\n", "\nfinal_val_bpb:0.90000000\n"))
     rc, _, err = summ(capsys, other)
     assert rc == 1 and "final_val_bpb:0.90000000 is not its final phase's" in err
+    # an EVAL_ONLY log (no training keys) is named as one
+    lines = [ln for ln in text.splitlines() if not ln.startswith(("steps:", "train_seconds:"))]
+    scored = write_lines(tmp_path / "scored_seed1.txt", [ln.replace("  eval_only: ", "  eval_only: a.br")
+                                                         if ln.startswith("  eval_only:") else ln for ln in lines])
+    rc, _, err = summ(capsys, scored)
+    assert rc == 1 and "an EVAL_ONLY log: it scored an artifact and trained nothing" in err
 
 
 def test_log_and_shard_tools_import_without_torch():
