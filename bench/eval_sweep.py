@@ -12,9 +12,10 @@ that artifact: quantization settings compared on one trained model, without retr
 
 Each variant is train_gpt's EVAL_ONLY run with the environment plus its overrides, logged as
 RUN_ID=<RUN_ID>_<NAME>; every variant's knobs are checked before the first one runs. After each run's own
-log lines it prints one line: variant, final_phase, final_val_bpb, final_valid, eval_seconds, log. Each run compiles
-its graphs before its eval clock (eval_prime, as a training run does before its training clock), a later variant only those
-that an earlier one did not build; its phases then run warm, alone or not (a new_graphs above 0 says otherwise).
+log lines it prints one line: variant, final_phase, final_val_bpb, final_valid, eval_seconds, log. Each run
+compiles its graphs before its eval clock (eval_prime, as a training run does before its training clock), a later
+variant only those that an earlier one did not build; its phases then run warm, alone or not (a new_graphs above 0
+says otherwise).
 """
 import copy
 import os

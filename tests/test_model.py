@@ -17,7 +17,8 @@ def small_cfg(**kw) -> train_gpt.ModelConfig:
                 mlp_leaky_slope=0.5, rope_base=10000.0, rope_dims=4, logit_softcap=30.0, qk_gain_init=5.0,
                 tied_embed_init_std=0.5, ln_scale=True, skip_gates=True, xsa_last_n=6, num_loops=2,
                 loop_start=2, loop_end=3, parallel_residual_start=4,
-                smear_gate=False, attn_gate=False, asym_logit=False, x0_mix=True)  # the April stack: the later levers test themselves
+                smear_gate=False, attn_gate=False, asym_logit=False,  # the April stack: the later levers test themselves
+                x0_mix=True)
     return train_gpt.ModelConfig(**base | kw)
 
 

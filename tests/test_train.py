@@ -93,7 +93,8 @@ def test_only_the_whole_val_split_is_a_valid_score(tmp_path):
     scores something else: such a run logs full_val:0 and final_valid:0."""
     for name in ("fineweb_val_000000.bin", "fineweb_val_000001.bin", "fineweb_train_000000.bin"):
         write_shard(tmp_path / name, np.arange(100))
-    whole = lambda **env: train_gpt.scores_whole_val(train_gpt.Hyperparameters(dict(DATA_PATH=str(tmp_path), **env)))  # noqa: E731
+    def whole(**env):
+        return train_gpt.scores_whole_val(train_gpt.Hyperparameters(dict(DATA_PATH=str(tmp_path), **env)))
     assert whole() and whole(VAL_FILES=str(tmp_path / "fineweb_val_*.bin"))
     assert not whole(VAL_MAX_TOKENS="5000")
     assert not whole(VAL_FILES=str(tmp_path / "fineweb_val_000001.bin"))
