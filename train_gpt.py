@@ -604,11 +604,13 @@ class RunLog:
     nothing but the error that stops them (error()): an error only one rank meets must reach the log too."""
 
     def __init__(self, path: Path, dctx: Dist):
-        self.path, self.file, self.is_main = path, None, dctx.is_main
+        self.path, self.file, self.is_main, self.rank = path, None, dctx.is_main, dctx.rank
         try:
             if self.is_main:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self.file = open(path, "x", encoding="utf-8")
+                # append mode: another rank's error line (error()) is never overwritten by a later line of this one
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o666)
+                self.file = os.fdopen(fd, "w", encoding="utf-8")
         except FileExistsError:
             raise UserError(LOG_TAKEN.format(path)) from None
         except OSError as e:
@@ -623,13 +625,13 @@ class RunLog:
             self.file.write(msg + "\n")
             self.file.flush()
 
-    def error(self, msg: str, rank: int):
+    def error(self, msg: str):
         """The error line; from a rank other than 0, appended to rank 0's log as error:rankN:..."""
         if self.is_main:
             return self(msg)
         try:
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(f"error:rank{rank}:{msg.removeprefix('error:')}\n")
+                f.write(f"error:rank{self.rank}:{msg.removeprefix('error:')}\n")
         except OSError:
             pass  # its stderr line still says it
 
@@ -3707,7 +3709,7 @@ def run(hp: Hyperparameters) -> dict:
             dist.destroy_process_group()
         return summary
     except BaseException as e:  # the log keeps what happened; main() prints it and exits non-zero
-        log.error(f"error:{e}" if isinstance(e, UserError) else f"error:{type(e).__name__}: {e}", dctx.rank)
+        log.error(f"error:{e}" if isinstance(e, UserError) else f"error:{type(e).__name__}: {e}")
         raise
 
 

@@ -76,7 +76,7 @@ def test_an_error_only_one_rank_meets_reaches_the_log(tiny_data, tmp_path, launc
     assert res.returncode != 0
     errors = [ln for ln in (tmp_path / "logs" / "rank1.txt").read_text().splitlines() if ln.startswith("error:")]
     assert any(ln.startswith("error:rank1:shard ") and "token 2000 at offset 10 >= VOCAB_SIZE=1024" in ln
-               for ln in errors), errors
+               for ln in errors), (errors, res.stderr[-3000:])
     # a second run under the taken RUN_ID stops at its log on rank 0; rank 1 adds nothing to the first run's log
     before = (tmp_path / "logs" / "rank1.txt").read_text()
     again = launcher.run(tiny_env(tiny_data, tmp_path, RUN_ID="rank1", DATA_PATH=str(bad)), nproc=2)
