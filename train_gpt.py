@@ -678,9 +678,12 @@ def scores_whole_val(hp: Hyperparameters) -> bool:
         return False
     if not hp.val_files:
         return True
-    val_split = sorted(os.path.realpath(f) for f in glob.glob(os.path.join(hp.data_path, "fineweb_val_*.bin"))
-                       if "_bytes_" not in os.path.basename(f))
-    return [os.path.realpath(f) for f in shard_files(hp.data_path, "val", hp.val_files)] == val_split
+    try:
+        val_split = shard_files(hp.data_path, "val")
+    except UserError:  # DATA_PATH holds no val split: VAL_FILES names something else
+        return False
+    return [os.path.realpath(f) for f in shard_files(hp.data_path, "val", hp.val_files)] == \
+        [os.path.realpath(f) for f in val_split]
 
 
 def check_token_range(tokens: np.ndarray, vocab_size: int, name: str):
