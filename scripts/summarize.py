@@ -193,13 +193,12 @@ def table(runs) -> str:
 
 
 def logged_value(knob, text: str):
-    """A knob's value as the log spells it, typed like its default: on/off knobs log 0/1 (or auto)."""
+    """A knob's value as the log spells it, read as train_gpt reads its environment (0/1 for on/off); the text
+    itself where that refuses it."""
     import train_gpt
-    if isinstance(knob.default, (bool, train_gpt.Auto)):
-        return train_gpt.BOOL_WORDS.get(text.lower(), text)
     try:
-        return type(knob.default)(text)
-    except ValueError:
+        return train_gpt._parse(knob, text)
+    except train_gpt.UserError:
         return text
 
 
