@@ -2860,24 +2860,25 @@ class Evaluator:
     dctx: Dist
     hp: Hyperparameters
     log: object
-
-    @property
-    def full_val(self) -> bool:
-        return scores_whole_val(self.hp)
+    full_val: bool  # scores_whole_val, read once when the val set is
 
     def quick(self, model: GPT, seq_len: int) -> tuple[float, float]:
         """(val_loss, val_bpb) over plain windows: the checks during training."""
         phase = Phase("val", seq_len, seq_len)
         return eval_tokens(model, self.val, self.dctx, self.hp, phase).totals()
 
-    def score(self, model: GPT, train_seq_len: int, load_seconds: float) -> dict:
-        return score_phases(model, train_seq_len, self.val, self.dctx, self.hp, self.log, self.full_val, load_seconds)
+    def score(self, model: GPT, train_seq_len: int, load_seconds: float, in_rules: bool) -> dict:
+        """in_rules: the run kept the rules scoring cannot see (training in its budget, the artifact under the cap)."""
+        return score_phases(model, train_seq_len, self.val, self.dctx, self.hp, self.log,
+                            self.full_val and in_rules, load_seconds)
 
 
 def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hyperparameters, log,
-                 full_val: bool = True, load_seconds: float = 0.0) -> dict:
+                 countable: bool = True, load_seconds: float = 0.0) -> dict:
     """Run plan_phases' phases against the eval budget, logging each; a non-finite one stops the run. The
-    budget's clock starts load_seconds in: the artifact's decompression is evaluation time too."""
+    budget's clock starts load_seconds in: the artifact's decompression is evaluation time too. countable: the
+    run can score at all (the whole val set, every rule outside scoring kept); a phase is valid where it is and
+    the phase itself is legal and finite."""
     phases = plan_phases(hp, train_seq_len)
     if hp.legality_check:
         check = check_knobs(hp, dctx.world_size)
@@ -2909,7 +2910,7 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
             continue
         val_loss, val_bpb = scores.totals()
         finite = math.isfinite(val_loss) and math.isfinite(val_bpb)
-        valid = phase.legal and finite and full_val
+        valid = phase.legal and finite and countable
         log(f"{phase.name} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{secs:.1f}s valid:{int(valid)} "
             f"new_graphs:{compiled_graph_count() - graphs0}")
         if not finite:
@@ -2920,7 +2921,7 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
     log(f"eval_total_time:{elapsed:.1f}s budget:{hp.eval_budget_seconds:.0f}s")
     if hp.dump_token_nll and dctx.is_main:
         dump_token_scores(Path(hp.dump_token_nll), final[3])
-    return dict(final_phase=final[0], final_val_loss=final[1], final_val_bpb=final[2], final_valid=int(full_val),
+    return dict(final_phase=final[0], final_val_loss=final[1], final_val_bpb=final[2], final_valid=int(countable),
                 eval_seconds=elapsed) | results
 
 
@@ -2951,7 +2952,7 @@ def prime_eval(model: GPT, train_seq_len: int, dctx: Dist, hp: Hyperparameters, 
     ttt = next((p for p in plan_phases(hp, train_seq_len) if p.lora), None)
     try:
         with torch.random.fork_rng(devices=[dctx.device] if dctx.device.type == "cuda" else []):
-            score_phases(copy.deepcopy(model), train_seq_len, stream, dctx, quiet, lambda line: None, full_val=False)
+            score_phases(copy.deepcopy(model), train_seq_len, stream, dctx, quiet, lambda line: None, countable=False)
             if ttt is not None and hp.ttt_budget_stop:  # LoRA TTT scoring on once the budget stopped its adapting
                 quiet.ttt_lora_phase_tokens = 2 * seq_len  # PRIME_DOCS global chunks: stopped after the second
                 eval_tokens(copy.deepcopy(model), stream, dctx, quiet, ttt, lambda line: None, time_left=0.0)
@@ -3483,9 +3484,10 @@ def load_evaluator(hp: Hyperparameters, dctx: Dist, log, vocab_size: int,
     sha = file_sha256(hp.tokenizer_path)
     log(f"tokenizer:{hp.tokenizer_path} tokenizer_sha256:{sha} vocab_size:{vocab_size}")
     val, files = load_val(hp, vocab_size, sp)
+    full_val = scores_whole_val(hp)
     log(f"val_shards:{len(files)} val_tokens:{len(val.tokens) - 1} val_bytes:{int(val.target_bytes.sum())} "
-        f"val_byte_source:{val.byte_source} full_val:{int(scores_whole_val(hp))} data:{hp.data_path}")
-    return Evaluator(val, dctx, hp, log), sha
+        f"val_byte_source:{val.byte_source} full_val:{int(full_val)} data:{hp.data_path}")
+    return Evaluator(val, dctx, hp, log, full_val), sha
 
 
 def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, Trainer]:
@@ -3632,8 +3634,7 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
     t0 = time.perf_counter()
     qstate, meta = read_artifact(artifact)  # every phase scores the model reloaded from the file
     reloaded, load_s = reloaded_model(qstate, meta, artifact, dctx, attention, log, time.perf_counter() - t0)
-    scores = evaluator.score(reloaded, meta["train_seq_len"], load_s)
-    scores["final_valid"] = int(scores["final_valid"] and figures["train_data_in_budget"])
+    scores = evaluator.score(reloaded, meta["train_seq_len"], load_s, in_rules=bool(figures["train_data_in_budget"]))
     return scores | figures | dict(prequant_val_bpb=prequant[1], quant_gap_bpb=scores["roundtrip_val_bpb"] - prequant[1],
                                    steps=result["steps"], train_seconds=result["train_ms"] / 1000,
                                    warmup_seconds=result["warmup_s"], eval_prime_seconds=prime_s,
@@ -3674,12 +3675,12 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     log(f"attention:{attn_name}")
     model, load_s = reloaded_model(qstate, meta, path, dctx, attention, log, read_s)
     prime_s = prime_eval(model, meta["train_seq_len"], dctx, hp, log)  # as a training run does before its clock
-    scores = evaluator.score(model, meta["train_seq_len"], load_s)
     size = path.stat().st_size
-    if size + len(code) > ARTIFACT_LIMIT_BYTES:  # a training run refuses to write it; scored here, never valid
+    under_cap = size + len(code) <= ARTIFACT_LIMIT_BYTES  # a training run refuses to write it; scored here, never valid
+    if not under_cap:
         log(f"warning:artifact_over_limit artifact_bytes:{size + len(code)} limit:{ARTIFACT_LIMIT_BYTES} (this code's "
             f"{len(code)} bytes counted): final_valid:0")
-        scores["final_valid"] = 0
+    scores = evaluator.score(model, meta["train_seq_len"], load_s, in_rules=under_cap)
     return scores | dict(model_bytes=size, code_bytes=len(code), artifact_bytes=size + len(code),
                          eval_prime_seconds=prime_s)
 

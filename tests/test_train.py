@@ -330,6 +330,8 @@ def test_eval_only_of_an_artifact_over_the_cap_is_not_valid(tiny_data, tmp_path)
         summary = train_gpt.score_only(hp, train_gpt.Dist(), lines.append, code)
         assert summary["final_valid"] == valid
         assert any(ln.startswith("warning:artifact_over_limit") for ln in lines) == (not valid)
+        phase_lines = [ln for ln in lines if " val_bpb:" in ln and " valid:" in ln]
+        assert phase_lines and all(f" valid:{valid} " in ln for ln in phase_lines), phase_lines
 
 
 def test_artifact_corruption_is_a_clear_error(tmp_path):
@@ -424,8 +426,11 @@ def test_hessians_past_the_training_budget_make_the_score_invalid(tiny_data, tmp
     res = launcher.run(env)
     assert res.returncode == 0, res.stderr
     summary = parse_log(tmp_path / "logs" / "over.txt")
-    assert "warning:hessians_outside_budget" in (tmp_path / "logs" / "over.txt").read_text()
+    text = (tmp_path / "logs" / "over.txt").read_text()
+    assert "warning:hessians_outside_budget" in text
     assert summary["train_data_in_budget"] == "0" and summary["final_valid"] == "0"
+    phase_lines = [ln for ln in text.splitlines() if " val_bpb:" in ln and " valid:" in ln]
+    assert phase_lines and all(" valid:0 " in ln for ln in phase_lines), phase_lines  # no phase line says otherwise
 
 
 class CountingStream:
