@@ -2910,18 +2910,23 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
             continue
         val_loss, val_bpb = scores.totals()
         finite = math.isfinite(val_loss) and math.isfinite(val_bpb)
-        valid = phase.legal and finite and countable
+        in_budget = elapsed <= hp.eval_budget_seconds  # every phase so far counted, as the run spent it
+        valid = phase.legal and finite and countable and in_budget
         log(f"{phase.name} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{secs:.1f}s valid:{int(valid)} "
             f"new_graphs:{compiled_graph_count() - graphs0}")
         if not finite:
             raise UserError(f"phase {phase.name} scored val_bpb {val_bpb}: not a score ({divergence_hint(phase, hp)})")
         results[f"{phase.name}_val_bpb"] = val_bpb
         if phase.legal and not phase.reference:
-            final = (phase.name, val_loss, val_bpb, scores)
+            final = dict(phase=phase.name, loss=val_loss, bpb=val_bpb, scores=scores, valid=valid, done_at=elapsed)
     log(f"eval_total_time:{elapsed:.1f}s budget:{hp.eval_budget_seconds:.0f}s")
+    if final["done_at"] > hp.eval_budget_seconds:
+        log(f"warning:eval_over_budget phase:{final['phase']} done at {final['done_at']:.1f}s > EVAL_BUDGET_SECONDS="
+            f"{hp.eval_budget_seconds:.0f}: final_valid:0 (drop phases before it, or shorten TTT)")
     if hp.dump_token_nll and dctx.is_main:
-        dump_token_scores(Path(hp.dump_token_nll), final[3])
-    return dict(final_phase=final[0], final_val_loss=final[1], final_val_bpb=final[2], final_valid=int(countable),
+        dump_token_scores(Path(hp.dump_token_nll), final["scores"])
+    return dict(final_phase=final["phase"], final_val_loss=final["loss"], final_val_bpb=final["bpb"],
+                final_valid=int(final["valid"]),
                 eval_seconds=elapsed) | results
 
 

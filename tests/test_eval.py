@@ -282,6 +282,20 @@ def test_ttt_stops_updating_when_its_pace_overruns_the_time_left():
     assert (full[128:] - frozen[128:]).abs().max() > 1e-3
 
 
+def test_an_eval_past_its_budget_is_not_a_valid_score():
+    """The pace keeps TTT inside EVAL_BUDGET_SECONDS where it can; a run whose final phase still ends past it
+    scores, but never as valid: on every phase line that ends past it, and in final_valid."""
+    _, model, tokens, val = setup()
+    for budget, valid in (("1000", 1), ("0", 0)):
+        hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_SLIDING": "0", "EVAL_BUDGET_SECONDS": budget})
+        lines = []
+        out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
+        phase_lines = [ln for ln in lines if " val_bpb:" in ln]
+        assert len(phase_lines) == 2 and all(f" valid:{valid} " in ln for ln in phase_lines), phase_lines
+        assert out["final_valid"] == valid and out["final_phase"] == "ttt"
+        assert any(ln.startswith("warning:eval_over_budget phase:ttt") for ln in lines) == (not valid)
+
+
 @pytest.mark.parametrize("stop", ["1", "0"])
 def test_ttt_budget_stop_knob(stop):
     hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_SLIDING": "0", "EVAL_BUDGET_SECONDS": "0", "TTT_BUDGET_STOP": stop})
