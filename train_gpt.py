@@ -1451,8 +1451,9 @@ COMPRESS_CHUNK_BYTES = 4 << 20  # independent brotli streams, compressed in para
 
 
 def row_scale(W: torch.Tensor, clip_sigmas: float, bits: int) -> torch.Tensor:
-    """SDClip's per-row scale k * std(row) / (2^(bits-1) - 1), through fp16 as it is stored."""
-    return (clip_sigmas * W.float().std(dim=-1) / (2 ** (bits - 1) - 1)).clamp_min(1e-10).half().float()
+    """SDClip's per-row scale k * std(row) / (2^(bits-1) - 1), through fp16 as it is stored; at least fp16's
+    smallest step, so that a constant row divides to finite codes."""
+    return (clip_sigmas * W.float().std(dim=-1) / (2 ** (bits - 1) - 1)).half().clamp_min(2 ** -24).float()
 
 
 @torch.no_grad()
@@ -1552,7 +1553,9 @@ class HessianRecorder:
 
     def __call__(self, key: tuple, x: torch.Tensor):
         x = x.detach().reshape(-1, x.size(-1)).float()
-        self.hessians[key] = self.hessians.get(key, 0) + x.T @ x
+        with torch.autocast(x.device.type, enabled=False):  # the model runs under bf16 autocast: sum in fp32
+            H = self.hessians.get(key)
+            self.hessians[key] = x.T @ x if H is None else H.addmm_(x.T, x)
         self.rows[key] = self.rows.get(key, 0) + x.size(0)
 
 

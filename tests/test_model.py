@@ -615,6 +615,21 @@ def test_hessian_recorder_sees_every_matrix_input():
     torch.testing.assert_close(rec.hessians[("head_in",)], h.T @ h)
 
 
+def test_hessian_recorder_sums_in_float32_under_autocast():
+    """Calibration runs the model under bf16 autocast (on CUDA), which would compute and sum X^T X in bf16: a
+    Hessian off by ~0.4% and no longer positive definite. CPU autocast casts matmuls the same way."""
+    torch.manual_seed(0)
+    xs = [torch.randn(512, 64) @ torch.randn(64, 64) for _ in range(8)]  # correlated columns, as activations are
+    rec = train_gpt.HessianRecorder()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for x in xs:
+            rec(("k",), x)
+    ref = sum(x.double().T @ x.double() for x in xs)
+    H = rec.hessians[("k",)]
+    assert H.dtype == torch.float32 and rec.rows[("k",)] == 8 * 512
+    assert ((H.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs PyTorch >= 2.9")
 def test_parallel_muon_quintic_matches_torch_muon():
     """An independent reference: with the quintic schedule, no MuonEq-R and one process, two steps of

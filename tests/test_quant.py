@@ -51,6 +51,17 @@ def test_dead_columns():
     assert torch.isfinite(s.float()).all() and q[:, 3].abs().sum() == 0
 
 
+def test_a_constant_row_gets_a_positive_scale_and_zero_codes():
+    """A row of zeros has std 0: its scale is fp16's smallest step (not 0, which made its codes 0/0 = NaN cast
+    to int8), so it codes to 0 and dequantizes to 0, on the GPTQ path and the rounding path."""
+    W = torch.randn(4, 32)
+    W[1] = 0
+    for H in (correlated_hessian(32), None):
+        q, s = train_gpt.gptq_quantize(W, H, 6, 12.85)
+        assert s.float()[1] > 0 and torch.isfinite(s.float()).all()
+        assert q[1].abs().sum() == 0 and train_gpt.dequantize_rows(q, s)[1].abs().sum() == 0
+
+
 def test_quantize_state_routes_tensors():
     L = 4
     state = {"qo_bank": torch.randn(2 * L, 128, 128), "kv_bank": torch.randn(2 * L, 96, 128),
