@@ -1959,6 +1959,22 @@ def table_entry_problem(e, data_bytes: int, codes: int) -> str | None:
     return None
 
 
+def entry_problem(entry: dict) -> str | None:
+    """What is wrong with an entry's own fields, if anything: an fp16 tensor is one float16 `w`; a GPTQ'd matrix
+    holds int8 codes `q` and a float16 scale per row, beside which only LQER and AWQ fields (checked apart)."""
+    if entry["kind"] == "fp16":
+        return None if set(entry) == {"kind", "w"} and entry["w"].dtype == torch.float16 else "fp16 holds one float16 w"
+    if not re.fullmatch(r"int[2-8]_rows", entry["kind"]):
+        return f"unknown kind {entry['kind'][:20]!r}"
+    q, scale = entry.get("q"), entry.get("scale")
+    if q is None or scale is None or q.dtype != torch.int8 or q.ndim < 2 or scale.dtype != torch.float16 \
+            or scale.shape != q.shape[:-1]:
+        return "a GPTQ'd matrix holds int8 codes q and a float16 scale per row"
+    if any(f not in ("kind", "q", "scale") and not LQER_FIELD.fullmatch(f) and not AWQ_FIELD.fullmatch(f) for f in entry):
+        return "unknown fields"
+    return None
+
+
 def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, dict], dict]:
     head = len(ARTIFACT_MAGIC) + 8
     if len(blob) < head or blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
@@ -2000,8 +2016,13 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
         else:
             raw = byte_unshuffle(data[e["offset"]:e["offset"] + e["nbytes"]], np.dtype(ndtype).itemsize)
             arr = np.frombuffer(raw, dtype=ndtype).reshape(e["shape"]).copy()
-        qstate.setdefault(e["name"], {"kind": e["kind"]})[e["field"]] = torch.from_numpy(arr)
+        entry = qstate.setdefault(e["name"], {"kind": e["kind"]})
+        if e["field"] in entry or entry["kind"] != e["kind"]:
+            raise UserError(f"{source}: corrupted tensor table entry {e['name'][:40]}: a field twice, or two kinds")
+        entry[e["field"]] = torch.from_numpy(arr)
     for name, entry in qstate.items():
+        if problem := entry_problem(entry):
+            raise UserError(f"{source}: corrupted entry {name[:40]}: {problem}")
         try:
             lqer_slices(entry)
         except ValueError as err:

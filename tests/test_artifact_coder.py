@@ -199,3 +199,33 @@ def test_awq_values_and_one_value_over_many_lanes_round_trip():
     for symbols in (s, np.full(40 * LANE + 5, 3, np.uint8)):
         freq = train_gpt.rans_frequencies(symbols)
         assert np.array_equal(train_gpt.rans_decode(train_gpt.rans_encode(symbols, freq), freq, len(symbols)), symbols)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda q: q["qo_bank"].update(scale=q["qo_bank"]["scale"][0]), "a float16 scale per row"),  # broadcast silently
+    (lambda q: q["qo_bank"].update(scale=q["qo_bank"]["scale"].to(torch.int8)), "a float16 scale per row"),
+    (lambda q: q["qo_bank"].pop("scale"), "a float16 scale per row"),
+    (lambda q: q["qo_bank"].update(extra=torch.zeros(2, dtype=torch.float16)), "unknown fields"),
+    (lambda q: q["g"].update(w=q["g"]["w"].to(torch.int8)), "one float16 w"),
+    (lambda q: q["g"].update(q=torch.zeros(2, 2, dtype=torch.int8)), "one float16 w"),
+    (lambda q: q["g"].update(kind="int9_rows"), "unknown kind"),
+])
+def test_an_entry_whose_fields_disagree_is_refused(edit, message):
+    """Each entry's fields are checked against each other and its kind: a written-wrong or forged file is an
+    error, not a model that loads differently (a scale of the wrong shape broadcast without complaint)."""
+    q = gptq_state()
+    train_gpt.unpack_artifact(train_gpt.pack_artifact(q, {}))  # sound as written
+    edit(q)
+    with pytest.raises(train_gpt.UserError, match=f"corrupted entry .*{message}"):
+        train_gpt.unpack_artifact(train_gpt.pack_artifact(q, {}))
+
+
+def test_a_table_row_twice_or_an_entry_of_two_kinds_is_refused(small_artifact):
+    def twice(meta):
+        meta["tensors"].append(dict(meta["tensors"][0]))
+
+    def two_kinds(meta):
+        meta["tensors"].append(dict(meta["tensors"][0], field="other", kind="fp16"))
+    for edit in (twice, two_kinds):
+        with pytest.raises(train_gpt.UserError, match="a field twice, or two kinds"):
+            train_gpt.unpack_artifact(forged(small_artifact, edit))
