@@ -1664,8 +1664,13 @@ LQER_A_BITS, LQER_B_BITS = 2, 4
 LQER_A_RANGE = 1.5  # the largest |A| maps to 1.5 codes: the few large entries survive, most small ones round to 0
 
 
+def packed_width(n: int, bits: int) -> int:
+    """Bytes that pack_codes makes of n codes: 8 // bits whole codes per byte (bits in 1, 2, 4, 8)."""
+    return -(-n // (8 // bits))
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed `bits`-bit codes [..., n] -> int8 bytes [..., ceil(n * bits / 8)], first code in the
+    """Signed `bits`-bit codes [..., n] -> int8 bytes [..., packed_width(n, bits)], first code in the
     lowest bits; the last byte of a row is padded with the code for 0."""
     per = 8 // bits
     u = codes.to(torch.int32) + (1 << (bits - 1))  # offset to unsigned so the fields do not borrow
@@ -1744,7 +1749,7 @@ def lqer_problem(f: dict[str, torch.Tensor], rows: int, cols: int, n_slices: int
     if [f[x].dtype for x in ("a", "a_scale", "b", "b_scale")] != [torch.int8, torch.float16, torch.int8, torch.float16]:
         return "unexpected element types"
     a, b = f["a"], f["b"]
-    if a.ndim != 2 or a.size(0) < 1 or a.size(1) != -(-rows * LQER_A_BITS // 8):
+    if a.ndim != 2 or a.size(0) < 1 or a.size(1) != packed_width(rows, LQER_A_BITS):
         return f"a has shape {list(a.shape)} for {rows} rows"
     if b.ndim != 2 or b.size(1) < 1 or b.size(0) != -(-a.size(0) * cols // b.size(1)):
         return f"b has shape {list(b.shape)} for rank {a.size(0)} and {cols} columns"

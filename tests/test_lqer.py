@@ -59,7 +59,7 @@ def setup():
     return cfg, state, quantized(cfg, state, hess)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("n", [1, 3, 4, 7, 64])
 def test_code_packing_round_trips(bits, n):
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -67,7 +67,7 @@ def test_code_packing_round_trips(bits, n):
     codes = torch.randint(lo, hi + 1, (3, n), generator=g, dtype=torch.int8)
     codes[0, : min(n, hi - lo + 1)] = torch.arange(lo, lo + min(n, hi - lo + 1))  # every code value appears
     packed = train_gpt.pack_codes(codes, bits)
-    assert packed.dtype == torch.int8 and packed.shape == (3, -(-n * bits // 8))
+    assert packed.dtype == torch.int8 and packed.shape == (3, -(-n * bits // 8)) == (3, train_gpt.packed_width(n, bits))
     assert torch.equal(train_gpt.unpack_codes(packed, bits, n), codes)
 
 
