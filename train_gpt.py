@@ -3545,8 +3545,8 @@ def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, T
 
 def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, result: dict, code: bytes, run_id: str,
            tokenizer_sha: str, log) -> tuple[Path, dict]:
-    """EMA weights -> Hessians (train data, inside the training budget) -> GPTQ -> the artifact, written by
-    rank 0, never over an existing file; one over the cap is kept under a name that says so."""
+    """EMA weights -> Hessians (train data, inside the training budget) -> GPTQ -> the artifact, made and written
+    by rank 0, never over an existing file; one over the cap is kept under a name that says so."""
     model = trainer.model
     trainer.apply_ema()
     t0 = time.perf_counter()
@@ -3561,11 +3561,14 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
         log(f"warning:hessians_outside_budget {data_s:.1f}s > MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: "
             f"final_valid:0 (raise GPTQ_RESERVE_SECONDS above {hess_s:.1f})")
     meta = dict(tokenizer_sha256=tokenizer_sha)
-    blob, clip = quantize_within_budget(model.state_dict(), hessians, model.cfg, hp, len(code), log, meta)
-    total = len(blob) + len(code)
+    # Rank 0 alone quantizes and writes; every rank takes its size and path (ranks could round differently).
+    blob, clip = quantize_within_budget(model.state_dict(), hessians, model.cfg, hp, len(code), log, meta) \
+        if dctx.is_main else (None, None)
+    model_bytes, clip = dctx.broadcast_object((len(blob), clip) if dctx.is_main else None)
+    total = model_bytes + len(code)
     over = total > ARTIFACT_LIMIT_BYTES
     artifact = artifact_path(hp, run_id, over_limit=over)
-    log(f"artifact:{artifact} model_bytes:{len(blob)} code_bytes:{len(code)} artifact_bytes:{total} "
+    log(f"artifact:{artifact} model_bytes:{model_bytes} code_bytes:{len(code)} artifact_bytes:{total} "
         f"limit:{ARTIFACT_LIMIT_BYTES} headroom:{ARTIFACT_LIMIT_BYTES - total} matrix_clip_sigmas:{clip:.4f} "
         f"mlp_clip_scale:{hp.mlp_clip_scale}")
     if dctx.is_main:
@@ -3576,7 +3579,7 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
                 log(f"prequant_saved:{hp.prequant_save}")
             except UserError as e:
                 log(f"warning:prequant_not_saved {e}")
-    return artifact, dict(artifact_bytes=total, model_bytes=len(blob), code_bytes=len(code),
+    return artifact, dict(artifact_bytes=total, model_bytes=model_bytes, code_bytes=len(code),
                           train_data_in_budget=int(in_budget))
 
 
