@@ -929,7 +929,8 @@ def device_peak_flops(device: torch.device) -> float | None:
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    # In x's dtype: from torch 2.12, CUDA autocast returns rms_norm in fp32, which FlashAttention refuses for q, k.
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)
 
 
 def softcap_logits_lse(logits: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:

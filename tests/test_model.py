@@ -615,6 +615,24 @@ def test_hessian_recorder_sees_every_matrix_input():
     torch.testing.assert_close(rec.hessians[("head_in",)], h.T @ h)
 
 
+def test_attention_sees_one_dtype_whatever_autocast_does_to_rms_norm(monkeypatch):
+    """From torch 2.12, CUDA autocast runs rms_norm in fp32 and returns fp32 (CPU autocast leaves it alone): q and k
+    reached attention in fp32 beside a bf16 v, which FlashAttention refuses. That policy is emulated here."""
+    plain = torch.nn.functional.rms_norm
+    monkeypatch.setattr(train_gpt.F, "rms_norm", lambda x, shape: plain(x.float(), shape))  # fp32 out, as on CUDA
+    seen = []
+
+    def attention(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return train_gpt.causal_attention(q, k, v, *args, **kwargs)
+    model = train_gpt.GPT(small_cfg(), attention)
+    x = torch.randint(0, 64, (2, 8))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.hidden(x, looped=True)
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}, set(seen)
+    assert h.dtype == torch.bfloat16
+
+
 def test_hessian_recorder_sums_in_float32_under_autocast():
     """Calibration runs the model under bf16 autocast (on CUDA), which would compute and sum X^T X in bf16: a
     Hessian off by ~0.4% and no longer positive definite. CPU autocast casts matmuls the same way."""
