@@ -2435,7 +2435,8 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
     cut = L - int(n_scored.max())
     x, y, h, scored = x[:, cut:], y[:, cut:], h[:, cut:], scored[:, cut:]
     pos = starts[:, None] + 1 + cut + torch.arange(L - cut, device=tokens.device)[None, :]  # stream position of y
-    with torch.inference_mode(), autocast_ctx(tokens.device):
+    head_ctx = autocast_ctx(tokens.device) if phase.slot == "off" else contextlib.nullcontext()  # SLOT: as fitted
+    with torch.inference_mode(), head_ctx:
         nll = model.nll_from_hidden(h, y) if hints is None else \
             tilted_scores(model, h, y, hints[pos], hp.ngram_beta, hp.ngram_gamma)
     out.add(pos, nll, scored)
@@ -2723,7 +2724,7 @@ def fit_slot_delta(model: GPT, h: torch.Tensor, y: torch.Tensor, fit_mask: torch
     weight = fit_mask.float() / fit_mask.sum(dim=1, keepdim=True).clamp_min(1)
     h = h.float()
     for _ in range(hp.slot_steps):
-        with torch.enable_grad(), autocast_ctx(h.device):
+        with torch.enable_grad():  # the head in fp32: autocast would round h + delta to bf16, and the delta's steps with it
             loss = (model.nll_from_hidden(h + delta, y) * weight).sum()
         # Only delta's gradient: backward() would also fill the head's and the caps' .grad, unused.
         (delta.grad,) = torch.autograd.grad(loss, [delta])

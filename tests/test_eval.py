@@ -120,6 +120,19 @@ def test_ttt_and_slot_change_scores_only_where_allowed():
     assert not torch.allclose(base[32:], slot[32:])
 
 
+def test_slot_fits_its_delta_in_float32_under_autocast(monkeypatch):
+    """SLOT's delta is small against h: a head under bf16 autocast (the GPU's) rounds h + delta to bf16 and
+    most of the delta's early steps with it. The fit runs the head in fp32 whatever autocast_ctx does."""
+    hp, model, tokens, val = setup()
+    torch.manual_seed(0)
+    h = torch.randn(2, 16, model.cfg.model_dim) * 8
+    y = torch.randint(0, 64, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    plain = train_gpt.fit_slot_delta(model, h, y, mask, hp)
+    monkeypatch.setattr(train_gpt, "autocast_ctx", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert torch.equal(train_gpt.fit_slot_delta(model, h, y, mask, hp), plain)
+
+
 def test_ttt_refuses_to_train_on_unscored_targets():
     hp, model, tokens, val = setup()
     upd = train_gpt.TTTUpdater(model, hp, train_gpt.Dist())
