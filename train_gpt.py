@@ -783,8 +783,9 @@ def load_val_sidecars(files: list[str], n_tokens: int) -> np.ndarray | None:
 # -----------------------------------------------------------------------------------------
 # Tokenizer-agnostic bits per byte
 # val_bpb = NLL in bits / UTF-8 bytes of the text; each target's byte count is fixed before scoring.
-# By default from the pieces: '▁' is one byte, byte-fallback pieces one, control/unknown none; a
-# leading '▁' right after a boundary (BOS) is free, as SentencePiece drops it when decoding. CaseOps
+# By default from the pieces: '▁' is one byte wherever it stands, byte-fallback pieces one, control/unknown
+# none; a leading '▁' right after a boundary (BOS) is free where SentencePiece drops it when decoding (a
+# normalizing tokenizer's dummy prefix; a lossless one keeps it). CaseOps
 # data (lower-cased text with case-operator tokens) ships a byte sidecar: each token's original bytes.
 # -----------------------------------------------------------------------------------------
 
@@ -792,7 +793,7 @@ def load_val_sidecars(files: list[str], n_tokens: int) -> np.ndarray | None:
 class ByteLUT:
     base_bytes: np.ndarray         # int32 [vocab]
     has_leading_space: np.ndarray  # bool  [vocab]
-    is_boundary: np.ndarray        # bool  [vocab]
+    is_boundary: np.ndarray        # bool  [vocab]: a leading '▁' right after it is free (dropped by decoding)
 
     def target_bytes(self, prev: np.ndarray, tgt: np.ndarray) -> np.ndarray:
         space = self.has_leading_space[tgt] & ~self.is_boundary[prev]
@@ -851,7 +852,8 @@ def file_sha256(path: str | Path) -> str:
 def build_byte_lut(sp, vocab_size: int) -> ByteLUT:
     base = np.zeros(vocab_size, dtype=np.int32)
     space = np.zeros(vocab_size, dtype=bool)
-    boundary = np.ones(vocab_size, dtype=bool)
+    drops_first_space = sp.decode([sp.piece_to_id("\u2581")]) == ""
+    boundary = np.full(vocab_size, drops_first_space)
     for i in range(sp.get_piece_size()):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             continue
@@ -862,7 +864,7 @@ def build_byte_lut(sp, vocab_size: int) -> ByteLUT:
         piece = sp.id_to_piece(i)
         if piece.startswith("\u2581"):
             space[i], piece = True, piece[1:]
-        base[i] = len(piece.encode("utf-8"))
+        base[i] = len(piece.replace("\u2581", " ").encode("utf-8"))  # whitespace-only or -suffix pieces: one byte each
     return ByteLUT(base, space, boundary)
 
 
