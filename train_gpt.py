@@ -2910,8 +2910,8 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
                  countable: bool = True, load_seconds: float = 0.0) -> dict:
     """Run plan_phases' phases against the eval budget, logging each; a non-finite one stops the run. The
     budget's clock starts load_seconds in: the artifact's decompression is evaluation time too. countable: the
-    run can score at all (the whole val set, every rule outside scoring kept); a phase is valid where it is and
-    the phase itself is legal and finite."""
+    run can score at all (the whole val set, every rule outside scoring kept); a phase is valid where it is, the
+    phase is legal and finite, and the eval so far (load included) ends inside EVAL_BUDGET_SECONDS."""
     phases = plan_phases(hp, train_seq_len)
     if hp.legality_check:
         check = check_knobs(hp, dctx.world_size)
