@@ -254,6 +254,11 @@ def main(argv=None) -> None:
             raise SystemExit(f"error: {local / rel}: missing after download")
     for f in sorted(ds_dir.glob("fineweb_*.bin")):
         check_shard(f)
+    # train_gpt.py scores every val shard in the folder: one left by an earlier run would count as val
+    stale = sorted(set(f.name for f in token_shards(ds_dir, "val")) - set(Path(r).name for r in wanted))
+    if stale:
+        raise SystemExit(f"error: {ds_dir} holds val shards this download did not write ({', '.join(stale[:3])}): "
+                         f"the val split is {n_val} shard(s), and training scores every one there; delete them and rerun")
     tokens = {s: sum(read_header(f) for f in token_shards(ds_dir, s)) for s in ("train", "val")}
     if args.variant == CASEOPS:
         check_caseops(ds_dir, n_train, n_avail)

@@ -244,6 +244,19 @@ def test_train_shards_zero_and_more_than_available(hub):
     assert len(list(ds.glob("fineweb_train_*.bin"))) == 3
 
 
+def test_a_val_shard_left_by_an_earlier_run_is_refused(hub):
+    """train_gpt.py scores every val shard in DATA_PATH: a leftover one would pass as part of the val split."""
+    repo, env, local = hub
+    ds = local / "datasets" / "fineweb10B_sp1024"
+    ds.mkdir(parents=True)
+    write_shard(ds / "fineweb_val_000001.bin", [1, 5, 6, 7])
+    r = download(env, local, "--train-shards", "1")
+    assert r.returncode != 0 and "fineweb_val_000001.bin" in r.stderr and "delete them" in r.stderr, r.stderr
+    (ds / "fineweb_val_000001.bin").unlink()
+    r = download(env, local, "--train-shards", "1")
+    assert r.returncode == 0, r.stderr
+
+
 def test_missing_val_shard(hub):
     repo, env, local = hub
     (repo / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000000.bin").unlink()
