@@ -273,12 +273,13 @@ def train_tokenizer(args, prefix: Path, vocab: int) -> None:
         text_options = dict(normalization_rule_name="identity", remove_extra_whitespaces=False)
     else:
         text_options = dict(normalization_rule_name="nmt_nfkc")
-    seen, failure = [0], []
+    seen, failure, long = [0], [], [0]
 
     def texts():  # sentencepiece wraps exceptions of the iterator: keep ours to re-raise it
         try:
             for t in source:
                 seen[0] += 1
+                long[0] += len(t.encode("utf-8")) > args.max_doc_bytes
                 yield t
         except BaseException as e:
             failure.append(e)
@@ -289,7 +290,8 @@ def train_tokenizer(args, prefix: Path, vocab: int) -> None:
             sentence_iterator=texts(), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab,
             byte_fallback=True, add_dummy_prefix=False, split_digits=True, **text_options,
             character_coverage=0.999, hard_vocab_limit=False,
-            pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=max(1, args.workers), minloglevel=2)
+            max_sentence_length=args.max_doc_bytes, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+            num_threads=max(1, args.workers), minloglevel=2)
     except RuntimeError as e:
         if failure:
             raise failure[0] from None
@@ -298,6 +300,9 @@ def train_tokenizer(args, prefix: Path, vocab: int) -> None:
                              f"--val-docs={args.val_docs} to train a tokenizer on") from None
         raise SystemExit(f"error: SentencePiece training with --vocab-size {vocab} failed: "
                          f"{' '.join(str(e).split())}") from None
+    if long[0]:
+        print(f"note: {long[0]:,} of {seen[0]:,} tokenizer-training documents are over --max-doc-bytes="
+              f"{args.max_doc_bytes}: the tokenizer was trained without them (the shards hold them all)")
 
 
 def positive(text: str) -> int:
@@ -323,6 +328,9 @@ def parse_args(argv=None):
                           "(saved as OUT/tokenizers/NAME_bpe.model)")
     p.add_argument("--tokenizer-train-docs", type=positive, metavar="N",
                    help="with --vocab-size: train the tokenizer on the first N train docs only (default: all)")
+    p.add_argument("--max-doc-bytes", type=positive, default=4192, metavar="N",
+                   help="with --vocab-size: documents longer than N UTF-8 bytes are left out of tokenizer training "
+                        "(SentencePiece's max_sentence_length; default 4192, its own, as the bench tokenizers)")
     p.add_argument("--val-docs", type=positive, default=400, metavar="N",
                    help="the first N documents are the val split (default: 400 as in the bench corpus; "
                         "the FineWeb challenge split uses 50000)")

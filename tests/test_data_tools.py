@@ -433,6 +433,20 @@ def test_bad_line_leaves_nothing(tiny, tmp_path, bad):
     assert not (tmp_path / "out").exists()
 
 
+def test_documents_left_out_of_tokenizer_training_are_counted(tmp_path):
+    """SentencePiece skips training documents over its max_sentence_length without a word: the count is told."""
+    texts = small_corpus(120)
+    src = write_jsonl(tmp_path / "docs.jsonl", texts)
+    over = sum(len(t.encode()) > 100 for t in texts[20:])
+    assert 0 < over < 100
+    for limit, note in ((100, f"note: {over:,} of 100 tokenizer-training documents are over --max-doc-bytes=100"),
+                        (10_000, None)):
+        r = tokenize(src, "--out-dir", tmp_path / f"o{limit}", "--vocab-size", 300, "--val-docs", 20, "--workers", 1,
+                     "--max-doc-bytes", limit)
+        assert r.returncode == 0, r.stderr
+        assert (note in r.stdout) if note else "--max-doc-bytes" not in r.stdout, r.stdout
+
+
 def test_tokenize_bad_arguments(tiny, tmp_path):
     texts, out = tiny
     src = write_jsonl(tmp_path / "docs.jsonl", texts[:10])
