@@ -44,7 +44,8 @@ decode(text) inverts it: decode(encode(t)) == t for every str t. Reading left to
   a letter -> written as is, unless made uppercase by the rules above
   other    -> written as is; ends a word
 An operator in a place encode never puts one (a dangling operator, TITLE inside a word, ESC before
-a non-operator, an uppercase ASCII letter in the text) raises CaseOpsError.
+a non-operator, an uppercase ASCII letter in the text) raises CaseOpsError, as does any other string
+encode never makes (CAPNEXT + "a" for "A"): decode is one-to-one.
 
 byte_weights(transformed) gives, per character of a transformed string, how many bytes of the
 ORIGINAL text's UTF-8 it stands for: 0 for an acting operator (TITLE, ALLCAPS, CAPNEXT, ESC),
@@ -150,7 +151,10 @@ def decode(text: str) -> str:
             in_word = allcaps = False
     if escape or pending is not None or capnext:
         raise CaseOpsError(f"dangling {NAMES[ESC if escape else pending or CAPNEXT]} at the end")
-    return "".join(out)
+    original = "".join(out)
+    if encode(original) != text:  # operators each in an allowed place, yet not encode's choice ("\ue003a" for "A")
+        raise CaseOpsError("not the encoding encode gives (another operator spells the same case)")
+    return original
 
 
 def codepoints(text: str) -> np.ndarray:

@@ -68,7 +68,8 @@ def test_round_trip_random():
 
 
 @pytest.mark.parametrize("bad", [TITLE, "a" + TITLE + "b", TITLE + " x", CAPNEXT + ESC + TITLE, ESC + "a",
-                                 ESC, "Abc", ALLCAPS + TITLE + "a"])
+                                 ESC, "Abc", ALLCAPS + TITLE + "a",
+                                 CAPNEXT + "a", ALLCAPS + "a", TITLE + "a" + CAPNEXT + "b", CAPNEXT + "a" + CAPNEXT + "b"])
 def test_decode_refuses_what_encode_cannot_produce(bad):
     with pytest.raises(caseops.CaseOpsError):
         caseops.decode(bad)
