@@ -3564,7 +3564,7 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
     if not in_budget:  # training data read after the training budget: the score cannot count
         log(f"warning:hessians_outside_budget {data_s:.1f}s > MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: "
             f"final_valid:0 (raise GPTQ_RESERVE_SECONDS above {hess_s:.1f})")
-    meta = dict(tokenizer_sha256=tokenizer_sha)
+    meta = dict(tokenizer_sha256=tokenizer_sha, code_bytes=len(code))  # EVAL_ONLY counts the code that wrote it
     # Rank 0 alone quantizes and writes; every rank takes its size and path (ranks could round differently).
     blob, clip = quantize_within_budget(model.state_dict(), hessians, model.cfg, hp, len(code), log, meta) \
         if dctx.is_main else (None, None)
@@ -3716,14 +3716,24 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     log(f"attention:{attn_name}")
     model, load_s = reloaded_model(qstate, meta, path, dctx, attention, log, read_s)
     prime_s = prime_eval(model, meta["train_seq_len"], dctx, hp, log)  # as a training run does before its clock
-    size = path.stat().st_size
-    under_cap = size + len(code) <= ARTIFACT_LIMIT_BYTES  # a training run refuses to write it; scored here, never valid
+    size, code_bytes = path.stat().st_size, writer_code_bytes(meta, len(code), log)
+    under_cap = size + code_bytes <= ARTIFACT_LIMIT_BYTES  # a training run refuses to write it; scored here, never valid
     if not under_cap:
-        log(f"warning:artifact_over_limit artifact_bytes:{size + len(code)} limit:{ARTIFACT_LIMIT_BYTES} (this code's "
-            f"{len(code)} bytes counted): final_valid:0")
+        log(f"warning:artifact_over_limit artifact_bytes:{size + code_bytes} limit:{ARTIFACT_LIMIT_BYTES}: final_valid:0")
     scores = evaluator.score(model, meta["train_seq_len"], load_s, in_rules=under_cap)
-    return scores | dict(model_bytes=size, code_bytes=len(code), artifact_bytes=size + len(code),
+    return scores | dict(model_bytes=size, code_bytes=code_bytes, artifact_bytes=size + code_bytes,
                          eval_prime_seconds=prime_s)
+
+
+def writer_code_bytes(meta: dict, own: int, log) -> int:
+    """The code bytes an artifact counts: those of the code that wrote it (the one that trains and scores in a
+    submission, e.g. the packed file, while the readable one scores here), else this file's (older artifacts)."""
+    recorded = meta.get("code_bytes")
+    if type(recorded) is not int or recorded < 1:
+        log(f"warning:artifact_records_no_code_bytes (written before artifacts did): this file's {own} counted")
+        return own
+    log(f"code_bytes_counted:{recorded} (the code that wrote the artifact) this_file_bytes:{own}")
+    return recorded
 
 
 def run(hp: Hyperparameters) -> dict:

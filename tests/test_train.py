@@ -325,13 +325,21 @@ def test_eval_only_of_an_artifact_over_the_cap_is_not_valid(tiny_data, tmp_path)
                                                    VAL_MAX_TOKENS="0", TTT_ENABLED="0", DEVICE="cpu"))
     fits_code = bytes(1000)
     over_code = bytes(train_gpt.ARTIFACT_LIMIT_BYTES - path.stat().st_size + 1)
-    for code, valid in ((fits_code, 1), (over_code, 0)):
+    for code, valid in ((fits_code, 1), (over_code, 0)):  # an artifact that records no code: this file counted
         lines = []
         summary = train_gpt.score_only(hp, train_gpt.Dist(), lines.append, code)
-        assert summary["final_valid"] == valid
+        assert summary["final_valid"] == valid and summary["code_bytes"] == len(code)
         assert any(ln.startswith("warning:artifact_over_limit") for ln in lines) == (not valid)
         phase_lines = [ln for ln in lines if " val_bpb:" in ln and " valid:" in ln]
         assert phase_lines and all(f" valid:{valid} " in ln for ln in phase_lines), phase_lines
+    # One that records the code that wrote it counts that code (a packed file's), whatever file scores it now.
+    for written_by, valid in ((1000, 1), (len(over_code), 0)):
+        train_gpt.write_atomic(path, train_gpt.pack_artifact(qstate, dict(
+            model=train_gpt.dataclasses.asdict(cfg), train_seq_len=64, code_bytes=written_by)))
+        lines = []
+        summary = train_gpt.score_only(hp, train_gpt.Dist(), lines.append, fits_code if valid == 0 else over_code)
+        assert summary["final_valid"] == valid and summary["code_bytes"] == written_by
+        assert summary["artifact_bytes"] == path.stat().st_size + written_by
 
 
 def test_artifact_corruption_is_a_clear_error(tmp_path):
@@ -415,6 +423,8 @@ def test_wallclock_cap_stops_training_within_a_step(tiny_data, tmp_path, launche
     assert "train_clock_cap:2.0s" in text
     assert 2.0 <= secs < 2.0 + 3 * secs / steps  # at most ~one step (plus a read) past the cap
     assert summary["train_data_in_budget"] == "1" and "hessians_outside_budget" not in text
+    _, meta = train_gpt.read_artifact(tmp_path / "art" / "final_model_cap.int6.br")
+    assert meta["code_bytes"] == int(summary["code_bytes"])  # what EVAL_ONLY of it counts, whatever file scores it
 
 
 def test_hessians_past_the_training_budget_make_the_score_invalid(tiny_data, tmp_path, launcher):
