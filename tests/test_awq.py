@@ -178,3 +178,30 @@ def test_the_export_logs_the_groups_and_packs_them(quick_pack):  # noqa: F811
     assert len(awq) == 1 and f" up.0:{G} " in awq[0], awq
     q, _ = train_gpt.unpack_artifact(blob)
     assert q["mlp_up_bank"]["awq.cols"][0, G:2 * G].all() and int(q["mlp_up_bank"]["awq.cols"].sum()) == G
+
+
+def test_hessians_under_the_gpus_autocast_are_float32_and_positive_semidefinite(tiny_data, monkeypatch):
+    """On CUDA collect_hessians runs the model under bf16 autocast (autocast_ctx); emulated here with CPU autocast,
+    which recasts matmuls the same way: every Hessian is float32, symmetric and positive semidefinite, the sum of
+    the rows the tap saw in fp32 (a bf16 sum was neither: results/2026-12-07_hessian_precision_cpu)."""
+    data, _ = tiny_data
+    cfg = train_gpt.ModelConfig(**{**small_cfg().__dict__, "vocab_size": 1024})
+    model = train_gpt.GPT(cfg)
+    hp = train_gpt.Hyperparameters({"GPTQ_CALIBRATION_BATCHES": "4", "TRAIN_SEQ_LEN": "32", "VOCAB_SIZE": "1024"})
+    files = train_gpt.shard_files(str(data), "train")
+    seen = {}
+
+    class Keeping(train_gpt.HessianRecorder):
+        def __call__(self, key, x):
+            seen.setdefault(key, []).append(x.detach().reshape(-1, x.size(-1)).double())
+            super().__call__(key, x)
+    monkeypatch.setattr(train_gpt, "HessianRecorder", Keeping)
+    monkeypatch.setattr(train_gpt, "autocast_ctx", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    means = train_gpt.collect_hessians(model, files, hp, 3, train_gpt.Dist())
+    assert set(means) == set(seen)
+    for key, H in means.items():
+        xs = torch.cat(seen[key])
+        ref = xs.T @ xs / len(xs)
+        assert H.dtype == torch.float32, key
+        assert ((H.double() - ref).norm() / ref.norm()).item() < 1e-5, key
+        assert torch.linalg.eigvalsh(H.double()).min().item() >= -1e-6 * ref.diagonal().max().item(), key
