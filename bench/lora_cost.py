@@ -16,6 +16,8 @@ WORLD_SIZE=N the documents of every global chunk are split over N ranks as eval_
 length), and the ranks wait for each other at each chunk's end (the global update): the counts are then the
 critical path, per chunk the busiest rank's steps plus, separately, the busiest rank's tokens (an upper
 bound when those are two ranks). Many chunks and few documents per rank mean more steps, each smaller.
+Not counted: the base model's SGD update after each global chunk but the last (TTT_EPOCHS passes forward and
+backward over the chunk's tokens): global_chunks - 1 of them, of a size set by TTT_LORA_PHASE_TOKENS.
 """
 import os
 import sys

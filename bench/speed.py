@@ -144,7 +144,7 @@ def bench(name: str, overrides: dict, looped: bool, args):
     val = np.random.default_rng(1).integers(0, hp.vocab_size, size=args.eval_tokens + 1).astype(np.uint16)
     # Every target charged one byte: the timing does not depend on the byte count.
     val = train_gpt.ValSet(val, np.ones(len(val) - 1, dtype=np.int32), "tokenizer")
-    phase = train_gpt.Phase("sliding", hp.eval_seq_len, hp.eval_stride or hp.eval_seq_len)
+    phase = train_gpt.Phase("sliding", hp.eval_seq_len, hp.eval_stride or hp.eval_seq_len, tilt=hp.ngram_tilt)  # as scored
     # Warm-up on a short prefix: builds kernel plans and, with EVAL_COMPILE on, the compiled graph
     # (reused by later calls on the same model), so the timing below is the steady-state rate.
     train_gpt.eval_tokens(model, val.prefix(2 * hp.eval_seq_len + 1), dctx, hp, phase)

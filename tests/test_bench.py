@@ -91,6 +91,12 @@ def test_protocol_candidate_is_the_default_plus_its_env_and_overrides_win(tmp_pa
     assert seen["TRAIN_BATCH_TOKENS"] == "98304" and seen["MAX_WALLCLOCK_SECONDS"] == "240"
     assert {k: seen[k] for k in lever} == lever | {first: off}
     assert "VAL_FILES" not in seen and "VAL_MAX_TOKENS" not in seen
+    assert "warning: knobs from the environment" not in res.stderr
+    # A knob exported in the shell reaches the run: the protocol says which.
+    res = subprocess.run(["bash", "bench/protocol.sh", "default"], cwd=ROOT, env=env | dict(NUM_LAYERS="5"),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "NUM_LAYERS=5" in res.stdout, res.stderr
+    assert res.stderr.strip() == "warning: knobs from the environment reach this protocol run: NUM_LAYERS=5"
     # EVAL_SHARE=1: one GPU's share of FineWeb val, read from the bench train shard
     res = subprocess.run(["bash", "bench/protocol.sh", "default", "EVAL_ONLY=a.br"], cwd=ROOT, env=env | dict(EVAL_SHARE="1"),
                          capture_output=True, text=True, timeout=60)
