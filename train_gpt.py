@@ -1605,6 +1605,8 @@ def awq_problem(entry: dict) -> str | None:
         return "awq.scale does not match the row scales"
     return None
 
+GPTQ_KIND = re.compile(r"int(\d)_rows")  # the kind quantize_state gives a GPTQ'd matrix, by its bits
+
 
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict | None, num_layers: int,
                    matrix_bits: int, matrix_clip: float, embed_bits: int, embed_clip: float,
@@ -1838,7 +1840,7 @@ RANS_MAX_SYMBOLS = 1 << 28  # a bound for reading: no artifact under the cap hol
 
 
 def rans_coded(kind: str, field: str) -> bool:
-    bits = re.fullmatch(r"int(\d)_rows", kind)
+    bits = GPTQ_KIND.fullmatch(kind)
     return field == "q" and bits is not None and int(bits[1]) <= 6
 
 
@@ -1972,7 +1974,8 @@ def entry_problem(entry: dict) -> str | None:
     holds int8 codes `q` and a float16 scale per row, beside which only LQER and AWQ fields (checked apart)."""
     if entry["kind"] == "fp16":
         return None if set(entry) == {"kind", "w"} and entry["w"].dtype == torch.float16 else "fp16 holds one float16 w"
-    if not re.fullmatch(r"int[2-8]_rows", entry["kind"]):
+    bits = GPTQ_KIND.fullmatch(entry["kind"])
+    if bits is None or not 2 <= int(bits[1]) <= 8:
         return f"unknown kind {entry['kind'][:20]!r}"
     q, scale = entry.get("q"), entry.get("scale")
     if q is None or scale is None or q.dtype != torch.int8 or q.ndim < 2 or scale.dtype != torch.float16 \
