@@ -41,15 +41,16 @@ def corpus_docs() -> tuple[str, ...]:
         return tuple(json.loads(line)["text"] for line in f)
 
 
-def train_tokenizer(path: Path, vocab: int, texts) -> Path:
+def train_tokenizer(path: Path, vocab: int, texts, **settings) -> Path:
     """A SentencePiece BPE model of exactly `vocab` pieces, trained as the bench tokenizers were: byte
-    fallback, no dummy prefix, split digits, nmt_nfkc normalization, pad 0 / bos 1 / eos 2 / unk 3."""
+    fallback, no dummy prefix, split digits, nmt_nfkc normalization, pad 0 / bos 1 / eos 2 / unk 3;
+    `settings` (SentencePiece's trainer options) change any of them."""
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
+    spm.SentencePieceTrainer.train(**dict(
         sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=vocab,
         byte_fallback=True, add_dummy_prefix=False, split_digits=True, normalization_rule_name="nmt_nfkc",
         character_coverage=0.9995, hard_vocab_limit=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-        num_threads=1, minloglevel=2)
+        num_threads=1, minloglevel=2) | settings)
     path.write_bytes(model.getvalue())
     got = spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
     assert got == vocab, f"{path}: the corpus gave {got} pieces, not {vocab}"

@@ -7,7 +7,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt
-from conftest import corpus_docs
+from conftest import VAL_DOCS, corpus_docs, train_tokenizer
 
 EXOTIC = [
     "naïve café — Ωmega ∑ résumé",
@@ -47,15 +47,11 @@ def test_corpus_docs_byte_exact(tokenizer, vocab):
 def test_lut_is_byte_exact_for_other_sentencepiece_settings(tmp_path, settings, inner_space):
     """Tokenizers load_tokenizer accepts beyond the bench's: pieces with '▁' inside or at the end (one byte each,
     not three), and decoders that keep or drop a document's first space."""
-    model = tmp_path / "t.model"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus_docs()[12:]), model_prefix=str(tmp_path / "t"), model_type="bpe", vocab_size=512,
-        byte_fallback=True, character_coverage=0.9995, hard_vocab_limit=False, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
-        num_threads=1, minloglevel=2, **{"add_dummy_prefix": False, "normalization_rule_name": "nmt_nfkc"} | settings)
-    sp = train_gpt.load_tokenizer(str(model), spm.SentencePieceProcessor(model_file=str(model)).vocab_size())
-    lut = train_gpt.build_byte_lut(sp, sp.vocab_size())
+    model = train_tokenizer(tmp_path / "t.model", 512, corpus_docs()[VAL_DOCS:], **settings)
+    sp = train_gpt.load_tokenizer(str(model), 512)
+    lut = train_gpt.build_byte_lut(sp, 512)
     assert any("\u2581" in sp.id_to_piece(i)[1:] for i in range(sp.vocab_size())) == inner_space
-    for text in list(corpus_docs()[:12]) + EXOTIC:
+    for text in list(corpus_docs()[:VAL_DOCS]) + EXOTIC:
         ids = sp.encode(text)
         assert doc_bytes(lut, ids) == len(sp.decode(ids).encode("utf-8")), text[:60]
 
