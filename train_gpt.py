@@ -2210,6 +2210,7 @@ class Phase:
     reference: bool = False   # not the score: a comparison, run only in the time left
     tilt: bool = False        # token-only n-gram tilt of the scored NLL (NGRAM_* knobs)
     lora: bool = False        # TTT scores whole documents with per-document LoRA (TTT_LORA_* knobs)
+    looped: bool = True       # the layer order scored: training's checks before the loop turns on score the plain one
 
     @property
     def legal(self) -> bool:
@@ -2333,13 +2334,13 @@ def eval_compiles(hp: Hyperparameters, device: torch.device) -> bool:
     return hp.eval_compile is True or (hp.eval_compile == AUTO and compile_applies(hp, device))
 
 
-def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device):
-    """The looped model's hidden states (per-document adapted with a LoRA), compiled per EVAL_COMPILE with
-    the batch and length dims dynamic: one graph without the LoRA (windows of every phase, and documents once
+def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device, looped: bool):
+    """The model's hidden states in the layer order given (per-document adapted with a LoRA), compiled per
+    EVAL_COMPILE with the batch and length dims dynamic: one graph without the LoRA (windows of every phase, and documents once
     the budget stopped the adapting; the weights frozen in both), one with the LoRA and grad and, for
     TTT_LORA_GRAD_CONTEXT's scoring passes, one with the LoRA without grad."""
     def hidden(x, lora=None):
-        return model.hidden(x, looped=True, lora=lora)
+        return model.hidden(x, looped=looped, lora=lora)
     if not eval_compiles(hp, device):
         return hidden
     configure_inductor()  # as training compiles: an EVAL_ONLY run builds the kernels that a training run's eval does
@@ -2379,7 +2380,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         chunks = phase_chunks(prev, phase, hp, action == "abandon", n)
         spans, n_spans = list(range(len(chunks))), len(chunks)  # chunk c is the stream's span c
     adapter = TTTUpdater(model, hp, dctx) if phase.ttt else None
-    pace, hidden = Pace(dctx, n_spans), eval_forward(model, hp, dctx.device)
+    pace, hidden = Pace(dctx, n_spans), eval_forward(model, hp, dctx.device, phase.looped)
     hints = phase_hints(tokens, phase, hp, log)  # inside the phase's clock: it is part of the evaluation
     for c, (items, lo, hi) in enumerate(chunks):
         mine = rank_share(items, dctx.rank, dctx.world_size, ends[items] - starts[items] if phase.lora else None)
@@ -2898,9 +2899,9 @@ class Evaluator:
     log: object
     full_val: bool  # scores_whole_val, read once when the val set is
 
-    def quick(self, model: GPT, seq_len: int) -> tuple[float, float]:
-        """(val_loss, val_bpb) over plain windows: the checks during training."""
-        phase = Phase("val", seq_len, seq_len)
+    def quick(self, model: GPT, seq_len: int, looped: bool) -> tuple[float, float]:
+        """(val_loss, val_bpb) over plain windows in the layer order given: the checks during training."""
+        phase = Phase("val", seq_len, seq_len, looped=looped)
         return eval_tokens(model, self.val, self.dctx, self.hp, phase).totals()
 
     def score(self, model: GPT, train_seq_len: int, load_seconds: float, in_rules: bool) -> dict:
@@ -3270,7 +3271,8 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
             if queued:
                 log_train_step(hp, dctx, clock, cap_ms, queued, log)
                 queued = None
-            last_val = evaluator.quick(trainer.model, hp.train_seq_len)  # off the clock
+            # off the clock; the model as trained so far, and at the end as it is exported and scored: looped
+            last_val = evaluator.quick(trainer.model, hp.train_seq_len, looped or bool(done))
             log(f"step:{step}/{hp.iterations} val_loss:{last_val[0]:.4f} val_bpb:{last_val[1]:.4f} "
                 f"train_time:{clock.ms / 1000:.1f}s step_avg:{clock.ms / max(step, 1):.2f}ms")
             clock.resume()
@@ -3668,7 +3670,7 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
             f"peak_mem_reserved_mib:{torch.cuda.max_memory_reserved() >> 20}")
     artifact, figures = export(hp, dctx, trainer, train_files, result, code, run_id, tokenizer_sha, log)
     # Before the cap check, so that a run whose artifact is over the cap still reports its model.
-    prequant = evaluator.quick(model, hp.train_seq_len) if hp.ema_decay else result["val"]
+    prequant = evaluator.quick(model, hp.train_seq_len, looped=True) if hp.ema_decay else result["val"]
     log(f"prequant val_loss:{prequant[0]:.8f} val_bpb:{prequant[1]:.8f}")
     if figures["artifact_bytes"] > ARTIFACT_LIMIT_BYTES:
         raise UserError(f"artifact {figures['artifact_bytes']} bytes (model {figures['model_bytes']} + code "

@@ -60,9 +60,11 @@ def test_even_batches_cover_in_order_without_singletons(n, size):
     assert n < 2 or min(len(b) for b in batches) >= 2
 
 
-def test_sliding_scores_match_direct_forward():
+@pytest.mark.parametrize("looped", [True, False])
+def test_sliding_scores_match_direct_forward(looped):
+    """In the phase's layer order: training's checks before the loop turns on score the plain order."""
     hp, model, tokens, val = setup()
-    scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, phase())
+    scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, Phase("test", 32, 8, looped=looped))
     assert (scores.count == 1).all()
     # target t = 200 is scored by the window ending at the first end >= 200, with its 32 tokens
     ends = train_gpt.window_ends(len(tokens), 32, 8)
@@ -70,8 +72,8 @@ def test_sliding_scores_match_direct_forward():
     x = torch.from_numpy(tokens[e - 32:e].astype(np.int64))[None]
     y = torch.from_numpy(tokens[e - 31:e + 1].astype(np.int64))[None]
     with torch.no_grad():
-        direct = model(x, y, looped=True)[0, 200 - (e - 31)].item()
-    assert abs(scores.nll[199].item() - direct) < 1e-5
+        direct, other = (model(x, y, looped=lp)[0, 200 - (e - 31)].item() for lp in (looped, not looped))
+    assert abs(scores.nll[199].item() - direct) < 1e-5 and abs(direct - other) > 1e-3
 
 
 @pytest.mark.parametrize("ttt,slot", [(False, "off"), (True, "off"), (False, "context"), (True, "context")])

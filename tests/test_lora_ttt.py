@@ -178,7 +178,7 @@ def test_compiled_lora_scoring_takes_every_window_length_in_one_dynamic_graph(mo
                                                            TTT_LORA_GRAD_CONTEXT=ctx))
             out = outs[ctx, flag] = train_gpt.TokenScores.zeros(n, cpu)
             counters.clear()
-            train_gpt.score_docs(model, train_gpt.eval_forward(model, hp, cpu), torch.from_numpy(tokens.astype(np.int64)),
+            train_gpt.score_docs(model, train_gpt.eval_forward(model, hp, cpu, True), torch.from_numpy(tokens.astype(np.int64)),
                                  starts, ends, ph, out, hp, None, train_gpt.LoRA(model.cfg, 3, 4, cpu))
             graphs.append(counters["stats"]["unique_graphs"])
     assert sorted(seen) == [64, 128, 192, 256]
@@ -198,7 +198,7 @@ def test_documents_score_the_same_alone_or_in_a_batch():
     starts, ends = train_gpt.doc_spans(tokens)
     n, cpu = len(tokens) - 1, torch.device("cpu")
     together, alone = train_gpt.TokenScores.zeros(n, cpu), train_gpt.TokenScores.zeros(n, cpu)
-    rows, hidden = [], train_gpt.eval_forward(model, hp, cpu)
+    rows, hidden = [], train_gpt.eval_forward(model, hp, cpu, True)
     args = (model, lambda x, lora: rows.append(len(x)) or hidden(x, lora), torch.from_numpy(tokens.astype(np.int64)))
     lora = train_gpt.LoRA(model.cfg, 3, 4, cpu)
     train_gpt.score_docs(*args, starts[1:4], ends[1:4], lora_phase(), together, hp, None, lora)

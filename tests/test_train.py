@@ -172,7 +172,7 @@ def test_seq_schedule_trains_each_length_in_turn_and_rewarms_the_lr(tiny_data, m
     monkeypatch.setattr(trainer, "step", lambda k, lr, looped: lrs.append(lr) or real_step(k, lr, looped))
 
     class NoVal:
-        def quick(self, model, seq_len):
+        def quick(self, model, seq_len, looped):
             return 0.0, 0.0
     lines = []
     result = train_gpt.train(hp, dctx, trainer, train_gpt.shard_files(str(data), "train"), NoVal(), lines.append)
@@ -198,21 +198,26 @@ def test_iterations_that_end_before_the_clock_still_run_the_whole_schedule(tiny_
                                         NUM_KV_HEADS="1", VOCAB_SIZE="1024", TRAIN_SEQ_LEN="32", LOOP_START="1",
                                         LOOP_END="1", PARALLEL_RESIDUAL_START="2", ROPE_DIMS="8", XSA_LAST_N="3",
                                         TRAIN_BATCH_TOKENS="128", ITERATIONS="10", WARMUP_STEPS="0",
-                                        VAL_LOSS_EVERY="0", EMA_DECAY="0", MAX_WALLCLOCK_SECONDS="600",
+                                        VAL_LOSS_EVERY="2", EMA_DECAY="0", MAX_WALLCLOCK_SECONDS="600",
                                         DATA_PATH=str(data)))
     dctx = train_gpt.setup_distributed(hp)
     trainer = train_gpt.Trainer(hp, dctx, train_gpt.GPT(hp.model_config()))
     lrs, real_step = [], trainer.step
     monkeypatch.setattr(trainer, "step", lambda k, lr, looped: lrs.append((lr, looped)) or real_step(k, lr, looped))
 
-    class NoVal:
-        def quick(self, model, seq_len):
+    class Checks:  # the layer order each check scores
+        orders = []
+
+        def quick(self, model, seq_len, looped):
+            self.orders.append(looped)
             return 0.0, 0.0
-    lines = []
-    result = train_gpt.train(hp, dctx, trainer, train_gpt.shard_files(str(data), "train"), NoVal(), lines.append)
+    lines, checks = [], Checks()
+    result = train_gpt.train(hp, dctx, trainer, train_gpt.shard_files(str(data), "train"), checks, lines.append)
     assert result["steps"] == 10 and result["stop_reason"] == "iterations"
     assert "layer_loop:enabled step:4 progress:0.400" in lines
     assert [looped for _, looped in lrs] == [False] * 4 + [True] * 6
+    # VAL_LOSS_EVERY=2: the check at step 2 scores the plain order being trained, those from step 4 on the loop
+    assert checks.orders == [False, True, True, True, True]
     assert lrs[-1][0] == pytest.approx(train_gpt.lr_multiplier(0.9, hp.warmdown_frac, hp.min_lr))
 
 
