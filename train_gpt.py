@@ -196,8 +196,9 @@ OPTIMIZER_KNOBS = [
     Knob("BETA2", 0.95, "Adam beta2", 0, 1),
     Knob("GRAD_CLIP_NORM", 0.3, "global gradient norm clip; 0 = off", 0),
     Knob("EMA_DECAY", 0.997, "EMA of weights used for export; 0 = off", 0, 1),
-    Knob("WARMDOWN_FRAC", 0.72, "LR decays linearly to MIN_LR over the last fraction of the clock", 0, 1),
-    Knob("MIN_LR", 0.1, "LR multiplier floor at the end of warmdown", 0, 1),
+    Knob("WARMDOWN_FRAC", 0.72, "the LR multiplier falls linearly from 1 toward 0 over this last fraction of training "
+         "(progress: the larger of the clock's share and steps/ITERATIONS), held at MIN_LR once it reaches it", 0, 1),
+    Knob("MIN_LR", 0.1, "LR multiplier floor in the warmdown", 0, 1),
 ]
 EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("EVAL_SEQ_LEN", 2048, "window length of sliding and TTT evaluation", 8),
@@ -400,6 +401,9 @@ def validate(hp: Hyperparameters):
     need(not hp.num_loops or hp.enable_looping_at < 1,
          f"ENABLE_LOOPING_AT={hp.enable_looping_at}: must be < 1 with NUM_LOOPS={hp.num_loops} (the looped model is "
          "what is exported and scored: it must train), or NUM_LOOPS=0")
+    for name in ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY"):
+        value = getattr(hp, name.lower())  # at 1 the average never moves: an EMA would export the initial weights
+        need(value < 1, f"{name}={value}: expected a value in [0, 1) (at 1 its average never moves)")
     polar_steps = len(NS_SCHEDULES["polar"][1])
     need(hp.muon_ns_schedule != "polar" or hp.muon_backend_steps >= polar_steps,
          f"MUON_BACKEND_STEPS={hp.muon_backend_steps}: Polar Express needs >= {polar_steps} (its early "
@@ -1423,7 +1427,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dctx: Dist, direction=muon
 
 
 def lr_multiplier(progress: float, warmdown_frac: float, min_lr: float) -> float:
-    """1 until the last warmdown_frac of training, then linear down to min_lr."""
+    """1 until the last warmdown_frac of training, then linear toward 0, floored at min_lr."""
     if warmdown_frac <= 0 or progress < 1 - warmdown_frac:
         return 1.0
     return max((1 - progress) / warmdown_frac, min_lr)
