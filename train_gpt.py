@@ -250,8 +250,9 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("NGRAM_GAMMA", 1.0, "a boost that shrinks where the model already expects the hint (above); 0 = e^NGRAM_BETA "
          "everywhere", 0),
     Knob("DUMP_TOKEN_NLL", "", "write per-target NLL (float32) and bytes (uint16) of the final phase, in val order"),
-    Knob("LEGALITY_CHECK", False, "before scoring, prove each enabled eval mode causal on a val prefix (four "
-         "TTT chunks, eager, its chunks capped at 8192 tokens: the legal loop is the same at any size)"),
+    Knob("LEGALITY_CHECK", False, "before scoring, check each enabled eval mode on a val prefix (four TTT chunks, "
+         "eager, its chunks capped at 8192 tokens): no score up to p moves when the tokens after p do, at points "
+         "after updates and inside chunks. It cannot see a score that reads its own target (the tests do)"),
     Knob("EVAL_BUDGET_SECONDS", 600.0, "evaluation time budget (8-GPU scale), from the artifact's load on: phases "
          "are timed against it", 0),
     Knob("TTT_BUDGET_STOP", True, "stop TTT's updates (still scoring) once its pace projects past EVAL_BUDGET_SECONDS"),
@@ -2794,17 +2795,23 @@ class TTTUpdater:
         self.opt.step()
 
 
-def perturbation_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) -> list[int]:
-    """The positions p that the legality check perturbs after, one stream each. Windows: near the middle,
-    inside the stride a window scores. LoRA, in the document nearest the middle with three chunks (else the
-    one there): a chunk's middle (a score reading later targets of its own chunk changes), the first target
-    after the document's second step (a step that read two or more targets past its chunk changes it: a
-    step reading one reads target p itself, which no perturbation after p can show) and, with
+def perturbation_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters, world_size: int) -> list[int]:
+    """The positions p that the legality check perturbs after, one stream each (hp: the check's own knobs).
+    A first target after an update catches an update that read two or more targets past what it had scored
+    (one that read one reads target p itself, which no perturbation after p can show: the state tests do).
+    Windows: near the middle, inside the stride a window scores; with TTT, also the first target after a
+    chunk's update. LoRA: the first target after a global update near the middle and, in the document
+    nearest the middle with three chunks (else the one there), a chunk's middle (a score reading later
+    targets of its own chunk changes), the first target after the document's second step and, with
     TTT_LORA_GRAD_CONTEXT, the first target after the first step that updates in a pass of its own."""
     mid = len(tokens) // 2
     if not phase.lora:
-        return [mid // phase.stride * phase.stride + phase.stride // 2]
+        points = {mid // phase.stride * phase.stride + phase.stride // 2}
+        after = max(mid // hp.ttt_chunk_tokens, 1) * hp.ttt_chunk_tokens + 1
+        return sorted(points | ({after} if phase.ttt and after < len(tokens) - 1 else set()))
     starts, ends = doc_spans(tokens)
+    updated = [hi for _, _, hi in doc_chunks(starts, ends, lora_chunk_tokens(hp, world_size))[:-1]]
+    points = {min(updated, key=lambda hi: abs(hi - mid)) + 1} if updated else set()
     bounds = [s + chunk_bounds(e - s, hp, True, phase.seq_len) for s, e in zip(starts, ends)]
     movable = [np.minimum(b[1:], e - 1) - b[:-1] for b, e in zip(bounds, ends)]  # not the BOS at e
     usable = [int((m[2:] >= 2).any()) for m in movable]  # a chunk after two steps that the check can straddle
@@ -2812,9 +2819,9 @@ def perturbation_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) -
     b, m = bounds[d], movable[d]
     ok = np.flatnonzero(m >= 2)
     if len(ok) == 0:  # a document too short to straddle: any position still checks causality
-        return [mid]
+        return sorted(points | {mid})
     j = ok[np.minimum(ok, 2) == min(ok.max(), 2)][0]  # as many steps before it as the document allows, up to two
-    points = {int(b[j] + m[j] // 2), int(b[j] + 1)}
+    points |= {int(b[j] + m[j] // 2), int(b[j] + 1)}
     plan = step_plan(starts[[d]], ends[[d]], hp, True, phase.seq_len)
     own = [k for k, (*_, grad_begin) in enumerate(plan) if grad_begin is not None]
     if own and own[0] + 1 < len(m) and m[own[0] + 1] >= 2:
@@ -2860,10 +2867,10 @@ def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, pha
     batch, hence the shapes of the arithmetic, not what any score sees. Every pass runs eager, on
     deterministic kernels and reproducible attention, so that only the data can tell them apart; where they
     differ, the unperturbed stream is scored again, and if that differs too the check is inconclusive (None)."""
-    points = perturbation_points(val.tokens, phase, hp)
+    eager = check_knobs(hp, dctx.world_size)
+    points = perturbation_points(val.tokens, phase, eager, dctx.world_size)
     if log is not None:
         log(f"legality_check phase:{phase.name} points:{','.join(map(str, points))}")
-    eager = check_knobs(hp, dctx.world_size)
 
     def scores(v: ValSet) -> torch.Tensor:
         return eval_tokens(model.replica(reproducible_attention), v, dctx, eager, phase).nll

@@ -62,18 +62,20 @@ def test_even_batches_cover_in_order_without_singletons(n, size):
 
 @pytest.mark.parametrize("looped", [True, False])
 def test_sliding_scores_match_direct_forward(looped):
-    """In the phase's layer order: training's checks before the loop turns on score the plain order."""
+    """Each target from the window that scores it, at its place there (the first window's targets, one in the
+    middle of a stride, a window's last, the last partial window's), in the phase's layer order: training's
+    checks before the loop turns on score the plain one."""
     hp, model, tokens, val = setup()
     scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, Phase("test", 32, 8, looped=looped))
     assert (scores.count == 1).all()
-    # target t = 200 is scored by the window ending at the first end >= 200, with its 32 tokens
     ends = train_gpt.window_ends(len(tokens), 32, 8)
-    e = int(ends[np.searchsorted(ends, 200)])
-    x = torch.from_numpy(tokens[e - 32:e].astype(np.int64))[None]
-    y = torch.from_numpy(tokens[e - 31:e + 1].astype(np.int64))[None]
-    with torch.no_grad():
-        direct, other = (model(x, y, looped=lp)[0, 200 - (e - 31)].item() for lp in (looped, not looped))
-    assert abs(scores.nll[199].item() - direct) < 1e-5 and abs(direct - other) > 1e-3
+    for t in (1, 17, 32, 197, 200, 297, 300):  # target t: the window ending at the first end >= t, its 32 tokens
+        e = int(ends[np.searchsorted(ends, t)])
+        x = torch.from_numpy(tokens[e - 32:e].astype(np.int64))[None]
+        y = torch.from_numpy(tokens[e - 31:e + 1].astype(np.int64))[None]
+        with torch.no_grad():
+            direct, other = (model(x, y, looped=lp)[0, t - (e - 31)].item() for lp in (looped, not looped))
+        assert abs(scores.nll[t - 1].item() - direct) < 1e-5 and abs(direct - other) > 1e-4, t
 
 
 @pytest.mark.parametrize("ttt,slot", [(False, "off"), (True, "off"), (False, "context"), (True, "context")])
@@ -133,6 +135,21 @@ def test_slot_fits_its_delta_in_float32_under_autocast(monkeypatch):
     plain = train_gpt.fit_slot_delta(model, h, y, mask, hp)
     monkeypatch.setattr(train_gpt, "autocast_ctx", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     assert torch.equal(train_gpt.fit_slot_delta(model, h, y, mask, hp), plain)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_an_update_that_reads_two_targets_past_its_chunk_fails_the_check(monkeypatch, lora):
+    """Windowed TTT's update, or LoRA TTT's global one, reading targets up to two past its chunk: the check
+    perturbs after the first target past an update (a read of one past is the state tests' to catch)."""
+    env = EVAL_ENV | (dict(TTT_LORA_RANK="4", TTT_LORA_LR="0", TTT_LORA_CHUNK="8", TTT_LORA_DOCS="3",
+                           TTT_LORA_PHASE_TOKENS="64") if lora else {})
+    _, model, tokens, val = setup()
+    hp, checked = train_gpt.Hyperparameters(env), Phase("ttt", 32, 8, ttt=True, lora=lora)
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, checked)
+    real = train_gpt.TTTUpdater._step
+    monkeypatch.setattr(train_gpt.TTTUpdater, "_step",  # each segment two targets later: it ends at hi + 2
+                        lambda self, tokens, starts, hi: real(self, tokens, [s + 2 for s in starts], hi + 2))
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, checked) is False
 
 
 def test_ttt_refuses_to_train_on_unscored_targets():

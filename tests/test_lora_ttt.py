@@ -342,7 +342,8 @@ def test_score_phases_runs_lora_ttt_and_checks_it():
     out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
     text = "\n".join(lines)
     docs = len(train_gpt.doc_spans(tokens)[0])
-    points = train_gpt.perturbation_points(val.prefix(4 * 64 + 1).tokens, train_gpt.plan_phases(hp, 32)[1], hp)
+    points = train_gpt.perturbation_points(val.prefix(4 * 64 + 1).tokens, train_gpt.plan_phases(hp, 32)[1],
+                                           train_gpt.check_knobs(hp, 1), 1)
     for key in ("legality_check tokens:", f"legality_check phase:ttt points:{','.join(map(str, points))}\n",
                 "legality_check phase:ttt passed:1", f"ttt_lora rank:4 targets:q,k,v,o,mlp,head lr:0.01 chunk:8 steps:{hp.ttt_lora_steps} batch_docs:3 docs:{docs} ",
                 "ngram_tilt:ttt ", "ttt val_loss:"):
