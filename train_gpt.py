@@ -1384,7 +1384,9 @@ class ParallelMuon(torch.optim.Optimizer):
         self.momentum.fill_(mom)
         gathers = []
         for p, grad, _ in self.pending:
-            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(grad))
+            if "momentum_buffer" not in self.state[p]:  # setdefault would build (and fill) a zero buffer every step
+                self.state[p]["momentum_buffer"] = torch.zeros_like(grad)
+            buf = self.state[p]["momentum_buffer"]
             update = self.direction(grad, buf, self.momentum, self.backend_steps, self.row_normalize,
                                     self.ns_schedule).to(p.dtype)
             if self.dctx.enabled:
