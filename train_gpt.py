@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: compressed model + this file
+RULE_SECONDS = 600.0  # the limits on training and on evaluation: a budget knob may be tighter for validity, never looser
 DOWNLOAD_HINT = "python3 data/cached_challenge_fineweb.py --variant sp8192 --repo-id kevclark/parameter-golf"
 
 
@@ -2947,6 +2948,7 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
             if not ok and phase.legal:
                 raise UserError(f"legality check failed for phase {phase.name}: scores depend on later tokens")
     results, elapsed, final = {}, load_seconds, None
+    limit = min(hp.eval_budget_seconds, RULE_SECONDS)  # what a valid score may take; the knob alone paces phases
     for phase in phases:
         t0, graphs0 = time.perf_counter(), compiled_graph_count()
         time_left = max(hp.eval_budget_seconds - elapsed, 0.0)
@@ -2960,7 +2962,7 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
             continue
         val_loss, val_bpb = scores.totals()
         finite = math.isfinite(val_loss) and math.isfinite(val_bpb)
-        in_budget = elapsed <= hp.eval_budget_seconds  # every phase so far counted, as the run spent it
+        in_budget = elapsed <= limit  # every phase so far counted, as the run spent it
         valid = phase.legal and finite and countable and in_budget
         log(f"{phase.name} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{secs:.1f}s valid:{int(valid)} "
             f"new_graphs:{compiled_graph_count() - graphs0}")
@@ -2970,9 +2972,10 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
         if phase.legal and not phase.reference:
             final = dict(phase=phase.name, loss=val_loss, bpb=val_bpb, scores=scores, valid=valid, done_at=elapsed)
     log(f"eval_total_time:{elapsed:.1f}s budget:{hp.eval_budget_seconds:.0f}s")
-    if final["done_at"] > hp.eval_budget_seconds:
-        log(f"warning:eval_over_budget phase:{final['phase']} done at {final['done_at']:.1f}s > EVAL_BUDGET_SECONDS="
-            f"{hp.eval_budget_seconds:.0f}: final_valid:0 (drop phases before it, or shorten TTT)")
+    if final["done_at"] > limit:
+        log(f"warning:eval_over_budget phase:{final['phase']} done at {final['done_at']:.1f}s > {limit:.0f}s "
+            f"(EVAL_BUDGET_SECONDS={hp.eval_budget_seconds:.0f}, the rule {RULE_SECONDS:.0f}): final_valid:0 (drop "
+            "phases before it, or shorten TTT)")
     if hp.dump_token_nll and dctx.is_main:
         dump_token_scores(Path(hp.dump_token_nll), final["scores"])
     return dict(final_phase=final["phase"], final_val_loss=final["loss"], final_val_bpb=final["bpb"],
@@ -3565,6 +3568,12 @@ def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, T
     return model, trainer
 
 
+def train_limit(hp: Hyperparameters) -> float:
+    """Seconds within which a valid run's training (the Hessians included) ends: MAX_WALLCLOCK_SECONDS where it is
+    tighter than the rule (0, no cap: the rule's)."""
+    return min(hp.max_wallclock_seconds or RULE_SECONDS, RULE_SECONDS)
+
+
 def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, result: dict, code: bytes, run_id: str,
            tokenizer_sha: str, log) -> tuple[Path, dict]:
     """EMA weights -> Hessians (train data, inside the training budget) -> GPTQ -> the artifact, made and written
@@ -3576,13 +3585,16 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
     synchronize(dctx.device)  # the last batch's work may still be queued
     hess_s = dctx.all_reduce_max(time.perf_counter() - t0)
     data_s = result["train_ms"] / 1000 + hess_s
-    in_budget = not hp.max_wallclock_seconds or data_s <= hp.max_wallclock_seconds
+    limit = train_limit(hp)
+    in_budget = data_s <= limit
     log(f"gptq_hessians:{len(hessians)} batches:{hp.gptq_calibration_batches} time:{hess_s:.1f}s "
         f"train_data_last_touched:{data_s:.1f}s")
     if not in_budget:  # training data read after the training budget: the score cannot count
-        log(f"warning:hessians_outside_budget {data_s:.1f}s > MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: "
-            f"final_valid:0 (raise GPTQ_RESERVE_SECONDS above {hess_s:.1f})")
-    meta = dict(tokenizer_sha256=tokenizer_sha, code_bytes=len(code))  # EVAL_ONLY counts the code that wrote it
+        log(f"warning:hessians_outside_budget {data_s:.1f}s > {limit:.0f}s (MAX_WALLCLOCK_SECONDS="
+            f"{hp.max_wallclock_seconds}, the rule {RULE_SECONDS:.0f}): final_valid:0 (lower MAX_WALLCLOCK_SECONDS "
+            f"or raise GPTQ_RESERVE_SECONDS above {hess_s:.1f})")
+    # EVAL_ONLY counts the code that wrote it and scores it as valid only where its training kept the budget
+    meta = dict(tokenizer_sha256=tokenizer_sha, code_bytes=len(code), train_data_in_budget=int(in_budget))
     # Rank 0 alone quantizes and writes; every rank takes its size and path (ranks could round differently).
     blob, clip = quantize_within_budget(model.state_dict(), hessians, model.cfg, hp, len(code), log, meta) \
         if dctx.is_main else (None, None)
@@ -3720,7 +3732,8 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     qstate, meta = read_artifact(path)
     read_s = time.perf_counter() - t0
     # its model config checked (artifact_model's rules) before the val data is read for it
-    trained = dataclasses.asdict(saved_model_config(meta.get("model", {}), f"artifact {path}"))
+    trained = dataclasses.asdict(saved_model_config(meta.get("model", {}), f"artifact {path}")) | dict(
+        train_seq_len=meta["train_seq_len"])  # the roundtrip's window, as its training run scored
     evaluator, tokenizer_sha = load_evaluator(hp, dctx, log, trained["vocab_size"],
                                               vocab_owner=f"the vocab of artifact {path}")
     check_artifact_tokenizer(meta, path, tokenizer_sha, hp.tokenizer_path)
@@ -3738,7 +3751,12 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     under_cap = size + code_bytes <= ARTIFACT_LIMIT_BYTES  # a training run refuses to write it; scored here, never valid
     if not under_cap:
         log(f"warning:artifact_over_limit artifact_bytes:{size + code_bytes} limit:{ARTIFACT_LIMIT_BYTES}: final_valid:0")
-    scores = evaluator.score(model, meta["train_seq_len"], load_s, in_rules=under_cap)
+    trained_in_budget = meta.get("train_data_in_budget")
+    if trained_in_budget not in (0, 1):
+        log("warning:artifact_records_no_training_budget (written before artifacts did): final_valid:0")
+    elif not trained_in_budget:
+        log("warning:artifact_trained_outside_budget (its run read training data past its budget): final_valid:0")
+    scores = evaluator.score(model, meta["train_seq_len"], load_s, in_rules=under_cap and trained_in_budget == 1)
     return scores | dict(model_bytes=size, code_bytes=code_bytes, artifact_bytes=size + code_bytes,
                          eval_prime_seconds=prime_s)
 

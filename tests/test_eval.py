@@ -326,6 +326,11 @@ def test_an_eval_past_its_budget_is_not_a_valid_score():
         assert len(phase_lines) == 2 and all(f" valid:{valid} " in ln for ln in phase_lines), phase_lines
         assert out["final_valid"] == valid and out["final_phase"] == "ttt"
         assert any(ln.startswith("warning:eval_over_budget phase:ttt") for ln in lines) == (not valid)
+    # a looser budget than the rule paces the phases, but a score past the rule's 600 s never counts
+    hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_SLIDING": "0", "EVAL_BUDGET_SECONDS": "100000"})
+    lines = []
+    out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append, load_seconds=601.0)
+    assert out["final_valid"] == 0 and any(ln.startswith("warning:eval_over_budget phase:ttt") for ln in lines)
 
 
 @pytest.mark.parametrize("stop", ["1", "0"])

@@ -446,6 +446,19 @@ def test_hessians_past_the_training_budget_make_the_score_invalid(tiny_data, tmp
     assert summary["train_data_in_budget"] == "0" and summary["final_valid"] == "0"
     phase_lines = [ln for ln in text.splitlines() if " val_bpb:" in ln and " valid:" in ln]
     assert phase_lines and all(" valid:0 " in ln for ln in phase_lines), phase_lines  # no phase line says otherwise
+    # its artifact records it: scored again alone, it is still no valid score
+    res = launcher.run(env | dict(RUN_ID="over_again", EVAL_ONLY=str(tmp_path / "art" / "final_model_over.int6.br")))
+    assert res.returncode == 0, res.stderr[-2000:]
+    again = (tmp_path / "logs" / "over_again.txt").read_text()
+    assert "warning:artifact_trained_outside_budget" in again
+    assert parse_log(tmp_path / "logs" / "over_again.txt")["final_valid"] == "0"
+
+
+def test_a_valid_training_ends_within_the_rule_whatever_its_cap():
+    """MAX_WALLCLOCK_SECONDS tightens the training limit of a valid run; 0 (no cap) or a looser one leaves the rule's."""
+    limit = lambda cap: train_gpt.train_limit(train_gpt.Hyperparameters(dict(MAX_WALLCLOCK_SECONDS=cap)))
+    assert (limit("240"), limit("0"), limit("100000")) == (240, train_gpt.RULE_SECONDS, train_gpt.RULE_SECONDS) == \
+        (240, 600, 600)
 
 
 class CountingStream:
