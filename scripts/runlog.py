@@ -17,6 +17,7 @@ The lines it knows (other lines are ignored):
                                         or after them)                                  -> summary
   any other line of key:value fields (device:, python:, data:, ...) and every single key:value line,
   later lines winning                                                                   -> facts
+A last line without its newline (a write cut short) is not read, unless it is an error line.
 Values stay strings in `fields`, `hparams`, `facts` and `summary`; the named attributes of Step and
 Phase are numbers (nan and inf included, as Python's float() reads them).
 """
@@ -181,7 +182,8 @@ def parse(text: str, path="<log>") -> RunLog:
     log = RunLog(Path(path))
     block: dict[str, str] = {}  # the current run of single key:value lines
     in_hparams = False
-    for line in text.splitlines():
+    cut = text[text.rfind("\n") + 1:]  # a last line without its newline: a write cut short, its value unsure
+    for line in (text[:len(text) - len(cut)] + (cut if cut.startswith("error:") else "")).splitlines():
         if line == "hyperparameters:":
             in_hparams = True
             continue

@@ -3,7 +3,7 @@
 
 usage: scripts/summarize.py LOG... [--reference MEAN STD N | --reference-logs LOG...]
                             [--json submission.json --name NAME --blurb TEXT]
-                            [--skip-bad] [--allow-invalid] [--allow-duplicate-seeds]
+                            [--skip-bad] [--allow-invalid] [--allow-duplicate-seeds] [--allow-mixed]
 
 Each LOG is LOG_DIR/<RUN_ID>.txt as written by train_gpt.py (read by scripts/runlog.py). A log without
 the final summary block (a failed or truncated run) is an error naming the log and the missing keys,
@@ -12,6 +12,9 @@ val_bpb:nan), or whose final score is not valid for a submission (valid:0 on the
 final_valid:0, or VAL_MAX_TOKENS set: only part of the val set was scored). --skip-bad skips all of
 these with a warning; --allow-invalid keeps runs whose only fault is a score not valid for a
 submission in the table (column valid:0) and the statistics, but never writes --json for them.
+The runs must share their code (code_sha256), knobs (all but the bookkeeping ones: seed, names and
+places of files), hardware and torch; --allow-mixed tabulates them anyway, never with --json. The std
+is the sample standard deviation (n - 1).
 The reference test is one-sided (H1: our mean final_val_bpb is lower), Welch's unequal-variance
 t-test with Welch-Satterthwaite degrees of freedom.
 """
@@ -19,6 +22,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -29,10 +33,11 @@ if not __package__:  # run as a file (python3 scripts/summarize.py): import scri
     sys.path.insert(0, str(ROOT))
 from scripts.runlog import LogError, read_log  # noqa: E402
 
-REQUIRED = ("final_val_bpb", "final_val_loss", "artifact_bytes", "code_bytes", "steps", "train_seconds")
+# total_seconds is the block's last line: a log cut inside the block (a half-written value too) lacks it
+REQUIRED = ("final_val_bpb", "final_val_loss", "artifact_bytes", "code_bytes", "steps", "train_seconds", "total_seconds")
 INT_KEYS = {"artifact_bytes", "model_bytes", "code_bytes", "steps"}
-# Knobs that name or place a run rather than change it: never reported as env overrides.
-BOOKKEEPING_KNOBS = {"SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_DIR"}
+# Knobs that name or place a run's files rather than change it: may differ between seeds, never env overrides.
+BOOKKEEPING_KNOBS = {"SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_DIR", "PREQUANT_SAVE", "DUMP_TOKEN_NLL", "COMPILE_CACHE"}
 
 
 class BadLog(Exception):
@@ -53,6 +58,7 @@ def parse_log(path: Path) -> dict:
         run["hardware"] = f"{facts.get('world_size', '?')}x{facts.get('device_name', '?')}"
     run["torch"] = facts.get("torch")
     run["git_commit"] = facts.get("git_commit")
+    run["code_sha256"] = facts.get("code_sha256")
     roundtrip = log.phase("roundtrip")
     run["roundtrip_eval_s"] = roundtrip.eval_time if roundtrip else None
     s = run["summary"]
@@ -119,6 +125,22 @@ def load_runs(paths, skip_bad: bool, allow_dup: bool, what: str = "logs",
                          "(--allow-duplicate-seeds to keep both)")
         seen.setdefault(r["seed"], r["path"])
     return runs, bad
+
+
+def mixed_setups(runs) -> list[str]:
+    """What the runs do not share (a set of seeds is one configuration run several times): code, knobs other
+    than the bookkeeping ones, hardware, torch. Each as `what=a|b`."""
+    import train_gpt
+    facets = [("code_sha256", lambda r: r["code_sha256"]), ("hardware", lambda r: r.get("hardware")),
+              ("torch", lambda r: r["torch"])]
+    facets += [(k.name, lambda r, key=k.name.lower(): r["hparams"].get(key)) for k in train_gpt.KNOBS
+               if k.name not in BOOKKEEPING_KNOBS]
+    out = []
+    for what, get in facets:
+        values = list(dict.fromkeys(str(get(r)) for r in runs))
+        if len(values) > 1:
+            out.append(f"{what}={'|'.join(values)}")
+    return out
 
 
 def mean_std(xs):
@@ -205,20 +227,15 @@ def logged_value(knob, text: str):
 def env_overrides(runs) -> dict:
     """Knobs whose logged value differs from train_gpt.KNOBS' default (both spelled as the environment would)."""
     import train_gpt
-    out, mixed = {}, []
+    out = {}
     for knob in train_gpt.KNOBS:
         key = knob.name.lower()
         values = [r["hparams"][key] for r in runs if key in r["hparams"]]
         if not values or knob.name in BOOKKEEPING_KNOBS:
             continue
-        if len(set(values)) > 1:
-            mixed.append(f"{knob.name}={'|'.join(dict.fromkeys(values))}")
-        value = logged_value(knob, values[0])
+        value = logged_value(knob, values[0])  # one config: mixed_setups refused runs that differ
         if train_gpt.knob_text(value) != train_gpt.knob_text(knob.default):
             out[knob.name] = value
-    if mixed:
-        print(f"warning: the logs do not share one config (env_overrides uses the first log's): {' '.join(mixed)}",
-              file=sys.stderr)
     return out
 
 
@@ -247,7 +264,8 @@ def submission(runs, name: str, blurb: str) -> dict:
             "bytes_code": max(r["summary"]["code_bytes"] for r in runs),
             "seeds": [r["seed"] for r in runs], "seed_results": seed_results,
             "hardware": one(runs, "hardware", "hardware"), "pytorch_version": one(runs, "torch", "torch version"),
-            "env_overrides": env_overrides(runs), "git_commit": one(runs, "git_commit", "git commit")}
+            "env_overrides": env_overrides(runs), "git_commit": one(runs, "git_commit", "git commit"),
+            "code_sha256": one(runs, "code_sha256", "code")}
 
 
 def main(argv=None) -> int:
@@ -265,15 +283,23 @@ def main(argv=None) -> int:
                     help="keep runs whose score is not valid for a submission (valid:0, VAL_MAX_TOKENS) in the "
                          "table and statistics, marked valid:0; --json is refused for them")
     ap.add_argument("--allow-duplicate-seeds", action="store_true")
+    ap.add_argument("--allow-mixed", action="store_true",
+                    help="tabulate runs of different code, knobs, hardware or torch together (never with --json)")
     args = ap.parse_args(argv)
     try:
         runs, skipped = load_runs(args.logs, args.skip_bad, args.allow_duplicate_seeds, "logs", args.allow_invalid)
         invalid = [r for r in runs if r["invalid"]]
-        if args.json and any(Path(args.json).resolve() == Path(p).resolve() for p in args.logs):
+        if args.json and any(Path(args.json).resolve() == Path(p).resolve()
+                             for p in args.logs + (args.reference_logs or [])):
             raise BadLog(f"--json {args.json}: is one of the logs (it would be overwritten)")
         if args.json and invalid:
             raise BadLog(f"not writing {args.json}: {len(invalid)} of {len(runs)} runs have no valid score for a "
                          f"submission ({invalid[0]['path']}: {invalid[0]['invalid']})")
+        if mixed := mixed_setups(runs):
+            if not args.allow_mixed or args.json:
+                raise BadLog(f"the runs are not one configuration: {' '.join(mixed)} (--allow-mixed to tabulate "
+                             "them anyway, without --json)")
+            print(f"warning: the runs are not one configuration (--allow-mixed): {' '.join(mixed)}", file=sys.stderr)
         reference = None
         if args.reference_logs:
             refs, _ = load_runs(args.reference_logs, args.skip_bad, args.allow_duplicate_seeds, "reference logs",
@@ -305,9 +331,27 @@ def main(argv=None) -> int:
         print(f"welch_one_sided (ours lower) delta:{mean - reference[0]:+.6f} t:{t:.4f} dof:{dof:.2f} p:{p:.6f}")
     if args.json:
         name = args.name or re.sub(r"_seed-?\d+$", "", runs[0]["name"])
-        Path(args.json).write_text(json.dumps(submission(runs, name, args.blurb), indent=2) + "\n")
+        try:
+            write_whole(Path(args.json), json.dumps(submission(runs, name, args.blurb), indent=2) + "\n")
+        except OSError as e:
+            print(f"error: --json {args.json}: not written ({e.strerror or e}); any earlier file there is unchanged",
+                  file=sys.stderr)
+            return 1
         print(f"wrote {args.json}")
     return 0
+
+
+def write_whole(path: Path, text: str):
+    """The file holds all of text or is as it was: written beside it, synced, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ train_gpt.py and on a real H100 log (tests/fixtures)."""
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -113,7 +114,7 @@ def test_summarize_cli_table_stats_and_submission(seed_run, tmp_path):
     sub = json.loads(out_json.read_text())
     types = dict(name=str, blurb=str, date=str, val_bpb=float, val_loss=float, val_bpb_std=float, bytes_total=int,
                  bytes_code=int, seeds=list, seed_results=dict, hardware=str, pytorch_version=str,
-                 env_overrides=dict, git_commit=str)
+                 env_overrides=dict, git_commit=str, code_sha256=str)
     assert set(sub) == set(types)
     for key, kind in types.items():
         assert type(sub[key]) is kind, key
@@ -135,6 +136,7 @@ def test_summarize_cli_table_stats_and_submission(seed_run, tmp_path):
     device = dict(t.split(":", 1) for t in next(l for l in header.splitlines() if l.startswith("device:")).split())
     assert sub["hardware"] == f"{device['world_size']}x{device['device_name']}"
     assert f"torch:{sub['pytorch_version']} " in header and f"git_commit:{sub['git_commit']}\n" in header
+    assert f"code_sha256:{sub['code_sha256']} " in header
     ov = sub["env_overrides"]
     assert ov["NUM_LAYERS"] == 4 and ov["MODEL_DIM"] == 64 and ov["EMA_DECAY"] == 0.0 and ov["DEVICE"] == "cpu"
     assert ov["VAL_LOSS_EVERY"] == 3 and ov["DATA_PATH"] == env["DATA_PATH"]
@@ -153,7 +155,8 @@ def test_bad_logs_are_named_errors_or_skipped(seed_run, tmp_path, capsys):
     rc, out, err = summ(capsys, logs[0], truncated, logs[2])
     assert rc == 1 and out == ""
     assert err.strip() == f"error: {truncated}: missing final_val_bpb, artifact_bytes, code_bytes, steps, " \
-                          f"train_seconds (no summary block: crashed, still running, or not a train_gpt.py log?)"
+                          f"train_seconds, total_seconds (no summary block: crashed, still running, or not a " \
+                          f"train_gpt.py log?)"
     rc, _, err = summ(capsys, failed)
     assert rc == 1 and f"{failed}: missing final_val_bpb" in err and "run failed: val shards in /x" in err
     rc, _, err = summ(capsys, garbled)
@@ -227,7 +230,7 @@ def test_partial_val_runs_are_not_submission_scores(seed_run, tmp_path, capsys):
                                        f"submission (--allow-invalid to tabulate it anyway)")
     rc, out, err = summ(capsys, unmarked)
     assert rc == 1 and "invalid run: val_max_tokens:4096: only part of the val set was scored" in err
-    rc, out, err = summ(capsys, logs[0], marked, unmarked, "--allow-invalid")
+    rc, out, err = summ(capsys, logs[0], marked, unmarked, "--allow-invalid", "--allow-mixed")  # VAL_MAX_TOKENS
     assert rc == 0 and err.count("invalid run kept (--allow-invalid)") == 2
     head, *rows = out.splitlines()[:4]
     col = head.split().index("valid")
@@ -335,6 +338,67 @@ def test_summarize_refuses_a_reference_that_is_no_number_and_a_json_over_a_log(s
     assert rc == 1 and "is one of the logs" in err and logs[0].read_text() == before
 
 
+def test_a_log_cut_inside_its_summary_block_is_no_score(seed_run, tmp_path, capsys):
+    """A run killed (or a disk full) while writing the final block: the block's last line is missing, or a
+    value is half-written (no newline after it). Either is refused, never read as the run's figure."""
+    _, logs = seed_run
+    text = logs[1].read_text()
+    at = text.index("\ntrain_seconds:") + len("\ntrain_seconds:") + 2  # inside its value
+    for cut in (text[:at], text[:text.index("\ntotal_seconds:") + 1], text[:-1] + "9"):
+        log = tmp_path / "cut_seed5.txt"
+        log.write_text(cut)
+        rc, out, err = summ(capsys, logs[0], log)
+        assert rc == 1 and out == "" and "total_seconds" in err and f"error: {log}: missing" in err, err
+    assert runlog.parse(text[:-1]).summary.get("total_seconds") is None  # a last line without its newline
+    assert runlog.parse(text).summary["total_seconds"] == parse_log(logs[1])["total_seconds"]
+
+
+def test_seeds_of_different_code_or_knobs_are_not_one_submission(seed_run, tmp_path, capsys):
+    """A set of seeds is one configuration: logs of other code (code_sha256), other knobs, hardware or torch
+    are refused together (--allow-mixed tabulates them, never as --json); files' names and places may differ."""
+    _, logs = seed_run
+    src = logs[1]
+    other_code = doctored(src, tmp_path / "code_seed8.txt", lambda l: re.sub(r"code_sha256:\w+", "code_sha256:0123", l))
+    other_knob = doctored(src, tmp_path / "knob_seed8.txt",
+                          lambda l: "  ttt_enabled: 0" if l.startswith("  ttt_enabled:") else l)
+    other_torch = doctored(src, tmp_path / "torch_seed8.txt", lambda l: re.sub(r"torch:\S+", "torch:9.9", l))
+    other_place = doctored(src, tmp_path / "place_seed8.txt", lambda l: (
+        "  seed: 8" if l.startswith("  seed:") else "  dump_token_nll: x.npz" if l.startswith("  dump_token_nll:")
+        else l))
+    for log, what in ((other_code, "code_sha256="), (other_knob, "TTT_ENABLED=1|0"), (other_torch, "torch=")):
+        rc, out, err = summ(capsys, logs[0], log)
+        assert rc == 1 and out == "" and "error: the runs are not one configuration: " in err and what in err, err
+        rc, out, err = summ(capsys, logs[0], log, "--allow-mixed", "--json", tmp_path / "s.json")
+        assert rc == 1 and not (tmp_path / "s.json").exists()
+        rc, out, err = summ(capsys, logs[0], log, "--allow-mixed")
+        assert rc == 0 and "n:2" in out and "warning: the runs are not one configuration" in err
+    rc, out, err = summ(capsys, logs[0], other_place)
+    assert rc == 0 and "n:2" in out, err
+
+
+def test_submission_json_is_written_whole_or_not_at_all(seed_run, tmp_path, capsys, monkeypatch):
+    """A failed write leaves the earlier file as it was (and no temporary file); a missing folder or a
+    reference log as the target is a one-line error."""
+    _, logs = seed_run
+    target = tmp_path / "submission.json"
+    target.write_text('{"earlier": 1}\n')
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(summarize.os, "replace", full_disk)
+        rc, _, err = summ(capsys, *logs, "--json", target)
+    assert rc == 1 and err.startswith(f"error: --json {target}: not written (No space left on device)")
+    assert target.read_text() == '{"earlier": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["submission.json"]
+    rc, _, err = summ(capsys, *logs, "--json", tmp_path / "no" / "such" / "s.json")
+    assert rc == 1 and err.count("\n") == 1 and "error: --json" in err
+    before = logs[2].read_text()
+    rc, _, err = summ(capsys, *logs[:2], "--reference-logs", logs[2], logs[0], "--json", logs[2])
+    assert rc == 1 and "is one of the logs" in err and logs[2].read_text() == before
+    rc, _, _ = summ(capsys, *logs, "--json", target)
+    assert rc == 0 and json.loads(target.read_text())["seeds"] == list(SEEDS)
+
+
 def test_a_summary_that_disagrees_with_its_log_is_no_score(seed_run, tmp_path, capsys):
     """A final_val_bpb logged twice, or one that is not the final phase's val_bpb, is refused (the last line won)."""
     _, logs = seed_run
@@ -388,7 +452,7 @@ def test_runlog_summary_is_the_last_block_of_single_key_values(tmp_path):
              "ttt val_loss:2.9 val_bpb:1.4 eval_time:2.0s valid:1 new_graphs:0", "eval_total_time:3.0s budget:600s",
              "final_phase:ttt", "final_val_bpb:1.4", "warning:env FOO is set but no knob reads it (typo?)", "",
              "steps:2"]
-    log = runlog.parse("\n".join(lines))
+    log = runlog.parse("\n".join(lines) + "\n")
     assert log.summary == {"final_phase": "ttt", "final_val_bpb": "1.4", "steps": "2"}
     assert log.facts["run_id"] == "x" and log.facts["budget"] == "600s" and log.hparams == {"seed": "7",
                                                                                         "val_max_tokens": "0"}
@@ -397,7 +461,7 @@ def test_runlog_summary_is_the_last_block_of_single_key_values(tmp_path):
     failed = runlog.parse("\n".join(lines + ["error:barrier timed out after 600 s"]))
     assert failed.summary == log.summary and failed.errors == ["barrier timed out after 600 s"]
     assert failed.invalid_reason() == "run failed: barrier timed out after 600 s"
-    cut = runlog.parse("\n".join(lines[:-5] + ["eval_total_time:3.0s budget:600s", "steps:2"]))
+    cut = runlog.parse("\n".join(lines[:-5] + ["eval_total_time:3.0s budget:600s", "steps:2"]) + "\n")
     assert cut.summary == {"steps": "2"} and cut.invalid_reason().startswith("no final_val_bpb")
     with pytest.raises(runlog.LogError, match="missing.txt: cannot read the log"):
         runlog.read_log(tmp_path / "missing.txt")
