@@ -447,10 +447,12 @@ def test_hessians_past_the_training_budget_make_the_score_invalid(tiny_data, tmp
     phase_lines = [ln for ln in text.splitlines() if " val_bpb:" in ln and " valid:" in ln]
     assert phase_lines and all(" valid:0 " in ln for ln in phase_lines), phase_lines  # no phase line says otherwise
     # its artifact records it: scored again alone, it is still no valid score
-    res = launcher.run(env | dict(RUN_ID="over_again", EVAL_ONLY=str(tmp_path / "art" / "final_model_over.int6.br")))
+    res = launcher.run(env | dict(RUN_ID="over_again", EVAL_ONLY=str(tmp_path / "art" / "final_model_over.int6.br"),
+                                  TRAIN_SEQ_LEN="128"))
     assert res.returncode == 0, res.stderr[-2000:]
     again = (tmp_path / "logs" / "over_again.txt").read_text()
     assert "warning:artifact_trained_outside_budget" in again
+    assert "warning:env TRAIN_SEQ_LEN=128 ignored: EVAL_ONLY scores the artifact's TRAIN_SEQ_LEN=64" in again
     assert parse_log(tmp_path / "logs" / "over_again.txt")["final_valid"] == "0"
 
 
