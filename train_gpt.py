@@ -3492,16 +3492,22 @@ def save_compile_cache(path: str, loaded: bool, log):
 def describe_environment(hp: Hyperparameters, dctx: Dist, code: bytes) -> list[str]:
     lines = ["hyperparameters:"] + [f"  {k}: {knob_text(v)}" for k, v in hp.items()]
 
-    def git(*args) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
-                              timeout=5).stdout.strip()
-    try:  # "+dirty": tracked files differ from that commit, so only code_sha256 names the code
-        commit = git("rev-parse", "--short", "HEAD") or "none"
-        if commit != "none" and git("status", "--porcelain", "--untracked-files=no"):
+    def git(*args) -> bytes:
+        return subprocess.run(["git", *args], capture_output=True, cwd=Path(__file__).parent, timeout=5).stdout
+    # scripts/pack_code.py names the packed program after its source's sha256: "+stale" where that is not the
+    # commit's train_gpt.py (a build from other source), "+dirty" where tracked files differ from the commit
+    packed = re.fullmatch(r"<packed train_gpt\.py sha256:([0-9a-f]{16})>", describe_environment.__code__.co_filename)
+    try:
+        commit = git("rev-parse", "--short", "HEAD").decode().strip() or "none"
+        committed = hashlib.sha256(git("show", "HEAD:train_gpt.py")).hexdigest()[:16] if packed else None
+        if commit != "none" and packed and committed != packed[1]:
+            commit += "+stale"
+        if commit != "none" and git("status", "--porcelain", "--untracked-files=no").strip():
             commit += "+dirty"
     except (OSError, subprocess.SubprocessError):
         commit = "none"
-    lines.append(f"code_sha256:{hashlib.sha256(code).hexdigest()[:16]} git_commit:{commit}")
+    lines.append(f"code_sha256:{hashlib.sha256(code).hexdigest()[:16]} git_commit:{commit}"
+                 + (f" packed_from:{packed[1]}" if packed else ""))
     lines.append(f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
                  f"sentencepiece:{spm.__version__} brotli:{brotli.__version__}")
     found = []

@@ -12,14 +12,16 @@ OUT is a build product (git-ignored).
 """
 import argparse
 import ast
+import hashlib
 import sys
 from pathlib import Path
 
 import brotli
 
 # The source is compiled under a name that linecache holds (entries without an mtime are never
-# evicted), so inspect.getsource works on the unpacked code: triton.jit reads each kernel's source.
-PACKED_NAME = b"<packed train_gpt.py>"
+# evicted), so inspect.getsource works on the unpacked code: triton.jit reads each kernel's source. The name
+# carries the readable source's sha256, so a run can tell whether it is the committed train_gpt.py's.
+PACKED_NAME = "<packed train_gpt.py sha256:{}>"
 # A str literal in a latin-1 file holds any byte but these, which take an escape.
 ESCAPES = {0: b"\\x00", ord("\\"): b"\\\\", ord("'"): b"\\'", ord("\n"): b"\\n", ord("\r"): b"\\r"}
 
@@ -45,8 +47,9 @@ def latin1_literal(blob: bytes) -> bytes:
 
 def pack(source: bytes) -> bytes:
     literal = latin1_literal(brotli.compress(minified(source), quality=11))
+    name = PACKED_NAME.format(hashlib.sha256(source).hexdigest()[:16]).encode()
     return (b"# -*- coding: latin-1 -*-\nimport brotli as B,linecache as C\ns=B.decompress('" + literal
-            + b"'.encode('latin-1')).decode();n='" + PACKED_NAME + b"';C.cache[n]=(len(s),None,s.splitlines(True),n)\n"
+            + b"'.encode('latin-1')).decode();n='" + name + b"';C.cache[n]=(len(s),None,s.splitlines(True),n)\n"
             b"exec(compile(s,n,'exec'))\n")
 
 

@@ -1,5 +1,6 @@
 """scripts/: run_seeds.sh, summarize.py, plot.py and the log reader runlog.py, on real tiny CPU runs of
 train_gpt.py and on a real H100 log (tests/fixtures)."""
+import hashlib
 import json
 import math
 import os
@@ -513,6 +514,29 @@ def test_packed_code_runs_and_counts_its_own_bytes(tiny_data, tmp_path):
     res = run_script([str(probe)], env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == [str(out), "def xsa_reference(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:"]
+
+
+def test_a_packed_run_names_its_commit_only_if_packed_from_it(tiny_data, tmp_path):
+    """A packed file logs the sha256 of the source it was packed from; git_commit gets "+stale" where that is
+    not the commit's train_gpt.py (a build left from other source: the tree itself is clean, so "+dirty" cannot say)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "train_gpt.py").write_bytes((ROOT / "train_gpt.py").read_bytes())
+    edited = tmp_path / "edited.py"
+    edited.write_bytes((ROOT / "train_gpt.py").read_bytes() + b"# an edit\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    for args in (["init", "-q"], ["add", "train_gpt.py"], ["commit", "-qm", "x"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+    commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    env = tiny_env(tiny_data, tmp_path, ITERATIONS=1, TTT_ENABLED=0, EVAL_STRIDE=0, **QUICK)
+    for name, src, suffix in (("same", repo / "train_gpt.py", ""), ("other", edited, "+stale")):
+        out = repo / "build" / f"{name}.py"
+        assert run_script([str(ROOT / "scripts" / "pack_code.py"), str(src), "-o", str(out)], env=None).returncode == 0
+        res = run_script([str(out)], env | dict(RUN_ID=name))
+        assert res.returncode == 0, res.stderr[-2000:]
+        sha = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+        facts = runlog.read_log(tmp_path / "logs" / f"{name}.txt").facts
+        assert (facts["git_commit"], facts["packed_from"]) == (commit + suffix, sha), name
 
 
 def test_packing_drops_comments_and_docstrings_only(tmp_path, monkeypatch, capsys):
