@@ -325,7 +325,7 @@ def test_eval_only_of_an_artifact_over_the_cap_is_not_valid(tiny_data, tmp_path)
     qstate = train_gpt.quantize_state(train_gpt.GPT(cfg).state_dict(), None, cfg.num_layers, 6, 12.85, 8, 20.0)
     path = tmp_path / "a.br"
     train_gpt.write_atomic(path, train_gpt.pack_artifact(qstate, dict(model=train_gpt.dataclasses.asdict(cfg),
-                                                                     train_seq_len=64)))
+                                                                     train_seq_len=64, train_data_in_budget=1)))
     hp = train_gpt.Hyperparameters(TINY_ENV | dict(EVAL_ONLY=str(path), DATA_PATH=str(data), TOKENIZER_PATH=str(tok),
                                                    VAL_MAX_TOKENS="0", TTT_ENABLED="0", DEVICE="cpu"))
     fits_code = bytes(1000)
@@ -340,11 +340,17 @@ def test_eval_only_of_an_artifact_over_the_cap_is_not_valid(tiny_data, tmp_path)
     # One that records the code that wrote it counts that code (a packed file's), whatever file scores it now.
     for written_by, valid in ((1000, 1), (len(over_code), 0)):
         train_gpt.write_atomic(path, train_gpt.pack_artifact(qstate, dict(
-            model=train_gpt.dataclasses.asdict(cfg), train_seq_len=64, code_bytes=written_by)))
+            model=train_gpt.dataclasses.asdict(cfg), train_seq_len=64, code_bytes=written_by, train_data_in_budget=1)))
         lines = []
         summary = train_gpt.score_only(hp, train_gpt.Dist(), lines.append, fits_code if valid == 0 else over_code)
         assert summary["final_valid"] == valid and summary["code_bytes"] == written_by
         assert summary["artifact_bytes"] == path.stat().st_size + written_by
+    # One that does not record whether its training kept the budget (older artifacts) is no valid score.
+    train_gpt.write_atomic(path, train_gpt.pack_artifact(qstate, dict(
+        model=train_gpt.dataclasses.asdict(cfg), train_seq_len=64, code_bytes=1000)))
+    lines = []
+    assert train_gpt.score_only(hp, train_gpt.Dist(), lines.append, fits_code)["final_valid"] == 0
+    assert "warning:artifact_records_no_training_budget (written before artifacts did): final_valid:0" in lines
 
 
 def test_artifact_corruption_is_a_clear_error(tmp_path):
