@@ -285,9 +285,10 @@ def test_end_to_end_run(tiny_data, tmp_path, launcher):
 
 
 def test_reloaded_artifact_scores_like_in_memory_quantized_model(tiny_data, tmp_path):
+    """Wide enough that the matrices and the embedding are quantized (TINY_ENV's all pass through as fp16)."""
     data, tok = tiny_data
     from conftest import TINY_ENV
-    hp = train_gpt.Hyperparameters(TINY_ENV)
+    hp = train_gpt.Hyperparameters(TINY_ENV | dict(MODEL_DIM="128", MLP_MULT="4"))
     cfg = hp.model_config()
     torch.manual_seed(0)
     model = train_gpt.GPT(cfg)
@@ -298,6 +299,9 @@ def test_reloaded_artifact_scores_like_in_memory_quantized_model(tiny_data, tmp_
     tokens = train_gpt.load_val_tokens(train_gpt.shard_files(str(data), "val"), 1024, 4096)
     val = train_gpt.ValSet.from_lut(tokens, train_gpt.build_byte_lut(sp, 1024))
     qstate = train_gpt.quantize_state(model.state_dict(), None, cfg.num_layers, 6, 12.85, 8, 20.0)
+    kinds = {name: entry["kind"] for name, entry in qstate.items()}
+    assert {kinds[k] for k in ("qo_bank", "mlp_up_bank", "mlp_down_bank")} == {"int6_rows"}, kinds
+    assert kinds["tok_emb.weight"] != "fp16", kinds
     in_memory = train_gpt.GPT(cfg)
     in_memory.load_state_dict(train_gpt.dequantize_state(qstate))
     path = tmp_path / "a.br"
