@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import re
 import statistics
 import sys
@@ -331,27 +330,16 @@ def main(argv=None) -> int:
         print(f"welch_one_sided (ours lower) delta:{mean - reference[0]:+.6f} t:{t:.4f} dof:{dof:.2f} p:{p:.6f}")
     if args.json:
         name = args.name or re.sub(r"_seed-?\d+$", "", runs[0]["name"])
+        import train_gpt  # its write: all of the file or none of it, an earlier one left as it was
         try:
-            write_whole(Path(args.json), json.dumps(submission(runs, name, args.blurb), indent=2) + "\n")
-        except OSError as e:
-            print(f"error: --json {args.json}: not written ({e.strerror or e}); any earlier file there is unchanged",
-                  file=sys.stderr)
+            train_gpt.write_atomic(Path(args.json), (json.dumps(submission(runs, name, args.blurb), indent=2)
+                                                     + "\n").encode())
+        except train_gpt.UserError as e:
+            print(f"error: --json {e}", file=sys.stderr)
             return 1
         print(f"wrote {args.json}")
     return 0
 
-
-def write_whole(path: Path, text: str):
-    """The file holds all of text or is as it was: written beside it, synced, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

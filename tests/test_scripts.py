@@ -387,9 +387,9 @@ def test_submission_json_is_written_whole_or_not_at_all(seed_run, tmp_path, caps
     def full_disk(src, dst):
         raise OSError(28, "No space left on device")
     with monkeypatch.context() as m:
-        m.setattr(summarize.os, "replace", full_disk)
+        m.setattr(os, "replace", full_disk)
         rc, _, err = summ(capsys, *logs, "--json", target)
-    assert rc == 1 and err.startswith(f"error: --json {target}: not written (No space left on device)")
+    assert rc == 1 and err == f"error: --json {target}: write failed (No space left on device); nothing was written\n"
     assert target.read_text() == '{"earlier": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["submission.json"]
     rc, _, err = summ(capsys, *logs, "--json", tmp_path / "no" / "such" / "s.json")
     assert rc == 1 and err.count("\n") == 1 and "error: --json" in err
