@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: compressed model + this file
-RULE_SECONDS = 600.0  # the limits on training and on evaluation: a budget knob may be tighter for validity, never looser
+RULE_SECONDS = 600.0  # the limit on training and on evaluation: a budget knob may tighten it for validity, not loosen
 DOWNLOAD_HINT = "python3 data/cached_challenge_fineweb.py --variant sp8192 --repo-id kevclark/parameter-golf"
 
 
@@ -2344,9 +2344,9 @@ def eval_compiles(hp: Hyperparameters, device: torch.device) -> bool:
 
 def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device, looped: bool):
     """The model's hidden states in the layer order given (per-document adapted with a LoRA), compiled per
-    EVAL_COMPILE with the batch and length dims dynamic: one graph without the LoRA (windows of every phase, and documents once
-    the budget stopped the adapting; the weights frozen in both), one with the LoRA and grad and, for
-    TTT_LORA_GRAD_CONTEXT's scoring passes, one with the LoRA without grad."""
+    EVAL_COMPILE with the batch and length dims dynamic: one graph without the LoRA (windows of every phase,
+    and documents once the budget stopped the adapting; the weights frozen in both), one with the LoRA and
+    grad and, for TTT_LORA_GRAD_CONTEXT's scoring passes, one with the LoRA without grad."""
     def hidden(x, lora=None):
         return model.hidden(x, looped=looped, lora=lora)
     if not eval_compiles(hp, device):
