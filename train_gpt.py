@@ -266,7 +266,8 @@ EXPORT_KNOBS = [
          "(MATRIX_CLIP_SIGMAS); the clip search moves both", 0.5, 2.0),
     Knob("EMBED_BITS", 7, "GPTQ bits of the tied embedding", 2, 8),
     Knob("EMBED_CLIP_SIGMAS", 14.0, "SDClip k of the embedding", 0.1),
-    Knob("GPTQ_CALIBRATION_BATCHES", 16, "training micro-batches per rank for the GPTQ Hessians; 0 = plain rounding", 0),
+    Knob("GPTQ_CALIBRATION_BATCHES", 16, "global training batches for the GPTQ Hessians (the same tokens on any number "
+         "of GPUs); 0 = plain rounding", 0),
     Knob("GPTQ_DAMP", "0.01", "GPTQ's damping, a multiple of mean(diag H) added to each Hessian's diagonal: one value, "
          "or three for the attention, MLP and embedding matrices (e.g. 0.01,0.02,0.005)"),
     Knob("GPTQ_RESERVE_SECONDS", 6.0, "taken off MAX_WALLCLOCK_SECONDS so Hessians are collected within it", 0),
@@ -3313,19 +3314,24 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, train_files, hp: Hyperparameters, micro_seqs: int, dctx: Dist) -> dict:
+def collect_hessians(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, int], dctx: Dist) -> dict:
     """Input Hessians, the mean of x x^T over the inputs of every GPTQ'd matrix (GPTQ is blind to their scale,
     AWQ-lite compares them across matrices), from fresh training batches (never val data) through the
-    looped model, summed over ranks so every rank quantizes identically."""
+    looped model, summed over ranks so every rank quantizes identically. A calibration batch is a global
+    training batch, each rank's rows in its micro-batches (plan: training's), so that any number of GPUs
+    calibrates on the same tokens, as it trains on them."""
     if not hp.gptq_calibration_batches:
         return {}
+    micro_seqs, accum = plan
     stream = TrainStream(train_files, hp.train_seq_len, hp.seed + 1, hp.vocab_size)
-    rows = slice(dctx.rank * micro_seqs, (dctx.rank + 1) * micro_seqs)
+    local = micro_seqs * accum
+    rows = slice(dctx.rank * local, (dctx.rank + 1) * local)
     recorder = HessianRecorder()
     for _ in range(hp.gptq_calibration_batches):
-        batch = torch.from_numpy(stream.next_batch(micro_seqs * dctx.world_size, rows)).to(dctx.device)
-        with autocast_ctx(dctx.device):
-            model(batch[:, :-1], batch[:, 1:], looped=True, tap=recorder)
+        batch = torch.from_numpy(stream.next_batch(local * dctx.world_size, rows)).to(dctx.device)
+        for micro in batch.split(micro_seqs):
+            with autocast_ctx(dctx.device):
+                model(micro[:, :-1], micro[:, 1:], looped=True, tap=recorder)
     for key in sorted(recorder.hessians):
         dctx.all_reduce_sum(recorder.hessians[key])
     return {key: H / (recorder.rows[key] * dctx.world_size) for key, H in recorder.hessians.items()}
@@ -3587,7 +3593,7 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
     model = trainer.model
     trainer.apply_ema()
     t0 = time.perf_counter()
-    hessians = collect_hessians(model, train_files, hp, trainer.plans[hp.train_seq_len][0], dctx)
+    hessians = collect_hessians(model, train_files, hp, trainer.plans[hp.train_seq_len], dctx)
     synchronize(dctx.device)  # the last batch's work may still be queued
     hess_s = dctx.all_reduce_max(time.perf_counter() - t0)
     data_s = result["train_ms"] / 1000 + hess_s

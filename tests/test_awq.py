@@ -155,7 +155,7 @@ def test_hessians_are_means_over_every_input_row(tiny_data):
     model = train_gpt.GPT(cfg)
     hp = train_gpt.Hyperparameters({"GPTQ_CALIBRATION_BATCHES": "2", "TRAIN_SEQ_LEN": "32", "VOCAB_SIZE": "1024"})
     files = train_gpt.shard_files(str(data), "train")
-    means = train_gpt.collect_hessians(model, files, hp, 3, train_gpt.Dist())
+    means = train_gpt.collect_hessians(model, files, hp, (3, 1), train_gpt.Dist())
     stream, rec = train_gpt.TrainStream(files, 32, hp.seed + 1, 1024), train_gpt.HessianRecorder()
     for _ in range(2):
         batch = torch.from_numpy(stream.next_batch(3, slice(0, 3)))
@@ -197,7 +197,7 @@ def test_hessians_under_the_gpus_autocast_are_float32_and_positive_semidefinite(
             super().__call__(key, x)
     monkeypatch.setattr(train_gpt, "HessianRecorder", Keeping)
     monkeypatch.setattr(train_gpt, "autocast_ctx", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
-    means = train_gpt.collect_hessians(model, files, hp, 3, train_gpt.Dist())
+    means = train_gpt.collect_hessians(model, files, hp, (3, 1), train_gpt.Dist())
     assert set(means) == set(seen)
     for key, H in means.items():
         xs = torch.cat(seen[key])
