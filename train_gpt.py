@@ -1995,6 +1995,10 @@ def entry_problem(entry: dict) -> str | None:
     return None
 
 
+class ArtifactCheck(ValueError):
+    """A named check of unpack_artifact that failed (the reason goes into its error line)."""
+
+
 def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, dict], dict]:
     head = len(ARTIFACT_MAGIC) + 8
     if len(blob) < head or blob[:len(ARTIFACT_MAGIC)] != ARTIFACT_MAGIC:
@@ -2009,21 +2013,26 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
         start = head + 4 * n_streams + 32
         ends = np.cumsum((start,) + sizes)
         if ends[-1] + rans_len != len(blob) or hashlib.sha256(blob[start:]).digest() != blob[start - 32:start]:
-            raise ValueError("size or checksum mismatch")
+            raise ArtifactCheck("its size or checksum does not match")
         body = b"".join(decompress_stream(blob[a:b], COMPRESS_CHUNK_BYTES) for a, b in zip(ends[:-1], ends[1:]))
         (hlen,) = struct.unpack("<I", body[:4])
         meta = json.loads(body[4:4 + hlen])
-        config = meta["config"]
+        config = meta.get("config")
         if not isinstance(config, dict) or not isinstance(config.get("model", {}), dict):
-            raise ValueError("config")
+            raise ArtifactCheck("its config is not a mapping (with a mapping for the model)")
         codes = np.zeros(0, np.uint8)
         if rans_len:
             freq, n = meta["rans_freq"], meta["rans_symbols"]
             if not all(type(v) is int and v >= 0 for v in [n, *freq]):
-                raise ValueError("rANS header")
-            codes = rans_decode(blob[ends[-1]:], np.array(freq, np.uint64), n)
+                raise ArtifactCheck("its rANS header holds other than integers >= 0")
+            try:
+                codes = rans_decode(blob[ends[-1]:], np.array(freq, np.uint64), n)
+            except ValueError as e:
+                raise ArtifactCheck(f"rANS: {e}") from None
         tensors = list(meta["tensors"])
-    except Exception:
+    except ArtifactCheck as e:  # a check of ours: say which
+        raise UserError(f"{source}: corrupted or truncated artifact ({e})") from None
+    except Exception:  # the data itself would not parse
         raise UserError(f"{source}: corrupted or truncated artifact") from None
     data, qstate = body[4 + hlen:], {}
     for e in tensors:

@@ -281,7 +281,8 @@ def test_end_to_end_run(tiny_data, tmp_path, launcher):
     bad = tmp_path / "bad.br"
     bad.write_bytes(artifact.read_bytes()[:-100])
     ev = launcher.run(env | dict(RUN_ID="e2e_bad", EVAL_ONLY=str(bad)))
-    assert ev.returncode == 2 and ev.stderr.strip() == f"error: {bad}: corrupted or truncated artifact"
+    assert ev.returncode == 2 and ev.stderr.strip() == \
+        f"error: {bad}: corrupted or truncated artifact (its size or checksum does not match)"
 
 
 def test_reloaded_artifact_scores_like_in_memory_quantized_model(tiny_data, tmp_path):
