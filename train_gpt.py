@@ -1614,6 +1614,7 @@ def awq_problem(entry: dict) -> str | None:
         return "awq.scale does not match the row scales"
     return None
 
+
 GPTQ_KIND = re.compile(r"int(\d)_rows")  # the kind quantize_state gives a GPTQ'd matrix, by its bits
 
 
@@ -2939,7 +2940,7 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
     """Run plan_phases' phases against the eval budget, logging each; a non-finite one stops the run. The
     budget's clock starts load_seconds in: the artifact's decompression is evaluation time too. countable: the
     run can score at all (the whole val set, every rule outside scoring kept); a phase is valid where it is, the
-    phase is legal and finite, and the eval so far (load included) ends inside EVAL_BUDGET_SECONDS."""
+    phase is legal and finite, and the eval so far (load included) ends inside EVAL_BUDGET_SECONDS and RULE_SECONDS."""
     phases = plan_phases(hp, train_seq_len)
     if hp.legality_check:
         check = check_knobs(hp, dctx.world_size)
@@ -3514,8 +3515,8 @@ def describe_environment(hp: Hyperparameters, dctx: Dist, code: bytes) -> list[s
     packed = re.fullmatch(r"<packed train_gpt\.py sha256:([0-9a-f]{16})>", describe_environment.__code__.co_filename)
     try:
         commit = git("rev-parse", "--short", "HEAD").decode().strip() or "none"
-        committed = hashlib.sha256(git("show", "HEAD:train_gpt.py")).hexdigest()[:16] if packed else None
-        if commit != "none" and packed and committed != packed[1]:
+        if commit != "none" and packed and \
+                hashlib.sha256(git("show", "HEAD:train_gpt.py")).hexdigest()[:16] != packed[1]:
             commit += "+stale"
         if commit != "none" and git("status", "--porcelain", "--untracked-files=no").strip():
             commit += "+dirty"
