@@ -262,9 +262,10 @@ def submission(runs, name: str, blurb: str) -> dict:
             "bytes_total": max(r["summary"]["artifact_bytes"] for r in runs),
             "bytes_code": max(r["summary"]["code_bytes"] for r in runs),
             "seeds": [r["seed"] for r in runs], "seed_results": seed_results,
-            "hardware": one(runs, "hardware", "hardware"), "pytorch_version": one(runs, "torch", "torch version"),
+            # one configuration (mixed_setups refused others): its code, hardware and torch are the first run's
+            "hardware": runs[0].get("hardware"), "pytorch_version": runs[0]["torch"],
             "env_overrides": env_overrides(runs), "git_commit": one(runs, "git_commit", "git commit"),
-            "code_sha256": one(runs, "code_sha256", "code")}
+            "code_sha256": runs[0]["code_sha256"]}
 
 
 def main(argv=None) -> int:
