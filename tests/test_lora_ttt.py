@@ -300,6 +300,20 @@ def test_an_update_that_reads_past_its_chunk_fails_the_check(monkeypatch, grad_c
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase()) is False
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_global_update_that_reads_two_targets_past_its_chunk_fails_the_check(monkeypatch, lora):
+    """Windowed TTT's update, or LoRA TTT's global one, reading targets up to two past its chunk: the check
+    perturbs after the first target past an update (a read of one past is the state tests' to catch).
+    Unmutated, both pass it: test_legal_modes_pass_... (test_eval.py) and test_lora_ttt_passes_..."""
+    env = LORA_ENV | dict(TTT_LORA_LR="0") if lora else EVAL_ENV
+    _, model, tokens, val = setup()
+    hp, checked = train_gpt.Hyperparameters(env), train_gpt.Phase("ttt", 32, 8, ttt=True, lora=lora)
+    real = train_gpt.TTTUpdater._step
+    monkeypatch.setattr(train_gpt.TTTUpdater, "_step",  # each segment two targets later: it ends at hi + 2
+                        lambda self, tokens, starts, hi: real(self, tokens, [s + 2 for s in starts], hi + 2))
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, checked) is False
+
+
 def test_a_chunk_scored_in_two_parts_around_a_peek_fails_the_check(monkeypatch):
     """A leak inside one chunk: its first target scored cleanly, then a step on the whole chunk, then the
     rest scored. The check's mid-chunk point sees it (its first-target point alone would not)."""
