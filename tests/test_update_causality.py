@@ -7,17 +7,11 @@ import numpy as np
 import torch
 
 import train_gpt
-from test_eval import EVAL_ENV
+from test_eval import EVAL_ENV, setup
 from test_lora_ttt import LORA_ENV
 from test_model import randomized, small_cfg
 
-LUT = train_gpt.ByteLUT(np.ones(64, np.int32), np.zeros(64, bool), np.arange(64) < 4)
-
-
-def stream(n=301) -> np.ndarray:
-    tokens = np.random.default_rng(0).integers(4, 64, size=n).astype(np.uint16)
-    tokens[::37] = train_gpt.BOS_ID
-    return tokens
+VAL = setup()[3]  # test_eval's stream (random tokens, a BOS every 37) and its bytes per target
 
 
 def perturbed_after(tokens: np.ndarray, p: int) -> np.ndarray:
@@ -33,7 +27,7 @@ def perturbed_after(tokens: np.ndarray, p: int) -> np.ndarray:
 
 
 def score(tokens: np.ndarray, env: dict, phase: train_gpt.Phase):
-    train_gpt.eval_tokens(randomized(small_cfg()), train_gpt.ValSet.from_lut(tokens, LUT), train_gpt.Dist(),
+    train_gpt.eval_tokens(randomized(small_cfg()), VAL.with_tokens(tokens), train_gpt.Dist(),
                           train_gpt.Hyperparameters(env), phase)
 
 
@@ -52,7 +46,7 @@ def weights_after_updates(tokens, env, phase, monkeypatch) -> list[torch.Tensor]
 
 def test_a_windowed_ttt_update_reads_only_its_scored_chunk(monkeypatch):
     """Update c trains on targets up to (c + 1) * TTT_CHUNK_TOKENS (64), every one scored before it."""
-    env, phase, tokens = EVAL_ENV | dict(TTT_LORA_RANK="0"), train_gpt.Phase("ttt", 32, 8, ttt=True), stream()
+    env, phase, tokens = EVAL_ENV | dict(TTT_LORA_RANK="0"), train_gpt.Phase("ttt", 32, 8, ttt=True), VAL.tokens
     for c in (0, 1):
         hi = (c + 1) * 64
         a = weights_after_updates(tokens, env, phase, monkeypatch)
@@ -64,7 +58,7 @@ def test_a_lora_global_update_reads_only_its_scored_documents(monkeypatch):
     """LoRA TTT's global update c trains on its chunk's documents, whose targets end at the next chunk's
     first document start (doc_chunks' hi)."""
     env = LORA_ENV | dict(TTT_LORA_LR="0")  # the base model's global update alone
-    phase, tokens = train_gpt.Phase("ttt", 32, 8, ttt=True, lora=True), stream()
+    phase, tokens = train_gpt.Phase("ttt", 32, 8, ttt=True, lora=True), VAL.tokens
     chunks = train_gpt.doc_chunks(*train_gpt.doc_spans(tokens), train_gpt.lora_chunk_tokens(
         train_gpt.Hyperparameters(env), 1))
     for c in (0, 1):
@@ -99,7 +93,7 @@ def adapter_steps(tokens, env, monkeypatch) -> dict[tuple[int, int, int], torch.
 
 def test_an_adapter_step_reads_only_its_documents_scored_chunk(monkeypatch):
     """A document's adapter row after its step j depends on the targets it has scored (up to `last`) only."""
-    env, tokens = LORA_ENV | dict(TTT_LR="0"), stream()  # adapters alone: the base model stays put
+    env, tokens = LORA_ENV | dict(TTT_LR="0"), VAL.tokens  # adapters alone: the base model stays put
     steps = adapter_steps(tokens, env, monkeypatch)
     keys = [k for k in sorted(steps) if k[2] + 1 < len(tokens) and tokens[k[2] + 1] != train_gpt.BOS_ID]  # not its end
     for key in (keys[1], keys[len(keys) // 2]):
@@ -131,7 +125,7 @@ def slot_deltas(tokens, env, monkeypatch) -> dict[int, torch.Tensor]:
 
 def test_a_slot_context_delta_reads_only_its_windows_context(monkeypatch):
     """SLOT=context fits a window's delta on its context targets, scored by earlier windows (up to prev)."""
-    env, tokens = EVAL_ENV | dict(TTT_ENABLED="0", SLOT="context", SLOT_STEPS="3", SLOT_LR="0.1"), stream()
+    env, tokens = EVAL_ENV | dict(TTT_ENABLED="0", SLOT="context", SLOT_STEPS="3", SLOT_LR="0.1"), VAL.tokens
     a = slot_deltas(tokens, env, monkeypatch)
     for prev in (32, 144):
         b = slot_deltas(perturbed_after(tokens, prev), env, monkeypatch)
