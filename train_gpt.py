@@ -849,6 +849,9 @@ def load_tokenizer(path: str, vocab_size: int, vocab_owner: str = "VOCAB_SIZE"):
     if sp.piece_to_id("\u2581") == sp.unk_id():
         # Without a standalone '▁' a space is byte-encoded as 3 tokens (issue #897): bpb breaks.
         raise UserError(f"tokenizer {path}: no standalone '\u2581' piece, byte accounting would be wrong")
+    if not sp.is_control(BOS_ID):  # a text piece there would be counted as bytes and split documents
+        raise UserError(f"tokenizer {path}: id {BOS_ID} must be a control piece (the shards' document separator, "
+                        f"BOS), got {sp.id_to_piece(BOS_ID)!r}")
     return sp
 
 

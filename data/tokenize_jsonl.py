@@ -367,10 +367,14 @@ def run(args, stage: Path) -> None:
         raise SystemExit(f"error: INPUT {args.input}: no such file")
     if args.tokenizer is not None:
         try:
-            vocab = spm.SentencePieceProcessor(model_file=str(args.tokenizer)).vocab_size()
+            sp = spm.SentencePieceProcessor(model_file=str(args.tokenizer))
         except (OSError, RuntimeError) as e:
             raise SystemExit(f"error: --tokenizer {args.tokenizer}: expected a SentencePiece .model file "
                              f"({' '.join(str(e).split())})") from None
+        vocab = sp.vocab_size()
+        if vocab <= BOS or not sp.is_control(BOS):  # a text piece would be counted as bytes and split documents
+            raise SystemExit(f"error: --tokenizer {args.tokenizer}: id {BOS} must be a control piece (the document "
+                             f"separator, BOS), got {sp.id_to_piece(BOS) if vocab > BOS else None!r}")
         if vocab > MAX_VOCAB:
             raise SystemExit(f"error: --tokenizer {args.tokenizer}: {vocab} pieces, at most {MAX_VOCAB} fit uint16")
         name = args.name or f"custom_sp{vocab}"

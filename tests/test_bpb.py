@@ -7,7 +7,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt
-from conftest import VAL_DOCS, corpus_docs, train_tokenizer
+from conftest import VAL_DOCS, bos_as_text_piece, corpus_docs, train_tokenizer
 
 EXOTIC = [
     "naïve café — Ωmega ∑ résumé",
@@ -99,6 +99,15 @@ def test_tokenizer_errors(tokenizer, tmp_path):
         train_gpt.load_tokenizer(str(bogus), 1024)
     with pytest.raises(train_gpt.UserError, match="file not found"):
         train_gpt.load_tokenizer(str(tmp_path / "missing.model"), 1024)
+
+
+def test_tokenizer_whose_bos_is_text_rejected(tokenizer, tmp_path):
+    """Shards separate documents with id 1: were it a text piece, its bytes would be counted into bpb and
+    its occurrences in text would split documents."""
+    bad = bos_as_text_piece(tokenizer(1024), tmp_path / "bos_text.model")
+    assert not spm.SentencePieceProcessor(model_file=str(bad)).is_control(1)
+    with pytest.raises(train_gpt.UserError, match="id 1 must be a control piece .* got '<s>'"):
+        train_gpt.load_tokenizer(str(bad), 1024)
 
 
 def test_tokenizer_without_space_piece_rejected(tokenizer, tmp_path):

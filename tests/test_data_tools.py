@@ -21,7 +21,7 @@ import pytest
 import sentencepiece as spm
 
 import train_gpt
-from conftest import CORPUS, ROOT, corpus_docs
+from conftest import CORPUS, ROOT, bos_as_text_piece, corpus_docs
 from data import tokenize_jsonl
 from data.shards import ShardError, ShardWriter, read_header, read_shard, write_shard
 
@@ -456,6 +456,9 @@ def test_tokenize_bad_arguments(tiny, tmp_path):
     assert r.returncode == 1 and "--tokenizer" in r.stderr and "SentencePiece" in r.stderr
     r = tokenize(src, "--out-dir", tmp_path / "o", "--tokenizer", out / "tokenizers" / "custom_sp300_bpe.model")
     assert r.returncode == 1 and "need more than --val-docs=400" in r.stderr
+    bos_text = bos_as_text_piece(out / "tokenizers" / "custom_sp300_bpe.model", tmp_path / "bos_text.model")
+    r = tokenize(src, "--out-dir", tmp_path / "o", "--tokenizer", bos_text, "--val-docs", 2)
+    assert r.returncode == 1 and "id 1 must be a control piece (the document separator, BOS), got '<s>'" in r.stderr
     r = tokenize(tmp_path / "missing.jsonl", "--out-dir", tmp_path / "o", "--vocab-size", 300)
     assert r.returncode == 1 and "missing.jsonl: no such file" in r.stderr
     assert files_under(tmp_path / "o") == []
