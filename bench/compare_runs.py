@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Two training logs of one configuration side by side: a run on N GPUs against the same global batch
-on fewer (bench/scaling.sh), or any two runs.
+on fewer (bench/scaling.sh), or any two runs of one global batch.
 
 usage: python3 bench/compare_runs.py RUN.txt REFERENCE.txt [--steps 200]
 
 Prints one line per log:
   run:<name> world_size:<n> last_step:<k> step_avg_ms:<at the last step both logged> tok_s:<total>
-  tok_s_per_gpu:<...> eval_s_<phase>:<...> ... final_val_bpb:<...>
+  tok_s_per_gpu:<...> eval_s_<phase>:<...> ... final_val_bpb:<...> final_valid:<0|1>
 then
+  differs:<none, or each knob and data fact the runs do not share as name=RUN|REFERENCE>
   curve steps:<train-loss steps both logged, up to --steps> max_abs_diff:<...> mean_abs_diff:<...>
   scaling world_size:<n>/<m> efficiency:<per-GPU tok/s of RUN over REFERENCE's>
 """
@@ -19,6 +20,12 @@ from pathlib import Path
 if not __package__:  # run as a file (python3 bench/compare_runs.py): import scripts.runlog from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.runlog import LogError, read_log  # noqa: E402
+
+
+# Per-run names, not settings: a run on N GPUs and its 1-GPU reference differ in these only.
+BOOKKEEPING = {"run_id", "log_dir", "artifact_dir", "prequant_save", "dump_token_nll", "compile_cache"}
+# What the scores divide and what was scored: two runs that differ here have bpbs over other bytes or text.
+DATA_FACTS = ("tokenizer_sha256", "val_tokens", "val_bytes", "val_byte_source")
 
 
 class BadInput(Exception):
@@ -39,9 +46,12 @@ def parse(path: Path) -> dict:
         raise BadInput(f"error: {path}: world_size:{world} is not a count of GPUs")
     # a run that stopped with an error has no score to show, whatever its summary block says
     final = "failed" if log.errors else log.summary.get("final_val_bpb", "n/a")
+    setting = {k: v for k, v in log.hparams.items() if k not in BOOKKEEPING}
+    setting |= {k: log.facts.get(k) for k in DATA_FACTS}
     return {"name": path.stem, "train": train, "batch": int(batch),
             "eval": {p.name: p.eval_time for p in log.phases if p.eval_time is not None},
-            "world_size": int(world), "final": final}
+            "world_size": int(world), "final": final, "valid": int(log.invalid_reason() is None),
+            "setting": setting}
 
 
 def compare(run: dict, ref: dict, max_steps: int) -> list[str]:
@@ -58,7 +68,12 @@ def compare(run: dict, ref: dict, max_steps: int) -> list[str]:
         per_gpu.append(tok_s / r["world_size"])
         out.append(" ".join([f"run:{r['name']} world_size:{r['world_size']} last_step:{last} step_avg_ms:{ms:.2f} "
                              f"tok_s:{tok_s:.0f} tok_s_per_gpu:{tok_s / r['world_size']:.0f}",
-                             *(f"eval_s_{k}:{v:.1f}" for k, v in r["eval"].items()), f"final_val_bpb:{r['final']}"]))
+                             *(f"eval_s_{k}:{v:.1f}" for k, v in r["eval"].items()), f"final_val_bpb:{r['final']}",
+                             f"final_valid:{r['valid']}"]))
+    keys = dict.fromkeys([*run["setting"], *ref["setting"]])
+    differs = [f"{k}={run['setting'].get(k)}|{ref['setting'].get(k)}" for k in keys
+               if run["setting"].get(k) != ref["setting"].get(k)]
+    out.append(f"differs:{' '.join(differs) or 'none'}")
     diffs = [abs(run["train"][k][0] - ref["train"][k][0]) for k in common if k <= max_steps]
     if diffs:
         worst = math.nan if any(map(math.isnan, diffs)) else max(diffs)  # max() keeps or drops a NaN by its place

@@ -160,9 +160,17 @@ def test_compare_runs_reads_scaling_and_curve_agreement(tmp_path):
     lines = res.stdout.strip().splitlines()
     assert lines[0].startswith("run:baseline_shape_log world_size:2 ") and lines[1].startswith("run:baseline_shape_log world_size:1 ")
     assert "eval_s_roundtrip:" in lines[1] and "final_val_bpb:" in lines[1]
-    assert lines[2] == "curve steps:7 max_abs_diff:0.0100 mean_abs_diff:0.0100"  # steps 1-5, 100, 200
-    assert re.fullmatch(r"scaling world_size:2/1 efficiency:0\.9\d\d", lines[3])
-    assert abs(float(lines[3].split("efficiency:")[1]) - 0.9) < 0.002  # step times are logged to 0.01 ms
+    assert lines[2] == "differs:none"
+    assert lines[3] == "curve steps:7 max_abs_diff:0.0100 mean_abs_diff:0.0100"  # steps 1-5, 100, 200
+    assert re.fullmatch(r"scaling world_size:2/1 efficiency:0\.9\d\d", lines[4])
+    assert abs(float(lines[4].split("efficiency:")[1]) - 0.9) < 0.002  # step times are logged to 0.01 ms
+    # Another seed, run id and val set: the settings and data facts are named, the run id is not.
+    other = tmp_path / "other.txt"
+    other.write_text(ref.read_text().replace("  seed: 1337", "  seed: 7").replace("  run_id: ", "  run_id: x")
+                     .replace(" val_tokens:1054657", " val_tokens:100 val_bytes:300 val_byte_source:sidecar"))
+    res = run_script(["bench/compare_runs.py", str(other), str(ref)], env=None)
+    assert res.returncode == 0 and res.stdout.splitlines()[2] == (
+        "differs:seed=7|1337 val_tokens=100|1054657 val_bytes=300|None val_byte_source=sidecar|None"), res.stdout
     no_eval = tmp_path / "no_eval.txt"  # a run cut before its eval: no eval fields, single spaces still
     no_eval.write_text("".join(line for line in ref.read_text().splitlines(True) if "eval_time:" not in line))
     res = run_script(["bench/compare_runs.py", str(no_eval), str(ref)], env=None)
@@ -183,7 +191,8 @@ def test_compare_runs_shows_a_diverged_curve_and_a_failed_run(tmp_path):
     res = run_script(["bench/compare_runs.py", str(run), str(ref), "--steps", "200"], env=None)
     assert res.returncode == 0, res.stderr
     out = res.stdout.splitlines()
-    assert out[0].endswith("final_val_bpb:failed") and re.match(r"curve steps:7 max_abs_diff:nan ", out[2]), out
+    assert out[0].endswith("final_val_bpb:failed final_valid:0") and out[1].endswith(" final_valid:1"), out
+    assert re.match(r"curve steps:7 max_abs_diff:nan ", out[3]), out
 
 
 def test_compare_runs_rejects_logs_it_cannot_compare(tmp_path):
