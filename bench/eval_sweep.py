@@ -18,6 +18,7 @@ variant only those that an earlier one did not build; its phases then run warm, 
 says otherwise).
 """
 import copy
+import difflib
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,11 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     name, *pairs = spec.split()
     if not name.isidentifier() or not all("=" in p and p.split("=", 1)[0] for p in pairs):
         raise train_gpt.UserError(f"variant {spec!r}: expected 'NAME K=V ...' (NAME letters, digits, _)")
+    knobs = {k.name for k in train_gpt.KNOBS}
+    for key in (p.split("=", 1)[0] for p in pairs):  # the environment may hold anything; a variant only knobs
+        if key not in knobs:
+            near = difflib.get_close_matches(key.upper(), knobs, n=1)
+            raise train_gpt.UserError(f"variant {spec!r}: {key} is not a knob" + (f" ({near[0]}?)" if near else ""))
     return name, dict(p.split("=", 1) for p in pairs)
 
 

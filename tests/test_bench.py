@@ -269,6 +269,11 @@ def test_eval_sweep_scores_one_artifact_under_several_settings(tiny_data, tmp_pa
     assert not (tmp_path / "logs" / "bad_ok.txt").exists()  # nothing ran
     res = launcher.run(sweep, "bench/eval_sweep.py", ["two words=1=2 x"])
     assert res.returncode == 2 and res.stderr.startswith("error: variant 'two words=1=2 x'")
+    for spec, message in (("low ttt_enabled=0", "ttt_enabled is not a knob (TTT_ENABLED?)"),
+                          ("typo TTT_LORA_DOC=4", "TTT_LORA_DOC is not a knob (TTT_LORA_DOCS?)"),
+                          ("other SLIDING=0", "SLIDING is not a knob (EVAL_SLIDING?)")):  # they ran as the base, under this name
+        res = launcher.run(sweep | dict(RUN_ID="bad"), "bench/eval_sweep.py", ["ok", spec])
+        assert res.returncode == 2 and res.stderr.strip() == f"error: variant {spec!r}: {message}", res.stderr
     redo = env | dict(RUN_ID="re", PREQUANT=str(pre), ARTIFACT_DIR=str(tmp_path / "re"))
     res = launcher.run(redo, "bench/eval_sweep.py", ["same", "awq AWQ_GROUPS=1"])
     assert res.returncode == 0, res.stderr[-2000:]

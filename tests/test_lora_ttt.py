@@ -587,6 +587,8 @@ def test_lora_cost_counts_the_busiest_rank_of_each_chunk(tmp_path, launcher):
         assert one[k] == long[k] + short[k] and two[k] == long[k] > short[k] > 0, k
     bad = launcher.run(env | dict(WORLD_SIZE="0", DATA_PATH=str(tmp_path / "both1")), "bench/lora_cost.py", ["a"])
     assert bad.returncode != 0 and bad.stderr.strip().startswith("error: WORLD_SIZE='0'")
+    bad = launcher.run(env | dict(DATA_PATH=str(tmp_path / "both1")), "bench/lora_cost.py", ["a", "b TTT_LORA_DOC=4"])
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: variant 'b TTT_LORA_DOC=4': TTT_LORA_DOC is not a knob (TTT_LORA_DOCS?)"
 
 
 def test_primed_eval_compiles_nothing_after_training():
