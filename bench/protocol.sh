@@ -50,10 +50,13 @@ case "$config" in
   baseline) mapfile -t cfg < bench/baseline.env ;;
   *) echo "error: unknown CONFIG '$config' (expected default, candidate or baseline)" >&2; exit 2 ;;
 esac
-# A knob exported in the shell reaches the run too, under the VAR=value pairs: say so (the log records it as well).
+# A knob exported in the shell reaches the run too, unless the protocol or a VAR=value pair sets it: say so (the
+# log records it as well).
+knobs=$(python3 "${SCRIPT:-train_gpt.py}" --help-env) || { echo "error: ${SCRIPT:-train_gpt.py} --help-env failed" >&2; exit 2; }
+set_here=" $(printf '%s\n' "${common[@]}" "${cfg[@]}" "$@" | sed 's/=.*//' | tr '\n' ' ') "
 leaked=()
-for k in $(python3 train_gpt.py --help-env | sed -n 's/^| `\([A-Z0-9_]*\)` |.*/\1/p'); do
-  if [ -n "${!k+x}" ]; then leaked+=("$k=${!k}"); fi
+for k in $(sed -n 's/^| `\([A-Z0-9_]*\)` |.*/\1/p' <<< "$knobs"); do
+  if [ -n "${!k+x}" ] && [[ "$set_here" != *" $k "* ]]; then leaked+=("$k=${!k}"); fi
 done
 if [ ${#leaked[@]} -gt 0 ]; then echo "warning: knobs from the environment reach this protocol run: ${leaked[*]}" >&2; fi
 exec env "${common[@]}" "${cfg[@]}" "$@" torchrun --standalone --nproc_per_node="${NPROC:-1}" "${SCRIPT:-train_gpt.py}"

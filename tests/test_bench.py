@@ -92,11 +92,17 @@ def test_protocol_candidate_is_the_default_plus_its_env_and_overrides_win(tmp_pa
     assert {k: seen[k] for k in lever} == lever | {first: off}
     assert "VAL_FILES" not in seen and "VAL_MAX_TOKENS" not in seen
     assert "warning: knobs from the environment" not in res.stderr
-    # A knob exported in the shell reaches the run: the protocol says which.
-    res = subprocess.run(["bash", "bench/protocol.sh", "default"], cwd=ROOT, env=env | dict(NUM_LAYERS="5"),
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0 and "NUM_LAYERS=5" in res.stdout, res.stderr
+    # A knob exported in the shell reaches the run: the protocol says which; not the ones it or the command
+    # line sets (the run gets those as set there).
+    res = subprocess.run(["bash", "bench/protocol.sh", "default", "QK_GAIN_INIT=4"], cwd=ROOT, capture_output=True,
+                         env=env | dict(NUM_LAYERS="5", SEED="7", QK_GAIN_INIT="9"), text=True, timeout=60)
+    assert res.returncode == 0 and "NUM_LAYERS=5" in res.stdout and "SEED=1337" in res.stdout, res.stderr
+    assert "QK_GAIN_INIT=4" in res.stdout.splitlines()
     assert res.stderr.strip() == "warning: knobs from the environment reach this protocol run: NUM_LAYERS=5"
+    # No knob list (the script cannot start): an error, not a silent run.
+    res = subprocess.run(["bash", "bench/protocol.sh", "default"], cwd=ROOT, env=env | dict(SCRIPT="missing.py"),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.strip().endswith("error: missing.py --help-env failed"), res.stderr
     # EVAL_SHARE=1: one GPU's share of FineWeb val, read from the bench train shard
     res = subprocess.run(["bash", "bench/protocol.sh", "default", "EVAL_ONLY=a.br"], cwd=ROOT, env=env | dict(EVAL_SHARE="1"),
                          capture_output=True, text=True, timeout=60)
