@@ -91,6 +91,11 @@ def read_docs(path: Path, max_docs=None):
                 text = obj.get("text") if isinstance(obj, dict) else None
                 if not isinstance(text, str):
                     raise SystemExit(f'error: {path}:{lineno}: expected a JSON object with a "text" string')
+                try:
+                    text.encode("utf-8")  # JSON may escape a lone surrogate, which no UTF-8 byte count can hold
+                except UnicodeEncodeError as e:
+                    raise SystemExit(f'error: {path}:{lineno}: "text" is not encodable as UTF-8 ({e.reason}: '
+                                     f'{text[e.start:e.end].encode("unicode_escape").decode()})') from None
                 n += 1
                 yield text
     except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:

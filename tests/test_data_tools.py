@@ -414,8 +414,14 @@ def test_shard_splitting(tiny, tmp_path):
     assert sorted(p.name for p in ds.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin", "split.json"]
 
 
-@pytest.mark.parametrize("bad", ['{"txt": "no text key"}', "not json", '{"text": 5}', '["text"]'])
-def test_bad_line_leaves_nothing(tiny, tmp_path, bad):
+NO_TEXT = 'expected a JSON object with a "text" string'
+
+
+@pytest.mark.parametrize("bad, message", [('{"txt": "no text key"}', NO_TEXT), ("not json", NO_TEXT),
+                                          ('{"text": 5}', NO_TEXT), ('["text"]', NO_TEXT),
+                                          ('{"text": "a\\ud800b"}', '"text" is not encodable as UTF-8 '
+                                                                     '(surrogates not allowed: \\ud800)')])
+def test_bad_line_leaves_nothing(tiny, tmp_path, bad, message):
     texts, out = tiny
     lines = [json.dumps({"text": t}) for t in texts] + [bad]
     src = tmp_path / "bad.jsonl"
@@ -424,7 +430,7 @@ def test_bad_line_leaves_nothing(tiny, tmp_path, bad):
     r = tokenize(src, "--out-dir", dest, "--tokenizer", out / "tokenizers" / "custom_sp300_bpe.model",
                  "--val-docs", 20, "--shard-tokens", 300, "--workers", 2)
     assert r.returncode == 1
-    assert r.stderr.strip() == f'error: {src}:{len(lines)}: expected a JSON object with a "text" string'
+    assert r.stderr.strip() == f"error: {src}:{len(lines)}: {message}"
     assert not (tmp_path / "out").exists()
 
     # A bad line inside the train split also stops tokenizer training, with the same message.
