@@ -29,6 +29,7 @@ if str(HERE.parent) not in sys.path:  # run as a script: the repository root, on
     sys.path.insert(0, str(HERE.parent))
 import train_gpt  # noqa: E402
 from bench.profile_step import kernel_times  # noqa: E402
+from bench.speed import positive  # noqa: E402
 
 
 def plain_xsa(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,7 @@ def measure(fn, inputs, reps: int) -> tuple[float, float | None, int, list]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="48,2048,8,4,64", help="B,T,H,Hkv,hd")
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--reps", type=positive, default=50)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     try:

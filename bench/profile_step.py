@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script: the repository root, once
     sys.path.insert(0, str(HERE.parent))
 import train_gpt  # noqa: E402
-from bench.speed import apply_inductor_options, build_trainer  # noqa: E402
+from bench.speed import apply_inductor_options, build_trainer, key_value, positive  # noqa: E402
 
 CLASSES = [  # first match wins
     ("attention", r"flash|fmha|attention|cudnn.*sdpa|sdpa"),
@@ -57,17 +57,17 @@ def kernel_times(prof, reps: int) -> tuple[dict, dict, dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=positive, default=3)
     ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--top", type=positive, default=40)
     ap.add_argument("--looped", action="store_true", help="depth recurrence on")
     ap.add_argument("--data", default="", metavar="DIR", help="real train shards instead of random tokens")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--set", nargs="*", type=key_value, default=[], metavar="KEY=VALUE")
     ap.add_argument("--inductor", nargs="*", default=[], metavar="OPTION=VALUE",
                     help="torch._inductor.config options to try, e.g. triton.persistent_reductions=False")
     args = ap.parse_args(argv)
     apply_inductor_options(args.inductor)
-    hp = train_gpt.Hyperparameters({"TRAIN_BATCH_TOKENS": "98304"} | dict(kv.split("=", 1) for kv in args.set))
+    hp = train_gpt.Hyperparameters({"TRAIN_BATCH_TOKENS": "98304"} | dict(args.set))
     dctx = train_gpt.setup_distributed(hp)
     trainer, attention = build_trainer(hp, dctx, args.data)
     for _ in range(args.warmup):
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         step_ms = 1000 * (time.perf_counter() - t0) / args.steps
     totals, calls, spans = kernel_times(prof, args.steps)
     busy = sum(totals.values())
-    print(f"step_ms:{step_ms:.2f} gpu_busy_ms:{busy:.2f} looped:{int(args.looped)} attention:{attention} set:{','.join(args.set)} "
+    print(f"step_ms:{step_ms:.2f} gpu_busy_ms:{busy:.2f} looped:{int(args.looped)} attention:{attention} set:{','.join(f'{k}={v}' for k, v in args.set)} "
           f"inductor:{','.join(args.inductor)}")
     by_class = defaultdict(float)
     for name, ms in totals.items():

@@ -62,6 +62,21 @@ class RandomStream:
         return self.rng.integers(0, self.vocab, size=(n_seqs, self.seq_len + 1))[rows]
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of steps or repetitions to divide by)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """argparse type: one KEY=VALUE pair."""
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def apply_inductor_options(options: list[str]):
     """OPTION=VALUE pairs onto torch._inductor.config (a trusted command line; VALUE is a literal)."""
     import ast
@@ -158,21 +173,23 @@ def bench(name: str, overrides: dict, looped: bool, args):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="default,default_looped,baseline", help="comma-separated: " + ",".join(CONFIGS))
-    ap.add_argument("--steps", type=int, default=100, help="timed optimizer steps per config")
+    ap.add_argument("--steps", type=positive, default=100, help="timed optimizer steps per config")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (compile)")
-    ap.add_argument("--eval-tokens", type=int, default=262144, help="random tokens scored by the sliding eval")
+    ap.add_argument("--eval-tokens", type=positive, default=262144, help="random tokens scored by the sliding eval")
     ap.add_argument("--data", default="", metavar="DIR",
                     help="train on the fineweb_train_*.bin shards in DIR instead of uniform random tokens")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every config")
+    ap.add_argument("--set", nargs="*", type=key_value, default=[], metavar="KEY=VALUE", help="overrides for every config")
     ap.add_argument("--inductor", nargs="*", default=[], metavar="OPTION=VALUE",
                     help="torch._inductor.config options, e.g. coordinate_descent_tuning=True")
     args = ap.parse_args(argv)
     apply_inductor_options(args.inductor)
-    extra = dict(kv.split("=", 1) for kv in args.set)
-    for name in args.configs.split(","):
+    extra = dict(args.set)
+    names = args.configs.split(",")
+    for name in names:  # all before the first runs: a typo found after minutes of benchmarking wastes them
         if name not in CONFIGS:
             print(f"error: --configs: unknown config {name!r} (expected one of {', '.join(CONFIGS)})", file=sys.stderr)
             return 2
+    for name in names:
         overrides, looped = CONFIGS[name]
         try:
             bench(name, overrides | extra, looped, args)

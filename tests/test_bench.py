@@ -126,9 +126,17 @@ def test_plain_config_is_the_default_shape_with_the_baseline_features():
     assert (plain.xsa_last_n, plain.num_loops, plain.skip_gates, plain.mlp_leaky_slope) == (0, 0, 0, 0)
 
 
-def test_speed_script_rejects_unknown_config(launcher):
-    res = bench_script(launcher, "speed.py", "--configs", "nope")
-    assert res.returncode == 2 and "unknown config 'nope'" in res.stderr
+def test_bench_scripts_reject_bad_arguments_before_any_work(launcher):
+    """An unknown config after a good one is refused before the good one runs (minutes on a GPU); a count of
+    0 steps or reps (a division by it) and a --set entry without '=' are argparse errors, not tracebacks."""
+    res = bench_script(launcher, "speed.py", "--configs", "default,nope", "--steps", "1", "--set", *TINY)
+    assert res.returncode == 2 and res.stdout == "" and "unknown config 'nope'" in res.stderr
+    for script, args, message in (("speed.py", ["--steps", "0"], "expected a positive integer, got '0'"),
+                                  ("speed.py", ["--set", "DEVICE"], "expected KEY=VALUE, got 'DEVICE'"),
+                                  ("profile_step.py", ["--set", "DEVICE"], "expected KEY=VALUE, got 'DEVICE'"),
+                                  ("fusions.py", ["--reps", "0"], "expected a positive integer, got '0'")):
+        res = bench_script(launcher, script, *args)
+        assert res.returncode == 2 and "Traceback" not in res.stderr and message in res.stderr, (script, res.stderr)
 
 
 def test_variants_script_exports_revisions_beside_bench(tmp_path):
