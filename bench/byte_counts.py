@@ -21,8 +21,6 @@ For the first --val-docs documents (the val split) prints key:value lines:
   ratios of each byte count to raw_utf8_bytes
 """
 import argparse
-import json
-import lzma
 import sys
 from pathlib import Path
 
@@ -34,6 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
 from data.shards import read_shard, read_sidecar, token_shards  # noqa: E402
+from data.tokenize_jsonl import read_docs  # noqa: E402
 
 BOS = 1
 
@@ -48,13 +47,7 @@ def main(argv=None):
                    help="folder with the CaseOps fineweb_val_*.bin and fineweb_val_bytes_*.bin")
     args = p.parse_args(argv)
 
-    texts = []
-    with lzma.open(args.docs, "rt", encoding="utf-8") as f:
-        for line in f:
-            if len(texts) == args.val_docs:
-                break
-            if line.strip():
-                texts.append(json.loads(line)["text"])
+    texts = list(read_docs(args.docs, args.val_docs))  # plain, .gz or .xz; a bad line is an error naming it
     raw = sum(len(t.encode("utf-8")) for t in texts)
 
     sp = spm.SentencePieceProcessor(model_file=str(args.tokenizer))
@@ -74,8 +67,13 @@ def main(argv=None):
     for f in token_shards(args.caseops_data, "val"):
         toks.append(np.asarray(read_shard(f)))
         nbytes.append(np.asarray(read_sidecar(f)))
+    if not toks:
+        raise SystemExit(f"error: --caseops-data {args.caseops_data}: no fineweb_val_*.bin shards")
     toks, nbytes = np.concatenate(toks), np.concatenate(nbytes).astype(np.int64)
     side = int(nbytes.sum())
+    if (toks == BOS).sum() != len(texts):  # the ratios below compare one set of documents
+        raise SystemExit(f"error: --caseops-data {args.caseops_data} holds {(toks == BOS).sum()} val documents, "
+                         f"--docs/--val-docs gave {len(texts)}: not the same split")
 
     out = dict(val_docs=len(texts), raw_utf8_bytes=raw, plain_tokens=sum(map(len, ids)),
                plain_lut_bytes=plain_lut, plain_decoded_bytes=plain_decoded, plain_docs_changed=changed,

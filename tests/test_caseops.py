@@ -373,3 +373,20 @@ def test_caseops_download_refuses(caseops_hub, damage):
     r = fetch_caseops(env, local)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.strip().startswith(want), r.stderr
+
+
+def test_byte_counts_compares_one_split_and_refuses_another(built, tokenizer):
+    """bench/byte_counts.py: the sidecar charges the val documents' original bytes (raw = sidecar) and the plain
+    path its pieces' bytes; --val-docs other than the CaseOps data's split is refused, not a ratio over two sets."""
+    texts, src, out = built
+    data = out / "datasets" / "co"
+    args = [sys.executable, "bench/byte_counts.py", "--docs", str(src), "--tokenizer", str(tokenizer(1024)),
+            "--caseops-data", str(data)]
+    res = subprocess.run(args + ["--val-docs", "17"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    got = dict(line.split(":", 1) for line in res.stdout.splitlines())
+    assert int(got["raw_utf8_bytes"]) == sum(len(t.encode()) for t in texts[:17]) == int(got["caseops_sidecar_bytes"])
+    assert got["caseops_docs"] == got["val_docs"] == "17"
+    res = subprocess.run(args + ["--val-docs", "40"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.strip() == (
+        f"error: --caseops-data {data} holds 17 val documents, --docs/--val-docs gave 40: not the same split")
