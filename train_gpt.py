@@ -390,6 +390,8 @@ def validate(hp: Hyperparameters):
     def need(ok: bool, msg: str):
         if not ok:
             raise UserError(f"env {msg}")
+    need(Path(hp.run_id).name == hp.run_id and hp.run_id not in (".", ".."),  # else the artifact's write fails, late
+         f"RUN_ID={hp.run_id!r}: expected a file name (no '/'): it names the log and the artifact")
     need(hp.num_heads % hp.num_kv_heads == 0, f"NUM_KV_HEADS={hp.num_kv_heads}: must divide NUM_HEADS={hp.num_heads}")
     need(hp.model_dim % hp.num_heads == 0 and (hp.model_dim // hp.num_heads) % 2 == 0,
          f"MODEL_DIM={hp.model_dim}: must give an even head dim with NUM_HEADS={hp.num_heads}")
