@@ -603,3 +603,11 @@ def test_split_parts_refuses_bad_parts(tmp_path):
     res = run_script(["scripts/split_parts.py", "split", str(tmp_path / "none"), str(tmp_path / "r")], env=None)
     assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path / 'none'}: no files to split"
     assert not (tmp_path / "dest").exists()
+
+
+def test_every_tool_with_a_shebang_is_executable():
+    """The README calls the tools by path (bench/eval_sweep.py ...): one without the executable bit stops with
+    'Permission denied'."""
+    tools = [p for d in ("bench", "scripts", "data") for p in sorted((ROOT / d).iterdir())
+             if p.is_file() and p.read_bytes().startswith(b"#!")]
+    assert len(tools) >= 10 and [p.name for p in tools if not os.access(p, os.X_OK)] == []
