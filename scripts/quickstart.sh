@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # Install the requirements and run the default job.
-#  - FineWeb sp8192 shards in data/datasets/fineweb10B_sp8192: the real default run on every local GPU.
+#  - FineWeb sp8192 shards in data/datasets/fineweb10B_sp8192 and a GPU: the real default run on every local GPU.
 #  - otherwise: say so, tokenize a slice of the bench corpus (BENCH_DIR, default ../shared/bench), or
 #    the small test corpus shipped in tests/fixtures, and train a tiny model on it (CPU or GPU), so a
-#    fresh clone still runs end to end.
+#    fresh clone still runs end to end (the default job on a CPU would take hours).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -r requirements.txt
+ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if compgen -G "data/datasets/fineweb10B_sp8192/fineweb_val_*.bin" >/dev/null; then
-  ngpu=$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))")
-  echo "quickstart: FineWeb sp8192 shards found; running the default job on $ngpu process(es)"
-  exec torchrun --standalone --nproc_per_node="$ngpu" train_gpt.py
+  if [ "$ngpu" -gt 0 ]; then
+    echo "quickstart: FineWeb sp8192 shards found; running the default job on $ngpu GPU(s)"
+    exec torchrun --standalone --nproc_per_node="$ngpu" train_gpt.py
+  fi
+  echo "quickstart: FineWeb sp8192 shards found but no GPU: the default job would take hours on a CPU"
+else
+  echo "quickstart: no FineWeb shards in data/datasets/fineweb10B_sp8192"
+  echo "quickstart: (download them with: python3 data/cached_challenge_fineweb.py --variant sp8192 --repo-id kevclark/parameter-golf)"
 fi
 bench=${BENCH_DIR:-../shared/bench}
-echo "quickstart: no FineWeb shards in data/datasets/fineweb10B_sp8192"
-echo "quickstart: (download them with: python3 data/cached_challenge_fineweb.py --variant sp8192 --repo-id kevclark/parameter-golf)"
 if [ -f "$bench/docs.jsonl.xz" ]; then
   name=bench_sp1024 tokenizer=data/tokenizers/bench_1024_bpe.model
   echo "quickstart: training a TINY model on 3,000 documents of the bench corpus ($bench) instead"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, parse_log, run_script, tiny_env
 from scripts import split_parts, pack_code, plot, runlog, summarize
@@ -611,3 +612,25 @@ def test_every_tool_with_a_shebang_is_executable():
     tools = [p for d in ("bench", "scripts", "data") for p in sorted((ROOT / d).iterdir())
              if p.is_file() and p.read_bytes().startswith(b"#!")]
     assert len(tools) >= 10 and [p.name for p in tools if not os.access(p, os.X_OK)] == []
+
+
+def test_quickstart_runs_the_default_job_only_on_gpus(tmp_path):
+    """With FineWeb shards but no GPU, quickstart.sh takes the tiny smoke run, not the default job (hours on a CPU).
+    Run from a copy holding only the script, the shards and an empty requirements file; torchrun is a stub that
+    says it was called, and the smoke run then stops at its missing tokenizer script."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: quickstart runs the default job")
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "quickstart.sh").write_text((SCRIPTS / "quickstart.sh").read_text())
+    (tmp_path / "requirements.txt").write_text("")
+    shards = tmp_path / "data" / "datasets" / "fineweb10B_sp8192"
+    shards.mkdir(parents=True)
+    (shards / "fineweb_val_000000.bin").write_bytes(b"")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "torchrun").write_text("#!/bin/sh\necho torchrun_called\n")
+    (tmp_path / "bin" / "torchrun").chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", BENCH_DIR=str(tmp_path / "none"))
+    res = subprocess.run(["bash", "scripts/quickstart.sh"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert "torchrun_called" not in res.stdout and "shards found but no GPU" in res.stdout, res.stdout
+    assert "training a TINY model on the test corpus" in res.stdout
