@@ -398,6 +398,13 @@ def test_readme_env_reference_is_current():
     assert table == train_gpt.knob_reference(), "regenerate with: python3 train_gpt.py --help-env"
 
 
+def test_results_index_lists_every_study():
+    """README's layout says every results/ study is in results/README.md's table: one per folder, none missing."""
+    results = train_gpt.Path(train_gpt.__file__).parent / "results"
+    index = (results / "README.md").read_text()
+    folders = sorted(p.name for p in results.iterdir() if p.is_dir())
+    assert folders and [name for name in folders if f"| `{name}/` |" not in index] == []
+
 def test_two_process_run_matches_one_process(tiny_data, tmp_path, launcher):
     """The whole pipeline under torchrun (train loop and its shared clock, Hessians, GPTQ, eval and TTT
     split across ranks, rank-0-only files) scores like one process with accumulation. With no eval budget
