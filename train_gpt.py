@@ -657,6 +657,8 @@ HEADER_BYTES = HEADER_WORDS * 4
 def open_shard(path: str | Path) -> np.ndarray:
     """Memory-map a shard's tokens after checking its header and exact file size."""
     path = Path(path)
+    if not path.is_file():  # a folder (or anything else) named like a shard
+        raise UserError(f"shard {path}: not a file")
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise UserError(f"shard {path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header")

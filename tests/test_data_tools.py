@@ -81,6 +81,13 @@ def test_corrupt_shards_are_refused_by_both_readers(tmp_path, corrupt, ours, the
         read_shard(tmp_path / "missing.bin")
 
 
+def test_a_folder_named_like_a_shard_is_refused(tmp_path):
+    folder = tmp_path / "fineweb_val_000000.bin"
+    folder.mkdir()
+    with pytest.raises(train_gpt.UserError, match=re.escape(f"shard {folder}: not a file")):
+        train_gpt.open_shard(folder)
+
+
 @pytest.mark.parametrize("tokens,msg", [
     ([1, 2, 65536], "token 65536 at offset 2 does not fit uint16"),
     (np.array([5, -1]), "token -1 at offset 1 does not fit uint16"),
