@@ -63,7 +63,12 @@ def main(argv=None) -> int:
         print(f"error: {src}: source not found", file=sys.stderr)
         return 2
     source = src.read_bytes()
-    compile(source, str(src), "exec")  # refuse to pack a file that does not even parse
+    try:
+        compile(source, str(src), "exec")  # refuse to pack a file that does not even parse
+    except (SyntaxError, ValueError) as e:
+        print(f"error: {src}: does not compile ({getattr(e, 'msg', e)}, line {getattr(e, 'lineno', '?')})",
+              file=sys.stderr)
+        return 2
     try:
         same = ast.dump(ast.parse(minified(source))) == ast.dump(without_docstrings(ast.parse(source)))
     except SyntaxError:
@@ -72,11 +77,17 @@ def main(argv=None) -> int:
         print(f"error: {src}: ast.unparse did not give back the same program on this Python", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     packed = pack(source)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(packed)
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(packed)
+        tmp.replace(out)
+    except OSError as e:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)  # no half-written file beside the output
+        print(f"error: {out}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 2
     print(f"packed {src} ({len(source)} bytes) -> {out} ({len(packed)} bytes)")
     return 0
 

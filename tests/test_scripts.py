@@ -634,3 +634,18 @@ def test_quickstart_runs_the_default_job_only_on_gpus(tmp_path):
                          timeout=120)
     assert "torchrun_called" not in res.stdout and "shards found but no GPU" in res.stdout, res.stdout
     assert "training a TINY model on the test corpus" in res.stdout
+
+
+def test_pack_code_refuses_bad_input_in_one_line(tmp_path, capsys):
+    """A source that does not compile and an output it cannot write: one error line, exit 2, no traceback."""
+    broken = tmp_path / "broken.py"
+    broken.write_text("x = (\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    good = tmp_path / "good.py"
+    good.write_text("x = 1\n")
+    for args, message in (([str(broken)], f"error: {broken}: does not compile ('(' was never closed, line 1)"),
+                          ([str(good), "-o", str(blocker / "out.py")], f"error: {blocker / 'out.py'}: cannot write (")):
+        assert pack_code.main(args) == 2
+        assert capsys.readouterr().err.startswith(message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.py", "file", "good.py"]
