@@ -5,7 +5,7 @@ usage: python3 scripts/split_parts.py split SRC OUT [--max-mib 56]
        python3 scripts/split_parts.py gather PART STASH --into DEST
 
 split (here): packs the files of SRC (e.g. FlashAttention 4's wheels, whose CUDA 13 DSL library alone
-is 92 MB) into one tar stream cut into parts of at most --max-mib, as OUT/1, OUT/2, ...: each folder
+is 92 MB) into one tar stream cut into parts of at most --max-mib, as OUT/1, OUT/2, ... (OUT new or empty): each folder
 holds its part and the manifest (every part's sha256, the whole stream's sha256 and size).
 gather (on the benchmark machine, once per uploaded part OUT/k): checks part k against the manifest
 and copies it into STASH (e.g. /tmp/parts, which must survive until the last part is there); once
@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import io
 import json
+import re
 import shutil
 import sys
 import tarfile
@@ -41,6 +42,10 @@ def split(src: Path, out: Path, max_bytes: int) -> list[Path]:
     files = sorted(p for p in src.iterdir() if p.is_file()) if src.is_dir() else []
     if not files:
         raise PartsError(f"{src}: no files to split")
+    if max_bytes < 1:
+        raise PartsError(f"a part of {max_bytes} bytes: expected at least one byte")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # an earlier split's parts would stay beside
+        raise PartsError(f"{out}: not an empty folder (remove it or pick another)")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for f in files:
@@ -61,15 +66,19 @@ def split(src: Path, out: Path, max_bytes: int) -> list[Path]:
 
 def read_manifest(folder: Path) -> dict:
     try:
-        return json.loads((folder / MANIFEST).read_text())
+        m = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise PartsError(f"{folder / MANIFEST}: missing or unreadable ({e.__class__.__name__})") from None
+    if not (isinstance(m, dict) and isinstance(m.get("parts"), list) and isinstance(m.get("files"), list)
+            and isinstance(m.get("total_bytes"), int) and isinstance(m.get("total_sha256"), str)):
+        raise PartsError(f"{folder / MANIFEST}: not a manifest of this tool")
+    return m
 
 
 def gather(part_dir: Path, stash: Path, dest: Path) -> tuple[int, int, int]:
     """Stash the part in part_dir; unpack into dest once all are stashed. (have, all, unpacked files)."""
     manifest = read_manifest(part_dir)
-    found = sorted(part_dir.glob("part_*.bin"))
+    found = sorted(p for p in part_dir.glob("part_*.bin") if re.fullmatch(r"part_\d+\.bin", p.name))
     if len(found) != 1:
         raise PartsError(f"{part_dir}: expected one part_K.bin, found {len(found)}")
     k = int(found[0].stem.split("_")[1])
@@ -116,6 +125,9 @@ def main(argv=None) -> int:
             print(f"parts:{have}/{n}" + (f" unpacked:{unpacked} dest:{args.dest}" if unpacked else ""))
     except PartsError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     return 0
 

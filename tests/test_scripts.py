@@ -604,6 +604,21 @@ def test_split_parts_refuses_bad_parts(tmp_path):
     res = run_script(["scripts/split_parts.py", "split", str(tmp_path / "none"), str(tmp_path / "r")], env=None)
     assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path / 'none'}: no files to split"
     assert not (tmp_path / "dest").exists()
+    # A folder that holds an earlier split would keep its extra parts beside the new ones: refused, as are a
+    # part size under a byte, an output that is a file, a part's name without a number, a manifest of another kind.
+    for out, mib, message in ((tmp_path / "p", "0.1", f"{tmp_path / 'p'}: not an empty folder"),
+                              (tmp_path / "new", "1e-9", "a part of 0 bytes: expected at least one byte"),
+                              (part, "0.1", f"{part}: not an empty folder")):
+        res = run_script(["scripts/split_parts.py", "split", str(src), str(out), "--max-mib", mib], env=None)
+        assert res.returncode == 2 and res.stderr.strip() == f"error: {message}" + (
+            " (remove it or pick another)" if "empty" in message else ""), res.stderr
+    (first / "part_1.bin").rename(first / "part_x.bin")
+    with pytest.raises(split_parts.PartsError, match="expected one part_K.bin, found 0"):
+        split_parts.gather(first, tmp_path / "stash2", tmp_path / "dest")
+    (second / "manifest.json").write_text("[]")
+    with pytest.raises(split_parts.PartsError, match="not a manifest of this tool"):
+        split_parts.gather(second, tmp_path / "stash2", tmp_path / "dest")
+    assert not (tmp_path / "new").exists()
 
 
 def test_every_tool_with_a_shebang_is_executable():
