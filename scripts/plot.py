@@ -100,7 +100,11 @@ def main(argv=None) -> int:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
+    try:
+        fig.savefig(args.out, dpi=110)
+    except (OSError, ValueError) as e:  # a missing folder, a format matplotlib cannot write
+        print(f"error: {args.out}: cannot write the plot ({e})", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}")
     return 0
 

@@ -493,6 +493,11 @@ def test_plot_writes_png_and_rejects_logs_without_steps(seed_run, tmp_path):
     res = run_script([str(SCRIPTS / "plot.py"), str(logs[0]), str(header_only), "-o", str(tmp_path / "x.png")], env)
     assert res.returncode == 1 and f"{header_only}: no step lines" in res.stderr
     assert not (tmp_path / "x.png").exists()
+    for out in (tmp_path / "missing" / "x.png", tmp_path / "x.txt"):  # no folder; no such image format
+        res = run_script([str(SCRIPTS / "plot.py"), str(logs[0]), "-o", str(out)], env)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {out}: cannot write"), res.stderr
+        assert not out.exists()
 
 
 def test_packed_code_runs_and_counts_its_own_bytes(tiny_data, tmp_path):
