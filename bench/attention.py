@@ -50,6 +50,9 @@ def measure(label: str, fwd, g, params, ref, flops):
         print(f"backend:{label} fwd_ms:{f_ms:.3f} fwd_bwd_ms:{fb_ms:.3f} tflops:{flops / fb_ms / 1e9:.0f} "
               f"max_abs_diff:{err:.2e} first_call_s:{first_s:.1f}", flush=True)
         return out.detach().float()
+    except torch.OutOfMemoryError:  # a RuntimeError too, but not a kernel's refusal of the shape
+        print(f"backend:{label} out_of_memory (lower --batch)", flush=True)
+        return None
     except (RuntimeError, AssertionError, ValueError) as e:
         print(f"backend:{label} unsupported ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})", flush=True)
         return None
