@@ -8,7 +8,7 @@ Prints one line per log:
   run:<name> world_size:<n> last_step:<k> step_avg_ms:<at the last step both logged> tok_s:<total>
   tok_s_per_gpu:<...> eval_s_<phase>:<...> ... final_val_bpb:<...> final_valid:<0|1>
 then
-  differs:<none, or each knob and data fact the runs do not share as name=RUN|REFERENCE>
+  differs:<none, or each knob, code hash and data fact the runs do not share as name=RUN|REFERENCE>
   curve steps:<train-loss steps both logged, up to --steps> max_abs_diff:<...> mean_abs_diff:<...>
   scaling world_size:<n>/<m> efficiency:<per-GPU tok/s of RUN over REFERENCE's>
 """
@@ -24,8 +24,9 @@ from scripts.runlog import LogError, read_log  # noqa: E402
 
 # Per-run names, not settings: a run on N GPUs and its 1-GPU reference differ in these only.
 BOOKKEEPING = {"run_id", "log_dir", "artifact_dir", "prequant_save", "dump_token_nll", "compile_cache"}
-# What the scores divide and what was scored: two runs that differ here have bpbs over other bytes or text.
-DATA_FACTS = ("tokenizer_sha256", "val_tokens", "val_bytes", "val_byte_source")
+# The code that ran, and what the scores divide and what was scored: two runs that differ in the last four have
+# bpbs over other bytes or text.
+FACTS = ("code_sha256", "tokenizer_sha256", "val_tokens", "val_bytes", "val_byte_source")
 
 
 class BadInput(Exception):
@@ -47,7 +48,7 @@ def parse(path: Path) -> dict:
     # a run that stopped with an error has no score to show, whatever its summary block says
     final = "failed" if log.errors else log.summary.get("final_val_bpb", "n/a")
     setting = {k: v for k, v in log.hparams.items() if k not in BOOKKEEPING}
-    setting |= {k: log.facts.get(k) for k in DATA_FACTS}
+    setting |= {k: log.facts.get(k) for k in FACTS}
     return {"name": path.stem, "train": train, "batch": int(batch),
             "eval": {p.name: p.eval_time for p in log.phases if p.eval_time is not None},
             "world_size": int(world), "final": final, "valid": int(log.invalid_reason() is None),

@@ -178,13 +178,15 @@ def test_compare_runs_reads_scaling_and_curve_agreement(tmp_path):
     assert lines[3] == "curve steps:7 max_abs_diff:0.0100 mean_abs_diff:0.0100"  # steps 1-5, 100, 200
     assert re.fullmatch(r"scaling world_size:2/1 efficiency:0\.9\d\d", lines[4])
     assert abs(float(lines[4].split("efficiency:")[1]) - 0.9) < 0.002  # step times are logged to 0.01 ms
-    # Another seed, run id and val set: the settings and data facts are named, the run id is not.
+    # Another seed, run id, code and val set: the settings, code and data facts are named, the run id is not.
     other = tmp_path / "other.txt"
     other.write_text(ref.read_text().replace("  seed: 1337", "  seed: 7").replace("  run_id: ", "  run_id: x")
+                     .replace("code_sha256:aaf4c62d90b632bd", "code_sha256:0123")
                      .replace(" val_tokens:1054657", " val_tokens:100 val_bytes:300 val_byte_source:sidecar"))
     res = run_script(["bench/compare_runs.py", str(other), str(ref)], env=None)
     assert res.returncode == 0 and res.stdout.splitlines()[2] == (
-        "differs:seed=7|1337 val_tokens=100|1054657 val_bytes=300|None val_byte_source=sidecar|None"), res.stdout
+        "differs:seed=7|1337 code_sha256=0123|aaf4c62d90b632bd val_tokens=100|1054657 val_bytes=300|None "
+        "val_byte_source=sidecar|None"), res.stdout
     no_eval = tmp_path / "no_eval.txt"  # a run cut before its eval: no eval fields, single spaces still
     no_eval.write_text("".join(line for line in ref.read_text().splitlines(True) if "eval_time:" not in line))
     res = run_script(["bench/compare_runs.py", str(no_eval), str(ref)], env=None)
