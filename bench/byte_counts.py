@@ -74,6 +74,9 @@ def main(argv=None):
     if (toks == BOS).sum() != len(texts):  # the ratios below compare one set of documents
         raise SystemExit(f"error: --caseops-data {args.caseops_data} holds {(toks == BOS).sum()} val documents, "
                          f"--docs/--val-docs gave {len(texts)}: not the same split")
+    if side != raw:  # the sidecar charges each document its original bytes: equal on the same documents
+        raise SystemExit(f"error: --caseops-data {args.caseops_data}: its sidecar holds {side} bytes, the "
+                         f"--docs/--val-docs documents {raw}: not the same documents")
 
     out = dict(val_docs=len(texts), raw_utf8_bytes=raw, plain_tokens=sum(map(len, ids)),
                plain_lut_bytes=plain_lut, plain_decoded_bytes=plain_decoded, plain_docs_changed=changed,

@@ -375,7 +375,7 @@ def test_caseops_download_refuses(caseops_hub, damage):
     assert r.stderr.strip().startswith(want), r.stderr
 
 
-def test_byte_counts_compares_one_split_and_refuses_another(built, tokenizer):
+def test_byte_counts_compares_one_split_and_refuses_another(built, tokenizer, tmp_path):
     """bench/byte_counts.py: the sidecar charges the val documents' original bytes (raw = sidecar) and the plain
     path its pieces' bytes; --val-docs other than the CaseOps data's split is refused, not a ratio over two sets."""
     texts, src, out = built
@@ -390,3 +390,10 @@ def test_byte_counts_compares_one_split_and_refuses_another(built, tokenizer):
     res = subprocess.run(args + ["--val-docs", "40"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and res.stderr.strip() == (
         f"error: --caseops-data {data} holds 17 val documents, --docs/--val-docs gave 40: not the same split")
+    other = write_jsonl(tmp_path / "other.jsonl.xz", texts[17:34])  # as many documents, other ones
+    res = subprocess.run(args[:3] + [str(other)] + args[4:] + ["--val-docs", "17"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    raw = sum(len(t.encode()) for t in texts[17:34])
+    assert res.returncode == 1 and res.stderr.strip() == (
+        f"error: --caseops-data {data}: its sidecar holds {got['caseops_sidecar_bytes']} bytes, the --docs/--val-docs "
+        f"documents {raw}: not the same documents")
