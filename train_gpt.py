@@ -390,7 +390,7 @@ def validate(hp: Hyperparameters):
     def need(ok: bool, msg: str):
         if not ok:
             raise UserError(f"env {msg}")
-    need(Path(hp.run_id).name == hp.run_id and hp.run_id not in (".", ".."),  # else the artifact's write fails, late
+    need("/" not in hp.run_id and os.sep not in hp.run_id,  # else the artifact's write fails, after training
          f"RUN_ID={hp.run_id!r}: expected a file name (no '/'): it names the log and the artifact")
     need(hp.num_heads % hp.num_kv_heads == 0, f"NUM_KV_HEADS={hp.num_kv_heads}: must divide NUM_HEADS={hp.num_heads}")
     need(hp.model_dim % hp.num_heads == 0 and (hp.model_dim // hp.num_heads) % 2 == 0,
