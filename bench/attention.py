@@ -136,7 +136,6 @@ def main(argv=None) -> int:
         print(f"backend:fa4 unavailable ({e})")
         return 0
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
-    gt = g.transpose(1, 2).contiguous()
 
     def fa4():
         out = flash_attn_func(qt, kt, vt, causal=True)
