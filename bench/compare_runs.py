@@ -19,11 +19,11 @@ from pathlib import Path
 
 if not __package__:  # run as a file (python3 bench/compare_runs.py): import scripts.runlog from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.runlog import LogError, read_log  # noqa: E402
+from scripts.runlog import FILE_KNOBS, LogError, read_log  # noqa: E402
 
 
-# Per-run names, not settings: a run on N GPUs and its 1-GPU reference differ in these only.
-BOOKKEEPING = {"run_id", "log_dir", "artifact_dir", "prequant_save", "dump_token_nll", "compile_cache"}
+# Per-run names, not settings: a run on N GPUs and its 1-GPU reference differ in these only (logged lower-case).
+BOOKKEEPING = {k.lower() for k in FILE_KNOBS}
 # The code that ran, and what the scores divide and what was scored: two runs that differ in the last four have
 # bpbs over other bytes or text.
 FACTS = ("code_sha256", "tokenizer_sha256", "val_tokens", "val_bytes", "val_byte_source")

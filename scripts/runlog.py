@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Knobs that name or place a run's files rather than change what it computes (as the environment spells them).
+FILE_KNOBS = {"RUN_ID", "LOG_DIR", "ARTIFACT_DIR", "PREQUANT_SAVE", "DUMP_TOKEN_NLL", "COMPILE_CACHE"}
 SINGLE = re.compile(r"^([a-z][a-z0-9_]*):(\S+)$")  # a summary line: one key:value, no spaces
 STEP = re.compile(r"^step:(\d+)/(\d+) ")
 PHASE = re.compile(r"^([a-z][a-z0-9_]*) (val_loss:\S+ val_bpb:\S+.*)$")

@@ -30,13 +30,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if not __package__:  # run as a file (python3 scripts/summarize.py): import scripts.runlog as the tests do
     sys.path.insert(0, str(ROOT))
-from scripts.runlog import LogError, read_log  # noqa: E402
+from scripts.runlog import FILE_KNOBS, LogError, read_log  # noqa: E402
 
 # total_seconds is the block's last line: a log cut inside the block (a half-written value too) lacks it
 REQUIRED = ("final_val_bpb", "final_val_loss", "artifact_bytes", "code_bytes", "steps", "train_seconds", "total_seconds")
 INT_KEYS = {"artifact_bytes", "model_bytes", "code_bytes", "steps"}
-# Knobs that name or place a run's files rather than change it: may differ between seeds, never env overrides.
-BOOKKEEPING_KNOBS = {"SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_DIR", "PREQUANT_SAVE", "DUMP_TOKEN_NLL", "COMPILE_CACHE"}
+# The seed and the knobs that name or place a run's files: may differ between seeds, never env overrides.
+BOOKKEEPING_KNOBS = {"SEED"} | FILE_KNOBS
 
 
 class BadLog(Exception):
