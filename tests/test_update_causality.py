@@ -47,9 +47,9 @@ def weights_after_updates(tokens, env, phase, monkeypatch) -> list[torch.Tensor]
 def test_a_windowed_ttt_update_reads_only_its_scored_chunk(monkeypatch):
     """Update c trains on targets up to (c + 1) * TTT_CHUNK_TOKENS (64), every one scored before it."""
     env, phase, tokens = EVAL_ENV | dict(TTT_LORA_RANK="0"), train_gpt.Phase("ttt", 32, 8, ttt=True), VAL.tokens
+    a = weights_after_updates(tokens, env, phase, monkeypatch)
     for c in (0, 1):
         hi = (c + 1) * 64
-        a = weights_after_updates(tokens, env, phase, monkeypatch)
         b = weights_after_updates(perturbed_after(tokens, hi), env, phase, monkeypatch)
         assert torch.equal(a[c], b[c]) and not torch.equal(a[c + 1], b[c + 1]), c
 
@@ -61,9 +61,9 @@ def test_a_lora_global_update_reads_only_its_scored_documents(monkeypatch):
     phase, tokens = train_gpt.Phase("ttt", 32, 8, ttt=True, lora=True), VAL.tokens
     chunks = train_gpt.doc_chunks(*train_gpt.doc_spans(tokens), train_gpt.lora_chunk_tokens(
         train_gpt.Hyperparameters(env), 1))
+    a = weights_after_updates(tokens, env, phase, monkeypatch)
     for c in (0, 1):
         hi = chunks[c][2]
-        a = weights_after_updates(tokens, env, phase, monkeypatch)
         b = weights_after_updates(perturbed_after(tokens, hi), env, phase, monkeypatch)
         assert torch.equal(a[c], b[c]) and not torch.equal(a[c + 1], b[c + 1]), c
 
