@@ -405,6 +405,7 @@ def test_results_index_lists_every_study():
     folders = sorted(p.name for p in results.iterdir() if p.is_dir())
     assert folders and [name for name in folders if f"| `{name}/` |" not in index] == []
 
+
 def test_two_process_run_matches_one_process(tiny_data, tmp_path, launcher):
     """The whole pipeline under torchrun (train loop and its shared clock, Hessians, GPTQ, eval and TTT
     split across ranks, rank-0-only files) scores like one process with accumulation. With no eval budget
