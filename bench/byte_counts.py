@@ -71,8 +71,9 @@ def main(argv=None):
         raise SystemExit(f"error: --caseops-data {args.caseops_data}: no fineweb_val_*.bin shards")
     toks, nbytes = np.concatenate(toks), np.concatenate(nbytes).astype(np.int64)
     side = int(nbytes.sum())
-    if (toks == BOS).sum() != len(texts):  # the ratios below compare one set of documents
-        raise SystemExit(f"error: --caseops-data {args.caseops_data} holds {(toks == BOS).sum()} val documents, "
+    docs = int((toks == BOS).sum())
+    if docs != len(texts):  # the ratios below compare one set of documents
+        raise SystemExit(f"error: --caseops-data {args.caseops_data} holds {docs} val documents, "
                          f"--docs/--val-docs gave {len(texts)}: not the same split")
     if side != raw:  # the sidecar charges each document its original bytes: equal on the same documents
         raise SystemExit(f"error: --caseops-data {args.caseops_data}: its sidecar holds {side} bytes, the "
@@ -80,7 +81,7 @@ def main(argv=None):
 
     out = dict(val_docs=len(texts), raw_utf8_bytes=raw, plain_tokens=sum(map(len, ids)),
                plain_lut_bytes=plain_lut, plain_decoded_bytes=plain_decoded, plain_docs_changed=changed,
-               plain_surface_bytes=surface, caseops_docs=int((toks == BOS).sum()),
+               plain_surface_bytes=surface, caseops_docs=docs,
                caseops_tokens=int((toks != BOS).sum()), caseops_operator_tokens=int(((toks >= 4) & (toks <= 7)).sum()),
                caseops_sidecar_bytes=side,
                plain_lut_over_raw=f"{plain_lut / raw:.5f}", caseops_sidecar_over_raw=f"{side / raw:.5f}",
