@@ -7,8 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -r requirements.txt
-ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if compgen -G "data/datasets/fineweb10B_sp8192/fineweb_val_*.bin" >/dev/null; then
+  ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
   if [ "$ngpu" -gt 0 ]; then
     echo "quickstart: FineWeb sp8192 shards found; running the default job on $ngpu GPU(s)"
     exec torchrun --standalone --nproc_per_node="$ngpu" train_gpt.py
