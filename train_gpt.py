@@ -270,7 +270,8 @@ EXPORT_KNOBS = [
          "of GPUs); 0 = plain rounding", 0),
     Knob("GPTQ_DAMP", "0.01", "GPTQ's damping, a multiple of mean(diag H) added to each Hessian's diagonal: one value, "
          "or three for the attention, MLP and embedding matrices (e.g. 0.01,0.02,0.005)"),
-    Knob("GPTQ_RESERVE_SECONDS", 6.0, "taken off MAX_WALLCLOCK_SECONDS so Hessians are collected within it", 0),
+    Knob("GPTQ_RESERVE_SECONDS", 0.0, "taken off MAX_WALLCLOCK_SECONDS so Hessians are collected within it; "
+         "0: measured before the clock", 0),
     Knob("CLIP_SEARCH_STEPS", 4, "extra GPTQ tries moving MATRIX_CLIP_SIGMAS to land just under the cap; 0 = off", 0),
     Knob("LQER_TOP_K", 3, "LQER: low-rank INT2 x INT4 corrections of the N largest GPTQ errors W - Wq; 0 = off", 0),
     Knob("LQER_RANK", 4, "rank of each LQER correction", 1),
@@ -3282,16 +3283,31 @@ def log_train_step(hp: Hyperparameters, dctx: Dist, clock: TrainClock, cap_ms: f
             f"step_avg:{avg:.2f}ms tok_s:{hp.train_batch_tokens / avg * 1000:.0f} eta:{max(eta, 0):.0f}s{mfu}")
 
 
+def train_clock_cap(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files) -> tuple[float, str]:
+    """(the training clock's cap in ms, 0 for none; its log line): MAX_WALLCLOCK_SECONDS less the Hessians'
+    reserve, so that the training data's last touch stays inside the training budget."""
+    if not hp.max_wallclock_seconds:
+        return 0.0, ""
+    reserve, batch_s = gptq_reserve(trainer.model, train_files, hp, trainer.plans[hp.train_seq_len], dctx)
+    source = (f"measured calibration_batch:{batch_s:.3f}s batches:{hp.gptq_calibration_batches}" if batch_s
+              else "GPTQ_RESERVE_SECONDS")
+    if reserve >= hp.max_wallclock_seconds:
+        raise UserError(f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: leaves no training time after the "
+                        f"Hessians' reserve of {reserve:.1f}s ({source}); raise it or lower GPTQ_CALIBRATION_BATCHES")
+    cap_s = hp.max_wallclock_seconds - reserve
+    return 1000 * cap_s, f"train_clock_cap:{cap_s:.1f}s gptq_reserve:{reserve:.1f}s reserve_source:{source}"
+
+
 def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evaluator: Evaluator, log) -> dict:
     """Train until ITERATIONS or the clock cap, validating every VAL_LOSS_EVERY steps (off the clock).
     Step k+1 is queued before step k's loss is read, so the GPU never waits for the host."""
     t0, caches0 = time.perf_counter(), compile_cache_counts()
     prime_compile(trainer, hp, train_files, log)
+    cap_ms, cap_line = train_clock_cap(hp, dctx, trainer, train_files)
     warmup_s = dctx.all_reduce_max(time.perf_counter() - t0)  # compile and warm-up: before the clock, not free
     log(f"warmup_done time:{warmup_s:.1f}s" + (f" {cache_counts_line(caches0)}" if trainer.compiled else ""))
-    cap_ms = 1000 * (hp.max_wallclock_seconds - hp.gptq_reserve_seconds) if hp.max_wallclock_seconds else 0
     if cap_ms:
-        log(f"train_clock_cap:{cap_ms / 1000:.1f}s (MAX_WALLCLOCK_SECONDS - GPTQ_RESERVE_SECONDS)")
+        log(cap_line)
     clock, schedule = TrainClock(dctx), seq_schedule(hp)
     step, looped, last_val, queued, flops_done, switched_at = 0, False, None, None, 0.0, None
     while True:
@@ -3330,6 +3346,43 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
     return dict(steps=step, train_ms=clock.ms, stop_reason=stop_reason, val=last_val, warmup_s=warmup_s)
 
 
+def calibration_batches(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, int], dctx: Dist):
+    """A function that runs the next calibration batch through the looped model into a HessianRecorder."""
+    micro_seqs, accum = plan
+    stream = TrainStream(train_files, hp.train_seq_len, hp.seed + 1, hp.vocab_size)
+    local = micro_seqs * accum
+    rows = slice(dctx.rank * local, (dctx.rank + 1) * local)
+
+    def calibrate(recorder: HessianRecorder):
+        batch = torch.from_numpy(stream.next_batch(local * dctx.world_size, rows)).to(dctx.device)
+        for micro in batch.split(micro_seqs):
+            with autocast_ctx(dctx.device):
+                model(micro[:, :-1], micro[:, 1:], looped=True, tap=recorder)
+    return calibrate
+
+
+# The measured reserve's margin over GPTQ_CALIBRATION_BATCHES timed batches: batch-to-batch noise, the
+# last batch's synchronize and the ranks' all-reduce of the sums.
+RESERVE_MARGIN, RESERVE_SLACK_SECONDS = 1.25, 1.0
+
+
+@torch.no_grad()
+def gptq_reserve(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, int], dctx: Dist) -> tuple[float, float]:
+    """(seconds taken off MAX_WALLCLOCK_SECONDS for the Hessians, one calibration batch's seconds or 0):
+    GPTQ_RESERVE_SECONDS where set, else measured before the clock, as the Hessians' cost differs by
+    GPU and by GPU count: one batch timed after an untimed one (buffers, kernel choice), the slowest rank's."""
+    if hp.gptq_reserve_seconds or not hp.gptq_calibration_batches:
+        return hp.gptq_reserve_seconds, 0.0
+    calibrate = calibration_batches(model, train_files, hp, plan, dctx)
+    calibrate(HessianRecorder())
+    synchronize(dctx.device)
+    t0 = time.perf_counter()
+    calibrate(HessianRecorder())
+    synchronize(dctx.device)
+    batch_s = dctx.all_reduce_max(time.perf_counter() - t0)
+    return RESERVE_MARGIN * batch_s * hp.gptq_calibration_batches + RESERVE_SLACK_SECONDS, batch_s
+
+
 @torch.no_grad()
 def collect_hessians(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, int], dctx: Dist) -> dict:
     """Input Hessians, the mean of x x^T over the inputs of every GPTQ'd matrix (GPTQ is blind to their scale,
@@ -3339,16 +3392,9 @@ def collect_hessians(model: GPT, train_files, hp: Hyperparameters, plan: tuple[i
     calibrates on the same tokens, as it trains on them."""
     if not hp.gptq_calibration_batches:
         return {}
-    micro_seqs, accum = plan
-    stream = TrainStream(train_files, hp.train_seq_len, hp.seed + 1, hp.vocab_size)
-    local = micro_seqs * accum
-    rows = slice(dctx.rank * local, (dctx.rank + 1) * local)
-    recorder = HessianRecorder()
+    recorder, calibrate = HessianRecorder(), calibration_batches(model, train_files, hp, plan, dctx)
     for _ in range(hp.gptq_calibration_batches):
-        batch = torch.from_numpy(stream.next_batch(local * dctx.world_size, rows)).to(dctx.device)
-        for micro in batch.split(micro_seqs):
-            with autocast_ctx(dctx.device):
-                model(micro[:, :-1], micro[:, 1:], looped=True, tap=recorder)
+        calibrate(recorder)
     for key in sorted(recorder.hessians):
         dctx.all_reduce_sum(recorder.hessians[key])
     return {key: H / (recorder.rows[key] * dctx.world_size) for key, H in recorder.hessians.items()}

@@ -101,6 +101,18 @@ def test_startup_refusals_in_a_process(tiny_data, tmp_path, launcher):
     assert not (tmp_path / "art").exists() or not any((tmp_path / "art").iterdir())
 
 
+def test_a_cap_the_measured_gptq_reserve_fills_is_refused_before_training(tiny_data, tmp_path, launcher):
+    """The Hessians' reserve, measured before the clock, leaves MAX_WALLCLOCK_SECONDS=1 no training time:
+    one error line naming both knobs to change, no step taken, no artifact."""
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="tight", MAX_WALLCLOCK_SECONDS="1", ITERATIONS="100000")
+    one_error_line(launcher.run(env, timeout=120), "MAX_WALLCLOCK_SECONDS=1.0: leaves no training time after the "
+                   "Hessians' reserve", "measured calibration_batch:",
+                   "raise it or lower GPTQ_CALIBRATION_BATCHES")
+    log = (tmp_path / "logs" / "tight.txt").read_text()
+    assert "\nerror:MAX_WALLCLOCK_SECONDS=1.0: leaves no training time" in log and not re.search(r"^step:", log, re.M)
+    assert not (tmp_path / "art").exists() or not any((tmp_path / "art").iterdir())
+
+
 def test_diverged_ttt_is_not_a_score(tiny_data, tmp_path, launcher):
     """TTT_LR=1e12 without clipping turns TTT's scores to NaN: the phase is logged valid:0, no final score
     is reported, and the run exits 2 naming the phase and the knob to lower."""

@@ -455,6 +455,27 @@ def test_wallclock_cap_stops_training_within_a_step(tiny_data, tmp_path, launche
     assert meta["code_bytes"] == int(summary["code_bytes"])  # what EVAL_ONLY of it counts, whatever file scores it
 
 
+def test_measured_gptq_reserve_keeps_the_hessians_inside_the_cap(tiny_data, tmp_path, launcher):
+    """By default (GPTQ_RESERVE_SECONDS=0) the Hessians' share of MAX_WALLCLOCK_SECONDS is measured before the
+    clock, one calibration batch timed, since their cost differs by GPU and GPU count: the cap is what is left
+    and the Hessians, however many batches, end inside the budget."""
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="measured", ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=5,
+                   GPTQ_CALIBRATION_BATCHES=12, VAL_MAX_TOKENS=0, TTT_ENABLED=0, EVAL_STRIDE=0, TRAIN_LOG_EVERY=1000)
+    res = launcher.run(env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    text = (tmp_path / "logs" / "measured.txt").read_text()
+    cap = re.search(r"^train_clock_cap:([\d.]+)s gptq_reserve:([\d.]+)s reserve_source:measured "
+                    r"calibration_batch:([\d.]+)s batches:12$", text, re.M)
+    assert cap, text[-3000:]
+    cap_s, reserve, batch_s = map(float, cap.groups())
+    assert abs(reserve - (train_gpt.RESERVE_MARGIN * 12 * batch_s + train_gpt.RESERVE_SLACK_SECONDS)) < 0.1
+    assert abs(cap_s + reserve - 5) < 0.11 and batch_s > 0
+    hess_s = float(re.search(r"^gptq_hessians:\d+ batches:12 time:([\d.]+)s", text, re.M).group(1))
+    assert hess_s <= reserve
+    summary = parse_log(tmp_path / "logs" / "measured.txt")
+    assert summary["train_data_in_budget"] == "1" and "hessians_outside_budget" not in text
+
+
 def test_hessians_past_the_training_budget_make_the_score_invalid(tiny_data, tmp_path, launcher):
     """GPTQ's Hessians read training data, so they belong inside MAX_WALLCLOCK_SECONDS: a run whose Hessians
     end past it warns and is never a valid score (VAL_MAX_TOKENS=0 here, so nothing else makes it invalid)."""
