@@ -647,6 +647,23 @@ def test_hessian_recorder_sums_in_float32_under_autocast():
     assert ((H.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 tensor-core product runs on CUDA only")
+def test_hessian_recorder_on_cuda_sums_bf16_inputs_in_float32():
+    """On CUDA the recorder multiplies the bf16 inputs (what the matrix sees under autocast) into an fp32
+    result, summed in fp32: the Hessian of those inputs well inside the error of bf16 products
+    (results/2026-12-07_hessian_budget_h100/)."""
+    torch.manual_seed(0)
+    xs = [(torch.randn(4096, 256) @ torch.randn(256, 256)).cuda() for _ in range(8)]
+    rec = train_gpt.HessianRecorder()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for x in xs:
+            rec(("k",), x)
+    ref = sum(x.bfloat16().double().T @ x.bfloat16().double() for x in xs)
+    H = rec.hessians[("k",)]
+    assert H.dtype == torch.float32 and rec.rows[("k",)] == 8 * 4096
+    assert ((H.double() - ref).norm() / ref.norm()).item() < 5e-4
+
+
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs PyTorch >= 2.9")
 def test_parallel_muon_quintic_matches_torch_muon():
     """An independent reference: with the quintic schedule, no MuonEq-R and one process, two steps of
