@@ -2948,18 +2948,19 @@ class Evaluator:
         phase = Phase("val", seq_len, seq_len, looped=looped)
         return eval_tokens(model, self.val, self.dctx, self.hp, phase).totals()
 
-    def score(self, model: GPT, train_seq_len: int, load_seconds: float, in_rules: bool) -> dict:
-        """in_rules: the run kept the rules scoring cannot see (training in its budget, the artifact under the cap)."""
+    def score(self, model: GPT, train_seq_len: int, load_seconds: float, broken: list[str]) -> dict:
+        """broken: the rules scoring cannot see that the run broke (training_over_budget, artifact_over_limit, ...)."""
         return score_phases(model, train_seq_len, self.val, self.dctx, self.hp, self.log,
-                            self.full_val and in_rules, load_seconds)
+                            tuple(broken) + (() if self.full_val else ("val_subset",)), load_seconds)
 
 
 def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hyperparameters, log,
-                 countable: bool = True, load_seconds: float = 0.0) -> dict:
+                 broken: tuple[str, ...] = (), load_seconds: float = 0.0) -> dict:
     """Run plan_phases' phases against the eval budget, logging each; a non-finite one stops the run. The
-    budget's clock starts load_seconds in: the artifact's decompression is evaluation time too. countable: the
-    run can score at all (the whole val set, every rule outside scoring kept); a phase is valid where it is, the
-    phase is legal and finite, and the eval so far (load included) ends inside EVAL_BUDGET_SECONDS and RULE_SECONDS."""
+    budget's clock starts load_seconds in: the artifact's decompression is evaluation time too. broken: why the
+    run cannot score at all (a val subset, a rule outside scoring broken); a phase is valid where nothing is, the
+    phase is legal and finite, and the eval so far (load included) ends inside EVAL_BUDGET_SECONDS and RULE_SECONDS.
+    The summary's invalid_reasons says why a final score is not valid (none where it is)."""
     phases = plan_phases(hp, train_seq_len)
     if hp.legality_check:
         check = check_knobs(hp, dctx.world_size)
@@ -2993,7 +2994,7 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
         val_loss, val_bpb = scores.totals()
         finite = math.isfinite(val_loss) and math.isfinite(val_bpb)
         in_budget = elapsed <= limit  # every phase so far counted, as the run spent it
-        valid = phase.legal and finite and countable and in_budget
+        valid = phase.legal and finite and not broken and in_budget
         log(f"{phase.name} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{secs:.1f}s valid:{int(valid)} "
             f"new_graphs:{compiled_graph_count() - graphs0}")
         if not finite:
@@ -3002,6 +3003,7 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
         if phase.legal and not phase.reference:
             final = dict(phase=phase.name, loss=val_loss, bpb=val_bpb, scores=scores, valid=valid, done_at=elapsed)
     log(f"eval_total_time:{elapsed:.1f}s budget:{hp.eval_budget_seconds:.0f}s")
+    reasons = list(broken) + (["eval_over_budget"] if final["done_at"] > limit else [])
     if final["done_at"] > limit:
         log(f"warning:eval_over_budget phase:{final['phase']} done at {final['done_at']:.1f}s > {limit:.0f}s "
             f"(EVAL_BUDGET_SECONDS={hp.eval_budget_seconds:.0f}, the rule {RULE_SECONDS:.0f}): final_valid:0 (drop "
@@ -3009,7 +3011,7 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
     if hp.dump_token_nll and dctx.is_main:
         dump_token_scores(Path(hp.dump_token_nll), final["scores"])
     return dict(final_phase=final["phase"], final_val_loss=final["loss"], final_val_bpb=final["bpb"],
-                final_valid=int(final["valid"]),
+                final_valid=int(final["valid"]), invalid_reasons=",".join(reasons) or "none",
                 eval_seconds=elapsed) | results
 
 
@@ -3040,7 +3042,7 @@ def prime_eval(model: GPT, train_seq_len: int, dctx: Dist, hp: Hyperparameters, 
     ttt = next((p for p in plan_phases(hp, train_seq_len) if p.lora), None)
     try:
         with torch.random.fork_rng(devices=[dctx.device] if dctx.device.type == "cuda" else []):
-            score_phases(copy.deepcopy(model), train_seq_len, stream, dctx, quiet, lambda line: None, countable=False)
+            score_phases(copy.deepcopy(model), train_seq_len, stream, dctx, quiet, lambda line: None, broken=("priming",))
             if ttt is not None and hp.ttt_budget_stop:  # LoRA TTT scoring on once the budget stopped its adapting
                 quiet.ttt_lora_phase_tokens = 2 * seq_len  # PRIME_DOCS global chunks: stopped after the second
                 eval_tokens(copy.deepcopy(model), stream, dctx, quiet, ttt, lambda line: None, time_left=0.0)
@@ -3301,7 +3303,7 @@ def train_clock_cap(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_fil
         return 0.0, ""
     reserve, batch_s = gptq_reserve(trainer.model, train_files, hp, trainer.plans[hp.train_seq_len], dctx)
     source = (f"measured calibration_batch:{batch_s:.3f}s batches:{hp.gptq_calibration_batches}" if batch_s
-              else "GPTQ_RESERVE_SECONDS")
+              else "GPTQ_RESERVE_SECONDS" if hp.gptq_reserve_seconds else "none (GPTQ_CALIBRATION_BATCHES=0)")
     if reserve >= hp.max_wallclock_seconds:
         raise UserError(f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: leaves no training time after the "
                         f"Hessians' reserve of {reserve:.1f}s ({source}); raise it or lower GPTQ_CALIBRATION_BATCHES")
@@ -3791,7 +3793,8 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
     t0 = time.perf_counter()
     qstate, meta = read_artifact(artifact)  # every phase scores the model reloaded from the file
     reloaded, load_s = reloaded_model(qstate, meta, artifact, dctx, attention, log, time.perf_counter() - t0)
-    scores = evaluator.score(reloaded, meta["train_seq_len"], load_s, in_rules=bool(figures["train_data_in_budget"]))
+    scores = evaluator.score(reloaded, meta["train_seq_len"], load_s,
+                             [] if figures["train_data_in_budget"] else ["training_over_budget"])
     return scores | figures | dict(prequant_val_bpb=prequant[1], quant_gap_bpb=scores["roundtrip_val_bpb"] - prequant[1],
                                    steps=result["steps"], train_seconds=result["train_ms"] / 1000,
                                    warmup_seconds=result["warmup_s"], eval_prime_seconds=prime_s,
@@ -3842,7 +3845,9 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
         log("warning:artifact_records_no_training_budget (written before artifacts did): final_valid:0")
     elif not trained_in_budget:
         log("warning:artifact_trained_outside_budget (its run read training data past its budget): final_valid:0")
-    scores = evaluator.score(model, meta["train_seq_len"], load_s, in_rules=under_cap and trained_in_budget == 1)
+    broken = ([] if under_cap else ["artifact_over_limit"]) + {0: ["training_over_budget"], 1: []}.get(
+        trained_in_budget, ["training_budget_unrecorded"])
+    scores = evaluator.score(model, meta["train_seq_len"], load_s, broken)
     return scores | dict(model_bytes=size, code_bytes=code_bytes, artifact_bytes=size + code_bytes,
                          eval_prime_seconds=prime_s)
 

@@ -164,13 +164,16 @@ class RunLog:
 
     def invalid_reason(self) -> str | None:
         """Why this run has no valid final score (for a submission), or None when it has one: a
-        score_fault, valid:0 on the final phase, final_valid:0 in the summary, or VAL_MAX_TOKENS set
-        (only part of the val set was scored; logs from before phases said so with valid:0)."""
+        score_fault, valid:0 on the final phase, final_valid:0 in the summary (with its invalid_reasons), or
+        VAL_MAX_TOKENS set (only part of the val set was scored; logs from before phases said so with valid:0)."""
         if fault := self.score_fault():
             return fault
         final = self.final_phase
         partial = self.hparams.get("val_max_tokens", "0") not in ("0", "")
-        why = f" (val_max_tokens:{self.hparams.get('val_max_tokens')}: not the full val set)" if partial else ""
+        named = self.summary.get("invalid_reasons", "none")  # the run's own account, where it gives one
+        parts = ([named] if named != "none" else []) + (
+            [f"val_max_tokens:{self.hparams.get('val_max_tokens')}: not the full val set"] if partial else [])
+        why = f" ({'; '.join(parts)})" if parts else ""
         if final is not None and final.valid is False:
             return f"final phase {final.name} logged valid:0{why}"
         if self.summary.get("final_valid") == "0":

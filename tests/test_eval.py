@@ -310,12 +310,17 @@ def test_an_eval_past_its_budget_is_not_a_valid_score():
         phase_lines = [ln for ln in lines if " val_bpb:" in ln]
         assert len(phase_lines) == 2 and all(f" valid:{valid} " in ln for ln in phase_lines), phase_lines
         assert out["final_valid"] == valid and out["final_phase"] == "ttt"
+        assert out["invalid_reasons"] == ("none" if valid else "eval_over_budget")
         assert any(ln.startswith("warning:eval_over_budget phase:ttt") for ln in lines) == (not valid)
     # a looser budget than the rule paces the phases, but a score past the rule's 600 s never counts
     hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_SLIDING": "0", "EVAL_BUDGET_SECONDS": "100000"})
     lines = []
     out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append, load_seconds=601.0)
     assert out["final_valid"] == 0 and any(ln.startswith("warning:eval_over_budget phase:ttt") for ln in lines)
+    assert out["invalid_reasons"] == "eval_over_budget"
+    # the rules scoring cannot see come first, each named
+    out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append, ("val_subset",), 601.0)
+    assert out["final_valid"] == 0 and out["invalid_reasons"] == "val_subset,eval_over_budget"
 
 
 @pytest.mark.parametrize("stop", ["1", "0"])

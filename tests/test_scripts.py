@@ -243,6 +243,24 @@ def test_partial_val_runs_are_not_submission_scores(seed_run, tmp_path, capsys):
     assert not (tmp_path / "s.json").exists()
 
 
+def test_an_invalid_run_says_why(seed_run, tmp_path, capsys):
+    """A run's own invalid_reasons (its Hessians past the training budget here) reach summarize's refusal."""
+    _, logs = seed_run
+
+    def over(line: str) -> str:
+        if " val_loss:" in line and " valid:1" in line and not line.startswith("step:"):
+            return line.replace(" valid:1", " valid:0")
+        return {"final_valid:1": "final_valid:0",
+                "invalid_reasons:none": "invalid_reasons:training_over_budget"}.get(line, line)
+    assert "invalid_reasons:none" in logs[1].read_text().splitlines()
+    bad = doctored(logs[1], tmp_path / "over_seed2.txt", over)
+    final = runlog.read_log(bad).final_phase.name
+    rc, out, err = summ(capsys, logs[0], bad)
+    assert rc == 1 and err.strip() == (f"error: {bad}: invalid run: final phase {final} logged valid:0 "
+                                       "(training_over_budget): not a score for a submission (--allow-invalid to "
+                                       "tabulate it anyway)")
+
+
 def test_duplicate_seeds_and_console_files(seed_run, tmp_path, capsys):
     _, logs = seed_run
     copy = tmp_path / "again_seed1.txt"

@@ -2,6 +2,7 @@
 import math
 import os
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -260,6 +261,7 @@ def test_end_to_end_run(tiny_data, tmp_path, launcher):
     assert int(summary["artifact_bytes"]) == artifact.stat().st_size + (train_gpt.Path(train_gpt.__file__).stat().st_size)
     assert int(summary["artifact_bytes"]) <= train_gpt.ARTIFACT_LIMIT_BYTES
     assert 0 < float(summary["final_val_bpb"]) < 12 and summary["steps"] == "6"
+    assert summary["final_valid"] == "0" and summary["invalid_reasons"] == "val_subset"  # TINY_ENV's VAL_MAX_TOKENS
     # compile and warm-up happen before the clock and are reported, not hidden
     warmup = [line for line in log.read_text().splitlines() if line.startswith("warmup_done time:")]
     assert len(warmup) == 1
@@ -339,6 +341,7 @@ def test_eval_only_of_an_artifact_over_the_cap_is_not_valid(tiny_data, tmp_path)
         lines = []
         summary = train_gpt.score_only(hp, train_gpt.Dist(), lines.append, code)
         assert summary["final_valid"] == valid and summary["code_bytes"] == len(code)
+        assert summary["invalid_reasons"] == ("none" if valid else "artifact_over_limit")
         assert any(ln.startswith("warning:artifact_over_limit") for ln in lines) == (not valid)
         phase_lines = [ln for ln in lines if " val_bpb:" in ln and " valid:" in ln]
         assert phase_lines and all(f" valid:{valid} " in ln for ln in phase_lines), phase_lines
@@ -354,7 +357,8 @@ def test_eval_only_of_an_artifact_over_the_cap_is_not_valid(tiny_data, tmp_path)
     train_gpt.write_atomic(path, train_gpt.pack_artifact(qstate, dict(
         model=train_gpt.dataclasses.asdict(cfg), train_seq_len=64, code_bytes=1000)))
     lines = []
-    assert train_gpt.score_only(hp, train_gpt.Dist(), lines.append, fits_code)["final_valid"] == 0
+    summary = train_gpt.score_only(hp, train_gpt.Dist(), lines.append, fits_code)
+    assert summary["final_valid"] == 0 and summary["invalid_reasons"] == "training_budget_unrecorded"
     assert "warning:artifact_records_no_training_budget (written before artifacts did): final_valid:0" in lines
 
 
@@ -476,6 +480,18 @@ def test_measured_gptq_reserve_keeps_the_hessians_inside_the_cap(tiny_data, tmp_
     assert summary["train_data_in_budget"] == "1" and "hessians_outside_budget" not in text
 
 
+def test_the_cap_line_names_where_its_reserve_came_from():
+    """A fixed GPTQ_RESERVE_SECONDS is used as given and no Hessians reserve nothing; neither times a batch."""
+    trainer = SimpleNamespace(model=None, plans={2048: (48, 1)})  # never run: nothing is measured here
+    cap = lambda **env: train_gpt.train_clock_cap(train_gpt.Hyperparameters(
+        {k: str(v) for k, v in env.items()}), train_gpt.Dist(), trainer, [])
+    assert cap(MAX_WALLCLOCK_SECONDS=240, GPTQ_RESERVE_SECONDS=6) == (
+        234000.0, "train_clock_cap:234.0s gptq_reserve:6.0s reserve_source:GPTQ_RESERVE_SECONDS")
+    assert cap(MAX_WALLCLOCK_SECONDS=240, GPTQ_CALIBRATION_BATCHES=0) == (
+        240000.0, "train_clock_cap:240.0s gptq_reserve:0.0s reserve_source:none (GPTQ_CALIBRATION_BATCHES=0)")
+    assert cap(MAX_WALLCLOCK_SECONDS=0) == (0.0, "")
+
+
 def test_hessians_past_the_training_budget_make_the_score_invalid(tiny_data, tmp_path, launcher):
     """GPTQ's Hessians read training data, so they belong inside MAX_WALLCLOCK_SECONDS: a run whose Hessians
     end past it warns and is never a valid score (VAL_MAX_TOKENS=0 here, so nothing else makes it invalid)."""
@@ -488,6 +504,7 @@ def test_hessians_past_the_training_budget_make_the_score_invalid(tiny_data, tmp
     text = (tmp_path / "logs" / "over.txt").read_text()
     assert "warning:hessians_outside_budget" in text
     assert summary["train_data_in_budget"] == "0" and summary["final_valid"] == "0"
+    assert summary["invalid_reasons"] == "training_over_budget"  # VAL_MAX_TOKENS=0: the whole val set
     phase_lines = [ln for ln in text.splitlines() if " val_bpb:" in ln and " valid:" in ln]
     assert phase_lines and all(" valid:0 " in ln for ln in phase_lines), phase_lines  # no phase line says otherwise
     # its artifact records it: scored again alone, it is still no valid score
@@ -497,7 +514,8 @@ def test_hessians_past_the_training_budget_make_the_score_invalid(tiny_data, tmp
     again = (tmp_path / "logs" / "over_again.txt").read_text()
     assert "warning:artifact_trained_outside_budget" in again
     assert "warning:env TRAIN_SEQ_LEN=128 ignored: EVAL_ONLY scores the artifact's TRAIN_SEQ_LEN=64" in again
-    assert parse_log(tmp_path / "logs" / "over_again.txt")["final_valid"] == "0"
+    again = parse_log(tmp_path / "logs" / "over_again.txt")
+    assert again["final_valid"] == "0" and again["invalid_reasons"] == "training_over_budget"
 
 
 def test_a_valid_training_ends_within_the_rule_whatever_its_cap():
