@@ -1669,7 +1669,18 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict | None, num_la
             awq_scale = row_scale(W, clip, AWQ_BITS).cpu() * cols.any(dim=1, keepdim=True)
             out[name] |= {"awq.cols": cols.to(torch.int8).reshape(*t.shape[:-2], -1),
                           "awq.scale": awq_scale.half().reshape(t.shape[:-1])}
+    refuse_nonfinite(out, state)
     return out
+
+
+def refuse_nonfinite(qstate: dict[str, dict], state: dict[str, torch.Tensor]):
+    """A stored float that is not finite (a non-finite weight, or a row scale or kept value past fp16's range)
+    would load as NaN or inf rows and show only as a non-finite score: refused here, naming the tensor."""
+    for name, e in qstate.items():
+        for field, t in e.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                raise UserError(f"export: {name} {field} is not finite in fp16 (largest |weight| "
+                                f"{state[name].detach().abs().max().item():.3g}; fp16 holds up to 65504)")
 
 
 def dequantize_state(qstate: dict[str, dict]) -> dict[str, torch.Tensor]:
@@ -2163,6 +2174,15 @@ def saved_model_config(fields: dict, source: str) -> ModelConfig:
         return ModelConfig(**LEGACY_MODEL_FIELDS | {k: v for k, v in fields.items() if k not in RETIRED_MODEL_FIELDS})
     except TypeError as e:  # a field this version does not know
         raise UserError(f"{source}: its model config does not fit this version of the script ({e})") from None
+
+
+def artifact_train_seq_len(meta: dict, path: Path) -> int:
+    """The training sequence length an artifact records: the window its roundtrip phase scores with."""
+    seq_len = meta.get("train_seq_len")
+    if type(seq_len) is not int or seq_len < 1:
+        raise UserError(f"artifact {path}: its config has no positive integer train_seq_len (got {seq_len!r}; "
+                        "written by a different version of this script?)")
+    return seq_len
 
 
 def read_artifact(path: Path) -> tuple[dict, dict]:
@@ -3410,6 +3430,11 @@ def collect_hessians(model: GPT, train_files, hp: Hyperparameters, plan: tuple[i
         calibrate(recorder)
     for key in sorted(recorder.hessians):
         dctx.all_reduce_sum(recorder.hessians[key])
+    bad = [key for key, H in sorted(recorder.hessians.items()) if not torch.isfinite(H).all()]
+    if bad:  # GPTQ could only fail on them with a bare error after its retries
+        raise UserError(f"GPTQ Hessians not finite for {', '.join(map(str, bad[:3]))}"
+                        f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}: the model's activations overflow on "
+                        "training batches")
     return {key: H / (recorder.rows[key] * dctx.world_size) for key, H in recorder.hessians.items()}
 
 
@@ -3819,10 +3844,10 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
         raise UserError(problem)
     path, t0 = Path(hp.eval_only), time.perf_counter()
     qstate, meta = read_artifact(path)
-    read_s = time.perf_counter() - t0
+    read_s, seq_len = time.perf_counter() - t0, artifact_train_seq_len(meta, path)
     # its model config checked (artifact_model's rules) before the val data is read for it
     trained = dataclasses.asdict(saved_model_config(meta.get("model", {}), f"artifact {path}")) | dict(
-        train_seq_len=meta["train_seq_len"])  # the roundtrip's window, as its training run scored
+        train_seq_len=seq_len)  # the roundtrip's window, as its training run scored
     evaluator, tokenizer_sha = load_evaluator(hp, dctx, log, trained["vocab_size"],
                                               vocab_owner=f"the vocab of artifact {path}")
     check_artifact_tokenizer(meta, path, tokenizer_sha, hp.tokenizer_path)
@@ -3835,7 +3860,7 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     attn_name, attention = select_attention(hp.attn_backend, dctx.device)
     log(f"attention:{attn_name}")
     model, load_s = reloaded_model(qstate, meta, path, dctx, attention, log, read_s)
-    prime_s = prime_eval(model, meta["train_seq_len"], dctx, hp, log)  # as a training run does before its clock
+    prime_s = prime_eval(model, seq_len, dctx, hp, log)  # as a training run does before its clock
     size, code_bytes = path.stat().st_size, writer_code_bytes(meta, len(code), log)
     under_cap = size + code_bytes <= ARTIFACT_LIMIT_BYTES  # a training run refuses to write it; scored here, never valid
     if not under_cap:
@@ -3847,7 +3872,7 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
         log("warning:artifact_trained_outside_budget (its run read training data past its budget): final_valid:0")
     broken = ([] if under_cap else ["artifact_over_limit"]) + {0: ["training_over_budget"], 1: []}.get(
         trained_in_budget, ["training_budget_unrecorded"])
-    scores = evaluator.score(model, meta["train_seq_len"], load_s, broken)
+    scores = evaluator.score(model, seq_len, load_s, broken)
     return scores | dict(model_bytes=size, code_bytes=code_bytes, artifact_bytes=size + code_bytes,
                          eval_prime_seconds=prime_s)
 

@@ -166,6 +166,22 @@ def test_hessians_are_means_over_every_input_row(tiny_data):
         torch.testing.assert_close(means[key], rec.hessians[key] / rec.rows[key])
 
 
+def test_hessians_that_overflowed_are_a_clear_error(tiny_data):
+    """A model whose activations overflow on the calibration batches (an inf weight here) gets one error naming
+    the Hessians, not GPTQ's bare failure after its damping retries."""
+    data, _ = tiny_data
+    cfg = small_cfg()
+    cfg = train_gpt.ModelConfig(**{**cfg.__dict__, "vocab_size": 1024, "num_loops": 0})
+    model = train_gpt.GPT(cfg)
+    with torch.no_grad():
+        model.mlp_up_bank[0, 0, 0] = float("inf")
+    hp = train_gpt.Hyperparameters({"GPTQ_CALIBRATION_BATCHES": "1", "TRAIN_SEQ_LEN": "32", "VOCAB_SIZE": "1024"})
+    files = train_gpt.shard_files(str(data), "train")
+    with pytest.raises(train_gpt.UserError,
+                       match=r"GPTQ Hessians not finite for \('\w+', \d\).*: the model's activations overflow"):
+        train_gpt.collect_hessians(model, files, hp, (3, 1), train_gpt.Dist())
+
+
 def test_the_export_logs_the_groups_and_packs_them(quick_pack):  # noqa: F811
     """quantize_within_budget with AWQ_GROUPS: one `awq:` line per try naming each group, and the blob whose size
     the cap is checked on carries them."""

@@ -155,14 +155,33 @@ def test_clip_search_reaches_the_band_in_fewer_tries_than_bisection():
 def test_ill_conditioned_hessian_gets_more_damping():
     """A rank-deficient H (fewer samples than columns, duplicated features) must still quantize."""
     torch.manual_seed(0)
-    X = torch.randn(40, 256)
-    X = torch.cat([X, X[:, :128] * 1e3], dim=1)[:, :256]  # huge, duplicated columns
+    X = torch.randn(40, 128)
+    X = torch.cat([X, X * 1e3], dim=1)  # 256 columns of rank 40, half of them huge duplicates
     H = torch.stack([X.T @ X, correlated_hessian(256)])
     W = torch.randn(2, 32, 256)
     q, s = train_gpt.gptq_quantize(W, H, 6, 12.85, damp=1e-9)
     assert q.abs().max() <= 31 and torch.isfinite(s.float()).all()
     U = train_gpt.inverse_hessian_factor(H, 1e-9)
     assert torch.isfinite(U).all()
+
+
+@pytest.mark.parametrize("where,value,field", [
+    ((0, 7, 3), 4e6, "mlp_up_bank scale"),  # an outlier whose row scale passes fp16's range
+    ((0, 2, 5), float("nan"), "mlp_up_bank scale"),
+    ("g", 1e5, "g w"),  # a value kept in fp16, past its range
+])
+def test_the_export_refuses_what_would_load_as_nan_or_inf(where, value, field):
+    """Such a tensor would load as NaN or inf rows and surface only as a non-finite score after the run."""
+    torch.manual_seed(0)
+    state = {"mlp_up_bank": torch.randn(1, 512, 256) * 0.05, "g": torch.randn(8)}
+    if where == "g":
+        state["g"][0] = value
+    else:
+        state["mlp_up_bank"][where] = value
+    with pytest.raises(train_gpt.UserError, match=f"export: {field} is not finite in fp16"):
+        train_gpt.quantize_state(state, None, 1, 6, 12.35, 7, 14.0)
+    state = {"mlp_up_bank": torch.randn(1, 512, 256) * 0.05, "g": torch.randn(8)}
+    assert train_gpt.quantize_state(state, None, 1, 6, 12.35, 7, 14.0)["g"]["kind"] == "fp16"  # finite: exported
 
 
 def test_gptq_damp_reaches_each_class_of_matrix():

@@ -360,6 +360,13 @@ def test_eval_only_of_an_artifact_over_the_cap_is_not_valid(tiny_data, tmp_path)
     summary = train_gpt.score_only(hp, train_gpt.Dist(), lines.append, fits_code)
     assert summary["final_valid"] == 0 and summary["invalid_reasons"] == "training_budget_unrecorded"
     assert "warning:artifact_records_no_training_budget (written before artifacts did): final_valid:0" in lines
+    # One without a usable train_seq_len (the roundtrip's window): one error, not a traceback mid-eval.
+    for seq_len in ({}, dict(train_seq_len="64"), dict(train_seq_len=0)):
+        train_gpt.write_atomic(path, train_gpt.pack_artifact(qstate, dict(
+            model=train_gpt.dataclasses.asdict(cfg), code_bytes=1000, train_data_in_budget=1) | seq_len))
+        with pytest.raises(train_gpt.UserError, match=re.escape(f"artifact {path}: its config has no positive integer "
+                                                                "train_seq_len")):
+            train_gpt.score_only(hp, train_gpt.Dist(), [].append, fits_code)
 
 
 def test_artifact_corruption_is_a_clear_error(tmp_path):
