@@ -3442,10 +3442,12 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
                            log, meta: dict | None = None) -> tuple[bytes, float]:
     """GPTQ (+ LQER) + pack at MATRIX_CLIP_SIGMAS, then up to CLIP_SEARCH_STEPS tries moving the clip to
     land under the cap within CLIP_SEARCH_HEADROOM, each measuring the whole blob. `meta` goes into the
-    artifact's config. Returns the smallest-clip blob that fits, else the last one tried."""
+    artifact's config. Returns, of the blobs that fit, the one of least output_error (without Hessians: of the
+    smallest clip), else the last one tried. A smaller clip buys precision with bytes only down to a point:
+    past it (a model far under the cap) clipping costs more, so a fitting try worse than the best ends the search."""
     damps = gptq_damps(hp)
 
-    def attempt(k: float) -> bytes:
+    def attempt(k: float) -> tuple[bytes, float]:
         t0 = time.perf_counter()
         q = quantize_state(state, hessians, cfg.num_layers, hp.matrix_bits, k, hp.embed_bits, hp.embed_clip_sigmas,
                            hp.awq_groups, hp.mlp_clip_scale, damps)
@@ -3454,26 +3456,45 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
         if hp.lqer_top_k:
             report = apply_lqer(state, q, hp.lqer_top_k, hp.lqer_rank, hp.lqer_group, cfg.num_layers)
             log(lqer_line(report, q, hp))
+        err = output_error(state, q, hessians, cfg.num_layers) if hessians else k  # no Hessians: smaller k wins
         t1 = time.perf_counter()
         config = dict(model=dataclasses.asdict(cfg), train_seq_len=hp.train_seq_len, matrix_clip_sigmas=k,
                       mlp_clip_scale=hp.mlp_clip_scale) | (meta or {})
         blob = pack_artifact(q, config, hp.artifact_coder)
         log(f"gptq_try matrix_clip_sigmas:{k:.4f} artifact_bytes:{len(blob) + code_bytes} "
-            f"gptq_time:{t1 - t0:.1f}s pack_time:{time.perf_counter() - t1:.1f}s")
-        return blob
+            f"gptq_time:{t1 - t0:.1f}s pack_time:{time.perf_counter() - t1:.1f}s"
+            + (f" output_error:{err:.6g}" if hessians else ""))
+        return blob, err
 
     k, tries, best = hp.matrix_clip_sigmas, [], None
     for _ in range(hp.clip_search_steps + 1):
-        blob = attempt(k)
+        blob, err = attempt(k)
         tries.append((k, len(blob) + code_bytes))
         spare = ARTIFACT_LIMIT_BYTES - tries[-1][1]
         if spare >= 0:
-            if best is None or k < best[1]:
-                best = (blob, k)
+            if best is not None and err > best[2]:
+                break  # past the clip where precision still pays
+            best = (blob, k, err)
             if spare < CLIP_SEARCH_HEADROOM:
                 break
         k = next_clip(tries, ARTIFACT_LIMIT_BYTES - CLIP_SEARCH_HEADROOM // 2)
-    return best or (blob, tries[-1][0])
+    return best[:2] if best else (blob, tries[-1][0])
+
+
+def output_error(state: dict[str, torch.Tensor], qstate: dict[str, dict], hessians: dict, num_layers: int) -> float:
+    """Sum over the GPTQ'd bank slices of tr(E H E^T), E = W - its dequantized rows (LQER's included), H the
+    slice's input Hessian: the error GPTQ minimizes, as the matrices' outputs feel it. The embedding, whose
+    clip the search does not move, is left out."""
+    total = 0.0
+    for name, e in qstate.items():
+        keys = hessian_keys(name, num_layers)
+        if "q" not in e or name not in BANKS:
+            continue
+        W = state[name].detach().float()
+        E = (W - dequantize_matrix(e).to(W.device)).reshape(len(keys), *W.shape[-2:])
+        H = torch.stack([hessians[key] for key in keys]).to(W.device).float()
+        total += torch.einsum("brc,bcd,brd->", E, H, E).item()
+    return total
 
 
 CLIP_BYTES_ELASTICITY = 0.3  # an artifact's bytes fall about as clip^-0.3 near the cap: the first step's guess

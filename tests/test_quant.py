@@ -127,6 +127,31 @@ def test_clip_search_lands_under_the_cap(monkeypatch):
     assert sizes == sorted(sizes, reverse=True)  # size falls as the clip rises
 
 
+def test_far_under_the_cap_the_search_keeps_the_clip_of_least_output_error():
+    """A small model far under the cap: each fitting try steps the clip down 15% for precision, until clipping
+    costs more than it buys. The search stops at the first fitting try worse than the best and returns the best
+    by output error (it returned the last, smallest clip: 5x the error of one it had tried, on a trained model)."""
+    torch.manual_seed(0)
+    cfg = train_gpt.ModelConfig(vocab_size=256, num_layers=1, model_dim=192, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                                mlp_leaky_slope=0.5, rope_base=1e4, rope_dims=0, logit_softcap=30.0, qk_gain_init=1.0,
+                                tied_embed_init_std=0.5, ln_scale=True, skip_gates=True, xsa_last_n=0, num_loops=0,
+                                loop_start=0, loop_end=0, parallel_residual_start=-1)
+    state = {k: torch.randn_like(v) for k, v in train_gpt.GPT(cfg).state_dict().items()}
+    cols = {("attn_in", 0): 192, ("attn_out", 0): 192, ("mlp_in", 0): 192, ("mlp_act", 0): 384, ("head_in",): 192}
+    hess = {key: correlated_hessian(c, seed=i) / 4096 for i, (key, c) in enumerate(cols.items())}
+    lines = []
+    hp = train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "20", "LQER_TOP_K": "0"})
+    blob, k = train_gpt.quantize_within_budget(state, hess, cfg, hp, 0, lines.append)
+    tries = [(float(l.split()[1].split(":")[1]), float(l.split()[-1].split(":")[1]))
+             for l in lines if l.startswith("gptq_try")]
+    assert len(blob) < train_gpt.ARTIFACT_LIMIT_BYTES // 10 and 3 <= len(tries) < 21  # all fit; it stopped early
+    errs = [e for _, e in tries]
+    assert errs[:-1] == sorted(errs[:-1], reverse=True) and errs[-1] > errs[-2]  # down, then the turn that ends it
+    assert k == pytest.approx(tries[-2][0], abs=1e-4) and k > tries[-1][0] > 1.0  # the best tried, not the last
+    best = train_gpt.quantize_state(state, hess, 1, hp.matrix_bits, k, hp.embed_bits, hp.embed_clip_sigmas)
+    assert abs(train_gpt.output_error(state, best, hess, 1) - errs[-2]) < 1e-6 * errs[-2]
+
+
 def test_next_clip_interpolates_between_a_fit_and_a_miss_and_steps_at_most_15_percent():
     cap = 16_000_000
     k = train_gpt.next_clip([(12.85, 15_849_269), (11.17, 16_533_786)], cap - 50_000)  # bytes fall as the clip rises
