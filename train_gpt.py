@@ -3318,12 +3318,13 @@ def log_train_step(hp: Hyperparameters, dctx: Dist, clock: TrainClock, cap_ms: f
 
 def train_clock_cap(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files) -> tuple[float, str]:
     """(the training clock's cap in ms, 0 for none; its log line): MAX_WALLCLOCK_SECONDS less the Hessians'
-    reserve, so that the training data's last touch stays inside the training budget."""
+    reserve, so that the training data's last touch stays inside the training budget. The loop ends training
+    inside the cap (train's stop rule), so the reserve holds the Hessians alone."""
     if not hp.max_wallclock_seconds:
-        return 0.0, ""
+        return 0.0, "train_clock_cap:none"
     reserve, batch_s = gptq_reserve(trainer.model, train_files, hp, trainer.plans[hp.train_seq_len], dctx)
-    source = (f"measured calibration_batch:{batch_s:.3f}s batches:{hp.gptq_calibration_batches}" if batch_s
-              else "GPTQ_RESERVE_SECONDS" if hp.gptq_reserve_seconds else "none (GPTQ_CALIBRATION_BATCHES=0)")
+    source = (f"measured calibration_batch:{batch_s:.3f}s reserve_batches:{hp.gptq_calibration_batches}" if batch_s
+              else "GPTQ_RESERVE_SECONDS" if hp.gptq_reserve_seconds else "no_hessians")
     if reserve >= hp.max_wallclock_seconds:
         raise UserError(f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: leaves no training time after the "
                         f"Hessians' reserve of {reserve:.1f}s ({source}); raise it or lower GPTQ_CALIBRATION_BATCHES")
@@ -3331,16 +3332,14 @@ def train_clock_cap(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_fil
     return 1000 * cap_s, f"train_clock_cap:{cap_s:.1f}s gptq_reserve:{reserve:.1f}s reserve_source:{source}"
 
 
-def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evaluator: Evaluator, log) -> dict:
-    """Train until ITERATIONS or the clock cap, validating every VAL_LOSS_EVERY steps (off the clock).
-    Step k+1 is queued before step k's loss is read, so the GPU never waits for the host."""
+def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evaluator: Evaluator, cap_ms: float,
+          log) -> dict:
+    """Train until ITERATIONS or the clock's cap_ms (0: none), validating every VAL_LOSS_EVERY steps (off the
+    clock). Step k+1 is queued before step k's loss is read, so the GPU never waits for the host."""
     t0, caches0 = time.perf_counter(), compile_cache_counts()
     prime_compile(trainer, hp, train_files, log)
-    cap_ms, cap_line = train_clock_cap(hp, dctx, trainer, train_files)
     warmup_s = dctx.all_reduce_max(time.perf_counter() - t0)  # compile and warm-up: before the clock, not free
     log(f"warmup_done time:{warmup_s:.1f}s" + (f" {cache_counts_line(caches0)}" if trainer.compiled else ""))
-    if cap_ms:
-        log(cap_line)
     clock, schedule = TrainClock(dctx), seq_schedule(hp)
     step, looped, last_val, queued, flops_done, switched_at = 0, False, None, None, 0.0, None
     while True:
@@ -3349,7 +3348,9 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
         if hp.num_loops and not looped and progress >= hp.enable_looping_at:
             looped = True
             log(f"layer_loop:enabled step:{step} progress:{progress:.3f}")
-        done = step >= hp.iterations or (cap_ms and clock.ms >= cap_ms)
+        # the clock was last read after step-1 steps, step `step` runs now: stop before one more would end past the
+        # cap, so that training (the step in flight included) ends inside it
+        done = step >= hp.iterations or (cap_ms and clock.ms + 2 * clock.ms / max(step - 1, 1) >= cap_ms)
         if done or (hp.val_loss_every and step and step % hp.val_loss_every == 0):
             if queued:
                 log_train_step(hp, dctx, clock, cap_ms, queued, log)
@@ -3725,8 +3726,9 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
         f"train_data_last_touched:{data_s:.1f}s")
     if not in_budget:  # training data read after the training budget: the score cannot count
         log(f"warning:hessians_outside_budget {data_s:.1f}s > {limit:.0f}s (MAX_WALLCLOCK_SECONDS="
-            f"{hp.max_wallclock_seconds}, the rule {RULE_SECONDS:.0f}): final_valid:0 (lower MAX_WALLCLOCK_SECONDS "
-            f"or raise GPTQ_RESERVE_SECONDS above {hess_s:.1f})")
+            f"{hp.max_wallclock_seconds}, the rule {RULE_SECONDS:.0f}): final_valid:0 (training ended at "
+            f"{result['train_ms'] / 1000:.1f}s, the Hessians took {hess_s:.1f}s: lower MAX_WALLCLOCK_SECONDS, or set "
+            f"GPTQ_RESERVE_SECONDS to at least {result['reserve_s'] + data_s - limit:.1f})")
     # EVAL_ONLY counts the code that wrote it and scores it as valid only where its training kept the budget
     meta = dict(tokenizer_sha256=tokenizer_sha, code_bytes=len(code), train_data_in_budget=int(in_budget))
     # Rank 0 alone quantizes and writes; every rank takes its size and path (ranks could round differently).
@@ -3822,8 +3824,11 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
     train_files = shard_files(hp.data_path, "train")
     log(f"train_shards:{len(train_files)}")
     model, trainer = build_model(hp, dctx, attention, log)
+    cap_ms, cap_line = train_clock_cap(hp, dctx, trainer, train_files)  # before any compile: a refusal comes first
+    log(cap_line)
     prime_s = prime_eval(model, hp.train_seq_len, dctx, hp, log)
-    result = train(hp, dctx, trainer, train_files, evaluator, log)
+    result = train(hp, dctx, trainer, train_files, evaluator, cap_ms, log)
+    result["reserve_s"] = hp.max_wallclock_seconds - cap_ms / 1000
     if dctx.device.type == "cuda":
         log(f"peak_mem_allocated_mib:{torch.cuda.max_memory_allocated() >> 20} "
             f"peak_mem_reserved_mib:{torch.cuda.max_memory_reserved() >> 20}")
@@ -3887,7 +3892,8 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     if not under_cap:
         log(f"warning:artifact_over_limit artifact_bytes:{size + code_bytes} limit:{ARTIFACT_LIMIT_BYTES}: final_valid:0")
     trained_in_budget = meta.get("train_data_in_budget")
-    if trained_in_budget not in (0, 1):
+    trained_in_budget = trained_in_budget if type(trained_in_budget) is int and trained_in_budget in (0, 1) else None
+    if trained_in_budget is None:
         log("warning:artifact_records_no_training_budget (written before artifacts did): final_valid:0")
     elif not trained_in_budget:
         log("warning:artifact_trained_outside_budget (its run read training data past its budget): final_valid:0")

@@ -171,7 +171,7 @@ class RunLog:
         final = self.final_phase
         partial = self.hparams.get("val_max_tokens", "0") not in ("0", "")
         named = self.summary.get("invalid_reasons", "none")  # the run's own account, where it gives one
-        parts = ([named] if named != "none" else []) + (
+        parts = [r for r in named.split(",") if r != "none" and not (partial and r == "val_subset")] + (
             [f"val_max_tokens:{self.hparams.get('val_max_tokens')}: not the full val set"] if partial else [])
         why = f" ({'; '.join(parts)})" if parts else ""
         if final is not None and final.valid is False:

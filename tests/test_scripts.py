@@ -259,6 +259,12 @@ def test_an_invalid_run_says_why(seed_run, tmp_path, capsys):
     assert rc == 1 and err.strip() == (f"error: {bad}: invalid run: final phase {final} logged valid:0 "
                                        "(training_over_budget): not a score for a submission (--allow-invalid to "
                                        "tabulate it anyway)")
+    # a val subset is said once, with the knob that made it
+    both = doctored(bad, tmp_path / "over_part_seed2.txt", lambda line: {
+        "invalid_reasons:training_over_budget": "invalid_reasons:val_subset,training_over_budget",
+        "  val_max_tokens: 0": "  val_max_tokens: 4096"}.get(line, line))
+    assert runlog.read_log(both).invalid_reason() == (f"final phase {final} logged valid:0 (training_over_budget; "
+                                                      "val_max_tokens:4096: not the full val set)")
 
 
 def test_duplicate_seeds_and_console_files(seed_run, tmp_path, capsys):

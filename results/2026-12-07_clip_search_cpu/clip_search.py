@@ -1,7 +1,7 @@
 """The clip search far under the cap, on CPU: a tiny model trained 60 steps on the test corpus (PREQUANT_SAVE),
 its GPTQ'd banks' output error sum tr(E H E^T) against the matrix clip, and the clip quantize_within_budget
 returns for CLIP_SEARCH_STEPS 4, 8, 12 (every try fits: the model is ~0.7 MB). Run from the repository root:
-python3 results/2026-12-07_clip_search_cpu/clip_search.py (~2 min; scratch in /tmp/clip_search)."""
+python3 results/2026-12-07_clip_search_cpu/clip_search.py (~1 min; scratch in /tmp/clip_search)."""
 import os
 import subprocess
 import sys
