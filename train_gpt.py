@@ -3332,6 +3332,14 @@ def train_clock_cap(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_fil
     return 1000 * cap_s, f"train_clock_cap:{cap_s:.1f}s gptq_reserve:{reserve:.1f}s reserve_source:{source}"
 
 
+def past_cap(clock_ms: float, read_ms: float, step: int, cap_ms: float) -> bool:
+    """Whether training stops now, the clock last read after step-1 steps (clock_ms; read_ms at the check before)
+    while step `step` runs: once one more step would end past cap_ms, so that the step in flight still ends inside
+    it. A step's time is the average or, where longer, the latest (steps slow down as looping starts)."""
+    step_ms = max(clock_ms / max(step - 1, 1), clock_ms - read_ms)
+    return bool(cap_ms) and clock_ms + 2 * step_ms >= cap_ms
+
+
 def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evaluator: Evaluator, cap_ms: float,
           log) -> dict:
     """Train until ITERATIONS or the clock's cap_ms (0: none), validating every VAL_LOSS_EVERY steps (off the
@@ -3342,15 +3350,15 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
     log(f"warmup_done time:{warmup_s:.1f}s" + (f" {cache_counts_line(caches0)}" if trainer.compiled else ""))
     clock, schedule = TrainClock(dctx), seq_schedule(hp)
     step, looped, last_val, queued, flops_done, switched_at = 0, False, None, None, 0.0, None
+    read_ms = 0.0  # the clock at the previous check
     while True:
         # whichever limit binds first ends the schedule: the clock's share or the steps' share of ITERATIONS
         progress = max(clock.ms / cap_ms if cap_ms else 0.0, step / hp.iterations)
         if hp.num_loops and not looped and progress >= hp.enable_looping_at:
             looped = True
             log(f"layer_loop:enabled step:{step} progress:{progress:.3f}")
-        # the clock was last read after step-1 steps, step `step` runs now: stop before one more would end past the
-        # cap, so that training (the step in flight included) ends inside it
-        done = step >= hp.iterations or (cap_ms and clock.ms + 2 * clock.ms / max(step - 1, 1) >= cap_ms)
+        done = step >= hp.iterations or past_cap(clock.ms, read_ms, step, cap_ms)
+        read_ms = clock.ms
         if done or (hp.val_loss_every and step and step % hp.val_loss_every == 0):
             if queued:
                 log_train_step(hp, dctx, clock, cap_ms, queued, log)
@@ -3396,7 +3404,7 @@ def calibration_batches(model: GPT, train_files, hp: Hyperparameters, plan: tupl
 
 
 # The measured reserve's margin over GPTQ_CALIBRATION_BATCHES timed batches: batch-to-batch noise, the
-# last batch's synchronize and the ranks' all-reduce of the sums.
+# last batch's synchronize and the ranks' all-reduce of the sums, the last training step's jitter.
 RESERVE_MARGIN, RESERVE_SLACK_SECONDS = 1.25, 1.0
 
 
@@ -3404,9 +3412,12 @@ RESERVE_MARGIN, RESERVE_SLACK_SECONDS = 1.25, 1.0
 def gptq_reserve(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, int], dctx: Dist) -> tuple[float, float]:
     """(seconds taken off MAX_WALLCLOCK_SECONDS for the Hessians, one calibration batch's seconds or 0):
     GPTQ_RESERVE_SECONDS where set, else measured before the clock, as the Hessians' cost differs by
-    GPU and by GPU count: one batch timed after an untimed one (buffers, kernel choice), the slowest rank's."""
-    if hp.gptq_reserve_seconds or not hp.gptq_calibration_batches:
+    GPU and by GPU count: one batch timed after an untimed one (buffers, kernel choice), the slowest rank's.
+    Without Hessians the slack alone."""
+    if hp.gptq_reserve_seconds:
         return hp.gptq_reserve_seconds, 0.0
+    if not hp.gptq_calibration_batches:
+        return RESERVE_SLACK_SECONDS, 0.0  # the last step's jitter, the closing synchronize
     calibrate = calibration_batches(model, train_files, hp, plan, dctx)
     calibrate(HessianRecorder())
     synchronize(dctx.device)
