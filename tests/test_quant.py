@@ -101,15 +101,20 @@ def test_mlp_clip_scale_moves_the_mlp_banks_clip_only():
             assert torch.equal(tight[name]["q"], base[name]["q"]) and torch.equal(ratio, torch.ones_like(ratio))
 
 
+def one_layer_cfg() -> "train_gpt.ModelConfig":
+    """One layer whose Q/O and MLP banks are past the fp16 pass-through size: every try GPTQs them."""
+    return train_gpt.ModelConfig(vocab_size=256, num_layers=1, model_dim=192, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                                 mlp_leaky_slope=0.5, rope_base=1e4, rope_dims=0, logit_softcap=30.0,
+                                 qk_gain_init=1.0, tied_embed_init_std=0.5, ln_scale=True, skip_gates=True,
+                                 xsa_last_n=0, num_loops=0, loop_start=0, loop_end=0, parallel_residual_start=-1)
+
+
 def test_clip_search_lands_under_the_cap(monkeypatch):
     """Shrink the cap below the first try: the search must raise the clip until the blob fits, and
     the returned blob is the smallest-clip one that fits. One layer is enough: its Q/O and MLP banks are
     past the fp16 pass-through size."""
     torch.manual_seed(0)
-    cfg = train_gpt.ModelConfig(vocab_size=256, num_layers=1, model_dim=192, num_heads=4, num_kv_heads=2, mlp_mult=2,
-                                mlp_leaky_slope=0.5, rope_base=1e4, rope_dims=0, logit_softcap=30.0, qk_gain_init=1.0,
-                                tied_embed_init_std=0.5, ln_scale=True, skip_gates=True, xsa_last_n=0, num_loops=0,
-                                loop_start=0, loop_end=0, parallel_residual_start=-1)
+    cfg = one_layer_cfg()
     state = {k: torch.randn_like(v) for k, v in train_gpt.GPT(cfg).state_dict().items()}
     lines = []
     hp = train_gpt.Hyperparameters({"CLIP_SEARCH_STEPS": "0"})
@@ -133,10 +138,7 @@ def test_far_under_the_cap_the_search_keeps_the_clip_of_least_output_error():
     by output error (it returned the last, smallest clip: 4x the error of the best it had tried on a trained tiny
     model, results/2026-12-07_clip_search_cpu/)."""
     torch.manual_seed(0)
-    cfg = train_gpt.ModelConfig(vocab_size=256, num_layers=1, model_dim=192, num_heads=4, num_kv_heads=2, mlp_mult=2,
-                                mlp_leaky_slope=0.5, rope_base=1e4, rope_dims=0, logit_softcap=30.0, qk_gain_init=1.0,
-                                tied_embed_init_std=0.5, ln_scale=True, skip_gates=True, xsa_last_n=0, num_loops=0,
-                                loop_start=0, loop_end=0, parallel_residual_start=-1)
+    cfg = one_layer_cfg()
     state = {k: torch.randn_like(v) for k, v in train_gpt.GPT(cfg).state_dict().items()}
     cols = {("attn_in", 0): 192, ("attn_out", 0): 192, ("mlp_in", 0): 192, ("mlp_act", 0): 384, ("head_in",): 192}
     hess = {key: correlated_hessian(c, seed=i) / 4096 for i, (key, c) in enumerate(cols.items())}
