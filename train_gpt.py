@@ -1826,19 +1826,23 @@ def gptq_errors(state: dict[str, torch.Tensor], qstate: dict[str, dict]) -> list
 
 
 def apply_lqer(state: dict[str, torch.Tensor], qstate: dict[str, dict], top_k: int, rank: int, group: int,
-               num_layers: int) -> list[dict]:
+               num_layers: int, hessians: dict | None = None) -> list[dict]:
     """Add LQER fields to the entries of the top_k matrices by GPTQ error, in place, unless the rounded
-    correction leaves the error no smaller. Returns per matrix: name, slice, label, before, after, kept."""
+    correction leaves the error no smaller: with Hessians the output error tr(E H E^T) of the slice (what the
+    model feels: GPTQ shapes E into directions of small H, where a smaller ||E|| can still cost more), else
+    ||E||_F. Returns per matrix: name, slice, label, before, after (that error), kept."""
     report = []
-    for before, name, k in gptq_errors(state, qstate)[:top_k]:
+    for _, name, k in gptq_errors(state, qstate)[:top_k]:
         e = qstate[name]
         W = state[name].detach().float()
         rows, cols = W.shape[-2:]
         W_k = W.reshape(-1, rows, cols)[k]
         E = W_k - dequantize_gptq(e).reshape(-1, rows, cols)[k].to(W.device)
         fields = lqer_fit(E, rank, group)
-        A, B = lqer_factors(fields, rows, cols)  # exactly what loading will add
-        after = torch.linalg.matrix_norm(E.cpu() - A @ B).item()
+        A, B = (t.to(E.device) for t in lqer_factors(fields, rows, cols))  # exactly what loading will add
+        H = hessians[hessian_keys(name, num_layers)[k]].to(E.device, torch.float32) if hessians else None
+        error = (lambda D: torch.linalg.matrix_norm(D).item()) if H is None else (lambda D: (D @ H * D).sum().item())
+        before, after = error(E), error(E - A @ B)
         kept = after < before
         if kept:
             e.update({f"lqer{k}.{f}": t for f, t in fields.items()})
@@ -3466,7 +3470,7 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
         if hp.awq_groups:
             log(awq_line(q, cfg.num_layers))
         if hp.lqer_top_k:
-            report = apply_lqer(state, q, hp.lqer_top_k, hp.lqer_rank, hp.lqer_group, cfg.num_layers)
+            report = apply_lqer(state, q, hp.lqer_top_k, hp.lqer_rank, hp.lqer_group, cfg.num_layers, hessians)
             log(lqer_line(report, q, hp))
         err = output_error(state, q, hessians, cfg.num_layers) if hessians else k  # no Hessians: smaller k wins
         t1 = time.perf_counter()
@@ -3541,8 +3545,8 @@ def awq_line(qstate: dict[str, dict], num_layers: int) -> str:
 
 
 def lqer_line(report: list[dict], qstate: dict[str, dict], hp: Hyperparameters) -> str:
-    """The `lqer:` log line: each chosen matrix's GPTQ error norm before -> after (or `dropped`), and bytes."""
-    parts = [f"{r['label']}:{r['before']:.4f}->" + (f"{r['after']:.4f}" if r["kept"] else "dropped") for r in report]
+    """The `lqer:` log line: each chosen matrix's GPTQ error (apply_lqer's) before -> after (or `dropped`), and bytes."""
+    parts = [f"{r['label']}:{r['before']:.6g}->" + (f"{r['after']:.6g}" if r["kept"] else "dropped") for r in report]
     return (f"lqer: top_k:{hp.lqer_top_k} rank:{hp.lqer_rank} group:{hp.lqer_group} {' '.join(parts)} "
             f"bytes:{field_bytes(qstate, LQER_FIELD)}")
 

@@ -121,6 +121,28 @@ def test_correction_lowers_the_error_and_leaves_the_rest_alone(setup):
                 assert torch.equal(t, plain[name])
 
 
+def test_with_hessians_a_correction_is_kept_only_where_the_output_error_falls(setup):
+    """GPTQ puts its error where the inputs are small; a low-rank fit of E can shrink ||E|| and still raise
+    tr(E H E^T), what the layer's output feels. With Hessians that error decides and is reported; on these random
+    weights some corrections are dropped that the Frobenius norm would keep."""
+    cfg, state, q = setup
+    hess = hessians(cfg)
+    q, plain = copy.deepcopy(q), train_gpt.dequantize_state(q)
+    by_norm = train_gpt.apply_lqer(state, copy.deepcopy(q), 6, 4, 64, cfg.num_layers)
+    report = train_gpt.apply_lqer(state, q, 6, 4, 64, cfg.num_layers, hess)
+    assert [(r["name"], r["slice"]) for r in report] == [(r["name"], r["slice"]) for r in by_norm]
+    loaded = train_gpt.dequantize_state(q)
+    def out_err(r, deq):
+        rows, cols = state[r["name"]].shape[-2:]
+        E = (state[r["name"]] - deq[r["name"]]).reshape(-1, rows, cols)[r["slice"]]
+        return (E @ hess[train_gpt.hessian_keys(r["name"], cfg.num_layers)[r["slice"]]] * E).sum().item()
+    for r in report:
+        assert r["before"] == pytest.approx(out_err(r, plain), rel=1e-4)
+        assert r["after"] == pytest.approx(out_err(r, loaded), rel=1e-4)  # what loading gives
+        assert r["kept"] == (r["after"] < r["before"])
+    assert all(r["kept"] for r in by_norm) and 0 < sum(r["kept"] for r in report) < len(report)
+
+
 def test_rank_is_capped_by_the_matrix():
     E = torch.randn(6, 3)
     fields = train_gpt.lqer_fit(E, 8, 4)
@@ -179,7 +201,7 @@ def test_budget_counts_the_factors(setup, monkeypatch):
     assert len(lqer) == 1 and lqer[0].startswith("lqer: top_k:3 rank:4 group:64 ")
     chosen = train_gpt.gptq_errors(state, quantized(cfg, state, hess))[:3]
     for norm, name, k in chosen:
-        assert f" {train_gpt.slice_label(name, k, cfg.num_layers)}:{norm:.4f}->" in lqer[0]
+        assert f" {train_gpt.slice_label(name, k, cfg.num_layers)}:{norm:.6g}->" in lqer[0]
     added = len(on) - len(off)
     estimate = int(lqer[0].rsplit("bytes:", 1)[1])
     assert added > 0 and abs(estimate - added) < 0.15 * added + 100, (estimate, added)
