@@ -276,6 +276,8 @@ EXPORT_KNOBS = [
     Knob("LQER_TOP_K", 3, "LQER: low-rank INT2 x INT4 corrections of the N largest GPTQ errors W - Wq; 0 = off", 0),
     Knob("LQER_RANK", 4, "rank of each LQER correction", 1),
     Knob("LQER_GROUP", 64, "LQER: values of the flattened INT4 factor per fp16 scale", 1),
+    Knob("LQER_FIT", "plain", "LQER's low-rank fit of a GPTQ error E: plain (SVD of E) or activation (SVD of "
+         "E H^1/2: the least output error tr(E H E^T))", choices=("plain", "activation")),
     Knob("AWQ_GROUPS", 0, "AWQ-lite: the N most salient groups of 64 input columns over the GPTQ'd matrices below 8 "
          "bits are rounded to int8 inside the same GPTQ solve; 0 = off", 0),
     Knob("ARTIFACT_CODER", "rans", "rans (the GPTQ codes of matrices at <= 6 bits by an arithmetic coder of their "
@@ -440,6 +442,8 @@ def validate(hp: Hyperparameters):
          f"VAL_MAX_TOKENS={hp.val_max_tokens}: must exceed TRAIN_SEQ_LEN and EVAL_SEQ_LEN (one window)")
     need(not hp.awq_groups or hp.gptq_calibration_batches,
          f"AWQ_GROUPS={hp.awq_groups}: ranks columns by the GPTQ Hessians: needs GPTQ_CALIBRATION_BATCHES > 0")
+    need(hp.lqer_fit == "plain" or hp.gptq_calibration_batches,
+         f"LQER_FIT={hp.lqer_fit}: weighs the error by the GPTQ Hessians: needs GPTQ_CALIBRATION_BATCHES > 0")
     need(not (hp.prequant_save and hp.eval_only), f"PREQUANT_SAVE={hp.prequant_save}: an EVAL_ONLY run exports nothing")
 
 
@@ -1733,11 +1737,17 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return (fields.reshape(*u.shape[:-1], -1)[..., :n] - (1 << (bits - 1))).to(torch.int8)
 
 
-def lqer_fit(E: torch.Tensor, rank: int, group: int) -> dict[str, torch.Tensor]:
-    """The quantized factors of a rank-`rank` approximation of E [rows, cols]: A = U S from the SVD, then B
-    refitted by least squares to the quantized A (not V^T), which can only lower ||E - A B||."""
+def lqer_fit(E: torch.Tensor, rank: int, group: int, H: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The quantized factors of a rank-`rank` approximation of E [rows, cols]: A = U S from the SVD of E (of
+    E H^1/2 with the input Hessian H: the fit of least output error tr(E H E^T)), then B refitted by least
+    squares to the quantized A (not V^T; with H the same pinv(A) E), which can only lower the error."""
     rank = min(rank, *E.shape)
-    U, S, _ = torch.linalg.svd(E, full_matrices=False)
+    if H is not None:
+        w, V = torch.linalg.eigh(H.double())
+        U, S, _ = torch.linalg.svd(E.double() @ ((V * w.clamp_min(0).sqrt()) @ V.T), full_matrices=False)
+        U, S = U.to(E.dtype), S.to(E.dtype)
+    else:
+        U, S, _ = torch.linalg.svd(E, full_matrices=False)
     A = U[:, :rank] * S[:rank]
     lo, hi = -(1 << (LQER_A_BITS - 1)), (1 << (LQER_A_BITS - 1)) - 1
     a_scale = (A.abs().max() / LQER_A_RANGE).clamp_min(1e-7).half()  # fp16 before rounding: load sees the same
@@ -1826,11 +1836,11 @@ def gptq_errors(state: dict[str, torch.Tensor], qstate: dict[str, dict]) -> list
 
 
 def apply_lqer(state: dict[str, torch.Tensor], qstate: dict[str, dict], top_k: int, rank: int, group: int,
-               num_layers: int, hessians: dict | None = None) -> list[dict]:
+               num_layers: int, hessians: dict | None = None, fit: str = "plain") -> list[dict]:
     """Add LQER fields to the entries of the top_k matrices by GPTQ error, in place, unless the rounded
     correction leaves the error no smaller: with Hessians the output error tr(E H E^T) of the slice (what the
     model feels: GPTQ shapes E into directions of small H, where a smaller ||E|| can still cost more), else
-    ||E||_F. Returns per matrix: name, slice, label, before, after (that error), kept."""
+    ||E||_F. fit: LQER_FIT. Returns per matrix: name, slice, label, before, after (that error), kept."""
     report = []
     for _, name, k in gptq_errors(state, qstate)[:top_k]:
         e = qstate[name]
@@ -1838,9 +1848,9 @@ def apply_lqer(state: dict[str, torch.Tensor], qstate: dict[str, dict], top_k: i
         rows, cols = W.shape[-2:]
         W_k = W.reshape(-1, rows, cols)[k]
         E = W_k - dequantize_gptq(e).reshape(-1, rows, cols)[k].to(W.device)
-        fields = lqer_fit(E, rank, group)
-        A, B = (t.to(E.device) for t in lqer_factors(fields, rows, cols))  # exactly what loading will add
         H = hessians[hessian_keys(name, num_layers)[k]].to(E.device, torch.float32) if hessians else None
+        fields = lqer_fit(E, rank, group, H if fit == "activation" else None)
+        A, B = (t.to(E.device) for t in lqer_factors(fields, rows, cols))  # exactly what loading will add
         error = (lambda D: torch.linalg.matrix_norm(D).item()) if H is None else (lambda D: (D @ H * D).sum().item())
         before, after = error(E), error(E - A @ B)
         kept = after < before
@@ -3470,7 +3480,8 @@ def quantize_within_budget(state: dict, hessians: dict, cfg: ModelConfig, hp: Hy
         if hp.awq_groups:
             log(awq_line(q, cfg.num_layers))
         if hp.lqer_top_k:
-            report = apply_lqer(state, q, hp.lqer_top_k, hp.lqer_rank, hp.lqer_group, cfg.num_layers, hessians)
+            report = apply_lqer(state, q, hp.lqer_top_k, hp.lqer_rank, hp.lqer_group, cfg.num_layers, hessians,
+                                hp.lqer_fit)
             log(lqer_line(report, q, hp))
         err = output_error(state, q, hessians, cfg.num_layers) if hessians else k  # no Hessians: smaller k wins
         t1 = time.perf_counter()

@@ -39,6 +39,8 @@ def one_error_line(res, *needles):
     (dict(MUON_MOMENTUM_WARMUP_START="1"), "MUON_MOMENTUM_WARMUP_START=1.0: expected a value in [0, 1)"),
     # a path would pass until the artifact's write, after the whole training run
     (dict(RUN_ID="runs/a"), "RUN_ID='runs/a': expected a file name (no '/')"),
+    (dict(LQER_FIT="activation", GPTQ_CALIBRATION_BATCHES="0"),
+     "LQER_FIT=activation: weighs the error by the GPTQ Hessians: needs GPTQ_CALIBRATION_BATCHES > 0"),
 ])
 def test_cross_knob_rules_are_refused_at_startup(env, msg):
     with pytest.raises(train_gpt.UserError, match=re.escape(msg)):
