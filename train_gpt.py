@@ -1835,6 +1835,12 @@ def gptq_errors(state: dict[str, torch.Tensor], qstate: dict[str, dict]) -> list
     return sorted(out, key=lambda t: (-t[0], t[1], t[2]))
 
 
+def hessian_error(E: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(E H E^T) of a weight error E [..., rows, cols] under input Hessians H [..., cols, cols], summed over
+    slices: the error a matrix's outputs feel, and GPTQ's objective."""
+    return (E @ H * E).sum().item()
+
+
 def apply_lqer(state: dict[str, torch.Tensor], qstate: dict[str, dict], top_k: int, rank: int, group: int,
                num_layers: int, hessians: dict | None = None, fit: str = "plain") -> list[dict]:
     """Add LQER fields to the entries of the top_k matrices by GPTQ error, in place, unless the rounded
@@ -1851,7 +1857,7 @@ def apply_lqer(state: dict[str, torch.Tensor], qstate: dict[str, dict], top_k: i
         H = hessians[hessian_keys(name, num_layers)[k]].to(E.device, torch.float32) if hessians else None
         fields = lqer_fit(E, rank, group, H if fit == "activation" else None)
         A, B = (t.to(E.device) for t in lqer_factors(fields, rows, cols))  # exactly what loading will add
-        error = (lambda D: torch.linalg.matrix_norm(D).item()) if H is None else (lambda D: (D @ H * D).sum().item())
+        error = (lambda D: torch.linalg.matrix_norm(D).item()) if H is None else (lambda D: hessian_error(D, H))
         before, after = error(E), error(E - A @ B)
         kept = after < before
         if kept:
@@ -3336,9 +3342,7 @@ def train_clock_cap(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_fil
     inside the cap (train's stop rule), so the reserve holds the Hessians alone."""
     if not hp.max_wallclock_seconds:
         return 0.0, "train_clock_cap:none"
-    reserve, batch_s = gptq_reserve(trainer.model, train_files, hp, trainer.plans[hp.train_seq_len], dctx)
-    source = (f"measured calibration_batch:{batch_s:.3f}s reserve_batches:{hp.gptq_calibration_batches}" if batch_s
-              else "GPTQ_RESERVE_SECONDS" if hp.gptq_reserve_seconds else "no_hessians")
+    reserve, source = gptq_reserve(trainer.model, train_files, hp, trainer.plans[hp.train_seq_len], dctx)
     if reserve >= hp.max_wallclock_seconds:
         raise UserError(f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: leaves no training time after the "
                         f"Hessians' reserve of {reserve:.1f}s ({source}); raise it or lower GPTQ_CALIBRATION_BATCHES")
@@ -3423,15 +3427,15 @@ RESERVE_MARGIN, RESERVE_SLACK_SECONDS = 1.25, 1.0
 
 
 @torch.no_grad()
-def gptq_reserve(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, int], dctx: Dist) -> tuple[float, float]:
-    """(seconds taken off MAX_WALLCLOCK_SECONDS for the Hessians, one calibration batch's seconds or 0):
+def gptq_reserve(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, int], dctx: Dist) -> tuple[float, str]:
+    """(seconds taken off MAX_WALLCLOCK_SECONDS for the Hessians, where they came from, for the log):
     GPTQ_RESERVE_SECONDS where set, else measured before the clock, as the Hessians' cost differs by
     GPU and by GPU count: one batch timed after an untimed one (buffers, kernel choice), the slowest rank's.
     Without Hessians the slack alone."""
     if hp.gptq_reserve_seconds:
-        return hp.gptq_reserve_seconds, 0.0
+        return hp.gptq_reserve_seconds, "GPTQ_RESERVE_SECONDS"
     if not hp.gptq_calibration_batches:
-        return RESERVE_SLACK_SECONDS, 0.0  # the last step's jitter, the closing synchronize
+        return RESERVE_SLACK_SECONDS, "no_hessians"  # the last step's jitter, the closing synchronize
     calibrate = calibration_batches(model, train_files, hp, plan, dctx)
     calibrate(HessianRecorder())
     synchronize(dctx.device)
@@ -3439,7 +3443,8 @@ def gptq_reserve(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, 
     calibrate(HessianRecorder())
     synchronize(dctx.device)
     batch_s = dctx.all_reduce_max(time.perf_counter() - t0)
-    return RESERVE_MARGIN * batch_s * hp.gptq_calibration_batches + RESERVE_SLACK_SECONDS, batch_s
+    return (RESERVE_MARGIN * batch_s * hp.gptq_calibration_batches + RESERVE_SLACK_SECONDS,
+            f"measured calibration_batch:{batch_s:.3f}s reserve_batches:{hp.gptq_calibration_batches}")
 
 
 @torch.no_grad()
@@ -3514,13 +3519,12 @@ def output_error(state: dict[str, torch.Tensor], qstate: dict[str, dict], hessia
     clip the search does not move, is left out."""
     total = 0.0
     for name, e in qstate.items():
-        keys = hessian_keys(name, num_layers)
         if "q" not in e or name not in BANKS:
             continue
+        keys = hessian_keys(name, num_layers)
         W = state[name].detach().float()
         E = (W - dequantize_matrix(e).to(W.device)).reshape(len(keys), *W.shape[-2:])
-        H = torch.stack([hessians[key] for key in keys]).to(W.device).float()
-        total += torch.einsum("brc,bcd,brd->", E, H, E).item()
+        total += hessian_error(E, torch.stack([hessians[key] for key in keys]).to(W.device, torch.float32))
     return total
 
 
@@ -3917,14 +3921,14 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     under_cap = size + code_bytes <= ARTIFACT_LIMIT_BYTES  # a training run refuses to write it; scored here, never valid
     if not under_cap:
         log(f"warning:artifact_over_limit artifact_bytes:{size + code_bytes} limit:{ARTIFACT_LIMIT_BYTES}: final_valid:0")
+    broken = [] if under_cap else ["artifact_over_limit"]
     trained_in_budget = meta.get("train_data_in_budget")
-    trained_in_budget = trained_in_budget if type(trained_in_budget) is int and trained_in_budget in (0, 1) else None
-    if trained_in_budget is None:
+    if type(trained_in_budget) is not int or trained_in_budget not in (0, 1):
         log("warning:artifact_records_no_training_budget (written before artifacts did): final_valid:0")
+        broken.append("training_budget_unrecorded")
     elif not trained_in_budget:
         log("warning:artifact_trained_outside_budget (its run read training data past its budget): final_valid:0")
-    broken = ([] if under_cap else ["artifact_over_limit"]) + {0: ["training_over_budget"], 1: []}.get(
-        trained_in_budget, ["training_budget_unrecorded"])
+        broken.append("training_over_budget")
     scores = evaluator.score(model, seq_len, load_s, broken)
     return scores | dict(model_bytes=size, code_bytes=code_bytes, artifact_bytes=size + code_bytes,
                          eval_prime_seconds=prime_s)

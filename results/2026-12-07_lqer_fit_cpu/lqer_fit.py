@@ -40,7 +40,7 @@ def main():
         rows, cols = state[name].shape[-2:]
         E = (state[name].float() - train_gpt.dequantize_gptq(q[name])).reshape(-1, rows, cols)[k]
         H = hess[train_gpt.hessian_keys(name, cfg.num_layers)[k]].float()
-        error = lambda D: (D @ H * D).sum().item()  # noqa: E731
+        error = lambda D: train_gpt.hessian_error(D, H)  # noqa: E731
         A, B = train_gpt.lqer_factors(train_gpt.lqer_fit(E, RANK, GROUP), rows, cols)
         Aw, Bw = aware_factors(E, H)
         before = error(E)
