@@ -1266,12 +1266,10 @@ class GPT(nn.Module):
         logits = F.linear(h, self.tok_emb.weight)
         return logits if lora is None else lora("head", h, logits)
 
-    def nll_from_hidden(self, h: torch.Tensor, targets: torch.Tensor, tap=None, fixed_cap: bool = False,
+    def nll_from_hidden(self, h: torch.Tensor, targets: torch.Tensor, fixed_cap: bool = False,
                         lora: LoRA | None = None) -> torch.Tensor:
         """Tied head + softcap + per-token cross entropy (float32, shape like targets). With AsymLogit the
         two learned caps apply unless fixed_cap (training: the fused one-cap loss, so they stay put)."""
-        if tap is not None:
-            tap(("head_in",), h)  # the tied embedding is quantized as the output head
         logits = self.logits(h, lora)
         if self.logit_caps is not None and not fixed_cap:
             return asym_softcap_nll(logits, targets, self.logit_caps)
@@ -1290,10 +1288,14 @@ class GPT(nn.Module):
             z, lse = softcap_logits_lse(logits, self.cfg.logit_softcap)
         return (lse.unsqueeze(-1) - z.gather(-1, ids.reshape(-1, ids.size(-1)))).view_as(ids)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor, looped: bool, tap=None,
-                fixed_cap: bool = False) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, looped: bool, fixed_cap: bool = False) -> torch.Tensor:
         """Per-token NLL in nats, float32, shape like targets."""
-        return self.nll_from_hidden(self.hidden(idx, looped, tap), targets, tap, fixed_cap)
+        return self.nll_from_hidden(self.hidden(idx, looped), targets, fixed_cap)
+
+    def tap_inputs(self, idx: torch.Tensor, looped: bool, tap):
+        """tap(key, x) with the input of every matrix multiply, the tied head's included (GPTQ's Hessians): the
+        forward without its loss, which no matrix reads."""
+        tap(("head_in",), self.hidden(idx, looped, tap))
 
 
 # -----------------------------------------------------------------------------------------
@@ -3417,7 +3419,7 @@ def calibration_batches(model: GPT, train_files, hp: Hyperparameters, plan: tupl
         batch = torch.from_numpy(stream.next_batch(local * dctx.world_size, rows)).to(dctx.device)
         for micro in batch.split(micro_seqs):
             with autocast_ctx(dctx.device):
-                model(micro[:, :-1], micro[:, 1:], looped=True, tap=recorder)
+                model.tap_inputs(micro[:, :-1], looped=True, tap=recorder)
     return calibrate
 
 

@@ -159,7 +159,7 @@ def test_hessians_are_means_over_every_input_row(tiny_data):
     stream, rec = train_gpt.TrainStream(files, 32, hp.seed + 1, 1024), train_gpt.HessianRecorder()
     for _ in range(2):
         batch = torch.from_numpy(stream.next_batch(3, slice(0, 3)))
-        model(batch[:, :-1], batch[:, 1:], looped=True, tap=rec)
+        model.tap_inputs(batch[:, :-1], looped=True, tap=rec)
     visits = {("attn_in", 0): 2, ("attn_in", 1): 2, ("head_in",): 1}  # layers 0-1 loop once more
     for key, n in visits.items():
         assert rec.rows[key] == n * 2 * 3 * 32
