@@ -1578,7 +1578,7 @@ class HessianRecorder:
         self.rows: dict[tuple, int] = {}
 
     def __call__(self, key: tuple, x: torch.Tensor):
-        x = x.detach().reshape(-1, x.size(-1))
+        x = gram_operand(x)
         with torch.autocast(x.device.type, enabled=False):  # the model runs under bf16 autocast: sum in fp32
             gram = input_gram(x)
             H = self.hessians.get(key)
@@ -1586,14 +1586,26 @@ class HessianRecorder:
         self.rows[key] = self.rows.get(key, 0) + x.size(0)
 
 
+def gram_operand(x: torch.Tensor) -> torch.Tensor:
+    """A matrix input [..., d] as the rows of its X^T X: in bf16 on CUDA, as the matrix multiplies it under
+    autocast; elsewhere (CPU) in fp32."""
+    return x.detach().reshape(-1, x.size(-1)).to(torch.bfloat16 if x.is_cuda else torch.float32)
+
+
 def input_gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x in fp32. On CUDA from x in bf16, as the matrix multiplies it under autocast, with an fp32 result:
-    tensor cores, many times faster than fp32 products; elsewhere (CPU) in fp32."""
-    if x.is_cuda:
-        xb = x.to(torch.bfloat16)
-        return torch.mm(xb.T, xb, out_dtype=torch.float32)
-    xf = x.float()
-    return xf.T @ xf
+    """x^T x in fp32 of gram_operand(x). On CUDA with an fp32 result from bf16: tensor cores, many times faster
+    than fp32 products."""
+    x = gram_operand(x)
+    return torch.mm(x.T, x, out_dtype=torch.float32) if x.is_cuda else x.T @ x
+
+
+def matrix_inputs(model: GPT, idx: torch.Tensor) -> list[tuple[tuple, torch.Tensor]]:
+    """(key, gram_operand) of every matrix input of the looped model on idx, in the order the forward meets them.
+    Compiled (Trainer.matrix_inputs) the forward is fused as training's is; the products are taken outside the
+    graph (HessianRecorder), as torch.compile does not take torch.mm's out_dtype."""
+    seen = []
+    model.tap_inputs(idx, looped=True, tap=lambda key, x: seen.append((key, gram_operand(x))))
+    return seen
 
 
 # AWQ-lite: where the inputs are loud and the weights large, a group of input columns is rounded on a finer
@@ -3147,6 +3159,9 @@ class Trainer:
         # dynamic=False: each (length, looped) shape of TRAIN_SEQ_SCHEDULE gets a static graph of its own
         forward = torch.compile(model, fullgraph=True, dynamic=False) if self.compiled else model
         self.forward = lambda x, y, looped: forward(x, y, looped, fixed_cap=True)  # training keeps one softcap
+        # GPTQ's calibration forward, fused like training's: its batches are inside the training budget
+        self.matrix_inputs = torch.compile(matrix_inputs, fullgraph=True, dynamic=False) if self.compiled \
+            else matrix_inputs
         self.plans = {L: plan_batches(hp, dctx.world_size, dctx.device, L) for L, _ in seq_schedule(hp)}
         self.ema = [p.detach().float().clone() for p in model.parameters()] if hp.ema_decay else None
         self.files, self.streams, self.stream = None, {}, None
@@ -3287,7 +3302,8 @@ class TrainClock:
 
 def prime_compile(trainer: Trainer, hp: Hyperparameters, train_files, log):
     """Run WARMUP_STEPS real steps (at least one per shape training reaches: train_shapes) so compilation
-    is off the clock, then undo them all."""
+    is off the clock, then undo them all; and one calibration batch, whose compiled forward the Hessians take
+    inside the training budget (a measured reserve has compiled it already)."""
     shapes = train_shapes(hp)
     n = max(hp.warmup_steps, len(shapes)) if hp.warmup_steps else 0  # every shape at least once
     if n:
@@ -3307,6 +3323,10 @@ def prime_compile(trainer: Trainer, hp: Hyperparameters, train_files, log):
                 log(f"warmup_step:{k + 1}/{n} looped:{int(looped)}"
                     + (f" seq_len:{seq_len}" if hp.train_seq_schedule else ""))
         trainer.restore(snap)
+        if trainer.compiled and hp.gptq_calibration_batches:
+            with torch.no_grad():
+                calibration_batches(trainer.model, train_files, hp, trainer.plans[hp.train_seq_len], trainer.dctx,
+                                    trainer.matrix_inputs)(HessianRecorder())
     trainer.use_seq_len(shapes[0][0])
     trainer.reset_stream(train_files)
     synchronize(trainer.dctx.device)  # the priming steps were queued asynchronously; none may reach the clock
@@ -3344,7 +3364,8 @@ def train_clock_cap(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_fil
     inside the cap (train's stop rule), so the reserve holds the Hessians alone."""
     if not hp.max_wallclock_seconds:
         return 0.0, "train_clock_cap:none"
-    reserve, source = gptq_reserve(trainer.model, train_files, hp, trainer.plans[hp.train_seq_len], dctx)
+    reserve, source = gptq_reserve(trainer.model, train_files, hp, trainer.plans[hp.train_seq_len], dctx,
+                                   trainer.matrix_inputs)
     if reserve >= hp.max_wallclock_seconds:
         raise UserError(f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: leaves no training time after the "
                         f"Hessians' reserve of {reserve:.1f}s ({source}); raise it or lower GPTQ_CALIBRATION_BATCHES")
@@ -3408,8 +3429,10 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
     return dict(steps=step, train_ms=clock.ms, stop_reason=stop_reason, val=last_val, warmup_s=warmup_s)
 
 
-def calibration_batches(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, int], dctx: Dist):
-    """A function that runs the next calibration batch through the looped model into a HessianRecorder."""
+def calibration_batches(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, int], dctx: Dist,
+                        inputs=matrix_inputs):
+    """A function that runs the next calibration batch through the looped model into a HessianRecorder;
+    inputs: matrix_inputs or its compiled form."""
     micro_seqs, accum = plan
     stream = TrainStream(train_files, hp.train_seq_len, hp.seed + 1, hp.vocab_size)
     local = micro_seqs * accum
@@ -3419,7 +3442,9 @@ def calibration_batches(model: GPT, train_files, hp: Hyperparameters, plan: tupl
         batch = torch.from_numpy(stream.next_batch(local * dctx.world_size, rows)).to(dctx.device)
         for micro in batch.split(micro_seqs):
             with autocast_ctx(dctx.device):
-                model.tap_inputs(micro[:, :-1], looped=True, tap=recorder)
+                seen = inputs(model, micro[:, :-1])
+            for key, x in seen:
+                recorder(key, x)
     return calibrate
 
 
@@ -3429,16 +3454,17 @@ RESERVE_MARGIN, RESERVE_SLACK_SECONDS = 1.25, 1.0
 
 
 @torch.no_grad()
-def gptq_reserve(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, int], dctx: Dist) -> tuple[float, str]:
+def gptq_reserve(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, int], dctx: Dist,
+                 inputs=matrix_inputs) -> tuple[float, str]:
     """(seconds taken off MAX_WALLCLOCK_SECONDS for the Hessians, where they came from, for the log):
     GPTQ_RESERVE_SECONDS where set, else measured before the clock, as the Hessians' cost differs by
-    GPU and by GPU count: one batch timed after an untimed one (buffers, kernel choice), the slowest rank's.
-    Without Hessians the slack alone."""
+    GPU and by GPU count: one batch timed after an untimed one (buffers, kernel choice, a compiled `inputs`'s
+    graph), the slowest rank's. Without Hessians the slack alone."""
     if hp.gptq_reserve_seconds:
         return hp.gptq_reserve_seconds, "GPTQ_RESERVE_SECONDS"
     if not hp.gptq_calibration_batches:
         return RESERVE_SLACK_SECONDS, "no_hessians"  # the last step's jitter, the closing synchronize
-    calibrate = calibration_batches(model, train_files, hp, plan, dctx)
+    calibrate = calibration_batches(model, train_files, hp, plan, dctx, inputs)
     calibrate(HessianRecorder())
     synchronize(dctx.device)
     t0 = time.perf_counter()
@@ -3450,7 +3476,8 @@ def gptq_reserve(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, 
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, int], dctx: Dist) -> dict:
+def collect_hessians(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, int], dctx: Dist,
+                     inputs=matrix_inputs) -> dict:
     """Input Hessians, the mean of x x^T over the inputs of every GPTQ'd matrix (GPTQ is blind to their scale,
     AWQ-lite compares them across matrices), from fresh training batches (never val data) through the
     looped model, summed over ranks so every rank quantizes identically. A calibration batch is a global
@@ -3458,7 +3485,7 @@ def collect_hessians(model: GPT, train_files, hp: Hyperparameters, plan: tuple[i
     calibrates on the same tokens, as it trains on them."""
     if not hp.gptq_calibration_batches:
         return {}
-    recorder, calibrate = HessianRecorder(), calibration_batches(model, train_files, hp, plan, dctx)
+    recorder, calibrate = HessianRecorder(), calibration_batches(model, train_files, hp, plan, dctx, inputs)
     for _ in range(hp.gptq_calibration_batches):
         calibrate(recorder)
     for key in sorted(recorder.hessians):
@@ -3748,7 +3775,7 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
     model = trainer.model
     trainer.apply_ema()
     t0 = time.perf_counter()
-    hessians = collect_hessians(model, train_files, hp, trainer.plans[hp.train_seq_len], dctx)
+    hessians = collect_hessians(model, train_files, hp, trainer.plans[hp.train_seq_len], dctx, trainer.matrix_inputs)
     synchronize(dctx.device)  # the last batch's work may still be queued
     hess_s = dctx.all_reduce_max(time.perf_counter() - t0)
     data_s = result["train_ms"] / 1000 + hess_s

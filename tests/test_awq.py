@@ -166,6 +166,26 @@ def test_hessians_are_means_over_every_input_row(tiny_data):
         torch.testing.assert_close(means[key], rec.hessians[key] / rec.rows[key])
 
 
+def test_the_compiled_calibration_forward_gives_the_eager_hessians_in_one_graph(tiny_data):
+    """Trainer.matrix_inputs compiles the calibration forward (fullgraph, static shape) where training compiles:
+    one graph for every batch, no break where the tap collects the inputs, the Hessians those of the eager forward."""
+    data, _ = tiny_data
+    cfg = small_cfg()
+    cfg = train_gpt.ModelConfig(**{**cfg.__dict__, "vocab_size": 1024, "num_loops": 1, "loop_start": 0, "loop_end": 1})
+    model = train_gpt.GPT(cfg)
+    hp = train_gpt.Hyperparameters({"GPTQ_CALIBRATION_BATCHES": "3", "TRAIN_SEQ_LEN": "32", "VOCAB_SIZE": "1024"})
+    files = train_gpt.shard_files(str(data), "train")
+    torch._dynamo.reset()
+    graphs = train_gpt.compiled_graph_count()
+    compiled = torch.compile(train_gpt.matrix_inputs, fullgraph=True, dynamic=False, backend="aot_eager")
+    means = train_gpt.collect_hessians(model, files, hp, (3, 1), train_gpt.Dist(), compiled)
+    assert train_gpt.compiled_graph_count() - graphs == 1
+    eager = train_gpt.collect_hessians(model, files, hp, (3, 1), train_gpt.Dist())
+    assert means.keys() == eager.keys() and len(means) == 4 * cfg.num_layers + 1
+    for key, H in eager.items():
+        torch.testing.assert_close(means[key], H)
+
+
 def test_hessians_that_overflowed_are_a_clear_error(tiny_data):
     """A model whose activations overflow on the calibration batches (an inf weight here) gets one error naming
     the Hessians, not GPTQ's bare failure after its damping retries."""

@@ -191,6 +191,26 @@ def test_seq_schedule_trains_each_length_in_turn_and_rewarms_the_lr(tiny_data, m
                                      for b, r in zip(base, since_switch)])
 
 
+@pytest.mark.parametrize("batches,warmup,calls", [(16, 2, 1), (0, 2, 0), (16, 0, 0)])
+def test_warm_up_compiles_the_calibration_forward_before_the_clock(tiny_data, batches, warmup, calls):
+    """Where training compiles, warm-up also runs one calibration micro-batch through Trainer.matrix_inputs: with a
+    fixed GPTQ_RESERVE_SECONDS nothing else compiles it before the Hessians, whose time is the budget's. Not without
+    Hessians, and not where warm-up is off (WARMUP_STEPS=0 compiles on the clock)."""
+    data, _ = tiny_data
+    hp = train_gpt.Hyperparameters(dict(DEVICE="cpu", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2",
+                                        NUM_KV_HEADS="1", VOCAB_SIZE="1024", TRAIN_SEQ_LEN="32", NUM_LOOPS="0",
+                                        TRAIN_BATCH_TOKENS="128", WARMUP_STEPS=str(warmup), EMA_DECAY="0",
+                                        GPTQ_CALIBRATION_BATCHES=str(batches), GPTQ_RESERVE_SECONDS="6",
+                                        DATA_PATH=str(data)))
+    trainer = train_gpt.Trainer(hp, train_gpt.setup_distributed(hp), train_gpt.GPT(hp.model_config()))
+    trainer.compiled, seen = True, []  # as on a GPU: the calibration forward is a compiled graph
+    trainer.matrix_inputs = lambda model, x: seen.append(tuple(x.shape)) or train_gpt.matrix_inputs(model, x)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    train_gpt.prime_compile(trainer, hp, train_gpt.shard_files(str(data), "train"), lambda line: None)
+    assert seen == [(4, 32)] * calls  # one micro-batch of training's plan
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+
 def test_iterations_that_end_before_the_clock_still_run_the_whole_schedule(tiny_data, monkeypatch):
     """With both limits set and ITERATIONS reached long before the clock, the schedule follows the steps: the loop
     turns on at ENABLE_LOOPING_AT of them and the LR warms down (the clock's share alone left both untouched)."""
@@ -515,7 +535,7 @@ def test_measured_gptq_reserve_keeps_the_hessians_inside_the_cap(tiny_data, tmp_
 
 def test_the_cap_line_names_where_its_reserve_came_from():
     """A fixed GPTQ_RESERVE_SECONDS is used as given and no Hessians reserve the slack alone; neither times a batch."""
-    trainer = SimpleNamespace(model=None, plans={2048: (48, 1)})  # never run: nothing is measured here
+    trainer = SimpleNamespace(model=None, plans={2048: (48, 1)}, matrix_inputs=None)  # never run: nothing measured
     cap = lambda **env: train_gpt.train_clock_cap(train_gpt.Hyperparameters(
         {k: str(v) for k, v in env.items()}), train_gpt.Dist(), trainer, [])
     assert cap(MAX_WALLCLOCK_SECONDS=240, GPTQ_RESERVE_SECONDS=6) == (
