@@ -721,6 +721,9 @@ class TrainStream:
         if sum(len(s) for s in self.shards) < 2 * (seq_len + 1):
             raise UserError(f"train shards hold too few tokens for sequences of {seq_len} (TRAIN_SEQ_LEN, "
                             "TRAIN_SEQ_SCHEDULE)")
+        if not any(len(s) > seq_len for s in self.shards):  # else every epoch holds a window, whatever its phases
+            raise UserError(f"train shards: none holds a window of {seq_len + 1} tokens (TRAIN_SEQ_LEN, "
+                            "TRAIN_SEQ_SCHEDULE)")
 
     def _new_epoch(self):
         self.epoch += 1
@@ -743,9 +746,6 @@ class TrainStream:
         while len(places) < n_seqs:
             if self.pos >= len(self.order):
                 self._new_epoch()
-                if not len(self.order):
-                    raise UserError(f"train shards: none holds a window of {self.seq_len + 1} tokens (TRAIN_SEQ_LEN, "
-                                    "TRAIN_SEQ_SCHEDULE)")
             take = min(n_seqs - len(places), len(self.order) - self.pos)
             places += self._places(self.order[self.pos:self.pos + take])
             self.pos += take
@@ -3176,23 +3176,22 @@ class Trainer:
         self._stream, self._next_batch = stream, None  # a new stream drops the prefetched batch
 
     def reset_stream(self, files):
-        """Fresh streams from the train shards: one per sequence length, each at its start."""
-        self.files, self.streams = files, {}
+        """Fresh streams from the train shards, one per sequence length of the schedule, each at its start: all
+        built (and checked) now, not where training first reaches a length. A length other than TRAIN_SEQ_LEN
+        draws from a stream of its own seed (a permutation of its windows)."""
+        hp = self.hp
+        self.files = files
+        self.streams = {L: TrainStream(files, L, hp.seed if L == hp.train_seq_len else (hp.seed, L), hp.vocab_size)
+                        for L in self.plans}
         self.use_seq_len(self.seq_len)
 
     def use_seq_len(self, seq_len: int):
-        """Train on sequences of seq_len from the next step: same tokens per step, other micro-batches. A
-        length other than TRAIN_SEQ_LEN draws from a stream of its own seed (a permutation of its windows)."""
+        """Train on sequences of seq_len from the next step: same tokens per step, other micro-batches."""
         self.seq_len = seq_len
         self.micro_seqs, self.accum = self.plans[seq_len]
         self.local_seqs = self.micro_seqs * self.accum
         self.global_seqs = self.local_seqs * self.dctx.world_size
-        if self.files is None:
-            return
-        if seq_len not in self.streams:
-            seed = self.hp.seed if seq_len == self.hp.train_seq_len else (self.hp.seed, seq_len)
-            self.streams[seq_len] = TrainStream(self.files, seq_len, seed, self.hp.vocab_size)
-        if self.stream is not self.streams[seq_len]:
+        if self.files is not None and self.stream is not self.streams[seq_len]:  # the same one keeps its prefetch
             self.stream = self.streams[seq_len]
 
     def _load_batch(self) -> torch.Tensor:

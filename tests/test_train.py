@@ -84,9 +84,21 @@ def test_stream_epochs_are_permutations_of_their_own_windows(tmp_path):
 def test_stream_without_a_whole_window_is_an_error(tmp_path):
     for i in range(3):
         write_shard(tmp_path / f"fineweb_train_00000{i}.bin", np.arange(32))
-    stream = train_gpt.TrainStream(train_gpt.shard_files(str(tmp_path), "train"), 32, 0)
     with pytest.raises(train_gpt.UserError, match="none holds a window of 33 tokens"):
-        stream.next_batch(4, slice(None))
+        train_gpt.TrainStream(train_gpt.shard_files(str(tmp_path), "train"), 32, 0)
+
+
+def test_every_schedule_length_is_checked_before_the_clock(tmp_path):
+    """A TRAIN_SEQ_SCHEDULE length that no train shard holds a window of is an error when the streams are made
+    (before the clock, warm-up or not), not at the switch to it, late in the training budget."""
+    for i in range(30):
+        write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", np.arange(100) % 50)
+    hp = train_gpt.Hyperparameters(dict(DEVICE="cpu", NUM_LAYERS="1", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1",
+                                        VOCAB_SIZE="64", TRAIN_SEQ_LEN="128", TRAIN_SEQ_SCHEDULE="16@0.5", NUM_LOOPS="0",
+                                        TRAIN_BATCH_TOKENS="128", WARMUP_STEPS="0", DATA_PATH=str(tmp_path)))
+    trainer = train_gpt.Trainer(hp, train_gpt.setup_distributed(hp), train_gpt.GPT(hp.model_config()))
+    with pytest.raises(train_gpt.UserError, match="none holds a window of 129 tokens"):
+        trainer.reset_stream(train_gpt.shard_files(str(tmp_path), "train"))
 
 
 def test_only_the_whole_val_split_is_a_valid_score(tmp_path):
