@@ -2892,9 +2892,13 @@ def perturbation_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters, w
     targets of its own chunk changes), the first target after the document's second step and, with
     TTT_LORA_GRAD_CONTEXT, the first target after the first step that updates in a pass of its own."""
     mid = len(tokens) // 2
-    if not phase.lora:
-        points = {mid // phase.stride * phase.stride + phase.stride // 2}
-        after = max(mid // hp.ttt_chunk_tokens, 1) * hp.ttt_chunk_tokens + 1
+    if not phase.lora:  # from the windows' real ends: EVAL_SEQ_LEN need not be a multiple of the stride
+        ends = window_ends(len(tokens), phase.seq_len, phase.stride)
+        prev = np.concatenate(([0], ends[:-1]))
+        i = min(int(np.searchsorted(ends, mid)), len(ends) - 1)  # the window that scores target mid
+        points = {int(prev[i] + max(1, (ends[i] - prev[i]) // 2))}  # with the window's next target after it
+        first = np.flatnonzero(prev >= max(mid // hp.ttt_chunk_tokens, 1) * hp.ttt_chunk_tokens)
+        after = int(prev[first[0]]) + 1 if len(first) else len(tokens)  # a chunk's first target
         return sorted(points | ({after} if phase.ttt and after < len(tokens) - 1 else set()))
     starts, ends = doc_spans(tokens)
     updated = [hi for _, _, hi in doc_chunks(starts, ends, lora_chunk_tokens(hp, world_size))[:-1]]

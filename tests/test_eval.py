@@ -84,10 +84,14 @@ def test_legal_modes_pass_the_future_perturbation_check(ttt, slot):
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, phase(ttt, slot))
 
 
-def test_slot_full_fails_the_check():
-    """SLOT=full fits on the targets it scores: the check must catch it."""
+@pytest.mark.parametrize("seq_len", [32, 36])
+def test_slot_full_fails_the_check(seq_len):
+    """SLOT=full fits on the targets it scores: the check must catch it, also where EVAL_SEQ_LEN is no multiple of
+    the stride (36 = 4.5 strides: a point placed on the multiples of the stride was a window's last target)."""
     hp, model, tokens, val = setup()
-    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, phase(slot="full")) is False
+    hp.eval_seq_len = seq_len
+    checked = Phase("test", seq_len, 8, slot="full")
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, checked) is False
 
 
 def test_the_check_runs_reproducible_kernels_and_says_when_they_are_not(monkeypatch):

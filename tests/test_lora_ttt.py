@@ -300,17 +300,19 @@ def test_an_update_that_reads_past_its_chunk_fails_the_check(monkeypatch, grad_c
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase()) is False
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_a_global_update_that_reads_two_targets_past_its_chunk_fails_the_check(monkeypatch, lora):
+@pytest.mark.parametrize("lora,seq_len,ahead", [(False, 32, 2), (False, 36, 6), (True, 32, 2)])
+def test_a_global_update_that_reads_two_targets_past_its_chunk_fails_the_check(monkeypatch, lora, seq_len, ahead):
     """Windowed TTT's update, or LoRA TTT's global one, reading targets up to two past its chunk: the check
-    perturbs after the first target past an update (a read of one past is the state tests' to catch).
-    Unmutated, both pass it: test_legal_modes_pass_... (test_eval.py) and test_lora_ttt_passes_..."""
-    env = LORA_ENV | dict(TTT_LORA_LR="0") if lora else EVAL_ENV
+    perturbs after the first target past an update (a read of one past is the state tests' to catch). Where
+    EVAL_SEQ_LEN is no multiple of the stride, a chunk's windows score 4 targets past its end (36 = 4.5 strides of
+    8): reading 6 past it reads 2 unscored ones, after the first window of the next chunk, not at a multiple of
+    TTT_CHUNK_TOKENS. Unmutated, both pass it: test_legal_modes_pass_... (test_eval.py) and test_lora_ttt_passes_..."""
+    env = LORA_ENV | dict(TTT_LORA_LR="0") if lora else EVAL_ENV | dict(EVAL_SEQ_LEN=str(seq_len))
     _, model, tokens, val = setup()
-    hp, checked = train_gpt.Hyperparameters(env), train_gpt.Phase("ttt", 32, 8, ttt=True, lora=lora)
+    hp, checked = train_gpt.Hyperparameters(env), train_gpt.Phase("ttt", seq_len, 8, ttt=True, lora=lora)
     real = train_gpt.TTTUpdater._step
-    monkeypatch.setattr(train_gpt.TTTUpdater, "_step",  # each segment two targets later: it ends at hi + 2
-                        lambda self, tokens, starts, hi: real(self, tokens, [s + 2 for s in starts], hi + 2))
+    monkeypatch.setattr(train_gpt.TTTUpdater, "_step",  # each segment `ahead` targets later
+                        lambda self, tokens, starts, hi: real(self, tokens, [s + ahead for s in starts], hi + ahead))
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, checked) is False
 
 
