@@ -146,15 +146,20 @@ def test_gptq_is_blind_to_the_hessians_scale_dead_columns_included():
     assert torch.equal(q, q_small) and torch.equal(s, s_small) and (q[:, :, 5] == 0).all()
 
 
+def calibration_setup(tiny_data, batches: int):
+    """A two-layer model whose layers 0-1 loop once more, knobs for `batches` calibration batches, the train shards."""
+    data, _ = tiny_data
+    cfg = train_gpt.ModelConfig(**{**small_cfg().__dict__, "vocab_size": 1024, "num_loops": 1, "loop_start": 0,
+                                   "loop_end": 1})
+    hp = train_gpt.Hyperparameters({"GPTQ_CALIBRATION_BATCHES": str(batches), "TRAIN_SEQ_LEN": "32",
+                                    "VOCAB_SIZE": "1024"})
+    return cfg, train_gpt.GPT(cfg), hp, train_gpt.shard_files(str(data), "train")
+
+
 def test_hessians_are_means_over_every_input_row(tiny_data):
     """collect_hessians divides each key's X^T X by the rows it saw (a looped layer's inputs count per visit),
     so that AWQ-lite's input rms means the same thing in every matrix."""
-    data, _ = tiny_data
-    cfg = small_cfg()
-    cfg = train_gpt.ModelConfig(**{**cfg.__dict__, "vocab_size": 1024, "num_loops": 1, "loop_start": 0, "loop_end": 1})
-    model = train_gpt.GPT(cfg)
-    hp = train_gpt.Hyperparameters({"GPTQ_CALIBRATION_BATCHES": "2", "TRAIN_SEQ_LEN": "32", "VOCAB_SIZE": "1024"})
-    files = train_gpt.shard_files(str(data), "train")
+    cfg, model, hp, files = calibration_setup(tiny_data, 2)
     means = train_gpt.collect_hessians(model, files, hp, (3, 1), train_gpt.Dist())
     stream, rec = train_gpt.TrainStream(files, 32, hp.seed + 1, 1024), train_gpt.HessianRecorder()
     for _ in range(2):
@@ -169,12 +174,7 @@ def test_hessians_are_means_over_every_input_row(tiny_data):
 def test_the_compiled_calibration_forward_gives_the_eager_hessians_in_one_graph(tiny_data):
     """Trainer.matrix_inputs compiles the calibration forward (fullgraph, static shape) where training compiles:
     one graph for every batch, no break where the tap collects the inputs, the Hessians those of the eager forward."""
-    data, _ = tiny_data
-    cfg = small_cfg()
-    cfg = train_gpt.ModelConfig(**{**cfg.__dict__, "vocab_size": 1024, "num_loops": 1, "loop_start": 0, "loop_end": 1})
-    model = train_gpt.GPT(cfg)
-    hp = train_gpt.Hyperparameters({"GPTQ_CALIBRATION_BATCHES": "3", "TRAIN_SEQ_LEN": "32", "VOCAB_SIZE": "1024"})
-    files = train_gpt.shard_files(str(data), "train")
+    cfg, model, hp, files = calibration_setup(tiny_data, 3)
     torch._dynamo.reset()
     graphs = train_gpt.compiled_graph_count()
     compiled = torch.compile(train_gpt.matrix_inputs, fullgraph=True, dynamic=False, backend="aot_eager")
