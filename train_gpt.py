@@ -3619,12 +3619,16 @@ def configure_inductor():
 
 
 def compile_cache_counts() -> dict[str, int]:
-    """What torch.compile's caches have served in this process: Inductor's FX graphs, AOTAutograd's joint graphs."""
-    from torch._dynamo.utils import counters
+    """What torch.compile's caches have served in this process: Inductor's FX graphs, AOTAutograd's joint graphs;
+    and compile_ms, the time spent inside torch.compile's graph builds (Dynamo's trace, then the compile or the
+    cache load; a backward compiled at its first call is not in it): of a warm start, what is not the graphs' runs."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
     fx, aot = counters["inductor"], counters["aot_autograd"]
-    return dict(fxgraph_hits=fx["fxgraph_cache_hit"], fxgraph_misses=fx["fxgraph_cache_miss"],
-                aot_hits=aot["autograd_cache_hit"], aot_misses=aot["autograd_cache_miss"],
-                aot_bypasses=aot["autograd_cache_bypass"])
+    counts = dict(fxgraph_hits=fx["fxgraph_cache_hit"], fxgraph_misses=fx["fxgraph_cache_miss"],
+                  aot_hits=aot["autograd_cache_hit"], aot_misses=aot["autograd_cache_miss"],
+                  aot_bypasses=aot["autograd_cache_bypass"])
+    builds = compilation_time_metrics.get("_compile.compile_inner")
+    return counts | ({"compile_ms": int(1000 * sum(builds))} if builds is not None else {})
 
 
 def cache_counts_line(before: dict[str, int] | None = None) -> str:

@@ -22,7 +22,7 @@ ms_step_read (the same number of steps again, each loss read one step late as tr
 (median time the host takes to queue one step, measured with the GPU idle), tok_s, flops_per_token, warmup_s
 (the --warmup steps, compile included: run the script twice on one machine for a cold and a warm start),
 mfu (CUDA), peak_mem_mib (CUDA, the timed training steps), what torch.compile's caches served during the warm-up
-(compiled: fxgraph_hits ... aot_bypasses), eval_tok_s (printed last, after the eval).
+(compiled: fxgraph_hits ... compile_ms), eval_tok_s (printed last, after the eval).
 """
 import argparse
 import sys
