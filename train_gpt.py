@@ -1593,9 +1593,8 @@ def gram_operand(x: torch.Tensor) -> torch.Tensor:
 
 
 def input_gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x in fp32 of gram_operand(x). On CUDA with an fp32 result from bf16: tensor cores, many times faster
-    than fp32 products."""
-    x = gram_operand(x)
+    """x^T x in fp32 of x = gram_operand(...). On CUDA with an fp32 result from bf16: tensor cores, many times
+    faster than fp32 products."""
     return torch.mm(x.T, x, out_dtype=torch.float32) if x.is_cuda else x.T @ x
 
 
