@@ -15,7 +15,8 @@ RUN_ID=<RUN_ID>_<NAME>; every variant's knobs are checked before the first one r
 log lines it prints one line: variant, final_phase, final_val_bpb, final_valid, eval_seconds, log. Each run
 compiles its graphs before its eval clock (eval_prime, as a training run does before its training clock), a later
 variant only those that an earlier one did not build; its phases then run warm, alone or not (a new_graphs above 0
-says otherwise).
+says otherwise). cuDNN's attention plans are made per shape on first use, inside the phases: the first variant of a
+process pays for the shapes it meets first, so to compare eval times run one variant both first and last.
 """
 import copy
 import difflib
