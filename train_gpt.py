@@ -3663,9 +3663,14 @@ def load_compile_cache(path: str, log) -> bool:
 def save_compile_cache(path: str, loaded: bool, log):
     """COMPILE_CACHE: a run that found no file writes what it compiled; one that loaded the file keeps it (torch
     saves only what a process compiled or used, so rewriting would drop, say, the training graphs after an
-    EVAL_ONLY run). Either way what the caches served is logged (cache_counts_line); a failed write is a warning."""
+    EVAL_ONLY run) and says so where it had to compile graphs the file lacks (the code changed since). Either way
+    what the caches served is logged (cache_counts_line); a failed write is a warning."""
     if loaded:
         log(f"compile_cache:kept path:{path} bytes:{Path(path).stat().st_size} {cache_counts_line()}")
+        counts = compile_cache_counts()
+        if counts["fxgraph_misses"] or counts["aot_misses"]:  # every start on a fresh machine compiles them again
+            log(f"warning:compile_cache_incomplete path:{path} this run compiled graphs the file lacks (its misses "
+                "above): delete the file and the next run writes one with them")
         return
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:

@@ -188,6 +188,21 @@ def test_records_tokenizer_and_never_reuses_a_run_id(tiny_data, tmp_path, launch
                    "vocab 1024 != the vocab of artifact", "other_vocab.br=8192")
 
 
+def test_a_loaded_compile_cache_that_lacked_graphs_says_so(tmp_path, monkeypatch):
+    """A run that loaded COMPILE_CACHE keeps the file; where it still had to compile graphs (the code changed
+    since the file was written), a warning says to renew it, else nothing does."""
+    cache = tmp_path / "compile.bin"
+    cache.write_bytes(b"x")
+    for misses, warned in ((0, False), (1, True)):
+        counts = dict(fxgraph_hits=3, fxgraph_misses=misses, aot_hits=2, aot_misses=misses, aot_bypasses=0)
+        monkeypatch.setattr(train_gpt, "compile_cache_counts", lambda: counts)
+        lines = []
+        train_gpt.save_compile_cache(str(cache), True, lines.append)
+        assert lines[0].startswith("compile_cache:kept ") and f" fxgraph_misses:{misses} " in lines[0], lines
+        assert [line.split()[0] for line in lines[1:]] == (["warning:compile_cache_incomplete"] if warned else []), lines
+        assert cache.read_bytes() == b"x"
+
+
 def test_compile_cache_lets_a_fresh_machine_compile_from_the_file(tiny_data, tmp_path, launcher):
     """COMPILE_CACHE: a run writes torch.compile's caches to the file; a run whose inductor cache folder is empty
     (a fresh machine) loads it, builds its graphs from it (FX graph cache hits, no misses) and keeps the file as
