@@ -1474,6 +1474,7 @@ def muon_momentum(step: int, hp: Hyperparameters) -> float:
 ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGOLFART", 2
 PASSTHROUGH_MAX_NUMEL = 65536
 COMPRESS_CHUNK_BYTES = 4 << 20  # independent brotli streams, compressed in parallel threads
+ARTIFACT_MAX_STREAMS = 64  # a bound for reading: a body of 256 MiB, far past any artifact near the cap
 
 
 def row_scale(W: torch.Tensor, clip_sigmas: float, bits: int) -> torch.Tensor:
@@ -2042,17 +2043,30 @@ def table_entry_problem(e, data_bytes: int, codes: int) -> str | None:
     return None
 
 
+def table_tiles(tensors: list[dict], data_bytes: int, codes: int) -> bool:
+    """Whether the table's rows lie end to end over the brotli data and over the rANS codes, each byte in one row."""
+    for coded, total in ((False, data_bytes), (True, codes)):
+        end = 0
+        for e in sorted((e for e in tensors if ("coder" in e) == coded), key=lambda e: e["offset"]):
+            if e["offset"] != end:
+                return False
+            end += e["nbytes"]
+        if end != total:
+            return False
+    return True
+
+
 def entry_problem(entry: dict) -> str | None:
     """What is wrong with an entry's own fields, if anything: an fp16 tensor is one float16 `w`; a GPTQ'd matrix
-    holds int8 codes `q` and a float16 scale per row, beside which only LQER and AWQ fields (checked apart)."""
+    holds int8 codes `q` (not empty) and a float16 scale per row, beside which only LQER and AWQ fields (checked apart)."""
     if entry["kind"] == "fp16":
         return None if set(entry) == {"kind", "w"} and entry["w"].dtype == torch.float16 else "fp16 holds one float16 w"
     bits = GPTQ_KIND.fullmatch(entry["kind"])
     if bits is None or not 2 <= int(bits[1]) <= 8:
         return f"unknown kind {entry['kind'][:20]!r}"
     q, scale = entry.get("q"), entry.get("scale")
-    if q is None or scale is None or q.dtype != torch.int8 or q.ndim < 2 or scale.dtype != torch.float16 \
-            or scale.shape != q.shape[:-1]:
+    if q is None or scale is None or q.dtype != torch.int8 or q.ndim < 2 or not q.numel() \
+            or scale.dtype != torch.float16 or scale.shape != q.shape[:-1]:
         return "a GPTQ'd matrix holds int8 codes q and a float16 scale per row"
     if any(f not in ("kind", "q", "scale") and not LQER_FIELD.fullmatch(f) and not AWQ_FIELD.fullmatch(f) for f in entry):
         return "unknown fields"
@@ -2073,6 +2087,8 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
     try:
         rans_len = struct.unpack("<I", blob[head:head + 4])[0] if version > 1 else 0
         head += 4 if version > 1 else 0
+        if n_streams > ARTIFACT_MAX_STREAMS:  # each may inflate to a chunk from a few bytes: bound them all
+            raise ArtifactCheck(f"{n_streams} brotli streams, more than {ARTIFACT_MAX_STREAMS}")
         sizes = struct.unpack(f"<{n_streams}I", blob[head:head + 4 * n_streams])
         start = head + 4 * n_streams + 32
         ends = np.cumsum((start,) + sizes)
@@ -2084,25 +2100,31 @@ def unpack_artifact(blob: bytes, source: str = "artifact") -> tuple[dict[str, di
         config = meta.get("config")
         if not isinstance(config, dict) or not isinstance(config.get("model", {}), dict):
             raise ArtifactCheck("its config is not a mapping (with a mapping for the model)")
+        tensors = list(meta["tensors"])
+        data_bytes, n = len(body) - 4 - hlen, meta.get("rans_symbols", 0) if rans_len else 0
+        for e in tensors:
+            if problem := table_entry_problem(e, data_bytes, n if type(n) is int else 0):
+                label = e.get("name") if isinstance(e, dict) else e
+                raise UserError(f"{source}: corrupted tensor table entry {str(label)[:40]}: {problem}")
+        if not table_tiles(tensors, data_bytes, n):  # as pack_artifact writes them: no byte read twice, before decoding
+            raise ArtifactCheck("its tensor table does not cover its data exactly once")
         codes = np.zeros(0, np.uint8)
         if rans_len:
-            freq, n = meta["rans_freq"], meta["rans_symbols"]
+            freq = meta["rans_freq"]
             if not all(type(v) is int and v >= 0 for v in [n, *freq]):
                 raise ArtifactCheck("its rANS header holds other than integers >= 0")
             try:
                 codes = rans_decode(blob[ends[-1]:], np.array(freq, np.uint64), n)
             except ValueError as e:
                 raise ArtifactCheck(f"rANS: {e}") from None
-        tensors = list(meta["tensors"])
     except ArtifactCheck as e:  # a check of ours: say which
         raise UserError(f"{source}: corrupted or truncated artifact ({e})") from None
+    except UserError:
+        raise
     except Exception:  # the data itself would not parse
         raise UserError(f"{source}: corrupted or truncated artifact") from None
     data, qstate = body[4 + hlen:], {}
     for e in tensors:
-        if problem := table_entry_problem(e, len(data), len(codes)):
-            label = e.get("name") if isinstance(e, dict) else e
-            raise UserError(f"{source}: corrupted tensor table entry {str(label)[:40]}: {problem}")
         ndtype = _DTYPES[e["dtype"]]
         if "coder" in e:  # table_entry_problem: the only coder is rans
             arr = codes[e["offset"]:e["offset"] + e["nbytes"]].view(np.int8).reshape(e["shape"]).copy()

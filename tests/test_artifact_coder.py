@@ -137,7 +137,7 @@ def set_entry(field, value, coded=True):
     (lambda m: m.update(rans_freq=[2 ** 62] * 4 + [65536] + [0] * 251),  # sums to 2^16 mod 2^64
      "corrupted or truncated artifact (rANS: bad rANS frequencies"),
     (lambda m: m.update(rans_freq=[256.5] * 256), "corrupted or truncated artifact (its rANS header holds other than"),
-    (lambda m: m.update(rans_symbols=2_000_000_000), "corrupted or truncated artifact (rANS: bad rANS frequencies, symbol"),
+    (lambda m: m.update(rans_symbols=2_000_000_000), "corrupted or truncated artifact (its tensor table does not cover"),
     (lambda m: m.pop("config"), "corrupted or truncated artifact (its config is not a mapping"),
     (lambda m: m.update(config=[1]), "corrupted or truncated artifact (its config is not a mapping"),
     (lambda m: m.update(config={"model": [1]}), "corrupted or truncated artifact (its config is not a mapping"),
@@ -223,11 +223,41 @@ def test_an_entry_whose_fields_disagree_is_refused(edit, message):
 
 
 def test_a_table_row_twice_or_an_entry_of_two_kinds_is_refused(small_artifact):
-    def twice(meta):
+    """Rows over the same bytes (each copied: a small file could ask for any memory) are refused before anything is
+    decoded; rows over their own bytes that name one field twice, or one entry with two kinds, after."""
+    def copied(meta):
         meta["tensors"].append(dict(meta["tensors"][0]))
 
-    def two_kinds(meta):
-        meta["tensors"].append(dict(meta["tensors"][0], field="other", kind="fp16"))
-    for edit in (twice, two_kinds):
+    def renamed(**fields):
+        def edit(meta):
+            first, other = meta["tensors"][0], meta["tensors"][1]
+            other.update({k: first[k] if v is None else v for k, v in fields.items()})
+        return edit
+    with pytest.raises(train_gpt.UserError, match=re.escape("its tensor table does not cover its data exactly once")):
+        train_gpt.unpack_artifact(forged(small_artifact, copied))
+    for edit in (renamed(name=None, field=None, kind=None), renamed(name=None, field="other", kind="fp16")):
         with pytest.raises(train_gpt.UserError, match="a field twice, or two kinds"):
             train_gpt.unpack_artifact(forged(small_artifact, edit))
+
+
+def test_more_streams_than_any_artifact_needs_are_refused_before_inflating(small_artifact, monkeypatch):
+    """Each brotli stream may inflate to a whole chunk from a few bytes: their count is bounded before any is read
+    (a few kB of streams asked for GBs). The same artifact in fewer streams reads back."""
+    monkeypatch.setattr(train_gpt, "COMPRESS_CHUNK_BYTES", 64)  # small_artifact's body in > 64 pieces
+    many = train_gpt.pack_artifact(gptq_state(), {"x": 1})
+    monkeypatch.setattr(train_gpt, "ARTIFACT_MAX_STREAMS", 1 << 20)
+    assert train_gpt.unpack_artifact(many)[1] == {"x": 1}
+    monkeypatch.setattr(train_gpt, "ARTIFACT_MAX_STREAMS", 64)
+    with pytest.raises(train_gpt.UserError, match=r"corrupted or truncated artifact \(\d+ brotli streams, more than 64\)"):
+        train_gpt.unpack_artifact(many)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0)])
+def test_an_empty_gptq_matrix_is_a_corrupted_entry(shape):
+    """A GPTQ'd matrix is never empty; with LQER fields beside it, its slices were a division by zero."""
+    entry = {"kind": "int6_rows", "q": torch.zeros(shape, dtype=torch.int8),
+             "scale": torch.zeros(shape[0], dtype=torch.float16)}
+    for f in ("a", "b"):
+        entry[f"lqer0.{f}"], entry[f"lqer0.{f}_scale"] = torch.zeros(1, 1, dtype=torch.int8), torch.ones(1, dtype=torch.float16)
+    with pytest.raises(train_gpt.UserError, match="corrupted entry m: a GPTQ'd matrix holds int8 codes"):
+        train_gpt.unpack_artifact(train_gpt.pack_artifact({"m": entry}, {}))
