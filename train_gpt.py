@@ -100,7 +100,7 @@ def knob(default, doc: str, lo=None, hi=None, choices=None):
 class ModelConfig:
     """The model's shape and features: knobs at training time, recorded in the artifact."""
     vocab_size: int = knob(8192, "vocabulary size; must equal the tokenizer's", 2, 65536)
-    num_layers: int = knob(11, "physical transformer blocks", 1)
+    num_layers: int = knob(11, "physical transformer blocks", 1, 256)
     model_dim: int = knob(512, "residual width", 8)
     num_heads: int = knob(8, "query heads", 1)
     num_kv_heads: int = knob(4, "key/value heads (GQA); must divide NUM_HEADS", 1)
@@ -114,7 +114,7 @@ class ModelConfig:
     ln_scale: bool = knob(True, "scale block i's normed inputs by 1/sqrt(i+1)")
     skip_gates: bool = knob(True, "sigmoid-gated U-Net skips (0 = plain weighted add)")
     xsa_last_n: int = knob(11, "exclusive self-attention on the last N physical layers", 0)
-    num_loops: int = knob(2, "extra passes over layers LOOP_START..LOOP_END (depth recurrence); 0 = off", 0)
+    num_loops: int = knob(2, "extra passes over layers LOOP_START..LOOP_END (depth recurrence); 0 = off", 0, 64)
     loop_start: int = knob(3, "first looped physical layer", 0)
     loop_end: int = knob(5, "last looped physical layer (inclusive)", 0)
     parallel_residual_start: int = knob(7, "layers >= this run attention and MLP in parallel; -1 = never", -1)
@@ -2225,10 +2225,15 @@ def saved_model_config(fields: dict, source: str) -> ModelConfig:
     if missing:
         raise UserError(f"{source}: its model config lacks {', '.join(missing)} (written by a different version of "
                         f"this script?)")
-    try:
-        return ModelConfig(**LEGACY_MODEL_FIELDS | {k: v for k, v in fields.items() if k not in RETIRED_MODEL_FIELDS})
-    except TypeError as e:  # a field this version does not know
-        raise UserError(f"{source}: its model config does not fit this version of the script ({e})") from None
+    values = LEGACY_MODEL_FIELDS | {k: v for k, v in fields.items() if k not in RETIRED_MODEL_FIELDS}
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise UserError(f"{source}: its model config does not fit this version of the script (unknown fields: "
+                        f"{', '.join(map(str, unknown))[:80]})")
+    try:  # what a training run's knobs must be (types, bounds, the rules between them), before a model is built
+        return Hyperparameters({k.upper(): knob_text(v) for k, v in values.items()}).model_config()
+    except UserError as e:
+        raise UserError(f"{source}: its model config is not one a run could train ({str(e).removeprefix('env ')})") from None
 
 
 def artifact_train_seq_len(meta: dict, path: Path) -> int:
@@ -2249,9 +2254,15 @@ def read_artifact(path: Path) -> tuple[dict, dict]:
 def artifact_model(qstate: dict, meta: dict, path: Path, device: torch.device, attention) -> GPT:
     """The dequantized model of an unpacked artifact, running `attention`."""
     cfg = saved_model_config(meta.get("model", {}), f"artifact {path}")
+    with torch.device("meta"):  # the shapes its config gives, before any memory is spent on them
+        shapes = {k: v.shape for k, v in GPT(cfg, attention).state_dict().items()}
     try:
+        state = dequantize_state(qstate)
+        wrong = sorted(set(shapes) ^ set(state)) or [k for k in shapes if state[k].shape != shapes[k]]
+        if wrong:
+            raise KeyError(f"{wrong[0]} missing, unexpected or of another shape")
         model = GPT(cfg, attention).to(device)
-        model.load_state_dict({k: v.to(device) for k, v in dequantize_state(qstate).items()})
+        model.load_state_dict({k: v.to(device) for k, v in state.items()})
     except (KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"artifact {path}: tensors do not match its model config ({str(e)[:120]})") from None
     return model

@@ -1,7 +1,8 @@
 """Small guards: knob typos, the auto tri-state, no-clobber writes where hard links are missing, and
-artifacts whose model config lacks a field or has a retired one."""
+artifacts whose model config lacks a field, has a retired one or is one no run could train."""
 import dataclasses
 import errno
+import re
 
 import pytest
 import torch
@@ -81,6 +82,28 @@ def test_a_retired_model_field_loads_only_where_it_was_off(tmp_path):
     assert train_gpt.load_prequant(str(tmp_path / "preFalse.pt"))["model"] == small_cfg()
     with pytest.raises(train_gpt.UserError, match="preTrue.pt: trained with DOC_ATTENTION"):
         train_gpt.load_prequant(str(tmp_path / "preTrue.pt"))
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(num_heads=0), "NUM_HEADS='0': expected a value >= 1"),
+    (dict(num_loops=2 ** 40), "NUM_LOOPS='1099511627776': expected a value in [0, 64]"),
+    (dict(num_kv_heads=3), "NUM_KV_HEADS=3: must divide NUM_HEADS=4"),
+    (dict(num_layers=6.5), "NUM_LAYERS='6.5': expected int"),
+    (dict(residual_dtype="float8"), "RESIDUAL_DTYPE='float8': expected one of float32|bfloat16"),
+])
+def test_an_artifact_config_no_run_could_train_is_refused_before_a_model_is_built(tmp_path, fields, message):
+    """The artifact's model fields pass the knobs' types, bounds and rules, as a training run's would: a forged
+    one was a ZeroDivisionError, a MemoryError in building the layer order, or a model that failed mid-scoring."""
+    qstate, meta, path = artifact(small_cfg(), "", tmp_path, **fields)
+    with pytest.raises(train_gpt.UserError, match=re.escape(f"artifact {path}: its model config is not one a run "
+                                                            f"could train ({message}")):
+        train_gpt.artifact_model(qstate, meta, path, torch.device("cpu"), train_gpt.causal_attention)
+
+
+def test_an_artifact_whose_tensors_do_not_fit_its_config_is_refused(tmp_path):
+    qstate, meta, path = artifact(small_cfg(), "", tmp_path, mlp_mult=3)
+    with pytest.raises(train_gpt.UserError, match=re.escape(f"artifact {path}: tensors do not match its model config")):
+        train_gpt.artifact_model(qstate, meta, path, torch.device("cpu"), train_gpt.causal_attention)
 
 
 def test_a_failed_rename_after_the_claim_leaves_nothing(tmp_path, monkeypatch):
