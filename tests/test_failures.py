@@ -109,7 +109,7 @@ def test_train_token_out_of_vocab_names_the_shard(tmp_path):
     (dict(TRAIN_BATCH_TOKENS="1000"), "TRAIN_BATCH_TOKENS=1000: must be a positive multiple"),
     (dict(TOKENIZER_PATH="/nonexistent/tok.model"), "tokenizer /nonexistent/tok.model: file not found"),
     (dict(TOKENIZER_PATH=__file__), "not a SentencePiece model"),
-    (dict(NUM_LAYERS="0"), "env NUM_LAYERS='0': expected a value >= 1"),
+    (dict(NUM_LAYERS="0"), "env NUM_LAYERS='0': expected a value in [1, 256]"),
     (dict(ENABLE_LOOPING_AT="1.5"), "env ENABLE_LOOPING_AT='1.5': expected a value in [0, 1]"),
     (dict(SLOT="maybe"), "env SLOT='maybe': expected one of off|context|full"),
     (dict(VAL_FILES="/nonexistent/*.bin"), "no val shards match /nonexistent/*.bin"),
