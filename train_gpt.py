@@ -1533,7 +1533,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, bits: int, clip_sigma
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H))^-1 per matrix; a failed one retries with 10x damping."""
+    """Upper Cholesky factor of (H + damp * mean(diag H))^-1 per matrix; a failed one retries with 10x damping.
+    In fp32 its last bits follow the BLAS's reduction order (on CPU, the thread count): an export's codes, hence its
+    bytes, reproduce on one device and thread count, its quality on any."""
     eye = torch.eye(H.size(-1), device=H.device)
     mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(dim=-1)
     scale = torch.full_like(mean_diag, damp)
