@@ -1724,7 +1724,7 @@ def dequantize_matrix(entry: dict) -> torch.Tensor:
 # are packed four to a byte (mostly zeros, which brotli then skips); B's near-uniform ones compress
 # slightly better unpacked.
 
-LQER_FIELD = re.compile(r"lqer(\d+)\.(a|a_scale|b|b_scale)")
+LQER_FIELD = re.compile(r"lqer(0|[1-9]\d*)\.(a|a_scale|b|b_scale)")  # one spelling per slice number
 LQER_A_BITS, LQER_B_BITS = 2, 4
 LQER_A_RANGE = 1.5  # the largest |A| maps to 1.5 codes: the few large entries survive, most small ones round to 0
 

@@ -258,6 +258,8 @@ def corruptions(q):
     yield "element types", edit(lambda e: e.update({f"lqer{k}.b_scale": e[f"lqer{k}.b_scale"].to(torch.int8)}))
     yield f"slice {n_slices} of a tensor of {n_slices}", edit(
         lambda e: e.update({f"lqer{n_slices}.{f}": e.pop(f"lqer{k}.{f}") for f in ("a", "a_scale", "b", "b_scale")}))
+    yield "unknown fields", edit(  # a second copy of the slice under a zero-padded number (it would merge into it)
+        lambda e: e.update({f"lqer0{k}.{f}": e[f"lqer{k}.{f}"].clone() for f in ("a", "a_scale", "b", "b_scale")}))
     bad = copy.deepcopy(q)
     bad["skip_weights"]["lqer0.a"] = bad[name][f"lqer{k}.a"]
     yield "fp16 holds one float16 w", bad  # LQER on a tensor that is not a GPTQ'd matrix: entry_problem's
