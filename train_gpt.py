@@ -232,6 +232,9 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
          "scored (at most half a window): a long document takes ~this*ln(length) steps, not length/CHUNK", 1),
     Knob("TTT_LORA_DOCS", 64, "documents adapted side by side in one batch (a lone document runs beside a row "
          "without targets: a batch of one would compile graphs of its own)", 2),
+    Knob("TTT_LORA_ROW_ALIGN", 1, "LoRA TTT: a batch's running rows are padded with rows without targets to a "
+         "multiple of this (at most TTT_LORA_DOCS): fewer distinct (rows, length) shapes, each of which costs cuDNN "
+         "attention a new plan inside the eval clock, for more padded rows through the forward; 1 = none", 1),
     Knob("TTT_LORA_GRAD_CONTEXT", 128, "LoRA TTT: a step whose chunk has more than this many tokens of context "
          "before it updates on the last this many only, in a pass of its own after the chunk is scored with its "
          "whole window (a shorter backward, one more forward and compiled graph); 0 = in the scoring pass", 0),
@@ -2608,12 +2611,19 @@ def chunk_size(done, hp: Hyperparameters, adapting: bool, seq_len: int) -> np.nd
     return np.minimum(np.maximum(hp.ttt_lora_chunk, -(-done // hp.ttt_lora_steps)), cap)
 
 
-def doc_batches(starts: np.ndarray, ends: np.ndarray, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def doc_batches(starts: np.ndarray, ends: np.ndarray, size: int, align: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
     """Documents in batches of at most `size`, longest first (a batch's documents take similar steps), as their
-    (starts, ends); a lone document gets a row without targets (start = end) beside it: a batch of one would
-    compile graphs of its own."""
+    (starts, ends), padded after them with rows without targets (start = end) to aligned_rows: a lone
+    document gets one beside it, as a batch of one would compile graphs of its own."""
     batches = [(starts[b], ends[b]) for b in even_batches(np.argsort(starts - ends, kind="stable"), size)]
-    return [(np.append(s, s), np.append(e, s)) if len(s) == 1 else (s, e) for s, e in batches]
+    pad = [np.full(aligned_rows(len(s), len(s), size, align) - len(s), s[0]) for s, _ in batches]
+    return [(np.append(s, p), np.append(e, p)) for (s, e), p in zip(batches, pad)]
+
+
+def aligned_rows(n: int, at_least: int, cap: int, align: int) -> int:
+    """Rows to run for n of them: a multiple of `align` (TTT_LORA_ROW_ALIGN) where `cap` allows, never fewer
+    than `at_least` nor than two."""
+    return max(min(-(-n // align) * align, cap), at_least, 2)
 
 
 def doc_steps(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
@@ -2636,14 +2646,14 @@ def doc_steps(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
     return steps
 
 
-def step_rows(prev: np.ndarray, last: np.ndarray) -> int:
+def step_rows(prev: np.ndarray, last: np.ndarray, align: int = 1) -> int:
     """How many rows of a doc_steps step run: those that still score, a prefix since a batch's documents
-    come longest first (doc_batches) and a longer document never takes fewer steps (chunk_bounds); at
-    least two where the batch has them, as a batch of one would compile a graph of its own."""
+    come longest first (doc_batches) and a longer document never takes fewer steps (chunk_bounds), padded
+    with finished rows (scoring nothing) to aligned_rows within the batch."""
     n = int((last > prev).sum())
     if not (last[:n] > prev[:n]).all():
         raise RuntimeError("scoring bug: a LoRA batch's documents must come longest first")
-    return max(n, min(2, len(prev)))
+    return aligned_rows(n, n, len(prev), align)
 
 
 WINDOW_ALIGN = 64  # a step's padded window length is a multiple of this (the compiled graph is dynamic in it)
@@ -2665,7 +2675,7 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
     TTT_LORA_GRAD_CONTEXT says so: grad_window). A finished document leaves the batch (step_rows): the
     longest documents come first and take the most steps, so the live rows are always the batch's first
     ones and row i keeps adapter row i. Without lora (TTT stopped by the budget) nothing trains."""
-    for s, e in doc_batches(starts, ends, hp.ttt_lora_docs):
+    for s, e in doc_batches(starts, ends, hp.ttt_lora_docs, hp.ttt_lora_row_align):
         opt = None
         if lora is not None:
             lora.reset()
@@ -2698,7 +2708,7 @@ def step_plan(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
     (grad_window; None: the scoring pass is the update's, or there is no update)."""
     steps = doc_steps(s, e, hp, adapting, seq_len)
     for j, (begin, prev, last) in enumerate(steps):
-        n = step_rows(prev, last)
+        n = step_rows(prev, last, hp.ttt_lora_row_align)
         begin, prev, last = begin[:n], prev[:n], last[:n]
         stepping = adapting and j + 1 < len(steps)
         yield begin, prev, last, stepping, grad_window(begin, prev, hp) if stepping else None

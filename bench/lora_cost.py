@@ -37,7 +37,7 @@ def rank_cost(starts, ends, hp: train_gpt.Hyperparameters) -> tuple[dict, set]:
     shapes of its passes."""
     out, shapes = dict.fromkeys(COUNTS + ("scored",), 0), set()
     seq_len = hp.eval_seq_len
-    for s, e in train_gpt.doc_batches(starts, ends, hp.ttt_lora_docs):
+    for s, e in train_gpt.doc_batches(starts, ends, hp.ttt_lora_docs, hp.ttt_lora_row_align):
         for begin, prev, last, stepping, grad_begin in train_gpt.step_plan(s, e, hp, True, seq_len):
             length = train_gpt.window_len(begin, last, seq_len)
             out["steps"] += 1

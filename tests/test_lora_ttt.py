@@ -83,6 +83,35 @@ def test_a_batch_drops_each_document_once_it_is_scored(monkeypatch):
     assert rows == expected and min(rows) < 3 and alone > 0  # steps with one live document run two rows
 
 
+def test_aligned_rows_are_multiples_of_the_alignment_within_the_batch():
+    assert [train_gpt.aligned_rows(n, n, cap, a) for n, cap, a in
+            [(1, 64, 1), (5, 64, 1), (5, 64, 8), (64, 64, 8), (57, 60, 8), (3, 4, 4), (1, 4, 4)]] == [2, 5, 8, 64, 60, 4, 4]
+
+
+def test_row_alignment_pads_steps_with_rows_that_score_nothing(monkeypatch):
+    """TTT_LORA_ROW_ALIGN runs every step of a batch at a multiple of its rows (fewer shapes for the
+    attention kernels to plan): the padding rows score nothing and every document scores as without it."""
+    lengths = [70, 25, 15, 40, 12, 30, 9]  # 7 documents: batches of 4 and 3, thinning out to one live row
+    tokens = doc_stream(lengths)
+    val = train_gpt.ValSet.from_lut(tokens, train_gpt.ByteLUT(np.ones(64, np.int32), np.zeros(64, bool),
+                                                                np.arange(64) < 4))
+    real, runs = train_gpt.score_doc_chunk, {}
+    for align in (1, 4):
+        hp, model, _, _ = lora_setup(TTT_LORA_STEPS="2", TTT_LORA_PHASE_TOKENS="100000", TTT_LORA_DOCS="4",
+                                     TTT_LORA_ROW_ALIGN=str(align))
+        rows = []
+
+        def counted(*args, **kwargs):
+            rows.append(len(args[3]))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(train_gpt, "score_doc_chunk", counted)
+        runs[align] = rows, train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase())
+    (rows1, plain), (rows4, padded) = runs[1], runs[4]
+    assert set(rows1) == {2, 3, 4} and set(rows4) == {4} and len(rows1) == len(rows4)
+    assert (plain.count == 1).all() and (padded.count == 1).all()
+    torch.testing.assert_close(padded.nll, plain.nll, rtol=0, atol=1e-5)
+
+
 def test_a_score_does_not_know_where_its_document_ends(monkeypatch):
     """Two streams equal up to the first one's BOS at 70: every target before it scores alike (up to the
     rounding of other batch shapes), the last chunk's too. A chunk size read from the document's length
