@@ -3061,9 +3061,10 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
     """Run plan_phases' phases against the eval budget, logging each; a non-finite one stops the run. The
     budget's clock starts load_seconds in: the artifact's decompression is evaluation time too. broken: why the
     run cannot score at all (a val subset, a rule outside scoring broken); a phase is valid where nothing is, the
-    phase is legal and finite, and the eval so far (load included) ends inside EVAL_BUDGET_SECONDS and RULE_SECONDS.
-    The summary's invalid_reasons says why a final score is not valid (none where it is)."""
-    phases = plan_phases(hp, train_seq_len)
+    phase is legal and finite, and the eval so far (load and LEGALITY_CHECK included) ends inside EVAL_BUDGET_SECONDS
+    and RULE_SECONDS. The summary's invalid_reasons says why a final score is not valid (none where it is); its
+    final_eval_seconds is the clock the final score is judged by, eval_seconds includes a reference run after it."""
+    phases, t_check = plan_phases(hp, train_seq_len), time.perf_counter()
     if hp.legality_check:
         check = check_knobs(hp, dctx.world_size)
         lora = any(p.lora for p in phases)
@@ -3080,11 +3081,16 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
                                 "stream differ (kernels that are not reproducible on this machine)")
             if not ok and phase.legal:
                 raise UserError(f"legality check failed for phase {phase.name}: scores depend on later tokens")
-    results, elapsed, final = {}, load_seconds, None
+    # the check runs after the load, before the phases: evaluation time like theirs
+    check_seconds = dctx.all_reduce_max(time.perf_counter() - t_check) if hp.legality_check else 0.0
+    results, elapsed, final = {}, load_seconds + check_seconds, None
     limit = min(hp.eval_budget_seconds, RULE_SECONDS)  # what a valid score may take; the knob alone paces phases
     for phase in phases:
         t0, graphs0 = time.perf_counter(), compiled_graph_count()
         time_left = max(hp.eval_budget_seconds - elapsed, 0.0)
+        if time_left == 0 and budget_action(phase, hp) == "abandon":  # no time for a reference: not even its pace
+            log(f"{phase.name}:skipped elapsed:{elapsed:.1f}s time_left:0s")
+            continue
         scored_by = copy.deepcopy(model) if phase.ttt else model  # TTT adapts a copy: each phase starts fresh
         scores = eval_tokens(scored_by, val, dctx, hp, phase, log, time_left)
         if phase.ttt and scored_by.logit_caps is not None:
@@ -3114,7 +3120,7 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
         dump_token_scores(Path(hp.dump_token_nll), final["scores"])
     return dict(final_phase=final["phase"], final_val_loss=final["loss"], final_val_bpb=final["bpb"],
                 final_valid=int(final["valid"]), invalid_reasons=",".join(reasons) or "none",
-                eval_seconds=elapsed) | results
+                final_eval_seconds=final["done_at"], eval_seconds=elapsed) | results
 
 
 PRIME_DOCS = 3  # per rank: LoRA TTT in one global chunk, or in three whose last scores after the budget stop

@@ -1,6 +1,7 @@
 """Sliding windows, score-first TTT and SLOT: every target scored once, and legality proven by
 perturbing the future (a method that peeks at unscored targets must fail)."""
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -192,10 +193,28 @@ def test_sliding_reference_phase_follows_eval_budget(mode, budget, runs_sliding)
     out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
     text = "\n".join(lines)
     assert ("sliding_val_bpb" in out) == runs_sliding
-    assert ("sliding:abandoned after_chunk:2/8 " in text) == (mode == "auto" and not runs_sliding)
+    assert ("sliding:skipped " in text) == (mode == "auto" and not runs_sliding)  # no time left: not even started
     assert out["final_val_bpb"] == out["ttt_val_bpb"] and out["final_phase"] == "ttt"
+    assert out["final_eval_seconds"] <= out["eval_seconds"]
     phases = [line.split()[0] for line in lines if " val_bpb:" in line]
     assert phases == ["roundtrip", "ttt"] + ["sliding"] * runs_sliding
+    if mode == "auto" and not runs_sliding:  # with a little time left, its pace after chunk 1 abandons it
+        lines.clear()
+        sliding = next(p for p in train_gpt.plan_phases(hp, 32) if p.reference)
+        assert train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, sliding, lines.append, 1e-9) is None
+        assert lines[-1].startswith("sliding:abandoned after_chunk:2/8 ")
+
+
+def test_the_legality_check_counts_against_the_eval_budget(monkeypatch):
+    """LEGALITY_CHECK runs after the artifact's load and before the phases: its seconds are evaluation time."""
+    hp = train_gpt.Hyperparameters(EVAL_ENV | {"LEGALITY_CHECK": "1", "EVAL_SLIDING": "0", "EVAL_BUDGET_SECONDS": "1",
+                                               "TTT_BUDGET_STOP": "0"})
+    _, model, tokens, val = setup()
+    real = train_gpt.legality_check
+    monkeypatch.setattr(train_gpt, "legality_check", lambda *a, **k: time.sleep(1) or real(*a, **k))
+    out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, [].append)
+    assert out["final_valid"] == 0 and out["invalid_reasons"] == "eval_over_budget"
+    assert out["final_eval_seconds"] == out["eval_seconds"] > 1
 
 
 def test_the_artifact_load_counts_against_the_eval_budget():
