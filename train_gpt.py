@@ -432,8 +432,8 @@ def validate(hp: Hyperparameters):
          "whole windows)")
     need(hp.slot == "off" or not lora, f"SLOT={hp.slot}: runs on windowed TTT only: set TTT_LORA_RANK=0 "
          "(or TTT_ENABLED=0)")
-    need(not lora or hp.ttt_lora_chunk <= hp.eval_seq_len,
-         f"TTT_LORA_CHUNK={hp.ttt_lora_chunk}: LoRA TTT (TTT_LORA_RANK={hp.ttt_lora_rank}) needs it <= "
+    need(not lora or hp.ttt_lora_chunk <= hp.eval_seq_len // 2,  # else a chunk's first targets lose their context
+         f"TTT_LORA_CHUNK={hp.ttt_lora_chunk}: LoRA TTT (TTT_LORA_RANK={hp.ttt_lora_rank}) needs it <= half of "
          f"EVAL_SEQ_LEN={hp.eval_seq_len}, or TTT_LORA_RANK=0")
     lora_targets(hp)  # its own errors
     gptq_damps(hp)
@@ -2605,7 +2605,7 @@ def chunk_bounds(n: int, hp: Hyperparameters, adapting: bool, seq_len: int) -> n
 
 def chunk_size(done, hp: Hyperparameters, adapting: bool, seq_len: int) -> np.ndarray:
     """The size of the chunk after `done` scored targets (chunk_bounds' rule), before a document's end cuts it."""
-    done, cap = np.asarray(done), max(hp.ttt_lora_chunk, seq_len // 2)
+    done, cap = np.asarray(done), seq_len // 2
     if not adapting:
         return np.full_like(done, cap)
     return np.minimum(np.maximum(hp.ttt_lora_chunk, -(-done // hp.ttt_lora_steps)), cap)

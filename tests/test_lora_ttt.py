@@ -410,9 +410,10 @@ def test_lora_knobs_are_checked():
     assert [p.lora for p in train_gpt.plan_phases(train_gpt.Hyperparameters({}), 2048) if p.ttt] == [True]  # default
     off = train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_ENABLED="0"))  # TTT_ENABLED=0 turns off LoRA TTT too
     assert not any(p.ttt or p.lora for p in train_gpt.plan_phases(off, 64))
-    with pytest.raises(train_gpt.UserError, match=r"TTT_LORA_CHUNK=4096: LoRA TTT \(TTT_LORA_RANK=8\) needs it <= "
-                       "EVAL_SEQ_LEN=2048, or TTT_LORA_RANK=0"):
-        train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_LORA_CHUNK="4096"))
+    with pytest.raises(train_gpt.UserError, match=r"TTT_LORA_CHUNK=1025: LoRA TTT \(TTT_LORA_RANK=8\) needs it <= "
+                       "half of EVAL_SEQ_LEN=2048, or TTT_LORA_RANK=0"):  # more: a chunk's first targets lose context
+        train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_LORA_CHUNK="1025"))
+    train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_LORA_CHUNK="1024"))
     train_gpt.Hyperparameters(dict(TTT_LORA_RANK="0", TTT_LORA_CHUNK="4096"))  # unused: windowed TTT
 
 
