@@ -227,7 +227,8 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("TTT_LORA_TARGETS", "q,k,v,o,mlp,head", "the matrices LoRA TTT adapts, a comma "
          "list of q, k, v, o, mlp, head"),
     Knob("TTT_LORA_LR", 3e-4, "AdamW learning rate of the per-document adapters", 0),
-    Knob("TTT_LORA_CHUNK", 48, "targets a document scores between two steps of its adapters", 1),
+    Knob("TTT_LORA_CHUNK", 48, "targets a document scores between two steps of its adapters (at most half of "
+         "EVAL_SEQ_LEN: each target keeps half a window of context)", 1),
     Knob("TTT_LORA_STEPS", 32, "past this many chunks a document's chunk grows to 1/this of what it has "
          "scored (at most half a window): a long document takes ~this*ln(length) steps, not length/CHUNK", 1),
     Knob("TTT_LORA_DOCS", 64, "documents adapted side by side in one batch (a lone document runs beside a row "
@@ -432,8 +433,8 @@ def validate(hp: Hyperparameters):
          "whole windows)")
     need(hp.slot == "off" or not lora, f"SLOT={hp.slot}: runs on windowed TTT only: set TTT_LORA_RANK=0 "
          "(or TTT_ENABLED=0)")
-    need(not lora or hp.ttt_lora_chunk <= hp.eval_seq_len // 2,  # else a chunk's first targets lose their context
-         f"TTT_LORA_CHUNK={hp.ttt_lora_chunk}: LoRA TTT (TTT_LORA_RANK={hp.ttt_lora_rank}) needs it <= half of "
+    need(not lora or hp.ttt_lora_chunk <= hp.eval_seq_len,
+         f"TTT_LORA_CHUNK={hp.ttt_lora_chunk}: LoRA TTT (TTT_LORA_RANK={hp.ttt_lora_rank}) needs it <= "
          f"EVAL_SEQ_LEN={hp.eval_seq_len}, or TTT_LORA_RANK=0")
     lora_targets(hp)  # its own errors
     gptq_damps(hp)

@@ -57,6 +57,14 @@ def test_chunks_grow_with_what_a_document_has_scored_never_with_its_length():
     assert np.diff(train_gpt.chunk_bounds(100, hp, False, 64)).tolist() == [32, 32, 32, 4]
 
 
+def test_a_chunk_is_at_most_half_a_window_whatever_the_knob():
+    """Each target keeps half a window of its document's context: a TTT_LORA_CHUNK above half of EVAL_SEQ_LEN
+    (allowed up to all of it) is cut to half; before, a chunk's first target kept seq_len - chunk tokens."""
+    for chunk in ("16", "24", "32"):
+        hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_CHUNK=chunk))
+        assert np.diff(train_gpt.chunk_bounds(100, hp, True, 32)).tolist() == [16] * 6 + [4]
+
+
 def test_a_batch_drops_each_document_once_it_is_scored(monkeypatch):
     """Each step runs only the documents that still score (a batch's longest ones: rows i keep adapter i),
     and at least two rows where the batch has them (a batch of one is a graph of its own)."""
@@ -410,10 +418,9 @@ def test_lora_knobs_are_checked():
     assert [p.lora for p in train_gpt.plan_phases(train_gpt.Hyperparameters({}), 2048) if p.ttt] == [True]  # default
     off = train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_ENABLED="0"))  # TTT_ENABLED=0 turns off LoRA TTT too
     assert not any(p.ttt or p.lora for p in train_gpt.plan_phases(off, 64))
-    with pytest.raises(train_gpt.UserError, match=r"TTT_LORA_CHUNK=1025: LoRA TTT \(TTT_LORA_RANK=8\) needs it <= "
-                       "half of EVAL_SEQ_LEN=2048, or TTT_LORA_RANK=0"):  # more: a chunk's first targets lose context
-        train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_LORA_CHUNK="1025"))
-    train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_LORA_CHUNK="1024"))
+    with pytest.raises(train_gpt.UserError, match=r"TTT_LORA_CHUNK=4096: LoRA TTT \(TTT_LORA_RANK=8\) needs it <= "
+                       "EVAL_SEQ_LEN=2048, or TTT_LORA_RANK=0"):
+        train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_LORA_CHUNK="4096"))
     train_gpt.Hyperparameters(dict(TTT_LORA_RANK="0", TTT_LORA_CHUNK="4096"))  # unused: windowed TTT
 
 
