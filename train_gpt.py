@@ -3803,6 +3803,10 @@ def load_evaluator(hp: Hyperparameters, dctx: Dist, log, vocab_size: int,
     full_val = scores_whole_val(hp)
     log(f"val_shards:{len(files)} val_tokens:{len(val.tokens) - 1} val_bytes:{int(val.target_bytes.sum())} "
         f"val_byte_source:{val.byte_source} full_val:{int(full_val)} data:{hp.data_path}")
+    unknown = int((val.tokens[1:] == sp.unk_id()).sum())
+    if unknown and val.byte_source != "sidecar":  # the text it replaced is not in the shard: charged 0 bytes
+        log(f"warning:val_unknown_tokens count:{unknown} the tokenizer has no piece (nor byte fallback) for some val "
+            "text: each <unk> counts 0 bytes, as the challenge's reference does, so bpb leaves that text out")
     return Evaluator(val, dctx, hp, log, full_val), sha
 
 

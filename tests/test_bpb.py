@@ -122,3 +122,22 @@ def test_tokenizer_without_space_piece_rejected(tokenizer, tmp_path):
     assert spm.SentencePieceProcessor(model_file=str(bad)).get_piece_size() == 1024
     with pytest.raises(train_gpt.UserError, match="no standalone"):
         train_gpt.load_tokenizer(str(bad), 1024)
+
+
+def test_unknown_val_tokens_are_warned_of(tiny_data, tmp_path):
+    """A val <unk> stands for text the shard does not hold (no byte fallback for it): it is charged 0 bytes, as
+    the challenge's reference charges it, and the log says how many there are."""
+    from data.shards import read_shard, write_shard
+    data, tok = tiny_data
+    sp = train_gpt.load_tokenizer(str(tok), 1024)
+    tokens = read_shard(data / "fineweb_val_000000.bin")
+    for name, ids in (("clean", tokens), ("unk", np.where(np.arange(len(tokens)) % 500 == 7, sp.unk_id(), tokens))):
+        write_shard(tmp_path / f"{name}_val_000000.bin", ids)
+        hp = train_gpt.Hyperparameters(dict(VAL_FILES=str(tmp_path / f"{name}_val_000000.bin"), TOKENIZER_PATH=str(tok),
+                                            VOCAB_SIZE="1024", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64"))
+        lines = []
+        evaluator, _ = train_gpt.load_evaluator(hp, train_gpt.Dist(), lines.append, 1024)
+        warned = [line for line in lines if line.startswith("warning:val_unknown_tokens")]
+        expected = int((evaluator.val.tokens[1:] == sp.unk_id()).sum())
+        assert (name == "unk") == (expected > 0)
+        assert warned == ([f"warning:val_unknown_tokens count:{expected} " + warned[0].split(" ", 2)[2]] if expected else [])
