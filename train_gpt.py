@@ -3422,7 +3422,8 @@ def train_clock_cap(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_fil
                                    trainer.matrix_inputs)
     if reserve >= hp.max_wallclock_seconds:
         raise UserError(f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: leaves no training time after the "
-                        f"Hessians' reserve of {reserve:.1f}s ({source}); raise it or lower GPTQ_CALIBRATION_BATCHES")
+                        f"Hessians' reserve of {reserve:.1f}s ({source}); raise it"
+                        + (" or lower GPTQ_CALIBRATION_BATCHES" if source.startswith("measured") else ""))
     cap_s = hp.max_wallclock_seconds - reserve
     return 1000 * cap_s, f"train_clock_cap:{cap_s:.1f}s gptq_reserve:{reserve:.1f}s reserve_source:{source}"
 
@@ -3835,6 +3836,14 @@ def train_limit(hp: Hyperparameters) -> float:
     return min(hp.max_wallclock_seconds or RULE_SECONDS, RULE_SECONDS)
 
 
+def over_budget_fix(hp: Hyperparameters, reserve_needed: float) -> str:
+    """What keeps the next run's training data inside its budget: a larger reserve under a cap; without a cap
+    (MAX_WALLCLOCK_SECONDS=0, training for the rule's whole time) a cap, as no reserve applies."""
+    if hp.max_wallclock_seconds:
+        return f"lower MAX_WALLCLOCK_SECONDS, or set GPTQ_RESERVE_SECONDS to at least {reserve_needed:.1f}"
+    return f"set MAX_WALLCLOCK_SECONDS (at most {RULE_SECONDS:.0f}): without a cap no reserve is kept for the Hessians"
+
+
 def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, result: dict, code: bytes, run_id: str,
            tokenizer_sha: str, log) -> tuple[Path, dict]:
     """EMA weights -> Hessians (train data, inside the training budget) -> GPTQ -> the artifact, made and written
@@ -3853,8 +3862,8 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
     if not in_budget:  # training data read after the training budget: the score cannot count
         log(f"warning:hessians_outside_budget {data_s:.1f}s > {limit:.0f}s (MAX_WALLCLOCK_SECONDS="
             f"{hp.max_wallclock_seconds}, the rule {RULE_SECONDS:.0f}): final_valid:0 (training ended at "
-            f"{result['train_ms'] / 1000:.1f}s, the Hessians took {hess_s:.1f}s: lower MAX_WALLCLOCK_SECONDS, or set "
-            f"GPTQ_RESERVE_SECONDS to at least {result['reserve_s'] + data_s - limit:.1f})")
+            f"{result['train_ms'] / 1000:.1f}s, the Hessians took {hess_s:.1f}s: "
+            f"{over_budget_fix(hp, result['reserve_s'] + data_s - limit)})")
     # EVAL_ONLY counts the code that wrote it and scores it as valid only where its training kept the budget
     meta = dict(tokenizer_sha256=tokenizer_sha, code_bytes=len(code), train_data_in_budget=int(in_budget))
     # Rank 0 alone quantizes and writes; every rank takes its size and path (ranks could round differently).

@@ -690,3 +690,12 @@ def test_prefetch_keeps_the_batch_order_and_a_new_stream_drops_it(monkeypatch):
     trainer.stream = CountingStream(hp.train_seq_len, offset=50)
     trainer.step(3, 1.0, False)
     assert seen == [0, 1, 2, 50]
+
+
+def test_the_over_budget_hint_fits_the_cap():
+    """A reserve is the fix under a cap; without one (MAX_WALLCLOCK_SECONDS=0) GPTQ_RESERVE_SECONDS does nothing."""
+    capped = train_gpt.Hyperparameters(dict(MAX_WALLCLOCK_SECONDS="240"))
+    assert train_gpt.over_budget_fix(capped, 3.25) == ("lower MAX_WALLCLOCK_SECONDS, or set GPTQ_RESERVE_SECONDS to "
+                                                       "at least 3.2")
+    uncapped = train_gpt.Hyperparameters(dict(MAX_WALLCLOCK_SECONDS="0"))
+    assert train_gpt.over_budget_fix(uncapped, 3.25).startswith("set MAX_WALLCLOCK_SECONDS (at most 600)")
