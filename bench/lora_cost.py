@@ -44,7 +44,8 @@ def rank_cost(starts, ends, hp: train_gpt.Hyperparameters) -> tuple[dict, set]:
             out["passes"] += 1
             out["forward_tokens"] += len(begin) * length
             out["scored"] += int((last - prev).sum())
-            shapes.add((len(begin), length, stepping and grad_begin is None))  # score_docs: with grad where it steps, unless a pass of its own
+            # score_docs: with grad where an update follows, unless that update has a pass of its own
+            shapes.add((len(begin), length, stepping and grad_begin is None))
             if stepping:
                 if grad_begin is not None:  # the step's own pass (score_docs)
                     length = train_gpt.window_len(grad_begin, last, seq_len)
