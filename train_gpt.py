@@ -3450,10 +3450,10 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
     while True:
         # whichever limit binds first ends the schedule: the clock's share or the steps' share of ITERATIONS
         progress = max(clock.ms / cap_ms if cap_ms else 0.0, step / hp.iterations)
-        if hp.num_loops and not looped and progress >= hp.enable_looping_at:
+        done = step >= hp.iterations or past_cap(clock.ms, read_ms, step, cap_ms)
+        if hp.num_loops and not looped and progress >= hp.enable_looping_at and not done:
             looped = True
             log(f"layer_loop:enabled step:{step} progress:{progress:.3f}")
-        done = step >= hp.iterations or past_cap(clock.ms, read_ms, step, cap_ms)
         read_ms = clock.ms
         if done or (hp.val_loss_every and step and step % hp.val_loss_every == 0):
             if queued:
@@ -3481,6 +3481,9 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
         queued = (step, PendingScalar(loss_t), flops_done)
     stop_reason = "wallclock_cap" if step < hp.iterations else "iterations"
     log(f"stopping:{stop_reason} step:{step} train_time:{clock.ms / 1000:.3f}s")
+    if hp.num_loops and not looped:  # exported and scored with the recurrence all the same: say so
+        log(f"warning:loop_never_trained ENABLE_LOOPING_AT={hp.enable_looping_at} was not reached before training "
+            "ended: the model is scored with depth recurrence it never trained with")
     return dict(steps=step, train_ms=clock.ms, stop_reason=stop_reason, val=last_val, warmup_s=warmup_s)
 
 

@@ -225,14 +225,14 @@ def test_warm_up_compiles_the_calibration_forward_before_the_clock(tiny_data, ba
 
 def test_iterations_that_end_before_the_clock_still_run_the_whole_schedule(tiny_data, monkeypatch):
     """With both limits set and ITERATIONS reached long before the clock, the schedule follows the steps: the loop
-    turns on at ENABLE_LOOPING_AT of them and the LR warms down (the clock's share alone left both untouched)."""
+    turns on at ENABLE_LOOPING_AT of them and the LR warms down (the clock's share alone left both untouched). A
+    loop that training ends before is never switched on at the end, and the log warns of it."""
     data, _ = tiny_data
-    hp = train_gpt.Hyperparameters(dict(DEVICE="cpu", NUM_LAYERS="3", MODEL_DIM="32", NUM_HEADS="2",
-                                        NUM_KV_HEADS="1", VOCAB_SIZE="1024", TRAIN_SEQ_LEN="32", LOOP_START="1",
-                                        LOOP_END="1", PARALLEL_RESIDUAL_START="2", ROPE_DIMS="8", XSA_LAST_N="3",
-                                        TRAIN_BATCH_TOKENS="128", ITERATIONS="10", WARMUP_STEPS="0",
-                                        VAL_LOSS_EVERY="2", EMA_DECAY="0", MAX_WALLCLOCK_SECONDS="600",
-                                        DATA_PATH=str(data)))
+    knobs = dict(DEVICE="cpu", NUM_LAYERS="3", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", VOCAB_SIZE="1024",
+                 TRAIN_SEQ_LEN="32", LOOP_START="1", LOOP_END="1", PARALLEL_RESIDUAL_START="2", ROPE_DIMS="8",
+                 XSA_LAST_N="3", TRAIN_BATCH_TOKENS="128", ITERATIONS="10", WARMUP_STEPS="0", VAL_LOSS_EVERY="2",
+                 EMA_DECAY="0", MAX_WALLCLOCK_SECONDS="600", DATA_PATH=str(data))
+    hp = train_gpt.Hyperparameters(knobs)
     dctx = train_gpt.setup_distributed(hp)
     trainer = train_gpt.Trainer(hp, dctx, train_gpt.GPT(hp.model_config()))
     lrs, real_step = [], trainer.step
@@ -254,6 +254,11 @@ def test_iterations_that_end_before_the_clock_still_run_the_whole_schedule(tiny_
     # VAL_LOSS_EVERY=2: the check at step 2 scores the plain order being trained, those from step 4 on the loop
     assert checks.orders == [False, True, True, True, True]
     assert lrs[-1][0] == pytest.approx(train_gpt.lr_multiplier(0.9, hp.warmdown_frac, hp.min_lr))
+    late = train_gpt.Hyperparameters(knobs | dict(ENABLE_LOOPING_AT="0.95"))  # reached only as training ends
+    lines.clear()
+    train_gpt.train(late, dctx, trainer, files, checks, cap_ms, lines.append)
+    assert not any(line.startswith("layer_loop:enabled") for line in lines) and checks.orders[-1]
+    assert [line.split()[0] for line in lines if line.startswith("warning:")] == ["warning:loop_never_trained"]
 
 
 @pytest.mark.parametrize("slow_from", [0, 30, 300])
