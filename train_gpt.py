@@ -3106,6 +3106,9 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
         valid = phase.legal and finite and not broken and in_budget
         log(f"{phase.name} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{secs:.1f}s valid:{int(valid)} "
             f"new_graphs:{compiled_graph_count() - graphs0}")
+        if not finite and phase.reference and final is not None:  # a reference only: the final score stands
+            log(f"warning:reference_not_finite phase:{phase.name} val_bpb:{val_bpb}: dropped, the final score stands")
+            continue
         if not finite:
             raise UserError(f"phase {phase.name} scored val_bpb {val_bpb}: not a score ({divergence_hint(phase, hp)})")
         results[f"{phase.name}_val_bpb"] = val_bpb

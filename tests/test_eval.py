@@ -1,6 +1,7 @@
 """Sliding windows, score-first TTT and SLOT: every target scored once, and legality proven by
 perturbing the future (a method that peeks at unscored targets must fail)."""
 import copy
+import math
 import time
 
 import numpy as np
@@ -203,6 +204,30 @@ def test_sliding_reference_phase_follows_eval_budget(mode, budget, runs_sliding)
         sliding = next(p for p in train_gpt.plan_phases(hp, 32) if p.reference)
         assert train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, sliding, lines.append, 1e-9) is None
         assert lines[-1].startswith("sliding:abandoned after_chunk:2/8 ")
+
+
+def test_a_non_finite_reference_leaves_the_final_score(monkeypatch):
+    """The sliding reference runs after the final phase: if it scores NaN, it is dropped with a warning and the
+    run keeps its final score (a non-finite final phase still stops the run)."""
+    hp = train_gpt.Hyperparameters(EVAL_ENV | {"EVAL_SLIDING": "1", "TTT_BUDGET_STOP": "0"})
+    _, model, tokens, val = setup()
+    real = train_gpt.eval_tokens
+
+    def nan_in(name):
+        def scored(model, val, dctx, hp, phase, *args):
+            out = real(model, val, dctx, hp, phase, *args)
+            if phase.name == name and out is not None:
+                out.nll[0] = float("nan")
+            return out
+        return scored
+    monkeypatch.setattr(train_gpt, "eval_tokens", nan_in("sliding"))
+    lines = []
+    out = train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, lines.append)
+    assert out["final_phase"] == "ttt" and math.isfinite(out["final_val_bpb"]) and "sliding_val_bpb" not in out
+    assert [line.split()[0] for line in lines if line.startswith("warning:")] == ["warning:reference_not_finite"]
+    monkeypatch.setattr(train_gpt, "eval_tokens", nan_in("ttt"))
+    with pytest.raises(train_gpt.UserError, match="phase ttt scored val_bpb nan: not a score"):
+        train_gpt.score_phases(model, 32, val, train_gpt.Dist(), hp, [].append)
 
 
 def test_the_legality_check_counts_against_the_eval_budget(monkeypatch):
