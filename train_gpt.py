@@ -2617,14 +2617,14 @@ def doc_batches(starts: np.ndarray, ends: np.ndarray, size: int, align: int = 1)
     (starts, ends), padded after them with rows without targets (start = end) to aligned_rows: a lone
     document gets one beside it, as a batch of one would compile graphs of its own."""
     batches = [(starts[b], ends[b]) for b in even_batches(np.argsort(starts - ends, kind="stable"), size)]
-    pad = [np.full(aligned_rows(len(s), len(s), size, align) - len(s), s[0]) for s, _ in batches]
+    pad = [np.full(aligned_rows(len(s), size, align) - len(s), s[0]) for s, _ in batches]
     return [(np.append(s, p), np.append(e, p)) for (s, e), p in zip(batches, pad)]
 
 
-def aligned_rows(n: int, at_least: int, cap: int, align: int) -> int:
+def aligned_rows(n: int, cap: int, align: int) -> int:
     """Rows to run for n of them: a multiple of `align` (TTT_LORA_ROW_ALIGN) where `cap` allows, never fewer
-    than `at_least` nor than two."""
-    return max(min(-(-n // align) * align, cap), at_least, 2)
+    than n nor than two."""
+    return max(min(-(-n // align) * align, cap), n, 2)
 
 
 def doc_steps(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
@@ -2654,7 +2654,7 @@ def step_rows(prev: np.ndarray, last: np.ndarray, align: int = 1) -> int:
     n = int((last > prev).sum())
     if not (last[:n] > prev[:n]).all():
         raise RuntimeError("scoring bug: a LoRA batch's documents must come longest first")
-    return aligned_rows(n, n, len(prev), align)
+    return aligned_rows(n, len(prev), align)
 
 
 WINDOW_ALIGN = 64  # a step's padded window length is a multiple of this (the compiled graph is dynamic in it)

@@ -92,7 +92,7 @@ def test_a_batch_drops_each_document_once_it_is_scored(monkeypatch):
 
 
 def test_aligned_rows_are_multiples_of_the_alignment_within_the_batch():
-    assert [train_gpt.aligned_rows(n, n, cap, a) for n, cap, a in
+    assert [train_gpt.aligned_rows(n, cap, a) for n, cap, a in
             [(1, 64, 1), (5, 64, 1), (5, 64, 8), (64, 64, 8), (57, 60, 8), (3, 4, 4), (1, 4, 4)]] == [2, 5, 8, 64, 60, 4, 4]
 
 
