@@ -37,6 +37,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import brotli
 import numpy as np
@@ -239,6 +240,10 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("TTT_LORA_GRAD_CONTEXT", 128, "LoRA TTT: a step whose chunk has more than this many tokens of context "
          "before it updates on the last this many only, in a pass of its own after the chunk is scored with its "
          "whole window (a shorter backward, one more forward and compiled graph); 0 = in the scoring pass", 0),
+    Knob("TTT_LORA_KV_REUSE", False, "LoRA TTT: a chunk's scoring pass runs its own inputs only and reads the keys and "
+         "values of its window's earlier inputs as the passes that scored them computed them (under the adapters "
+         "of their step, with their own windows' context) instead of recomputing the whole window: a fraction of "
+         "the forward tokens, a different computation; each update takes a pass of its own"),
     Knob("ASYM_LOGIT_LR", 1.0, "TTT SGD learning rate of the two AsymLogit caps (their gradient is tiny next to a "
          "weight's: at TTT_LR they would not move)", 0),
     Knob("SLOT", "off", "off | context (fit a per-window delta on already-scored positions) | full (on the "
@@ -1065,11 +1070,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims:
 GATE_WINDOW = 12  # SmearGate and SparseGate read this many leading channels of their input
 
 
-def smear(e: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+def smear(e: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, lam: torch.Tensor,
+          before: torch.Tensor | None = None) -> torch.Tensor:
     """SmearGate: e_t + lam * sigmoid(w . e_t[:GATE_WINDOW]) * e_{t-1} for embeddings e [B,T,d] of
-    tokens idx, except where idx_t is BOS: a document's first token never sees the previous one."""
+    tokens idx, except where idx_t is BOS: a document's first token never sees the previous one. The
+    first token's e_{t-1} is `before` [B,1,d] where given (the input before a chunk), else zero."""
     gate = torch.sigmoid(e[..., :GATE_WINDOW] @ w) * (idx != BOS_ID)
-    return e + lam * gate[..., None] * F.pad(e[:, :-1], (0, 0, 1, 0))
+    prev = F.pad(e[:, :-1], (0, 0, 1, 0)) if before is None else torch.cat((before, e[:, :-1]), 1)
+    return e + lam * gate[..., None] * prev
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -1078,6 +1086,30 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
+
+
+def attention_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                    visible: torch.Tensor) -> torch.Tensor:
+    """Causal attention of a chunk's q [B,T,H,hd] over its own k, v [B,T,Hkv,hd] and the `visible` [S] entries
+    of earlier keys and values [B,S,Hkv,hd] (inputs before the chunk, in any order: RoPE is in the keys)."""
+    T, S, g = q.size(1), past_k.size(1), q.size(2) // k.size(2)
+    own = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    mask = torch.cat((visible.expand(T, S), own), 1)
+    # key heads repeated for their g query heads: with GQA a masked SDPA falls back to the math kernel
+    keys, values = (torch.cat(pair, 1).repeat_interleave(g, 2).transpose(1, 2) for pair in ((past_k, k), (past_v, v)))
+    return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask).transpose(1, 2)
+
+
+class Past(NamedTuple):
+    """What a chunk's pass reads of its document's earlier inputs (TTT_LORA_KV_REUSE): per virtual layer slot
+    their keys (RoPE applied) and values [B,S,Hkv,hd] as a pass computed them, which of the S entries the
+    chunk reads [S], the input before the chunk [B] (SmearGate) and the chunk's first position in its document
+    (0-dim; at 0 there is no input before it). The same for every row: a batch's documents step together."""
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    visible: torch.Tensor
+    lead: torch.Tensor
+    start: torch.Tensor
 
 
 def pinned_attention(*backends):
@@ -1183,7 +1215,10 @@ class GPT(nn.Module):
         y = F.linear(x, self.w(role, i))
         return y if lora is None else lora(f"{role}{slot}", x, y)
 
-    def _attention(self, i: int, x: torch.Tensor, cos, sin, tap, lora=None, slot=0) -> torch.Tensor:
+    def _attention(self, i: int, x: torch.Tensor, cos, sin, tap, lora=None, slot=0, past: Past | None = None,
+                   fresh: list | None = None) -> torch.Tensor:
+        """Attention of layer i at virtual slot `slot`; after `past`'s entries for that slot where given,
+        with this pass's own keys and values appended to `fresh`."""
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -1195,7 +1230,11 @@ class GPT(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rope(rms_norm(q), cos, sin, self.rope_dims) * self.q_gain[i].to(q.dtype)[:, None]
         k = apply_rope(rms_norm(k), cos, sin, self.rope_dims)
-        y = self.attention(q, k, v)
+        if past is None:
+            y = self.attention(q, k, v)
+        else:
+            y = attention_after(q, k, v, past.keys[slot], past.values[slot], past.visible)
+            fresh.append((k, v))
         if i >= cfg.num_layers - cfg.xsa_last_n:
             y = xsa(y.reshape(B, T, Hkv, H // Hkv, hd), v)
         if self.attn_gate is not None:
@@ -1215,7 +1254,8 @@ class GPT(nn.Module):
             tap(("mlp_act", i), h)
         return F.linear(h, self.w("down", i))
 
-    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin, tap, lora=None, slot=0) -> torch.Tensor:
+    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin, tap, lora=None, slot=0,
+               past: Past | None = None, fresh: list | None = None) -> torch.Tensor:
         # Autocast runs the matmuls in bf16; the gains are cast to the residual stream's dtype
         # (RESIDUAL_DTYPE) so that float32 gains do not promote a bf16 stream back to float32.
         attn_scale, mlp_scale = self.attn_scale[i].to(x.dtype), self.mlp_scale[i].to(x.dtype)
@@ -1224,7 +1264,7 @@ class GPT(nn.Module):
             x = mix[0] * x + mix[1] * x0
         s = self.ln_scales[i]
         attn_in = rms_norm(x) * s
-        attn = attn_scale * self._attention(i, attn_in, cos, sin, tap, lora, slot)
+        attn = attn_scale * self._attention(i, attn_in, cos, sin, tap, lora, slot, past, fresh)
         parallel = 0 <= self.cfg.parallel_residual_start <= i  # GPT-J style: both read the same input
         x = x + attn
         mlp_in = attn_in if parallel else rms_norm(x) * s
@@ -1239,19 +1279,23 @@ class GPT(nn.Module):
             and torch.get_autocast_dtype(device.type) == torch.bfloat16
         return torch.bfloat16 if bf16 else torch.float32
 
-    def hidden(self, idx: torch.Tensor, looped: bool, tap=None, lora: LoRA | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, looped: bool, tap=None, lora: LoRA | None = None, past: Past | None = None):
         """Final normed hidden states [B,T,d]; looped = with depth recurrence. tap(key, x), if given,
-        sees the input of every matrix multiply (GPTQ's Hessians); lora adapts each row of the batch."""
+        sees the input of every matrix multiply (GPTQ's Hessians); lora adapts each row of the batch. With
+        `past`, idx continues those earlier inputs: returns (hidden states, ((keys, values) per slot)) for
+        the next chunk's Past."""
         T = idx.size(1)
-        freqs = torch.outer(torch.arange(T, device=idx.device, dtype=torch.float32), self.inv_freq)
+        pos = torch.arange(T, device=idx.device, dtype=torch.float32)
+        freqs = torch.outer(pos if past is None else pos + past.start, self.inv_freq)
         cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
         e = self.tok_emb(idx)
         if self.smear_w is not None:
-            e = smear(e, idx, self.smear_w.to(e.dtype), self.smear_lambda.to(e.dtype))
+            before = None if past is None else self.tok_emb(past.lead)[:, None] * (past.start > 0).to(e.dtype)
+            e = smear(e, idx, self.smear_w.to(e.dtype), self.smear_lambda.to(e.dtype), before)
         x = x0 = rms_norm(e).to(self.residual_dtype(idx.device))
         order = self.cfg.layer_order(looped)
         n_enc = len(order) // 2
-        skips = []
+        skips, fresh = [], None if past is None else []
         for j, i in enumerate(order):
             if j >= n_enc and skips:
                 k = j - n_enc
@@ -1261,10 +1305,10 @@ class GPT(nn.Module):
                     x = g * x + (1 - g) * w
                 else:
                     x = x + w
-            x = self._block(i, x, x0, cos, sin, tap, lora, j)
+            x = self._block(i, x, x0, cos, sin, tap, lora, j, past, fresh)
             if j < n_enc:
                 skips.append(x)
-        return rms_norm(x)
+        return rms_norm(x) if past is None else (rms_norm(x), tuple(fresh))
 
     def logits(self, h: torch.Tensor, lora: LoRA | None = None) -> torch.Tensor:
         logits = F.linear(h, self.tok_emb.weight)
@@ -2468,18 +2512,20 @@ def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device, looped: 
     """The model's hidden states in the layer order given (per-document adapted with a LoRA), compiled per
     EVAL_COMPILE with the batch and length dims dynamic: one graph without the LoRA (windows of every phase,
     and documents once the budget stopped the adapting; the weights frozen in both), one with the LoRA and
-    grad and, for TTT_LORA_GRAD_CONTEXT's scoring passes, one with the LoRA without grad."""
-    def hidden(x, lora=None):
-        return model.hidden(x, looped=looped, lora=lora)
+    grad and, for TTT_LORA_GRAD_CONTEXT's scoring passes, one with the LoRA without grad (TTT_LORA_KV_REUSE: one
+    reading a Past instead)."""
+    def hidden(x, lora=None, past=None):
+        return model.hidden(x, looped=looped, lora=lora, past=past)
     if not eval_compiles(hp, device):
         return hidden
     configure_inductor()  # as training compiles: an EVAL_ONLY run builds the kernels that a training run's eval does
     compiled = torch.compile(hidden, fullgraph=True)
 
-    def dynamic_hidden(x, lora=None):
-        torch._dynamo.mark_dynamic(x, 0)
+    def dynamic_hidden(x, lora=None, past=None):
+        for t in (x,) + (() if past is None else past.keys + past.values + (past.lead,)):
+            torch._dynamo.mark_dynamic(t, 0)
         torch._dynamo.maybe_mark_dynamic(x, 1)
-        return compiled(x, lora)
+        return compiled(x, lora, past)
     return dynamic_hidden
 
 
@@ -2503,7 +2549,8 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         if log is not None:
             log(f"ttt_lora rank:{hp.ttt_lora_rank} targets:{','.join(lora_targets(hp))} lr:{hp.ttt_lora_lr} "
                 f"chunk:{hp.ttt_lora_chunk} steps:{hp.ttt_lora_steps} batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} "
-                f"global_chunks:{len(chunks)} global_chunk_tokens:{lora_chunk_tokens(hp, dctx.world_size)}")
+                f"global_chunks:{len(chunks)} global_chunk_tokens:{lora_chunk_tokens(hp, dctx.world_size)} "
+                f"kv_reuse:{int(hp.ttt_lora_kv_reuse)}")
     else:
         ends = window_ends(len(val.tokens), phase.seq_len, phase.stride)
         prev = np.concatenate(([0], ends[:-1]))
@@ -2675,16 +2722,25 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
     the mean NLL of its chunk, whose targets are all scored now (read with less context where
     TTT_LORA_GRAD_CONTEXT says so: grad_window). A finished document leaves the batch (step_rows): the
     longest documents come first and take the most steps, so the live rows are always the batch's first
-    ones and row i keeps adapter row i. Without lora (TTT stopped by the budget) nothing trains."""
+    ones and row i keeps adapter row i. Without lora (TTT stopped by the budget) nothing trains. With
+    TTT_LORA_KV_REUSE a chunk's pass reads its window's earlier inputs from a KVRing."""
+    ring = KVRing(model, hp.ttt_lora_docs, phase.seq_len, phase.looped, tokens.device) \
+        if hp.ttt_lora_kv_reuse and lora is not None else None
     for s, e in doc_batches(starts, ends, hp.ttt_lora_docs, hp.ttt_lora_row_align):
         opt = None
         if lora is not None:
             lora.reset()
             params = list(lora.parameters())
             opt = torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS, weight_decay=LORA_WD)
+        if ring is not None:
+            ring.reset()
         for begin, prev, last, stepping, grad_begin in step_plan(s, e, hp, lora is not None, phase.seq_len):
-            nll, scored = score_doc_chunk(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora,
-                                          grad=stepping and grad_begin is None)
+            if ring is None:
+                nll, scored = score_doc_chunk(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora,
+                                              grad=stepping and grad_begin is None)
+            else:  # the chunk's inputs alone, its window's earlier ones from the ring; the update has its own pass
+                nll, scored = score_doc_chunk(model, ring.reader(hidden, tokens, s[:len(prev)], begin, prev, last),
+                                              tokens, prev, prev, last, phase, out, hp, hints, lora, grad=False)
             if grad_begin is not None:  # the step reads less context than the score: a pass of its own
                 nll, scored = chunk_nll(model, hidden, tokens, grad_begin, prev, last, phase.seq_len, lora, True)[:2]
             if stepping:
@@ -2692,6 +2748,46 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
                 for p, g in zip(params, torch.autograd.grad(loss, params)):
                     p.grad = g
                 opt.step()
+
+
+class KVRing:
+    """TTT_LORA_KV_REUSE: per virtual layer slot, the keys and values that a LoRA batch's scoring passes computed
+    for its documents' inputs; entry p % entries holds document position p (score_docs keeps seq_len of them: a
+    window reaches back less), the same position in every row: a batch's running documents step together."""
+
+    def __init__(self, model: GPT, rows: int, entries: int, looped: bool, device: torch.device):
+        cfg = model.cfg
+        dtype = torch.bfloat16 if device.type == "cuda" else model.tok_emb.weight.dtype  # what autocast computes
+        shape, slots = (rows, entries, cfg.num_kv_heads, cfg.head_dim), len(cfg.layer_order(looped))
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(slots)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(slots)]
+        self.held = torch.full((entries,), -1, dtype=torch.long, device=device)  # the position in each entry
+
+    def reset(self):
+        self.held.fill_(-1)
+
+    def reader(self, hidden, tokens: torch.Tensor, s: np.ndarray, begin: np.ndarray, prev: np.ndarray,
+               last: np.ndarray):
+        """`hidden` for a step's chunks alone (inputs prev..last-1 of documents starting at s), reading the
+        positions of their windows before them (begin..prev-1) from the ring and writing theirs to it."""
+        n, dev, cap = len(prev), tokens.device, self.held.numel()
+        live, start, first = last > prev, prev - s, begin - s
+        if not ((start[live] == start[0]).all() and (first[live] == first[0]).all()):
+            raise RuntimeError("scoring bug: a LoRA batch's documents must step together")
+        start, first, count = int(start[0]), int(first[0]), int((last - prev).max())
+        past = Past(tuple(k[:n] for k in self.keys), tuple(v[:n] for v in self.values),
+                    (self.held >= first) & (self.held < start), tokens[on_device(np.maximum(prev - 1, 0), dev)],
+                    on_device(np.array(start), dev))
+
+        def run(x, lora=None):
+            h, fresh = hidden(x, lora, past)
+            at = on_device((start + np.arange(count)) % cap, dev)
+            for (k, v), keys, values in zip(fresh, self.keys, self.values):
+                keys[:n].index_copy_(1, at, k[:, :count])
+                values[:n].index_copy_(1, at, v[:, :count])
+            self.held.index_copy_(0, at, on_device(start + np.arange(count), dev))
+            return h
+        return run
 
 
 def grad_window(begin: np.ndarray, prev: np.ndarray, hp: Hyperparameters) -> np.ndarray | None:
@@ -2712,7 +2808,10 @@ def step_plan(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
         n = step_rows(prev, last, hp.ttt_lora_row_align)
         begin, prev, last = begin[:n], prev[:n], last[:n]
         stepping = adapting and j + 1 < len(steps)
-        yield begin, prev, last, stepping, grad_window(begin, prev, hp) if stepping else None
+        own = grad_window(begin, prev, hp) if stepping else None
+        if stepping and own is None and hp.ttt_lora_kv_reuse:  # the scoring pass reads the ring: not one to step on
+            own = begin
+        yield begin, prev, last, stepping, own
 
 
 def chunk_nll(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev: np.ndarray, last: np.ndarray,

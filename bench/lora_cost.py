@@ -39,7 +39,8 @@ def rank_cost(starts, ends, hp: train_gpt.Hyperparameters) -> tuple[dict, set]:
     seq_len = hp.eval_seq_len
     for s, e in train_gpt.doc_batches(starts, ends, hp.ttt_lora_docs, hp.ttt_lora_row_align):
         for begin, prev, last, stepping, grad_begin in train_gpt.step_plan(s, e, hp, True, seq_len):
-            length = train_gpt.window_len(begin, last, seq_len)
+            # TTT_LORA_KV_REUSE: a scoring pass runs the chunk's inputs alone (its window's others are read, not run)
+            length = train_gpt.window_len(prev if hp.ttt_lora_kv_reuse else begin, last, seq_len)
             out["steps"] += 1
             out["passes"] += 1
             out["forward_tokens"] += len(begin) * length

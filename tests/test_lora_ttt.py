@@ -265,12 +265,100 @@ def test_documents_score_the_same_alone_or_in_a_batch():
     assert (together.nll[t] - frozen.nll[t]).abs().max() > 1e-3  # the adapters did train
 
 
-@pytest.mark.parametrize("tilt,grad_context", [(False, 0), (True, 0), (True, 5), (False, 8), (False, 20)])
-def test_lora_ttt_passes_the_future_perturbation_check(tilt, grad_context):
+@pytest.mark.parametrize("tilt,grad_context,reuse", [(False, 0, 0), (True, 0, 0), (True, 5, 0), (False, 8, 0),
+                                                      (False, 20, 0), (False, 0, 1), (True, 5, 1), (False, 20, 1)])
+def test_lora_ttt_passes_the_future_perturbation_check(tilt, grad_context, reuse):
     hp, model, tokens, val = lora_setup(NGRAM_TILT=str(int(tilt)), NGRAM_ORDER="3", NGRAM_THRESHOLD="0.3",
-                                        TTT_LORA_GRAD_CONTEXT=str(grad_context))
+                                        TTT_LORA_GRAD_CONTEXT=str(grad_context), TTT_LORA_KV_REUSE=str(reuse))
     ph = train_gpt.Phase("ttt", 32, 8, ttt=True, lora=True, tilt=tilt)
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, ph)
+
+
+def lora_scores(tokens: np.ndarray, **env) -> torch.Tensor:
+    """Every target's NLL from the LoRA TTT phase over this stream (the tiny model, LORA_ENV and env)."""
+    hp, model, _, _ = lora_setup(**env)
+    val = train_gpt.ValSet.from_lut(tokens, train_gpt.ByteLUT(np.ones(64, np.int32), np.zeros(64, bool),
+                                                                np.arange(64) < 4))
+    scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase())
+    assert (scores.count == 1).all()
+    return scores.nll
+
+
+def test_kv_reuse_scores_documents_inside_one_window_as_recomputing_it():
+    """TTT_LORA_KV_REUSE, adapters that do not move: where every window of a document starts at its BOS (at most
+    EVAL_SEQ_LEN - TTT_LORA_CHUNK = 24 targets), the ring holds the keys and values the whole window's pass
+    computes, so the scores are the same. Adapters that train: first chunks the same (before any step), later
+    ones not (their earlier inputs' keys came from older adapters)."""
+    tokens = doc_stream([24, 20, 17, 24, 9, 3, 22])
+    first = np.concatenate([np.arange(s, min(s + 8, e)) for s, e in zip(*train_gpt.doc_spans(tokens))])
+    frozen = {r: lora_scores(tokens, TTT_LR="0", TTT_LORA_LR="0", TTT_LORA_KV_REUSE=r) for r in "01"}
+    torch.testing.assert_close(frozen["1"], frozen["0"], rtol=0, atol=1e-9)
+    trained = {r: lora_scores(tokens, TTT_LR="0", TTT_LORA_KV_REUSE=r) for r in "01"}
+    torch.testing.assert_close(trained["1"][first], trained["0"][first], rtol=0, atol=1e-9)
+    assert (trained["1"] - trained["0"]).abs().max() > 1e-3 and (trained["1"] - frozen["1"]).abs().max() > 1e-3
+
+
+def test_kv_reuse_keeps_what_long_documents_windows_read(monkeypatch):
+    """Documents several windows long: the ring's seq_len entries are overwritten as a document goes on; a ring
+    four times larger (never overwritten) scores the same, up to the rounding of the keys' other order in the
+    attention's sums. Each window reads its own span of earlier keys:
+    a window that read every earlier input of its document scores otherwise."""
+    tokens, env = doc_stream([150, 120, 90, 20]), dict(TTT_LR="0", TTT_LORA_KV_REUSE="1")
+    ring = lora_scores(tokens, **env)
+    real = train_gpt.KVRing
+    monkeypatch.setattr(train_gpt, "KVRing", lambda model, rows, entries, *a: real(model, rows, 4 * entries, *a))
+    torch.testing.assert_close(lora_scores(tokens, **env), ring, rtol=0, atol=1e-5)
+    reader = real.reader
+    monkeypatch.setattr(real, "reader", lambda self, hidden, tokens, s, begin, *a: reader(self, hidden, tokens, s, s, *a))
+    assert (lora_scores(tokens, **env) - ring).abs().max() > 1e-3
+
+
+def test_kv_reuse_adapters_learn_a_repeated_document():
+    tokens = np.concatenate(([1], np.tile(np.array([9, 33, 17, 52, 41, 8, 60]), 40))).astype(np.uint16)
+    frozen = lora_scores(tokens, TTT_LR="0", TTT_LORA_LR="0", TTT_LORA_KV_REUSE="1")
+    adapted = lora_scores(tokens, TTT_LR="0", TTT_LORA_LR="0.02", TTT_LORA_KV_REUSE="1")
+    assert adapted[-100:].mean() < frozen[-100:].mean() - 0.05
+
+
+def test_compiled_kv_reuse_scores_like_eager_in_few_graphs():
+    """EVAL_COMPILE=1 with TTT_LORA_KV_REUSE (inductor, here on CPU): the pass that reads the ring takes every
+    chunk position and length without a graph of its own (the position is a tensor, rows and length are
+    dynamic) and scores like the eager one; the ring wraps in the longer documents."""
+    from torch._dynamo.utils import counters
+    tokens = doc_stream([300, 260, 200, 150, 90, 40])
+    starts, ends = train_gpt.doc_spans(tokens)
+    _, model, _, _ = setup(cfg=COMPILE_CFG)
+    cpu, n, ph = torch.device("cpu"), len(tokens) - 1, train_gpt.Phase("ttt", 128, 64, ttt=True, lora=True)
+    outs, graphs = {}, {}
+    torch._dynamo.reset()
+    for flag in ("0", "1"):
+        hp = train_gpt.Hyperparameters(LORA_ENV | dict(EVAL_COMPILE=flag, TTT_LORA_CHUNK="16", TTT_LORA_STEPS="2",
+                                                       TTT_LORA_KV_REUSE="1"))
+        out = outs[flag] = train_gpt.TokenScores.zeros(n, cpu)
+        counters.clear()
+        train_gpt.score_docs(model, train_gpt.eval_forward(model, hp, cpu, True), torch.from_numpy(tokens.astype(np.int64)),
+                             starts, ends, ph, out, hp, None, train_gpt.LoRA(model.cfg, 3, 4, cpu))
+        graphs[flag] = counters["stats"]["unique_graphs"]
+    assert graphs["0"] == 0 and 2 <= graphs["1"] <= 4  # the ring's pass, the update's (a size guard may split it)
+    assert (outs["1"].count == 1).all()
+    torch.testing.assert_close(outs["1"].nll, outs["0"].nll, rtol=0, atol=2e-4)
+
+
+def test_a_ring_holding_the_chunks_own_keys_fails_the_check(monkeypatch):
+    """KV reuse that writes a chunk's keys to the ring before its scoring pass reads the ring: each target then
+    sees later inputs of its chunk (the targets themselves). The check must catch it."""
+    hp, model, tokens, val = lora_setup(TTT_LR="0", TTT_LORA_KV_REUSE="1")
+    real = train_gpt.KVRing.reader
+
+    def peeking(self, hidden, tokens, s, begin, prev, last):
+        write = real(self, hidden, tokens, s, begin, prev, last)
+
+        def run(x, lora=None):
+            write(x, lora)  # the chunk's own keys and values into the ring
+            return real(self, hidden, tokens, s, begin, last, last)(x, lora)  # then read with them visible
+        return run
+    monkeypatch.setattr(train_gpt.KVRing, "reader", peeking)
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase()) is False
 
 
 def test_an_update_with_less_context_scores_first_chunks_alike_and_still_trains():
@@ -525,7 +613,8 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
     padded tokens that the LoRA phase really runs (here counted inside eval_tokens) on the same val stream,
     with the update in the scoring pass or (TTT_LORA_GRAD_CONTEXT) in a shorter pass of its own."""
     knobs = dict(a="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=0",
-                 c="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=40")
+                 c="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=40",
+                 r="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=40 TTT_LORA_KV_REUSE=1")
     real_score, real_nll, real_step = train_gpt.score_doc_chunk, train_gpt.chunk_nll, torch.optim.AdamW.step
     rng = np.random.default_rng(5)
     tokens = rng.integers(4, 64, size=1201).astype(np.uint16)
@@ -533,7 +622,7 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
     val = train_gpt.ValSet.from_lut(tokens, train_gpt.ByteLUT(np.ones(64, np.int32), np.zeros(64, bool),
                                                               np.arange(64) < 4))
     model, env, seen = setup()[1], dict(TTT_LR="0", TTT_LORA_PHASE_TOKENS="600", EVAL_SEQ_LEN="256"), {}
-    for name in ("a", "c"):
+    for name in knobs:
         hp = train_gpt.Hyperparameters(LORA_ENV | env | dict(kv.split("=") for kv in knobs[name].split()))
         count = seen[name] = dict.fromkeys(("steps", "passes", "forward_tokens", "backward_tokens", "updates"), 0)
         grad_work, shapes = [], set()  # the latest pass with grad: the one an update backpropagates through
@@ -572,8 +661,11 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
     res = launcher.run(env, "bench/lora_cost.py", [f"{k} {v}" for k, v in knobs.items()] + ["b TTT_LORA_CHUNK=32 TTT_LORA_STEPS=4"])
     assert res.returncode == 0, res.stderr[-2000:]
     lines = {ln.split()[0]: dict(kv.split(":") for kv in ln.split()[1:]) for ln in res.stdout.splitlines()}
-    for name in ("a", "c"):
+    for name in knobs:
         assert {k: int(lines[f"variant:{name}"][k]) for k in seen[name]} == seen[name]
+    # KV reuse: each update in a pass of its own, the scoring passes over the chunks alone
+    assert seen["r"]["passes"] == seen["r"]["steps"] + seen["r"]["updates"] and seen["r"]["steps"] == seen["a"]["steps"]
+    assert seen["r"]["forward_tokens"] < seen["c"]["forward_tokens"]
     a, b = lines["variant:a"], lines["variant:b"]
     assert int(a["scored"]) == len(tokens) - 1 and int(a["docs"]) == len(train_gpt.doc_spans(tokens)[0])
     assert int(b["steps"]) < int(a["steps"])  # larger chunks: fewer steps
@@ -645,17 +737,19 @@ def test_lora_cost_counts_the_busiest_rank_of_each_chunk(tmp_path, launcher):
     assert bad.returncode == 2 and bad.stderr.strip() == "error: variant 'b TTT_LORA_DOC=4': TTT_LORA_DOC is not a knob (TTT_LORA_DOCS?)"
 
 
-def test_primed_eval_compiles_nothing_after_training():
+@pytest.mark.parametrize("reuse", ["0", "1"])
+def test_primed_eval_compiles_nothing_after_training(reuse):
     """prime_eval (EVAL_COMPILE=1, inductor on CPU) scores a made-up stream with a copy of one model; every
     phase of another model's eval (roundtrip, LoRA TTT with its own update passes, the sliding reference; LoRA TTT
     scoring on after the budget stopped its adapting) builds no graph: on a GPU that is the compile time taken off
-    the eval clock. The primed model and the RNG are left as they were."""
+    the eval clock. The primed model and the RNG are left as they were. With TTT_LORA_KV_REUSE the scoring passes
+    read the ring (a graph of their own) instead of running the LoRA without grad."""
     lengths = [400, 300, 260, 200, 150, 90, 40]  # the sliding phase's pace chunks: two windows or more each
     tokens = doc_stream(lengths)
     val = train_gpt.ValSet(tokens, np.ones(len(tokens) - 1, dtype=np.int32), "test")
     hp = train_gpt.Hyperparameters(LORA_ENV | dict(EVAL_COMPILE="1", EVAL_SEQ_LEN="256", EVAL_STRIDE="64",
                                                    TTT_LORA_CHUNK="16", TTT_LORA_STEPS="2", TTT_LORA_GRAD_CONTEXT="32",
-                                                   NGRAM_TILT="1"))
+                                                   NGRAM_TILT="1", TTT_LORA_KV_REUSE=reuse))
     primed, scored = randomized(COMPILE_CFG), randomized(COMPILE_CFG)
     with torch.no_grad():
         for p in scored.parameters():
@@ -665,6 +759,7 @@ def test_primed_eval_compiles_nothing_after_training():
     lines = []
     assert train_gpt.prime_eval(primed, 256, train_gpt.Dist(), hp, lines.append) > 0
     # three graphs: windows and budget-stopped documents share the one without the LoRA; with it, grad and none
+    # (or the ring's)
     assert int(lines[0].split("graphs:")[1].split()[0]) == 3 and torch.equal(torch.get_rng_state(), rng)
     priming_s, compile_ms = float(lines[0].split()[1][5:-1]), int(lines[0].split("compile_ms:")[1].split()[0])
     assert 0 < compile_ms <= 1000 * priming_s  # its graph builds, inside the priming's time
