@@ -243,7 +243,8 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("TTT_LORA_KV_REUSE", False, "LoRA TTT: a chunk's scoring pass runs its own inputs only and reads the keys and "
          "values of its window's earlier inputs as the passes that scored them computed them (under the adapters "
          "of their step, with their own windows' context) instead of recomputing the whole window: a fraction of "
-         "the forward tokens, a different computation; each update takes a pass of its own"),
+         "the forward tokens, a different computation. The updates step on it at TTT_LORA_GRAD_CONTEXT=0 (the gradient "
+         "through the chunk's inputs only), else on their own pass over that context, recomputed"),
     Knob("ASYM_LOGIT_LR", 1.0, "TTT SGD learning rate of the two AsymLogit caps (their gradient is tiny next to a "
          "weight's: at TTT_LR they would not move)", 0),
     Knob("SLOT", "off", "off | context (fit a per-window delta on already-scored positions) | full (on the "
@@ -2735,12 +2736,11 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
         if ring is not None:
             ring.reset()
         for begin, prev, last, stepping, grad_begin in step_plan(s, e, hp, lora is not None, phase.seq_len):
-            if ring is None:
-                nll, scored = score_doc_chunk(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora,
-                                              grad=stepping and grad_begin is None)
-            else:  # the chunk's inputs alone, its window's earlier ones from the ring; the update has its own pass
-                nll, scored = score_doc_chunk(model, ring.reader(hidden, tokens, s[:len(prev)], begin, prev, last),
-                                              tokens, prev, prev, last, phase, out, hp, hints, lora, grad=False)
+            run, first = hidden, begin
+            if ring is not None:  # the chunk's inputs alone: its window's earlier ones are read from the ring
+                run, first = ring.reader(hidden, tokens, s[:len(prev)], begin, prev, last), prev
+            nll, scored = score_doc_chunk(model, run, tokens, first, prev, last, phase, out, hp, hints, lora,
+                                          grad=stepping and grad_begin is None)
             if grad_begin is not None:  # the step reads less context than the score: a pass of its own
                 nll, scored = chunk_nll(model, hidden, tokens, grad_begin, prev, last, phase.seq_len, lora, True)[:2]
             if stepping:
@@ -2782,9 +2782,9 @@ class KVRing:
         def run(x, lora=None):
             h, fresh = hidden(x, lora, past)
             at = on_device((start + np.arange(count)) % cap, dev)
-            for (k, v), keys, values in zip(fresh, self.keys, self.values):
-                keys[:n].index_copy_(1, at, k[:, :count])
-                values[:n].index_copy_(1, at, v[:, :count])
+            for (k, v), keys, values in zip(fresh, self.keys, self.values):  # constants for later passes
+                keys[:n].index_copy_(1, at, k[:, :count].detach())
+                values[:n].index_copy_(1, at, v[:, :count].detach())
             self.held.index_copy_(0, at, on_device(start + np.arange(count), dev))
             return h
         return run
@@ -2809,8 +2809,8 @@ def step_plan(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
         begin, prev, last = begin[:n], prev[:n], last[:n]
         stepping = adapting and j + 1 < len(steps)
         own = grad_window(begin, prev, hp) if stepping else None
-        if stepping and own is None and hp.ttt_lora_kv_reuse:  # the scoring pass reads the ring: not one to step on
-            own = begin
+        if stepping and own is None and hp.ttt_lora_kv_reuse and hp.ttt_lora_grad_context:
+            own = begin  # a scoring pass that reads the ring holds no graph of the context the update is to read
         yield begin, prev, last, stepping, own
 
 
