@@ -1280,14 +1280,17 @@ class GPT(nn.Module):
             and torch.get_autocast_dtype(device.type) == torch.bfloat16
         return torch.bfloat16 if bf16 else torch.float32
 
-    def hidden(self, idx: torch.Tensor, looped: bool, tap=None, lora: LoRA | None = None, past: Past | None = None):
+    def hidden(self, idx: torch.Tensor, looped: bool, tap=None, lora: LoRA | None = None,
+               past: Past | None = None) -> torch.Tensor | tuple[torch.Tensor, tuple]:
         """Final normed hidden states [B,T,d]; looped = with depth recurrence. tap(key, x), if given,
         sees the input of every matrix multiply (GPTQ's Hessians); lora adapts each row of the batch. With
         `past`, idx continues those earlier inputs: returns (hidden states, ((keys, values) per slot)) for
         the next chunk's Past."""
         T = idx.size(1)
         pos = torch.arange(T, device=idx.device, dtype=torch.float32)
-        freqs = torch.outer(pos if past is None else pos + past.start, self.inv_freq)
+        # a chunk's positions run as far as its document: float64 keeps their angles exact enough
+        freqs = torch.outer(pos, self.inv_freq) if past is None else \
+            torch.outer(pos.double() + past.start, self.inv_freq.double())
         cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
         e = self.tok_emb(idx)
         if self.smear_w is not None:
@@ -2513,8 +2516,8 @@ def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device, looped: 
     """The model's hidden states in the layer order given (per-document adapted with a LoRA), compiled per
     EVAL_COMPILE with the batch and length dims dynamic: one graph without the LoRA (windows of every phase,
     and documents once the budget stopped the adapting; the weights frozen in both), one with the LoRA and
-    grad and, for TTT_LORA_GRAD_CONTEXT's scoring passes, one with the LoRA without grad (TTT_LORA_KV_REUSE: one
-    reading a Past instead)."""
+    grad and, for TTT_LORA_GRAD_CONTEXT's scoring passes, one with the LoRA without grad. TTT_LORA_KV_REUSE: the
+    scoring passes read a Past, without grad and (TTT_LORA_GRAD_CONTEXT=0, the updates' pass) with it."""
     def hidden(x, lora=None, past=None):
         return model.hidden(x, looped=looped, lora=lora, past=past)
     if not eval_compiles(hp, device):
@@ -2526,6 +2529,10 @@ def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device, looped: 
         for t in (x,) + (() if past is None else past.keys + past.values + (past.lead,)):
             torch._dynamo.mark_dynamic(t, 0)
         torch._dynamo.maybe_mark_dynamic(x, 1)
+        if past is not None:  # the ring's filled length
+            for t in past.keys + past.values:
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+            torch._dynamo.maybe_mark_dynamic(past.visible, 0)
         return compiled(x, lora, past)
     return dynamic_hidden
 
@@ -2736,10 +2743,10 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
         if ring is not None:
             ring.reset()
         for begin, prev, last, stepping, grad_begin in step_plan(s, e, hp, lora is not None, phase.seq_len):
-            run, first = hidden, begin
+            run, inputs_from = hidden, begin
             if ring is not None:  # the chunk's inputs alone: its window's earlier ones are read from the ring
-                run, first = ring.reader(hidden, tokens, s[:len(prev)], begin, prev, last), prev
-            nll, scored = score_doc_chunk(model, run, tokens, first, prev, last, phase, out, hp, hints, lora,
+                run, inputs_from = ring.reader(hidden, tokens, s[:len(prev)], begin, prev, last), prev
+            nll, scored = score_doc_chunk(model, run, tokens, inputs_from, prev, last, phase, out, hp, hints, lora,
                                           grad=stepping and grad_begin is None)
             if grad_begin is not None:  # the step reads less context than the score: a pass of its own
                 nll, scored = chunk_nll(model, hidden, tokens, grad_begin, prev, last, phase.seq_len, lora, True)[:2]
@@ -2758,34 +2765,52 @@ class KVRing:
     def __init__(self, model: GPT, rows: int, entries: int, looped: bool, device: torch.device):
         cfg = model.cfg
         dtype = torch.bfloat16 if device.type == "cuda" else model.tok_emb.weight.dtype  # what autocast computes
-        shape, slots = (rows, entries, cfg.num_kv_heads, cfg.head_dim), len(cfg.layer_order(looped))
+        # one spare entry, never used: a view of all entries would be contiguous, a graph of its own to torch.compile
+        shape, slots = (rows, entries + 1, cfg.num_kv_heads, cfg.head_dim), len(cfg.layer_order(looped))
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(slots)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(slots)]
         self.held = torch.full((entries,), -1, dtype=torch.long, device=device)  # the position in each entry
+        self.pending = None
 
     def reset(self):
         self.held.fill_(-1)
+        self.pending = None
+
+    def commit(self):
+        """Write the last pass's keys and values (detached: constants for later passes). Not at the pass itself:
+        its update's backward may still read the ring."""
+        if self.pending is None:
+            return
+        fresh, n, start, count = self.pending
+        self.pending, dev, cap = None, self.held.device, self.held.numel()
+        at = on_device((start + np.arange(count)) % cap, dev)
+        for (k, v), keys, values in zip(fresh, self.keys, self.values):
+            if k.dtype != keys.dtype:
+                raise RuntimeError(f"KVRing holds {keys.dtype}, the pass computed {k.dtype}")
+            keys[:n].index_copy_(1, at, k)
+            values[:n].index_copy_(1, at, v)
+        self.held.index_copy_(0, at, on_device(start + np.arange(count), dev))
 
     def reader(self, hidden, tokens: torch.Tensor, s: np.ndarray, begin: np.ndarray, prev: np.ndarray,
                last: np.ndarray):
         """`hidden` for a step's chunks alone (inputs prev..last-1 of documents starting at s), reading the
-        positions of their windows before them (begin..prev-1) from the ring and writing theirs to it."""
+        positions of their windows before them (begin..prev-1) from the ring; each call leaves the chunks' keys
+        and values for the ring (commit, at the next reader)."""
+        self.commit()
         n, dev, cap = len(prev), tokens.device, self.held.numel()
         live, start, first = last > prev, prev - s, begin - s
         if not ((start[live] == start[0]).all() and (first[live] == first[0]).all()):
             raise RuntimeError("scoring bug: a LoRA batch's documents must step together")
         start, first, count = int(start[0]), int(first[0]), int((last - prev).max())
-        past = Past(tuple(k[:n] for k in self.keys), tuple(v[:n] for v in self.values),
-                    (self.held >= first) & (self.held < start), tokens[on_device(np.maximum(prev - 1, 0), dev)],
-                    on_device(np.array(start), dev))
+        # until the ring wraps, entry p holds position p: the attention reads the filled part (a dynamic length)
+        used = cap if start >= cap else min(cap, max(WINDOW_ALIGN, -(-start // WINDOW_ALIGN) * WINDOW_ALIGN))
+        past = Past(tuple(k[:n, :used] for k in self.keys), tuple(v[:n, :used] for v in self.values),
+                    ((self.held >= first) & (self.held < start))[:used],
+                    tokens[on_device(np.maximum(prev - 1, 0), dev)], on_device(np.array(start), dev))
 
         def run(x, lora=None):
             h, fresh = hidden(x, lora, past)
-            at = on_device((start + np.arange(count)) % cap, dev)
-            for (k, v), keys, values in zip(fresh, self.keys, self.values):  # constants for later passes
-                keys[:n].index_copy_(1, at, k[:, :count].detach())
-                values[:n].index_copy_(1, at, v[:, :count].detach())
-            self.held.index_copy_(0, at, on_device(start + np.arange(count), dev))
+            self.pending = [(k[:, :count].detach(), v[:, :count].detach()) for k, v in fresh], n, start, count
             return h
         return run
 
@@ -2810,7 +2835,9 @@ def step_plan(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
         stepping = adapting and j + 1 < len(steps)
         own = grad_window(begin, prev, hp) if stepping else None
         if stepping and own is None and hp.ttt_lora_kv_reuse and hp.ttt_lora_grad_context:
-            own = begin  # a scoring pass that reads the ring holds no graph of the context the update is to read
+            # a scoring pass that reads the ring holds no graph of the context the update is to read (on a batch's
+            # first chunk, no context: the same inputs again, rather than one more compiled graph)
+            own = begin
         yield begin, prev, last, stepping, own
 
 
@@ -3107,8 +3134,9 @@ def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, pha
     if log is not None:
         log(f"legality_check phase:{phase.name} points:{','.join(map(str, points))}")
 
-    def scores(v: ValSet) -> torch.Tensor:
-        return eval_tokens(model.replica(reproducible_attention), v, dctx, eager, phase).nll
+    def scores(v: ValSet) -> torch.Tensor:  # the ring's attention (TTT_LORA_KV_REUSE) calls SDPA itself: pinned too
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+            return eval_tokens(model.replica(reproducible_attention), v, dctx, eager, phase).nll
     with deterministic_kernels():
         first = scores(val)
         for p in points:

@@ -27,9 +27,12 @@ def doc_stream(lengths: list[int]) -> np.ndarray:
     return tokens
 
 
-def lora_setup(**env):
-    _, model, tokens, val = setup()
+def lora_setup(cfg=None, **env):
+    _, model, tokens, val = setup(cfg=cfg)
     return train_gpt.Hyperparameters(LORA_ENV | env), model, tokens, val
+
+
+GATED = small_cfg(smear_gate=True, attn_gate=True)  # SmearGate reads the input before a chunk: KV reuse passes it in
 
 
 def test_doc_spans_hold_every_target_once():
@@ -268,20 +271,49 @@ def test_documents_score_the_same_alone_or_in_a_batch():
 @pytest.mark.parametrize("tilt,grad_context,reuse", [(False, 0, 0), (True, 0, 0), (True, 5, 0), (False, 8, 0),
                                                       (False, 20, 0), (False, 0, 1), (True, 5, 1), (False, 20, 1)])
 def test_lora_ttt_passes_the_future_perturbation_check(tilt, grad_context, reuse):
-    hp, model, tokens, val = lora_setup(NGRAM_TILT=str(int(tilt)), NGRAM_ORDER="3", NGRAM_THRESHOLD="0.3",
-                                        TTT_LORA_GRAD_CONTEXT=str(grad_context), TTT_LORA_KV_REUSE=str(reuse))
+    hp, model, tokens, val = lora_setup(GATED if reuse else None, NGRAM_TILT=str(int(tilt)), NGRAM_ORDER="3",
+                                        NGRAM_THRESHOLD="0.3", TTT_LORA_GRAD_CONTEXT=str(grad_context),
+                                        TTT_LORA_KV_REUSE=str(reuse))
     ph = train_gpt.Phase("ttt", 32, 8, ttt=True, lora=True, tilt=tilt)
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, ph)
 
 
-def lora_scores(tokens: np.ndarray, **env) -> torch.Tensor:
-    """Every target's NLL from the LoRA TTT phase over this stream (the tiny model, LORA_ENV and env)."""
-    hp, model, _, _ = lora_setup(**env)
+def lora_scores(tokens: np.ndarray, cfg=GATED, **env) -> torch.Tensor:
+    """Every target's NLL from the LoRA TTT phase over this stream (the tiny model with its gates, LORA_ENV and env)."""
+    hp, model, _, _ = lora_setup(cfg, **env)
     val = train_gpt.ValSet.from_lut(tokens, train_gpt.ByteLUT(np.ones(64, np.int32), np.zeros(64, bool),
                                                                 np.arange(64) < 4))
     scores = train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, lora_phase())
     assert (scores.count == 1).all()
     return scores.nll
+
+
+def test_a_chunk_after_its_past_computes_what_the_whole_sequence_does():
+    """GPT.hidden with a Past (every gate, the loops): a chunk after the keys and values that a pass over the
+    inputs before it returned gives the hidden states of one pass over both, with SmearGate reading the input
+    before the chunk (none at position 0, as at a sequence's start); the ring's entries in any order."""
+    model = randomized(GATED)
+    x = torch.randint(4, 64, (2, 40))
+    slots, (Hkv, hd) = len(GATED.layer_order(True)), (GATED.num_kv_heads, GATED.model_dim // GATED.num_heads)
+    P, T, S = 24, 16, 32
+
+    def past(keys, values, visible, lead, start):
+        return train_gpt.Past(tuple(keys), tuple(values), visible, lead, torch.tensor(start))
+    with torch.no_grad():
+        whole = model.hidden(x, looped=True)
+        empty = [torch.zeros(2, S, Hkv, hd)] * slots
+        h, fresh = model.hidden(x[:, :P], True, past=past(empty, empty, torch.zeros(S, dtype=torch.bool), x[:, 0], 0))
+        torch.testing.assert_close(h, whole[:, :P], rtol=0, atol=1e-5)
+        order = torch.randperm(S)  # entry order[i] holds position i
+        keys, values = [torch.zeros(2, S, Hkv, hd) for _ in fresh], [torch.zeros(2, S, Hkv, hd) for _ in fresh]
+        for (k, v), K, V in zip(fresh, keys, values):
+            K[:, order[:P]], V[:, order[:P]] = k, v
+        visible = torch.zeros(S, dtype=torch.bool)
+        visible[order[:P]] = True
+        h, _ = model.hidden(x[:, P:P + T], True, past=past(keys, values, visible, x[:, P - 1], P))
+        torch.testing.assert_close(h, whole[:, P:P + T], rtol=0, atol=1e-5)
+        h, _ = model.hidden(x[:, P:P + T], True, past=past(keys, values, visible, x[:, 0], P))  # another lead
+        assert (h[:, 0] - whole[:, P]).abs().max() > 1e-3
 
 
 def test_kv_reuse_scores_documents_inside_one_window_as_recomputing_it():
@@ -290,11 +322,12 @@ def test_kv_reuse_scores_documents_inside_one_window_as_recomputing_it():
     computes, so the scores are the same. Adapters that train: first chunks the same (before any step), later
     ones not (their earlier inputs' keys came from older adapters)."""
     tokens = doc_stream([24, 20, 17, 24, 9, 3, 22])
+    tokens[0] = 7  # a stream that starts inside a document: its first input has no input before it either way
     first = np.concatenate([np.arange(s, min(s + 8, e)) for s, e in zip(*train_gpt.doc_spans(tokens))])
     frozen = {r: lora_scores(tokens, TTT_LR="0", TTT_LORA_LR="0", TTT_LORA_KV_REUSE=r) for r in "01"}
-    torch.testing.assert_close(frozen["1"], frozen["0"], rtol=0, atol=1e-9)
+    torch.testing.assert_close(frozen["1"], frozen["0"], rtol=0, atol=1e-5)  # RoPE's angles rounded apart
     trained = {r: lora_scores(tokens, TTT_LR="0", TTT_LORA_KV_REUSE=r) for r in "01"}
-    torch.testing.assert_close(trained["1"][first], trained["0"][first], rtol=0, atol=1e-9)
+    torch.testing.assert_close(trained["1"][first], trained["0"][first], rtol=0, atol=1e-5)
     assert (trained["1"] - trained["0"]).abs().max() > 1e-3 and (trained["1"] - frozen["1"]).abs().max() > 1e-3
 
 
@@ -328,27 +361,28 @@ def test_kv_reuse_adapters_learn_a_repeated_document(grad_context):
 def test_compiled_kv_reuse_scores_like_eager_in_few_graphs(grad_context):
     """EVAL_COMPILE=1 with TTT_LORA_KV_REUSE (inductor, here on CPU): the pass that reads the ring takes every
     chunk position and length without a graph of its own (the position is a tensor, rows and length are
-    dynamic) and scores like the eager one; the ring wraps in the longer documents. The updates step on it
-    (with grad) or on a pass of their own."""
+    dynamic, as is the ring's filled part) and scores like the eager one; the ring wraps in the longer documents.
+    The updates step on it (with grad) or on a pass of their own: two graphs."""
     from torch._dynamo.utils import counters
-    tokens = doc_stream([300, 260, 200, 150, 90, 40])
+    tokens = doc_stream([600, 520, 300, 150, 90, 40])
     starts, ends = train_gpt.doc_spans(tokens)
     _, model, _, _ = setup(cfg=COMPILE_CFG)
-    cpu, n, ph = torch.device("cpu"), len(tokens) - 1, train_gpt.Phase("ttt", 128, 64, ttt=True, lora=True)
+    cpu, n, ph = torch.device("cpu"), len(tokens) - 1, train_gpt.Phase("ttt", 256, 64, ttt=True, lora=True)
     outs, graphs = {}, {}
     torch._dynamo.reset()
     for flag in ("0", "1"):
         hp = train_gpt.Hyperparameters(LORA_ENV | dict(EVAL_COMPILE=flag, TTT_LORA_CHUNK="16", TTT_LORA_STEPS="2",
-                                                       TTT_LORA_KV_REUSE="1", TTT_LORA_GRAD_CONTEXT=grad_context))
+                                                       TTT_LORA_KV_REUSE="1", TTT_LORA_GRAD_CONTEXT=grad_context,
+                                                       TTT_LORA_LR="0.003"))  # slower: less rounding drift
         out = outs[flag] = train_gpt.TokenScores.zeros(n, cpu)
         counters.clear()
         train_gpt.score_docs(model, train_gpt.eval_forward(model, hp, cpu, True), torch.from_numpy(tokens.astype(np.int64)),
                              starts, ends, ph, out, hp, None, train_gpt.LoRA(model.cfg, 3, 4, cpu))
         graphs[flag] = counters["stats"]["unique_graphs"]
-    assert graphs["0"] == 0 and 2 <= graphs["1"] <= 4  # the ring's pass with and without grad, or without and the
-    # update's own (a size guard may split one)
+    # the ring's pass with and without grad, or without and the update's (a size guard may split small from large)
+    assert graphs["0"] == 0 and 2 <= graphs["1"] <= 3
     assert (outs["1"].count == 1).all()  # later chunks apart by the steps' rounding, as without the ring
-    torch.testing.assert_close(outs["1"].nll, outs["0"].nll, rtol=0, atol=2e-4 if grad_context == "0" else 2e-3)
+    torch.testing.assert_close(outs["1"].nll, outs["0"].nll, rtol=0, atol=2e-3)
 
 
 def test_a_ring_holding_the_chunks_own_keys_fails_the_check(monkeypatch):
@@ -746,8 +780,8 @@ def test_lora_cost_counts_the_busiest_rank_of_each_chunk(tmp_path, launcher):
     assert bad.returncode == 2 and bad.stderr.strip() == "error: variant 'b TTT_LORA_DOC=4': TTT_LORA_DOC is not a knob (TTT_LORA_DOCS?)"
 
 
-@pytest.mark.parametrize("reuse", ["0", "1"])
-def test_primed_eval_compiles_nothing_after_training(reuse):
+@pytest.mark.parametrize("reuse,grad_context", [("0", "32"), ("1", "32"), ("1", "0")])
+def test_primed_eval_compiles_nothing_after_training(reuse, grad_context):
     """prime_eval (EVAL_COMPILE=1, inductor on CPU) scores a made-up stream with a copy of one model; every
     phase of another model's eval (roundtrip, LoRA TTT with its own update passes, the sliding reference; LoRA TTT
     scoring on after the budget stopped its adapting) builds no graph: on a GPU that is the compile time taken off
@@ -757,8 +791,9 @@ def test_primed_eval_compiles_nothing_after_training(reuse):
     tokens = doc_stream(lengths)
     val = train_gpt.ValSet(tokens, np.ones(len(tokens) - 1, dtype=np.int32), "test")
     hp = train_gpt.Hyperparameters(LORA_ENV | dict(EVAL_COMPILE="1", EVAL_SEQ_LEN="256", EVAL_STRIDE="64",
-                                                   TTT_LORA_CHUNK="16", TTT_LORA_STEPS="2", TTT_LORA_GRAD_CONTEXT="32",
-                                                   NGRAM_TILT="1", TTT_LORA_KV_REUSE=reuse))
+                                                   TTT_LORA_CHUNK="16", TTT_LORA_STEPS="2",
+                                                   TTT_LORA_GRAD_CONTEXT=grad_context, NGRAM_TILT="1",
+                                                   TTT_LORA_KV_REUSE=reuse))
     primed, scored = randomized(COMPILE_CFG), randomized(COMPILE_CFG)
     with torch.no_grad():
         for p in scored.parameters():
