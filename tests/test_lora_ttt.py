@@ -269,7 +269,7 @@ def test_documents_score_the_same_alone_or_in_a_batch():
 
 
 @pytest.mark.parametrize("tilt,grad_context,reuse", [(False, 0, 0), (True, 0, 0), (True, 5, 0), (False, 8, 0),
-                                                      (False, 20, 0), (False, 0, 1), (True, 5, 1), (False, 20, 1)])
+                                                      (False, 20, 0), (False, 0, 1), (True, 20, 1)])
 def test_lora_ttt_passes_the_future_perturbation_check(tilt, grad_context, reuse):
     hp, model, tokens, val = lora_setup(GATED if reuse else None, NGRAM_TILT=str(int(tilt)), NGRAM_ORDER="3",
                                         NGRAM_THRESHOLD="0.3", TTT_LORA_GRAD_CONTEXT=str(grad_context),
@@ -336,7 +336,7 @@ def test_kv_reuse_keeps_what_long_documents_windows_read(monkeypatch):
     four times larger (never overwritten) scores the same, up to the rounding of the keys' other order in the
     attention's sums. Each window reads its own span of earlier keys:
     a window that read every earlier input of its document scores otherwise."""
-    tokens, env = doc_stream([150, 120, 90, 20]), dict(TTT_LR="0", TTT_LORA_KV_REUSE="1")
+    tokens, env = doc_stream([100, 70, 20]), dict(TTT_LR="0", TTT_LORA_KV_REUSE="1")
     ring = lora_scores(tokens, **env)
     real = train_gpt.KVRing
     monkeypatch.setattr(train_gpt, "KVRing", lambda model, rows, entries, *a: real(model, rows, 4 * entries, *a))
@@ -780,7 +780,7 @@ def test_lora_cost_counts_the_busiest_rank_of_each_chunk(tmp_path, launcher):
     assert bad.returncode == 2 and bad.stderr.strip() == "error: variant 'b TTT_LORA_DOC=4': TTT_LORA_DOC is not a knob (TTT_LORA_DOCS?)"
 
 
-@pytest.mark.parametrize("reuse,grad_context", [("0", "32"), ("1", "32"), ("1", "0")])
+@pytest.mark.parametrize("reuse,grad_context", [("0", "32"), ("1", "0")])
 def test_primed_eval_compiles_nothing_after_training(reuse, grad_context):
     """prime_eval (EVAL_COMPILE=1, inductor on CPU) scores a made-up stream with a copy of one model; every
     phase of another model's eval (roundtrip, LoRA TTT with its own update passes, the sliding reference; LoRA TTT
