@@ -2782,14 +2782,15 @@ class KVRing:
         if self.pending is None:
             return
         fresh, n, start, count = self.pending
-        self.pending, dev, cap = None, self.held.device, self.held.numel()
-        at = on_device((start + np.arange(count)) % cap, dev)
+        self.pending = None
+        positions = on_device(start + np.arange(count), self.held.device)
+        at = positions % self.held.numel()
         for (k, v), keys, values in zip(fresh, self.keys, self.values):
             if k.dtype != keys.dtype:
                 raise RuntimeError(f"KVRing holds {keys.dtype}, the pass computed {k.dtype}")
             keys[:n].index_copy_(1, at, k)
             values[:n].index_copy_(1, at, v)
-        self.held.index_copy_(0, at, on_device(start + np.arange(count), dev))
+        self.held.index_copy_(0, at, positions)
 
     def reader(self, hidden, tokens: torch.Tensor, s: np.ndarray, begin: np.ndarray, prev: np.ndarray,
                last: np.ndarray):
@@ -2818,10 +2819,12 @@ class KVRing:
 def grad_window(begin: np.ndarray, prev: np.ndarray, hp: Hyperparameters) -> np.ndarray | None:
     """Where the inputs of an adapter step's own pass start: TTT_LORA_GRAD_CONTEXT tokens before each chunk, at
     most the scoring window's; None where no row would lose context (knob 0, or short contexts so far): then
-    the scoring pass is the step's."""
+    the scoring pass is the step's. With TTT_LORA_KV_REUSE every step at a nonzero knob has a pass of its own: a
+    scoring pass that reads the ring holds no graph of the context the update is to read (on a batch's first
+    chunk, no context: the same inputs again, rather than one more compiled graph)."""
     ctx = hp.ttt_lora_grad_context
     start = np.maximum(begin, prev - ctx)
-    return start if ctx and (start > begin).any() else None
+    return start if ctx and (hp.ttt_lora_kv_reuse or (start > begin).any()) else None
 
 
 def step_plan(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool, seq_len: int):
@@ -2833,12 +2836,7 @@ def step_plan(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
         n = step_rows(prev, last, hp.ttt_lora_row_align)
         begin, prev, last = begin[:n], prev[:n], last[:n]
         stepping = adapting and j + 1 < len(steps)
-        own = grad_window(begin, prev, hp) if stepping else None
-        if stepping and own is None and hp.ttt_lora_kv_reuse and hp.ttt_lora_grad_context:
-            # a scoring pass that reads the ring holds no graph of the context the update is to read (on a batch's
-            # first chunk, no context: the same inputs again, rather than one more compiled graph)
-            own = begin
-        yield begin, prev, last, stepping, own
+        yield begin, prev, last, stepping, grad_window(begin, prev, hp) if stepping else None
 
 
 def chunk_nll(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev: np.ndarray, last: np.ndarray,
