@@ -2566,6 +2566,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         spans, n_spans = list(range(len(chunks))), len(chunks)  # chunk c is the stream's span c
     adapter = TTTUpdater(model, hp, dctx) if phase.ttt else None
     pace, hidden = Pace(dctx, n_spans), eval_forward(model, hp, dctx.device, phase.looped)
+    graphs0 = compiled_graph_count()  # each chunk's line counts the graphs compiled since: time that was not scoring
     hints = phase_hints(tokens, phase, hp, log)  # inside the phase's clock: it is part of the evaluation
     for c, (items, lo, hi) in enumerate(chunks):
         mine = rank_share(items, dctx.rank, dctx.world_size, ends[items] - starts[items] if phase.lora else None)
@@ -2589,7 +2590,8 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         if adapter is not None:
             adapter.update(tokens, lo, hi, spans[c], n_spans, out.count)
             if log is not None and (phase.lora or (c + 1) % 10 == 0):
-                log(f"ttt_chunk:{c + 1}/{len(chunks)} time:{pace.elapsed():.1f}s")
+                log(f"ttt_chunk:{c + 1}/{len(chunks)} time:{pace.elapsed():.1f}s "
+                    f"new_graphs:{compiled_graph_count() - graphs0}")
     for t in (out.nll, out.count):
         dctx.all_reduce_sum(t)
     out.nbytes = out.count * torch.from_numpy(val.target_bytes).to(dctx.device)  # a target's bytes, each time scored

@@ -780,6 +780,22 @@ def test_lora_cost_counts_the_busiest_rank_of_each_chunk(tmp_path, launcher):
     assert bad.returncode == 2 and bad.stderr.strip() == "error: variant 'b TTT_LORA_DOC=4': TTT_LORA_DOC is not a knob (TTT_LORA_DOCS?)"
 
 
+def test_chunk_lines_count_the_graphs_compiled_since_the_phase_began(monkeypatch):
+    """Each ttt_chunk line says how many graphs torch.compile built since its phase began (a run stopped mid-phase
+    still shows whether its time went on compiling): here a graph count that grows by one at every reading."""
+    readings = iter(range(100, 10_000))
+    monkeypatch.setattr(train_gpt, "compiled_graph_count", lambda: next(readings))
+    tokens = doc_stream([40, 70, 30, 90, 50, 60])
+    val = train_gpt.ValSet(tokens, np.ones(len(tokens) - 1, dtype=np.int32), "test")
+    hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_PHASE_TOKENS="80"))
+    lines = []
+    train_gpt.eval_tokens(randomized(small_cfg()), val, train_gpt.Dist(), hp, train_gpt.plan_phases(hp, 64)[1],
+                          lines.append)
+    chunk_lines = [line for line in lines if line.startswith("ttt_chunk:")]
+    assert len(chunk_lines) >= 2, lines
+    assert [int(line.rsplit("new_graphs:", 1)[1]) for line in chunk_lines] == list(range(1, len(chunk_lines) + 1))
+
+
 @pytest.mark.parametrize("reuse,grad_context", [("0", "32"), ("1", "0")])
 def test_primed_eval_compiles_nothing_after_training(reuse, grad_context):
     """prime_eval (EVAL_COMPILE=1, inductor on CPU) scores a made-up stream with a copy of one model; every
@@ -813,6 +829,8 @@ def test_primed_eval_compiles_nothing_after_training(reuse, grad_context):
     phases = [line for line in lines if " val_bpb:" in line]
     assert [line.split()[0] for line in phases] == ["roundtrip", "ttt", "sliding"]
     assert all(line.endswith("new_graphs:0") for line in phases), phases
+    chunk_lines = [line for line in lines if line.startswith("ttt_chunk:")]
+    assert chunk_lines and all(line.endswith(" new_graphs:0") for line in chunk_lines), chunk_lines
     graphs, lines = train_gpt.compiled_graph_count(), []  # and TTT scoring on after the budget stopped it
     train_gpt.eval_tokens(scored, val, train_gpt.Dist(), hp, train_gpt.plan_phases(hp, 256)[1], lines.append, 0.0)
     assert any(line.startswith("ttt:updates_stopped after_chunk:2/") for line in lines), lines

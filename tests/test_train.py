@@ -311,7 +311,7 @@ def test_end_to_end_run(tiny_data, tmp_path, launcher):
     text = log.read_text()
     for key in ("hyperparameters:", "train_shards:1", "model_params:", "step:6/6 train_loss:", "gptq_hessians:",
                 "step:3/6 val_loss:", "layer_loop:enabled", "roundtrip val_loss:", "ttt_lora rank:80 ",
-                "global_chunks:4 ", "ttt_chunk:3/4 ", "ttt val_loss:"):
+                "global_chunks:4 ", "ttt_chunk:3/4 ", " new_graphs:0\n", "ttt val_loss:"):
         assert key in text, key
     summary = parse_log(log)
     artifact = tmp_path / "art" / "final_model_e2e.int6.br"
