@@ -27,7 +27,7 @@ from bench.speed import apply_inductor_options, build_trainer, key_value, positi
 
 CLASSES = [  # first match wins
     ("attention", r"flash|fmha|attention|cudnn.*sdpa|sdpa"),
-    ("gemm", r"gemm|sm90_xmma|cutlass|nvjet|matmul|cublas"),
+    ("gemm", r"gemm|sm90_xmma|cutlass|nvjet|matmul|cublas|^aten::(mm|bmm|addmm|baddbmm|linear)$"),  # CPU: ops
     ("comm", r"nccl"),
     ("triton", r"^triton_"),
     ("reduction", r"reduce|norm|softmax|cross_entropy|nll"),

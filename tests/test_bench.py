@@ -1,4 +1,5 @@
 """The speed benchmark runs (tiny, CPU) and prints its fixed line format; bench configs are valid."""
+import dataclasses
 import os
 import re
 import subprocess
@@ -134,7 +135,9 @@ def test_bench_scripts_reject_bad_arguments_before_any_work(launcher):
     for script, args, message in (("speed.py", ["--steps", "0"], "expected a positive integer, got '0'"),
                                   ("speed.py", ["--set", "DEVICE"], "expected KEY=VALUE, got 'DEVICE'"),
                                   ("profile_step.py", ["--set", "DEVICE"], "expected KEY=VALUE, got 'DEVICE'"),
-                                  ("fusions.py", ["--reps", "0"], "expected a positive integer, got '0'")):
+                                  ("fusions.py", ["--reps", "0"], "expected a positive integer, got '0'"),
+                                  ("profile_eval.py", ["--phase", "slot"], "invalid choice: 'slot'"),
+                                  ("profile_eval.py", [], "error: env EVAL_ONLY: expected the path of an artifact")):
         res = bench_script(launcher, script, *args)
         assert res.returncode == 2 and "Traceback" not in res.stderr and message in res.stderr, (script, res.stderr)
 
@@ -333,3 +336,27 @@ def test_artifact_bytes_script_reports_fields_and_both_coders(tmp_path, launcher
     path.write_bytes(b"not an artifact")
     res = launcher.run(dict(os.environ), "bench/artifact_bytes.py", [str(path)])
     assert res.returncode == 2 and res.stderr.strip() == f"error: {path}: not a parameter-golf artifact (bad magic)"
+
+
+def test_eval_profile_reports_the_phases_it_was_asked_for(tiny_data, tmp_path, launcher):
+    """bench/profile_eval.py scores an artifact as EVAL_ONLY does (its log as usual) and profiles the phases named,
+    after the priming: one summary line per phase, its kernel (here op) classes and its top ops, shares of its busy
+    time; a phase not named runs unprofiled."""
+    hp = train_gpt.Hyperparameters(tiny_env(tiny_data, tmp_path))
+    model = train_gpt.GPT(hp.model_config())
+    qstate = train_gpt.quantize_state(model.state_dict(), None, hp.num_layers, 6, 12.85, 8, 20.0)
+    art = tmp_path / "random.br"
+    art.write_bytes(train_gpt.pack_artifact(qstate, dict(model=dataclasses.asdict(model.cfg), train_seq_len=hp.train_seq_len)))
+    env = tiny_env(tiny_data, tmp_path, RUN_ID="prof", EVAL_ONLY=art, EVAL_SLIDING=0, VAL_MAX_TOKENS=1024)
+    res = launcher.run(env, "bench/profile_eval.py", ["--phase", "ttt", "--top", "4"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("profile ")]
+    head = re.fullmatch(r"profile phase:ttt wall_s:([\d.]+) busy_s:([\d.]+) calls:(\d+)", lines[0])
+    assert head and float(head[2]) > 0 and int(head[3]) > 0, lines
+    classes = [line for line in lines if line.startswith("profile class:")]
+    tops = lines[1 + len(classes):]
+    assert len(tops) == 4 and sum(float(line.split("%")[0].split()[1]) for line in tops) <= 100.5, lines
+    assert {line.split()[1].split(":")[1] for line in classes} >= {"gemm", "attention"}, classes
+    assert not any("phase:roundtrip" in line for line in lines)  # run, unprofiled
+    text = (tmp_path / "logs" / "prof.txt").read_text()
+    assert "roundtrip val_loss:" in text and "ttt val_loss:" in text
