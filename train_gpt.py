@@ -244,7 +244,8 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
          "values of its window's earlier inputs as the passes that scored them computed them (under the adapters "
          "of their step, with their own windows' context) instead of recomputing the whole window: a fraction of "
          "the forward tokens, a different computation. The updates step on it at TTT_LORA_GRAD_CONTEXT=0 (the gradient "
-         "through the chunk's inputs only), else on their own pass over that context, recomputed"),
+         "through the chunk's inputs only), else on their own pass over that context, recomputed. Off: on one H100 "
+         "it took longer than recomputing (results/2026-12-07_kv_reuse_h100/)"),
     Knob("ASYM_LOGIT_LR", 1.0, "TTT SGD learning rate of the two AsymLogit caps (their gradient is tiny next to a "
          "weight's: at TTT_LR they would not move)", 0),
     Knob("SLOT", "off", "off | context (fit a per-window delta on already-scored positions) | full (on the "
@@ -3061,7 +3062,8 @@ def perturbation_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters, w
     chunk's update. LoRA: the first target after a global update near the middle and, in the document
     nearest the middle with three chunks (else the one there), a chunk's middle (a score reading later
     targets of its own chunk changes), the first target after the document's second step and, with
-    TTT_LORA_GRAD_CONTEXT, the first target after the first step that updates in a pass of its own."""
+    TTT_LORA_GRAD_CONTEXT, the first target after the first step that updates in a pass of its own; and a late
+    chunk's middle in the longest document, where it is longer than the window."""
     mid = len(tokens) // 2
     if not phase.lora:  # from the windows' real ends: EVAL_SEQ_LEN need not be a multiple of the stride
         ends = window_ends(len(tokens), phase.seq_len, phase.stride)
@@ -3077,6 +3079,13 @@ def perturbation_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters, w
     bounds = [s + chunk_bounds(e - s, hp, True, phase.seq_len) for s, e in zip(starts, ends)]
     movable = [np.minimum(b[1:], e - 1) - b[:-1] for b, e in zip(bounds, ends)]  # not the BOS at e
     usable = [int((m[2:] >= 2).any()) for m in movable]  # a chunk after two steps that the check can straddle
+    # the longest document's last chunk that starts a window or more into it: the window has slid there (and
+    # TTT_LORA_KV_REUSE's ring has wrapped), which the points of a document's first chunks below never reach
+    longest = max(range(len(starts)), key=lambda i: int(ends[i] - starts[i]))
+    b, m = bounds[longest], movable[longest]
+    late = np.flatnonzero((m >= 2) & (b[:-1] - starts[longest] >= phase.seq_len))
+    if len(late):
+        points.add(int(b[late[-1]] + m[late[-1]] // 2))
     d = min(range(len(starts)), key=lambda i: (-usable[i], abs(int(starts[i]) - mid)))
     b, m = bounds[d], movable[d]
     ok = np.flatnonzero(m >= 2)

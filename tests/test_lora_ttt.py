@@ -402,6 +402,34 @@ def test_a_ring_holding_the_chunks_own_keys_fails_the_check(monkeypatch):
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase()) is False
 
 
+def test_the_check_reaches_a_long_documents_late_chunks_where_the_ring_has_wrapped(monkeypatch):
+    """A document longer than the window gets a point in a late chunk, where the window has slid and KV reuse's
+    ring has been overwritten: reuse passes there, and a ring that holds a chunk's own keys only once it has
+    wrapped (every earlier chunk scored legally) fails the check."""
+    tokens = doc_stream([30, 90, 20])
+    val = train_gpt.ValSet(tokens, np.ones(len(tokens) - 1, dtype=np.int32), "test")
+    hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_KV_REUSE="1", TTT_LORA_GRAD_CONTEXT="12"))
+    model, phase = randomized(GATED), lora_phase()
+    points = train_gpt.perturbation_points(tokens, phase, train_gpt.check_knobs(hp, 1), 1)
+    late = [p for p in points if 30 + phase.seq_len < p < 120]  # inside the long document, past a window
+    assert late, points
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, phase)
+    real = train_gpt.KVRing.reader
+
+    def peeking_once_wrapped(self, hidden, tokens, s, begin, prev, last):
+        if int((prev - s)[0]) < self.held.numel():
+            return real(self, hidden, tokens, s, begin, prev, last)
+        write = real(self, hidden, tokens, s, begin, prev, last)
+
+        def run(x, lora=None):
+            write(x, lora)
+            return real(self, hidden, tokens, s, begin, last, last)(x, lora)
+        return run
+    monkeypatch.setattr(train_gpt.KVRing, "reader", peeking_once_wrapped)
+    monkeypatch.setattr(train_gpt, "perturbation_points", lambda *args: late)  # the one that can see it
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, phase) is False
+
+
 def test_an_update_with_less_context_scores_first_chunks_alike_and_still_trains():
     """TTT_LORA_GRAD_CONTEXT: a step's update reads at most that many tokens before its chunk, in a pass of
     its own; the score still reads the whole window. Documents' first chunks (scored before any step) score
