@@ -2,6 +2,7 @@
 tests/fixtures/corpus.jsonl.xz (English prose from Python's stdlib docstrings, made by
 tests/fixtures/make_corpus.py), SentencePiece tokenizers are trained on it once per session, and the
 tiny shard set is cut from it. No test reads ../shared."""
+import dataclasses
 import functools
 import io
 import json
@@ -108,6 +109,17 @@ def tiny_env(tiny_data, tmp_path, **overrides) -> dict:
                ARTIFACT_DIR=str(tmp_path / "art"), DEVICE="cpu", OMP_NUM_THREADS="1")
     env.update({k: str(v) for k, v in overrides.items()})
     return env
+
+
+def random_artifact(env: dict, path: Path) -> Path:
+    """An artifact of an untrained model of env's config (no training run): for tests of what scores a file."""
+    hp = train_gpt.Hyperparameters(env)
+    model = train_gpt.GPT(hp.model_config())
+    qstate = train_gpt.quantize_state(model.state_dict(), None, hp.num_layers, 6, 12.85, 8, 20.0)
+    config = dict(model=dataclasses.asdict(model.cfg), train_seq_len=hp.train_seq_len)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(train_gpt.pack_artifact(qstate, config))
+    return path
 
 
 def run_script(args: list[str], env: dict, timeout=300) -> subprocess.CompletedProcess:

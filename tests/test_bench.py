@@ -1,5 +1,4 @@
 """The speed benchmark runs (tiny, CPU) and prints its fixed line format; bench configs are valid."""
-import dataclasses
 import os
 import re
 import subprocess
@@ -9,7 +8,7 @@ import numpy as np
 import torch
 
 import train_gpt
-from conftest import ROOT, parse_log, run_script, tiny_env
+from conftest import ROOT, parse_log, random_artifact, run_script, tiny_env
 from data.shards import write_shard
 
 TINY = ["DEVICE=cpu", "NUM_LAYERS=3", "MODEL_DIM=64", "NUM_HEADS=4", "NUM_KV_HEADS=2", "TRAIN_BATCH_TOKENS=1024",
@@ -342,11 +341,7 @@ def test_eval_profile_reports_the_phases_it_was_asked_for(tiny_data, tmp_path, l
     """bench/profile_eval.py scores an artifact as EVAL_ONLY does (its log as usual) and profiles the phases named,
     after the priming: one summary line per phase, its kernel (here op) classes and its top ops, shares of its busy
     time; a phase not named runs unprofiled."""
-    hp = train_gpt.Hyperparameters(tiny_env(tiny_data, tmp_path))
-    model = train_gpt.GPT(hp.model_config())
-    qstate = train_gpt.quantize_state(model.state_dict(), None, hp.num_layers, 6, 12.85, 8, 20.0)
-    art = tmp_path / "random.br"
-    art.write_bytes(train_gpt.pack_artifact(qstate, dict(model=dataclasses.asdict(model.cfg), train_seq_len=hp.train_seq_len)))
+    art = random_artifact(tiny_env(tiny_data, tmp_path), tmp_path / "random.br")
     env = tiny_env(tiny_data, tmp_path, RUN_ID="prof", EVAL_ONLY=art, EVAL_SLIDING=0, VAL_MAX_TOKENS=1024)
     res = launcher.run(env, "bench/profile_eval.py", ["--phase", "ttt", "--top", "4"])
     assert res.returncode == 0, res.stderr[-2000:]
