@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run as a script: the repository root, once
     sys.path.insert(0, str(HERE.parent))
 import train_gpt  # noqa: E402
+from bench.eval_sweep import cli  # noqa: E402
 from bench.profile_step import kernel_class  # noqa: E402
 from bench.speed import positive  # noqa: E402
 
@@ -77,20 +78,15 @@ def profiled(eval_tokens, phases: set, top: int, primed: list):
     return run
 
 
-def main(argv=None) -> int:
+def profile(argv: list[str]):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phase", nargs="+", choices=PHASES, default=list(PHASES))
     ap.add_argument("--top", type=positive, default=30)
     args = ap.parse_args(argv)
-    try:
-        hp = train_gpt.Hyperparameters()
-    except train_gpt.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    hp = train_gpt.Hyperparameters()
     if not hp.eval_only:
-        print("error: env EVAL_ONLY: expected the path of an artifact to evaluate (bench/profile_eval.py trains "
-              "nothing)", file=sys.stderr)
-        return 2
+        raise train_gpt.UserError("env EVAL_ONLY: expected the path of an artifact to evaluate (bench/profile_eval.py "
+                                  "trains nothing)")
     primed, prime_eval = [], train_gpt.prime_eval
 
     def prime(*a, **k):  # phases before it (none in EVAL_ONLY) and the priming's own scoring are not profiled
@@ -99,12 +95,11 @@ def main(argv=None) -> int:
         return secs
     train_gpt.prime_eval = prime
     train_gpt.eval_tokens = profiled(train_gpt.eval_tokens, set(args.phase), args.top, primed)
-    try:
-        train_gpt.run(hp)
-    except train_gpt.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    train_gpt.run(hp)
+
+
+def main(argv=None) -> int:
+    return cli(profile, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
