@@ -158,8 +158,8 @@ RUN_KNOBS = [
     Knob("DEVICE", "auto", "auto | cuda | cpu", choices=("auto", "cuda", "cpu")),
     Knob("COMPILE", True, "torch.compile the model on CUDA (0 for debugging; never on CPU)"),
     Knob("COMPILE_CACHE", "", "file of torch.compile's caches: loaded at start where it exists (another machine "
-         "then compiles from it, most of the work skipped), else written at the end of a successful run (delete it "
-         "to renew it); load only files you wrote (they are unpickled); empty = off"),
+         "then compiles from it, most of the work skipped), else written at the end of the run, or as a signal (a time "
+         "limit) stops it (delete it to renew it); load only files you wrote (they are unpickled); empty = off"),
     Knob("ATTN_BACKEND", "auto", "auto (CUDA: FlashAttention 4, else 3, else cuDNN SDPA, by what is importable; "
          "CPU: SDPA) | fa4 | fa3 | sdpa (torch's choice) | sdpa_cudnn",
          choices=("auto", "fa4", "fa3", "sdpa", "sdpa_cudnn")),
@@ -4205,6 +4205,7 @@ def run(hp: Hyperparameters) -> dict:
     for line in describe_environment(hp, dctx, code):
         log(line)
     log(f"run_id:{run_id}")
+    cache_loaded = False
     try:
         cache_loaded = load_compile_cache(hp.compile_cache, log)
         summary = score_only(hp, dctx, log, code) if hp.eval_only else train_and_score(hp, dctx, log, code, run_id)
@@ -4220,6 +4221,11 @@ def run(hp: Hyperparameters) -> dict:
             dist.destroy_process_group()
         return summary
     except BaseException as e:  # the log keeps what happened; main() prints it and exits non-zero
+        if isinstance(e, Interrupted) and dctx.is_main and hp.compile_cache and not cache_loaded:
+            # a run stopped by a time limit still leaves what it compiled to the next; a second signal stops the
+            # save, not the error line
+            with contextlib.suppress(BaseException):
+                save_compile_cache(hp.compile_cache, False, log)
         log.error(f"error:{e}" if isinstance(e, UserError) else f"error:{type(e).__name__}: {e}")
         raise
 

@@ -3,8 +3,10 @@ any compute is spent: one `error:` line, a non-zero exit, nothing already writte
 import errno
 import os
 import re
+import signal
 
 import pytest
+import torch
 
 import train_gpt
 from conftest import parse_log, random_artifact, run_script, tiny_env
@@ -201,6 +203,31 @@ def test_a_loaded_compile_cache_that_lacked_graphs_says_so(tmp_path, monkeypatch
         assert lines[0].startswith("compile_cache:kept ") and f" fxgraph_misses:{misses} " in lines[0], lines
         assert [line.split()[0] for line in lines[1:]] == (["warning:compile_cache_incomplete"] if warned else []), lines
         assert cache.read_bytes() == b"x"
+
+
+def test_a_run_stopped_by_a_signal_keeps_what_it_compiled(tmp_path, monkeypatch):
+    """COMPILE_CACHE: a run that a signal stops (a time limit's SIGTERM) writes the graphs compiled so far, so the
+    next run starts from them; its log still ends in the stop. One that loaded the file keeps it as it was."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # fresh: the graph is compiled here
+
+    def compiles_then_stops(*args):
+        torch.compile(lambda x: x * 3 + 1)(torch.ones(8))
+        raise train_gpt.Interrupted(signal.SIGTERM)
+    monkeypatch.setattr(train_gpt, "score_only", compiles_then_stops)
+    cache = tmp_path / "cc" / "compile.bin"
+    for run in ("stopped", "loaded"):
+        hp = train_gpt.Hyperparameters(dict(DEVICE="cpu", EVAL_ONLY=str(tmp_path / "unread.br"), RUN_ID=run,
+                                            COMPILE_CACHE=str(cache), LOG_DIR=str(tmp_path / "logs")))
+        before = cache.read_bytes() if cache.exists() else None
+        with pytest.raises(train_gpt.Interrupted):
+            train_gpt.run(hp)
+        lines = (tmp_path / "logs" / f"{run}.txt").read_text().splitlines()
+        assert lines[-1] == "error:stopped by SIGTERM", lines[-3:]
+        caches = [line.split()[0] for line in lines if line.startswith("compile_cache:")]
+        if before is None:
+            assert caches == ["compile_cache:saved"] and cache.stat().st_size > 0, caches
+        else:
+            assert caches == ["compile_cache:loaded"] and cache.read_bytes() == before, caches
 
 
 def test_compile_cache_lets_a_fresh_machine_compile_from_the_file(tiny_data, tmp_path, launcher):
