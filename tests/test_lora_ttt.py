@@ -385,20 +385,26 @@ def test_compiled_kv_reuse_scores_like_eager_in_few_graphs(grad_context):
     torch.testing.assert_close(outs["1"].nll, outs["0"].nll, rtol=0, atol=2e-3)
 
 
-def test_a_ring_holding_the_chunks_own_keys_fails_the_check(monkeypatch):
-    """KV reuse that writes a chunk's keys to the ring before its scoring pass reads the ring: each target then
-    sees later inputs of its chunk (the targets themselves). The check must catch it."""
-    hp, model, tokens, val = lora_setup(TTT_LR="0", TTT_LORA_KV_REUSE="1")
-    real = train_gpt.KVRing.reader
-
-    def peeking(self, hidden, tokens, s, begin, prev, last):
+def peeking_reader(real, from_position: int = 0):
+    """KVRing.reader that writes a chunk's own keys and values to the ring before its scoring pass reads it (each
+    target then sees later inputs of its chunk, the targets themselves), for chunks from this document position."""
+    def reader(self, hidden, tokens, s, begin, prev, last):
         write = real(self, hidden, tokens, s, begin, prev, last)
+        if int((prev - s)[0]) < from_position:
+            return write
 
         def run(x, lora=None):
             write(x, lora)  # the chunk's own keys and values into the ring
             return real(self, hidden, tokens, s, begin, last, last)(x, lora)  # then read with them visible
         return run
-    monkeypatch.setattr(train_gpt.KVRing, "reader", peeking)
+    return reader
+
+
+def test_a_ring_holding_the_chunks_own_keys_fails_the_check(monkeypatch):
+    """KV reuse that writes a chunk's keys to the ring before its scoring pass reads the ring. The check must
+    catch it."""
+    hp, model, tokens, val = lora_setup(TTT_LR="0", TTT_LORA_KV_REUSE="1")
+    monkeypatch.setattr(train_gpt.KVRing, "reader", peeking_reader(train_gpt.KVRing.reader))
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, lora_phase()) is False
 
 
@@ -414,18 +420,8 @@ def test_the_check_reaches_a_long_documents_late_chunks_where_the_ring_has_wrapp
     late = [p for p in points if 30 + phase.seq_len < p < 120]  # inside the long document, past a window
     assert late, points
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, phase)
-    real = train_gpt.KVRing.reader
-
-    def peeking_once_wrapped(self, hidden, tokens, s, begin, prev, last):
-        if int((prev - s)[0]) < self.held.numel():
-            return real(self, hidden, tokens, s, begin, prev, last)
-        write = real(self, hidden, tokens, s, begin, prev, last)
-
-        def run(x, lora=None):
-            write(x, lora)
-            return real(self, hidden, tokens, s, begin, last, last)(x, lora)
-        return run
-    monkeypatch.setattr(train_gpt.KVRing, "reader", peeking_once_wrapped)
+    # the ring holds seq_len entries: from that document position on it has wrapped
+    monkeypatch.setattr(train_gpt.KVRing, "reader", peeking_reader(train_gpt.KVRing.reader, phase.seq_len))
     monkeypatch.setattr(train_gpt, "perturbation_points", lambda *args: late)  # the one that can see it
     assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, phase) is False
 
