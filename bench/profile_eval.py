@@ -25,7 +25,7 @@ if str(HERE.parent) not in sys.path:  # run as a script: the repository root, on
     sys.path.insert(0, str(HERE.parent))
 import train_gpt  # noqa: E402
 from bench.eval_sweep import cli  # noqa: E402
-from bench.profile_step import kernel_class  # noqa: E402
+from bench.profile_step import kernel_class, kernel_times  # noqa: E402
 from bench.speed import positive  # noqa: E402
 
 PHASES = ("roundtrip", "sliding", "ttt")
@@ -33,16 +33,13 @@ PHASES = ("roundtrip", "sliding", "ttt")
 
 def op_times(prof, cuda: bool) -> tuple[dict, dict]:
     """Seconds and calls per kernel (CUDA) or per op's self time (CPU) in one profiled phase."""
-    secs, calls = defaultdict(float), defaultdict(int)
     if cuda:
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA and not getattr(ev, "is_user_annotation", False):
-                secs[ev.name] += ev.device_time_total / 1e6
-                calls[ev.name] += 1
-    else:
-        for ev in prof.key_averages():
-            secs[ev.key] += ev.self_cpu_time_total / 1e6
-            calls[ev.key] += ev.count
+        ms, calls, _ = kernel_times(prof, 1)
+        return {k: v / 1000 for k, v in ms.items()}, calls
+    secs, calls = defaultdict(float), defaultdict(int)
+    for ev in prof.key_averages():
+        secs[ev.key] += ev.self_cpu_time_total / 1e6
+        calls[ev.key] += ev.count
     return secs, calls
 
 
