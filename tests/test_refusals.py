@@ -234,7 +234,7 @@ def test_compile_cache_lets_a_fresh_machine_compile_from_the_file(tiny_data, tmp
     """COMPILE_CACHE: a run writes torch.compile's caches to the file; a run whose inductor cache folder is empty
     (a fresh machine) loads it, builds its graphs from it (FX graph cache hits, no misses) and keeps the file as
     it was. A file that is no cache, or a folder that cannot take one, is refused before any compute."""
-    env = tiny_env(tiny_data, tmp_path, RUN_ID="train", TTT_ENABLED=0, EVAL_STRIDE=0, NUM_LAYERS=1, XSA_LAST_N=1,
+    env = tiny_env(tiny_data, tmp_path, TTT_ENABLED=0, EVAL_STRIDE=0, NUM_LAYERS=1, XSA_LAST_N=1,
                    NUM_LOOPS=0, PARALLEL_RESIDUAL_START=-1, SMEAR_GATE=0, ATTN_GATE=0, ASYM_LOGIT=0,
                    SKIP_GATES=0)  # less to compile
     cache = tmp_path / "cc" / "compile.bin"
