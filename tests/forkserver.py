@@ -2,7 +2,8 @@
 """Starts the repository's Python scripts (train_gpt.py, tests/dist_worker.py, bench/*.py) as forked
 children of one process that has already imported torch, torch._dynamo (torch.optim imports it on
 first use) and train_gpt: a fresh `python3 train_gpt.py` spends ~4 s of a tiny CPU run on those
-imports. Each run is still a process of its own: its own environment, working directory,
+imports (and, in a fresh Inductor cache folder, ~9 s more on Inductor's probe of the CPU's vector
+instructions, which the server also runs once). Each run is still a process of its own: its own environment, working directory,
 stdin/stdout/stderr (the caller's, passed over the socket), default signal dispositions, torch thread
 count (OMP_NUM_THREADS) and exit status. train_gpt.py runs as train_gpt.main() of the imported module;
 another script runs as __main__ (runpy), and its `import train_gpt` finds the imported one. With
@@ -234,6 +235,10 @@ def serve(sock_path: str) -> int:
     import torch
     import torch._dynamo  # noqa: F401  (torch.optim imports it on first use: ~2 s)
     import train_gpt  # noqa: F401
+    # Inductor's probe of the CPU's vector instructions (a property of the machine), cached in this process: a run
+    # in a fresh TORCHINDUCTOR_CACHE_DIR would otherwise build its test programs again
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    pick_vec_isa()
     default_threads = torch.get_num_threads()
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
