@@ -2806,8 +2806,7 @@ class KVRing:
         if not ((start[live] == start[0]).all() and (first[live] == first[0]).all()):
             raise RuntimeError("scoring bug: a LoRA batch's documents must step together")
         start, first, count = int(start[0]), int(first[0]), int((last - prev).max())
-        # until the ring wraps, entry p holds position p: the attention reads the filled part (a dynamic length)
-        used = cap if start >= cap else min(cap, max(WINDOW_ALIGN, -(-start // WINDOW_ALIGN) * WINDOW_ALIGN))
+        used = ring_span(start, cap)
         past = Past(tuple(k[:n, :used] for k in self.keys), tuple(v[:n, :used] for v in self.values),
                     ((self.held >= first) & (self.held < start))[:used],
                     tokens[on_device(np.maximum(prev - 1, 0), dev)], on_device(np.array(start), dev))
@@ -2817,6 +2816,12 @@ class KVRing:
             self.pending = [(k[:, :count].detach(), v[:, :count].detach()) for k, v in fresh], n, start, count
             return h
         return run
+
+
+def ring_span(start: int, entries: int) -> int:
+    """How many KVRing entries a chunk at document position `start` reads: until the ring wraps, entry p holds
+    position p, so the filled part rounded up to WINDOW_ALIGN (a dynamic length to the compiled graph); then all."""
+    return entries if start >= entries else min(entries, max(WINDOW_ALIGN, -(-start // WINDOW_ALIGN) * WINDOW_ALIGN))
 
 
 def grad_window(begin: np.ndarray, prev: np.ndarray, hp: Hyperparameters) -> np.ndarray | None:

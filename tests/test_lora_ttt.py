@@ -676,34 +676,44 @@ def test_two_ranks_prime_the_compiled_eval_and_score_like_eager(tiny_data, tmp_p
 def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeypatch):
     """bench/lora_cost.py counts, without a model, the scoring steps, forward passes, adapter updates and
     padded tokens that the LoRA phase really runs (here counted inside eval_tokens) on the same val stream,
-    with the update in the scoring pass or (TTT_LORA_GRAD_CONTEXT) in a shorter pass of its own."""
+    with the update in the scoring pass or (TTT_LORA_GRAD_CONTEXT) in a shorter pass of its own, and the shapes
+    its attention meets (with KV reuse, keys from the ring)."""
     knobs = dict(a="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=0",
                  c="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=40",
                  r="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=40 TTT_LORA_KV_REUSE=1",
                  r0="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=0 TTT_LORA_KV_REUSE=1")
     real_score, real_nll, real_step = train_gpt.score_doc_chunk, train_gpt.chunk_nll, torch.optim.AdamW.step
+    real_after = train_gpt.attention_after
     rng = np.random.default_rng(5)
     tokens = rng.integers(4, 64, size=1201).astype(np.uint16)
     tokens[::300] = 1  # documents long enough for windows of several padded lengths (EVAL_SEQ_LEN=256)
     val = train_gpt.ValSet.from_lut(tokens, train_gpt.ByteLUT(np.ones(64, np.int32), np.zeros(64, bool),
                                                               np.arange(64) < 4))
     model, env, seen = setup()[1], dict(TTT_LR="0", TTT_LORA_PHASE_TOKENS="600", EVAL_SEQ_LEN="256"), {}
+    attended = {}  # the shapes themselves
     for name in knobs:
         hp = train_gpt.Hyperparameters(LORA_ENV | env | dict(kv.split("=") for kv in knobs[name].split()))
         count = seen[name] = dict.fromkeys(("steps", "passes", "forward_tokens", "backward_tokens", "updates"), 0)
-        grad_work, shapes = [], set()  # the latest pass with grad: the one an update backpropagates through
+        grad_work, shapes, keys = [], set(), set()  # the latest pass with grad: the one an update backpropagates through
 
         def score(*args, **kwargs):
             count["steps"] += 1
             return real_score(*args, **kwargs)
 
+        def after(q, k, v, past_k, past_v, visible):  # the ring's attention: its key length
+            keys.add(past_k.size(1) + k.size(1))
+            return real_after(q, k, v, past_k, past_v, visible)
+
         def nll(model, hidden, tokens, begin, prev, last, seq_len, lora, grad):
             count["passes"] += 1
-            work = len(begin) * train_gpt.window_len(begin, last, seq_len)
-            count["forward_tokens"] += work
-            shapes.add((len(begin), train_gpt.window_len(begin, last, seq_len), grad))
-            grad_work[:] = [work] if grad else grad_work
-            return real_nll(model, hidden, tokens, begin, prev, last, seq_len, lora, grad)
+            length = train_gpt.window_len(begin, last, seq_len)
+            count["forward_tokens"] += len(begin) * length
+            grad_work[:] = [len(begin) * length] if grad else grad_work
+            keys.clear()
+            result = real_nll(model, hidden, tokens, begin, prev, last, seq_len, lora, grad)
+            assert len(keys) <= 1  # every layer of a pass reads the same keys
+            shapes.add((len(begin), length, keys.pop() if keys else length, grad))
+            return result
 
         def step(opt, *args, **kwargs):
             count["updates"] += 1
@@ -711,12 +721,13 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
             return real_step(opt, *args, **kwargs)
         monkeypatch.setattr(train_gpt, "score_doc_chunk", score)
         monkeypatch.setattr(train_gpt, "chunk_nll", nll)
+        monkeypatch.setattr(train_gpt, "attention_after", after)
         monkeypatch.setattr(torch.optim.AdamW, "step", step)
         phase = train_gpt.plan_phases(hp, 32)[1]
         assert phase.lora and phase.seq_len == hp.eval_seq_len == 256
         train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, phase)
         monkeypatch.undo()
-        count["shapes"] = len(shapes)
+        count["shapes"], attended[name] = len(shapes), shapes
     assert seen["a"]["steps"] > seen["a"]["updates"] > 10 and seen["a"]["passes"] == seen["a"]["steps"]
     assert seen["c"]["passes"] > seen["c"]["steps"] == seen["a"]["steps"]  # some updates read less context
     assert seen["c"]["backward_tokens"] < seen["a"]["backward_tokens"]
@@ -733,6 +744,8 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
     assert seen["r"]["passes"] == seen["r"]["steps"] + seen["r"]["updates"] and seen["r"]["steps"] == seen["a"]["steps"]
     assert seen["r"]["forward_tokens"] < seen["c"]["forward_tokens"]
     assert seen["r0"]["passes"] == seen["r0"]["steps"] and seen["r0"]["backward_tokens"] < seen["r"]["backward_tokens"]
+    # the ring's filled part grows in steps of its own: passes alike but for their keys are shapes of their own
+    assert len({(rows, n, grad) for rows, n, _, grad in attended["r0"]}) < len(attended["r0"])
     a, b = lines["variant:a"], lines["variant:b"]
     assert int(a["scored"]) == len(tokens) - 1 and int(a["docs"]) == len(train_gpt.doc_spans(tokens)[0])
     assert int(b["steps"]) < int(a["steps"])  # larger chunks: fewer steps
