@@ -196,6 +196,32 @@ def test_untrained_adapters_score_each_target_with_its_documents_context():
         assert abs(scores.nll[t - 1].item() - direct) < 1e-4, t
 
 
+def test_a_gradient_in_another_layout_steps_the_fused_adamw_as_foreach_does():
+    """set_grads hands the fused AdamW of the adapters each gradient in its weight's layout: a transposed gradient
+    (as autograd.grad may return one) steps the weight as the foreach AdamW does with it as it came. Given as it
+    came, torch 2.13's fused step on CPU reads it as if laid out like the weight and moves the wrong elements."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(5, 3), [torch.randn(3, 5).t() for _ in range(3)]  # not in the weight's layout
+    assert not grads[0].is_contiguous()
+    out = {}
+    for fused in (False, True):
+        w = torch.nn.Parameter(start.clone())
+        opt = torch.optim.AdamW([w], lr=0.01, betas=train_gpt.LORA_BETAS, eps=train_gpt.LORA_EPS,
+                                weight_decay=train_gpt.LORA_WD, foreach=not fused, fused=fused)
+        for g in grads:
+            if fused:
+                train_gpt.set_grads([w], (g,))
+                assert w.grad.stride() == w.stride()
+            else:
+                w.grad = g
+            opt.step()
+        out[fused] = w.detach()
+    torch.testing.assert_close(out[True], out[False])
+    same = torch.randn(5, 3)
+    train_gpt.set_grads([w], (same,))
+    assert w.grad is same  # already in the weight's layout: no copy
+
+
 def test_adapters_move_the_scores_and_learn_a_repeated_document():
     """One long document repeating a short phrase: the adapters, trained on the scored chunks, make the
     later repeats cheaper than a frozen model finds them."""

@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""One AdamW step of per-document LoRA adapters, foreach (torch's default) vs fused: ms per step.
+
+usage: python3 results/2026-12-07_lora_adamw_fused/adamw_step.py [--tensors N] [--device cpu|cuda]
+
+The adapters' shapes are the default's (TTT_LORA_DOCS=64 rows, rank 80, model dim 512, 17 virtual layer slots,
+the tied head); --tensors takes the first N of the 172 (all: 445.6M float32 weights), for a machine with less
+memory. LORA_BETAS, LORA_EPS and LORA_WD as train_gpt's LoRA TTT uses them.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import train_gpt  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--tensors", type=int, default=172)
+parser.add_argument("--device", default="cpu")
+parser.add_argument("--steps", type=int, default=5)
+args = parser.parse_args()
+device = torch.device(args.device)
+hp = train_gpt.Hyperparameters({})
+shapes = [p.shape for p in train_gpt.LoRA(hp.model_config(), hp.ttt_lora_docs, hp.ttt_lora_rank, torch.device("meta"),
+                                          train_gpt.lora_targets(hp)).parameters()][:args.tensors]
+torch.manual_seed(0)
+for fused in (False, True):
+    params = [(torch.randn(s, device=device) * 0.01).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=train_gpt.LORA_BETAS, eps=train_gpt.LORA_EPS,
+                            weight_decay=train_gpt.LORA_WD, foreach=not fused, fused=fused)
+    opt.step()  # the moments allocated
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) / args.steps * 1000
+    print(f"adamw:{'fused' if fused else 'foreach'} device:{device.type} tensors:{len(shapes)} "
+          f"weights:{sum(s.numel() for s in shapes)} ms_per_step:{ms:.1f}", flush=True)
