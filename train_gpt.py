@@ -1143,15 +1143,17 @@ class LoRA(nn.Module):
         self.a = nn.ParameterDict({k: nn.Parameter(torch.empty(batch, rank, i, device=device)) for k, (i, o) in dims.items()})
         self.b = nn.ParameterDict({k: nn.Parameter(torch.empty(batch, o, rank, device=device)) for k, (i, o) in dims.items()})
         self.scale = LORA_ALPHA / rank
+        # Every row starts from the same A, drawn once from a fixed seed: a document's scores do not depend on the
+        # batch or row it lands in. Kept on the device: a reset copies from it there, not from the host.
+        g = torch.Generator().manual_seed(LORA_SEED)
+        self.a_init = [((torch.rand(a.shape[1:], generator=g) * 2 - 1) * a.size(-1) ** -0.5).to(device)
+                       for a in self.a.values()]
         self.reset()
 
     @torch.no_grad()
     def reset(self):
-        """Every row starts from the same A, drawn from a fixed seed: a document's scores do not depend
-        on the batch or row it lands in."""
-        g = torch.Generator().manual_seed(LORA_SEED)
-        for a in self.a.values():
-            a.copy_((torch.rand(a.shape[1:], generator=g) * 2 - 1) * a.size(-1) ** -0.5)
+        for a, init in zip(self.a.values(), self.a_init):
+            a.copy_(init)
         for b in self.b.values():
             b.zero_()
 

@@ -196,6 +196,20 @@ def test_untrained_adapters_score_each_target_with_its_documents_context():
         assert abs(scores.nll[t - 1].item() - direct) < 1e-4, t
 
 
+def test_a_reset_gives_every_row_the_same_start_whatever_the_batch():
+    """LoRA.reset after adapters have moved: every row's A is the one drawn from the fixed seed (the same for a
+    batch of another size), every B zero: a document's adapter starts alike in any batch and row."""
+    cfg = small_cfg()
+    lora, other = train_gpt.LoRA(cfg, 3, 4, torch.device("cpu")), train_gpt.LoRA(cfg, 5, 4, torch.device("cpu"))
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.add_(torch.randn_like(p))
+    lora.reset()
+    for key, a in lora.a.items():
+        assert torch.equal(a, other.a[key][:3]) and torch.equal(a[0], a[2]) and a.abs().sum() > 0
+        assert not lora.b[key].any()
+
+
 def test_a_gradient_in_another_layout_steps_the_fused_adamw_as_foreach_does():
     """set_grads hands the fused AdamW of the adapters each gradient in its weight's layout: a transposed gradient
     (as autograd.grad may return one) steps the weight as the foreach AdamW does with it as it came. Given as it
