@@ -2745,7 +2745,7 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
     ones and row i keeps adapter row i. Without lora (TTT stopped by the budget) nothing trains. With
     TTT_LORA_KV_REUSE a chunk's pass reads its window's earlier inputs from a KVRing."""
     ring = KVRing(model, hp.ttt_lora_docs, phase.seq_len, phase.looped, tokens.device) \
-        if hp.ttt_lora_kv_reuse and lora is not None else None
+        if hp.ttt_lora_kv_reuse and lora is not None and len(starts) else None  # a rank may get no document
     for s, e in doc_batches(starts, ends, hp.ttt_lora_docs, hp.ttt_lora_row_align):
         opt = None
         if lora is not None:
