@@ -780,6 +780,13 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
     lines = {ln.split()[0]: dict(kv.split(":") for kv in ln.split()[1:]) for ln in res.stdout.splitlines()}
     for name in knobs:
         assert {k: int(lines[f"variant:{name}"][k]) for k in seen[name]} == seen[name]
+    from bench.lora_cost import rank_cost  # the shapes themselves, not only their number
+    for name in knobs:
+        hp = train_gpt.Hyperparameters(LORA_ENV | env | dict(kv.split("=") for kv in knobs[name].split()))
+        starts, ends = train_gpt.doc_spans(tokens)
+        counted = set().union(*(rank_cost(starts[docs], ends[docs], hp)[1]
+                                for docs, _, _ in train_gpt.doc_chunks(starts, ends, train_gpt.lora_chunk_tokens(hp, 1))))
+        assert counted == attended[name], name
     # KV reuse: the scoring passes over the chunks alone; each update in a pass of its own, or on the scoring pass
     assert seen["r"]["passes"] == seen["r"]["steps"] + seen["r"]["updates"] and seen["r"]["steps"] == seen["a"]["steps"]
     assert seen["r"]["forward_tokens"] < seen["c"]["forward_tokens"]
