@@ -2751,7 +2751,7 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
         if lora is not None:
             lora.reset()
             params = list(lora.parameters())
-            # fused: one pass over each adapter's weights, gradient and moments (the foreach form makes ~7)
+            # fused: one pass over each adapter's weights, gradient and moments (torch's default form makes ~8)
             opt = torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS, weight_decay=LORA_WD,
                                     fused=True)
         if ring is not None:

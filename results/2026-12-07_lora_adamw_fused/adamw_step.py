@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""One AdamW step of per-document LoRA adapters, foreach (torch's default) vs fused: ms per step.
+"""One AdamW step of per-document LoRA adapters in torch's three forms: ms per step.
 
 usage: python3 results/2026-12-07_lora_adamw_fused/adamw_step.py [--tensors N] [--device cpu|cuda]
 
 The adapters' shapes are the default's (TTT_LORA_DOCS=64 rows, rank 80, model dim 512, 17 virtual layer slots,
 the tied head); --tensors takes the first N of the 172 (all: 445.6M float32 weights), for a machine with less
-memory. LORA_BETAS, LORA_EPS and LORA_WD as train_gpt's LoRA TTT uses them.
+memory. LORA_BETAS, LORA_EPS and LORA_WD as train_gpt's LoRA TTT uses them. Forms: default (what torch picks:
+foreach on CUDA, one tensor at a time on CPU), foreach, fused (train_gpt's).
 """
 import argparse
 import sys
@@ -27,12 +28,12 @@ hp = train_gpt.Hyperparameters({})
 shapes = [p.shape for p in train_gpt.LoRA(hp.model_config(), hp.ttt_lora_docs, hp.ttt_lora_rank, torch.device("meta"),
                                           train_gpt.lora_targets(hp)).parameters()][:args.tensors]
 torch.manual_seed(0)
-for fused in (False, True):
+for form in ("default", "foreach", "fused"):
     params = [(torch.randn(s, device=device) * 0.01).requires_grad_() for s in shapes]
     for p in params:
         p.grad = torch.randn_like(p)
     opt = torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=train_gpt.LORA_BETAS, eps=train_gpt.LORA_EPS,
-                            weight_decay=train_gpt.LORA_WD, foreach=not fused, fused=fused)
+                            weight_decay=train_gpt.LORA_WD, foreach=form == "foreach" or None, fused=form == "fused" or None)
     opt.step()  # the moments allocated
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -42,5 +43,5 @@ for fused in (False, True):
     if device.type == "cuda":
         torch.cuda.synchronize()
     ms = (time.perf_counter() - t) / args.steps * 1000
-    print(f"adamw:{'fused' if fused else 'foreach'} device:{device.type} tensors:{len(shapes)} "
+    print(f"adamw:{form} device:{device.type} tensors:{len(shapes)} "
           f"weights:{sum(s.numel() for s in shapes)} ms_per_step:{ms:.1f}", flush=True)
