@@ -5,9 +5,10 @@ first use) and train_gpt: a fresh `python3 train_gpt.py` spends ~4 s of a tiny C
 imports (and, in a fresh Inductor cache folder, ~9 s more on Inductor's probe of the CPU's vector
 instructions, which the server also runs once). Each run is still a process of its own: its own
 environment, working directory, stdin/stdout/stderr (the caller's, passed over the socket), default
-signal dispositions, torch thread count (OMP_NUM_THREADS) and exit status. train_gpt.py runs as train_gpt.main() of the imported module;
-another script runs as __main__ (runpy), and its `import train_gpt` finds the imported one. With
---nproc N the script runs as N ranks with the variables torchrun --standalone sets (gloo on CPU).
+signal dispositions, torch thread count (OMP_NUM_THREADS) and exit status. train_gpt.py runs as
+train_gpt.main() of the imported module; another script runs as __main__ (runpy), and its `import
+train_gpt` finds the imported one. With --nproc N the script runs as N ranks with the variables
+torchrun --standalone sets (gloo on CPU).
 
 usage: python3 tests/forkserver.py serve SOCKET
        python3 tests/forkserver.py run SOCKET [--nproc N] SCRIPT [ARGS...]

@@ -734,7 +734,8 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
     for name in knobs:
         hp = train_gpt.Hyperparameters(LORA_ENV | env | dict(kv.split("=") for kv in knobs[name].split()))
         count = seen[name] = dict.fromkeys(("steps", "passes", "forward_tokens", "backward_tokens", "updates"), 0)
-        grad_work, shapes, keys = [], set(), set()  # the latest pass with grad: the one an update backpropagates through
+        grad_work = []  # the latest pass with grad: the one an update backpropagates through
+        shapes, keys = set(), set()  # the attention's (rows, length, keys, grad); the keys one pass reads
 
         def score(*args, **kwargs):
             count["steps"] += 1
@@ -784,8 +785,8 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
     for name in knobs:
         hp = train_gpt.Hyperparameters(LORA_ENV | env | dict(kv.split("=") for kv in knobs[name].split()))
         starts, ends = train_gpt.doc_spans(tokens)
-        counted = set().union(*(rank_cost(starts[docs], ends[docs], hp)[1]
-                                for docs, _, _ in train_gpt.doc_chunks(starts, ends, train_gpt.lora_chunk_tokens(hp, 1))))
+        chunks = train_gpt.doc_chunks(starts, ends, train_gpt.lora_chunk_tokens(hp, 1))
+        counted = set().union(*(rank_cost(starts[docs], ends[docs], hp)[1] for docs, _, _ in chunks))
         assert counted == attended[name], name
     # KV reuse: the scoring passes over the chunks alone; each update in a pass of its own, or on the scoring pass
     assert seen["r"]["passes"] == seen["r"]["steps"] + seen["r"]["updates"] and seen["r"]["steps"] == seen["a"]["steps"]
