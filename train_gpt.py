@@ -2770,6 +2770,12 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
                 opt.step()
 
 
+def ring_span(start: int, entries: int) -> int:
+    """How many KVRing entries a chunk at document position `start` reads: until the ring wraps, entry p holds
+    position p, so the filled part rounded up to WINDOW_ALIGN (a dynamic length to the compiled graph); then all."""
+    return entries if start >= entries else min(entries, max(WINDOW_ALIGN, -(-start // WINDOW_ALIGN) * WINDOW_ALIGN))
+
+
 class KVRing:
     """TTT_LORA_KV_REUSE: per virtual layer slot, the keys and values that a LoRA batch's scoring passes computed
     for its documents' inputs; entry p % entries holds document position p (score_docs keeps seq_len of them: a
@@ -2826,12 +2832,6 @@ class KVRing:
             self.pending = [(k[:, :count].detach(), v[:, :count].detach()) for k, v in fresh], n, start, count
             return h
         return run
-
-
-def ring_span(start: int, entries: int) -> int:
-    """How many KVRing entries a chunk at document position `start` reads: until the ring wraps, entry p holds
-    position p, so the filled part rounded up to WINDOW_ALIGN (a dynamic length to the compiled graph); then all."""
-    return entries if start >= entries else min(entries, max(WINDOW_ALIGN, -(-start // WINDOW_ALIGN) * WINDOW_ALIGN))
 
 
 def grad_window(begin: np.ndarray, prev: np.ndarray, hp: Hyperparameters) -> np.ndarray | None:

@@ -60,8 +60,9 @@ def rank_cost(starts, ends, hp: train_gpt.Hyperparameters) -> tuple[dict, set]:
     return out, shapes
 
 
-def lora_cost(tokens, hp: train_gpt.Hyperparameters, world_size: int = 1) -> dict:
-    """The counts of eval_tokens' LoRA phase on world_size ranks: per global chunk, the busiest rank's."""
+def lora_cost(tokens, hp: train_gpt.Hyperparameters, world_size: int = 1) -> tuple[dict, list[set]]:
+    """The counts of eval_tokens' LoRA phase on world_size ranks (per global chunk, the busiest rank's), and the
+    attention shapes each rank meets."""
     starts, ends = train_gpt.doc_spans(tokens)
     chunks = train_gpt.doc_chunks(starts, ends, train_gpt.lora_chunk_tokens(hp, world_size))
     out = dict(docs=len(starts), global_chunks=len(chunks)) | dict.fromkeys(COUNTS + ("scored",), 0)
@@ -75,7 +76,7 @@ def lora_cost(tokens, hp: train_gpt.Hyperparameters, world_size: int = 1) -> dic
         out["scored"] += sum(r["scored"] for r, _ in ranks)
         for seen, (_, new) in zip(shapes, ranks):
             seen |= new
-    return out | dict(shapes=max(map(len, shapes)))
+    return out | dict(shapes=max(map(len, shapes))), shapes
 
 
 def costs(argv: list[str]):
@@ -89,7 +90,7 @@ def costs(argv: list[str]):
         if key not in streams:
             files = train_gpt.shard_files(hp.data_path, "val", hp.val_files)
             streams[key] = train_gpt.load_val_tokens(files, hp.vocab_size, hp.val_max_tokens)
-        cost = lora_cost(streams[key], hp, int(raw))
+        cost = lora_cost(streams[key], hp, int(raw))[0]
         print(f"variant:{name} world_size:{raw} tokens:{len(streams[key])} "
               + " ".join(f"{k}:{v}" for k, v in cost.items()), flush=True)
 

@@ -730,9 +730,9 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
     val = train_gpt.ValSet.from_lut(tokens, train_gpt.ByteLUT(np.ones(64, np.int32), np.zeros(64, bool),
                                                               np.arange(64) < 4))
     model, env, seen = setup()[1], dict(TTT_LR="0", TTT_LORA_PHASE_TOKENS="600", EVAL_SEQ_LEN="256"), {}
-    attended = {}  # the shapes themselves
+    attended, hps = {}, {}  # the shapes themselves; each variant's knobs
     for name in knobs:
-        hp = train_gpt.Hyperparameters(LORA_ENV | env | dict(kv.split("=") for kv in knobs[name].split()))
+        hp = hps[name] = train_gpt.Hyperparameters(LORA_ENV | env | dict(kv.split("=") for kv in knobs[name].split()))
         count = seen[name] = dict.fromkeys(("steps", "passes", "forward_tokens", "backward_tokens", "updates"), 0)
         grad_work = []  # the latest pass with grad: the one an update backpropagates through
         shapes, keys = set(), set()  # the attention's (rows, length, keys, grad); the keys one pass reads
@@ -781,13 +781,9 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
     lines = {ln.split()[0]: dict(kv.split(":") for kv in ln.split()[1:]) for ln in res.stdout.splitlines()}
     for name in knobs:
         assert {k: int(lines[f"variant:{name}"][k]) for k in seen[name]} == seen[name]
-    from bench.lora_cost import rank_cost  # the shapes themselves, not only their number
+    from bench.lora_cost import lora_cost  # the shapes themselves, not only their number
     for name in knobs:
-        hp = train_gpt.Hyperparameters(LORA_ENV | env | dict(kv.split("=") for kv in knobs[name].split()))
-        starts, ends = train_gpt.doc_spans(tokens)
-        chunks = train_gpt.doc_chunks(starts, ends, train_gpt.lora_chunk_tokens(hp, 1))
-        counted = set().union(*(rank_cost(starts[docs], ends[docs], hp)[1] for docs, _, _ in chunks))
-        assert counted == attended[name], name
+        assert lora_cost(tokens, hps[name])[1] == [attended[name]], name
     # KV reuse: the scoring passes over the chunks alone; each update in a pass of its own, or on the scoring pass
     assert seen["r"]["passes"] == seen["r"]["steps"] + seen["r"]["updates"] and seen["r"]["steps"] == seen["a"]["steps"]
     assert seen["r"]["forward_tokens"] < seen["c"]["forward_tokens"]
