@@ -114,11 +114,16 @@ def tiny_env(tiny_data, tmp_path, **overrides) -> dict:
 def random_artifact(env: dict, path: Path) -> Path:
     """An artifact of an untrained model of env's config (no training run): for tests of what scores a file."""
     hp = train_gpt.Hyperparameters(env)
-    model = train_gpt.GPT(hp.model_config())
-    qstate = train_gpt.quantize_state(model.state_dict(), None, hp.num_layers, 6, 12.85, 8, 20.0)
-    config = dict(model=dataclasses.asdict(model.cfg), train_seq_len=hp.train_seq_len)
+    return untrained_artifact(hp.model_config(), path, train_seq_len=hp.train_seq_len)
+
+
+def untrained_artifact(cfg, path: Path, model: dict | None = None, **config) -> Path:
+    """An artifact of GPT(cfg) untrained, its config recording `model` as the model's fields (default: cfg's)
+    beside `config`: a file as a run writes it, or one with a field missing, retired or unknown."""
+    qstate = train_gpt.quantize_state(train_gpt.GPT(cfg).state_dict(), None, cfg.num_layers, 6, 12.85, 8, 20.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(train_gpt.pack_artifact(qstate, config))
+    path.write_bytes(train_gpt.pack_artifact(qstate, dict(model=dataclasses.asdict(cfg) if model is None else model)
+                                             | config))
     return path
 
 

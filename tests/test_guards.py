@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train_gpt
+from conftest import untrained_artifact
 from test_model import small_cfg
 
 
@@ -42,11 +43,9 @@ def test_no_clobber_write_without_hard_links(tmp_path, monkeypatch):
 
 
 def artifact(cfg, drop: str, tmp_path, **extra):
-    model = train_gpt.GPT(cfg)
-    qstate = train_gpt.quantize_state(model.state_dict(), None, cfg.num_layers, 6, 12.85, 8, 20.0)
+    """An untrained artifact of cfg whose model config lacks the field `drop` and records `extra` besides."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != drop} | extra
-    path = tmp_path / "a.br"
-    path.write_bytes(train_gpt.pack_artifact(qstate, dict(model=fields)))
+    path = untrained_artifact(cfg, tmp_path / "a.br", model=fields)
     return train_gpt.read_artifact(path) + (path,)
 
 
