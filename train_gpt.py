@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.adamw import adamw
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: compressed model + this file
 RULE_SECONDS = 600.0  # the limit on training and on evaluation: a budget knob may tighten it for validity, not loosen
@@ -2641,11 +2642,29 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
 LORA_BETAS, LORA_EPS, LORA_WD = (0.0, 0.99), 1e-10, 0.5  # AdamW of the per-document adapters
 
 
-def set_grads(params: list[torch.Tensor], grads: tuple[torch.Tensor, ...]):
-    """Each p.grad = g in p's own layout: torch's fused AdamW reads a gradient as if laid out like its weight, so a
-    transposed one (autograd.grad keeps the layout its backward made) would update the wrong elements."""
-    for p, g in zip(params, grads):
-        p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+class RowAdamW:
+    """AdamW of the adapters' first n rows, fused (one pass over each weight, gradient and moments): a batch's
+    live rows are its first ones (score_docs), so a finished document's row is neither read nor written again.
+    The moments live as long as the adapters; reset starts them over with a batch."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float):
+        self.params, self.lr = params, lr
+        self.m, self.v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+        # one count per weight: the fused step advances each count it is given
+        self.counts = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
+
+    @torch.no_grad()
+    def reset(self):
+        for t in self.m + self.v + self.counts:
+            t.zero_()
+
+    @torch.no_grad()
+    def step(self, grads: tuple[torch.Tensor, ...], n: int):
+        """One step of rows 0..n-1 with these full-batch gradients. The fused kernel reads a gradient as if laid
+        out like its weight: a transposed one (autograd.grad keeps the layout its backward made) is copied so."""
+        adamw([p[:n] for p in self.params], [g[:n].contiguous() for g in grads], [m[:n] for m in self.m],
+              [v[:n] for v in self.v], [], self.counts, fused=True, amsgrad=False, beta1=LORA_BETAS[0],
+              beta2=LORA_BETAS[1], lr=self.lr, weight_decay=LORA_WD, eps=LORA_EPS, maximize=False)
 
 
 @contextlib.contextmanager
@@ -2742,18 +2761,15 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
     the mean NLL of its chunk, whose targets are all scored now (read with less context where
     TTT_LORA_GRAD_CONTEXT says so: grad_window). A finished document leaves the batch (step_rows): the
     longest documents come first and take the most steps, so the live rows are always the batch's first
-    ones and row i keeps adapter row i. Without lora (TTT stopped by the budget) nothing trains. With
-    TTT_LORA_KV_REUSE a chunk's pass reads its window's earlier inputs from a KVRing."""
+    ones, row i keeps adapter row i and only live rows step (RowAdamW). Without lora (TTT stopped by the
+    budget) nothing trains. With TTT_LORA_KV_REUSE a chunk's pass reads its window's earlier inputs from a KVRing."""
     ring = KVRing(model, hp.ttt_lora_docs, phase.seq_len, phase.looped, tokens.device) \
         if hp.ttt_lora_kv_reuse and lora is not None and len(starts) else None  # a rank may get no document
+    opt = RowAdamW(list(lora.parameters()), hp.ttt_lora_lr) if lora is not None else None
     for s, e in doc_batches(starts, ends, hp.ttt_lora_docs, hp.ttt_lora_row_align):
-        opt = None
         if lora is not None:
             lora.reset()
-            params = list(lora.parameters())
-            # fused: one pass over each adapter's weights, gradient and moments (torch's default form makes ~8)
-            opt = torch.optim.AdamW(params, lr=hp.ttt_lora_lr, betas=LORA_BETAS, eps=LORA_EPS, weight_decay=LORA_WD,
-                                    fused=True)
+            opt.reset()
         if ring is not None:
             ring.reset()
         for begin, prev, last, stepping, grad_begin in step_plan(s, e, hp, lora is not None, phase.seq_len):
@@ -2766,8 +2782,7 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
                 nll, scored = chunk_nll(model, hidden, tokens, grad_begin, prev, last, phase.seq_len, lora, True)[:2]
             if stepping:
                 loss = ((nll * scored).sum(1) / scored.sum(1).clamp(min=1)).sum()  # per document: rows independent
-                set_grads(params, torch.autograd.grad(loss, params))
-                opt.step()
+                opt.step(torch.autograd.grad(loss, opt.params), len(prev))
 
 
 def ring_span(start: int, entries: int) -> int:

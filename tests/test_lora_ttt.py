@@ -210,30 +210,34 @@ def test_a_reset_gives_every_row_the_same_start_whatever_the_batch():
         assert not lora.b[key].any()
 
 
-def test_a_gradient_in_another_layout_steps_the_fused_adamw_as_foreach_does():
-    """set_grads hands the fused AdamW of the adapters each gradient in its weight's layout: a transposed gradient
-    (as autograd.grad may return one) steps the weight as the foreach AdamW does with it as it came. Given as it
-    came, torch 2.13's fused step on CPU reads it as if laid out like the weight and moves the wrong elements."""
+def test_row_adamw_steps_the_live_rows_as_torch_adamw_does_and_leaves_the_rest():
+    """RowAdamW's steps of rows 0..n-1 (n shrinking as documents finish) move those rows as torch's AdamW moves
+    them stepping every row, and leave the finished rows where they stopped; a reset starts the moments over.
+    Its gradients come transposed, as autograd.grad may return them: torch 2.13's fused step on CPU, given such
+    a gradient as it came, reads it as if laid out like the weight and moves the wrong elements."""
     torch.manual_seed(0)
-    start, grads = torch.randn(5, 3), [torch.randn(3, 5).t() for _ in range(3)]  # not in the weight's layout
+    start = torch.randn(4, 5, 3)
+    grads = [torch.randn(4, 3, 5).transpose(1, 2) for _ in range(4)]  # not in the weight's layout
     assert not grads[0].is_contiguous()
-    out = {}
-    for fused in (False, True):
-        w = torch.nn.Parameter(start.clone())
-        opt = torch.optim.AdamW([w], lr=0.01, betas=train_gpt.LORA_BETAS, eps=train_gpt.LORA_EPS,
-                                weight_decay=train_gpt.LORA_WD, foreach=not fused, fused=fused)
-        for g in grads:
-            if fused:
-                train_gpt.set_grads([w], (g,))
-                assert w.grad.stride() == w.stride()
-            else:
-                w.grad = g
-            opt.step()
-        out[fused] = w.detach()
-    torch.testing.assert_close(out[True], out[False])
-    same = torch.randn(5, 3)
-    train_gpt.set_grads([w], (same,))
-    assert w.grad is same  # already in the weight's layout: no copy
+    rows = (4, 3, 3, 1)
+    w = torch.nn.Parameter(start.clone())
+    opt = train_gpt.RowAdamW([w], lr=0.01)
+    for rep in range(2):  # the second pass after a reset: as from fresh moments
+        with torch.no_grad():
+            w.copy_(start)
+        opt.reset()
+        for g, n in zip(grads, rows):
+            opt.step((g,), n)
+    for r in range(4):
+        ref = torch.nn.Parameter(start[r].clone())
+        torch_opt = torch.optim.AdamW([ref], lr=0.01, betas=train_gpt.LORA_BETAS, eps=train_gpt.LORA_EPS,
+                                      weight_decay=train_gpt.LORA_WD, foreach=True)
+        for g, n in zip(grads, rows):
+            if r < n:  # a live row
+                ref.grad = g[r]
+                torch_opt.step()
+        torch.testing.assert_close(w[r].detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(w[3], start[3]) and not torch.equal(w[3], w[0])  # row 3 stepped once, then left
 
 
 def test_adapters_move_the_scores_and_learn_a_repeated_document():
@@ -722,7 +726,7 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
                  c="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=40",
                  r="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=40 TTT_LORA_KV_REUSE=1",
                  r0="TTT_LORA_CHUNK=16 TTT_LORA_STEPS=4 TTT_LORA_GRAD_CONTEXT=0 TTT_LORA_KV_REUSE=1")
-    real_score, real_nll, real_step = train_gpt.score_doc_chunk, train_gpt.chunk_nll, torch.optim.AdamW.step
+    real_score, real_nll, real_step = train_gpt.score_doc_chunk, train_gpt.chunk_nll, train_gpt.RowAdamW.step
     real_after = train_gpt.attention_after
     rng = np.random.default_rng(5)
     tokens = rng.integers(4, 64, size=1201).astype(np.uint16)
@@ -763,7 +767,7 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
         monkeypatch.setattr(train_gpt, "score_doc_chunk", score)
         monkeypatch.setattr(train_gpt, "chunk_nll", nll)
         monkeypatch.setattr(train_gpt, "attention_after", after)
-        monkeypatch.setattr(torch.optim.AdamW, "step", step)
+        monkeypatch.setattr(train_gpt.RowAdamW, "step", step)
         phase = train_gpt.plan_phases(hp, 32)[1]
         assert phase.lora and phase.seq_len == hp.eval_seq_len == 256
         train_gpt.eval_tokens(model, val, train_gpt.Dist(), hp, phase)
