@@ -70,7 +70,7 @@ def test_a_lora_global_update_reads_only_its_scored_documents(monkeypatch):
 
 def adapter_steps(tokens, env, monkeypatch) -> dict[tuple[int, int, int], torch.Tensor]:
     """{(step, row, last target read): that row's adapters after the step} for every adapter step."""
-    real_plan, real_step, plan, out = train_gpt.step_plan, torch.optim.AdamW.step, [], {}
+    real_plan, real_step, plan, out = train_gpt.step_plan, train_gpt.RowAdamW.step, [], {}
 
     def step_plan(*args):
         for st in real_plan(*args):
@@ -82,11 +82,11 @@ def adapter_steps(tokens, env, monkeypatch) -> dict[tuple[int, int, int], torch.
         _, prev, last, _, _ = plan[-1]
         for row in np.flatnonzero(last > prev):
             out[(len(plan) - 1, int(row), int(last[row]))] = torch.cat(
-                [p.detach()[row].reshape(-1).clone() for p in opt.param_groups[0]["params"]])
+                [p.detach()[row].reshape(-1).clone() for p in opt.params])
         return res
     with monkeypatch.context() as m:
         m.setattr(train_gpt, "step_plan", step_plan)
-        m.setattr(torch.optim.AdamW, "step", step)
+        m.setattr(train_gpt.RowAdamW, "step", step)
         score(tokens, env, train_gpt.Phase("ttt", 32, 8, ttt=True, lora=True))
     return out
 
