@@ -208,7 +208,8 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("EVAL_STRIDE", 64, "sliding-window stride: each window scores its last STRIDE targets; 0 = no sliding", 0),
     Knob("EVAL_SLIDING", AUTO, "with TTT, also score plain sliding windows as a reference: 1, 0, or auto = while "
          "the pace fits EVAL_BUDGET_SECONDS"),
-    Knob("EVAL_BATCH_SEQS", 32, "windows per forward in sliding/TTT evaluation", 1),
+    Knob("EVAL_BATCH_SEQS", 32, "windows per forward of the roundtrip, sliding and windowed-TTT phases (LoRA TTT "
+         "batches TTT_LORA_DOCS documents)", 1),
     Knob("EVAL_COMPILE", AUTO, "torch.compile the eval forward: auto = where COMPILE applies (CUDA) | 1 | 0"),
     Knob("TTT_ENABLED", True, "score-first test-time training: per-document LoRA (TTT_LORA_RANK) or, at rank 0, "
          "over sliding windows"),
@@ -441,9 +442,10 @@ def validate(hp: Hyperparameters):
          "whole windows)")
     need(hp.slot == "off" or not lora, f"SLOT={hp.slot}: runs on windowed TTT only: set TTT_LORA_RANK=0 "
          "(or TTT_ENABLED=0)")
-    need(not lora or hp.ttt_lora_chunk <= hp.eval_seq_len,
+    # the default fits a short window by its cut to half (chunk_size); a value asked for must fit as it is
+    need(not lora or hp.ttt_lora_chunk <= hp.eval_seq_len // 2 or "TTT_LORA_CHUNK" not in hp.explicit,
          f"TTT_LORA_CHUNK={hp.ttt_lora_chunk}: LoRA TTT (TTT_LORA_RANK={hp.ttt_lora_rank}) needs it <= "
-         f"EVAL_SEQ_LEN={hp.eval_seq_len}, or TTT_LORA_RANK=0")
+         f"EVAL_SEQ_LEN/2={hp.eval_seq_len // 2} (each target keeps half a window of context), or TTT_LORA_RANK=0")
     lora_targets(hp)  # its own errors
     gptq_damps(hp)
     ngram_orders(hp)
@@ -644,10 +646,9 @@ class RunLog:
         # No rank returns before rank 0 has created this run's log: an error line must never land in another's.
         dctx.broadcast_object(None)
 
-    def __call__(self, msg: str, console: bool = True):
+    def __call__(self, msg: str):
         if self.file is not None:
-            if console:
-                print(msg, flush=True)
+            print(msg, flush=True)
             self.file.write(msg + "\n")
             self.file.flush()
 
@@ -725,7 +726,7 @@ class TrainStream:
     SEED and the epoch) a random phase per shard and a permutation of all windows. Every rank computes
     the same global batch and reads only its rows: 1 GPU + accumulation equals 8 GPUs."""
 
-    def __init__(self, files: list[str], seq_len: int, seed: int | tuple, vocab_size: int = 65536):
+    def __init__(self, files: list[str], seq_len: int, seed: int | tuple, vocab_size: int):
         self.files, self.vocab_size = files, vocab_size
         self.shards = [open_shard(f) for f in files]
         self.seq_len, self.seed = seq_len, seed
@@ -833,7 +834,7 @@ class ValSet:
     """The val token stream and the bytes each target is charged (target t is tokens[t + 1])."""
     tokens: np.ndarray        # [N] token ids
     target_bytes: np.ndarray  # [N-1] int32
-    byte_source: str          # "tokenizer" | "sidecar"
+    byte_source: str          # "tokenizer" | "sidecar" | "synthetic" (eval_prime's made-up stream)
 
     @classmethod
     def from_lut(cls, tokens: np.ndarray, lut: ByteLUT) -> ValSet:
@@ -1481,7 +1482,7 @@ TEST_TIME_ONLY = ("logit_caps",)  # parameters only TTT moves: training neither 
 def adam_params(model: GPT) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of what Adam trains: all but the banks (Muon's), the test-time-only ones and empty ones
     (a one-layer model's skip weights: nothing reads them, so no gradient ever comes). Chosen by name, not by
-    shape: resid_mix is 3-D and was left to no optimizer while the filter read `ndim < 3`."""
+    shape: a new parameter of any shape is trained unless listed (resid_mix is 3-D)."""
     return [(n, p) for n, p in model.named_parameters() if n not in BANKS and n not in TEST_TIME_ONLY and p.numel()]
 
 
@@ -2560,7 +2561,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         lora = LoRA(model.cfg, hp.ttt_lora_docs, hp.ttt_lora_rank, dctx.device, lora_targets(hp))
         if log is not None:
             log(f"ttt_lora rank:{hp.ttt_lora_rank} targets:{','.join(lora_targets(hp))} lr:{hp.ttt_lora_lr} "
-                f"chunk:{hp.ttt_lora_chunk} steps:{hp.ttt_lora_steps} batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} "
+                f"chunk:{min(hp.ttt_lora_chunk, phase.seq_len // 2)} steps:{hp.ttt_lora_steps} batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} "
                 f"global_chunks:{len(chunks)} global_chunk_tokens:{lora_chunk_tokens(hp, dctx.world_size)} "
                 f"kv_reuse:{int(hp.ttt_lora_kv_reuse)}")
     else:
@@ -2568,7 +2569,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         prev = np.concatenate(([0], ends[:-1]))
         chunks = phase_chunks(prev, phase, hp, action == "abandon", n)
         spans, n_spans = list(range(len(chunks))), len(chunks)  # chunk c is the stream's span c
-    adapter = TTTUpdater(model, hp, dctx) if phase.ttt else None
+    updater = TTTUpdater(model, hp, dctx) if phase.ttt else None
     pace, hidden = Pace(dctx, n_spans), eval_forward(model, hp, dctx.device, phase.looped)
     graphs0 = compiled_graph_count()  # each chunk's line counts the graphs compiled since: time that was not scoring
     hints = phase_hints(tokens, phase, hp, log)  # inside the phase's clock: it is part of the evaluation
@@ -2577,11 +2578,11 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         with frozen(model):  # scoring trains no weight (and the graph guards requires_grad: one for both kinds)
             if phase.lora:
                 score_docs(model, hidden, tokens, starts[mine], ends[mine], phase, out, hp, hints,
-                           lora if adapter is not None else None)
+                           lora if updater is not None else None)
             else:
                 for w in even_batches(mine, hp.eval_batch_seqs):
                     score_windows(model, hidden, tokens, ends[w], prev[w], phase, out, hp, hints)
-        if c + 1 == len(chunks) or (adapter is None and action != "abandon"):
+        if c + 1 == len(chunks) or (updater is None and action != "abandon"):
             continue
         projected = pace.projected(spans[c]) if action else None
         if projected is not None and projected > time_left:
@@ -2589,10 +2590,10 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
                 f"{len(chunks)} elapsed:{pace.elapsed():.1f}s projected:{projected:.0f}s time_left:{time_left:.0f}s")
             if action == "abandon":
                 return None
-            adapter, action = None, None
+            updater, action = None, None
             continue
-        if adapter is not None:
-            adapter.update(tokens, lo, hi, spans[c], n_spans, out.count)
+        if updater is not None:
+            updater.update(tokens, lo, hi, spans[c], n_spans, out.count)
             if log is not None and (phase.lora or (c + 1) % 10 == 0):
                 log(f"ttt_chunk:{c + 1}/{len(chunks)} time:{pace.elapsed():.1f}s "
                     f"new_graphs:{compiled_graph_count() - graphs0}")
@@ -2645,7 +2646,7 @@ LORA_BETAS, LORA_EPS, LORA_WD = (0.0, 0.99), 1e-10, 0.5  # AdamW of the per-docu
 class RowAdamW:
     """AdamW of the adapters' first n rows, fused (one pass over each weight, gradient and moments): a batch's
     live rows are its first ones (score_docs), so a finished document's row is neither read nor written again.
-    The moments live as long as the adapters; reset starts them over with a batch."""
+    score_docs builds one per call (its moments as large as the adapters) and resets it with each batch."""
 
     def __init__(self, params: list[torch.Tensor], lr: float):
         self.params, self.lr = params, lr
@@ -2691,14 +2692,16 @@ def chunk_bounds(n: int, hp: Hyperparameters, adapting: bool, seq_len: int) -> n
 
 
 def chunk_size(done, hp: Hyperparameters, adapting: bool, seq_len: int) -> np.ndarray:
-    """The size of the chunk after `done` scored targets (chunk_bounds' rule), before a document's end cuts it."""
+    """The size of the chunk after `done` scored targets (chunk_bounds' rule), before a document's end cuts it:
+    grown past TTT_LORA_STEPS chunks, never past half a window (where TTT_LORA_CHUNK's default would, the
+    window is short: TTT_LORA_CHUNK set above it is refused)."""
     done, cap = np.asarray(done), seq_len // 2
     if not adapting:
         return np.full_like(done, cap)
     return np.minimum(np.maximum(hp.ttt_lora_chunk, -(-done // hp.ttt_lora_steps)), cap)
 
 
-def doc_batches(starts: np.ndarray, ends: np.ndarray, size: int, align: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+def doc_batches(starts: np.ndarray, ends: np.ndarray, size: int, align: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Documents in batches of at most `size`, longest first (a batch's documents take similar steps), as their
     (starts, ends), padded after them with rows without targets (start = end) to aligned_rows: a lone
     document gets one beside it, as a batch of one would compile graphs of its own."""
@@ -2733,7 +2736,7 @@ def doc_steps(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
     return steps
 
 
-def step_rows(prev: np.ndarray, last: np.ndarray, align: int = 1) -> int:
+def step_rows(prev: np.ndarray, last: np.ndarray, align: int) -> int:
     """How many rows of a doc_steps step run: those that still score, a prefix since a batch's documents
     come longest first (doc_batches) and a longer document never takes fewer steps (chunk_bounds), padded
     with finished rows (scoring nothing) to aligned_rows within the batch."""
@@ -2955,7 +2958,7 @@ def ngram_hints(tokens: torch.Tensor, order: int, threshold: float) -> torch.Ten
     """hints[t]: the tilt's token at position t, -1 for none. Equal to a left-to-right pass that looks up
     the context tokens[t-order+1:t] among the counts of positions before t, proposes its most frequent
     continuation (the first to reach the top count) if that has `threshold` of the total, and only then
-    counts tokens[t]; done with two stable sorts (seconds for the whole val stream on the device)."""
+    counts tokens[t]; done with two stable sorts over the whole stream, no loop over positions."""
     n, k = len(tokens), order - 1
     hints = torch.full((n,), -1, dtype=torch.int64, device=tokens.device)
     if n <= k:
@@ -4131,7 +4134,8 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
     train_files = shard_files(hp.data_path, "train")
     log(f"train_shards:{len(train_files)}")
     model, trainer = build_model(hp, dctx, attention, log)
-    cap_ms, cap_line = train_clock_cap(hp, dctx, trainer, train_files)  # before any compile: a refusal comes first
+    # before the compile warm-up (a measured reserve compiles only the calibration forward): a refusal comes first
+    cap_ms, cap_line = train_clock_cap(hp, dctx, trainer, train_files)
     log(cap_line)
     prime_s = prime_eval(model, hp.train_seq_len, dctx, hp, log)
     result = train(hp, dctx, trainer, train_files, evaluator, cap_ms, log)
@@ -4260,9 +4264,10 @@ def run(hp: Hyperparameters) -> dict:
         raise
 
 
-USAGE = """usage: [torchrun --standalone --nproc_per_node=N] train_gpt.py [--help]
+USAGE = """usage: [torchrun --standalone --nproc_per_node=N] train_gpt.py [--help | --help-env]
 
-Trains, quantizes and scores a model; configured by environment variables only:
+Trains, quantizes and scores a model; configured by environment variables only (--help-env prints the table
+below alone, as README.md holds it):
 """
 
 

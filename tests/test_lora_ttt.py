@@ -60,12 +60,20 @@ def test_chunks_grow_with_what_a_document_has_scored_never_with_its_length():
     assert np.diff(train_gpt.chunk_bounds(100, hp, False, 64)).tolist() == [32, 32, 32, 4]
 
 
-def test_a_chunk_is_at_most_half_a_window_whatever_the_knob():
-    """Each target keeps half a window of its document's context: a TTT_LORA_CHUNK above half of EVAL_SEQ_LEN
-    (allowed up to all of it) is cut to half; before, a chunk's first target kept seq_len - chunk tokens."""
-    for chunk in ("16", "24", "32"):
-        hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_CHUNK=chunk))
-        assert np.diff(train_gpt.chunk_bounds(100, hp, True, 32)).tolist() == [16] * 6 + [4]
+def test_a_chunk_is_at_most_half_a_window():
+    """Each target keeps half a window of its document's context: a TTT_LORA_CHUNK set above half of EVAL_SEQ_LEN
+    is refused, the default is cut to half a short window, and a chunk grown past TTT_LORA_STEPS chunks stops there."""
+    for chunk in ("17", "32"):
+        with pytest.raises(train_gpt.UserError, match=f"TTT_LORA_CHUNK={chunk}: .* needs it <= EVAL_SEQ_LEN/2=16 "):
+            train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_CHUNK=chunk, EVAL_SEQ_LEN="32"))
+    hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_CHUNK="16", EVAL_SEQ_LEN="32"))
+    assert np.diff(train_gpt.chunk_bounds(100, hp, True, 32)).tolist() == [16] * 6 + [4]
+    unset = {k: v for k, v in LORA_ENV.items() if k != "TTT_LORA_CHUNK"}
+    default = train_gpt.Hyperparameters(unset | dict(EVAL_SEQ_LEN="32"))
+    assert default.ttt_lora_chunk > 16  # not asked for: cut to half the window
+    assert np.diff(train_gpt.chunk_bounds(100, default, True, 32)).tolist() == [16] * 6 + [4]
+    hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_CHUNK="4", TTT_LORA_STEPS="2", EVAL_SEQ_LEN="32"))
+    assert max(np.diff(train_gpt.chunk_bounds(200, hp, True, 32))) == 16  # grown to half the window, no further
 
 
 def test_a_batch_drops_each_document_once_it_is_scored(monkeypatch):
@@ -631,7 +639,7 @@ def test_lora_knobs_are_checked():
     off = train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_ENABLED="0"))  # TTT_ENABLED=0 turns off LoRA TTT too
     assert not any(p.ttt or p.lora for p in train_gpt.plan_phases(off, 64))
     with pytest.raises(train_gpt.UserError, match=r"TTT_LORA_CHUNK=4096: LoRA TTT \(TTT_LORA_RANK=8\) needs it <= "
-                       "EVAL_SEQ_LEN=2048, or TTT_LORA_RANK=0"):
+                       r"EVAL_SEQ_LEN/2=1024 \(each target keeps half a window of context\), or TTT_LORA_RANK=0"):
         train_gpt.Hyperparameters(dict(TTT_LORA_RANK="8", TTT_LORA_CHUNK="4096"))
     train_gpt.Hyperparameters(dict(TTT_LORA_RANK="0", TTT_LORA_CHUNK="4096"))  # unused: windowed TTT
 

@@ -12,6 +12,8 @@ import train_gpt
 from conftest import parse_log, run_script, tiny_env
 from data.shards import write_shard
 
+VOCAB = 65536  # the streams' vocab where a test's token ids are all in range (uint16 shards)
+
 
 # --- shards and the train stream -------------------------------------------------------------
 
@@ -48,15 +50,15 @@ def test_stream_deterministic_and_rank_sliced(tmp_path):
     for i in range(2):
         write_shard(tmp_path / f"fineweb_train_00000{i}.bin", np.arange(i * 5000, i * 5000 + 4000) % 60000)
     files = train_gpt.shard_files(str(tmp_path), "train")
-    a, b, c = (train_gpt.TrainStream(files, 32, seed) for seed in (7, 7, 8))
+    a, b, c = (train_gpt.TrainStream(files, 32, seed, VOCAB) for seed in (7, 7, 8))
     batches_a = [a.next_batch(16, slice(None)) for _ in range(40)]  # > 1 epoch (248 windows)
     assert all(np.array_equal(x, b.next_batch(16, slice(None))) for x in batches_a)
     assert not np.array_equal(batches_a[0], c.next_batch(16, slice(None)))
     # windows are contiguous token runs of one shard
     assert all((np.diff(w) == 1).all() for bt in batches_a for w in bt)
     # rank r of a 4-way world gets exactly rows [4r, 4r+4) of the global batch
-    d = train_gpt.TrainStream(files, 32, 7)
-    ranks = [train_gpt.TrainStream(files, 32, 7).next_batch(16, slice(4 * r, 4 * r + 4)) for r in range(4)]
+    d = train_gpt.TrainStream(files, 32, 7, VOCAB)
+    ranks = [train_gpt.TrainStream(files, 32, 7, VOCAB).next_batch(16, slice(4 * r, 4 * r + 4)) for r in range(4)]
     assert np.array_equal(np.concatenate(ranks), d.next_batch(16, slice(None)))
 
 
@@ -69,7 +71,7 @@ def test_stream_epochs_are_permutations_of_their_own_windows(tmp_path):
     files = train_gpt.shard_files(str(tmp_path), "train")
     tokens = [np.asarray(train_gpt.open_shard(f), dtype=np.int64) for f in files]
     for seed in range(40):
-        stream, layout = train_gpt.TrainStream(files, 16, seed), train_gpt.TrainStream(files, 16, seed)
+        stream, layout = train_gpt.TrainStream(files, 16, seed, VOCAB), train_gpt.TrainStream(files, 16, seed, VOCAB)
         expected = []
         while len(expected) < 60:
             layout._new_epoch()
@@ -85,7 +87,7 @@ def test_stream_without_a_whole_window_is_an_error(tmp_path):
     for i in range(3):
         write_shard(tmp_path / f"fineweb_train_00000{i}.bin", np.arange(32))
     with pytest.raises(train_gpt.UserError, match="none holds a window of 33 tokens"):
-        train_gpt.TrainStream(train_gpt.shard_files(str(tmp_path), "train"), 32, 0)
+        train_gpt.TrainStream(train_gpt.shard_files(str(tmp_path), "train"), 32, 0, VOCAB)
 
 
 def test_every_schedule_length_is_checked_before_the_clock(tmp_path):
