@@ -1,7 +1,8 @@
 """Parameter golf: train the best language model whose artifact fits in 16,000,000 bytes.
 
-One file, read top to bottom: knobs, data, bits per byte, model (math only), optimizer,
-quantization + packing, evaluation, training, main, and last the fast paths (custom kernels).
+One file, read top to bottom: knobs, distributed context and logging, data, bits per byte, model (math
+only), optimizer, quantization + packing, compilation, evaluation, training (then the export), main, and
+last the fast paths (custom kernels).
 Every knob is an environment variable (`python train_gpt.py --help` lists them); the defaults
 are the best configuration measured on the benchmark.
 
@@ -2336,15 +2337,116 @@ def check_artifact_tokenizer(meta: dict, path: Path, tokenizer_sha: str, tokeniz
 
 
 # -----------------------------------------------------------------------------------------
+# Compilation: torch.compile on CUDA, Inductor's settings, and its caches kept in a file (COMPILE_CACHE)
+# so that a run on a fresh machine skips what an earlier run compiled.
+# -----------------------------------------------------------------------------------------
+
+def compile_applies(hp: Hyperparameters, device: torch.device) -> bool:
+    """COMPILE: torch.compile on CUDA only (CPU runs are tests and tiny configs)."""
+    return hp.compile and device.type == "cuda"
+
+
+def configure_inductor():
+    """torch 2.11's mix-order reductions fused the gains' column sums into the RMSNorm backward kernels,
+    which then ran far below memory speed on an H100 (off: results/2026-11-24_speed_profiles_h100/).
+    AOTAutograd's cache skips graphs holding an autograd.Function (training's softcap loss) unless allowed, so
+    every start re-traced and re-partitioned each training graph; its key holds the Function's traced forward and
+    backward, so an edited Function misses (results/2026-12-06_warm_start_cpu/). It skips them too where
+    sdpa_kernel() pins cuDNN (pinned_attention): the graph then calls two helpers that map kernel names (held in
+    the key) to SDPA's kernel switches, nothing else (results/2026-12-06_warm_start_h200/)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    if hasattr(inductor_config.triton, "mix_order_reduction"):
+        inductor_config.triton.mix_order_reduction = False
+    if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
+        functorch_config.autograd_cache_allow_custom_autograd_functions = True
+    if hasattr(inductor_config, "unsafe_marked_cacheable_functions"):
+        for helper in ("_backend_from_string", "_sdpa_kernel"):
+            inductor_config.unsafe_marked_cacheable_functions.setdefault(f"torch.nn.attention.{helper}",
+                                                                         torch.__version__)
+
+
+def compile_cache_counts() -> dict[str, int]:
+    """What torch.compile's caches have served in this process: Inductor's FX graphs, AOTAutograd's joint graphs;
+    and compile_ms, the time spent inside torch.compile's graph builds (Dynamo's trace, then the compile or the
+    cache load; a backward compiled at its first call is not in it): of a warm start, what is not the graphs' runs."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+    fx, aot = counters["inductor"], counters["aot_autograd"]
+    counts = dict(fxgraph_hits=fx["fxgraph_cache_hit"], fxgraph_misses=fx["fxgraph_cache_miss"],
+                  aot_hits=aot["autograd_cache_hit"], aot_misses=aot["autograd_cache_miss"],
+                  aot_bypasses=aot["autograd_cache_bypass"])
+    builds = compilation_time_metrics.get("_compile.compile_inner")
+    return counts | ({"compile_ms": int(1000 * sum(builds))} if builds is not None else {})
+
+
+def cache_counts_line(before: dict[str, int] | None = None) -> str:
+    """compile_cache_counts as key:value fields, since `before` (an earlier reading) where given."""
+    return " ".join(f"{k}:{v - (before or {}).get(k, 0)}" for k, v in compile_cache_counts().items())
+
+
+def load_compile_cache(path: str, log) -> bool:
+    """COMPILE_CACHE: torch.compile's caches (inductor graphs, AOTAutograd) from the file, before anything compiles;
+    whether there was one. Its folder must take the file that a run without one writes."""
+    if not path:
+        return False
+    check_writable(Path(path).parent, "COMPILE_CACHE's folder")
+    if not os.path.exists(path):
+        return False
+    quiet = logging.getLogger("torch.compiler._cache")  # a file it cannot read: a traceback there, None here
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        data = Path(path).read_bytes()
+        loaded = torch.compiler.load_cache_artifacts(data)
+    except Exception as e:
+        raise UserError(f"env COMPILE_CACHE={path}: cannot be loaded ({type(e).__name__}: {str(e)[:120]})") from None
+    finally:
+        quiet.setLevel(level)
+    if loaded is None:
+        raise UserError(f"env COMPILE_CACHE={path}: not a torch.compile cache of this torch; remove it and the run "
+                        "writes a new one")
+    log(f"compile_cache:loaded path:{path} bytes:{len(data)}")
+    return True
+
+
+def save_compile_cache(path: str, loaded: bool, log):
+    """COMPILE_CACHE: a run that found no file writes what it compiled; one that loaded the file keeps it (torch
+    saves only what a process compiled or used, so rewriting would drop, say, the training graphs after an
+    EVAL_ONLY run) and says so where it had to compile graphs the file lacks (the code changed since). Either way
+    what the caches served is logged (cache_counts_line); a failed write is a warning."""
+    if loaded:
+        log(f"compile_cache:kept path:{path} bytes:{Path(path).stat().st_size} {cache_counts_line()}")
+        counts = compile_cache_counts()
+        if counts["fxgraph_misses"] or counts["aot_misses"]:  # every start on a fresh machine compiles them again
+            log(f"warning:compile_cache_incomplete path:{path} this run compiled graphs the file lacks (its misses "
+                "above): delete the file and the next run writes one with them")
+        return
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        log(f"compile_cache:nothing_compiled path:{path} {cache_counts_line()}")
+        return
+    try:
+        write_atomic(Path(path), saved[0])
+    except UserError as e:
+        log(f"warning:compile_cache_not_written {e}")
+        return
+    log(f"compile_cache:saved path:{path} bytes:{len(saved[0])} {cache_counts_line()}")
+
+
+# -----------------------------------------------------------------------------------------
 # Evaluation: sliding windows, score-first TTT and SLOT
 # Target t (t = 1..N-1 of the val stream) is scored exactly once, by the first window whose last
 # target e_k = min(L + k*stride, N-1) reaches it; it sees the L tokens before e_k, so at least
-# L - stride tokens of context. TTT's chunk c holds the windows whose first scored target lies in
-# [c, c+1) * TTT_CHUNK_TOKENS: they are scored (inference mode) BEFORE the model trains on the
-# chunk, whose targets are then all already scored. A phase's pace, timed from the end of chunk 0
-# (compile, warm-up), projects its length: past the time left in EVAL_BUDGET_SECONDS, TTT stops
-# adapting and a reference phase is abandoned. The n-gram tilt (NGRAM_TILT) reshapes the scored
-# distribution at t with a hint from val tokens before t only; it never moves TTT's gradients.
+# L - stride tokens of context. TTT scores before it trains. Per-document LoRA TTT (the default,
+# TTT_LORA_RANK > 0) splits the stream into documents at BOS and groups them by where they start
+# into spans of TTT_LORA_PHASE_TOKENS per GPU: each document is scored in growing chunks, its own
+# adapter row stepping on each chunk once it is scored, and after a span the base model takes one
+# SGD step on that span's documents. Windowed TTT (TTT_LORA_RANK=0): chunk c holds the windows
+# whose first scored target lies in [c, c+1) * TTT_CHUNK_TOKENS, scored (inference mode) before the
+# model trains on it. A phase's pace, timed from the end of its first chunk (compile, warm-up),
+# projects its length: past the time left in EVAL_BUDGET_SECONDS, TTT stops adapting and a
+# reference phase is abandoned. The n-gram tilt (NGRAM_TILT) reshapes the scored distribution at t
+# with a hint from val tokens before t only; it never moves TTT's gradients.
 # -----------------------------------------------------------------------------------------
 
 def autocast_ctx(device: torch.device):
@@ -3366,11 +3468,6 @@ def plan_batches(hp: Hyperparameters, world_size: int, device: torch.device,
     return seqs // accum, accum
 
 
-def compile_applies(hp: Hyperparameters, device: torch.device) -> bool:
-    """COMPILE: torch.compile on CUDA only (CPU runs are tests and tiny configs)."""
-    return hp.compile and device.type == "cuda"
-
-
 class Trainer:
     """The model's optimizers, data stream, EMA and (compiled) forward; step() is one optimizer step."""
 
@@ -3659,6 +3756,9 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
     return dict(steps=step, train_ms=clock.ms, stop_reason=stop_reason, val=last_val, warmup_s=warmup_s)
 
 
+# Export, inside the training budget: GPTQ's Hessians from training batches (the reserve they need, measured
+# before the clock), then the clip that fills the artifact to the byte limit.
+
 def calibration_batches(model: GPT, train_files, hp: Hyperparameters, plan: tuple[int, int], dctx: Dist,
                         inputs=matrix_inputs):
     """A function that runs the next calibration batch through the looped model into a HessianRecorder;
@@ -3823,93 +3923,6 @@ def lqer_line(report: list[dict], qstate: dict[str, dict], hp: Hyperparameters) 
     parts = [f"{r['label']}:{r['before']:.6g}->" + (f"{r['after']:.6g}" if r["kept"] else "dropped") for r in report]
     return (f"lqer: top_k:{hp.lqer_top_k} rank:{hp.lqer_rank} group:{hp.lqer_group} {' '.join(parts)} "
             f"bytes:{field_bytes(qstate, LQER_FIELD)}")
-
-
-def configure_inductor():
-    """torch 2.11's mix-order reductions fused the gains' column sums into the RMSNorm backward kernels,
-    which then ran far below memory speed on an H100 (off: results/2026-11-24_speed_profiles_h100/).
-    AOTAutograd's cache skips graphs holding an autograd.Function (training's softcap loss) unless allowed, so
-    every start re-traced and re-partitioned each training graph; its key holds the Function's traced forward and
-    backward, so an edited Function misses (results/2026-12-06_warm_start_cpu/). It skips them too where
-    sdpa_kernel() pins cuDNN (pinned_attention): the graph then calls two helpers that map kernel names (held in
-    the key) to SDPA's kernel switches, nothing else (results/2026-12-06_warm_start_h200/)."""
-    import torch._functorch.config as functorch_config
-    import torch._inductor.config as inductor_config
-    if hasattr(inductor_config.triton, "mix_order_reduction"):
-        inductor_config.triton.mix_order_reduction = False
-    if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):
-        functorch_config.autograd_cache_allow_custom_autograd_functions = True
-    if hasattr(inductor_config, "unsafe_marked_cacheable_functions"):
-        for helper in ("_backend_from_string", "_sdpa_kernel"):
-            inductor_config.unsafe_marked_cacheable_functions.setdefault(f"torch.nn.attention.{helper}",
-                                                                         torch.__version__)
-
-
-def compile_cache_counts() -> dict[str, int]:
-    """What torch.compile's caches have served in this process: Inductor's FX graphs, AOTAutograd's joint graphs;
-    and compile_ms, the time spent inside torch.compile's graph builds (Dynamo's trace, then the compile or the
-    cache load; a backward compiled at its first call is not in it): of a warm start, what is not the graphs' runs."""
-    from torch._dynamo.utils import compilation_time_metrics, counters
-    fx, aot = counters["inductor"], counters["aot_autograd"]
-    counts = dict(fxgraph_hits=fx["fxgraph_cache_hit"], fxgraph_misses=fx["fxgraph_cache_miss"],
-                  aot_hits=aot["autograd_cache_hit"], aot_misses=aot["autograd_cache_miss"],
-                  aot_bypasses=aot["autograd_cache_bypass"])
-    builds = compilation_time_metrics.get("_compile.compile_inner")
-    return counts | ({"compile_ms": int(1000 * sum(builds))} if builds is not None else {})
-
-
-def cache_counts_line(before: dict[str, int] | None = None) -> str:
-    """compile_cache_counts as key:value fields, since `before` (an earlier reading) where given."""
-    return " ".join(f"{k}:{v - (before or {}).get(k, 0)}" for k, v in compile_cache_counts().items())
-
-
-def load_compile_cache(path: str, log) -> bool:
-    """COMPILE_CACHE: torch.compile's caches (inductor graphs, AOTAutograd) from the file, before anything compiles;
-    whether there was one. Its folder must take the file that a run without one writes."""
-    if not path:
-        return False
-    check_writable(Path(path).parent, "COMPILE_CACHE's folder")
-    if not os.path.exists(path):
-        return False
-    quiet = logging.getLogger("torch.compiler._cache")  # a file it cannot read: a traceback there, None here
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
-    try:
-        data = Path(path).read_bytes()
-        loaded = torch.compiler.load_cache_artifacts(data)
-    except Exception as e:
-        raise UserError(f"env COMPILE_CACHE={path}: cannot be loaded ({type(e).__name__}: {str(e)[:120]})") from None
-    finally:
-        quiet.setLevel(level)
-    if loaded is None:
-        raise UserError(f"env COMPILE_CACHE={path}: not a torch.compile cache of this torch; remove it and the run "
-                        "writes a new one")
-    log(f"compile_cache:loaded path:{path} bytes:{len(data)}")
-    return True
-
-
-def save_compile_cache(path: str, loaded: bool, log):
-    """COMPILE_CACHE: a run that found no file writes what it compiled; one that loaded the file keeps it (torch
-    saves only what a process compiled or used, so rewriting would drop, say, the training graphs after an
-    EVAL_ONLY run) and says so where it had to compile graphs the file lacks (the code changed since). Either way
-    what the caches served is logged (cache_counts_line); a failed write is a warning."""
-    if loaded:
-        log(f"compile_cache:kept path:{path} bytes:{Path(path).stat().st_size} {cache_counts_line()}")
-        counts = compile_cache_counts()
-        if counts["fxgraph_misses"] or counts["aot_misses"]:  # every start on a fresh machine compiles them again
-            log(f"warning:compile_cache_incomplete path:{path} this run compiled graphs the file lacks (its misses "
-                "above): delete the file and the next run writes one with them")
-        return
-    saved = torch.compiler.save_cache_artifacts()
-    if saved is None:
-        log(f"compile_cache:nothing_compiled path:{path} {cache_counts_line()}")
-        return
-    try:
-        write_atomic(Path(path), saved[0])
-    except UserError as e:
-        log(f"warning:compile_cache_not_written {e}")
-        return
-    log(f"compile_cache:saved path:{path} bytes:{len(saved[0])} {cache_counts_line()}")
 
 
 # -----------------------------------------------------------------------------------------
