@@ -3328,33 +3328,39 @@ class Evaluator:
                             tuple(broken) + (() if self.full_val else ("val_subset",)), load_seconds)
 
 
+def check_phases(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phases: list[Phase], log) -> float:
+    """LEGALITY_CHECK: the perturbation check of every phase after the roundtrip on a prefix of the val stream
+    (legality_check); a legal phase that fails, or cannot be checked, stops the run. Returns the seconds."""
+    t_check, check = time.perf_counter(), check_knobs(hp, dctx.world_size)
+    lora = any(p.lora for p in phases)
+    chunk = max(check.ttt_chunk_tokens, lora_chunk_tokens(check, dctx.world_size) if lora else 0)
+    prefix = val.prefix(4 * max(chunk, hp.eval_seq_len) + 1)
+    log(f"legality_check tokens:{len(prefix.tokens)} ttt_chunk_tokens:{chunk}")  # eager, chunks of its own
+    for phase in phases[1:]:
+        t0 = time.perf_counter()
+        ok = legality_check(model, prefix, dctx, hp, phase, log)
+        log(f"legality_check phase:{phase.name} passed:{int(bool(ok))}" + (" reproducible:0" if ok is None else "")
+            + f" time:{time.perf_counter() - t0:.1f}s")
+        if ok is None and phase.legal:
+            raise UserError(f"legality check of phase {phase.name} inconclusive: two scorings of the same "
+                            "stream differ (kernels that are not reproducible on this machine)")
+        if not ok and phase.legal:
+            raise UserError(f"legality check failed for phase {phase.name}: scores depend on later tokens")
+    return dctx.all_reduce_max(time.perf_counter() - t_check)
+
+
 def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hyperparameters, log,
                  broken: tuple[str, ...] = (), load_seconds: float = 0.0) -> dict:
-    """Run plan_phases' phases against the eval budget, logging each; a non-finite one stops the run. The
+    """Run plan_phases' phases against the eval budget, logging each (after LEGALITY_CHECK's check_phases). The
     budget's clock starts load_seconds in: the artifact's decompression is evaluation time too. broken: why the
     run cannot score at all (a val subset, a rule outside scoring broken); a phase is valid where nothing is, the
     phase is legal and finite, and the eval so far (load and LEGALITY_CHECK included) ends inside EVAL_BUDGET_SECONDS
     and RULE_SECONDS. The summary's invalid_reasons says why a final score is not valid (none where it is); its
-    final_eval_seconds is the clock the final score is judged by, eval_seconds includes a reference run after it."""
-    phases, t_check = plan_phases(hp, train_seq_len), time.perf_counter()
-    if hp.legality_check:
-        check = check_knobs(hp, dctx.world_size)
-        lora = any(p.lora for p in phases)
-        chunk = max(check.ttt_chunk_tokens, lora_chunk_tokens(check, dctx.world_size) if lora else 0)
-        prefix = val.prefix(4 * max(chunk, hp.eval_seq_len) + 1)
-        log(f"legality_check tokens:{len(prefix.tokens)} ttt_chunk_tokens:{chunk}")  # eager, chunks of its own
-        for phase in phases[1:]:
-            t0 = time.perf_counter()
-            ok = legality_check(model, prefix, dctx, hp, phase, log)
-            log(f"legality_check phase:{phase.name} passed:{int(bool(ok))}" + (" reproducible:0" if ok is None else "")
-                + f" time:{time.perf_counter() - t0:.1f}s")
-            if ok is None and phase.legal:
-                raise UserError(f"legality check of phase {phase.name} inconclusive: two scorings of the same "
-                                "stream differ (kernels that are not reproducible on this machine)")
-            if not ok and phase.legal:
-                raise UserError(f"legality check failed for phase {phase.name}: scores depend on later tokens")
+    final_eval_seconds is the clock the final score is judged by, eval_seconds includes a reference run after it;
+    a non-finite phase stops the run, but for a reference phase after the final score (dropped, with a warning)."""
+    phases = plan_phases(hp, train_seq_len)
     # the check runs after the load, before the phases: evaluation time like theirs
-    check_seconds = dctx.all_reduce_max(time.perf_counter() - t_check) if hp.legality_check else 0.0
+    check_seconds = check_phases(model, val, dctx, hp, phases, log) if hp.legality_check else 0.0
     results, elapsed, final = {}, load_seconds + check_seconds, None
     limit = min(hp.eval_budget_seconds, RULE_SECONDS)  # what a valid score may take; the knob alone paces phases
     for phase in phases:
@@ -4187,6 +4193,11 @@ def reloaded_model(qstate: dict, meta: dict, path: Path, dctx: Dist, attention, 
     return model, secs
 
 
+# Knobs an EVAL_ONLY run does not read: they shape training and the artifact's export.
+EVAL_ONLY_UNREAD = {k.name for k in SCHEDULE_KNOBS + OPTIMIZER_KNOBS + EXPORT_KNOBS} - {"VAL_MAX_TOKENS", "TRAIN_SEQ_LEN"} \
+    | {"ARTIFACT_DIR", "PREQUANT_SAVE"}
+
+
 def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     """EVAL_ONLY: score an existing artifact; its model config (and vocab) come from the artifact."""
     problem = dctx.broadcast_object(check_new_files(hp, ("DUMP_TOKEN_NLL",)) if dctx.is_main else None)
@@ -4204,6 +4215,10 @@ def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
     for k in hp.explicit:  # model knobs cannot change a trained model: say so rather than ignore them silently
         if k.lower() in trained and trained[k.lower()] != getattr(hp, k.lower()):
             log(f"warning:env {k}={getattr(hp, k.lower())} ignored: EVAL_ONLY scores the artifact's {k}={trained[k.lower()]}")
+    unread = [k for k in hp.explicit if k in EVAL_ONLY_UNREAD]  # nor can what acts before an artifact is written
+    if unread:
+        log(f"warning:env_ignored_by_eval_only knobs:{','.join(unread)} (they act in training and export; a "
+            "re-export: bench/eval_sweep.py PREQUANT=)")
     if "tokenizer_sha256" not in meta:
         log("warning:artifact_records_no_tokenizer (written before artifacts did): make sure TOKENIZER_PATH is the one "
             "it was trained with")

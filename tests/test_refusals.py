@@ -180,8 +180,13 @@ def test_records_tokenizer_and_never_reuses_a_run_id(tiny_data, tmp_path, launch
     one_error_line(dumped, f"env DUMP_TOKEN_NLL={taken}: the file exists")
     assert taken.read_bytes() == b"x"
     # a model knob cannot change a trained artifact: it is named in a warning, not silently dropped
-    assert "warning:env NUM_LAYERS=5 ignored: EVAL_ONLY scores the artifact's NUM_LAYERS=4" in \
-        (tmp_path / "logs" / "ev_ok.txt").read_text().splitlines()
+    lines = (tmp_path / "logs" / "ev_ok.txt").read_text().splitlines()
+    assert "warning:env NUM_LAYERS=5 ignored: EVAL_ONLY scores the artifact's NUM_LAYERS=4" in lines
+    # nor can a training or export knob: one line names those set
+    unread = sorted(k for k in evaluate if k in train_gpt.EVAL_ONLY_UNREAD)
+    assert "ITERATIONS" in unread and "VAL_MAX_TOKENS" not in train_gpt.EVAL_ONLY_UNREAD
+    assert [ln.split()[1] for ln in lines if ln.startswith("warning:env_ignored_by_eval_only ")] == \
+        [f"knobs:{','.join(unread)}"]
     other_tok = doctored(artifact, tmp_path, "other_tok.br", tokenizer_sha256="0" * 64)
     one_error_line(launcher.run(evaluate | dict(RUN_ID="ev_tok", EVAL_ONLY=str(other_tok)), timeout=120),
                    "trained with tokenizer sha256 0000000000000000", "TOKENIZER_PATH")
