@@ -17,6 +17,9 @@ The lines it knows (other lines are ignored):
                                         or after them)                                  -> summary
   any other line of key:value fields (device:, python:, data:, ...) and every single key:value line,
   later lines winning                                                                   -> facts
+  and under its own name, so that lines sharing a key keep each value: `NAME k:v ...` (eval_prime,
+  artifact_load, warmup_done, ...) as facts["NAME.k"], `first:x k:v ...` (gptq_hessians:, ttt_chunk:, ...)
+  as facts["first.k"], the last such line winning                                       -> facts
 A last line without its newline (a write cut short) is not read, unless it is an error line.
 Values stay strings in `fields`, `hparams`, `facts` and `summary`; the named attributes of Step and
 Phase are numbers (nan and inf included, as Python's float() reads them).
@@ -218,8 +221,11 @@ def parse(text: str, path="<log>") -> RunLog:
             block[m[1]] = m[2]
             log.facts[m[1]] = m[2]
         else:
-            if ":" in line.split()[0]:
-                log.facts.update(fields(line))
+            head, rest = line.split()[0], fields(line)
+            if ":" in head:
+                log.facts.update(rest)
+            name = head.split(":", 1)[0]
+            log.facts.update({f"{name}.{k}": v for k, v in rest.items() if k != name})
             block = {}
     log.summary = block
     return log
