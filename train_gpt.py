@@ -391,6 +391,16 @@ class Hyperparameters:
     def items(self):
         return sorted((k, v) for k, v in vars(self).items() if k not in ("warnings", "explicit"))
 
+    def replace(self, **changes) -> Hyperparameters:
+        """A copy with these knobs (lower-case names) changed, not validated again: internal variants of a
+        run's knobs (the legality check's, the eval priming's)."""
+        unknown = [k for k in changes if not hasattr(self, k)]
+        if unknown:
+            raise AttributeError(f"no knob {unknown[0]}")
+        other = copy.copy(self)
+        vars(other).update(changes)
+        return other
+
 
 def knob_text(value) -> str:
     """A knob's value as its environment variable would spell it (bools as 0/1)."""
@@ -3257,12 +3267,10 @@ LEGALITY_CHUNK_TOKENS = 8192  # the check's largest TTT chunk: the legal loop is
 def check_knobs(hp: Hyperparameters, world_size: int) -> Hyperparameters:
     """The legality check's knobs: eager, TTT chunks of at most LEGALITY_CHUNK_TOKENS (both modes), so that
     an eager pass over its prefix is short and the prefix still holds several global updates."""
-    eager = copy.copy(hp)
-    eager.eval_compile = False
     stride = hp.eval_stride or hp.eval_seq_len
-    eager.ttt_chunk_tokens = min(hp.ttt_chunk_tokens, max(stride, LEGALITY_CHUNK_TOKENS // stride * stride))
-    eager.ttt_lora_phase_tokens = min(hp.ttt_lora_phase_tokens, max(1, LEGALITY_CHUNK_TOKENS // world_size))
-    return eager
+    return hp.replace(eval_compile=False,
+                      ttt_chunk_tokens=min(hp.ttt_chunk_tokens, max(stride, LEGALITY_CHUNK_TOKENS // stride * stride)),
+                      ttt_lora_phase_tokens=min(hp.ttt_lora_phase_tokens, max(1, LEGALITY_CHUNK_TOKENS // world_size)))
 
 
 def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase,
@@ -3425,16 +3433,17 @@ def prime_eval(model: GPT, train_seq_len: int, dctx: Dist, hp: Hyperparameters, 
     if not eval_compiles(hp, dctx.device):
         return 0.0
     t0, graphs0, caches0 = time.perf_counter(), compiled_graph_count(), compile_cache_counts()
-    quiet, seq_len = copy.copy(hp), max(train_seq_len, hp.eval_seq_len)
-    quiet.legality_check, quiet.dump_token_nll, quiet.eval_budget_seconds = False, "", math.inf
+    quiet, seq_len = hp.replace(legality_check=False, dump_token_nll="", eval_budget_seconds=math.inf), \
+        max(train_seq_len, hp.eval_seq_len)
     stream = priming_stream(dctx.world_size, seq_len, model.cfg.vocab_size)
     ttt = next((p for p in plan_phases(hp, train_seq_len) if p.lora), None)
     try:
         with torch.random.fork_rng(devices=[dctx.device] if dctx.device.type == "cuda" else []):
             score_phases(copy.deepcopy(model), train_seq_len, stream, dctx, quiet, lambda line: None, broken=("priming",))
             if ttt is not None and hp.ttt_budget_stop:  # LoRA TTT scoring on once the budget stopped its adapting
-                quiet.ttt_lora_phase_tokens = 2 * seq_len  # PRIME_DOCS global chunks: stopped after the second
-                eval_tokens(copy.deepcopy(model), stream, dctx, quiet, ttt, lambda line: None, time_left=0.0)
+                # PRIME_DOCS global chunks: stopped after the second
+                stopped = quiet.replace(ttt_lora_phase_tokens=2 * seq_len)
+                eval_tokens(copy.deepcopy(model), stream, dctx, stopped, ttt, lambda line: None, time_left=0.0)
     except UserError as e:
         raise UserError(f"compiling the eval on a made-up stream before the clock (eval_prime): {e}") from None
     synchronize(dctx.device)

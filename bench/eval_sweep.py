@@ -18,7 +18,6 @@ variant only those that an earlier one did not build; its phases then run warm, 
 says otherwise). cuDNN's attention plans are made per shape on first use, inside the phases: the first variant of a
 process pays for the shapes it meets first, so to compare eval times run one variant both first and last.
 """
-import copy
 import difflib
 import os
 import sys
@@ -110,8 +109,7 @@ def sweep(argv: list[str]):
         export = ""
         if saved:
             path, export = reexport(saved, hp)
-            hp = copy.copy(hp)
-            hp.eval_only = str(path)
+            hp = hp.replace(eval_only=str(path))
         s = train_gpt.run(hp)
         print(f"variant:{name} final_phase:{s['final_phase']} final_val_bpb:{s['final_val_bpb']:.8f} "
               f"final_valid:{s['final_valid']} eval_seconds:{s['eval_seconds']:.1f} {export + ' ' if export else ''}"

@@ -125,3 +125,11 @@ def test_a_tilt_with_no_phase_to_tilt_is_refused():
         train_gpt.Hyperparameters(dict(NGRAM_TILT="1", TTT_ENABLED="0", EVAL_STRIDE="0"))
     assert train_gpt.Hyperparameters(dict(NGRAM_TILT="1", TTT_ENABLED="0")).ngram_tilt
     assert not train_gpt.Hyperparameters(dict(TTT_ENABLED="0", EVAL_STRIDE="0")).ngram_tilt  # the default: nothing to tilt, off
+
+
+def test_replace_makes_a_changed_copy_of_known_knobs():
+    hp = train_gpt.Hyperparameters(dict(SEED="7"))
+    other = hp.replace(seed=8, eval_compile=False)
+    assert (hp.seed, other.seed, other.eval_compile) == (7, 8, False) and other.explicit == hp.explicit == ["SEED"]
+    with pytest.raises(AttributeError, match="no knob sedd"):
+        hp.replace(sedd=1)
