@@ -2570,9 +2570,10 @@ def doc_chunks(starts: np.ndarray, ends: np.ndarray, chunk_tokens: int) -> list[
     return [(d, int(starts[d[0]]), int(ends[d[-1]])) for d in groups]
 
 
-def lora_chunk_tokens(hp: Hyperparameters, world_size: int) -> int:
-    """LoRA TTT's global chunk: each rank's TTT_LORA_PHASE_TOKENS. A rank's LoRA steps per chunk depend on
-    its longest documents, not on its token count, so the chunk grows with the ranks to keep their number."""
+def lora_span_tokens(hp: Hyperparameters, world_size: int) -> int:
+    """The stream's span between two global TTT updates of LoRA TTT (logged as its global chunk): each rank's
+    TTT_LORA_PHASE_TOKENS. A rank's LoRA steps per span depend on its longest documents, not on its token
+    count, so the span grows with the ranks to keep their number."""
     return hp.ttt_lora_phase_tokens * world_size
 
 
@@ -2665,7 +2666,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
     action = budget_action(phase, hp) if time_left is not None else None
     if phase.lora:
         starts, ends = doc_spans(val.tokens)
-        C = lora_chunk_tokens(hp, dctx.world_size)
+        C = lora_span_tokens(hp, dctx.world_size)
         chunks = doc_chunks(starts, ends, C)
         # The schedule's clock is the chunk's span of the stream, not its place in the list: how many spans hold a
         # document start is decided by later BOS, which no update before them may read.
@@ -2674,7 +2675,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         if log is not None:
             log(f"ttt_lora rank:{hp.ttt_lora_rank} targets:{','.join(lora_targets(hp))} lr:{hp.ttt_lora_lr} "
                 f"chunk:{min(hp.ttt_lora_chunk, phase.seq_len // 2)} steps:{hp.ttt_lora_steps} batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} "
-                f"global_chunks:{len(chunks)} global_chunk_tokens:{lora_chunk_tokens(hp, dctx.world_size)} "
+                f"global_chunks:{len(chunks)} global_chunk_tokens:{lora_span_tokens(hp, dctx.world_size)} "
                 f"kv_reuse:{int(hp.ttt_lora_kv_reuse)}")
     else:
         ends = window_ends(len(val.tokens), phase.seq_len, phase.stride)
@@ -3202,24 +3203,30 @@ class TTTUpdater:
 def perturbation_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters, world_size: int) -> list[int]:
     """The positions p that the legality check perturbs after, one stream each (hp: the check's own knobs).
     A first target after an update catches an update that read two or more targets past what it had scored
-    (one that read one reads target p itself, which no perturbation after p can show: the state tests do).
-    Windows: near the middle, inside the stride a window scores; with TTT, also the first target after a
-    chunk's update. LoRA: the first target after a global update near the middle and, in the document
-    nearest the middle with three chunks (else the one there), a chunk's middle (a score reading later
-    targets of its own chunk changes), the first target after the document's second step and, with
-    TTT_LORA_GRAD_CONTEXT, the first target after the first step that updates in a pass of its own; and a late
-    chunk's middle in the longest document, where it is longer than the window."""
-    mid = len(tokens) // 2
-    if not phase.lora:  # from the windows' real ends: EVAL_SEQ_LEN need not be a multiple of the stride
-        ends = window_ends(len(tokens), phase.seq_len, phase.stride)
-        prev = np.concatenate(([0], ends[:-1]))
-        i = min(int(np.searchsorted(ends, mid)), len(ends) - 1)  # the window that scores target mid
-        points = {int(prev[i] + max(1, (ends[i] - prev[i]) // 2))}  # with the window's next target after it
-        first = np.flatnonzero(prev >= max(mid // hp.ttt_chunk_tokens, 1) * hp.ttt_chunk_tokens)
-        after = int(prev[first[0]]) + 1 if len(first) else len(tokens)  # a chunk's first target
-        return sorted(points | ({after} if phase.ttt and after < len(tokens) - 1 else set()))
-    starts, ends = doc_spans(tokens)
-    updated = [hi for _, _, hi in doc_chunks(starts, ends, lora_chunk_tokens(hp, world_size))[:-1]]
+    (one that read one reads target p itself, which no perturbation after p can show: the state tests do)."""
+    return lora_points(tokens, phase, hp, world_size) if phase.lora else window_points(tokens, phase, hp)
+
+
+def window_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters) -> list[int]:
+    """Windows: near the middle, inside the stride a window scores; with TTT, also the first target after a
+    chunk's update. From the windows' real ends: EVAL_SEQ_LEN need not be a multiple of the stride."""
+    mid, ends = len(tokens) // 2, window_ends(len(tokens), phase.seq_len, phase.stride)
+    prev = np.concatenate(([0], ends[:-1]))
+    i = min(int(np.searchsorted(ends, mid)), len(ends) - 1)  # the window that scores target mid
+    points = {int(prev[i] + max(1, (ends[i] - prev[i]) // 2))}  # with the window's next target after it
+    first = np.flatnonzero(prev >= max(mid // hp.ttt_chunk_tokens, 1) * hp.ttt_chunk_tokens)
+    after = int(prev[first[0]]) + 1 if len(first) else len(tokens)  # a chunk's first target
+    return sorted(points | ({after} if phase.ttt and after < len(tokens) - 1 else set()))
+
+
+def lora_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters, world_size: int) -> list[int]:
+    """LoRA: the first target after a global update near the middle and, in the document nearest the middle
+    with three chunks (else the one there), a chunk's middle (a score reading later targets of its own chunk
+    changes), the first target after the document's second step and, with TTT_LORA_GRAD_CONTEXT, the first
+    target after the first step that updates in a pass of its own; and a late chunk's middle in the longest
+    document, where it is longer than the window."""
+    mid, (starts, ends) = len(tokens) // 2, doc_spans(tokens)
+    updated = [hi for _, _, hi in doc_chunks(starts, ends, lora_span_tokens(hp, world_size))[:-1]]
     points = {min(updated, key=lambda hi: abs(hi - mid)) + 1} if updated else set()
     bounds = [s + chunk_bounds(e - s, hp, True, phase.seq_len) for s, e in zip(starts, ends)]
     movable = [np.minimum(b[1:], e - 1) - b[:-1] for b, e in zip(bounds, ends)]  # not the BOS at e
@@ -3227,10 +3234,10 @@ def perturbation_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters, w
     # the longest document's last chunk that starts a window or more into it: the window has slid there (and
     # TTT_LORA_KV_REUSE's ring has wrapped), which the points of a document's first chunks below never reach
     longest = max(range(len(starts)), key=lambda i: int(ends[i] - starts[i]))
-    b, m = bounds[longest], movable[longest]
-    late = np.flatnonzero((m >= 2) & (b[:-1] - starts[longest] >= phase.seq_len))
+    lb, lm = bounds[longest], movable[longest]
+    late = np.flatnonzero((lm >= 2) & (lb[:-1] - starts[longest] >= phase.seq_len))
     if len(late):
-        points.add(int(b[late[-1]] + m[late[-1]] // 2))
+        points.add(int(lb[late[-1]] + lm[late[-1]] // 2))
     d = min(range(len(starts)), key=lambda i: (-usable[i], abs(int(starts[i]) - mid)))
     b, m = bounds[d], movable[d]
     ok = np.flatnonzero(m >= 2)
@@ -3341,7 +3348,7 @@ def check_phases(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase
     (legality_check); a legal phase that fails, or cannot be checked, stops the run. Returns the seconds."""
     t_check, check = time.perf_counter(), check_knobs(hp, dctx.world_size)
     lora = any(p.lora for p in phases)
-    chunk = max(check.ttt_chunk_tokens, lora_chunk_tokens(check, dctx.world_size) if lora else 0)
+    chunk = max(check.ttt_chunk_tokens, lora_span_tokens(check, dctx.world_size) if lora else 0)
     prefix = val.prefix(4 * max(chunk, hp.eval_seq_len) + 1)
     log(f"legality_check tokens:{len(prefix.tokens)} ttt_chunk_tokens:{chunk}")  # eager, chunks of its own
     for phase in phases[1:]:
