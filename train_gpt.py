@@ -3703,20 +3703,31 @@ def log_train_step(hp: Hyperparameters, dctx: Dist, clock: TrainClock, cap_ms: f
             f"step_avg:{avg:.2f}ms tok_s:{hp.train_batch_tokens / avg * 1000:.0f} eta:{max(eta, 0):.0f}s{mfu}")
 
 
-def train_clock_cap(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files) -> tuple[float, str]:
-    """(the training clock's cap in ms, 0 for none; its log line): MAX_WALLCLOCK_SECONDS less the Hessians'
-    reserve, so that the training data's last touch stays inside the training budget. The loop ends training
-    inside the cap (train's stop rule), so the reserve holds the Hessians alone."""
+class ClockCap(NamedTuple):
+    """The training clock's cap in ms (0: none), MAX_WALLCLOCK_SECONDS less the Hessians' reserve, and where that
+    reserve came from."""
+    ms: float
+    reserve_s: float = 0.0
+    source: str = ""
+
+    def line(self) -> str:
+        return (f"train_clock_cap:{self.ms / 1000:.1f}s gptq_reserve:{self.reserve_s:.1f}s reserve_source:{self.source}"
+                if self.ms else "train_clock_cap:none")
+
+
+def train_clock_cap(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files) -> ClockCap:
+    """MAX_WALLCLOCK_SECONDS less the Hessians' reserve, so that the training data's last touch stays inside the
+    training budget. The loop ends training inside the cap (train's stop rule), so the reserve holds the Hessians
+    alone."""
     if not hp.max_wallclock_seconds:
-        return 0.0, "train_clock_cap:none"
+        return ClockCap(0.0)
     reserve, source = gptq_reserve(trainer.model, train_files, hp, trainer.plans[hp.train_seq_len], dctx,
                                    trainer.matrix_inputs)
     if reserve >= hp.max_wallclock_seconds:
         raise UserError(f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds}: leaves no training time after the "
                         f"Hessians' reserve of {reserve:.1f}s ({source}); raise it"
                         + (" or lower GPTQ_CALIBRATION_BATCHES" if source.startswith("measured") else ""))
-    cap_s = hp.max_wallclock_seconds - reserve
-    return 1000 * cap_s, f"train_clock_cap:{cap_s:.1f}s gptq_reserve:{reserve:.1f}s reserve_source:{source}"
+    return ClockCap(1000 * (hp.max_wallclock_seconds - reserve), reserve, source)
 
 
 def past_cap(clock_ms: float, read_ms: float, step: int, cap_ms: float) -> bool:
@@ -4054,10 +4065,11 @@ def over_budget_fix(hp: Hyperparameters, reserve_needed: float) -> str:
     return f"set MAX_WALLCLOCK_SECONDS (at most {RULE_SECONDS:.0f}): without a cap no reserve is kept for the Hessians"
 
 
-def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, result: dict, code: bytes, run_id: str,
-           tokenizer_sha: str, log) -> tuple[Path, dict]:
-    """EMA weights -> Hessians (train data, inside the training budget) -> GPTQ -> the artifact, made and written
-    by rank 0, never over an existing file; one over the cap is kept under a name that says so."""
+def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, result: dict, reserve_s: float, code: bytes,
+           run_id: str, tokenizer_sha: str, log) -> tuple[Path, dict]:
+    """EMA weights -> Hessians (train data, inside the training budget; reserve_s: the clock kept for them) ->
+    GPTQ -> the artifact, made and written by rank 0, never over an existing file; one over the cap is kept under
+    a name that says so."""
     model = trainer.model
     trainer.apply_ema()
     t0 = time.perf_counter()
@@ -4073,7 +4085,7 @@ def export(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, resul
         log(f"warning:hessians_outside_budget {data_s:.1f}s > {limit:.0f}s (MAX_WALLCLOCK_SECONDS="
             f"{hp.max_wallclock_seconds}, the rule {RULE_SECONDS:.0f}): final_valid:0 (training ended at "
             f"{result['train_ms'] / 1000:.1f}s, the Hessians took {hess_s:.1f}s: "
-            f"{over_budget_fix(hp, result['reserve_s'] + data_s - limit)})")
+            f"{over_budget_fix(hp, reserve_s + data_s - limit)})")
     # EVAL_ONLY counts the code that wrote it and scores it as valid only where its training kept the budget
     meta = dict(tokenizer_sha256=tokenizer_sha, code_bytes=len(code), train_data_in_budget=int(in_budget))
     # Rank 0 alone quantizes and writes; every rank takes its size and path (ranks could round differently).
@@ -4170,15 +4182,14 @@ def train_and_score(hp: Hyperparameters, dctx: Dist, log, code: bytes, run_id: s
     log(f"train_shards:{len(train_files)}")
     model, trainer = build_model(hp, dctx, attention, log)
     # before the compile warm-up (a measured reserve compiles only the calibration forward): a refusal comes first
-    cap_ms, cap_line = train_clock_cap(hp, dctx, trainer, train_files)
-    log(cap_line)
+    cap = train_clock_cap(hp, dctx, trainer, train_files)
+    log(cap.line())
     prime_s = prime_eval(model, hp.train_seq_len, dctx, hp, log)
-    result = train(hp, dctx, trainer, train_files, evaluator, cap_ms, log)
-    result["reserve_s"] = hp.max_wallclock_seconds - cap_ms / 1000
+    result = train(hp, dctx, trainer, train_files, evaluator, cap.ms, log)
     if dctx.device.type == "cuda":
         log(f"peak_mem_allocated_mib:{torch.cuda.max_memory_allocated() >> 20} "
             f"peak_mem_reserved_mib:{torch.cuda.max_memory_reserved() >> 20}")
-    artifact, figures = export(hp, dctx, trainer, train_files, result, code, run_id, tokenizer_sha, log)
+    artifact, figures = export(hp, dctx, trainer, train_files, result, cap.reserve_s, code, run_id, tokenizer_sha, log)
     # Before the cap check, so that a run whose artifact is over the cap still reports its model.
     prequant = evaluator.quick(model, hp.train_seq_len, looped=True) if hp.ema_decay else result["val"]
     log(f"prequant val_loss:{prequant[0]:.8f} val_bpb:{prequant[1]:.8f}")

@@ -248,7 +248,7 @@ def test_iterations_that_end_before_the_clock_still_run_the_whole_schedule(tiny_
             return 0.0, 0.0
     lines, checks = [], Checks()
     files = train_gpt.shard_files(str(data), "train")
-    cap_ms, _ = train_gpt.train_clock_cap(hp, dctx, trainer, files)
+    cap_ms = train_gpt.train_clock_cap(hp, dctx, trainer, files).ms
     result = train_gpt.train(hp, dctx, trainer, files, checks, cap_ms, lines.append)
     assert result["steps"] == 10 and result["stop_reason"] == "iterations"
     assert "layer_loop:enabled step:4 progress:0.400" in lines
@@ -557,11 +557,13 @@ def test_the_cap_line_names_where_its_reserve_came_from():
     trainer = SimpleNamespace(model=None, plans={2048: (48, 1)}, matrix_inputs=None)  # never run: nothing measured
     cap = lambda **env: train_gpt.train_clock_cap(train_gpt.Hyperparameters(
         {k: str(v) for k, v in env.items()}), train_gpt.Dist(), trainer, [])
-    assert cap(MAX_WALLCLOCK_SECONDS=240, GPTQ_RESERVE_SECONDS=6) == (
-        234000.0, "train_clock_cap:234.0s gptq_reserve:6.0s reserve_source:GPTQ_RESERVE_SECONDS")
-    assert cap(MAX_WALLCLOCK_SECONDS=240, GPTQ_CALIBRATION_BATCHES=0) == (
-        239000.0, "train_clock_cap:239.0s gptq_reserve:1.0s reserve_source:no_hessians")
-    assert cap(MAX_WALLCLOCK_SECONDS=0) == (0.0, "train_clock_cap:none")
+    fixed, plain, none = (cap(MAX_WALLCLOCK_SECONDS=240, GPTQ_RESERVE_SECONDS=6),
+                          cap(MAX_WALLCLOCK_SECONDS=240, GPTQ_CALIBRATION_BATCHES=0), cap(MAX_WALLCLOCK_SECONDS=0))
+    assert (fixed, fixed.line()) == ((234000.0, 6.0, "GPTQ_RESERVE_SECONDS"),
+                                     "train_clock_cap:234.0s gptq_reserve:6.0s reserve_source:GPTQ_RESERVE_SECONDS")
+    assert (plain, plain.line()) == ((239000.0, 1.0, "no_hessians"),
+                                     "train_clock_cap:239.0s gptq_reserve:1.0s reserve_source:no_hessians")
+    assert (none.ms, none.line()) == (0.0, "train_clock_cap:none")
 
 
 def test_a_capped_run_without_hessians_ends_inside_its_budget(tiny_data, tmp_path, launcher):
