@@ -3510,40 +3510,26 @@ class Trainer:
             else matrix_inputs
         self.plans = {L: plan_batches(hp, dctx.world_size, dctx.device, L) for L, _ in seq_schedule(hp)}
         self.ema = [p.detach().float().clone() for p in model.parameters()] if hp.ema_decay else None
-        self.files, self.streams, self.stream = None, {}, None
-        self.use_seq_len(hp.train_seq_len)
+        self.streams, self.ahead = {}, None  # {length: its stream}; (length, batch) loaded ahead
 
-    @property
-    def stream(self):
-        return self._stream
-
-    @stream.setter
-    def stream(self, stream):
-        self._stream, self._next_batch = stream, None  # a new stream drops the prefetched batch
+    def use_streams(self, streams: dict):
+        """Draw each length's batches from streams[length], from where it stands; a batch loaded ahead goes."""
+        self.streams, self.ahead = streams, None
 
     def reset_stream(self, files):
         """Fresh streams from the train shards, one per sequence length of the schedule, each at its start: all
         built (and checked) now, not where training first reaches a length. A length other than TRAIN_SEQ_LEN
         draws from a stream of its own seed (a permutation of its windows)."""
         hp = self.hp
-        self.files = files
-        self.streams = {L: TrainStream(files, L, hp.seed if L == hp.train_seq_len else (hp.seed, L), hp.vocab_size)
-                        for L in self.plans}
-        self.use_seq_len(self.seq_len)
+        self.use_streams({L: TrainStream(files, L, hp.seed if L == hp.train_seq_len else (hp.seed, L), hp.vocab_size)
+                          for L in self.plans})
 
-    def use_seq_len(self, seq_len: int):
-        """Train on sequences of seq_len from the next step: same tokens per step, other micro-batches."""
-        self.seq_len = seq_len
-        self.micro_seqs, self.accum = self.plans[seq_len]
-        self.local_seqs = self.micro_seqs * self.accum
-        self.global_seqs = self.local_seqs * self.dctx.world_size
-        if self.files is not None and self.stream is not self.streams[seq_len]:  # the same one keeps its prefetch
-            self.stream = self.streams[seq_len]
-
-    def _load_batch(self) -> torch.Tensor:
-        """This rank's rows of the next global batch, on its way to the device (async on CUDA)."""
-        rows = slice(self.dctx.rank * self.local_seqs, (self.dctx.rank + 1) * self.local_seqs)
-        batch = torch.from_numpy(self.stream.next_batch(self.global_seqs, rows))
+    def _load_batch(self, seq_len: int) -> torch.Tensor:
+        """This rank's rows of the next global batch of seq_len sequences, on its way to the device (async on CUDA)."""
+        micro, accum = self.plans[seq_len]
+        local = micro * accum
+        rows = slice(self.dctx.rank * local, (self.dctx.rank + 1) * local)
+        batch = torch.from_numpy(self.streams[seq_len].next_batch(local * self.dctx.world_size, rows))
         if self.dctx.device.type == "cuda":
             batch = batch.pin_memory().to(self.dctx.device, non_blocking=True)
         return batch
@@ -3564,18 +3550,20 @@ class Trainer:
             scale = (self.hp.grad_clip_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads + shards, scale)
 
-    def step(self, step: int, lr_mul: float, looped: bool) -> torch.Tensor:
-        """Queue one optimizer step on the next global batch; the mean train loss as a device scalar
-        (nothing here waits for the GPU: the caller decides when to read it)."""
-        batch = self._next_batch if self._next_batch is not None else self._load_batch()
+    def step(self, step: int, lr_mul: float, seq_len: int, looped: bool) -> torch.Tensor:
+        """Queue one optimizer step on the next global batch of seq_len sequences (same tokens per step at any
+        length, other micro-batches); the mean train loss as a device scalar (nothing here waits for the GPU:
+        the caller decides when to read it). A batch loaded ahead for another length goes unused."""
+        micro, accum = self.plans[seq_len]
+        batch = self.ahead[1] if self.ahead is not None and self.ahead[0] == seq_len else self._load_batch(seq_len)
         loss_sum = torch.zeros((), device=self.dctx.device)
-        for m in range(self.accum):
-            mb = batch[m * self.micro_seqs:(m + 1) * self.micro_seqs]
+        for m in range(accum):
+            mb = batch[m * micro:(m + 1) * micro]
             with autocast_ctx(self.dctx.device):
                 loss = self.forward(mb[:, :-1], mb[:, 1:], looped).mean()
-            (loss / self.accum).backward()
+            (loss / accum).backward()
             loss_sum += loss.detach()
-        self._next_batch = self._load_batch()  # read from disk while the GPU works through this step
+        self.ahead = seq_len, self._load_batch(seq_len)  # read from disk while the GPU works through this step
         self._sync_grads()
         mom = muon_momentum(step, self.hp)
         for opt in self.optimizers:
@@ -3587,7 +3575,7 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)  # backward then writes fresh grads: no zero fill, no add
         if self.ema is not None:
             torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.model.parameters()], 1 - self.hp.ema_decay)
-        return self.dctx.all_reduce_sum(loss_sum) / (self.accum * self.dctx.world_size)
+        return self.dctx.all_reduce_sum(loss_sum) / (accum * self.dctx.world_size)
 
     def snapshot(self):
         """Copies of the weights and optimizer states, so that warm-up can be undone."""
@@ -3657,9 +3645,8 @@ def prime_compile(trainer: Trainer, hp: Hyperparameters, train_files, log):
         seen = set()
         for k in range(n):
             seq_len, looped = shapes[k * len(shapes) // n]
-            trainer.use_seq_len(seq_len)
             t0 = time.perf_counter()
-            trainer.step(0, 1.0, looped)
+            trainer.step(0, 1.0, seq_len, looped)
             if (seq_len, looped) not in seen:  # a shape's first step compiles its graph: where start-up goes
                 seen.add((seq_len, looped))
                 synchronize(trainer.dctx.device)
@@ -3672,7 +3659,6 @@ def prime_compile(trainer: Trainer, hp: Hyperparameters, train_files, log):
             with torch.no_grad():
                 calibration_batches(trainer.model, train_files, hp, trainer.plans[hp.train_seq_len], trainer.dctx,
                                     trainer.matrix_inputs)(HessianRecorder())
-    trainer.use_seq_len(shapes[0][0])
     trainer.reset_stream(train_files)
     synchronize(trainer.dctx.device)  # the priming steps were queued asynchronously; none may reach the clock
 
@@ -3748,6 +3734,7 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
     log(f"warmup_done time:{warmup_s:.1f}s" + (f" {cache_counts_line(caches0)}" if trainer.compiled else ""))
     clock, schedule = TrainClock(dctx), seq_schedule(hp)
     step, looped, last_val, queued, flops_done, switched_at = 0, False, None, None, 0.0, None
+    seq_len = seq_len_at(schedule, 0.0)
     read_ms = 0.0  # the clock at the previous check
     while True:
         # whichever limit binds first ends the schedule: the clock's share or the steps' share of ITERATIONS
@@ -3768,16 +3755,15 @@ def train(hp: Hyperparameters, dctx: Dist, trainer: Trainer, train_files, evalua
             clock.resume()
         if done:
             break
-        if seq_len_at(schedule, progress) != trainer.seq_len:  # a new stream: its prefetched batch is dropped
-            trainer.use_seq_len(seq_len_at(schedule, progress))
-            switched_at = step
-            log(f"seq_len:{trainer.seq_len} step:{step} progress:{progress:.3f}")
+        if seq_len_at(schedule, progress) != seq_len:  # a new stream: the batch loaded ahead goes unused
+            seq_len, switched_at = seq_len_at(schedule, progress), step
+            log(f"seq_len:{seq_len} step:{step} progress:{progress:.3f}")
         lr_mul = lr_multiplier(progress, hp.warmdown_frac, hp.min_lr)
         if switched_at is not None:  # a new length re-warms the LR
             lr_mul *= min(1.0, (step - switched_at + 1) / SEQ_REWARM_STEPS)
-        loss_t = trainer.step(step, lr_mul, looped)
+        loss_t = trainer.step(step, lr_mul, seq_len, looped)
         step += 1
-        flops_done += hp.train_batch_tokens * model_flops_per_token(trainer.model.cfg, trainer.seq_len, looped)
+        flops_done += hp.train_batch_tokens * model_flops_per_token(trainer.model.cfg, seq_len, looped)
         if queued:
             log_train_step(hp, dctx, clock, cap_ms, queued, log)
         queued = (step, PendingScalar(loss_t), flops_done)
@@ -4046,8 +4032,8 @@ def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, T
         f"mlp_leaky_slope:{cfg.mlp_leaky_slope} smear_gate:{int(cfg.smear_gate)} attn_gate:{int(cfg.attn_gate)} "
         f"asym_logit:{int(cfg.asym_logit)} muon_row_normalize:{int(hp.muon_row_normalize)} "
         f"muon_ns_schedule:{hp.muon_ns_schedule} ema_decay:{hp.ema_decay} parallel_muon_world:{dctx.world_size}")
-    log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{trainer.micro_seqs} grad_accum:{trainer.accum} "
-        f"compile:{int(trainer.compiled)}")
+    micro, accum = trainer.plans[hp.train_seq_len]
+    log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{micro} grad_accum:{accum} compile:{int(trainer.compiled)}")
     return model, trainer
 
 

@@ -70,14 +70,14 @@ def main(argv=None) -> int:
     dctx = train_gpt.setup_distributed(hp)
     trainer, attention = build_trainer(hp, dctx, args.data)
     for _ in range(args.warmup):
-        trainer.step(0, 1.0, args.looped)
+        trainer.step(0, 1.0, hp.train_seq_len, args.looped)
     train_gpt.synchronize(dctx.device)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                     if dctx.device.type == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            trainer.step(0, 1.0, args.looped)
+            trainer.step(0, 1.0, hp.train_seq_len, args.looped)
         train_gpt.synchronize(dctx.device)
         step_ms = 1000 * (time.perf_counter() - t0) / args.steps
     totals, calls, spans = kernel_times(prof, args.steps)

@@ -99,8 +99,9 @@ def build_trainer(hp, dctx, data: str = ""):
     attention, attend = train_gpt.select_attention(hp.attn_backend, dctx.device)
     model = train_gpt.GPT(hp.model_config(), attend).to(dctx.device)
     trainer = train_gpt.Trainer(hp, dctx, model)
-    trainer.stream = (train_gpt.TrainStream(train_gpt.shard_files(data, "train"), hp.train_seq_len, hp.seed,
-                                            hp.vocab_size) if data else RandomStream(hp.vocab_size, hp.train_seq_len))
+    trainer.use_streams({hp.train_seq_len: train_gpt.TrainStream(train_gpt.shard_files(data, "train"), hp.train_seq_len,
+                                                                 hp.seed, hp.vocab_size)
+                         if data else RandomStream(hp.vocab_size, hp.train_seq_len)})
     return trainer, attention
 
 
@@ -117,21 +118,21 @@ def bench(name: str, overrides: dict, looped: bool, args):
     model = trainer.model
     t0, caches0 = time.perf_counter(), train_gpt.compile_cache_counts()
     for _ in range(args.warmup):
-        trainer.step(0, 1.0, looped)
+        trainer.step(0, 1.0, hp.train_seq_len, looped)
     train_gpt.synchronize(dctx.device)
     warmup_s = time.perf_counter() - t0  # the first step compiles (or loads the graphs from the caches)
     if dctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        trainer.step(0, 1.0, looped)
+        trainer.step(0, 1.0, hp.train_seq_len, looped)
     train_gpt.synchronize(dctx.device)
     ms = 1000 * (time.perf_counter() - t0) / args.steps
     tok_s = hp.train_batch_tokens / ms * 1000
     # The same steps as train_gpt's loop runs them: each loss read one step late (PendingScalar).
     t0, queued = time.perf_counter(), None
     for _ in range(args.steps):
-        loss = train_gpt.PendingScalar(trainer.step(0, 1.0, looped))
+        loss = train_gpt.PendingScalar(trainer.step(0, 1.0, hp.train_seq_len, looped))
         if queued is not None:
             queued.read()
         queued = loss
@@ -143,7 +144,7 @@ def bench(name: str, overrides: dict, looped: bool, args):
     for _ in range(5):
         train_gpt.synchronize(dctx.device)
         t1 = time.perf_counter()
-        trainer.step(0, 1.0, looped)
+        trainer.step(0, 1.0, hp.train_seq_len, looped)
         host.append(time.perf_counter() - t1)
     train_gpt.synchronize(dctx.device)
     host_ms = 1000 * sorted(host)[len(host) // 2]

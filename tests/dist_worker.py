@@ -29,11 +29,11 @@ def main(argv: list[str]) -> int:
 
     torch._foreach_mul_ = spy_mul
     try:
-        losses = [trainer.step(s, 1.0, False).item() for s in range(hp.iterations)]
+        losses = [trainer.step(s, 1.0, hp.train_seq_len, False).item() for s in range(hp.iterations)]
     finally:
         torch._foreach_mul_ = real_mul
     if dctx.is_main:
-        torch.save(dict(losses=losses, accum=trainer.accum, state=model.state_dict(), clipped=any(clipped)), argv[0])
+        torch.save(dict(losses=losses, accum=trainer.plans[hp.train_seq_len][1], state=model.state_dict(), clipped=any(clipped)), argv[0])
     if dctx.enabled:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -184,7 +184,7 @@ def test_seq_schedule_trains_each_length_in_turn_and_rewarms_the_lr(tiny_data, m
     real_forward, real_step = trainer.forward, trainer.step
     monkeypatch.setattr(trainer, "forward",
                         lambda x, y, looped: shapes.append(tuple(x.shape)) or real_forward(x, y, looped))
-    monkeypatch.setattr(trainer, "step", lambda k, lr, looped: lrs.append(lr) or real_step(k, lr, looped))
+    monkeypatch.setattr(trainer, "step", lambda k, lr, L, looped: lrs.append(lr) or real_step(k, lr, L, looped))
 
     class NoVal:
         def quick(self, model, seq_len, looped):
@@ -238,7 +238,8 @@ def test_iterations_that_end_before_the_clock_still_run_the_whole_schedule(tiny_
     dctx = train_gpt.setup_distributed(hp)
     trainer = train_gpt.Trainer(hp, dctx, train_gpt.GPT(hp.model_config()))
     lrs, real_step = [], trainer.step
-    monkeypatch.setattr(trainer, "step", lambda k, lr, looped: lrs.append((lr, looped)) or real_step(k, lr, looped))
+    monkeypatch.setattr(trainer, "step",
+                        lambda k, lr, L, looped: lrs.append((lr, looped)) or real_step(k, lr, L, looped))
 
     class Checks:  # the layer order each check scores
         orders = []
@@ -659,9 +660,9 @@ def test_every_parameter_has_one_optimizer_and_moves():
         {n: 0 if n in train_gpt.TEST_TIME_ONLY else 1 for n in names}
     assert "resid_mix" in names and names["resid_mix"].ndim == 3
     before = {n: p.detach().clone() for n, p in names.items()}
-    trainer.stream = RandomStream(hp.train_seq_len, hp.vocab_size)
+    trainer.use_streams({hp.train_seq_len: RandomStream(hp.train_seq_len, hp.vocab_size)})
     for k in range(3):
-        trainer.step(k, 1.0, looped=True)
+        trainer.step(k, 1.0, hp.train_seq_len, looped=True)
     still = [n for n, p in names.items() if torch.equal(p.detach(), before[n])]
     assert still == list(train_gpt.TEST_TIME_ONLY)
 
@@ -675,15 +676,16 @@ def test_a_parameter_no_forward_reads_gets_a_zero_gradient():
                                         PARALLEL_RESIDUAL_START="-1", EMA_DECAY="0"))
     model = train_gpt.GPT(hp.model_config())
     trainer = train_gpt.Trainer(hp, train_gpt.setup_distributed(hp), model)
-    trainer.stream = RandomStream(hp.train_seq_len, hp.vocab_size)
+    trainer.use_streams({hp.train_seq_len: RandomStream(hp.train_seq_len, hp.vocab_size)})
     assert model.skip_weights.numel()
-    losses = [float(trainer.step(k, 1.0, looped=k > 0)) for k in range(2)]
+    losses = [float(trainer.step(k, 1.0, hp.train_seq_len, looped=k > 0)) for k in range(2)]
     assert all(math.isfinite(x) for x in losses)
 
 
 def test_prefetch_keeps_the_batch_order_and_a_new_stream_drops_it(monkeypatch):
     """Trainer.step loads the next batch while the current one is on the GPU: step k must still train
-    on batch k, and swapping the stream (the warm-up restore does) must not leak a stale batch."""
+    on batch k, and neither new streams (the warm-up restore) nor a step of another length may take a batch loaded
+    ahead for the old ones; one loaded ahead and not taken is skipped."""
     hp = train_gpt.Hyperparameters(dict(DEVICE="cpu", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2",
                                         NUM_KV_HEADS="1", VOCAB_SIZE="64", TRAIN_SEQ_LEN="16",
                                         TRAIN_BATCH_TOKENS="128", EMA_DECAY="0", NUM_LOOPS="0"))
@@ -693,12 +695,16 @@ def test_prefetch_keeps_the_batch_order_and_a_new_stream_drops_it(monkeypatch):
     seen = []
     real_forward = trainer.forward
     monkeypatch.setattr(trainer, "forward", lambda x, y, looped: seen.append(int(x[0, 0])) or real_forward(x, y, looped))
-    trainer.stream = CountingStream(hp.train_seq_len)
+    L = hp.train_seq_len
+    trainer.use_streams({L: CountingStream(L), L // 2: CountingStream(L // 2, offset=20)})
+    trainer.plans[L // 2] = (trainer.plans[L][0] * 2, trainer.plans[L][1])  # same tokens per step at half the length
     for k in range(3):
-        trainer.step(k, 1.0, False)
-    trainer.stream = CountingStream(hp.train_seq_len, offset=50)
-    trainer.step(3, 1.0, False)
-    assert seen == [0, 1, 2, 50]
+        trainer.step(k, 1.0, L, False)
+    trainer.use_streams({L: CountingStream(L, offset=50), L // 2: trainer.streams[L // 2]})
+    trainer.step(3, 1.0, L, False)
+    trainer.step(4, 1.0, L // 2, False)  # another length: the batch loaded ahead for L goes unused
+    trainer.step(5, 1.0, L, False)
+    assert seen == [0, 1, 2, 50, 20, 52]
 
 
 def test_the_over_budget_hint_fits_the_cap():
