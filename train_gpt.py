@@ -209,8 +209,8 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("EVAL_STRIDE", 64, "sliding-window stride: each window scores its last STRIDE targets; 0 = no sliding", 0),
     Knob("EVAL_SLIDING", AUTO, "with TTT, also score plain sliding windows as a reference: 1, 0, or auto = while "
          "the pace fits EVAL_BUDGET_SECONDS"),
-    Knob("EVAL_BATCH_SEQS", 32, "windows per forward of the roundtrip, sliding and windowed-TTT phases (LoRA TTT "
-         "batches TTT_LORA_DOCS documents)", 1),
+    Knob("EVAL_BATCH_SEQS", 32, "windows per forward wherever windows are scored: training's checks, roundtrip, "
+         "sliding, windowed TTT, SLOT (LoRA TTT batches TTT_LORA_DOCS documents)", 1),
     Knob("EVAL_COMPILE", AUTO, "torch.compile the eval forward: auto = where COMPILE applies (CUDA) | 1 | 0"),
     Knob("TTT_ENABLED", True, "score-first test-time training: per-document LoRA (TTT_LORA_RANK) or, at rank 0, "
          "over sliding windows"),

@@ -219,33 +219,36 @@ def test_a_reset_gives_every_row_the_same_start_whatever_the_batch():
 
 
 def test_row_adamw_steps_the_live_rows_as_torch_adamw_does_and_leaves_the_rest():
-    """RowAdamW's steps of rows 0..n-1 (n shrinking as documents finish) move those rows as torch's AdamW moves
-    them stepping every row, and leave the finished rows where they stopped; a reset starts the moments over.
-    Its gradients come transposed, as autograd.grad may return them: torch 2.13's fused step on CPU, given such
-    a gradient as it came, reads it as if laid out like the weight and moves the wrong elements."""
+    """RowAdamW's steps of rows 0..n-1 (n shrinking as documents finish) move those rows of each weight as torch's
+    AdamW moves them stepping every row, and leave the finished rows where they stopped; each weight keeps its
+    own step count (bias correction), and a reset starts them and the moments over. Its gradients come
+    transposed, as autograd.grad may return them: torch 2.13's fused step on CPU, given such a gradient as it
+    came, reads it as if laid out like the weight and moves the wrong elements."""
     torch.manual_seed(0)
-    start = torch.randn(4, 5, 3)
-    grads = [torch.randn(4, 3, 5).transpose(1, 2) for _ in range(4)]  # not in the weight's layout
-    assert not grads[0].is_contiguous()
+    starts = [torch.randn(4, 5, 3), torch.randn(4, 2, 6)]
+    grads = [[torch.randn(4, *w.shape[:0:-1]).transpose(1, 2) for w in starts] for _ in range(4)]  # not its layout
+    assert not grads[0][0].is_contiguous()
     rows = (4, 3, 3, 1)
-    w = torch.nn.Parameter(start.clone())
-    opt = train_gpt.RowAdamW([w], lr=0.01)
-    for rep in range(2):  # the second pass after a reset: as from fresh moments
+    ws = [torch.nn.Parameter(w.clone()) for w in starts]
+    opt = train_gpt.RowAdamW(ws, lr=0.01)
+    for rep in range(2):  # the second pass after a reset: as from fresh moments and counts
         with torch.no_grad():
-            w.copy_(start)
+            for w, start in zip(ws, starts):
+                w.copy_(start)
         opt.reset()
         for g, n in zip(grads, rows):
-            opt.step((g,), n)
-    for r in range(4):
-        ref = torch.nn.Parameter(start[r].clone())
-        torch_opt = torch.optim.AdamW([ref], lr=0.01, betas=train_gpt.LORA_BETAS, eps=train_gpt.LORA_EPS,
-                                      weight_decay=train_gpt.LORA_WD, foreach=True)
-        for g, n in zip(grads, rows):
-            if r < n:  # a live row
-                ref.grad = g[r]
-                torch_opt.step()
-        torch.testing.assert_close(w[r].detach(), ref.detach(), rtol=1e-6, atol=1e-7)
-    assert not torch.equal(w[3], start[3]) and not torch.equal(w[3], w[0])  # row 3 stepped once, then left
+            opt.step(tuple(g), n)
+    for i, (w, start) in enumerate(zip(ws, starts)):
+        for r in range(4):
+            ref = torch.nn.Parameter(start[r].clone())
+            torch_opt = torch.optim.AdamW([ref], lr=0.01, betas=train_gpt.LORA_BETAS, eps=train_gpt.LORA_EPS,
+                                          weight_decay=train_gpt.LORA_WD, foreach=True)
+            for g, n in zip(grads, rows):
+                if r < n:  # a live row
+                    ref.grad = g[i][r]
+                    torch_opt.step()
+            torch.testing.assert_close(w[r].detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+        assert not torch.equal(w[3], start[3]) and not torch.equal(w[3], w[0])  # row 3 stepped once, then left
 
 
 def test_adapters_move_the_scores_and_learn_a_repeated_document():
