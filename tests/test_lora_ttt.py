@@ -218,15 +218,18 @@ def test_a_reset_gives_every_row_the_same_start_whatever_the_batch():
         assert not lora.b[key].any()
 
 
-def test_row_adamw_steps_the_live_rows_as_torch_adamw_does_and_leaves_the_rest():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the fused CUDA kernel needs a GPU"))])
+def test_row_adamw_steps_the_live_rows_as_torch_adamw_does_and_leaves_the_rest(device):
     """RowAdamW's steps of rows 0..n-1 (n shrinking as documents finish) move those rows of each weight as torch's
     AdamW moves them stepping every row, and leave the finished rows where they stopped; each weight keeps its
     own step count (bias correction), and a reset starts them and the moments over. Its gradients come
     transposed, as autograd.grad may return them: torch 2.13's fused step on CPU, given such a gradient as it
     came, reads it as if laid out like the weight and moves the wrong elements."""
     torch.manual_seed(0)
-    starts = [torch.randn(4, 5, 3), torch.randn(4, 2, 6)]
-    grads = [[torch.randn(4, *w.shape[:0:-1]).transpose(1, 2) for w in starts] for _ in range(4)]  # not its layout
+    starts = [torch.randn(4, 5, 3, device=device), torch.randn(4, 2, 6, device=device)]
+    grads = [[torch.randn(4, *w.shape[:0:-1], device=device).transpose(1, 2) for w in starts]
+             for _ in range(4)]  # not in the weight's layout
     assert not grads[0][0].is_contiguous()
     rows = (4, 3, 3, 1)
     ws = [torch.nn.Parameter(w.clone()) for w in starts]
