@@ -2674,7 +2674,8 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         lora = LoRA(model.cfg, hp.ttt_lora_docs, hp.ttt_lora_rank, dctx.device, lora_targets(hp))
         if log is not None:
             log(f"ttt_lora rank:{hp.ttt_lora_rank} targets:{','.join(lora_targets(hp))} lr:{hp.ttt_lora_lr} "
-                f"chunk:{min(hp.ttt_lora_chunk, phase.seq_len // 2)} steps:{hp.ttt_lora_steps} batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} "
+                f"chunk:{min(hp.ttt_lora_chunk, phase.seq_len // 2)} steps:{hp.ttt_lora_steps} "
+                f"batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} "
                 f"global_chunks:{len(chunks)} global_chunk_tokens:{lora_span_tokens(hp, dctx.world_size)} "
                 f"kv_reuse:{int(hp.ttt_lora_kv_reuse)}")
     else:
@@ -2878,7 +2879,8 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
     TTT_LORA_GRAD_CONTEXT says so: grad_window). A finished document leaves the batch (step_rows): the
     longest documents come first and take the most steps, so the live rows are always the batch's first
     ones, row i keeps adapter row i and only live rows step (RowAdamW). Without lora (TTT stopped by the
-    budget) nothing trains. With TTT_LORA_KV_REUSE a chunk's pass reads its window's earlier inputs from a KVRing."""
+    budget) nothing trains. With TTT_LORA_KV_REUSE a chunk's pass reads its window's earlier inputs from a
+    KVRing."""
     ring = KVRing(model, hp.ttt_lora_docs, phase.seq_len, phase.looped, tokens.device) \
         if hp.ttt_lora_kv_reuse and lora is not None and len(starts) else None  # a rank may get no document
     opt = RowAdamW(list(lora.parameters()), hp.ttt_lora_lr) if lora is not None else None
@@ -4033,7 +4035,8 @@ def build_model(hp: Hyperparameters, dctx: Dist, attention, log) -> tuple[GPT, T
         f"asym_logit:{int(cfg.asym_logit)} muon_row_normalize:{int(hp.muon_row_normalize)} "
         f"muon_ns_schedule:{hp.muon_ns_schedule} ema_decay:{hp.ema_decay} parallel_muon_world:{dctx.world_size}")
     micro, accum = trainer.plans[hp.train_seq_len]
-    log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{micro} grad_accum:{accum} compile:{int(trainer.compiled)}")
+    log(f"batch_tokens:{hp.train_batch_tokens} micro_batch_seqs:{micro} grad_accum:{accum} "
+        f"compile:{int(trainer.compiled)}")
     return model, trainer
 
 
@@ -4207,8 +4210,8 @@ def reloaded_model(qstate: dict, meta: dict, path: Path, dctx: Dist, attention, 
 
 
 # Knobs an EVAL_ONLY run does not read: they shape training and the artifact's export.
-EVAL_ONLY_UNREAD = {k.name for k in SCHEDULE_KNOBS + OPTIMIZER_KNOBS + EXPORT_KNOBS} - {"VAL_MAX_TOKENS", "TRAIN_SEQ_LEN"} \
-    | {"ARTIFACT_DIR", "PREQUANT_SAVE"}
+EVAL_ONLY_UNREAD = ({k.name for k in SCHEDULE_KNOBS + OPTIMIZER_KNOBS + EXPORT_KNOBS}
+                    - {"VAL_MAX_TOKENS", "TRAIN_SEQ_LEN"} | {"ARTIFACT_DIR", "PREQUANT_SAVE"})
 
 
 def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:

@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
     finally:
         torch._foreach_mul_ = real_mul
     if dctx.is_main:
-        torch.save(dict(losses=losses, accum=trainer.plans[hp.train_seq_len][1], state=model.state_dict(), clipped=any(clipped)), argv[0])
+        torch.save(dict(losses=losses, accum=trainer.plans[hp.train_seq_len][1], state=model.state_dict(),
+                        clipped=any(clipped)), argv[0])
     if dctx.enabled:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

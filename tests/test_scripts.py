@@ -474,7 +474,8 @@ def test_runlog_keeps_each_lines_values_under_its_name():
     (eval_prime, artifact_load) is read too."""
     log = runlog.parse("\n".join([
         "eval_prime time:31.3s graphs:4 tokens:12288", "gptq_hessians:45 batches:16 time:2.5s",
-        "artifact_load time:1.4s", "ttt_chunk:1/10 time:20.3s", "ttt_chunk:2/10 time:38.4s", "final_val_bpb:1.0"]) + "\n")
+        "artifact_load time:1.4s", "ttt_chunk:1/10 time:20.3s", "ttt_chunk:2/10 time:38.4s",
+        "final_val_bpb:1.0"]) + "\n")
     assert (log.facts["eval_prime.time"], log.facts["eval_prime.graphs"], log.facts["gptq_hessians.time"],
             log.facts["artifact_load.time"], log.facts["ttt_chunk.time"]) == ("31.3s", "4", "2.5s", "1.4s", "38.4s")
     assert log.facts["gptq_hessians"] == "45" and log.facts["time"] == "38.4s"  # as before: the last line's
