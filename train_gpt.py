@@ -2674,7 +2674,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         lora = LoRA(model.cfg, hp.ttt_lora_docs, hp.ttt_lora_rank, dctx.device, lora_targets(hp))
         if log is not None:
             log(f"ttt_lora rank:{hp.ttt_lora_rank} targets:{','.join(lora_targets(hp))} lr:{hp.ttt_lora_lr} "
-                f"chunk:{min(hp.ttt_lora_chunk, phase.seq_len // 2)} steps:{hp.ttt_lora_steps} "
+                f"chunk:{int(chunk_size(0, hp, True, phase.seq_len))} steps:{hp.ttt_lora_steps} "
                 f"batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} "
                 f"global_chunks:{len(chunks)} global_chunk_tokens:{lora_span_tokens(hp, dctx.world_size)} "
                 f"kv_reuse:{int(hp.ttt_lora_kv_reuse)}")
