@@ -243,12 +243,6 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
     Knob("TTT_LORA_GRAD_CONTEXT", 128, "LoRA TTT: a step whose chunk has more than this many tokens of context "
          "before it updates on the last this many only, in a pass of its own after the chunk is scored with its "
          "whole window (a shorter backward, one more forward and compiled graph); 0 = in the scoring pass", 0),
-    Knob("TTT_LORA_KV_REUSE", False, "LoRA TTT: a chunk's scoring pass runs its own inputs only and reads the keys and "
-         "values of its window's earlier inputs as the passes that scored them computed them (under the adapters "
-         "of their step, with their own windows' context) instead of recomputing the whole window: a fraction of "
-         "the forward tokens, a different computation. The updates step on it at TTT_LORA_GRAD_CONTEXT=0 (the gradient "
-         "through the chunk's inputs only), else on their own pass over that context, recomputed. Off: on one H100 "
-         "it took longer than recomputing (results/2026-12-07_kv_reuse_h100/)"),
     Knob("ASYM_LOGIT_LR", 1.0, "TTT SGD learning rate of the two AsymLogit caps (their gradient is tiny next to a "
          "weight's: at TTT_LR they would not move)", 0),
     Knob("SLOT", "off", "off | context (fit a per-window delta on already-scored positions) | full (on the "
@@ -1085,14 +1079,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims:
 GATE_WINDOW = 12  # SmearGate and SparseGate read this many leading channels of their input
 
 
-def smear(e: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, lam: torch.Tensor,
-          before: torch.Tensor | None = None) -> torch.Tensor:
+def smear(e: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """SmearGate: e_t + lam * sigmoid(w . e_t[:GATE_WINDOW]) * e_{t-1} for embeddings e [B,T,d] of
-    tokens idx, except where idx_t is BOS: a document's first token never sees the previous one. The
-    first token's e_{t-1} is `before` [B,1,d] where given (the input before a chunk), else zero."""
+    tokens idx, except where idx_t is BOS: a document's first token never sees the previous one."""
     gate = torch.sigmoid(e[..., :GATE_WINDOW] @ w) * (idx != BOS_ID)
-    prev = F.pad(e[:, :-1], (0, 0, 1, 0)) if before is None else torch.cat((before, e[:, :-1]), 1)
-    return e + lam * gate[..., None] * prev
+    return e + lam * gate[..., None] * F.pad(e[:, :-1], (0, 0, 1, 0))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -1101,30 +1092,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
-
-
-def attention_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                    visible: torch.Tensor) -> torch.Tensor:
-    """Causal attention of a chunk's q [B,T,H,hd] over its own k, v [B,T,Hkv,hd] and the `visible` [S] entries
-    of earlier keys and values [B,S,Hkv,hd] (inputs before the chunk, in any order: RoPE is in the keys)."""
-    T, S, g = q.size(1), past_k.size(1), q.size(2) // k.size(2)
-    own = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    mask = torch.cat((visible.expand(T, S), own), 1)
-    # key heads repeated for their g query heads: with GQA a masked SDPA falls back to the math kernel
-    keys, values = (torch.cat(pair, 1).repeat_interleave(g, 2).transpose(1, 2) for pair in ((past_k, k), (past_v, v)))
-    return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask).transpose(1, 2)
-
-
-class Past(NamedTuple):
-    """What a chunk's pass reads of its document's earlier inputs (TTT_LORA_KV_REUSE): per virtual layer slot
-    their keys (RoPE applied) and values [B,S,Hkv,hd] as a pass computed them, which of the S entries the
-    chunk reads [S], the input before the chunk [B] (SmearGate) and the chunk's first position in its document
-    (0-dim; at 0 there is no input before it). The same for every row: a batch's documents step together."""
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
-    visible: torch.Tensor
-    lead: torch.Tensor
-    start: torch.Tensor
 
 
 def pinned_attention(*backends):
@@ -1232,10 +1199,7 @@ class GPT(nn.Module):
         y = F.linear(x, self.w(role, i))
         return y if lora is None else lora(f"{role}{slot}", x, y)
 
-    def _attention(self, i: int, x: torch.Tensor, cos, sin, tap, lora=None, slot=0, past: Past | None = None,
-                   fresh: list | None = None) -> torch.Tensor:
-        """Attention of layer i at virtual slot `slot`; after `past`'s entries for that slot where given,
-        with this pass's own keys and values appended to `fresh`."""
+    def _attention(self, i: int, x: torch.Tensor, cos, sin, tap, lora=None, slot=0) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -1247,11 +1211,7 @@ class GPT(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rope(rms_norm(q), cos, sin, self.rope_dims) * self.q_gain[i].to(q.dtype)[:, None]
         k = apply_rope(rms_norm(k), cos, sin, self.rope_dims)
-        if past is None:
-            y = self.attention(q, k, v)
-        else:
-            y = attention_after(q, k, v, past.keys[slot], past.values[slot], past.visible)
-            fresh.append((k, v))
+        y = self.attention(q, k, v)
         if i >= cfg.num_layers - cfg.xsa_last_n:
             y = xsa(y.reshape(B, T, Hkv, H // Hkv, hd), v)
         if self.attn_gate is not None:
@@ -1271,8 +1231,7 @@ class GPT(nn.Module):
             tap(("mlp_act", i), h)
         return F.linear(h, self.w("down", i))
 
-    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin, tap, lora=None, slot=0,
-               past: Past | None = None, fresh: list | None = None) -> torch.Tensor:
+    def _block(self, i: int, x: torch.Tensor, x0: torch.Tensor, cos, sin, tap, lora=None, slot=0) -> torch.Tensor:
         # Autocast runs the matmuls in bf16; the gains are cast to the residual stream's dtype
         # (RESIDUAL_DTYPE) so that float32 gains do not promote a bf16 stream back to float32.
         attn_scale, mlp_scale = self.attn_scale[i].to(x.dtype), self.mlp_scale[i].to(x.dtype)
@@ -1281,7 +1240,7 @@ class GPT(nn.Module):
             x = mix[0] * x + mix[1] * x0
         s = self.ln_scales[i]
         attn_in = rms_norm(x) * s
-        attn = attn_scale * self._attention(i, attn_in, cos, sin, tap, lora, slot, past, fresh)
+        attn = attn_scale * self._attention(i, attn_in, cos, sin, tap, lora, slot)
         parallel = 0 <= self.cfg.parallel_residual_start <= i  # GPT-J style: both read the same input
         x = x + attn
         mlp_in = attn_in if parallel else rms_norm(x) * s
@@ -1296,26 +1255,19 @@ class GPT(nn.Module):
             and torch.get_autocast_dtype(device.type) == torch.bfloat16
         return torch.bfloat16 if bf16 else torch.float32
 
-    def hidden(self, idx: torch.Tensor, looped: bool, tap=None, lora: LoRA | None = None,
-               past: Past | None = None) -> torch.Tensor | tuple[torch.Tensor, tuple]:
+    def hidden(self, idx: torch.Tensor, looped: bool, tap=None, lora: LoRA | None = None) -> torch.Tensor:
         """Final normed hidden states [B,T,d]; looped = with depth recurrence. tap(key, x), if given,
-        sees the input of every matrix multiply (GPTQ's Hessians); lora adapts each row of the batch. With
-        `past`, idx continues those earlier inputs: returns (hidden states, ((keys, values) per slot)) for
-        the next chunk's Past."""
+        sees the input of every matrix multiply (GPTQ's Hessians); lora adapts each row of the batch."""
         T = idx.size(1)
-        pos = torch.arange(T, device=idx.device, dtype=torch.float32)
-        # a chunk's positions run as far as its document: float64 keeps their angles exact enough
-        freqs = torch.outer(pos, self.inv_freq) if past is None else \
-            torch.outer(pos.double() + past.start, self.inv_freq.double())
+        freqs = torch.outer(torch.arange(T, device=idx.device, dtype=torch.float32), self.inv_freq)
         cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
         e = self.tok_emb(idx)
         if self.smear_w is not None:
-            before = None if past is None else self.tok_emb(past.lead)[:, None] * (past.start > 0).to(e.dtype)
-            e = smear(e, idx, self.smear_w.to(e.dtype), self.smear_lambda.to(e.dtype), before)
+            e = smear(e, idx, self.smear_w.to(e.dtype), self.smear_lambda.to(e.dtype))
         x = x0 = rms_norm(e).to(self.residual_dtype(idx.device))
         order = self.cfg.layer_order(looped)
         n_enc = len(order) // 2
-        skips, fresh = [], None if past is None else []
+        skips = []
         for j, i in enumerate(order):
             if j >= n_enc and skips:
                 k = j - n_enc
@@ -1325,10 +1277,10 @@ class GPT(nn.Module):
                     x = g * x + (1 - g) * w
                 else:
                     x = x + w
-            x = self._block(i, x, x0, cos, sin, tap, lora, j, past, fresh)
+            x = self._block(i, x, x0, cos, sin, tap, lora, j)
             if j < n_enc:
                 skips.append(x)
-        return rms_norm(x) if past is None else (rms_norm(x), tuple(fresh))
+        return rms_norm(x)
 
     def logits(self, h: torch.Tensor, lora: LoRA | None = None) -> torch.Tensor:
         logits = F.linear(h, self.tok_emb.weight)
@@ -2634,24 +2586,18 @@ def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device, looped: 
     """The model's hidden states in the layer order given (per-document adapted with a LoRA), compiled per
     EVAL_COMPILE with the batch and length dims dynamic: one graph without the LoRA (windows of every phase,
     and documents once the budget stopped the adapting; the weights frozen in both), one with the LoRA and
-    grad and, for TTT_LORA_GRAD_CONTEXT's scoring passes, one with the LoRA without grad. TTT_LORA_KV_REUSE: the
-    scoring passes read a Past, without grad and (TTT_LORA_GRAD_CONTEXT=0, the updates' pass) with it."""
-    def hidden(x, lora=None, past=None):
-        return model.hidden(x, looped=looped, lora=lora, past=past)
+    grad and, for TTT_LORA_GRAD_CONTEXT's scoring passes, one with the LoRA without grad."""
+    def hidden(x, lora=None):
+        return model.hidden(x, looped=looped, lora=lora)
     if not eval_compiles(hp, device):
         return hidden
     configure_inductor()  # as training compiles: an EVAL_ONLY run builds the kernels that a training run's eval does
     compiled = torch.compile(hidden, fullgraph=True)
 
-    def dynamic_hidden(x, lora=None, past=None):
-        for t in (x,) + (() if past is None else past.keys + past.values + (past.lead,)):
-            torch._dynamo.mark_dynamic(t, 0)
+    def dynamic_hidden(x, lora=None):
+        torch._dynamo.mark_dynamic(x, 0)
         torch._dynamo.maybe_mark_dynamic(x, 1)
-        if past is not None:  # the ring's filled length
-            for t in past.keys + past.values:
-                torch._dynamo.maybe_mark_dynamic(t, 1)
-            torch._dynamo.maybe_mark_dynamic(past.visible, 0)
-        return compiled(x, lora, past)
+        return compiled(x, lora)
     return dynamic_hidden
 
 
@@ -2676,8 +2622,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
             log(f"ttt_lora rank:{hp.ttt_lora_rank} targets:{','.join(lora_targets(hp))} lr:{hp.ttt_lora_lr} "
                 f"chunk:{int(chunk_size(0, hp, True, phase.seq_len))} steps:{hp.ttt_lora_steps} "
                 f"batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} "
-                f"global_chunks:{len(chunks)} global_chunk_tokens:{lora_span_tokens(hp, dctx.world_size)} "
-                f"kv_reuse:{int(hp.ttt_lora_kv_reuse)}")
+                f"global_chunks:{len(chunks)} global_chunk_tokens:{lora_span_tokens(hp, dctx.world_size)}")
     else:
         ends = window_ends(len(val.tokens), phase.seq_len, phase.stride)
         prev = np.concatenate(([0], ends[:-1]))
@@ -2879,22 +2824,14 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
     TTT_LORA_GRAD_CONTEXT says so: grad_window). A finished document leaves the batch (step_rows): the
     longest documents come first and take the most steps, so the live rows are always the batch's first
     ones, row i keeps adapter row i and only live rows step (RowAdamW). Without lora (TTT stopped by the
-    budget) nothing trains. With TTT_LORA_KV_REUSE a chunk's pass reads its window's earlier inputs from a
-    KVRing."""
-    ring = KVRing(model, hp.ttt_lora_docs, phase.seq_len, phase.looped, tokens.device) \
-        if hp.ttt_lora_kv_reuse and lora is not None and len(starts) else None  # a rank may get no document
+    budget) nothing trains."""
     opt = RowAdamW(list(lora.parameters()), hp.ttt_lora_lr) if lora is not None else None
     for s, e in doc_batches(starts, ends, hp.ttt_lora_docs, hp.ttt_lora_row_align):
         if lora is not None:
             lora.reset()
             opt.reset()
-        if ring is not None:
-            ring.reset()
         for begin, prev, last, stepping, grad_begin in step_plan(s, e, hp, lora is not None, phase.seq_len):
-            run, inputs_from = hidden, begin
-            if ring is not None:  # the chunk's inputs alone: its window's earlier ones are read from the ring
-                run, inputs_from = ring.reader(hidden, tokens, s[:len(prev)], begin, prev, last), prev
-            nll, scored = score_doc_chunk(model, run, tokens, inputs_from, prev, last, phase, out, hp, hints, lora,
+            nll, scored = score_doc_chunk(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora,
                                           grad=stepping and grad_begin is None)
             if grad_begin is not None:  # the step reads less context than the score: a pass of its own
                 nll, scored = chunk_nll(model, hidden, tokens, grad_begin, prev, last, phase.seq_len, lora, True)[:2]
@@ -2903,79 +2840,13 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
                 opt.step(torch.autograd.grad(loss, opt.params), len(prev))
 
 
-def ring_span(start: int, entries: int) -> int:
-    """How many KVRing entries a chunk at document position `start` reads: until the ring wraps, entry p holds
-    position p, so the filled part rounded up to WINDOW_ALIGN (a dynamic length to the compiled graph); then all."""
-    return entries if start >= entries else min(entries, max(WINDOW_ALIGN, -(-start // WINDOW_ALIGN) * WINDOW_ALIGN))
-
-
-class KVRing:
-    """TTT_LORA_KV_REUSE: per virtual layer slot, the keys and values that a LoRA batch's scoring passes computed
-    for its documents' inputs; entry p % entries holds document position p (score_docs keeps seq_len of them: a
-    window reaches back less), the same position in every row: a batch's running documents step together."""
-
-    def __init__(self, model: GPT, rows: int, entries: int, looped: bool, device: torch.device):
-        cfg = model.cfg
-        dtype = torch.bfloat16 if device.type == "cuda" else model.tok_emb.weight.dtype  # what autocast computes
-        # one spare entry, never used: a view of all entries would be contiguous, a graph of its own to torch.compile
-        shape, slots = (rows, entries + 1, cfg.num_kv_heads, cfg.head_dim), len(cfg.layer_order(looped))
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(slots)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(slots)]
-        self.held = torch.full((entries,), -1, dtype=torch.long, device=device)  # the position in each entry
-        self.pending = None
-
-    def reset(self):
-        self.held.fill_(-1)
-        self.pending = None
-
-    def commit(self):
-        """Write the last pass's keys and values (detached: constants for later passes). Not at the pass itself:
-        its update's backward may still read the ring."""
-        if self.pending is None:
-            return
-        fresh, n, start, count = self.pending
-        self.pending = None
-        positions = on_device(start + np.arange(count), self.held.device)
-        at = positions % self.held.numel()
-        for (k, v), keys, values in zip(fresh, self.keys, self.values):
-            if k.dtype != keys.dtype:
-                raise RuntimeError(f"KVRing holds {keys.dtype}, the pass computed {k.dtype}")
-            keys[:n].index_copy_(1, at, k)
-            values[:n].index_copy_(1, at, v)
-        self.held.index_copy_(0, at, positions)
-
-    def reader(self, hidden, tokens: torch.Tensor, s: np.ndarray, begin: np.ndarray, prev: np.ndarray,
-               last: np.ndarray):
-        """`hidden` for a step's chunks alone (inputs prev..last-1 of documents starting at s), reading the
-        positions of their windows before them (begin..prev-1) from the ring; each call leaves the chunks' keys
-        and values for the ring (commit, at the next reader)."""
-        self.commit()
-        n, dev, cap = len(prev), tokens.device, self.held.numel()
-        live, start, first = last > prev, prev - s, begin - s
-        if not ((start[live] == start[0]).all() and (first[live] == first[0]).all()):
-            raise RuntimeError("scoring bug: a LoRA batch's documents must step together")
-        start, first, count = int(start[0]), int(first[0]), int((last - prev).max())
-        used = ring_span(start, cap)
-        past = Past(tuple(k[:n, :used] for k in self.keys), tuple(v[:n, :used] for v in self.values),
-                    ((self.held >= first) & (self.held < start))[:used],
-                    tokens[on_device(np.maximum(prev - 1, 0), dev)], on_device(np.array(start), dev))
-
-        def run(x, lora=None):
-            h, fresh = hidden(x, lora, past)
-            self.pending = [(k[:, :count].detach(), v[:, :count].detach()) for k, v in fresh], n, start, count
-            return h
-        return run
-
-
 def grad_window(begin: np.ndarray, prev: np.ndarray, hp: Hyperparameters) -> np.ndarray | None:
     """Where the inputs of an adapter step's own pass start: TTT_LORA_GRAD_CONTEXT tokens before each chunk, at
     most the scoring window's; None where no row would lose context (knob 0, or short contexts so far): then
-    the scoring pass is the step's. With TTT_LORA_KV_REUSE every step at a nonzero knob has a pass of its own: a
-    scoring pass that reads the ring holds no graph of the context the update is to read (on a batch's first
-    chunk, no context: the same inputs again, rather than one more compiled graph)."""
+    the scoring pass is the step's."""
     ctx = hp.ttt_lora_grad_context
     start = np.maximum(begin, prev - ctx)
-    return start if ctx and (hp.ttt_lora_kv_reuse or (start > begin).any()) else None
+    return start if ctx and (start > begin).any() else None
 
 
 def step_plan(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool, seq_len: int):
@@ -3233,8 +3104,8 @@ def lora_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters, world_siz
     bounds = [s + chunk_bounds(e - s, hp, True, phase.seq_len) for s, e in zip(starts, ends)]
     movable = [np.minimum(b[1:], e - 1) - b[:-1] for b, e in zip(bounds, ends)]  # not the BOS at e
     usable = [int((m[2:] >= 2).any()) for m in movable]  # a chunk after two steps that the check can straddle
-    # the longest document's last chunk that starts a window or more into it: the window has slid there (and
-    # TTT_LORA_KV_REUSE's ring has wrapped), which the points of a document's first chunks below never reach
+    # the longest document's last chunk that starts a window or more into it: the window has slid there, which
+    # the points of a document's first chunks below never reach
     longest = max(range(len(starts)), key=lambda i: int(ends[i] - starts[i]))
     lb, lm = bounds[longest], movable[longest]
     late = np.flatnonzero((lm >= 2) & (lb[:-1] - starts[longest] >= phase.seq_len))
@@ -3295,9 +3166,8 @@ def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, pha
     if log is not None:
         log(f"legality_check phase:{phase.name} points:{','.join(map(str, points))}")
 
-    def scores(v: ValSet) -> torch.Tensor:  # the ring's attention (TTT_LORA_KV_REUSE) calls SDPA itself: pinned too
-        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
-            return eval_tokens(model.replica(reproducible_attention), v, dctx, eager, phase).nll
+    def scores(v: ValSet) -> torch.Tensor:
+        return eval_tokens(model.replica(reproducible_attention), v, dctx, eager, phase).nll
     with deterministic_kernels():
         first = scores(val)
         for p in points:

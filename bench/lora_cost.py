@@ -10,9 +10,8 @@ Each variant reads the val tokens as train_gpt would (DATA_PATH or VAL_FILES, VA
 variant: tokens, docs, global_chunks, steps (scoring steps, one after another), passes (forward calls: a step
 whose update reads less context, TTT_LORA_GRAD_CONTEXT, takes two), updates (adapter steps), forward_tokens
 and backward_tokens (rows x padded window length, summed over passes), scored (targets, all ranks), shapes
-(distinct (rows, query length, key length, backward or not) of the passes' attention: cuDNN attention plans each
-one the first time it meets it; with N ranks the most any one rank meets; with TTT_LORA_KV_REUSE a chunk's keys
-are the ring's filled part, ring_span, and its own). With
+(distinct (rows, padded length, backward or not) of the passes' attention: cuDNN attention plans each one the
+first time it meets it; with N ranks the most any one rank meets). With
 WORLD_SIZE=N the documents of every global chunk are split over N ranks as eval_tokens splits them (dealt by
 length), and the ranks wait for each other at each chunk's end (the global update): the counts are then the
 critical path, per chunk the busiest rank's steps plus, separately, the busiest rank's tokens (an upper
@@ -40,21 +39,19 @@ def rank_cost(starts, ends, hp: train_gpt.Hyperparameters) -> tuple[dict, set]:
     seq_len = hp.eval_seq_len
     for s, e in train_gpt.doc_batches(starts, ends, hp.ttt_lora_docs, hp.ttt_lora_row_align):
         for begin, prev, last, stepping, grad_begin in train_gpt.step_plan(s, e, hp, True, seq_len):
-            # TTT_LORA_KV_REUSE: a scoring pass runs the chunk's inputs alone (its window's others are read, not run)
-            length = train_gpt.window_len(prev if hp.ttt_lora_kv_reuse else begin, last, seq_len)
-            keys = length + (train_gpt.ring_span(int(prev[0] - s[0]), seq_len) if hp.ttt_lora_kv_reuse else 0)
+            length = train_gpt.window_len(begin, last, seq_len)
             out["steps"] += 1
             out["passes"] += 1
             out["forward_tokens"] += len(begin) * length
             out["scored"] += int((last - prev).sum())
             # score_docs: with grad where an update follows, unless that update has a pass of its own
-            shapes.add((len(begin), length, keys, stepping and grad_begin is None))
+            shapes.add((len(begin), length, stepping and grad_begin is None))
             if stepping:
-                if grad_begin is not None:  # the step's own pass (score_docs), recomputed
+                if grad_begin is not None:  # the step's own pass (score_docs)
                     length = train_gpt.window_len(grad_begin, last, seq_len)
                     out["passes"] += 1
                     out["forward_tokens"] += len(begin) * length
-                    shapes.add((len(begin), length, length, True))
+                    shapes.add((len(begin), length, True))
                 out["updates"] += 1
                 out["backward_tokens"] += len(begin) * length
     return out, shapes
