@@ -7,6 +7,7 @@ import torch
 
 import train_gpt
 from test_eval import EVAL_ENV, setup
+from test_lora_ttt import LORA_ENV
 from test_model import randomized, small_cfg
 
 GATES = dict(smear_gate=True, attn_gate=True)
@@ -76,11 +77,13 @@ def test_causal_with_the_gates(looped):
     assert torch.equal(hx[:, :12], hy[:, :12]) and not torch.allclose(hx[:, 12:], hy[:, 12:])
 
 
-@pytest.mark.parametrize("ttt", [False, True])
-def test_eval_with_the_gates_passes_the_perturbation_check(ttt):
+@pytest.mark.parametrize("ttt,lora", [(False, False), (True, False), (True, True)])
+def test_eval_with_the_gates_passes_the_perturbation_check(ttt, lora):
+    """Sliding windows, windowed TTT and per-document LoRA TTT (the default), each with both gates on."""
     _, model, _, val = setup(161, cfg=small_cfg(**GATES))
-    hp = train_gpt.Hyperparameters(EVAL_ENV | dict(TTT_EPOCHS="1"))
-    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, train_gpt.Phase("t", 32, 8, ttt=ttt))
+    hp = train_gpt.Hyperparameters((LORA_ENV if lora else EVAL_ENV) | dict(TTT_EPOCHS="1"))
+    phase = train_gpt.Phase("t", 32, 8, ttt=ttt, lora=lora)
+    assert train_gpt.legality_check(model, val, train_gpt.Dist(), hp, phase)
 
 
 def test_gates_are_trained_by_adam():
