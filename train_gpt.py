@@ -3153,6 +3153,20 @@ def check_knobs(hp: Hyperparameters, world_size: int) -> Hyperparameters:
                       ttt_lora_phase_tokens=min(hp.ttt_lora_phase_tokens, max(1, LEGALITY_CHUNK_TOKENS // world_size)))
 
 
+def perturbed_after(tokens: np.ndarray, p: int, keep_bos: bool, vocab_size: int) -> np.ndarray:
+    """The stream with its tokens after p shuffled (the document boundaries kept where keep_bos) and token p+1
+    surely changed: an update that read two targets past what it had scored shows only through p+1, which a
+    shuffle can leave in place (a common token, or a tail of one token)."""
+    other = tokens.copy()
+    moved = np.arange(p + 1, len(other))
+    if keep_bos:
+        moved = moved[other[moved] != BOS_ID]
+    other[moved] = np.random.default_rng(0).permutation(other[moved])
+    if len(moved) and moved[0] == p + 1 and other[p + 1] == tokens[p + 1]:
+        other[p + 1] = next(t % vocab_size for t in range(int(tokens[p + 1]) + 1, 10**9) if t % vocab_size != BOS_ID)
+    return other
+
+
 def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase,
                    log=None) -> bool | None:
     """Score val streams equal up to token p and different after it (p from perturbation_points): every
@@ -3171,11 +3185,7 @@ def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, pha
     with deterministic_kernels():
         first = scores(val)
         for p in points:
-            other = val.tokens.copy()
-            moved = np.arange(p + 1, len(other))
-            if phase.lora:
-                moved = moved[other[moved] != BOS_ID]
-            other[moved] = np.random.default_rng(0).permutation(other[moved])
+            other = perturbed_after(val.tokens, p, phase.lora, model.cfg.vocab_size)
             if not torch.equal(first[:p], scores(val.with_tokens(other))[:p]):
                 return False if torch.equal(first, scores(val)) else None
     return True

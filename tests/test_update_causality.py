@@ -15,15 +15,8 @@ VAL = setup()[3]  # test_eval's stream (random tokens, a BOS every 37) and its b
 
 
 def perturbed_after(tokens: np.ndarray, p: int) -> np.ndarray:
-    """Tokens after p shuffled, the document boundaries kept (they decide shapes, not what is read); target
-    p + 1 surely differs."""
-    other = tokens.copy()
-    moved = np.arange(p + 1, len(other))
-    moved = moved[other[moved] != train_gpt.BOS_ID]
-    other[moved] = np.random.default_rng(1).permutation(other[moved])
-    if other[p + 1] == tokens[p + 1]:
-        other[p + 1] = 4 + (int(other[p + 1]) - 3) % 60
-    return other
+    """The legality check's perturbation (document boundaries kept, target p + 1 surely different)."""
+    return train_gpt.perturbed_after(tokens, p, True, small_cfg().vocab_size)
 
 
 def score(tokens: np.ndarray, env: dict, phase: train_gpt.Phase):
@@ -130,3 +123,15 @@ def test_a_slot_context_delta_reads_only_its_windows_context(monkeypatch):
     for prev in (32, 144):
         b = slot_deltas(perturbed_after(tokens, prev), env, monkeypatch)
         assert torch.equal(a[prev], b[prev]) and not torch.equal(a[prev + 8], b[prev + 8]), prev
+
+
+def test_the_checks_perturbation_changes_the_next_target_where_a_shuffle_would_not():
+    """A tail of one token shuffles to itself: the check's stream must still differ at p + 1 (an update that read
+    two targets ahead shows only there), and only after p; the document boundaries stay where asked."""
+    tokens = np.array([1, 7, 9, 5, 5, 1, 5, 5, 5], dtype=np.uint16)
+    for keep_bos in (True, False):
+        other = train_gpt.perturbed_after(tokens, 2, keep_bos, 64)
+        assert np.array_equal(other[:3], tokens[:3]) and other[3] != tokens[3] and other[3] != train_gpt.BOS_ID
+    assert np.array_equal(train_gpt.perturbed_after(tokens, 2, True, 64) == train_gpt.BOS_ID, tokens == train_gpt.BOS_ID)
+    pad = np.array([1, 7, 0, 0], dtype=np.uint16)  # the next id would be BOS: a boundary is never made
+    assert train_gpt.perturbed_after(pad, 1, True, 64)[2] not in (0, train_gpt.BOS_ID)
