@@ -242,7 +242,7 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
          "attention a new plan inside the eval clock, for more padded rows through the forward; 1 = none", 1),
     Knob("TTT_LORA_GRAD_CONTEXT", 128, "LoRA TTT: a step whose chunk has more than this many tokens of context "
          "before it updates on the last this many only, in a pass of its own after the chunk is scored with its "
-         "whole window (a shorter backward, one more forward and compiled graph); 0 = in the scoring pass", 0),
+         "whole window (a shorter backward, one more forward per step); 0 = in the scoring pass", 0),
     Knob("ASYM_LOGIT_LR", 1.0, "TTT SGD learning rate of the two AsymLogit caps (their gradient is tiny next to a "
          "weight's: at TTT_LR they would not move)", 0),
     Knob("SLOT", "off", "off | context (fit a per-window delta on already-scored positions) | full (on the "
@@ -2404,8 +2404,8 @@ def save_compile_cache(path: str, loaded: bool, log):
 # into spans of TTT_LORA_PHASE_TOKENS per GPU: each document is scored in growing chunks, its own
 # adapter row stepping on each chunk once it is scored, and after a span the base model takes one
 # SGD step on that span's documents. Windowed TTT (TTT_LORA_RANK=0): chunk c holds the windows
-# whose first scored target lies in [c, c+1) * TTT_CHUNK_TOKENS, scored (inference mode) before the
-# model trains on it. A phase's pace, timed from the end of its first chunk (compile, warm-up),
+# whose first scored target lies in (c, c+1] * TTT_CHUNK_TOKENS, scored (inference mode) before the
+# model trains on it (a window may score past its chunk: the next update trains on those targets). A phase's pace, timed from the end of its first chunk (compile, warm-up),
 # projects its length: past the time left in EVAL_BUDGET_SECONDS, TTT stops adapting and a
 # reference phase is abandoned. The n-gram tilt (NGRAM_TILT) reshapes the scored distribution at t
 # with a hint from val tokens before t only; it never moves TTT's gradients.
@@ -2448,7 +2448,8 @@ class TokenScores:
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """One scoring pass over the val tokens: windows of seq_len, each scoring its last `stride` targets."""
+    """One scoring pass over the val tokens: windows of seq_len, each scoring its last `stride` targets, or
+    (lora) whole documents in chunks, with up to seq_len tokens of context each (stride unused)."""
     name: str
     seq_len: int
     stride: int
@@ -2456,7 +2457,7 @@ class Phase:
     slot: str = "off"         # SLOT mode (see the SLOT knob)
     reference: bool = False   # not the score: a comparison, run only in the time left
     tilt: bool = False        # token-only n-gram tilt of the scored NLL (NGRAM_* knobs)
-    lora: bool = False        # TTT scores whole documents with per-document LoRA (TTT_LORA_* knobs)
+    lora: bool = False        # score whole documents, adapting each with its LoRA row while TTT adapts (TTT_LORA_*)
     looped: bool = True       # the layer order scored: training's checks before the loop turns on score the plain one
 
     @property
@@ -2586,7 +2587,8 @@ def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device, looped: 
     """The model's hidden states in the layer order given (per-document adapted with a LoRA), compiled per
     EVAL_COMPILE with the batch and length dims dynamic: one graph without the LoRA (windows of every phase,
     and documents once the budget stopped the adapting; the weights frozen in both), one with the LoRA and
-    grad and, for TTT_LORA_GRAD_CONTEXT's scoring passes, one with the LoRA without grad."""
+    grad, and one with the LoRA without grad (every scoring pass that no update backpropagates through: a
+    batch's last step, and all of them where the updates have passes of their own, TTT_LORA_GRAD_CONTEXT)."""
     def hidden(x, lora=None):
         return model.hidden(x, looped=looped, lora=lora)
     if not eval_compiles(hp, device):
@@ -2604,8 +2606,9 @@ def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device, looped: 
 def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase, log=None,
                 time_left: float | None = None) -> TokenScores | None:
     """Score every val target once in `phase` (the legal loop: score chunk c, then maybe adapt on
-    it). Windows are split across ranks within each chunk. With time_left (seconds), the phase's
-    budget_action applies; None when a reference phase was abandoned. Returns all ranks' scores."""
+    it). Windows (contiguous) or documents (dealt by length) are split across ranks within each chunk.
+    With time_left (seconds), the phase's budget_action applies; None when a reference phase was
+    abandoned. Returns all ranks' scores."""
     tokens = torch.from_numpy(val.tokens.astype(np.int64)).to(dctx.device)
     n = len(val.tokens) - 1
     out = TokenScores.zeros(n, dctx.device)
@@ -2675,7 +2678,7 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
     A window's scored targets are its last ends-prev_ends, so the head and loss run on the batch's
     longest such tail only. With SLOT, a per-window delta on the final hidden states is fitted
     first: on the window's context targets (scored by earlier windows) or, for `full`, on the very
-    targets being scored (which leaks them). With hints (ngram_hints' of the stream), the NLL is the
+    targets being scored (which leaks them). With hints (phase_hints'), the NLL is the
     n-gram tilt's."""
     L = min(phase.seq_len, int(ends[0]))
     n_scored = ends - prev_ends  # each window scores its last n_scored positions
@@ -2704,14 +2707,16 @@ LORA_BETAS, LORA_EPS, LORA_WD = (0.0, 0.99), 1e-10, 0.5  # AdamW of the per-docu
 
 class RowAdamW:
     """AdamW of the adapters' first n rows, fused (one pass over each weight, gradient and moments): a batch's
-    live rows are its first ones (score_docs), so a finished document's row is neither read nor written again.
-    score_docs builds one per call (its moments as large as the adapters) and resets it with each batch."""
+    live rows are its first ones (score_docs), so rows past a step's n are neither read nor written (the rows
+    that pad a step to n are finished documents': decayed, never scoring again). score_docs builds one per call
+    (its moments as large as the adapters) and resets it with each batch."""
 
     def __init__(self, params: list[torch.Tensor], lr: float):
         self.params, self.lr = params, lr
         self.m, self.v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
         # one count per weight: the fused step advances each count it is given
         self.counts = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
+        self.views = {}  # n -> the first n rows of weights and moments: made once (host time, every step)
 
     @torch.no_grad()
     def reset(self):
@@ -2722,9 +2727,11 @@ class RowAdamW:
     def step(self, grads: tuple[torch.Tensor, ...], n: int):
         """One step of rows 0..n-1 with these full-batch gradients. The fused kernel reads a gradient as if laid
         out like its weight: a transposed one (autograd.grad keeps the layout its backward made) is copied so."""
-        adamw([p[:n] for p in self.params], [g[:n].contiguous() for g in grads], [m[:n] for m in self.m],
-              [v[:n] for v in self.v], [], self.counts, fused=True, amsgrad=False, beta1=LORA_BETAS[0],
-              beta2=LORA_BETAS[1], lr=self.lr, weight_decay=LORA_WD, eps=LORA_EPS, maximize=False)
+        if n not in self.views:
+            self.views[n] = [[t[:n] for t in ts] for ts in (self.params, self.m, self.v)]
+        params, m, v = self.views[n]
+        adamw(params, [g[:n].contiguous() for g in grads], m, v, [], self.counts, fused=True, amsgrad=False,
+              beta1=LORA_BETAS[0], beta2=LORA_BETAS[1], lr=self.lr, weight_decay=LORA_WD, eps=LORA_EPS, maximize=False)
 
 
 @contextlib.contextmanager
