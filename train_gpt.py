@@ -632,6 +632,10 @@ def log_path(log_dir: str, run_id: str) -> Path:
 LOG_TAKEN = "log {} already exists: RUN_ID is taken, choose another"
 
 
+def silent(line: str) -> None:
+    """A log that keeps nothing (the legality check's and the priming's passes, callers without a run)."""
+
+
 class RunLog:
     """Rank 0 writes `key:value` lines to LOG_DIR/RUN_ID.txt and the console; never overwrites. Other ranks write
     nothing but the error that stops them (error()): an error only one rank meets must reach the log too."""
@@ -2603,7 +2607,7 @@ def eval_forward(model: GPT, hp: Hyperparameters, device: torch.device, looped: 
     return dynamic_hidden
 
 
-def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase, log=None,
+def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase, log=silent,
                 time_left: float | None = None) -> TokenScores | None:
     """Score every val target once in `phase` (the legal loop: score chunk c, then maybe adapt on
     it). Windows (contiguous) or documents (dealt by length) are split across ranks within each chunk.
@@ -2621,17 +2625,16 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         # document start is decided by later BOS, which no update before them may read.
         spans, n_spans = [lo // C for _, lo, _ in chunks], (n - 1) // C + 1
         lora = LoRA(model.cfg, hp.ttt_lora_docs, hp.ttt_lora_rank, dctx.device, lora_targets(hp))
-        if log is not None:
-            log(f"ttt_lora rank:{hp.ttt_lora_rank} targets:{','.join(lora_targets(hp))} lr:{hp.ttt_lora_lr} "
-                f"chunk:{int(chunk_size(0, hp, True, phase.seq_len))} steps:{hp.ttt_lora_steps} "
-                f"batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} "
-                f"global_chunks:{len(chunks)} global_chunk_tokens:{lora_span_tokens(hp, dctx.world_size)}")
+        log(f"ttt_lora rank:{hp.ttt_lora_rank} targets:{','.join(lora_targets(hp))} lr:{hp.ttt_lora_lr} "
+            f"chunk:{int(chunk_size(0, hp, True, phase.seq_len))} steps:{hp.ttt_lora_steps} "
+            f"batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} "
+            f"global_chunks:{len(chunks)} global_chunk_tokens:{C}")
     else:
         ends = window_ends(len(val.tokens), phase.seq_len, phase.stride)
         prev = np.concatenate(([0], ends[:-1]))
         chunks = phase_chunks(prev, phase, hp, action == "abandon", n)
         spans, n_spans = list(range(len(chunks))), len(chunks)  # chunk c is the stream's span c
-    updater = TTTUpdater(model, hp, dctx) if phase.ttt else None
+    updater = TTTUpdater(model, hp, dctx, phase.looped) if phase.ttt else None
     pace, hidden = Pace(dctx, n_spans), eval_forward(model, hp, dctx.device, phase.looped)
     graphs0 = compiled_graph_count()  # each chunk's line counts the graphs compiled since: time that was not scoring
     hints = phase_hints(tokens, phase, hp, log)  # inside the phase's clock: it is part of the evaluation
@@ -2656,7 +2659,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
             continue
         if updater is not None:
             updater.update(tokens, lo, hi, spans[c], n_spans, out.count)
-            if log is not None and (phase.lora or (c + 1) % 10 == 0):
+            if phase.lora or (c + 1) % 10 == 0:
                 log(f"ttt_chunk:{c + 1}/{len(chunks)} time:{pace.elapsed():.1f}s "
                     f"new_graphs:{compiled_graph_count() - graphs0}")
     for t in (out.nll, out.count):
@@ -2786,7 +2789,9 @@ def doc_steps(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
               seq_len: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The scoring steps of a batch of documents (targets s+1..e each), as (begin, prev, last) per row: step
     j scores targets prev+1..last from inputs begin..last-1. Chunks follow chunk_bounds; a finished row
-    scores nothing (targets s+2..s+1)."""
+    scores nothing (targets s+2..s+1). chunk_bounds is one offset sequence that each document cuts at its own
+    length, so a step's live rows stand at the same offsets (prev-s, begin-s) and differ only in a last chunk
+    cut short: grad_window and step_rows rely on it."""
     bounds = [chunk_bounds(int(n), hp, adapting, seq_len) for n in e - s]
     n_steps = np.array([len(b) - 1 for b in bounds])
     offsets = np.stack([np.pad(b, (0, n_steps.max() + 1 - len(b)), mode="edge") for b in bounds])
@@ -3000,17 +3005,16 @@ def tilted_scores(model: GPT, h: torch.Tensor, y: torch.Tensor, hint: torch.Tens
     return torch.where(hint >= 0, tilted_nll(nll[..., 0], nll[..., 1], y == hint, beta, gamma), nll[..., 0])
 
 
-def phase_hints(tokens: torch.Tensor, phase: Phase, hp: Hyperparameters, log=None) -> torch.Tensor | None:
+def phase_hints(tokens: torch.Tensor, phase: Phase, hp: Hyperparameters, log=silent) -> torch.Tensor | None:
     """The phase's n-gram hints (None when it is not tilted); logs how many targets get one and the time."""
     if not phase.tilt:
         return None
     t0 = time.perf_counter()
     hints = backoff_hints(tokens, ngram_orders(hp), hp.ngram_threshold)
     n_hinted, n = int((hints[1:] >= 0).sum()), len(tokens) - 1  # position 0 is no target
-    if log is not None:
-        log(f"ngram_tilt:{phase.name} ngram_order:{hp.ngram_order} ngram_threshold:{hp.ngram_threshold} "
-            f"ngram_beta:{hp.ngram_beta} ngram_gamma:{hp.ngram_gamma} hinted:{n_hinted}/{n} "
-            f"hinted_frac:{n_hinted / max(n, 1):.4f} precompute:{time.perf_counter() - t0:.2f}s")
+    log(f"ngram_tilt:{phase.name} ngram_order:{hp.ngram_order} ngram_threshold:{hp.ngram_threshold} "
+        f"ngram_beta:{hp.ngram_beta} ngram_gamma:{hp.ngram_gamma} hinted:{n_hinted}/{n} "
+        f"hinted_frac:{n_hinted / max(n, 1):.4f} precompute:{time.perf_counter() - t0:.2f}s")
     return hints
 
 
@@ -3029,10 +3033,11 @@ def fit_slot_delta(model: GPT, h: torch.Tensor, y: torch.Tensor, fit_mask: torch
 
 
 class TTTUpdater:
-    """The update half of score-first TTT: SGD on a chunk whose targets were all scored already."""
+    """The update half of score-first TTT: SGD on a chunk whose targets were all scored already, in the layer
+    order the phase scores (looped)."""
 
-    def __init__(self, model: GPT, hp: Hyperparameters, dctx: Dist):
-        self.model, self.hp, self.dctx = model, hp, dctx
+    def __init__(self, model: GPT, hp: Hyperparameters, dctx: Dist, looped: bool):
+        self.model, self.hp, self.dctx, self.looped = model, hp, dctx, looped
         self.params = list(model.parameters())
         for p in self.params:
             p.grad = torch.zeros_like(p)
@@ -3042,8 +3047,8 @@ class TTTUpdater:
             groups.append(dict(params=[caps], base_lr=hp.asym_logit_lr))
         self.opt = torch.optim.SGD(groups, lr=hp.ttt_lr, momentum=TTT_MOMENTUM)
         L = model.cfg.num_layers
-        frozen = list(range(min(hp.ttt_freeze_blocks, L)))
-        self.frozen_rows = {getattr(model, b): bank_rows(b, frozen, L) for b in BANKS}
+        frozen_layers = list(range(min(hp.ttt_freeze_blocks, L)))
+        self.frozen_rows = {getattr(model, b): bank_rows(b, frozen_layers, L) for b in BANKS}
 
     def update(self, tokens: torch.Tensor, lo: int, hi: int, span: int, n_spans: int, count: torch.Tensor):
         """Train on targets lo+1..hi (inputs lo..hi-1), the chunk of the stream's span `span` of n_spans (its
@@ -3070,7 +3075,7 @@ class TTTUpdater:
         for length in sorted({len(g) for g in segs}):
             batch = torch.stack([g for g in segs if len(g) == length])
             with autocast_ctx(tokens.device):
-                (self.model(batch[:, :-1], batch[:, 1:], looped=True).sum() / count).backward()
+                (self.model(batch[:, :-1], batch[:, 1:], looped=self.looped).sum() / count).backward()
         self.dctx.all_reduce_flat_([p.grad for p in self.params])
         with torch.no_grad():
             for bank, rows in self.frozen_rows.items():
@@ -3175,7 +3180,7 @@ def perturbed_after(tokens: np.ndarray, p: int, keep_bos: bool, vocab_size: int)
 
 
 def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase: Phase,
-                   log=None) -> bool | None:
+                   log=silent) -> bool | None:
     """Score val streams equal up to token p and different after it (p from perturbation_points): every
     target <= p must get the identical NLL. A method that looks at targets before scoring them fails this.
     Per-document scoring keeps the document boundaries (BOS) in place: they decide which documents share a
@@ -3184,8 +3189,7 @@ def legality_check(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, pha
     differ, the unperturbed stream is scored again, and if that differs too the check is inconclusive (None)."""
     eager = check_knobs(hp, dctx.world_size)
     points = perturbation_points(val.tokens, phase, eager, dctx.world_size)
-    if log is not None:
-        log(f"legality_check phase:{phase.name} points:{','.join(map(str, points))}")
+    log(f"legality_check phase:{phase.name} points:{','.join(map(str, points))}")
 
     def scores(v: ValSet) -> torch.Tensor:
         return eval_tokens(model.replica(reproducible_attention), v, dctx, eager, phase).nll
@@ -3239,7 +3243,7 @@ def check_phases(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase
     lora = any(p.lora for p in phases)
     chunk = max(check.ttt_chunk_tokens, lora_span_tokens(check, dctx.world_size) if lora else 0)
     prefix = val.prefix(4 * max(chunk, hp.eval_seq_len) + 1)
-    log(f"legality_check tokens:{len(prefix.tokens)} ttt_chunk_tokens:{chunk}")  # eager, chunks of its own
+    log(f"legality_check tokens:{len(prefix.tokens)} chunk_tokens:{chunk}")  # eager, chunks of its own
     for phase in phases[1:]:
         t0 = time.perf_counter()
         ok = legality_check(model, prefix, dctx, hp, phase, log)
@@ -3288,7 +3292,7 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
         log(f"{phase.name} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} eval_time:{secs:.1f}s valid:{int(valid)} "
             f"new_graphs:{compiled_graph_count() - graphs0}")
         if not finite and phase.reference and final is not None:  # a reference only: the final score stands
-            log(f"warning:reference_not_finite phase:{phase.name} val_bpb:{val_bpb}: dropped, the final score stands")
+            log(f"warning:reference_not_finite phase:{phase.name} val_bpb:{val_bpb} action:dropped")
             continue
         if not finite:
             raise UserError(f"phase {phase.name} scored val_bpb {val_bpb}: not a score ({divergence_hint(phase, hp)})")
@@ -3298,9 +3302,9 @@ def score_phases(model: GPT, train_seq_len: int, val: ValSet, dctx: Dist, hp: Hy
     log(f"eval_total_time:{elapsed:.1f}s budget:{hp.eval_budget_seconds:.0f}s")
     reasons = list(broken) + (["eval_over_budget"] if final["done_at"] > limit else [])
     if final["done_at"] > limit:
-        log(f"warning:eval_over_budget phase:{final['phase']} done at {final['done_at']:.1f}s > {limit:.0f}s "
-            f"(EVAL_BUDGET_SECONDS={hp.eval_budget_seconds:.0f}, the rule {RULE_SECONDS:.0f}): final_valid:0 (drop "
-            "phases before it, or shorten TTT)")
+        log(f"warning:eval_over_budget phase:{final['phase']} done_at:{final['done_at']:.1f}s limit:{limit:.0f}s "
+            f"eval_budget_seconds:{hp.eval_budget_seconds:.0f} rule_seconds:{RULE_SECONDS:.0f} final_valid:0 "
+            "fix:drop_phases_before_it_or_shorten_ttt")
     if hp.dump_token_nll and dctx.is_main:
         dump_token_scores(Path(hp.dump_token_nll), final["scores"])
     return dict(final_phase=final["phase"], final_val_loss=final["loss"], final_val_bpb=final["bpb"],
@@ -3335,11 +3339,11 @@ def prime_eval(model: GPT, train_seq_len: int, dctx: Dist, hp: Hyperparameters, 
     ttt = next((p for p in plan_phases(hp, train_seq_len) if p.lora), None)
     try:
         with torch.random.fork_rng(devices=[dctx.device] if dctx.device.type == "cuda" else []):
-            score_phases(copy.deepcopy(model), train_seq_len, stream, dctx, quiet, lambda line: None, broken=("priming",))
+            score_phases(copy.deepcopy(model), train_seq_len, stream, dctx, quiet, silent, broken=("priming",))
             if ttt is not None and hp.ttt_budget_stop:  # LoRA TTT scoring on once the budget stopped its adapting
                 # PRIME_DOCS global chunks: stopped after the second
                 stopped = quiet.replace(ttt_lora_phase_tokens=2 * seq_len)
-                eval_tokens(copy.deepcopy(model), stream, dctx, stopped, ttt, lambda line: None, time_left=0.0)
+                eval_tokens(copy.deepcopy(model), stream, dctx, stopped, ttt, silent, time_left=0.0)
     except UserError as e:
         raise UserError(f"compiling the eval on a made-up stream before the clock (eval_prime): {e}") from None
     synchronize(dctx.device)

@@ -145,7 +145,7 @@ def test_slot_fits_its_delta_in_float32_under_autocast(monkeypatch):
 
 def test_ttt_refuses_to_train_on_unscored_targets():
     hp, model, tokens, val = setup()
-    upd = train_gpt.TTTUpdater(model, hp, train_gpt.Dist())
+    upd = train_gpt.TTTUpdater(model, hp, train_gpt.Dist(), True)
     t = torch.from_numpy(tokens.astype(np.int64))
     count = torch.zeros(len(tokens) - 1, dtype=torch.int32)
     count[:63] = 1  # target 64 not scored yet
@@ -338,7 +338,7 @@ def test_ttt_stops_updating_when_its_pace_overruns_the_time_left():
     assert full_lines == [] and len(stop_lines) == 1
     assert stop_lines[0].startswith(f"ttt:updates_stopped after_chunk:2/{n_chunks} ")
     once = copy.deepcopy(model)
-    train_gpt.TTTUpdater(once, hp, train_gpt.Dist()).update(
+    train_gpt.TTTUpdater(once, hp, train_gpt.Dist(), True).update(
         torch.from_numpy(tokens.astype(np.int64)), 0, 64, 0, n_chunks, torch.ones(n, dtype=torch.int32))
     frozen = train_gpt.eval_tokens(once, val, train_gpt.Dist(), hp, phase()).nll
     # chunk c holds the windows whose previous end is in [64c, 64(c+1)): targets from index 128 on are chunks >= 2
