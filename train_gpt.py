@@ -1110,7 +1110,7 @@ def pinned_attention(*backends):
 # matrix, x -> x W^T + (alpha / r) (x A_b^T) B_b^T, with one (A, B) per role and virtual layer slot
 # (a looped layer adapts separately on each pass) and one on the tied head. B starts at zero, so a
 # fresh adapter is the identity; A ~ U(+-1/sqrt(in)).
-LORA_ALPHA, LORA_SEED = 144.0, 0
+LORA_ALPHA, LORA_SEED = 144.0, 0  # output scale ALPHA/rank as the April records set it (1.8 at rank 80)
 LORA_ROLES = ("q", "k", "v", "o", "mlp")  # "mlp": a parallel adapter from the MLP's input to its output
 LORA_TARGETS = LORA_ROLES + ("head",)
 
@@ -2705,7 +2705,146 @@ def score_windows(model: GPT, hidden, tokens: torch.Tensor, ends: np.ndarray, pr
     out.add(pos, nll, scored)
 
 
-LORA_BETAS, LORA_EPS, LORA_WD = (0.0, 0.99), 1e-10, 0.5  # AdamW of the per-document adapters
+def doc_batches(starts: np.ndarray, ends: np.ndarray, size: int, align: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Documents in batches of at most `size`, longest first (a batch's documents take similar steps), as their
+    (starts, ends), padded after them with rows without targets (start = end) to aligned_rows: a lone
+    document gets one beside it, as a batch of one would compile graphs of its own."""
+    batches = [(starts[b], ends[b]) for b in even_batches(np.argsort(starts - ends, kind="stable"), size)]
+    pad = [np.full(aligned_rows(len(s), size, align) - len(s), s[0]) for s, _ in batches]
+    return [(np.append(s, p), np.append(e, p)) for (s, e), p in zip(batches, pad)]
+
+
+def aligned_rows(n: int, cap: int, align: int) -> int:
+    """Rows to run for n of them: a multiple of `align` (TTT_LORA_ROW_ALIGN) where `cap` allows, never fewer
+    than n nor than two."""
+    return max(min(-(-n // align) * align, cap), n, 2)
+
+
+def chunk_size(done, hp: Hyperparameters, adapting: bool, seq_len: int) -> np.ndarray:
+    """The size of the chunk after `done` scored targets (chunk_bounds' rule), before a document's end cuts it:
+    grown past TTT_LORA_STEPS chunks, never past half a window (where TTT_LORA_CHUNK's default would, the
+    window is short: TTT_LORA_CHUNK set above it is refused)."""
+    done, cap = np.asarray(done), seq_len // 2
+    if not adapting:
+        return np.full_like(done, cap)
+    return np.minimum(np.maximum(hp.ttt_lora_chunk, -(-done // hp.ttt_lora_steps)), cap)
+
+
+def chunk_bounds(n: int, hp: Hyperparameters, adapting: bool, seq_len: int) -> np.ndarray:
+    """Offsets 0 = o_0 < ... < o_k = n of a document's scoring steps (step j scores targets o_j + 1 .. o_(j+1)).
+    A chunk is TTT_LORA_CHUNK targets, or 1/TTT_LORA_STEPS of what the document has scored if that is more,
+    at most half a window (each target keeps half a window of context): its size follows from the document's
+    past only, not from its length, which a score must not know. Nothing adapting: half-window chunks."""
+    out = [0]
+    while out[-1] < n:
+        out.append(min(n, out[-1] + chunk_size(out[-1], hp, adapting, seq_len)))
+    return np.array(out)
+
+
+def doc_steps(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
+              seq_len: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The scoring steps of a batch of documents (targets s+1..e each), as (begin, prev, last) per row: step
+    j scores targets prev+1..last from inputs begin..last-1. Chunks follow chunk_bounds; a finished row
+    scores nothing (targets s+2..s+1). chunk_bounds is one offset sequence that each document cuts at its own
+    length, so a step's live rows stand at the same offsets (prev-s, begin-s) and differ only in a last chunk
+    cut short: grad_window and step_rows rely on it."""
+    bounds = [chunk_bounds(int(n), hp, adapting, seq_len) for n in e - s]
+    n_steps = np.array([len(b) - 1 for b in bounds])
+    offsets = np.stack([np.pad(b, (0, n_steps.max() + 1 - len(b)), mode="edge") for b in bounds])
+    steps = []
+    for j in range(int(n_steps.max())):
+        live = n_steps > j
+        prev = np.where(live, s + offsets[:, j], s + 1)
+        last = np.where(live, s + offsets[:, j + 1], s + 1)
+        # The window reaches back from where the chunk would end uncut: where the document ends (a later
+        # token) must not decide how much context its last chunk sees.
+        reach = prev + chunk_size(offsets[:, j], hp, adapting, seq_len)
+        steps.append((np.where(live, np.maximum(s, reach - seq_len), s), prev, last))
+    return steps
+
+
+def step_rows(prev: np.ndarray, last: np.ndarray, align: int) -> int:
+    """How many rows of a doc_steps step run: those that still score, a prefix since a batch's documents
+    come longest first (doc_batches) and a longer document never takes fewer steps (chunk_bounds), padded
+    with finished rows (scoring nothing) to aligned_rows within the batch."""
+    n = int((last > prev).sum())
+    if not (last[:n] > prev[:n]).all():
+        raise RuntimeError("scoring bug: a LoRA batch's documents must come longest first")
+    return aligned_rows(n, len(prev), align)
+
+
+def grad_window(begin: np.ndarray, prev: np.ndarray, hp: Hyperparameters) -> np.ndarray | None:
+    """Where the inputs of an adapter step's own pass start: TTT_LORA_GRAD_CONTEXT tokens before each chunk, at
+    most the scoring window's; None where no row would lose context (knob 0, or short contexts so far): then
+    the scoring pass is the step's."""
+    ctx = hp.ttt_lora_grad_context
+    start = np.maximum(begin, prev - ctx)
+    return start if ctx and (start > begin).any() else None
+
+
+def step_plan(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool, seq_len: int):
+    """doc_steps' steps as score_docs runs them: the running rows' (begin, prev, last) (step_rows), whether an
+    adapter update follows (every step but the last, when adapting) and where that update's own pass starts
+    (grad_window; None: the scoring pass is the update's, or there is no update)."""
+    steps = doc_steps(s, e, hp, adapting, seq_len)
+    for j, (begin, prev, last) in enumerate(steps):
+        n = step_rows(prev, last, hp.ttt_lora_row_align)
+        begin, prev, last = begin[:n], prev[:n], last[:n]
+        stepping = adapting and j + 1 < len(steps)
+        yield begin, prev, last, stepping, grad_window(begin, prev, hp) if stepping else None
+
+
+WINDOW_ALIGN = 64  # a step's padded window length is a multiple of this (the compiled graph is dynamic in it)
+
+
+def window_len(begin: np.ndarray, last: np.ndarray, seq_len: int) -> int:
+    """The padded input length of a step of doc_steps: its longest window rounded up to WINDOW_ALIGN, at
+    most seq_len. eval_forward's graph takes any length: a coarser rounding (powers of two) only pads more
+    tokens through the forward and backward."""
+    return min(-(-int((last - begin).max()) // WINDOW_ALIGN) * WINDOW_ALIGN, seq_len)
+
+
+def chunk_nll(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev: np.ndarray, last: np.ndarray,
+              seq_len: int, lora: LoRA | None, grad: bool):
+    """The plain NLL [rows, M] of targets prev+1..last of each row from the window of inputs begin..last-1
+    (inside the row's document, right-padded with zeros to window_len, which causal attention never lets
+    back), with the mask of real targets, their final hidden states, ids and stream positions. The head
+    runs on those positions only (the window's tail)."""
+    dev = tokens.device
+    L = window_len(begin, last, seq_len)
+    first, end, n_scored, skip = on_device(np.stack((begin, last, last - prev, prev - begin)), dev)
+    pos = first[:, None] + 1 + torch.arange(L, device=dev)  # stream position of y
+    valid = pos <= end[:, None]
+    inside = pos.clamp(max=len(tokens) - 1)  # the padding's positions may run past the stream
+    x = torch.where(valid, tokens[inside - 1], 0)
+    k = torch.arange(int((last - prev).max()), device=dev)  # sized on the host: no wait for the GPU
+    tail = (skip[:, None] + k).clamp(max=L - 1)  # row r's targets
+    scored = k < n_scored[:, None]
+    pos = pos.gather(1, tail).clamp(max=len(tokens) - 1)  # unscored tail entries may point past the stream
+    y = torch.where(scored, tokens[pos], 0)  # only real targets are read
+    with torch.enable_grad() if grad else torch.inference_mode(), autocast_ctx(dev):
+        h = hidden(x, lora)
+        h = h.gather(1, tail[..., None].expand(-1, -1, h.size(-1)))
+        nll = model.nll_from_hidden(h, y, lora=lora)
+    return nll, scored, h, y, pos
+
+
+def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev: np.ndarray, last: np.ndarray,
+                    phase: Phase, out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None,
+                    lora: LoRA | None, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score targets prev+1..last of each row into `out` from the window begin..last-1 (chunk_nll, at most
+    seq_len); returns their plain NLL (with grad if asked) and the mask of real ones."""
+    nll, scored, h, y, pos = chunk_nll(model, hidden, tokens, begin, prev, last, phase.seq_len, lora, grad)
+    with torch.no_grad(), autocast_ctx(tokens.device):
+        score = nll.detach() if hints is None else \
+            tilted_scores(model, h.detach(), y, hints[pos], hp.ngram_beta, hp.ngram_gamma, lora)
+    out.add(pos, score, scored)
+    return nll, scored
+
+
+# AdamW of the per-document adapters at the April records' tuned values: no momentum (beta1 0: a zero
+# gradient moves a row by its decay alone), beta2 0.99, decay 0.5.
+LORA_BETAS, LORA_EPS, LORA_WD = (0.0, 0.99), 1e-10, 0.5
 
 
 class RowAdamW:
@@ -2749,84 +2888,6 @@ def frozen(model: GPT):
             p.requires_grad_(flag)
 
 
-def chunk_bounds(n: int, hp: Hyperparameters, adapting: bool, seq_len: int) -> np.ndarray:
-    """Offsets 0 = o_0 < ... < o_k = n of a document's scoring steps (step j scores targets o_j + 1 .. o_(j+1)).
-    A chunk is TTT_LORA_CHUNK targets, or 1/TTT_LORA_STEPS of what the document has scored if that is more,
-    at most half a window (each target keeps half a window of context): its size follows from the document's
-    past only, not from its length, which a score must not know. Nothing adapting: half-window chunks."""
-    out = [0]
-    while out[-1] < n:
-        out.append(min(n, out[-1] + chunk_size(out[-1], hp, adapting, seq_len)))
-    return np.array(out)
-
-
-def chunk_size(done, hp: Hyperparameters, adapting: bool, seq_len: int) -> np.ndarray:
-    """The size of the chunk after `done` scored targets (chunk_bounds' rule), before a document's end cuts it:
-    grown past TTT_LORA_STEPS chunks, never past half a window (where TTT_LORA_CHUNK's default would, the
-    window is short: TTT_LORA_CHUNK set above it is refused)."""
-    done, cap = np.asarray(done), seq_len // 2
-    if not adapting:
-        return np.full_like(done, cap)
-    return np.minimum(np.maximum(hp.ttt_lora_chunk, -(-done // hp.ttt_lora_steps)), cap)
-
-
-def doc_batches(starts: np.ndarray, ends: np.ndarray, size: int, align: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Documents in batches of at most `size`, longest first (a batch's documents take similar steps), as their
-    (starts, ends), padded after them with rows without targets (start = end) to aligned_rows: a lone
-    document gets one beside it, as a batch of one would compile graphs of its own."""
-    batches = [(starts[b], ends[b]) for b in even_batches(np.argsort(starts - ends, kind="stable"), size)]
-    pad = [np.full(aligned_rows(len(s), size, align) - len(s), s[0]) for s, _ in batches]
-    return [(np.append(s, p), np.append(e, p)) for (s, e), p in zip(batches, pad)]
-
-
-def aligned_rows(n: int, cap: int, align: int) -> int:
-    """Rows to run for n of them: a multiple of `align` (TTT_LORA_ROW_ALIGN) where `cap` allows, never fewer
-    than n nor than two."""
-    return max(min(-(-n // align) * align, cap), n, 2)
-
-
-def doc_steps(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
-              seq_len: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The scoring steps of a batch of documents (targets s+1..e each), as (begin, prev, last) per row: step
-    j scores targets prev+1..last from inputs begin..last-1. Chunks follow chunk_bounds; a finished row
-    scores nothing (targets s+2..s+1). chunk_bounds is one offset sequence that each document cuts at its own
-    length, so a step's live rows stand at the same offsets (prev-s, begin-s) and differ only in a last chunk
-    cut short: grad_window and step_rows rely on it."""
-    bounds = [chunk_bounds(int(n), hp, adapting, seq_len) for n in e - s]
-    n_steps = np.array([len(b) - 1 for b in bounds])
-    offsets = np.stack([np.pad(b, (0, n_steps.max() + 1 - len(b)), mode="edge") for b in bounds])
-    steps = []
-    for j in range(int(n_steps.max())):
-        live = n_steps > j
-        prev = np.where(live, s + offsets[:, j], s + 1)
-        last = np.where(live, s + offsets[:, j + 1], s + 1)
-        # The window reaches back from where the chunk would end uncut: where the document ends (a later
-        # token) must not decide how much context its last chunk sees.
-        reach = prev + chunk_size(offsets[:, j], hp, adapting, seq_len)
-        steps.append((np.where(live, np.maximum(s, reach - seq_len), s), prev, last))
-    return steps
-
-
-def step_rows(prev: np.ndarray, last: np.ndarray, align: int) -> int:
-    """How many rows of a doc_steps step run: those that still score, a prefix since a batch's documents
-    come longest first (doc_batches) and a longer document never takes fewer steps (chunk_bounds), padded
-    with finished rows (scoring nothing) to aligned_rows within the batch."""
-    n = int((last > prev).sum())
-    if not (last[:n] > prev[:n]).all():
-        raise RuntimeError("scoring bug: a LoRA batch's documents must come longest first")
-    return aligned_rows(n, len(prev), align)
-
-
-WINDOW_ALIGN = 64  # a step's padded window length is a multiple of this (the compiled graph is dynamic in it)
-
-
-def window_len(begin: np.ndarray, last: np.ndarray, seq_len: int) -> int:
-    """The padded input length of a step of doc_steps: its longest window rounded up to WINDOW_ALIGN, at
-    most seq_len. eval_forward's graph takes any length: a coarser rounding (powers of two) only pads more
-    tokens through the forward and backward."""
-    return min(-(-int((last - begin).max()) // WINDOW_ALIGN) * WINDOW_ALIGN, seq_len)
-
-
 def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, ends: np.ndarray, phase: Phase,
                out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None, lora: LoRA | None):
     """Score whole documents (targets start+1..end each) into `out`, longest first, TTT_LORA_DOCS side by
@@ -2850,65 +2911,6 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
             if stepping:
                 loss = ((nll * scored).sum(1) / scored.sum(1).clamp(min=1)).sum()  # per document: rows independent
                 opt.step(torch.autograd.grad(loss, opt.params), len(prev))
-
-
-def grad_window(begin: np.ndarray, prev: np.ndarray, hp: Hyperparameters) -> np.ndarray | None:
-    """Where the inputs of an adapter step's own pass start: TTT_LORA_GRAD_CONTEXT tokens before each chunk, at
-    most the scoring window's; None where no row would lose context (knob 0, or short contexts so far): then
-    the scoring pass is the step's."""
-    ctx = hp.ttt_lora_grad_context
-    start = np.maximum(begin, prev - ctx)
-    return start if ctx and (start > begin).any() else None
-
-
-def step_plan(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool, seq_len: int):
-    """doc_steps' steps as score_docs runs them: the running rows' (begin, prev, last) (step_rows), whether an
-    adapter update follows (every step but the last, when adapting) and where that update's own pass starts
-    (grad_window; None: the scoring pass is the update's, or there is no update)."""
-    steps = doc_steps(s, e, hp, adapting, seq_len)
-    for j, (begin, prev, last) in enumerate(steps):
-        n = step_rows(prev, last, hp.ttt_lora_row_align)
-        begin, prev, last = begin[:n], prev[:n], last[:n]
-        stepping = adapting and j + 1 < len(steps)
-        yield begin, prev, last, stepping, grad_window(begin, prev, hp) if stepping else None
-
-
-def chunk_nll(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev: np.ndarray, last: np.ndarray,
-              seq_len: int, lora: LoRA | None, grad: bool):
-    """The plain NLL [rows, M] of targets prev+1..last of each row from the window of inputs begin..last-1
-    (inside the row's document, right-padded with zeros to window_len, which causal attention never lets
-    back), with the mask of real targets, their final hidden states, ids and stream positions. The head
-    runs on those positions only (the window's tail)."""
-    dev = tokens.device
-    L = window_len(begin, last, seq_len)
-    first, end, n_scored, skip = on_device(np.stack((begin, last, last - prev, prev - begin)), dev)
-    pos = first[:, None] + 1 + torch.arange(L, device=dev)  # stream position of y
-    valid = pos <= end[:, None]
-    inside = pos.clamp(max=len(tokens) - 1)  # the padding's positions may run past the stream
-    x = torch.where(valid, tokens[inside - 1], 0)
-    k = torch.arange(int((last - prev).max()), device=dev)  # sized on the host: no wait for the GPU
-    tail = (skip[:, None] + k).clamp(max=L - 1)  # row r's targets
-    scored = k < n_scored[:, None]
-    pos = pos.gather(1, tail).clamp(max=len(tokens) - 1)  # unscored tail entries may point past the stream
-    y = torch.where(scored, tokens[pos], 0)  # only real targets are read
-    with torch.enable_grad() if grad else torch.inference_mode(), autocast_ctx(dev):
-        h = hidden(x, lora)
-        h = h.gather(1, tail[..., None].expand(-1, -1, h.size(-1)))
-        nll = model.nll_from_hidden(h, y, lora=lora)
-    return nll, scored, h, y, pos
-
-
-def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray, prev: np.ndarray, last: np.ndarray,
-                    phase: Phase, out: TokenScores, hp: Hyperparameters, hints: torch.Tensor | None,
-                    lora: LoRA | None, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score targets prev+1..last of each row into `out` from the window begin..last-1 (chunk_nll, at most
-    seq_len); returns their plain NLL (with grad if asked) and the mask of real ones."""
-    nll, scored, h, y, pos = chunk_nll(model, hidden, tokens, begin, prev, last, phase.seq_len, lora, grad)
-    with torch.no_grad(), autocast_ctx(tokens.device):
-        score = nll.detach() if hints is None else \
-            tilted_scores(model, h.detach(), y, hints[pos], hp.ngram_beta, hp.ngram_gamma, lora)
-    out.add(pos, score, scored)
-    return nll, scored
 
 
 # Token-only n-gram tilt. The hint at position t is the continuation seen most often after the same
