@@ -226,8 +226,9 @@ EVAL_KNOBS = [  # all phases score the model reloaded from the artifact
          "document, stepped on each of its chunks once scored; then the global TTT update runs on those documents; "
          "0 = windowed TTT (sliding windows, TTT_CHUNK_TOKENS)", 0),
     Knob("TTT_LORA_PHASE_TOKENS", 131072, "LoRA TTT: the global TTT update follows the documents that start in "
-         "each span of this x GPUs tokens, each GPU scoring its share of them (by count): a rank's LoRA steps run "
-         "one after another, so a span shared by more GPUs without growing would add steps, not split them", 1),
+         "each global chunk of this x GPUs tokens, each GPU scoring its share of them (by count): a rank's LoRA "
+         "steps run one after another, so a chunk shared by more GPUs without growing would add steps, not split "
+         "them", 1),
     Knob("TTT_LORA_TARGETS", "q,k,v,o,mlp,head", "the matrices LoRA TTT adapts, a comma "
          "list of q, k, v, o, mlp, head"),
     Knob("TTT_LORA_LR", 3e-4, "AdamW learning rate of the per-document adapters", 0),
@@ -2403,16 +2404,19 @@ def save_compile_cache(path: str, loaded: bool, log):
 # Evaluation: sliding windows, score-first TTT and SLOT
 # Target t (t = 1..N-1 of the val stream) is scored exactly once, by the first window whose last
 # target e_k = min(L + k*stride, N-1) reaches it; it sees the L tokens before e_k, so at least
-# L - stride tokens of context. TTT scores before it trains. Per-document LoRA TTT (the default,
-# TTT_LORA_RANK > 0) splits the stream into documents at BOS and groups them by where they start
-# into spans of TTT_LORA_PHASE_TOKENS per GPU: each document is scored in growing chunks, its own
-# adapter row stepping on each chunk once it is scored, and after a span the base model takes one
-# SGD step on that span's documents. Windowed TTT (TTT_LORA_RANK=0): chunk c holds the windows
-# whose first scored target lies in (c, c+1] * TTT_CHUNK_TOKENS, scored (inference mode) before the
-# model trains on it (a window may score past its chunk: the next update trains on those targets). A phase's pace, timed from the end of its first chunk (compile, warm-up),
-# projects its length: past the time left in EVAL_BUDGET_SECONDS, TTT stops adapting and a
-# reference phase is abandoned. The n-gram tilt (NGRAM_TILT) reshapes the scored distribution at t
-# with a hint from val tokens before t only; it never moves TTT's gradients.
+# L - stride tokens of context. TTT scores before it trains. Words: a window is one pass's inputs; a
+# chunk (of a phase) is the stream between two global TTT updates; a document's chunk is the targets
+# that it scores between two steps of its LoRA adapter. Per-document LoRA TTT (the default,
+# TTT_LORA_RANK > 0) splits the stream into documents at BOS and groups them by where they start into
+# global chunks of TTT_LORA_PHASE_TOKENS per GPU: each document is scored in growing chunks, its own
+# adapter row stepping on each once it is scored, and after a global chunk the base model takes one SGD
+# step on its documents. Windowed TTT (TTT_LORA_RANK=0): chunk c holds the windows whose first scored
+# target lies in (c, c+1] * TTT_CHUNK_TOKENS, scored (inference mode) before the model trains on it (a
+# window may score past its chunk: the next update trains on those targets). A phase's pace, timed
+# from the end of its first chunk (compile, warm-up), projects its length: past the time left in
+# EVAL_BUDGET_SECONDS, TTT stops adapting and a reference phase is abandoned. The n-gram tilt
+# (NGRAM_TILT) reshapes the scored distribution at t with a hint from val tokens before t only; it
+# never moves TTT's gradients.
 # -----------------------------------------------------------------------------------------
 
 def autocast_ctx(device: torch.device):
@@ -2520,17 +2524,17 @@ def doc_spans(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def doc_chunks(starts: np.ndarray, ends: np.ndarray, chunk_tokens: int) -> list[tuple[np.ndarray, int, int]]:
-    """Documents grouped by where they start (chunk_tokens apart), as (document indices, lo, hi):
-    the chunk holds the targets lo+1..hi, its documents' targets."""
+    """LoRA TTT's global chunks: documents grouped by where they start (chunk_tokens apart), as (document
+    indices, lo, hi): the global chunk holds the targets lo+1..hi, its documents' targets."""
     chunk_of = starts // chunk_tokens
     groups = [np.flatnonzero(chunk_of == c) for c in np.unique(chunk_of)]
     return [(d, int(starts[d[0]]), int(ends[d[-1]])) for d in groups]
 
 
-def lora_span_tokens(hp: Hyperparameters, world_size: int) -> int:
-    """The stream's span between two global TTT updates of LoRA TTT (logged as its global chunk): each rank's
-    TTT_LORA_PHASE_TOKENS. A rank's LoRA steps per span depend on its longest documents, not on its token
-    count, so the span grows with the ranks to keep their number."""
+def global_chunk_tokens(hp: Hyperparameters, world_size: int) -> int:
+    """The stream's tokens between two global TTT updates of LoRA TTT: each rank's TTT_LORA_PHASE_TOKENS. A
+    rank's LoRA steps per global chunk depend on its longest documents, not on its token count, so the global
+    chunk grows with the ranks to keep their number."""
     return hp.ttt_lora_phase_tokens * world_size
 
 
@@ -2619,11 +2623,11 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
     action = budget_action(phase, hp) if time_left is not None else None
     if phase.lora:
         starts, ends = doc_spans(val.tokens)
-        C = lora_span_tokens(hp, dctx.world_size)
+        C = global_chunk_tokens(hp, dctx.world_size)
         chunks = doc_chunks(starts, ends, C)
-        # The schedule's clock is the chunk's span of the stream, not its place in the list: how many spans hold a
-        # document start is decided by later BOS, which no update before them may read.
-        spans, n_spans = [lo // C for _, lo, _ in chunks], (n - 1) // C + 1
+        # The schedule's clock is where the chunk starts in the stream, not its place in the list: how many
+        # global chunks hold a document start is decided by later BOS, which no update before them may read.
+        clock, n_clock = [lo // C for _, lo, _ in chunks], (n - 1) // C + 1
         lora = LoRA(model.cfg, hp.ttt_lora_docs, hp.ttt_lora_rank, dctx.device, lora_targets(hp))
         log(f"ttt_lora rank:{hp.ttt_lora_rank} targets:{','.join(lora_targets(hp))} lr:{hp.ttt_lora_lr} "
             f"chunk:{int(chunk_size(0, hp, True, phase.seq_len))} steps:{hp.ttt_lora_steps} "
@@ -2633,9 +2637,9 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         ends = window_ends(len(val.tokens), phase.seq_len, phase.stride)
         prev = np.concatenate(([0], ends[:-1]))
         chunks = phase_chunks(prev, phase, hp, action == "abandon", n)
-        spans, n_spans = list(range(len(chunks))), len(chunks)  # chunk c is the stream's span c
+        clock, n_clock = list(range(len(chunks))), len(chunks)  # chunk c is the clock's c
     updater = TTTUpdater(model, hp, dctx, phase.looped) if phase.ttt else None
-    pace, hidden = Pace(dctx, n_spans), eval_forward(model, hp, dctx.device, phase.looped)
+    pace, hidden = Pace(dctx, n_clock), eval_forward(model, hp, dctx.device, phase.looped)
     graphs0 = compiled_graph_count()  # each chunk's line counts the graphs compiled since: time that was not scoring
     hints = phase_hints(tokens, phase, hp, log)  # inside the phase's clock: it is part of the evaluation
     for c, (items, lo, hi) in enumerate(chunks):
@@ -2649,7 +2653,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
                     score_windows(model, hidden, tokens, ends[w], prev[w], phase, out, hp, hints)
         if c + 1 == len(chunks) or (updater is None and action != "abandon"):
             continue
-        projected = pace.projected(spans[c]) if action else None
+        projected = pace.projected(clock[c]) if action else None
         if projected is not None and projected > time_left:
             log(f"{phase.name}:{'abandoned' if action == 'abandon' else 'updates_stopped'} after_chunk:{c + 1}/"
                 f"{len(chunks)} elapsed:{pace.elapsed():.1f}s projected:{projected:.0f}s time_left:{time_left:.0f}s")
@@ -2658,7 +2662,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
             updater, action = None, None
             continue
         if updater is not None:
-            updater.update(tokens, lo, hi, spans[c], n_spans, out.count)
+            updater.update(tokens, lo, hi, clock[c], n_clock, out.count)
             if phase.lora or (c + 1) % 10 == 0:
                 log(f"ttt_chunk:{c + 1}/{len(chunks)} time:{pace.elapsed():.1f}s "
                     f"new_graphs:{compiled_graph_count() - graphs0}")
@@ -3052,16 +3056,16 @@ class TTTUpdater:
         frozen_layers = list(range(min(hp.ttt_freeze_blocks, L)))
         self.frozen_rows = {getattr(model, b): bank_rows(b, frozen_layers, L) for b in BANKS}
 
-    def update(self, tokens: torch.Tensor, lo: int, hi: int, span: int, n_spans: int, count: torch.Tensor):
-        """Train on targets lo+1..hi (inputs lo..hi-1), the chunk of the stream's span `span` of n_spans (its
-        place on the cosine); refuses unless all of them are scored."""
+    def update(self, tokens: torch.Tensor, lo: int, hi: int, clock: int, n_clock: int, count: torch.Tensor):
+        """Train on targets lo+1..hi (inputs lo..hi-1), the chunk at `clock` of n_clock on the cosine; refuses
+        unless all of them are scored."""
         done = count[lo:hi].clone()
         self.dctx.all_reduce_sum(done)  # every rank's scores of this chunk must be in
         if not bool((done >= 1).all()):
-            raise RuntimeError(f"TTT legality: the chunk of span {span} has unscored targets before its update")
+            raise RuntimeError(f"TTT legality: the chunk at clock {clock} has unscored targets before its update")
         hp, world, rank = self.hp, self.dctx.world_size, self.dctx.rank
         for g in self.opt.param_groups:
-            g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * span / max(n_spans - 1, 1)))
+            g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * clock / max(n_clock - 1, 1)))
         starts = list(range(lo, hi, hp.eval_seq_len))  # the last segment may hold one target (hi)
         for _ in range(hp.ttt_epochs):
             for b in range(0, len(starts), hp.ttt_batch_seqs):
@@ -3113,7 +3117,7 @@ def lora_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters, world_siz
     target after the first step that updates in a pass of its own; and a late chunk's middle in the longest
     document, where it is longer than the window."""
     mid, (starts, ends) = len(tokens) // 2, doc_spans(tokens)
-    updated = [hi for _, _, hi in doc_chunks(starts, ends, lora_span_tokens(hp, world_size))[:-1]]
+    updated = [hi for _, _, hi in doc_chunks(starts, ends, global_chunk_tokens(hp, world_size))[:-1]]
     points = {min(updated, key=lambda hi: abs(hi - mid)) + 1} if updated else set()
     bounds = [s + chunk_bounds(e - s, hp, True, phase.seq_len) for s, e in zip(starts, ends)]
     movable = [np.minimum(b[1:], e - 1) - b[:-1] for b, e in zip(bounds, ends)]  # not the BOS at e
@@ -3243,7 +3247,7 @@ def check_phases(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase
     (legality_check); a legal phase that fails, or cannot be checked, stops the run. Returns the seconds."""
     t_check, check = time.perf_counter(), check_knobs(hp, dctx.world_size)
     lora = any(p.lora for p in phases)
-    chunk = max(check.ttt_chunk_tokens, lora_span_tokens(check, dctx.world_size) if lora else 0)
+    chunk = max(check.ttt_chunk_tokens, global_chunk_tokens(check, dctx.world_size) if lora else 0)
     prefix = val.prefix(4 * max(chunk, hp.eval_seq_len) + 1)
     log(f"legality_check tokens:{len(prefix.tokens)} chunk_tokens:{chunk}")  # eager, chunks of its own
     for phase in phases[1:]:

@@ -61,7 +61,7 @@ def lora_cost(tokens, hp: train_gpt.Hyperparameters, world_size: int = 1) -> tup
     """The counts of eval_tokens' LoRA phase on world_size ranks (per global chunk, the busiest rank's), and the
     attention shapes each rank meets."""
     starts, ends = train_gpt.doc_spans(tokens)
-    chunks = train_gpt.doc_chunks(starts, ends, train_gpt.lora_span_tokens(hp, world_size))
+    chunks = train_gpt.doc_chunks(starts, ends, train_gpt.global_chunk_tokens(hp, world_size))
     out = dict(docs=len(starts), global_chunks=len(chunks)) | dict.fromkeys(COUNTS + ("scored",), 0)
     shapes = [set() for _ in range(world_size)]  # each rank's own, over all chunks
     for docs, _, _ in chunks:

@@ -691,7 +691,7 @@ def test_ranks_share_a_chunk_evenly_and_the_lora_chunk_grows_with_them():
     dealt = [train_gpt.rank_share(np.arange(7), r, 2, np.array([9, 8, 7, 6, 5, 4, 3])).tolist() for r in (0, 1)]
     assert dealt == [[0, 3, 4], [1, 2, 5, 6]]  # longest first: ranks 0, 1, 1, 0, 0, 1, 1
     hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_PHASE_TOKENS="1000"))
-    assert [train_gpt.lora_span_tokens(hp, w) for w in (1, 8)] == [1000, 8000]
+    assert [train_gpt.global_chunk_tokens(hp, w) for w in (1, 8)] == [1000, 8000]
 
 
 def test_the_legality_check_scores_small_chunks_eagerly():
@@ -699,7 +699,7 @@ def test_the_legality_check_scores_small_chunks_eagerly():
     too), eager; the run's own knobs untouched. Smaller chunks stay as set."""
     hp = train_gpt.Hyperparameters({})
     check = train_gpt.check_knobs(hp, 8)
-    assert (check.ttt_chunk_tokens, train_gpt.lora_span_tokens(check, 8)) == (8192, 8192)
+    assert (check.ttt_chunk_tokens, train_gpt.global_chunk_tokens(check, 8)) == (8192, 8192)
     assert check.eval_compile is False and hp.eval_compile == train_gpt.AUTO and hp.ttt_lora_phase_tokens == 131072
     small = train_gpt.check_knobs(train_gpt.Hyperparameters(LORA_ENV), 1)
     assert (small.ttt_chunk_tokens, small.ttt_lora_phase_tokens) == (64, 64)

@@ -52,7 +52,7 @@ def test_a_lora_global_update_reads_only_its_scored_documents(monkeypatch):
     first document start (doc_chunks' hi)."""
     env = LORA_ENV | dict(TTT_LORA_LR="0")  # the base model's global update alone
     phase, tokens = train_gpt.Phase("ttt", 32, 8, ttt=True, lora=True), VAL.tokens
-    chunks = train_gpt.doc_chunks(*train_gpt.doc_spans(tokens), train_gpt.lora_span_tokens(
+    chunks = train_gpt.doc_chunks(*train_gpt.doc_spans(tokens), train_gpt.global_chunk_tokens(
         train_gpt.Hyperparameters(env), 1))
     a = weights_after_updates(tokens, env, phase, monkeypatch)
     for c in (0, 1):
