@@ -2500,17 +2500,17 @@ def window_ends(n_tokens: int, seq_len: int, stride: int) -> np.ndarray:
     return np.minimum(L + stride * np.arange(k + 1), last)
 
 
-def phase_chunks(prev_ends: np.ndarray, phase: Phase, hp: Hyperparameters, paced: bool,
-                 n: int) -> list[tuple[np.ndarray, int, int]]:
-    """The phase's windows chunk by chunk (see above), each as (window indices, lo, hi): TTT's chunk
-    holds the targets lo+1..hi. paced = a phase without TTT whose pace is measured (one that may be
-    abandoned) walks PACE_CHUNKS chunks, any other one chunk."""
-    C = hp.ttt_chunk_tokens
-    if phase.ttt:
-        chunk_of = prev_ends // C
-        return [(np.nonzero(chunk_of == c)[0], c * C, min((c + 1) * C, n)) for c in range(int(chunk_of[-1]) + 1)]
-    k = PACE_CHUNKS if paced else 1
-    return [(w, 0, 0) for w in np.array_split(np.arange(len(prev_ends)), min(k, len(prev_ends)))]
+def ttt_chunks(prev_ends: np.ndarray, chunk_tokens: int, n: int) -> list[tuple[np.ndarray, int, int]]:
+    """Windowed TTT's chunks (see above), each as (window indices, lo, hi): the chunk holds the targets
+    lo+1..hi, which its update trains on."""
+    chunk_of = prev_ends // chunk_tokens
+    return [(np.nonzero(chunk_of == c)[0], c * chunk_tokens, min((c + 1) * chunk_tokens, n))
+            for c in range(int(chunk_of[-1]) + 1)]
+
+
+def pace_chunks(n_windows: int, k: int) -> list[tuple[np.ndarray, int, int]]:
+    """A phase without TTT: its windows in k chunks (no update after them: lo = hi = 0), for its pace."""
+    return [(w, 0, 0) for w in np.array_split(np.arange(n_windows), min(k, n_windows))]
 
 
 def doc_spans(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -2538,12 +2538,15 @@ def global_chunk_tokens(hp: Hyperparameters, world_size: int) -> int:
     return hp.ttt_lora_phase_tokens * world_size
 
 
-def rank_share(items: np.ndarray, rank: int, world_size: int, lengths: np.ndarray | None = None) -> np.ndarray:
-    """A rank's part of a chunk's windows (contiguous, equal counts to within one) or, given their lengths,
-    of its documents: dealt longest first in snake order (ranks 0..W-1, then W-1..0, ...), so that every
-    rank gets alike lengths and so alike LoRA work (the chunk waits for its busiest rank); in stream order."""
-    if lengths is None:
-        return items[len(items) * rank // world_size:len(items) * (rank + 1) // world_size]
+def window_share(items: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """A rank's part of a chunk's windows: contiguous, equal counts to within one."""
+    return items[len(items) * rank // world_size:len(items) * (rank + 1) // world_size]
+
+
+def doc_share(items: np.ndarray, lengths: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """A rank's part of a chunk's documents, dealt longest first in snake order (ranks 0..W-1, then W-1..0,
+    ...), so that every rank gets alike lengths and so alike LoRA work (the chunk waits for its busiest rank);
+    in stream order."""
     lap = np.arange(len(items)) % (2 * world_size)
     dealt = np.minimum(lap, 2 * world_size - 1 - lap)  # the rank that the i-th longest document goes to
     return np.sort(items[np.argsort(-lengths, kind="stable")[dealt == rank]])
@@ -2621,6 +2624,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
     n = len(val.tokens) - 1
     out = TokenScores.zeros(n, dctx.device)
     action = budget_action(phase, hp) if time_left is not None else None
+    hidden = eval_forward(model, hp, dctx.device, phase.looped)
     if phase.lora:
         starts, ends = doc_spans(val.tokens)
         C = global_chunk_tokens(hp, dctx.world_size)
@@ -2633,25 +2637,30 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
             f"chunk:{int(chunk_size(0, hp, True, phase.seq_len))} steps:{hp.ttt_lora_steps} "
             f"batch_docs:{hp.ttt_lora_docs} docs:{len(starts)} "
             f"global_chunks:{len(chunks)} global_chunk_tokens:{C}")
+
+        def score_chunk(items: np.ndarray, hints: torch.Tensor | None, adapting: bool):
+            mine = doc_share(items, ends[items] - starts[items], dctx.rank, dctx.world_size)
+            score_docs(model, hidden, tokens, starts[mine], ends[mine], phase, out, hp, hints,
+                       lora if adapting else None)
     else:
         ends = window_ends(len(val.tokens), phase.seq_len, phase.stride)
         prev = np.concatenate(([0], ends[:-1]))
-        chunks = phase_chunks(prev, phase, hp, action == "abandon", n)
+        chunks = ttt_chunks(prev, hp.ttt_chunk_tokens, n) if phase.ttt else \
+            pace_chunks(len(ends), PACE_CHUNKS if action == "abandon" else 1)
         clock, n_clock = list(range(len(chunks))), len(chunks)  # chunk c is the clock's c
-    updater = TTTUpdater(model, hp, dctx, phase.looped) if phase.ttt else None
-    pace, hidden = Pace(dctx, n_clock), eval_forward(model, hp, dctx.device, phase.looped)
+
+        def score_chunk(items: np.ndarray, hints: torch.Tensor | None, adapting: bool):
+            for w in even_batches(window_share(items, dctx.rank, dctx.world_size), hp.eval_batch_seqs):
+                score_windows(model, hidden, tokens, ends[w], prev[w], phase, out, hp, hints)
+    adapting = phase.ttt  # until the budget stops it
+    updater = TTTUpdater(model, hp, dctx, phase.looped) if adapting else None
+    pace = Pace(dctx, n_clock)
     graphs0 = compiled_graph_count()  # each chunk's line counts the graphs compiled since: time that was not scoring
     hints = phase_hints(tokens, phase, hp, log)  # inside the phase's clock: it is part of the evaluation
     for c, (items, lo, hi) in enumerate(chunks):
-        mine = rank_share(items, dctx.rank, dctx.world_size, ends[items] - starts[items] if phase.lora else None)
         with frozen(model):  # scoring trains no weight (and the graph guards requires_grad: one for both kinds)
-            if phase.lora:
-                score_docs(model, hidden, tokens, starts[mine], ends[mine], phase, out, hp, hints,
-                           lora if updater is not None else None)
-            else:
-                for w in even_batches(mine, hp.eval_batch_seqs):
-                    score_windows(model, hidden, tokens, ends[w], prev[w], phase, out, hp, hints)
-        if c + 1 == len(chunks) or (updater is None and action != "abandon"):
+            score_chunk(items, hints, adapting)
+        if c + 1 == len(chunks) or (not adapting and action != "abandon"):
             continue
         projected = pace.projected(clock[c]) if action else None
         if projected is not None and projected > time_left:
@@ -2659,9 +2668,9 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
                 f"{len(chunks)} elapsed:{pace.elapsed():.1f}s projected:{projected:.0f}s time_left:{time_left:.0f}s")
             if action == "abandon":
                 return None
-            updater, action = None, None
+            adapting, action = False, None
             continue
-        if updater is not None:
+        if adapting:
             updater.update(tokens, lo, hi, clock[c], n_clock, out.count)
             if phase.lora or (c + 1) % 10 == 0:
                 log(f"ttt_chunk:{c + 1}/{len(chunks)} time:{pace.elapsed():.1f}s "

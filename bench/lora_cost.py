@@ -66,7 +66,7 @@ def lora_cost(tokens, hp: train_gpt.Hyperparameters, world_size: int = 1) -> tup
     shapes = [set() for _ in range(world_size)]  # each rank's own, over all chunks
     for docs, _, _ in chunks:
         ranks = [rank_cost(starts[mine], ends[mine], hp)
-                 for mine in (train_gpt.rank_share(docs, r, world_size, ends[docs] - starts[docs])
+                 for mine in (train_gpt.doc_share(docs, ends[docs] - starts[docs], r, world_size)
                               for r in range(world_size))]
         for k in COUNTS:
             out[k] += max(r[k] for r, _ in ranks)

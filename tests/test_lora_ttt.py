@@ -671,24 +671,24 @@ def test_lora_cost_counts_the_work_that_scoring_does(tmp_path, launcher, monkeyp
 
 
 def test_ranks_share_a_chunk_evenly_and_the_lora_chunk_grows_with_them():
-    """rank_share partitions a chunk's items in order, counts within one of each other; documents (given
-    their lengths) are dealt longest first, back and forth, so that ranks get alike lengths: the longest
+    """window_share partitions a chunk's windows in order, counts within one of each other; doc_share deals
+    documents (given their lengths) longest first, back and forth, so that ranks get alike lengths: the longest
     ones on different ranks, totals within the longest document of each other. LoRA's global chunk is
     each rank's TTT_LORA_PHASE_TOKENS (a rank's steps follow its longest documents, not its tokens)."""
     items = np.arange(11)
     lengths = np.random.default_rng(0).integers(1, 3000, size=11)
     for world in (1, 2, 3, 8, 16):
-        shares = [train_gpt.rank_share(items, r, world) for r in range(world)]
+        shares = [train_gpt.window_share(items, r, world) for r in range(world)]
         assert np.array_equal(np.concatenate(shares), items)
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
-        docs = [train_gpt.rank_share(items + 100, r, world, lengths) for r in range(world)]
+        docs = [train_gpt.doc_share(items + 100, lengths, r, world) for r in range(world)]
         assert np.array_equal(np.sort(np.concatenate(docs)), items + 100)
         assert all(np.array_equal(d, np.sort(d)) for d in docs) and max(map(len, docs)) - min(map(len, docs)) <= 1
         longest = np.argsort(-lengths, kind="stable")[:world] + 100
         assert sorted(next(r for r, d in enumerate(docs) if i in d) for i in longest) == list(range(min(world, 11)))
         totals = [lengths[d - 100].sum() for d in docs if len(d)]
         assert max(totals) - min(totals) <= lengths.max()
-    dealt = [train_gpt.rank_share(np.arange(7), r, 2, np.array([9, 8, 7, 6, 5, 4, 3])).tolist() for r in (0, 1)]
+    dealt = [train_gpt.doc_share(np.arange(7), np.array([9, 8, 7, 6, 5, 4, 3]), r, 2).tolist() for r in (0, 1)]
     assert dealt == [[0, 3, 4], [1, 2, 5, 6]]  # longest first: ranks 0, 1, 1, 0, 0, 1, 1
     hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_PHASE_TOKENS="1000"))
     assert [train_gpt.global_chunk_tokens(hp, w) for w in (1, 8)] == [1000, 8000]
