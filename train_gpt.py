@@ -3130,7 +3130,7 @@ def lora_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters, world_siz
     points = {min(updated, key=lambda hi: abs(hi - mid)) + 1} if updated else set()
     bounds = [s + chunk_bounds(e - s, hp, True, phase.seq_len) for s, e in zip(starts, ends)]
     movable = [np.minimum(b[1:], e - 1) - b[:-1] for b, e in zip(bounds, ends)]  # not the BOS at e
-    usable = [int((m[2:] >= 2).any()) for m in movable]  # a chunk after two steps that the check can straddle
+    usable = [bool((m[2:] >= 2).any()) for m in movable]  # a chunk after two steps that the check can straddle
     # the longest document's last chunk that starts a window or more into it: the window has slid there, which
     # the points of a document's first chunks below never reach
     longest = max(range(len(starts)), key=lambda i: int(ends[i] - starts[i]))
@@ -3138,12 +3138,12 @@ def lora_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters, world_siz
     late = np.flatnonzero((lm >= 2) & (lb[:-1] - starts[longest] >= phase.seq_len))
     if len(late):
         points.add(int(lb[late[-1]] + lm[late[-1]] // 2))
-    d = min(range(len(starts)), key=lambda i: (-usable[i], abs(int(starts[i]) - mid)))
+    d = min(range(len(starts)), key=lambda i: (not usable[i], abs(int(starts[i]) - mid)))
     b, m = bounds[d], movable[d]
     ok = np.flatnonzero(m >= 2)
     if len(ok) == 0:  # a document too short to straddle: any position still checks causality
         return sorted(points | {mid})
-    j = ok[np.minimum(ok, 2) == min(ok.max(), 2)][0]  # as many steps before it as the document allows, up to two
+    j = next((k for k in ok if k >= 2), ok[-1])  # as many steps before it as the document allows, up to two
     points |= {int(b[j] + m[j] // 2), int(b[j] + 1)}
     plan = step_plan(starts[[d]], ends[[d]], hp, True, phase.seq_len)
     own = [k for k, (*_, grad_begin) in enumerate(plan) if grad_begin is not None]
