@@ -2795,16 +2795,31 @@ def grad_window(begin: np.ndarray, prev: np.ndarray, hp: Hyperparameters) -> np.
     return start if ctx and (start > begin).any() else None
 
 
+class Step(NamedTuple):
+    """One scoring step of a LoRA batch (step_plan): the running rows' inputs begin..last-1 and targets
+    prev+1..last, whether an adapter update follows, and where that update's own pass starts (None: the
+    scoring pass is the update's, or there is no update)."""
+    begin: np.ndarray
+    prev: np.ndarray
+    last: np.ndarray
+    stepping: bool
+    grad_begin: np.ndarray | None
+
+    @property
+    def scores_with_grad(self) -> bool:
+        """The scoring pass keeps its graph: the update backpropagates through it."""
+        return self.stepping and self.grad_begin is None
+
+
 def step_plan(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool, seq_len: int):
-    """doc_steps' steps as score_docs runs them: the running rows' (begin, prev, last) (step_rows), whether an
-    adapter update follows (every step but the last, when adapting) and where that update's own pass starts
-    (grad_window; None: the scoring pass is the update's, or there is no update)."""
+    """doc_steps' steps as score_docs runs them, as Steps: the running rows only (step_rows), an update after
+    every step but the last when adapting, with its own pass where grad_window says so."""
     steps = doc_steps(s, e, hp, adapting, seq_len)
     for j, (begin, prev, last) in enumerate(steps):
         n = step_rows(prev, last, hp.ttt_lora_row_align)
         begin, prev, last = begin[:n], prev[:n], last[:n]
         stepping = adapting and j + 1 < len(steps)
-        yield begin, prev, last, stepping, grad_window(begin, prev, hp) if stepping else None
+        yield Step(begin, prev, last, stepping, grad_window(begin, prev, hp) if stepping else None)
 
 
 WINDOW_ALIGN = 64  # a step's padded window length is a multiple of this (the compiled graph is dynamic in it)
@@ -2916,9 +2931,10 @@ def score_docs(model: GPT, hidden, tokens: torch.Tensor, starts: np.ndarray, end
         if lora is not None:
             lora.reset()
             opt.reset()
-        for begin, prev, last, stepping, grad_begin in step_plan(s, e, hp, lora is not None, phase.seq_len):
+        for step in step_plan(s, e, hp, lora is not None, phase.seq_len):
+            begin, prev, last, stepping, grad_begin = step
             nll, scored = score_doc_chunk(model, hidden, tokens, begin, prev, last, phase, out, hp, hints, lora,
-                                          grad=stepping and grad_begin is None)
+                                          grad=step.scores_with_grad)
             if grad_begin is not None:  # the step reads less context than the score: a pass of its own
                 nll, scored = chunk_nll(model, hidden, tokens, grad_begin, prev, last, phase.seq_len, lora, True)[:2]
             if stepping:

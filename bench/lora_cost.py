@@ -38,14 +38,14 @@ def rank_cost(starts, ends, hp: train_gpt.Hyperparameters) -> tuple[dict, set]:
     out, shapes = dict.fromkeys(COUNTS + ("scored",), 0), set()
     seq_len = hp.eval_seq_len
     for s, e in train_gpt.doc_batches(starts, ends, hp.ttt_lora_docs, hp.ttt_lora_row_align):
-        for begin, prev, last, stepping, grad_begin in train_gpt.step_plan(s, e, hp, True, seq_len):
+        for step in train_gpt.step_plan(s, e, hp, True, seq_len):
+            begin, prev, last, stepping, grad_begin = step
             length = train_gpt.window_len(begin, last, seq_len)
             out["steps"] += 1
             out["passes"] += 1
             out["forward_tokens"] += len(begin) * length
             out["scored"] += int((last - prev).sum())
-            # score_docs: with grad where an update follows, unless that update has a pass of its own
-            shapes.add((len(begin), length, stepping and grad_begin is None))
+            shapes.add((len(begin), length, step.scores_with_grad))
             if stepping:
                 if grad_begin is not None:  # the step's own pass (score_docs)
                     length = train_gpt.window_len(grad_begin, last, seq_len)
