@@ -1111,7 +1111,7 @@ def pinned_attention(*backends):
 # matrix, x -> x W^T + (alpha / r) (x A_b^T) B_b^T, with one (A, B) per role and virtual layer slot
 # (a looped layer adapts separately on each pass) and one on the tied head. B starts at zero, so a
 # fresh adapter is the identity; A ~ U(+-1/sqrt(in)).
-LORA_ALPHA, LORA_SEED = 144.0, 0  # output scale ALPHA/rank as the April records set it (1.8 at rank 80)
+LORA_ALPHA, LORA_SEED = 144.0, 0  # output scale ALPHA/rank as the record of parameter-golf PR #1855 set it
 LORA_ROLES = ("q", "k", "v", "o", "mlp")  # "mlp": a parallel adapter from the MLP's input to its output
 LORA_TARGETS = LORA_ROLES + ("head",)
 
@@ -2405,8 +2405,8 @@ def save_compile_cache(path: str, loaded: bool, log):
 # Target t (t = 1..N-1 of the val stream) is scored exactly once, by the first window whose last
 # target e_k = min(L + k*stride, N-1) reaches it; it sees the L tokens before e_k, so at least
 # L - stride tokens of context. TTT scores before it trains. Words: a window is one pass's inputs; a
-# chunk (of a phase) is the stream between two global TTT updates; a document's chunk is the targets
-# that it scores between two steps of its LoRA adapter. Per-document LoRA TTT (the default,
+# chunk (of a phase) is the stream between two global TTT updates (without TTT: between two readings
+# of its pace); a document's chunk is the targets it scores between two steps of its LoRA adapter. Per-document LoRA TTT (the default,
 # TTT_LORA_RANK > 0) splits the stream into documents at BOS and groups them by where they start into
 # global chunks of TTT_LORA_PHASE_TOKENS per GPU: each document is scored in growing chunks, its own
 # adapter row stepping on each once it is scored, and after a global chunk the base model takes one SGD
@@ -2569,16 +2569,18 @@ def projected_seconds(elapsed: float, since_chunk0: float, c: int, n_chunks: int
 class Pace:
     """Projects a phase's length after each chunk; all ranks take the slowest's, so they act at one chunk."""
 
-    def __init__(self, dctx: Dist, n_chunks: int):
-        self.dctx, self.n_chunks, self.t0, self.t_first = dctx, n_chunks, time.perf_counter(), None
+    def __init__(self, dctx: Dist, n_clock: int):
+        self.dctx, self.n_clock, self.t0, self.t_first = dctx, n_clock, time.perf_counter(), None
 
-    def projected(self, c: int) -> float | None:
+    def projected(self, clock: int) -> float | None:
+        """After the chunk at `clock` of n_clock (its place in the stream: LoRA TTT's global chunks that hold
+        no document start are skipped, not run)."""
         synchronize(self.dctx.device)
         now = time.perf_counter()
-        if c == 0:
+        if clock == 0:
             self.t_first = now  # chunk 0 carries the warm-up: the pace is timed from its end
             return None
-        return self.dctx.all_reduce_max(projected_seconds(now - self.t0, now - self.t_first, c, self.n_chunks))
+        return self.dctx.all_reduce_max(projected_seconds(now - self.t0, now - self.t_first, clock, self.n_clock))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -2647,9 +2649,9 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
         prev = np.concatenate(([0], ends[:-1]))
         chunks = ttt_chunks(prev, hp.ttt_chunk_tokens, n) if phase.ttt else \
             pace_chunks(len(ends), PACE_CHUNKS if action == "abandon" else 1)
-        clock, n_clock = list(range(len(chunks))), len(chunks)  # chunk c is the clock's c
+        clock, n_clock = list(range(len(chunks))), len(chunks)  # windowed chunks run evenly: chunk c at clock c
 
-        def score_chunk(items: np.ndarray, hints: torch.Tensor | None, adapting: bool):
+        def score_chunk(items: np.ndarray, hints: torch.Tensor | None, adapting: bool):  # adapts in updates only
             for w in even_batches(window_share(items, dctx.rank, dctx.world_size), hp.eval_batch_seqs):
                 score_windows(model, hidden, tokens, ends[w], prev[w], phase, out, hp, hints)
     adapting = phase.ttt  # until the budget stops it
@@ -2760,7 +2762,7 @@ def doc_steps(s: np.ndarray, e: np.ndarray, hp: Hyperparameters, adapting: bool,
     j scores targets prev+1..last from inputs begin..last-1. Chunks follow chunk_bounds; a finished row
     scores nothing (targets s+2..s+1). chunk_bounds is one offset sequence that each document cuts at its own
     length, so a step's live rows stand at the same offsets (prev-s, begin-s) and differ only in a last chunk
-    cut short: grad_window and step_rows rely on it."""
+    cut short: the live rows are a prefix (step_rows), and grad_window's choice is one for all of them."""
     bounds = [chunk_bounds(int(n), hp, adapting, seq_len) for n in e - s]
     n_steps = np.array([len(b) - 1 for b in bounds])
     offsets = np.stack([np.pad(b, (0, n_steps.max() + 1 - len(b)), mode="edge") for b in bounds])
@@ -2870,8 +2872,8 @@ def score_doc_chunk(model: GPT, hidden, tokens: torch.Tensor, begin: np.ndarray,
     return nll, scored
 
 
-# AdamW of the per-document adapters at the April records' tuned values: no momentum (beta1 0: a zero
-# gradient moves a row by its decay alone), beta2 0.99, decay 0.5.
+# AdamW of the per-document adapters as the record of parameter-golf PR #1855 tuned it: no momentum (beta1 0:
+# a zero gradient moves a row by its decay alone), beta2 0.99, decay 0.5.
 LORA_BETAS, LORA_EPS, LORA_WD = (0.0, 0.99), 1e-10, 0.5
 
 
@@ -3087,7 +3089,7 @@ class TTTUpdater:
         done = count[lo:hi].clone()
         self.dctx.all_reduce_sum(done)  # every rank's scores of this chunk must be in
         if not bool((done >= 1).all()):
-            raise RuntimeError(f"TTT legality: the chunk at clock {clock} has unscored targets before its update")
+            raise RuntimeError(f"TTT legality: the chunk at clock position {clock} has unscored targets before its update")
         hp, world, rank = self.hp, self.dctx.world_size, self.dctx.rank
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * clock / max(n_clock - 1, 1)))
@@ -3143,7 +3145,9 @@ def lora_points(tokens: np.ndarray, phase: Phase, hp: Hyperparameters, world_siz
     document, where it is longer than the window."""
     mid, (starts, ends) = len(tokens) // 2, doc_spans(tokens)
     updated = [hi for _, _, hi in doc_chunks(starts, ends, global_chunk_tokens(hp, world_size))[:-1]]
-    points = {min(updated, key=lambda hi: abs(hi - mid)) + 1} if updated else set()
+    # the point p = hi + 1 whose next target is no BOS: the perturbation keeps a BOS, so p + 1 must be another token
+    changeable = [hi for hi in updated if hi + 2 < len(tokens) and tokens[hi + 2] != BOS_ID] or updated
+    points = {min(changeable, key=lambda hi: abs(hi - mid)) + 1} if updated else set()
     bounds = [s + chunk_bounds(e - s, hp, True, phase.seq_len) for s, e in zip(starts, ends)]
     movable = [np.minimum(b[1:], e - 1) - b[:-1] for b, e in zip(bounds, ends)]  # not the BOS at e
     usable = [bool((m[2:] >= 2).any()) for m in movable]  # a chunk after two steps that the check can straddle
@@ -3198,15 +3202,17 @@ def check_knobs(hp: Hyperparameters, world_size: int) -> Hyperparameters:
 
 def perturbed_after(tokens: np.ndarray, p: int, keep_bos: bool, vocab_size: int) -> np.ndarray:
     """The stream with its tokens after p shuffled (the document boundaries kept where keep_bos) and token p+1
-    surely changed: an update that read two targets past what it had scored shows only through p+1, which a
-    shuffle can leave in place (a common token, or a tail of one token)."""
+    surely changed, unless it is a BOS kept in place (lora_points avoids those): an update that read two targets
+    past what it had scored shows only through p+1, which a shuffle can leave in place (a common token, or a
+    tail of one token)."""
     other = tokens.copy()
     moved = np.arange(p + 1, len(other))
     if keep_bos:
         moved = moved[other[moved] != BOS_ID]
     other[moved] = np.random.default_rng(0).permutation(other[moved])
     if len(moved) and moved[0] == p + 1 and other[p + 1] == tokens[p + 1]:
-        other[p + 1] = next(t % vocab_size for t in range(int(tokens[p + 1]) + 1, 10**9) if t % vocab_size != BOS_ID)
+        t = (int(tokens[p + 1]) + 1) % vocab_size
+        other[p + 1] = (t + 1) % vocab_size if t == BOS_ID else t  # another token, and no new boundary
     return other
 
 

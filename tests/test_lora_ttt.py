@@ -168,9 +168,10 @@ def test_a_score_does_not_know_where_its_document_ends(monkeypatch):
 
 def test_a_global_update_does_not_know_where_later_documents_start():
     """Two streams of one length, equal up to target 449: the second starts a document at 450 too, so a document
-    starts in span 3 of 128 tokens as well (5 spans hold a start, not 4). The base model's global updates
-    take their rate from the span of the stream they follow, so every earlier target scores alike; a rate from the
-    count of chunks (the spans that hold a start, which later BOS decide) moved earlier scores by up to 1.7 nats."""
+    starts in global chunk 3 of 128 tokens as well (5 global chunks hold a start, not 4). The base model's global
+    updates take their rate from where their global chunk starts in the stream, so every earlier target scores
+    alike; a rate from the count of global chunks (those that hold a start, which later BOS decide) moved earlier
+    scores by up to 1.7 nats."""
     hp, _, _, _ = lora_setup(TTT_LR="0.05", TTT_LORA_STEPS="4", TTT_LORA_PHASE_TOKENS="128")
     a = doc_stream([30, 75, 12, 50, 9, 90, 40, 3, 60, 200, 50])
     b = a.copy()

@@ -15,7 +15,7 @@ VAL = setup()[3]  # test_eval's stream (random tokens, a BOS every 37) and its b
 
 
 def perturbed_after(tokens: np.ndarray, p: int) -> np.ndarray:
-    """The legality check's perturbation (document boundaries kept, target p + 1 surely different)."""
+    """The LoRA legality check's perturbation (document boundaries kept, target p + 1 surely different)."""
     return train_gpt.perturbed_after(tokens, p, True, small_cfg().vocab_size)
 
 
@@ -131,7 +131,20 @@ def test_the_checks_perturbation_changes_the_next_target_where_a_shuffle_would_n
     tokens = np.array([1, 7, 9, 5, 5, 1, 5, 5, 5], dtype=np.uint16)
     for keep_bos in (True, False):
         other = train_gpt.perturbed_after(tokens, 2, keep_bos, 64)
-        assert np.array_equal(other[:3], tokens[:3]) and other[3] != tokens[3] and other[3] != train_gpt.BOS_ID
-    assert np.array_equal(train_gpt.perturbed_after(tokens, 2, True, 64) == train_gpt.BOS_ID, tokens == train_gpt.BOS_ID)
+        assert np.array_equal(other[:3], tokens[:3]) and other[3] != tokens[3]
+        assert other[3] != train_gpt.BOS_ID or not keep_bos  # kept boundaries: none made
+    kept = train_gpt.perturbed_after(tokens, 2, True, 64) == train_gpt.BOS_ID
+    assert np.array_equal(kept, tokens == train_gpt.BOS_ID)
     pad = np.array([1, 7, 0, 0], dtype=np.uint16)  # the next id would be BOS: a boundary is never made
     assert train_gpt.perturbed_after(pad, 1, True, 64)[2] not in (0, train_gpt.BOS_ID)
+
+
+def test_the_check_perturbs_after_a_global_update_where_the_next_target_can_change():
+    """The point after a global update (p = its chunk's last target + 1) is one whose p + 1 is no BOS where one
+    exists: a BOS stays in place, so a read two targets past the update would not show there (here the update
+    nearest the middle, 128, is followed by a document of two targets)."""
+    from test_lora_ttt import doc_stream
+    tokens = doc_stream([64, 2, 62, 2, 70, 90])
+    hp = train_gpt.Hyperparameters(LORA_ENV | dict(TTT_LORA_PHASE_TOKENS="64"))
+    points = train_gpt.lora_points(tokens, train_gpt.Phase("ttt", 32, 8, ttt=True, lora=True), hp, 1)
+    assert 201 in points and all(tokens[p + 1] != train_gpt.BOS_ID for p in points), points
