@@ -2406,17 +2406,17 @@ def save_compile_cache(path: str, loaded: bool, log):
 # target e_k = min(L + k*stride, N-1) reaches it; it sees the L tokens before e_k, so at least
 # L - stride tokens of context. TTT scores before it trains. Words: a window is one pass's inputs; a
 # chunk (of a phase) is the stream between two global TTT updates (without TTT: between two readings
-# of its pace); a document's chunk is the targets it scores between two steps of its LoRA adapter. Per-document LoRA TTT (the default,
-# TTT_LORA_RANK > 0) splits the stream into documents at BOS and groups them by where they start into
-# global chunks of TTT_LORA_PHASE_TOKENS per GPU: each document is scored in growing chunks, its own
-# adapter row stepping on each once it is scored, and after a global chunk the base model takes one SGD
-# step on its documents. Windowed TTT (TTT_LORA_RANK=0): chunk c holds the windows whose first scored
-# target lies in (c, c+1] * TTT_CHUNK_TOKENS, scored (inference mode) before the model trains on it (a
-# window may score past its chunk: the next update trains on those targets). A phase's pace, timed
-# from the end of its first chunk (compile, warm-up), projects its length: past the time left in
-# EVAL_BUDGET_SECONDS, TTT stops adapting and a reference phase is abandoned. The n-gram tilt
-# (NGRAM_TILT) reshapes the scored distribution at t with a hint from val tokens before t only; it
-# never moves TTT's gradients.
+# of its pace); a document's chunk is the targets it scores between two steps of its LoRA adapter.
+# Per-document LoRA TTT (the default, TTT_LORA_RANK > 0) splits the stream into documents at BOS and
+# groups them by where they start into global chunks of TTT_LORA_PHASE_TOKENS per GPU: each document
+# is scored in growing chunks, its own adapter row stepping on each once it is scored, and after a
+# global chunk the base model takes one SGD step on its documents. Windowed TTT (TTT_LORA_RANK=0):
+# chunk c holds the windows whose first scored target lies in (c, c+1] * TTT_CHUNK_TOKENS, scored
+# (inference mode) before the model trains on it (a window may score past its chunk: the next update
+# trains on those targets). A phase's pace, timed from the end of its first chunk (compile, warm-up),
+# projects its length: past the time left in EVAL_BUDGET_SECONDS, TTT stops adapting and a reference
+# phase is abandoned. The n-gram tilt (NGRAM_TILT) reshapes the scored distribution at t with a hint
+# from val tokens before t only; it never moves TTT's gradients.
 # -----------------------------------------------------------------------------------------
 
 def autocast_ctx(device: torch.device):
@@ -2670,7 +2670,7 @@ def eval_tokens(model: GPT, val: ValSet, dctx: Dist, hp: Hyperparameters, phase:
                 f"{len(chunks)} elapsed:{pace.elapsed():.1f}s projected:{projected:.0f}s time_left:{time_left:.0f}s")
             if action == "abandon":
                 return None
-            adapting, action = False, None
+            adapting, updater, action = False, None, None  # its optimizer state is freed
             continue
         if adapting:
             updater.update(tokens, lo, hi, clock[c], n_clock, out.count)
@@ -3089,7 +3089,8 @@ class TTTUpdater:
         done = count[lo:hi].clone()
         self.dctx.all_reduce_sum(done)  # every rank's scores of this chunk must be in
         if not bool((done >= 1).all()):
-            raise RuntimeError(f"TTT legality: the chunk at clock position {clock} has unscored targets before its update")
+            raise RuntimeError(f"TTT legality: the chunk at clock position {clock} has unscored targets before its "
+                               "update")
         hp, world, rank = self.hp, self.dctx.world_size, self.dctx.rank
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * clock / max(n_clock - 1, 1)))
