@@ -3371,8 +3371,8 @@ def prime_eval(model: GPT, train_seq_len: int, dctx: Dist, hp: Hyperparameters, 
     if not eval_compiles(hp, dctx.device):
         return 0.0
     t0, graphs0, caches0 = time.perf_counter(), compiled_graph_count(), compile_cache_counts()
-    quiet, seq_len = hp.replace(legality_check=False, dump_token_nll="", eval_budget_seconds=math.inf), \
-        max(train_seq_len, hp.eval_seq_len)
+    quiet = hp.replace(legality_check=False, dump_token_nll="", eval_budget_seconds=math.inf)
+    seq_len = max(train_seq_len, hp.eval_seq_len)
     stream = priming_stream(dctx.world_size, seq_len, model.cfg.vocab_size)
     ttt = next((p for p in plan_phases(hp, train_seq_len) if p.lora), None)
     try:
@@ -4140,7 +4140,7 @@ def reloaded_model(qstate: dict, meta: dict, path: Path, dctx: Dist, attention, 
 
 # Knobs an EVAL_ONLY run does not read: they shape training and the artifact's export.
 EVAL_ONLY_UNREAD = ({k.name for k in SCHEDULE_KNOBS + OPTIMIZER_KNOBS + EXPORT_KNOBS}
-                    - {"VAL_MAX_TOKENS", "TRAIN_SEQ_LEN"} | {"ARTIFACT_DIR", "PREQUANT_SAVE"})
+                    - {"VAL_MAX_TOKENS", "TRAIN_SEQ_LEN"}) | {"ARTIFACT_DIR", "PREQUANT_SAVE"}
 
 
 def score_only(hp: Hyperparameters, dctx: Dist, log, code: bytes) -> dict:
